@@ -1,0 +1,115 @@
+//! Causal scaled-dot-product attention (Vaswani et al. 2017) over rows of heads.
+//!
+//! Queries are new tokens at positions `first_pos..first_pos + n`; keys are every position
+//! from 0. Query token `t` sees keys `0..=first_pos + t`. Softmax in f32.
+
+use crate::activation::softmax_inplace;
+use crate::{check_len, matmul, Result, View};
+
+/// Scales and masks `scores` [n, heads, s] (query token, head, key position) in place and
+/// turns each row into causal softmax probabilities.
+pub fn causal_softmax(
+    scores: &mut [f32],
+    n: usize,
+    heads: usize,
+    s: usize,
+    first_pos: usize,
+    scale: f32,
+) -> Result<()> {
+    check_len("causal_softmax", "scores", scores.len(), n * heads * s)?;
+    if first_pos + n > s {
+        return Err(crate::Error::Shape {
+            op: "causal_softmax",
+            detail: format!("{n} queries from position {first_pos} need {} keys, have {s}", first_pos + n),
+        });
+    }
+    for (row_idx, row) in scores.chunks_mut(s).take(n * heads).enumerate() {
+        let visible = first_pos + row_idx / heads + 1;
+        for v in &mut row[..visible] {
+            *v *= scale;
+        }
+        softmax_inplace(&mut row[..visible]);
+        row[visible..].fill(0.0);
+    }
+    Ok(())
+}
+
+/// Multi-head causal attention with one key and value per head.
+///
+/// `q` [n, heads, dqk], `k` [s, heads, dqk], `v` [s, heads, dv] → `out` [n, heads, dv].
+#[allow(clippy::too_many_arguments)]
+pub fn causal_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    n: usize,
+    s: usize,
+    heads: usize,
+    dqk: usize,
+    dv: usize,
+    first_pos: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    check_len("attention", "output", out.len(), n * heads * dv)?;
+    let mut scores = vec![0f32; n * s];
+    for h in 0..heads {
+        // scores[t, j] = q[t, h] · k[j, h]
+        let qh = View::strided(&q[h * dqk..], n, dqk, heads * dqk)?;
+        let kh = View::strided(&k[h * dqk..], s, dqk, heads * dqk)?;
+        matmul(qh, kh, true, &mut scores, s, false)?;
+        causal_softmax(&mut scores, n, 1, s, first_pos, scale)?;
+        let vh = View::strided(&v[h * dv..], s, dv, heads * dv)?;
+        matmul(View::new(&scores, n, s)?, vh, false, &mut out[h * dv..], heads * dv, false)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{max_rel_err, Lcg};
+
+    #[test]
+    fn matches_f64_reference_with_offset_queries() {
+        let mut rng = Lcg(5);
+        let (s, heads, dqk, dv, first) = (9, 3, 6, 4, 5);
+        let n = s - first;
+        let q = rng.vec(n * heads * dqk);
+        let k = rng.vec(s * heads * dqk);
+        let v = rng.vec(s * heads * dv);
+        let scale = 0.37f32;
+        let mut out = vec![0f32; n * heads * dv];
+        causal_attention(&q, &k, &v, n, s, heads, dqk, dv, first, scale, &mut out).unwrap();
+        let mut want = vec![0f64; n * heads * dv];
+        for t in 0..n {
+            for h in 0..heads {
+                let vis = first + t + 1;
+                let sc: Vec<f64> = (0..vis)
+                    .map(|j| {
+                        (0..dqk)
+                            .map(|d| {
+                                q[(t * heads + h) * dqk + d] as f64 * k[(j * heads + h) * dqk + d] as f64
+                            })
+                            .sum::<f64>()
+                            * scale as f64
+                    })
+                    .collect();
+                let mx = sc.iter().cloned().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = sc.iter().map(|x| (x - mx).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for d in 0..dv {
+                    want[(t * heads + h) * dv + d] =
+                        (0..vis).map(|j| e[j] / z * v[(j * heads + h) * dv + d] as f64).sum();
+                }
+            }
+        }
+        assert!(max_rel_err(&out, &want) < 1e-6);
+    }
+
+    #[test]
+    fn too_few_keys_is_refused() {
+        let mut scores = vec![0f32; 4];
+        assert!(causal_softmax(&mut scores, 2, 1, 2, 1, 1.0).is_err());
+    }
+}

@@ -1,0 +1,191 @@
+//! Conversions between the checkpoint dtypes and the `f32` the CPU kernels compute in.
+//!
+//! FP8 is `float8_e4m3fn` (OCP 8-bit floating point spec): 1 sign, 4 exponent (bias 7),
+//! 3 mantissa bits, no infinities, `S.1111.111` is NaN, largest finite 448. DeepSeek-V3
+//! checkpoints store each weight as FP8 with one f32 `weight_scale_inv` per 128×128 block
+//! (`weight = fp8 · scale_inv`, DeepSeek-V3 report §3.3.2).
+
+use crate::{Error, Result};
+use half::{bf16, f16};
+
+/// Little-endian f32 bytes → f32.
+pub fn f32_from_le(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+}
+
+/// Little-endian bf16 bytes → f32 (exact).
+pub fn bf16_from_le(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
+}
+
+/// Little-endian f16 bytes → f32 (exact).
+pub fn f16_from_le(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
+}
+
+/// f32 → little-endian f32 bytes.
+pub fn f32_to_le(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// f32 → little-endian bf16 bytes, rounded to nearest even.
+pub fn bf16_to_le(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect()
+}
+
+/// One `float8_e4m3fn` byte → f32.
+pub fn fp8_e4m3_to_f32(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+    let exp = i32::from((b >> 3) & 0x0F);
+    let man = f32::from(b & 0x07);
+    if exp == 0x0F && b & 0x07 == 0x07 {
+        f32::NAN
+    } else if exp == 0 {
+        sign * man / 8.0 * 2f32.powi(-6)
+    } else {
+        sign * (1.0 + man / 8.0) * 2f32.powi(exp - 7)
+    }
+}
+
+/// f32 → the nearest `float8_e4m3fn` (ties to even), saturating at ±448; NaN stays NaN.
+pub fn f32_to_fp8_e4m3(x: f32) -> u8 {
+    if x.is_nan() {
+        return 0x7F;
+    }
+    let sign = if x.is_sign_negative() { 0x80 } else { 0 };
+    let a = x.abs().min(448.0);
+    // Codes 0..=0x7E are the finite non-negative values in increasing order.
+    let (mut lo, mut hi) = (0u8, 0x7Eu8);
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if fp8_e4m3_to_f32(mid) <= a {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let (dl, dh) = (a - fp8_e4m3_to_f32(lo), fp8_e4m3_to_f32(hi) - a);
+    let code = if dl < dh || (dl == dh && lo % 2 == 0) { lo } else { hi };
+    sign | code
+}
+
+fn block_grid(rows: usize, cols: usize, block: [usize; 2]) -> Result<(usize, usize)> {
+    if block[0] == 0 || block[1] == 0 {
+        return Err(Error::Param { op: "fp8", detail: format!("block size {block:?}") });
+    }
+    Ok((rows.div_ceil(block[0]), cols.div_ceil(block[1])))
+}
+
+/// FP8 weight [rows, cols] with `scale_inv` [⌈rows/b0⌉, ⌈cols/b1⌉] → f32 [rows, cols].
+pub fn dequant_fp8_blocks(
+    q: &[u8],
+    rows: usize,
+    cols: usize,
+    scale_inv: &[f32],
+    block: [usize; 2],
+) -> Result<Vec<f32>> {
+    let (br, bc) = block_grid(rows, cols, block)?;
+    crate::check_len("fp8", "weight", q.len(), rows * cols)?;
+    if scale_inv.len() != br * bc {
+        return Err(Error::Shape {
+            op: "fp8",
+            detail: format!(
+                "weight_scale_inv holds {} scales, a [{rows}, {cols}] weight in {block:?} blocks needs [{br}, {bc}]",
+                scale_inv.len()
+            ),
+        });
+    }
+    let lut: Vec<f32> = (0..=255u8).map(fp8_e4m3_to_f32).collect();
+    let mut out = vec![0f32; rows * cols];
+    for (r, (orow, qrow)) in out.chunks_mut(cols).zip(q.chunks(cols)).enumerate() {
+        let srow = &scale_inv[(r / block[0]) * bc..][..bc];
+        for (c, (o, b)) in orow.iter_mut().zip(qrow).enumerate() {
+            *o = lut[*b as usize] * srow[c / block[1]];
+        }
+    }
+    Ok(out)
+}
+
+/// f32 [rows, cols] → FP8 bytes and per-block `scale_inv` (block max maps to 448).
+pub fn quant_fp8_blocks(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    block: [usize; 2],
+) -> Result<(Vec<u8>, Vec<f32>)> {
+    let (br, bc) = block_grid(rows, cols, block)?;
+    crate::check_len("fp8", "weight", w.len(), rows * cols)?;
+    let mut scales = vec![0f32; br * bc];
+    for (r, row) in w.chunks(cols).take(rows).enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            let s = &mut scales[(r / block[0]) * bc + c / block[1]];
+            *s = s.max(v.abs());
+        }
+    }
+    for s in &mut scales {
+        *s = if *s > 0.0 { *s / 448.0 } else { 1.0 };
+    }
+    let q = w[..rows * cols]
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let (r, c) = (i / cols, i % cols);
+            f32_to_fp8_e4m3(v / scales[(r / block[0]) * bc + c / block[1]])
+        })
+        .collect();
+    Ok((q, scales))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fp8_known_values() {
+        assert_eq!(fp8_e4m3_to_f32(0x00), 0.0);
+        assert_eq!(fp8_e4m3_to_f32(0x38), 1.0);
+        assert_eq!(fp8_e4m3_to_f32(0x7E), 448.0);
+        assert_eq!(fp8_e4m3_to_f32(0xFE), -448.0);
+        assert_eq!(fp8_e4m3_to_f32(0x01), 2f32.powi(-9));
+        assert!(fp8_e4m3_to_f32(0x7F).is_nan());
+        assert_eq!(fp8_e4m3_to_f32(0x40), 2.0);
+        assert_eq!(fp8_e4m3_to_f32(0x3C), 1.5);
+    }
+
+    #[test]
+    fn fp8_round_trip_and_rounding() {
+        for b in 0..=0x7Eu8 {
+            let v = fp8_e4m3_to_f32(b);
+            assert_eq!(f32_to_fp8_e4m3(v), b);
+            assert_eq!(f32_to_fp8_e4m3(-v), b | 0x80);
+        }
+        assert_eq!(f32_to_fp8_e4m3(1e6), 0x7E);
+        // 1.0625 is halfway between 1.0 (0x38, even) and 1.125 (0x39): ties to even.
+        assert_eq!(f32_to_fp8_e4m3(1.0625), 0x38);
+        assert_eq!(f32_to_fp8_e4m3(1.07), 0x39);
+    }
+
+    #[test]
+    fn block_quantisation_error_is_within_e4m3_precision() {
+        let (rows, cols) = (130, 200);
+        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 37.0).collect();
+        let (q, s) = quant_fp8_blocks(&w, rows, cols, [128, 128]).unwrap();
+        assert_eq!(s.len(), 2 * 2);
+        let back = dequant_fp8_blocks(&q, rows, cols, &s, [128, 128]).unwrap();
+        for (a, b) in w.iter().zip(&back) {
+            // 3 mantissa bits: relative step 2^-3, half of it when rounding, plus subnormals.
+            assert!((a - b).abs() <= a.abs() / 16.0 + 448.0 * 1e-3 * s[0], "{a} {b}");
+        }
+        let err = dequant_fp8_blocks(&q, rows, cols, &s[..3], [128, 128]).unwrap_err();
+        assert!(err.to_string().contains("weight_scale_inv"), "{err}");
+    }
+
+    #[test]
+    fn half_precision_conversions() {
+        let v = [1.0f32, -2.5, 3.140625];
+        assert_eq!(bf16_from_le(&bf16_to_le(&v)), v);
+        assert_eq!(f32_from_le(&f32_to_le(&v)), v);
+        let h: Vec<u8> = v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect();
+        assert_eq!(f16_from_le(&h), v);
+    }
+}

@@ -1,0 +1,365 @@
+//! The single-process DeepSeek forward pass, with the MLA latent KV cache.
+//!
+//! Two attention paths compute the same function (DeepSeek-V2 report §2.1.2–2.1.3):
+//! - [`Model::forward_full`]: the whole sequence at once with keys and values expanded
+//!   from the latent (`W_kv_b · c_kv`), as the reference implementation does; no cache.
+//! - [`Model::forward_step`]: new tokens of many sequences at once against each sequence's
+//!   cache of `[c_kv, k_pe]` rows (`kv_lora_rank + qk_rope_head_dim` values per token and
+//!   layer), with `W_kv_b` absorbed into the query (`q_nopeᵀ W_k`) and the output
+//!   (`W_v · Σ p c_kv`), so attention runs on the latent cache directly.
+//!
+//! Both share every projection, the gate and the experts; tests hold them equal.
+
+use crate::checkpoint::TensorSource;
+use crate::config::Config;
+use crate::layers::{Attention, DecoderLayer, Experts, FeedForward, Linear, Loader, RmsNorm, Routing};
+use crate::{Error, Result};
+use kubemoe_kernels::attention::{causal_attention, causal_softmax};
+use kubemoe_kernels::rope::Rope;
+use kubemoe_kernels::{matmul, View};
+use std::collections::BTreeMap;
+
+/// The multi-token-prediction module of DeepSeek-V3 (report §2.2), stored as decoder layer
+/// `num_hidden_layers + j`. Its embedding and output head are the main model's (the
+/// checkpoint's copies are identical and are not loaded again).
+#[derive(Clone, Debug)]
+pub struct MtpLayer {
+    pub enorm: RmsNorm,
+    pub hnorm: RmsNorm,
+    /// [hidden, 2·hidden], applied to `[enorm(embed(t_{i+1})), hnorm(h_i)]`.
+    pub eh_proj: Linear,
+    pub block: DecoderLayer,
+    pub shared_head_norm: RmsNorm,
+}
+
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub config: Config,
+    /// [vocab_size, hidden_size]
+    pub embed_tokens: Vec<f32>,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    pub lm_head: Linear,
+    pub mtp: Vec<MtpLayer>,
+    rope: Rope,
+}
+
+/// Intermediate values of [`Model::forward_full`], for checking against a reference.
+#[derive(Clone, Debug, Default)]
+pub struct Trace {
+    /// The residual stream after each decoder layer, [tokens, hidden] each.
+    pub layer_out: Vec<Vec<f32>>,
+    /// The gate's decisions per MoE layer index.
+    pub routing: BTreeMap<usize, Routing>,
+}
+
+/// One sequence's latent KV cache: per layer, `[c_kv, k_pe]` rows for each cached token.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Vec<f32>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(config: &Config) -> Self {
+        Self { layers: vec![Vec::new(); config.num_hidden_layers], len: 0 }
+    }
+
+    /// Tokens cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes held (f32 values).
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(|l| l.len() * 4).sum()
+    }
+
+    fn truncate(&mut self, width: usize) {
+        for l in &mut self.layers {
+            l.truncate(self.len * width);
+        }
+    }
+}
+
+impl Model {
+    /// Builds the model from `src`, loading the routed experts `experts` selects.
+    pub fn load(config: Config, src: &dyn TensorSource, experts: Experts) -> Result<Self> {
+        let l = Loader { src, fp8_block: config.fp8_block };
+        let c = &config;
+        let (v, h) = (c.vocab_size, c.hidden_size);
+        let embed_tokens = l.tensor("model.embed_tokens.weight", &[v, h])?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| DecoderLayer::load(&l, c, i, experts))
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = if c.tie_word_embeddings && src.raw("lm_head.weight")?.is_none() {
+            Linear { weight: embed_tokens.clone(), out_features: v, in_features: h }
+        } else {
+            l.linear("lm_head", v, h)?
+        };
+        let mut mtp = Vec::new();
+        for j in 0..c.num_nextn_predict_layers {
+            let i = c.num_hidden_layers + j;
+            let p = format!("model.layers.{i}");
+            // Hugging Face exports drop the MTP weights; serve without them then.
+            if src.raw(&format!("{p}.eh_proj.weight"))?.is_none() {
+                break;
+            }
+            mtp.push(MtpLayer {
+                enorm: l.norm(&format!("{p}.enorm"), h, c.rms_norm_eps)?,
+                hnorm: l.norm(&format!("{p}.hnorm"), h, c.rms_norm_eps)?,
+                eh_proj: l.linear(&format!("{p}.eh_proj"), h, 2 * h)?,
+                block: DecoderLayer::load(&l, c, i, experts)?,
+                shared_head_norm: l.norm(&format!("{p}.shared_head.norm"), h, c.rms_norm_eps)?,
+            });
+        }
+        let rope = Rope::new(c.qk_rope_head_dim, c.rope_theta, c.yarn.as_ref(), c.rope_interleave)?;
+        Ok(Self {
+            norm: l.norm("model.norm", h, c.rms_norm_eps)?,
+            embed_tokens,
+            layers,
+            lm_head,
+            mtp,
+            rope,
+            config,
+        })
+    }
+
+    fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let h = self.config.hidden_size;
+        let mut out = Vec::with_capacity(ids.len() * h);
+        for (position, &id) in ids.iter().enumerate() {
+            if id as usize >= self.config.vocab_size {
+                return Err(Error::TokenOutOfVocab { id, position, vocab_size: self.config.vocab_size });
+            }
+            out.extend_from_slice(&self.embed_tokens[id as usize * h..][..h]);
+        }
+        Ok(out)
+    }
+
+    fn check_context(&self, len: usize) -> Result<()> {
+        let max = self.config.max_position_embeddings;
+        if len > max {
+            return Err(Error::ContextOverflow { len, max });
+        }
+        Ok(())
+    }
+
+    /// Full-sequence logits [tokens, vocab] (causal, no cache), and, when `trace` is given,
+    /// every layer's output and every MoE layer's routing.
+    pub fn forward_full(&self, ids: &[u32], trace: Option<&mut Trace>) -> Result<Vec<f32>> {
+        let hidden = self.hidden_full(ids, trace)?;
+        self.lm_head.forward(&self.norm.forward(&hidden)?)
+    }
+
+    /// The residual stream after the last decoder layer (before the final norm), [tokens, hidden].
+    pub fn hidden_full(&self, ids: &[u32], mut trace: Option<&mut Trace>) -> Result<Vec<f32>> {
+        self.check_context(ids.len())?;
+        let mut h = self.embed(ids)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            self.layer_full(layer, i, &mut h, trace.as_deref_mut())?;
+            if let Some(t) = trace.as_deref_mut() {
+                t.layer_out.push(h.clone());
+            }
+        }
+        Ok(h)
+    }
+
+    fn layer_full(&self, layer: &DecoderLayer, i: usize, h: &mut [f32], trace: Option<&mut Trace>) -> Result<()> {
+        let x = layer.input_layernorm.forward(h)?;
+        let a = self.attention_full(&layer.self_attn, &x)?;
+        add(h, &a);
+        let x = layer.post_attention_layernorm.forward(h)?;
+        let f = self.feed_forward(layer, i, &x, trace)?;
+        add(h, &f);
+        Ok(())
+    }
+
+    fn feed_forward(&self, layer: &DecoderLayer, i: usize, x: &[f32], trace: Option<&mut Trace>) -> Result<Vec<f32>> {
+        match &layer.mlp {
+            FeedForward::Dense(mlp) => {
+                let mut out = vec![0f32; x.len()];
+                mlp.forward_add(x, &mut out)?;
+                Ok(out)
+            }
+            FeedForward::Moe(moe) => {
+                let routing = moe.route(&self.config, x)?;
+                let out = moe.forward(&self.config, i, x, &routing)?;
+                if let Some(t) = trace {
+                    t.routing.insert(i, routing);
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// `[c_kv, k_pe]` rows for `x` [tokens, hidden] at `positions`: the cache format.
+    fn latent_kv(&self, attn: &Attention, x: &[f32], positions: &[usize]) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let (r, w) = (c.kv_lora_rank, c.kv_lora_rank + c.qk_rope_head_dim);
+        let mut kv = attn.kv_a_proj_with_mqa.forward(x)?; // [tokens, r + d_rope]
+        for (row, &pos) in kv.chunks_mut(w).zip(positions) {
+            kubemoe_kernels::norm::rms_norm_inplace(&mut row[..r], &attn.kv_a_layernorm.weight, attn.kv_a_layernorm.eps)?;
+            self.rope.rotate(row, w, r, pos)?;
+        }
+        Ok(kv)
+    }
+
+    /// Queries [tokens, heads, d_nope + d_rope] with RoPE applied at `positions`.
+    fn queries(&self, attn: &Attention, x: &[f32], positions: &[usize]) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let dq = c.q_head_dim();
+        let mut q = attn.queries(x)?;
+        for (row, &pos) in q.chunks_mut(c.num_attention_heads * dq).zip(positions) {
+            self.rope.rotate(row, dq, c.qk_nope_head_dim, pos)?;
+        }
+        Ok(q)
+    }
+
+    /// Causal MLA over `x` [tokens, hidden] at positions 0.., keys and values expanded.
+    fn attention_full(&self, attn: &Attention, x: &[f32]) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let (heads, dn, dr, dv, r) =
+            (c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank);
+        let (dq, w) = (dn + dr, r + dr);
+        let t = x.len() / c.hidden_size;
+        let positions: Vec<usize> = (0..t).collect();
+        let q = self.queries(attn, x, &positions)?;
+        let latent = self.latent_kv(attn, x, &positions)?;
+        let c_kv: Vec<f32> = latent.chunks(w).flat_map(|row| &row[..r]).copied().collect();
+        let kv = attn.kv_b_proj.forward(&c_kv)?; // [t, heads, dn + dv]
+        let mut k = vec![0f32; t * heads * dq];
+        let mut v = vec![0f32; t * heads * dv];
+        for i in 0..t {
+            for h in 0..heads {
+                let src = &kv[(i * heads + h) * (dn + dv)..][..dn + dv];
+                let kd = &mut k[(i * heads + h) * dq..][..dq];
+                kd[..dn].copy_from_slice(&src[..dn]);
+                kd[dn..].copy_from_slice(&latent[i * w + r..][..dr]);
+                v[(i * heads + h) * dv..][..dv].copy_from_slice(&src[dn..]);
+            }
+        }
+        let mut out = vec![0f32; t * heads * dv];
+        causal_attention(&q, &k, &v, t, t, heads, dq, dv, 0, c.softmax_scale(), &mut out)?;
+        attn.o_proj.forward(&out)
+    }
+
+    /// Attention of `n` new tokens (queries `q` [n, heads, dq], roped) against a latent
+    /// `cache` [p0 + n, r + d_rope] that already holds them; writes `out` [n, heads, dv].
+    fn attention_latent(&self, attn: &Attention, q: &[f32], cache: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
+        let c = &self.config;
+        let (heads, dn, dr, dv, r) =
+            (c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank);
+        let (dq, w) = (dn + dr, r + dr);
+        let s = cache.len() / w;
+        let kv_b = &attn.kv_b_proj.weight; // [heads, dn + dv, r]
+        // Absorbed queries [n, heads, r + dr]: q_nope · W_k[h] (W_k[h] is [dn, r]), then q_pe.
+        let mut qa = vec![0f32; n * heads * w];
+        for h in 0..heads {
+            let q_nope = View::strided(&q[h * dq..], n, dn, heads * dq)?;
+            let w_k = View::new(&kv_b[h * (dn + dv) * r..], dn, r)?;
+            matmul(q_nope, w_k, false, &mut qa[h * w..], heads * w, false)?;
+            for i in 0..n {
+                let row = (i * heads + h) * w;
+                qa[row + r..row + w].copy_from_slice(&q[(i * heads + h) * dq + dn..][..dr]);
+            }
+        }
+        // Scores [n, heads, s] against every cached row, shared by all heads.
+        let mut scores = vec![0f32; n * heads * s];
+        matmul(View::new(&qa, n * heads, w)?, View::new(cache, s, w)?, true, &mut scores, s, false)?;
+        causal_softmax(&mut scores, n, heads, s, s - n, c.softmax_scale())?;
+        // Latent outputs [n, heads, r] = P · c_kv, then W_v[h] ([dv, r]) per head.
+        let mut lat = vec![0f32; n * heads * r];
+        matmul(View::new(&scores, n * heads, s)?, View::strided(cache, s, r, w)?, false, &mut lat, r, false)?;
+        for h in 0..heads {
+            let l = View::strided(&lat[h * r..], n, r, heads * r)?;
+            let w_v = View::new(&kv_b[(h * (dn + dv) + dn) * r..], dv, r)?;
+            matmul(l, w_v, true, &mut out[h * dv..], heads * dv, false)?;
+        }
+        Ok(())
+    }
+
+    /// Runs the new `tokens` of each sequence against its cache (a prompt, a chunk of one, or
+    /// one decode token), appends them to the cache, and returns each sequence's last-token
+    /// logits [sequences, vocab]. On error every cache is left as it was.
+    pub fn forward_step(&self, batch: &mut [(&mut KvCache, &[u32])]) -> Result<Vec<f32>> {
+        let w = self.config.kv_lora_rank + self.config.qk_rope_head_dim;
+        let result = self.step_inner(batch);
+        for (cache, tokens) in batch.iter_mut() {
+            match result {
+                Ok(_) => cache.len += tokens.len(),
+                Err(_) => cache.truncate(w),
+            }
+        }
+        result
+    }
+
+    fn step_inner(&self, batch: &mut [(&mut KvCache, &[u32])]) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let (heads, dv, hid) = (c.num_attention_heads, c.v_head_dim, c.hidden_size);
+        let dq = c.q_head_dim();
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        for (cache, tokens) in batch.iter() {
+            if tokens.is_empty() {
+                return Err(Error::Invalid("a sequence in the batch has no new tokens".into()));
+            }
+            if cache.layers.len() != c.num_hidden_layers {
+                return Err(Error::Invalid("KV cache was made for another model".into()));
+            }
+            self.check_context(cache.len + tokens.len())?;
+            ids.extend_from_slice(tokens);
+            positions.extend(cache.len..cache.len + tokens.len());
+        }
+        let mut h = self.embed(&ids)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let x = layer.input_layernorm.forward(&h)?;
+            let q = self.queries(&layer.self_attn, &x, &positions)?;
+            let kv = self.latent_kv(&layer.self_attn, &x, &positions)?;
+            let w = kv.len() / ids.len();
+            let mut out = vec![0f32; ids.len() * heads * dv];
+            let mut start = 0;
+            for (cache, tokens) in batch.iter_mut() {
+                let n = tokens.len();
+                let cache = &mut cache.layers[li];
+                cache.extend_from_slice(&kv[start * w..(start + n) * w]);
+                let q = &q[start * heads * dq..(start + n) * heads * dq];
+                self.attention_latent(&layer.self_attn, q, cache, n, &mut out[start * heads * dv..])?;
+                start += n;
+            }
+            add(&mut h, &layer.self_attn.o_proj.forward(&out)?);
+            let x = layer.post_attention_layernorm.forward(&h)?;
+            add(&mut h, &self.feed_forward(layer, li, &x, None)?);
+        }
+        let mut last = Vec::with_capacity(batch.len() * hid);
+        let mut end = 0;
+        for (_, tokens) in batch.iter() {
+            end += tokens.len();
+            last.extend_from_slice(&h[(end - 1) * hid..end * hid]);
+        }
+        self.lm_head.forward(&self.norm.forward(&last)?)
+    }
+
+    /// MTP draft logits [tokens - 1, vocab] for a sequence: row `i` predicts token `i + 2`
+    /// from the main model's hidden state at `i` (`hidden`, from [`Model::hidden_full`]) and
+    /// the embedding of token `i + 1`. `None` when the checkpoint has no MTP module.
+    pub fn mtp_logits(&self, ids: &[u32], hidden: &[f32]) -> Result<Option<Vec<f32>>> {
+        let Some(mtp) = self.mtp.first() else { return Ok(None) };
+        let hid = self.config.hidden_size;
+        let t = ids.len().saturating_sub(1);
+        let e = mtp.enorm.forward(&self.embed(&ids[1..])?)?;
+        let hn = mtp.hnorm.forward(&hidden[..t * hid])?;
+        let cat: Vec<f32> = e.chunks(hid).zip(hn.chunks(hid)).flat_map(|(a, b)| a.iter().chain(b)).copied().collect();
+        let mut h = mtp.eh_proj.forward(&cat)?;
+        self.layer_full(&mtp.block, self.config.num_hidden_layers, &mut h, None)?;
+        Ok(Some(self.lm_head.forward(&mtp.shared_head_norm.forward(&h)?)?))
+    }
+}
+
+fn add(h: &mut [f32], x: &[f32]) {
+    h.iter_mut().zip(x).for_each(|(a, b)| *a += b);
+}
