@@ -46,7 +46,7 @@ impl GateParams {
             return bad(format!("top_k {} of {} experts", self.top_k, self.n_experts));
         }
         if self.method != TopkMethod::Greedy {
-            if self.n_group == 0 || self.n_experts % self.n_group != 0 {
+            if self.n_group == 0 || !self.n_experts.is_multiple_of(self.n_group) {
                 return bad(format!("{} experts do not split into {} groups", self.n_experts, self.n_group));
             }
             if self.topk_group == 0 || self.topk_group > self.n_group {

@@ -32,10 +32,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Fails with [`Error::Shape`] unless `len >= need`.
 pub(crate) fn check_len(op: &'static str, what: &str, len: usize, need: usize) -> Result<()> {
     if len < need {
-        return Err(Error::Shape {
-            op,
-            detail: format!("{what} holds {len} values, needs {need}"),
-        });
+        return Err(Error::Shape { op, detail: format!("{what} holds {len} values, needs {need}") });
     }
     Ok(())
 }

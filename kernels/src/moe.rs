@@ -123,10 +123,8 @@ mod tests {
         let weights: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..n_exp)
             .map(|_| (rng.vec(inter * hidden), rng.vec(inter * hidden), rng.vec(hidden * inter)))
             .collect();
-        let experts: Vec<ExpertRef> = weights
-            .iter()
-            .map(|(g, u, d)| ExpertRef { gate_proj: g, up_proj: u, down_proj: d })
-            .collect();
+        let experts: Vec<ExpertRef> =
+            weights.iter().map(|(g, u, d)| ExpertRef { gate_proj: g, up_proj: u, down_proj: d }).collect();
         let x = rng.vec(tokens * hidden);
         let mut assignments = Vec::new();
         for t in 0..tokens {

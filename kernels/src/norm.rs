@@ -6,7 +6,7 @@ use crate::{check_len, Result};
 /// Normalises each `dim`-long row of `x` in place.
 pub fn rms_norm_inplace(x: &mut [f32], weight: &[f32], eps: f32) -> Result<()> {
     let dim = weight.len();
-    if dim == 0 || x.len() % dim != 0 {
+    if dim == 0 || !x.len().is_multiple_of(dim) {
         return Err(crate::Error::Shape {
             op: "rms_norm",
             detail: format!("{} values are not rows of the weight's {dim}", x.len()),
@@ -23,13 +23,7 @@ pub fn rms_norm_inplace(x: &mut [f32], weight: &[f32], eps: f32) -> Result<()> {
 }
 
 /// Normalises row `r` of `src` (rows `src_ld` apart, first `dim` values) into `dst[r]`.
-pub fn rms_norm_rows(
-    src: &[f32],
-    src_ld: usize,
-    weight: &[f32],
-    eps: f32,
-    dst: &mut [f32],
-) -> Result<()> {
+pub fn rms_norm_rows(src: &[f32], src_ld: usize, weight: &[f32], eps: f32, dst: &mut [f32]) -> Result<()> {
     let dim = weight.len();
     let rows = dst.len() / dim.max(1);
     check_len("rms_norm", "source", src.len(), rows.saturating_sub(1) * src_ld + dim)?;

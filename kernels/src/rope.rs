@@ -48,7 +48,7 @@ pub struct Rope {
 
 impl Rope {
     pub fn new(dim: usize, theta: f64, yarn: Option<&Yarn>, interleaved: bool) -> Result<Self> {
-        if dim == 0 || dim % 2 != 0 || theta <= 1.0 {
+        if dim == 0 || !dim.is_multiple_of(2) || theta <= 1.0 {
             return Err(Error::Param {
                 op: "rope",
                 detail: format!("rotary dimension {dim} must be even and theta {theta} above 1"),
@@ -73,9 +73,7 @@ impl Rope {
         // their frequency, slower than `beta_slow` are interpolated by `factor`, a linear ramp
         // between (YaRN §3.2, DeepSeek's `yarn_find_correction_range`).
         let correction_dim = |rotations: f64| {
-            dim as f64
-                * (y.original_max_position_embeddings / (rotations * 2.0 * std::f64::consts::PI))
-                    .ln()
+            dim as f64 * (y.original_max_position_embeddings / (rotations * 2.0 * std::f64::consts::PI)).ln()
                 / (2.0 * theta.ln())
         };
         let low = correction_dim(y.beta_fast).floor().max(0.0);
@@ -91,8 +89,7 @@ impl Rope {
                 inter * (1.0 - extrapolation) + extra * extrapolation
             })
             .collect();
-        let attention_factor =
-            yarn_mscale(y.factor, y.mscale) / yarn_mscale(y.factor, y.mscale_all_dim);
+        let attention_factor = yarn_mscale(y.factor, y.mscale) / yarn_mscale(y.factor, y.mscale_all_dim);
         Ok(Self { inv_freq, attention_factor, interleaved })
     }
 
@@ -104,7 +101,7 @@ impl Rope {
     /// position `pos` (the heads of one token).
     pub fn rotate(&self, x: &mut [f32], stride: usize, offset: usize, pos: usize) -> Result<()> {
         let dim = self.dim();
-        if offset + dim > stride || x.len() % stride != 0 {
+        if offset + dim > stride || !x.len().is_multiple_of(stride) {
             return Err(Error::Shape {
                 op: "rope",
                 detail: format!(
@@ -119,10 +116,7 @@ impl Rope {
             .iter()
             .map(|f| {
                 let angle = (pos as f32 * *f as f32) as f64;
-                (
-                    (angle.cos() * self.attention_factor) as f32,
-                    (angle.sin() * self.attention_factor) as f32,
-                )
+                ((angle.cos() * self.attention_factor) as f32, (angle.sin() * self.attention_factor) as f32)
             })
             .unzip();
         let half = dim / 2;

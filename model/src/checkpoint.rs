@@ -39,10 +39,9 @@ pub fn load_f32(
     shape: &[usize],
     fp8_block: Option<[usize; 2]>,
 ) -> Result<Vec<f32>> {
-    let t = src.raw(name)?.ok_or_else(|| Error::MissingTensor {
-        name: name.into(),
-        checkpoint: src.describe(),
-    })?;
+    let t = src
+        .raw(name)?
+        .ok_or_else(|| Error::MissingTensor { name: name.into(), checkpoint: src.describe() })?;
     if t.shape != shape {
         return Err(Error::Shape {
             name: name.into(),
@@ -199,6 +198,11 @@ impl TensorSource for TensorMap {
 }
 
 impl TensorMap {
+    /// Writes every tensor into one safetensors file.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        save_file(self.tensors.iter(), path)
+    }
+
     /// Writes the tensors as safetensors shards of about `shard_bytes` each, plus
     /// `model.safetensors.index.json`, into `dir`.
     pub fn save_sharded(&self, dir: &Path, shard_bytes: usize) -> Result<()> {
@@ -210,21 +214,15 @@ impl TensorMap {
                 size = 0;
             }
             size += t.data.len();
-            groups.last_mut().map(|g| g.push((name, t)));
+            if let Some(g) = groups.last_mut() {
+                g.push((name, t));
+            }
         }
         let total_size: usize = self.tensors.values().map(|t| t.data.len()).sum();
         let mut weight_map = BTreeMap::new();
         for (i, group) in groups.iter().enumerate() {
             let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, groups.len());
-            let path = dir.join(&file);
-            let views = group
-                .iter()
-                .map(|(name, t)| Ok(((*name).clone(), TensorView::new(t.dtype, t.shape.clone(), &t.data)?)))
-                .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
-                .map_err(|source| Error::Safetensors { path: path.clone(), source })?;
-            let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
-            safetensors::serialize_to_file(views, &meta, &path)
-                .map_err(|source| Error::Safetensors { path: path.clone(), source })?;
+            save_file(group.iter().copied(), &dir.join(&file))?;
             for (name, _) in group {
                 weight_map.insert((*name).clone(), file.clone());
             }
@@ -234,4 +232,14 @@ impl TensorMap {
         std::fs::write(&path, serde_json::to_string_pretty(&index).unwrap_or_default())
             .map_err(|source| Error::Io { path, source })
     }
+}
+
+fn save_file<'a>(tensors: impl Iterator<Item = (&'a String, &'a OwnedTensor)>, path: &Path) -> Result<()> {
+    let views = tensors
+        .map(|(name, t)| Ok((name.clone(), TensorView::new(t.dtype, t.shape.clone(), &t.data)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
+        .map_err(|source| Error::Safetensors { path: path.into(), source })?;
+    let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    safetensors::serialize_to_file(views, &meta, path)
+        .map_err(|source| Error::Safetensors { path: path.into(), source })
 }

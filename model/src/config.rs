@@ -103,15 +103,15 @@ struct Raw {
 impl Config {
     /// Reads and resolves `path` (a `config.json`).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| Error::Io { path: path.to_owned(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
         Self::from_json(&text, &path.display().to_string())
     }
 
     /// Parses config JSON; `origin` names it in errors.
     pub fn from_json(text: &str, origin: &str) -> Result<Self> {
-        let value: Value = serde_json::from_str(text)
-            .map_err(|source| Error::Json { path: origin.into(), source })?;
+        let value: Value =
+            serde_json::from_str(text).map_err(|source| Error::Json { path: origin.into(), source })?;
         let model_type = value.get("model_type").and_then(Value::as_str).unwrap_or_default();
         let family = match model_type {
             "deepseek_v3" | "kimi_k2" => Family::V3,
@@ -130,7 +130,7 @@ impl Config {
     /// Whether decoder layer `i` has routed experts (DeepSeek's `first_k_dense_replace` and
     /// `moe_layer_freq` rule).
     pub fn is_moe_layer(&self, i: usize) -> bool {
-        self.n_routed_experts > 0 && i >= self.first_k_dense_replace && i % self.moe_layer_freq == 0
+        self.n_routed_experts > 0 && i >= self.first_k_dense_replace && i.is_multiple_of(self.moe_layer_freq)
     }
 
     pub fn moe_layers(&self) -> impl Iterator<Item = usize> + '_ {
@@ -160,18 +160,33 @@ fn resolve(raw: Raw, family: Family, origin: &str) -> Result<Config> {
     let v3 = family == Family::V3;
     let n_routed_experts = raw.n_routed_experts.unwrap_or(0);
     let scoring = match raw.scoring_func.as_deref() {
-        None => if v3 { Scoring::Sigmoid } else { Scoring::Softmax },
+        None => {
+            if v3 {
+                Scoring::Sigmoid
+            } else {
+                Scoring::Softmax
+            }
+        }
         Some("sigmoid") => Scoring::Sigmoid,
         Some("softmax") => Scoring::Softmax,
         Some(o) => return Err(bad("scoring_func", format!("`{o}` is not one of sigmoid, softmax"))),
     };
     let method = match raw.topk_method.as_deref() {
-        None => if v3 { TopkMethod::NoauxTc } else { TopkMethod::Greedy },
+        None => {
+            if v3 {
+                TopkMethod::NoauxTc
+            } else {
+                TopkMethod::Greedy
+            }
+        }
         Some("noaux_tc") => TopkMethod::NoauxTc,
         Some("greedy") => TopkMethod::Greedy,
         Some("group_limited_greedy") => TopkMethod::GroupLimitedGreedy,
         Some(o) => {
-            return Err(bad("topk_method", format!("`{o}` is not one of noaux_tc, greedy, group_limited_greedy")))
+            return Err(bad(
+                "topk_method",
+                format!("`{o}` is not one of noaux_tc, greedy, group_limited_greedy"),
+            ))
         }
     };
     let gate = GateParams {
@@ -240,7 +255,7 @@ fn resolve(raw: Raw, family: Family, origin: &str) -> Result<Config> {
             return Err(bad(key, "must be positive".into()));
         }
     }
-    if config.qk_rope_head_dim % 2 != 0 {
+    if !config.qk_rope_head_dim.is_multiple_of(2) {
         return Err(bad("qk_rope_head_dim", format!("{} must be even", config.qk_rope_head_dim)));
     }
     Ok(config)
@@ -361,7 +376,9 @@ mod tests {
     fn v2_defaults_come_from_model_type() {
         let mut v = v3_json();
         let o = v.as_object_mut().unwrap();
-        for k in ["topk_method", "scoring_func", "norm_topk_prob", "routed_scaling_factor", "quantization_config"] {
+        for k in
+            ["topk_method", "scoring_func", "norm_topk_prob", "routed_scaling_factor", "quantization_config"]
+        {
             o.remove(k);
         }
         o.insert("model_type".into(), json!("deepseek_v2"));

@@ -25,12 +25,7 @@ pub enum Error {
     #[error("tensor `{name}` is missing from {checkpoint}")]
     MissingTensor { name: String, checkpoint: String },
     #[error("tensor `{name}` in {checkpoint} has shape {actual:?}, config.json implies {expected:?}")]
-    Shape {
-        name: String,
-        checkpoint: String,
-        actual: Vec<usize>,
-        expected: Vec<usize>,
-    },
+    Shape { name: String, checkpoint: String, actual: Vec<usize>, expected: Vec<usize> },
     #[error(
         "tensor `{name}` in {checkpoint} has dtype {dtype}, which kubemoe cannot load (F32, BF16, F16, or F8_E4M3 with a weight_scale_inv)"
     )]

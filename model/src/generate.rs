@@ -14,10 +14,8 @@ pub struct Request {
 /// Generates for every request together; returns each one's new tokens. A sequence stops
 /// after `max_new_tokens` or after emitting one of the model's `eos_token_id`s (kept).
 pub fn generate(model: &Model, requests: &[Request]) -> Result<Vec<Vec<u32>>> {
-    let mut samplers = requests
-        .iter()
-        .map(|r| Sampler::new(r.sampling.clone()))
-        .collect::<Result<Vec<_>>>()?;
+    let mut samplers =
+        requests.iter().map(|r| Sampler::new(r.sampling.clone())).collect::<Result<Vec<_>>>()?;
     let mut caches: Vec<KvCache> = requests.iter().map(|_| KvCache::new(&model.config)).collect();
     let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); requests.len()];
     // The tokens each running sequence feeds next; `None` once it has finished.
@@ -28,17 +26,14 @@ pub fn generate(model: &Model, requests: &[Request]) -> Result<Vec<Vec<u32>>> {
         if running.is_empty() {
             break;
         }
-        let mut batch: Vec<(&mut KvCache, &[u32])> = caches
-            .iter_mut()
-            .zip(&pending)
-            .filter_map(|(c, p)| p.as_deref().map(|t| (c, t)))
-            .collect();
+        let mut batch: Vec<(&mut KvCache, &[u32])> =
+            caches.iter_mut().zip(&pending).filter_map(|(c, p)| p.as_deref().map(|t| (c, t))).collect();
         let logits = model.forward_step(&mut batch)?;
         for (&i, row) in running.iter().zip(logits.chunks(model.config.vocab_size)) {
             let token = samplers[i].sample(row);
             outputs[i].push(token);
-            let done = outputs[i].len() >= requests[i].max_new_tokens
-                || model.config.eos_token_ids.contains(&token);
+            let done =
+                outputs[i].len() >= requests[i].max_new_tokens || model.config.eos_token_ids.contains(&token);
             pending[i] = (!done).then(|| vec![token]);
         }
     }

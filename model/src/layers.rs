@@ -157,7 +157,9 @@ impl Moe {
             })
             .collect::<Result<_>>()?;
         let shared_experts = (c.n_shared_experts > 0)
-            .then(|| l.mlp(&format!("{prefix}.shared_experts"), h, c.moe_intermediate_size * c.n_shared_experts))
+            .then(|| {
+                l.mlp(&format!("{prefix}.shared_experts"), h, c.moe_intermediate_size * c.n_shared_experts)
+            })
             .transpose()?;
         Ok(Self {
             gate: Gate { weight: l.linear(&format!("{prefix}.gate"), e, h)?, e_score_correction_bias },
@@ -172,7 +174,13 @@ impl Moe {
         let tokens = logits.len() / c.n_routed_experts;
         let k = c.gate.top_k;
         let mut r = Routing { top_k: k, ids: vec![0; tokens * k], weights: vec![0.0; tokens * k] };
-        gate::route(&c.gate, &logits, self.gate.e_score_correction_bias.as_deref(), &mut r.ids, &mut r.weights)?;
+        gate::route(
+            &c.gate,
+            &logits,
+            self.gate.e_score_correction_bias.as_deref(),
+            &mut r.ids,
+            &mut r.weights,
+        )?;
         Ok(r)
     }
 
@@ -237,7 +245,11 @@ impl Attention {
         };
         Ok(Self {
             q,
-            kv_a_proj_with_mqa: l.linear(&format!("{prefix}.kv_a_proj_with_mqa"), c.kv_lora_rank + c.qk_rope_head_dim, h)?,
+            kv_a_proj_with_mqa: l.linear(
+                &format!("{prefix}.kv_a_proj_with_mqa"),
+                c.kv_lora_rank + c.qk_rope_head_dim,
+                h,
+            )?,
             kv_a_layernorm: l.norm(&format!("{prefix}.kv_a_layernorm"), c.kv_lora_rank, eps)?,
             kv_b_proj: l.linear(
                 &format!("{prefix}.kv_b_proj"),

@@ -2,6 +2,7 @@
 //! name, the layers, a single-process forward pass with the MLA latent KV cache, sampling,
 //! and generated models for tests, benchmarks and `builtin:` deployments.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 mod error;

@@ -169,7 +169,13 @@ impl Model {
         Ok(h)
     }
 
-    fn layer_full(&self, layer: &DecoderLayer, i: usize, h: &mut [f32], trace: Option<&mut Trace>) -> Result<()> {
+    fn layer_full(
+        &self,
+        layer: &DecoderLayer,
+        i: usize,
+        h: &mut [f32],
+        trace: Option<&mut Trace>,
+    ) -> Result<()> {
         let x = layer.input_layernorm.forward(h)?;
         let a = self.attention_full(&layer.self_attn, &x)?;
         add(h, &a);
@@ -179,7 +185,13 @@ impl Model {
         Ok(())
     }
 
-    fn feed_forward(&self, layer: &DecoderLayer, i: usize, x: &[f32], trace: Option<&mut Trace>) -> Result<Vec<f32>> {
+    fn feed_forward(
+        &self,
+        layer: &DecoderLayer,
+        i: usize,
+        x: &[f32],
+        trace: Option<&mut Trace>,
+    ) -> Result<Vec<f32>> {
         match &layer.mlp {
             FeedForward::Dense(mlp) => {
                 let mut out = vec![0f32; x.len()];
@@ -203,7 +215,11 @@ impl Model {
         let (r, w) = (c.kv_lora_rank, c.kv_lora_rank + c.qk_rope_head_dim);
         let mut kv = attn.kv_a_proj_with_mqa.forward(x)?; // [tokens, r + d_rope]
         for (row, &pos) in kv.chunks_mut(w).zip(positions) {
-            kubemoe_kernels::norm::rms_norm_inplace(&mut row[..r], &attn.kv_a_layernorm.weight, attn.kv_a_layernorm.eps)?;
+            kubemoe_kernels::norm::rms_norm_inplace(
+                &mut row[..r],
+                &attn.kv_a_layernorm.weight,
+                attn.kv_a_layernorm.eps,
+            )?;
             self.rope.rotate(row, w, r, pos)?;
         }
         Ok(kv)
@@ -250,14 +266,21 @@ impl Model {
 
     /// Attention of `n` new tokens (queries `q` [n, heads, dq], roped) against a latent
     /// `cache` [p0 + n, r + d_rope] that already holds them; writes `out` [n, heads, dv].
-    fn attention_latent(&self, attn: &Attention, q: &[f32], cache: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
+    fn attention_latent(
+        &self,
+        attn: &Attention,
+        q: &[f32],
+        cache: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
         let c = &self.config;
         let (heads, dn, dr, dv, r) =
             (c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank);
         let (dq, w) = (dn + dr, r + dr);
         let s = cache.len() / w;
         let kv_b = &attn.kv_b_proj.weight; // [heads, dn + dv, r]
-        // Absorbed queries [n, heads, r + dr]: q_nope · W_k[h] (W_k[h] is [dn, r]), then q_pe.
+                                           // Absorbed queries [n, heads, r + dr]: q_nope · W_k[h] (W_k[h] is [dn, r]), then q_pe.
         let mut qa = vec![0f32; n * heads * w];
         for h in 0..heads {
             let q_nope = View::strided(&q[h * dq..], n, dn, heads * dq)?;
@@ -353,7 +376,8 @@ impl Model {
         let t = ids.len().saturating_sub(1);
         let e = mtp.enorm.forward(&self.embed(&ids[1..])?)?;
         let hn = mtp.hnorm.forward(&hidden[..t * hid])?;
-        let cat: Vec<f32> = e.chunks(hid).zip(hn.chunks(hid)).flat_map(|(a, b)| a.iter().chain(b)).copied().collect();
+        let cat: Vec<f32> =
+            e.chunks(hid).zip(hn.chunks(hid)).flat_map(|(a, b)| a.iter().chain(b)).copied().collect();
         let mut h = mtp.eh_proj.forward(&cat)?;
         self.layer_full(&mtp.block, self.config.num_hidden_layers, &mut h, None)?;
         Ok(Some(self.lm_head.forward(&mtp.shared_head_norm.forward(&h)?)?))

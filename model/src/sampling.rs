@@ -24,7 +24,10 @@ impl Default for SamplingParams {
 impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(Error::Invalid(format!("temperature {} must be 0 (greedy) or positive", self.temperature)));
+            return Err(Error::Invalid(format!(
+                "temperature {} must be 0 (greedy) or positive",
+                self.temperature
+            )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(Error::Invalid(format!("top_p {} must be in (0, 1]", self.top_p)));

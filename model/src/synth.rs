@@ -90,7 +90,8 @@ pub fn preset_config(name: &str) -> Result<Value> {
             obj.insert(k.clone(), v.clone());
         }
     }
-    let arch = if obj["model_type"] == "deepseek_v2" { "DeepseekV2ForCausalLM" } else { "DeepseekV3ForCausalLM" };
+    let arch =
+        if obj["model_type"] == "deepseek_v2" { "DeepseekV2ForCausalLM" } else { "DeepseekV3ForCausalLM" };
     for (k, v) in [
         ("architectures", json!([arch])),
         ("hidden_act", json!("silu")),
@@ -151,13 +152,21 @@ fn tensor_specs(c: &Config) -> Vec<(String, Vec<usize>, Init)> {
         if c.is_moe_layer(i) {
             linear(&mut specs, format!("{p}.mlp.gate"), c.n_routed_experts, h);
             if c.gate.method == kubemoe_kernels::gate::TopkMethod::NoauxTc {
-                specs.push((format!("{p}.mlp.gate.e_score_correction_bias"), vec![c.n_routed_experts], Init::Normal(0.01)));
+                specs.push((
+                    format!("{p}.mlp.gate.e_score_correction_bias"),
+                    vec![c.n_routed_experts],
+                    Init::Normal(0.01),
+                ));
             }
             for e in 0..c.n_routed_experts {
                 mlp(&mut specs, format!("{p}.mlp.experts.{e}"), c.moe_intermediate_size);
             }
             if c.n_shared_experts > 0 {
-                mlp(&mut specs, format!("{p}.mlp.shared_experts"), c.moe_intermediate_size * c.n_shared_experts);
+                mlp(
+                    &mut specs,
+                    format!("{p}.mlp.shared_experts"),
+                    c.moe_intermediate_size * c.n_shared_experts,
+                );
             }
         } else {
             mlp(&mut specs, format!("{p}.mlp"), c.intermediate_size);
@@ -196,7 +205,8 @@ pub fn generate_tensors(c: &Config, storage: StorageDtype, seed: u64, label: &st
             let block = [128, 128];
             let (q, scales) = dtype::quant_fp8_blocks(&values, shape[0], shape[1], block)?;
             let scale_shape = vec![shape[0].div_ceil(block[0]), shape[1].div_ceil(block[1])];
-            let scale = OwnedTensor { dtype: Dtype::F32, shape: scale_shape, data: dtype::f32_to_le(&scales) };
+            let scale =
+                OwnedTensor { dtype: Dtype::F32, shape: scale_shape, data: dtype::f32_to_le(&scales) };
             map.tensors.insert(format!("{name}_scale_inv"), scale);
             map.tensors.insert(name, OwnedTensor { dtype: Dtype::F8_E4M3, shape, data: q });
         } else {
@@ -219,7 +229,13 @@ pub fn builtin(preset: &str) -> Result<(Config, TensorMap)> {
 
 /// Writes a generated model directory: config.json, generation_config.json, sharded
 /// safetensors with `model.safetensors.index.json`, and tokenizer.json.
-pub fn write_model_dir(dir: &Path, preset: &str, storage: StorageDtype, seed: u64, shard_bytes: usize) -> Result<()> {
+pub fn write_model_dir(
+    dir: &Path,
+    preset: &str,
+    storage: StorageDtype,
+    seed: u64,
+    shard_bytes: usize,
+) -> Result<()> {
     let mut raw = preset_config(preset)?;
     if storage == StorageDtype::Fp8 {
         raw["quantization_config"] = json!({"activation_scheme": "dynamic", "fmt": "e4m3",
@@ -230,7 +246,8 @@ pub fn write_model_dir(dir: &Path, preset: &str, storage: StorageDtype, seed: u6
     std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.into(), source })?;
     let write = |file: &str, value: &Value| {
         let path = dir.join(file);
-        let text = serde_json::to_string_pretty(value).map_err(|source| Error::Json { path: path.clone(), source })?;
+        let text = serde_json::to_string_pretty(value)
+            .map_err(|source| Error::Json { path: path.clone(), source })?;
         std::fs::write(&path, text + "\n").map_err(|source| Error::Io { path, source })
     };
     write("config.json", &raw)?;
@@ -266,8 +283,10 @@ fn tokenizer_json(vocab_size: usize) -> Value {
     let added: Vec<Value> = specials
         .iter()
         .enumerate()
-        .map(|(i, s)| json!({"id": i, "content": s, "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": true}))
+        .map(|(i, s)| {
+            json!({"id": i, "content": s, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+        })
         .collect();
     json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,

@@ -1,5 +1,6 @@
 //! The engine against `shared/fixtures/deepseek-v3-tiny`: what Hugging Face transformers
 //! computed on the same weights (logits, per-layer outputs, routing, greedy tokens).
+#![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
 use kubemoe_model::checkpoint::Checkpoint;
 use kubemoe_model::generate::{generate, Request};
@@ -12,7 +13,11 @@ fn fixture_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"));
     let dir = base.join("deepseek-v3-tiny");
-    assert!(dir.join("config.json").exists(), "fixtures not found at {}; set KUBEMOE_FIXTURES", dir.display());
+    assert!(
+        dir.join("config.json").exists(),
+        "fixtures not found at {}; set KUBEMOE_FIXTURES",
+        dir.display()
+    );
     dir
 }
 
@@ -86,7 +91,11 @@ fn greedy_generation_with_kv_cache_matches_reference() {
     let r = Reference::open();
     let requests: Vec<Request> = SEQS
         .iter()
-        .map(|s| Request { prompt: r.ids(&format!("{s}.input_ids")), max_new_tokens: 8, sampling: SamplingParams::default() })
+        .map(|s| Request {
+            prompt: r.ids(&format!("{s}.input_ids")),
+            max_new_tokens: 8,
+            sampling: SamplingParams::default(),
+        })
         .collect();
     // Together in one batch of different lengths, and each alone.
     let together = generate(&model, &requests).unwrap();
