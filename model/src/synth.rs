@@ -40,71 +40,25 @@ impl std::str::FromStr for StorageDtype {
     }
 }
 
-/// `config.json` of a preset, as Hugging Face would write it.
+/// `config.json` of a preset, as Hugging Face would write it (`model/presets/<name>.json`):
+/// - `tiny`: the shape of `shared/fixtures/deepseek-v3-tiny`;
+/// - `small`: ~210M parameters, 64 experts, the benchmark model;
+/// - `v2-lite-shape`: DeepSeek-V2-Lite's structure (plain `q_proj`, softmax greedy gate,
+///   64 experts top-6, 2 shared, YaRN), narrower and shallower;
+/// - `v3-shape`: DeepSeek-V3's structure (256 experts in 8 groups, top-8 of 4 groups, MTP,
+///   YaRN), narrower and shallower.
 pub fn preset_config(name: &str) -> Result<Value> {
-    let v3_gate = json!({"model_type": "deepseek_v3", "scoring_func": "sigmoid", "topk_method": "noaux_tc",
-        "norm_topk_prob": true, "routed_scaling_factor": 2.5});
-    let mut c = match name {
-        // The shape of ../shared/fixtures/deepseek-v3-tiny.
-        "tiny" => json!({"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
-            "moe_intermediate_size": 32, "num_hidden_layers": 3, "first_k_dense_replace": 1,
-            "n_routed_experts": 16, "n_shared_experts": 1, "num_experts_per_tok": 4, "n_group": 4,
-            "topk_group": 2, "num_attention_heads": 4, "q_lora_rank": 32, "kv_lora_rank": 32,
-            "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "max_position_embeddings": 256,
-            "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}, "num_nextn_predict_layers": 0}),
-        // ~210M parameters, 64 experts: the benchmark model.
-        "small" => json!({"vocab_size": 16384, "hidden_size": 768, "intermediate_size": 2048,
-            "moe_intermediate_size": 384, "num_hidden_layers": 4, "first_k_dense_replace": 1,
-            "n_routed_experts": 64, "n_shared_experts": 1, "num_experts_per_tok": 6, "n_group": 8,
-            "topk_group": 4, "num_attention_heads": 8, "q_lora_rank": 384, "kv_lora_rank": 256,
-            "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64, "max_position_embeddings": 4096,
-            "rope_theta": 10000.0, "num_nextn_predict_layers": 0}),
-        // DeepSeek-V2-Lite's structure (plain q_proj, softmax greedy gate, 64 experts top-6,
-        // 2 shared, YaRN), narrower and shallower.
-        "v2-lite-shape" => json!({"model_type": "deepseek_v2", "vocab_size": 1024, "hidden_size": 256,
-            "intermediate_size": 512, "moe_intermediate_size": 64, "num_hidden_layers": 4,
-            "first_k_dense_replace": 1, "moe_layer_freq": 1, "n_routed_experts": 64, "n_shared_experts": 2,
-            "num_experts_per_tok": 6, "n_group": 1, "topk_group": 1, "topk_method": "greedy",
-            "scoring_func": "softmax", "norm_topk_prob": false, "routed_scaling_factor": 1.0,
-            "num_attention_heads": 4, "q_lora_rank": null, "kv_lora_rank": 64, "qk_nope_head_dim": 32,
-            "qk_rope_head_dim": 16, "v_head_dim": 32, "max_position_embeddings": 163840, "rope_theta": 10000.0,
-            "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
-                "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}}),
-        // DeepSeek-V3's structure (256 experts in 8 groups, top-8 of 4 groups, MTP, YaRN),
-        // narrower and shallower.
-        "v3-shape" => json!({"vocab_size": 1024, "hidden_size": 256, "intermediate_size": 512,
-            "moe_intermediate_size": 32, "num_hidden_layers": 4, "first_k_dense_replace": 1,
-            "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 8,
-            "topk_group": 4, "num_attention_heads": 4, "q_lora_rank": 96, "kv_lora_rank": 64,
-            "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32, "max_position_embeddings": 163840,
-            "rope_theta": 10000.0, "rope_scaling": {"type": "yarn", "factor": 40,
-                "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
-                "mscale_all_dim": 1.0}, "num_nextn_predict_layers": 1}),
+    let text = match name {
+        "tiny" => include_str!("../presets/tiny.json"),
+        "small" => include_str!("../presets/small.json"),
+        "v2-lite-shape" => include_str!("../presets/v2-lite-shape.json"),
+        "v3-shape" => include_str!("../presets/v3-shape.json"),
         other => {
             return Err(Error::Invalid(format!("unknown preset `{other}`; presets: {}", PRESETS.join(", "))))
         }
     };
-    let obj = c.as_object_mut().ok_or_else(|| Error::Invalid("preset is not an object".into()))?;
-    if !obj.contains_key("model_type") {
-        for (k, v) in v3_gate.as_object().into_iter().flatten() {
-            obj.insert(k.clone(), v.clone());
-        }
-    }
-    let arch =
-        if obj["model_type"] == "deepseek_v2" { "DeepseekV2ForCausalLM" } else { "DeepseekV3ForCausalLM" };
-    for (k, v) in [
-        ("architectures", json!([arch])),
-        ("hidden_act", json!("silu")),
-        ("rms_norm_eps", json!(1e-6)),
-        ("bos_token_id", json!(0)),
-        ("eos_token_id", json!(1)),
-        ("tie_word_embeddings", json!(false)),
-        ("rope_interleave", json!(true)),
-        ("torch_dtype", json!("float32")),
-    ] {
-        obj.entry(k).or_insert(v);
-    }
-    Ok(c)
+    serde_json::from_str(text)
+        .map_err(|source| Error::Json { path: format!("presets/{name}.json").into(), source })
 }
 
 /// How a tensor is initialised.
