@@ -8,6 +8,11 @@ use kubemoe_model::generate::{generate, Request};
 use kubemoe_model::synth::{self, StorageDtype};
 use kubemoe_model::{source, Experts, SamplingParams};
 use std::path::PathBuf;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+mod local;
 
 #[derive(Parser)]
 #[command(name = "kubemoe", version, about = "Serve DeepSeek-family MoE models with expert parallelism")]
@@ -59,6 +64,83 @@ enum Command {
         #[arg(long)]
         logits_out: Option<PathBuf>,
     },
+    /// Host a shard of the routed experts (rank `rank` of `world-size` workers).
+    Worker {
+        /// A model directory, or builtin:<preset>.
+        #[arg(long, env = "KUBEMOE_MODEL")]
+        model: String,
+        #[arg(long, env = "KUBEMOE_RANK")]
+        rank: usize,
+        #[arg(long, env = "KUBEMOE_WORLD_SIZE")]
+        world_size: usize,
+        #[arg(long, default_value = "0.0.0.0")]
+        host: String,
+        /// gRPC port; 0 picks a free one (printed on the first line).
+        #[arg(long, default_value_t = 50061)]
+        port: u16,
+    },
+    /// Serve the inference API, dispatching routed experts to the workers.
+    Router {
+        #[arg(long, env = "KUBEMOE_MODEL")]
+        model: String,
+        /// Worker gRPC URLs in rank order, comma-separated.
+        #[arg(long, env = "KUBEMOE_WORKERS", value_delimiter = ',', required = true)]
+        workers: Vec<String>,
+        #[arg(long, default_value = "0.0.0.0")]
+        host: String,
+        #[arg(long, default_value_t = 50051)]
+        port: u16,
+        #[command(flatten)]
+        limits: RouterLimits,
+    },
+    /// Local mode: a router and N workers as child processes on loopback, until Ctrl-C.
+    Up {
+        #[arg(long, default_value = "builtin:tiny")]
+        model: String,
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        #[arg(long, default_value_t = 50051)]
+        grpc_port: u16,
+        #[command(flatten)]
+        limits: RouterLimits,
+    },
+    /// Call a router: streams the completion to the terminal.
+    Generate {
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        endpoint: String,
+        /// Text prompt (needs the model's tokenizer).
+        #[arg(long, conflicts_with_all = ["input_ids", "chat"])]
+        prompt: Option<String>,
+        /// Comma-separated token ids.
+        #[arg(long, value_delimiter = ',')]
+        input_ids: Option<Vec<u32>>,
+        /// One user chat message, through the model's chat template.
+        #[arg(long)]
+        chat: Option<String>,
+        #[arg(long, default_value_t = 32)]
+        max_tokens: u32,
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long)]
+        top_p: Option<f32>,
+        #[arg(long, default_value_t = 0)]
+        top_k: u32,
+        #[arg(long)]
+        seed: Option<u64>,
+        #[arg(long)]
+        stop: Vec<String>,
+    },
+    /// Measure distributed serving: bytes moved, transport against raw TCP, decode against one process.
+    BenchServing {
+        #[arg(long, default_value = "builtin:small")]
+        model: String,
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        #[arg(long, default_value_t = 16)]
+        steps: usize,
+    },
     /// Measure the engine's hot paths against the GEMM rate of this machine.
     Bench {
         #[arg(long, default_value = "builtin:small")]
@@ -72,6 +154,86 @@ enum Command {
         #[arg(long, default_value_t = 16)]
         decode_steps: usize,
     },
+}
+
+/// The router's capacity settings.
+#[derive(clap::Args, Clone)]
+struct RouterLimits {
+    /// Requests in progress at once; more get RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 64)]
+    max_concurrent: usize,
+    /// Sequences in one step.
+    #[arg(long, default_value_t = 64)]
+    max_running: usize,
+    /// New tokens in one step (prompt tokens of joining sequences plus one per decoding one).
+    #[arg(long, default_value_t = 4096)]
+    max_batch_tokens: usize,
+    /// KV cache budget in MiB; a request reserves its prompt plus max_tokens.
+    #[arg(long, default_value_t = 1024)]
+    kv_budget_mib: usize,
+    /// Prompt plus new tokens per request (capped by the model's max_position_embeddings).
+    #[arg(long, default_value_t = 8192)]
+    max_context: usize,
+    /// Deadline of every call to a worker, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    worker_deadline_ms: u64,
+}
+
+impl RouterLimits {
+    fn args(&self) -> Vec<String> {
+        [
+            ("--max-concurrent", self.max_concurrent as u64),
+            ("--max-running", self.max_running as u64),
+            ("--max-batch-tokens", self.max_batch_tokens as u64),
+            ("--kv-budget-mib", self.kv_budget_mib as u64),
+            ("--max-context", self.max_context as u64),
+            ("--worker-deadline-ms", self.worker_deadline_ms),
+        ]
+        .iter()
+        .flat_map(|(k, v)| [k.to_string(), v.to_string()])
+        .collect()
+    }
+
+    fn options(&self, model: String, workers: Vec<String>) -> Result<kubemoe_router::Options> {
+        let (config, _) = source::open_tensors(&model, &|_| false)?;
+        // Cache bytes per token: every layer's c_kv and k_pe in f32.
+        let per_token = config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * 4;
+        Ok(kubemoe_router::Options {
+            model,
+            workers,
+            limits: kubemoe_router::scheduler::Limits {
+                max_batch_tokens: self.max_batch_tokens,
+                max_running: self.max_running,
+                kv_budget_tokens: (self.kv_budget_mib << 20) / per_token.max(1),
+            },
+            max_concurrent: self.max_concurrent,
+            max_context: self.max_context,
+            worker_deadline: Duration::from_millis(self.worker_deadline_ms),
+            startup_timeout: Duration::from_secs(120),
+        })
+    }
+}
+
+/// A token cancelled on Ctrl-C or SIGTERM: the one shutdown signal of a server process.
+fn shutdown_on_signal() -> Result<CancellationToken> {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        t.cancel();
+    });
+    Ok(token)
+}
+
+async fn bind(host: &str, port: u16, role: &str) -> Result<TcpListener> {
+    let listener = TcpListener::bind((host, port)).await.with_context(|| format!("binding {host}:{port}"))?;
+    // The first stdout line tells a parent (kubemoe up, tests) where to connect.
+    println!("kubemoe {role} listening on {}", listener.local_addr()?);
+    Ok(listener)
 }
 
 fn main() -> std::process::ExitCode {
@@ -101,11 +263,141 @@ fn run(command: Command) -> Result<()> {
             let output = generate(&m, &[request])?.remove(0);
             println!("{}", serde_json::json!({ "output_ids": output }));
         }
+        Command::Worker { model, rank, world_size, host, port } => runtime()?.block_on(async {
+            let listener = bind(&host, port, "worker").await?;
+            kubemoe_worker::run(model, rank, world_size, listener, shutdown_on_signal()?).await?;
+            Ok::<_, anyhow::Error>(())
+        })?,
+        Command::Router { model, workers, host, port, limits } => {
+            let options = limits.options(model, workers)?;
+            runtime()?.block_on(async {
+                let listener = bind(&host, port, "router").await?;
+                kubemoe_router::run(options, listener, shutdown_on_signal()?).await?;
+                Ok::<_, anyhow::Error>(())
+            })?
+        }
+        Command::Up { model, workers, grpc_port, limits } => up(&model, workers, grpc_port, &limits)?,
+        Command::Generate {
+            endpoint,
+            prompt,
+            input_ids,
+            chat,
+            max_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            stop,
+        } => {
+            use kubemoe_api::inference::{generate_request::Input, ChatMessage, ChatMessages, TokenIds};
+            let input = match (prompt, input_ids, chat) {
+                (Some(p), _, _) => Input::Prompt(p),
+                (_, Some(ids), _) => Input::InputIds(TokenIds { ids }),
+                (_, _, Some(c)) => Input::Messages(ChatMessages {
+                    messages: vec![ChatMessage { role: "user".into(), content: c }],
+                }),
+                _ => anyhow::bail!("give one of --prompt, --input-ids, --chat"),
+            };
+            let request = kubemoe_api::inference::GenerateRequest {
+                input: Some(input),
+                max_tokens,
+                temperature,
+                top_p,
+                top_k,
+                seed,
+                stop,
+            };
+            runtime()?.block_on(client_generate(endpoint, request))?
+        }
+        Command::BenchServing { model, workers, batch, steps } => {
+            let (_children, urls) = start_workers(&model, workers)?;
+            let report = kubemoe_router::bench::run(&model, &urls, batch, steps)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
         Command::Bench { model, gemm_size, tokens_per_expert, prompt_len, decode_steps } => {
             let m = source::open(&model, Experts::All).with_context(|| format!("loading model {model}"))?;
             let report =
                 kubemoe_model::bench::run(&m, gemm_size, tokens_per_expert, prompt_len, decode_steps)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+    }
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+/// Starts `workers` worker processes on loopback; returns them and their URLs in rank order.
+fn start_workers(model: &str, workers: usize) -> Result<(Vec<local::Managed>, Vec<String>)> {
+    anyhow::ensure!(workers > 0, "--workers must be at least 1");
+    let mut children = Vec::new();
+    let mut urls = Vec::new();
+    for rank in 0..workers {
+        let args: Vec<String> = ["worker", "--model", model, "--host", "127.0.0.1", "--port", "0"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["--rank".into(), rank.to_string(), "--world-size".into(), workers.to_string()])
+            .collect();
+        let (child, addr) = local::start(&format!("worker {rank}"), &args)?;
+        children.push(child);
+        urls.push(format!("http://{addr}"));
+    }
+    Ok((children, urls))
+}
+
+/// `kubemoe up`: N workers, then the router, as child processes; serves until interrupted.
+fn up(model: &str, workers: usize, grpc_port: u16, limits: &RouterLimits) -> Result<()> {
+    let (mut children, urls) = start_workers(model, workers)?;
+    let mut args: Vec<String> =
+        ["router", "--model", model, "--host", "127.0.0.1"].iter().map(|s| s.to_string()).collect();
+    args.extend(["--port".into(), grpc_port.to_string(), "--workers".into(), urls.join(",")]);
+    args.extend(limits.args());
+    let (router, addr) = local::start("router", &args)?;
+    children.push(router);
+    println!(
+        "kubemoe up: {model} on {workers} workers; gRPC at {addr} (health, reflection, kubemoe.inference.v1)"
+    );
+    println!("try: kubemoe generate --endpoint http://{addr} --prompt 'Hello'    (Ctrl-C stops everything)");
+    runtime()?.block_on(async {
+        let stop = shutdown_on_signal()?;
+        stop.cancelled().await;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    eprintln!("kubemoe up: stopping");
+    drop(children);
+    Ok(())
+}
+
+/// Streams one completion from a router to stdout.
+async fn client_generate(endpoint: String, request: kubemoe_api::inference::GenerateRequest) -> Result<()> {
+    use kubemoe_api::inference::inference_client::InferenceClient;
+    use std::io::Write;
+    let mut client = InferenceClient::connect(endpoint.clone())
+        .await
+        .with_context(|| format!("connecting to {endpoint}"))?;
+    let mut stream = client
+        .generate_stream(request)
+        .await
+        .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
+        .into_inner();
+    let mut stdout = std::io::stdout();
+    let mut ids: Vec<u32> = Vec::new();
+    while let Some(m) =
+        stream.message().await.map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
+    {
+        ids.extend(&m.token_ids);
+        write!(stdout, "{}", m.text)?;
+        stdout.flush()?;
+        if let Some(u) = m.usage {
+            let reason = kubemoe_api::inference::FinishReason::try_from(m.finish_reason)
+                .map(|r| r.as_str_name())
+                .unwrap_or("?");
+            writeln!(stdout)?;
+            eprintln!(
+                "[{reason}; {} prompt + {} completion tokens; ids {ids:?}]",
+                u.prompt_tokens, u.completion_tokens
+            );
         }
     }
     Ok(())

@@ -44,6 +44,13 @@ pub enum Error {
     ContextOverflow { len: usize, max: usize },
     #[error("expert {expert} of layer {layer} is not loaded in this process")]
     ExpertNotLoaded { layer: usize, expert: usize },
+    /// The workers computing routed experts failed (unreachable, timed out, refused).
+    #[error("routed experts of layer {layer} unavailable")]
+    ExpertsUnavailable {
+        layer: usize,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("invalid request: {0}")]
     Invalid(String),
     #[error("kernel failed")]

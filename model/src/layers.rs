@@ -184,27 +184,54 @@ impl Moe {
         Ok(r)
     }
 
-    /// `Σ wᵢ · Expertᵢ(x) + SharedExperts(x)` for `x` [tokens, hidden].
-    pub fn forward(&self, c: &Config, layer: usize, x: &[f32], routing: &Routing) -> Result<Vec<f32>> {
-        let mut slots = vec![u32::MAX; self.experts.len()];
-        let mut refs = Vec::new();
-        let mut assignments = Vec::with_capacity(routing.ids.len());
-        for (i, (&e, &w)) in routing.ids.iter().zip(&routing.weights).enumerate() {
-            let e = e as usize;
-            if slots[e] == u32::MAX {
-                let mlp = self.experts[e].as_ref().ok_or(Error::ExpertNotLoaded { layer, expert: e })?;
-                slots[e] = refs.len() as u32;
-                refs.push(mlp.as_expert());
-            }
-            assignments.push(Assignment { token: (i / routing.top_k) as u32, expert: slots[e], weight: w });
-        }
-        let mut out = vec![0f32; x.len()];
-        grouped_expert_ffn(x, c.hidden_size, c.moe_intermediate_size, &refs, &assignments, &mut out)?;
-        if let Some(shared) = &self.shared_experts {
-            shared.forward_add(x, &mut out)?;
-        }
-        Ok(out)
+    /// The routed experts' part `Σ wᵢ · Expertᵢ(x)` with the experts loaded here.
+    pub fn routed(&self, c: &Config, layer: usize, x: &[f32], routing: &Routing) -> Result<Vec<f32>> {
+        let k = routing.top_k;
+        let routes =
+            routing.ids.iter().zip(&routing.weights).enumerate().map(|(i, (&e, &w))| (i / k, e as usize, w));
+        run_experts(|e| self.experts.get(e).and_then(Option::as_ref), layer, c, x, routes)
     }
+}
+
+/// `out[row] = Σ weight · Expert_e(x[row])` over `routes` (row, logical expert, weight), with
+/// the experts `held` returns; the grouped FFN runs each distinct expert once.
+pub fn run_experts<'a>(
+    held: impl Fn(usize) -> Option<&'a Mlp>,
+    layer: usize,
+    c: &Config,
+    x: &[f32],
+    routes: impl Iterator<Item = (usize, usize, f32)>,
+) -> Result<Vec<f32>> {
+    let mut slots: std::collections::HashMap<usize, u32> = Default::default();
+    let mut refs = Vec::new();
+    let mut assignments = Vec::new();
+    for (row, e, weight) in routes {
+        let slot = match slots.get(&e) {
+            Some(s) => *s,
+            None => {
+                let mlp = held(e).ok_or(Error::ExpertNotLoaded { layer, expert: e })?;
+                refs.push(mlp.as_expert());
+                slots.insert(e, refs.len() as u32 - 1);
+                refs.len() as u32 - 1
+            }
+        };
+        assignments.push(Assignment { token: row as u32, expert: slot, weight });
+    }
+    let mut out = vec![0f32; x.len()];
+    grouped_expert_ffn(x, c.hidden_size, c.moe_intermediate_size, &refs, &assignments, &mut out)?;
+    Ok(out)
+}
+
+/// Computes the routed experts' part of MoE layer `layer` for `x` [tokens, hidden]: locally
+/// in a single process, or dispatched to the workers that hold the experts.
+pub trait RoutedExperts: Sync {
+    fn run(&self, layer: usize, x: &[f32], routing: &Routing) -> Result<Vec<f32>>;
+}
+
+/// Loads routed expert `expert` of decoder layer `layer` from `src`.
+pub fn load_expert(src: &dyn TensorSource, c: &Config, layer: usize, expert: usize) -> Result<Mlp> {
+    let l = Loader { src, fp8_block: c.fp8_block };
+    l.mlp(&format!("model.layers.{layer}.mlp.experts.{expert}"), c.hidden_size, c.moe_intermediate_size)
 }
 
 #[derive(Clone, Debug)]

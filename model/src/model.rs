@@ -12,7 +12,9 @@
 
 use crate::checkpoint::TensorSource;
 use crate::config::Config;
-use crate::layers::{Attention, DecoderLayer, Experts, FeedForward, Linear, Loader, RmsNorm, Routing};
+use crate::layers::{
+    Attention, DecoderLayer, Experts, FeedForward, Linear, Loader, RmsNorm, RoutedExperts, Routing,
+};
 use crate::{Error, Result};
 use kubemoe_kernels::attention::{causal_attention, causal_softmax};
 use kubemoe_kernels::rope::Rope;
@@ -180,7 +182,7 @@ impl Model {
         let a = self.attention_full(&layer.self_attn, &x)?;
         add(h, &a);
         let x = layer.post_attention_layernorm.forward(h)?;
-        let f = self.feed_forward(layer, i, &x, trace)?;
+        let f = self.feed_forward(layer, i, &x, self, trace)?;
         add(h, &f);
         Ok(())
     }
@@ -190,6 +192,7 @@ impl Model {
         layer: &DecoderLayer,
         i: usize,
         x: &[f32],
+        experts: &dyn RoutedExperts,
         trace: Option<&mut Trace>,
     ) -> Result<Vec<f32>> {
         match &layer.mlp {
@@ -200,7 +203,10 @@ impl Model {
             }
             FeedForward::Moe(moe) => {
                 let routing = moe.route(&self.config, x)?;
-                let out = moe.forward(&self.config, i, x, &routing)?;
+                let mut out = experts.run(i, x, &routing)?;
+                if let Some(shared) = &moe.shared_experts {
+                    shared.forward_add(x, &mut out)?;
+                }
                 if let Some(t) = trace {
                     t.routing.insert(i, routing);
                 }
@@ -310,8 +316,18 @@ impl Model {
     /// one decode token), appends them to the cache, and returns each sequence's last-token
     /// logits [sequences, vocab]. On error every cache is left as it was.
     pub fn forward_step(&self, batch: &mut [(&mut KvCache, &[u32])]) -> Result<Vec<f32>> {
+        self.forward_step_with(batch, self)
+    }
+
+    /// [`Model::forward_step`] with the routed experts computed by `experts` (a router
+    /// dispatches them to the workers that hold them).
+    pub fn forward_step_with(
+        &self,
+        batch: &mut [(&mut KvCache, &[u32])],
+        experts: &dyn RoutedExperts,
+    ) -> Result<Vec<f32>> {
         let w = self.config.kv_lora_rank + self.config.qk_rope_head_dim;
-        let result = self.step_inner(batch);
+        let result = self.step_inner(batch, experts);
         for (cache, tokens) in batch.iter_mut() {
             match result {
                 Ok(_) => cache.len += tokens.len(),
@@ -321,7 +337,11 @@ impl Model {
         result
     }
 
-    fn step_inner(&self, batch: &mut [(&mut KvCache, &[u32])]) -> Result<Vec<f32>> {
+    fn step_inner(
+        &self,
+        batch: &mut [(&mut KvCache, &[u32])],
+        experts: &dyn RoutedExperts,
+    ) -> Result<Vec<f32>> {
         let c = &self.config;
         let (heads, dv, hid) = (c.num_attention_heads, c.v_head_dim, c.hidden_size);
         let dq = c.q_head_dim();
@@ -356,7 +376,7 @@ impl Model {
             }
             add(&mut h, &layer.self_attn.o_proj.forward(&out)?);
             let x = layer.post_attention_layernorm.forward(&h)?;
-            add(&mut h, &self.feed_forward(layer, li, &x, None)?);
+            add(&mut h, &self.feed_forward(layer, li, &x, experts, None)?);
         }
         let mut last = Vec::with_capacity(batch.len() * hid);
         let mut end = 0;
@@ -381,6 +401,18 @@ impl Model {
         let mut h = mtp.eh_proj.forward(&cat)?;
         self.layer_full(&mtp.block, self.config.num_hidden_layers, &mut h, None)?;
         Ok(Some(self.lm_head.forward(&mtp.shared_head_norm.forward(&h)?)?))
+    }
+}
+
+/// The experts loaded in this process.
+impl RoutedExperts for Model {
+    fn run(&self, layer: usize, x: &[f32], routing: &Routing) -> Result<Vec<f32>> {
+        let mtp = |j: usize| self.mtp.get(j).map(|m| &m.block);
+        let decoder = self.layers.get(layer).or_else(|| mtp(layer.checked_sub(self.layers.len())?));
+        match decoder.map(|l| &l.mlp) {
+            Some(FeedForward::Moe(moe)) => moe.routed(&self.config, layer, x, routing),
+            _ => Err(Error::Invalid(format!("layer {layer} has no routed experts"))),
+        }
     }
 }
 

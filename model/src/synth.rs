@@ -140,10 +140,16 @@ fn name_hash(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
 }
 
-/// Random weights for `c`, stored as `storage`.
-pub fn generate_tensors(c: &Config, storage: StorageDtype, seed: u64, label: &str) -> Result<TensorMap> {
+/// Random weights for `c`, stored as `storage`: those whose name `wants` accepts.
+pub fn generate_tensors(
+    c: &Config,
+    storage: StorageDtype,
+    seed: u64,
+    label: &str,
+    wants: &dyn Fn(&str) -> bool,
+) -> Result<TensorMap> {
     let mut map = TensorMap { label: label.into(), ..Default::default() };
-    for (name, shape, init) in tensor_specs(c) {
+    for (name, shape, init) in tensor_specs(c).into_iter().filter(|(n, ..)| wants(n)) {
         let n: usize = shape.iter().product();
         let mut rng = Rng::new(seed ^ name_hash(&name));
         let values: Vec<f32> = match init {
@@ -174,15 +180,16 @@ pub fn generate_tensors(c: &Config, storage: StorageDtype, seed: u64, label: &st
     Ok(map)
 }
 
-/// A `builtin:<preset>` model: the preset's config and its weights from seed 0, in memory.
-pub fn builtin(preset: &str) -> Result<(Config, TensorMap)> {
+/// A `builtin:<preset>` model: the preset's config and the weights `wants` names, from
+/// seed 0, in memory.
+pub fn builtin(preset: &str, wants: &dyn Fn(&str) -> bool) -> Result<(Config, TensorMap)> {
     let config = Config::from_json(&preset_config(preset)?.to_string(), &format!("builtin:{preset}"))?;
-    let tensors = generate_tensors(&config, StorageDtype::F32, 0, &format!("builtin:{preset}"))?;
+    let tensors = generate_tensors(&config, StorageDtype::F32, 0, &format!("builtin:{preset}"), wants)?;
     Ok((config, tensors))
 }
 
 /// Writes a generated model directory: config.json, generation_config.json, sharded
-/// safetensors with `model.safetensors.index.json`, and tokenizer.json.
+/// safetensors with `model.safetensors.index.json`, tokenizer.json and tokenizer_config.json.
 pub fn write_model_dir(
     dir: &Path,
     preset: &str,
@@ -207,12 +214,25 @@ pub fn write_model_dir(
     write("config.json", &raw)?;
     write("generation_config.json", &json!({"bos_token_id": 0, "eos_token_id": 1, "do_sample": false}))?;
     write("tokenizer.json", &tokenizer_json(config.vocab_size))?;
-    generate_tensors(&config, storage, seed, &dir.display().to_string())?.save_sharded(dir, shard_bytes)
+    write("tokenizer_config.json", &tokenizer_config_json())?;
+    generate_tensors(&config, storage, seed, &dir.display().to_string(), &|_| true)?
+        .save_sharded(dir, shard_bytes)
+}
+
+/// DeepSeek-V3's chat format, reduced to system, user and assistant turns.
+pub const CHAT_TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}{{ m.content }}\
+{% elif m.role == 'user' %}<｜User｜>{{ m.content }}{% elif m.role == 'assistant' %}<｜Assistant｜>{{ m.content }}\
+{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{% endif %}";
+
+/// `tokenizer_config.json` for generated models: the special tokens and [`CHAT_TEMPLATE`].
+pub fn tokenizer_config_json() -> Value {
+    json!({"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>",
+        "chat_template": CHAT_TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast"})
 }
 
 /// A byte-level BPE tokenizer (GPT-2's byte alphabet, no merges) with DeepSeek's special
 /// tokens at ids 0 and 1: any text encodes, one token per byte.
-fn tokenizer_json(vocab_size: usize) -> Value {
+pub fn tokenizer_json(vocab_size: usize) -> Value {
     let specials = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"];
     let mut vocab = serde_json::Map::new();
     for (i, s) in specials.iter().enumerate() {

@@ -38,7 +38,7 @@ const PROMPT: [u32; 9] = [0, 17, 301, 42, 7, 199, 3, 88, 250];
 fn rounded_in_memory(preset: &str, storage: StorageDtype) -> Model {
     use kubemoe_kernels::dtype;
     let config = Config::from_json(&synth::preset_config(preset).unwrap().to_string(), preset).unwrap();
-    let mut map = synth::generate_tensors(&config, StorageDtype::F32, 7, "memory").unwrap();
+    let mut map = synth::generate_tensors(&config, StorageDtype::F32, 7, "memory", &|_| true).unwrap();
     for (name, t) in map.tensors.iter_mut() {
         let w = dtype::f32_from_le(&t.data);
         let rounded = if storage == StorageDtype::Fp8 && t.shape.len() == 2 && name.contains("_proj.") {
@@ -130,7 +130,7 @@ fn builtin_equals_generated_directory_with_seed_zero() {
 
 #[test]
 fn loading_chosen_experts_never_opens_shards_of_the_others() {
-    let (config, tensors) = synth::builtin("tiny").unwrap();
+    let (config, tensors) = synth::builtin("tiny", &|_| true).unwrap();
     let dir = scratch("shards");
     // 8 KiB shards: every expert projection lands in its own file.
     tensors.save_sharded(&dir, 8 << 10).unwrap();
@@ -172,7 +172,7 @@ fn loading_chosen_experts_never_opens_shards_of_the_others() {
 }
 
 fn tiny_with(edit: impl FnOnce(&mut TensorMap)) -> Result<Model, Error> {
-    let (config, mut tensors) = synth::builtin("tiny").unwrap();
+    let (config, mut tensors) = synth::builtin("tiny", &|_| true).unwrap();
     edit(&mut tensors);
     Model::load(config, &tensors, Experts::All)
 }
@@ -222,7 +222,7 @@ fn bad_config_files_name_the_file_and_key() {
 
 #[test]
 fn mtp_module_loads_and_drafts() {
-    let (config, tensors) = synth::builtin("v3-shape").unwrap();
+    let (config, tensors) = synth::builtin("v3-shape", &|_| true).unwrap();
     let model = Model::load(config, &tensors, Experts::All).unwrap();
     let hidden = model.hidden_full(&PROMPT, None).unwrap();
     let draft = model.mtp_logits(&PROMPT, &hidden).unwrap().expect("v3-shape has MTP weights");

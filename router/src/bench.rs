@@ -1,0 +1,163 @@
+//! `kubemoe bench-serving`: the distributed hot paths, each against a limit measured in the
+//! same run:
+//! - dispatch + combine bytes per decode step against the physical minimum
+//!   (tokens × distinct destination workers × hidden × 4 bytes, each way; goal ≤ 1.05×);
+//! - the gRPC transport's throughput on a payload-only dispatch against raw loopback TCP
+//!   moving the same bytes (goal ≥ 0.7×);
+//! - decode tokens/s at batch 32 with the experts on the workers against the single-process
+//!   engine (goal ≥ 0.8×).
+
+use crate::remote::{channel, RemoteExperts};
+use crate::Result;
+use kubemoe_api::expert::expert_client::ExpertClient;
+use kubemoe_api::expert::DispatchRequest;
+use kubemoe_model::layers::RoutedExperts;
+use kubemoe_model::{source, Experts, KvCache, Model, Sampler, SamplingParams};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Debug, serde::Serialize)]
+pub struct Report {
+    pub workers: usize,
+    pub batch: usize,
+    pub dispatch_bytes_per_step: f64,
+    pub combine_bytes_per_step: f64,
+    pub minimum_bytes_per_step: f64,
+    /// (dispatch activations + routes + combine) / (2 × minimum).
+    pub bytes_ratio_to_minimum: f64,
+    pub transport_payload_bytes: usize,
+    pub transport_gbps: f64,
+    pub raw_tcp_gbps: f64,
+    pub transport_ratio_to_raw_tcp: f64,
+    pub single_process_decode_tps: f64,
+    pub distributed_decode_tps: f64,
+    pub decode_ratio: f64,
+}
+
+/// Decode tokens/s of `batch` sequences for `steps` steps after a short prefill.
+fn decode_rate(model: &Model, experts: &dyn RoutedExperts, batch: usize, steps: usize) -> Result<f64> {
+    let vocab = model.config.vocab_size;
+    let mut caches: Vec<KvCache> = (0..batch).map(|_| KvCache::new(&model.config)).collect();
+    let mut samplers: Vec<Sampler> =
+        (0..batch).map(|_| Sampler::new(SamplingParams::default())).collect::<kubemoe_model::Result<_>>()?;
+    let mut feed: Vec<Vec<u32>> =
+        (0..batch).map(|s| (0..16).map(|i| ((s * 131 + i * 7) % vocab) as u32).collect()).collect();
+    let mut started = Instant::now();
+    for step in 0..=steps {
+        if step == 1 {
+            started = Instant::now(); // prefill excluded
+        }
+        let mut b: Vec<(&mut KvCache, &[u32])> =
+            caches.iter_mut().zip(&feed).map(|(c, f)| (c, f.as_slice())).collect();
+        let logits = model.forward_step_with(&mut b, experts)?;
+        for ((f, row), s) in feed.iter_mut().zip(logits.chunks(vocab)).zip(&mut samplers) {
+            *f = vec![s.sample(row)];
+        }
+    }
+    Ok((batch * steps) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Raw loopback TCP: `bytes` one way and back per round, as a dispatch and its combine do.
+async fn raw_tcp_gbps(bytes: usize, rounds: usize) -> std::io::Result<f64> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await?;
+        s.set_nodelay(true)?;
+        let mut buf = vec![0u8; bytes];
+        for _ in 0..rounds {
+            s.read_exact(&mut buf).await?;
+            s.write_all(&buf).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    let mut c = tokio::net::TcpStream::connect(addr).await?;
+    c.set_nodelay(true)?;
+    let out = vec![1u8; bytes];
+    let mut back = vec![0u8; bytes];
+    let t = Instant::now();
+    for _ in 0..rounds {
+        c.write_all(&out).await?;
+        c.read_exact(&mut back).await?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    server.await.map_err(std::io::Error::other)??;
+    Ok((2 * bytes * rounds) as f64 / secs / 1e9)
+}
+
+/// Payload-only dispatches (no routes: the worker decodes, sums nothing, encodes) to worker 0.
+async fn transport_gbps(url: &str, hidden: usize, layer: u32, tokens: usize, rounds: usize) -> Result<f64> {
+    let max = crate::MAX_MESSAGE_BYTES;
+    let mut client =
+        ExpertClient::new(channel(url)?).max_decoding_message_size(max).max_encoding_message_size(max);
+    let activations = vec![0u8; tokens * hidden * 4];
+    let t = Instant::now();
+    for _ in 0..rounds {
+        let r = DispatchRequest {
+            layer,
+            tokens: tokens as u32,
+            activations: activations.clone(),
+            routes: vec![],
+        };
+        client.dispatch(r).await.map_err(|s| crate::Error::Workers(s.to_string()))?;
+    }
+    Ok((2 * activations.len() * rounds) as f64 / t.elapsed().as_secs_f64() / 1e9)
+}
+
+/// Runs every measurement against the workers at `urls` (rank order) serving `model`.
+pub fn run(model: &str, urls: &[String], batch: usize, steps: usize) -> Result<Report> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let _entered = runtime.enter();
+    let dense = source::open(model, Experts::None)?;
+    let c = dense.config.clone();
+    let channels = urls.iter().map(|u| channel(u)).collect::<Result<Vec<_>, _>>()?;
+    let owner = (0..c.n_routed_experts)
+        .map(|e| kubemoe_api::placement::contiguous_owner(e, c.n_routed_experts, urls.len()))
+        .collect();
+    let remote = RemoteExperts::new(&c, channels, owner, Duration::from_secs(60), runtime.handle().clone());
+    runtime.block_on(async {
+        let started = Instant::now();
+        while let Err(e) = remote.check_workers(model).await {
+            if started.elapsed() > Duration::from_secs(120) {
+                return Err(crate::Error::Workers(e));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
+    })?;
+    let distributed_decode_tps = decode_rate(&dense, &remote, batch, steps)?;
+    let steps_run = (steps + 1) as f64;
+    let b = &remote.bytes;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+    let (sent, received, minimum) =
+        (load(&b.activations) + load(&b.routes), load(&b.received), load(&b.minimum));
+    drop(dense);
+    let local = source::open(model, Experts::All)?;
+    let single_process_decode_tps = decode_rate(&local, &local, batch, steps)?;
+    drop(local);
+    // 512 tokens of activations per call: a large decode batch's dispatch to one worker.
+    let tokens = 512;
+    let payload = tokens * c.hidden_size * 4;
+    let layer = c.moe_layers().next().unwrap_or(0) as u32;
+    let (transport, raw) = runtime.block_on(async {
+        let transport = transport_gbps(&urls[0], c.hidden_size, layer, tokens, 40).await?;
+        let raw = raw_tcp_gbps(payload, 40).await?;
+        Ok::<_, crate::Error>((transport, raw))
+    })?;
+    Ok(Report {
+        workers: urls.len(),
+        batch,
+        dispatch_bytes_per_step: sent / steps_run,
+        combine_bytes_per_step: received / steps_run,
+        minimum_bytes_per_step: minimum / steps_run,
+        bytes_ratio_to_minimum: (sent + received) / (2.0 * minimum),
+        transport_payload_bytes: payload,
+        transport_gbps: transport,
+        raw_tcp_gbps: raw,
+        transport_ratio_to_raw_tcp: transport / raw,
+        single_process_decode_tps,
+        distributed_decode_tps,
+        decode_ratio: distributed_decode_tps / single_process_decode_tps,
+    })
+}

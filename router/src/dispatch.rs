@@ -1,0 +1,96 @@
+//! The dispatch plan of one MoE layer (DESIGN §5): which rows go to which worker, each token
+//! once per destination worker however many of its experts live there, and how the partial
+//! sums come back. Pure functions; the transport only moves the bytes they produce.
+
+use kubemoe_model::layers::Routing;
+
+/// What one worker receives for one layer.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WorkerBatch {
+    /// Rows of the layer input, in the order they are sent.
+    pub rows: Vec<usize>,
+    /// (index into `rows`, logical expert, gate weight).
+    pub routes: Vec<(u32, u32, f32)>,
+}
+
+impl WorkerBatch {
+    /// Activations [rows, hidden] as little-endian f32, and routes as 12-byte records.
+    pub fn encode(&self, x: &[f32], hidden: usize) -> (Vec<u8>, Vec<u8>) {
+        let mut act = Vec::with_capacity(self.rows.len() * hidden * 4);
+        for &r in &self.rows {
+            for v in &x[r * hidden..(r + 1) * hidden] {
+                act.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        let routes = self
+            .routes
+            .iter()
+            .flat_map(|(row, e, w)| [row.to_le_bytes(), e.to_le_bytes(), w.to_le_bytes()])
+            .flatten()
+            .collect();
+        (act, routes)
+    }
+
+    /// `out[rows[i]] += partial[i]` for the worker's little-endian f32 reply.
+    pub fn combine(&self, partial: &[u8], hidden: usize, out: &mut [f32]) -> Result<(), String> {
+        if partial.len() != self.rows.len() * hidden * 4 {
+            return Err(format!(
+                "reply holds {} bytes, expected {}",
+                partial.len(),
+                self.rows.len() * hidden * 4
+            ));
+        }
+        for (&r, chunk) in self.rows.iter().zip(partial.chunks_exact(hidden * 4)) {
+            for (o, b) in out[r * hidden..(r + 1) * hidden].iter_mut().zip(chunk.chunks_exact(4)) {
+                *o += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Splits `routing` over the workers: `owner[e]` is the worker holding logical expert `e`.
+pub fn plan(routing: &Routing, owner: &[usize], workers: usize) -> Vec<WorkerBatch> {
+    let mut batches = vec![WorkerBatch::default(); workers];
+    let k = routing.top_k;
+    for (token, (ids, weights)) in routing.ids.chunks(k).zip(routing.weights.chunks(k)).enumerate() {
+        for (&e, &w) in ids.iter().zip(weights) {
+            let b = &mut batches[owner[e as usize]];
+            if b.rows.last() != Some(&token) {
+                b.rows.push(token);
+            }
+            b.routes.push((b.rows.len() as u32 - 1, e, w));
+        }
+    }
+    batches
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_token_goes_once_to_each_worker_holding_its_experts() {
+        // 4 experts, experts 0,1 on worker 0 and 2,3 on worker 1; top-2.
+        let routing =
+            Routing { top_k: 2, ids: vec![0, 1, 1, 3, 2, 3], weights: vec![0.1, 0.2, 0.3, 0.4, 0.5, 0.6] };
+        let b = plan(&routing, &[0, 0, 1, 1], 2);
+        assert_eq!(b[0].rows, vec![0, 1]);
+        assert_eq!(b[0].routes, vec![(0, 0, 0.1), (0, 1, 0.2), (1, 1, 0.3)]);
+        assert_eq!(b[1].rows, vec![1, 2]);
+        assert_eq!(b[1].routes, vec![(0, 3, 0.4), (1, 2, 0.5), (1, 3, 0.6)]);
+    }
+
+    #[test]
+    fn encode_and_combine_round_trip() {
+        let b = WorkerBatch { rows: vec![2, 0], routes: vec![(0, 5, 1.0), (1, 5, 1.0)] };
+        let x = [0.0f32, 1.0, 2.0, 3.0, 4.0, 5.0];
+        let (act, routes) = b.encode(&x, 2);
+        assert_eq!(act.len(), 16);
+        assert_eq!(routes.len(), 24);
+        let mut out = vec![1.0f32; 6];
+        b.combine(&act, 2, &mut out).unwrap();
+        assert_eq!(out, vec![1.0, 2.0, 1.0, 1.0, 5.0, 6.0]);
+        assert!(b.combine(&act[..8], 2, &mut out).is_err());
+    }
+}

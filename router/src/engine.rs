@@ -1,0 +1,206 @@
+//! The batch loop: one thread owns the dense model, every sequence's KV cache and sampler,
+//! and runs the running batch one step at a time (prefill of joining sequences and one decode
+//! token of the others together), dispatching routed experts through [`RoutedExperts`].
+//!
+//! Requests arrive over a bounded channel; each sequence's events leave over its own bounded
+//! channel sized so that a step never blocks on a slow client. A closed event channel means
+//! the client went away: the sequence leaves the batch and its cache is freed. A failed step
+//! fails every sequence in it (with the transport's status) and the loop goes on.
+
+use crate::scheduler::{admit, Limits, Usage, Waiting};
+use kubemoe_model::layers::RoutedExperts;
+use kubemoe_model::{KvCache, Model, Sampler, SamplingParams};
+use std::collections::VecDeque;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Why a sequence finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// `max_tokens` reached.
+    Length,
+    /// An end-of-sequence token.
+    Stop,
+}
+
+#[derive(Debug)]
+pub enum Event {
+    Token(u32),
+    Done(Finish),
+    Failed(tonic::Status),
+}
+
+/// A request for the batch loop.
+pub struct Submission {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Capacity at least `max_tokens + 1`.
+    pub events: mpsc::Sender<Event>,
+}
+
+struct Sequence {
+    cache: KvCache,
+    sampler: Sampler,
+    feed: Vec<u32>,
+    generated: usize,
+    max_tokens: usize,
+    reserve: usize,
+    events: mpsc::Sender<Event>,
+}
+
+/// Submits requests to a running batch loop.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: SyncSender<Submission>,
+}
+
+/// Why a submission was not taken.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SubmitError {
+    Full,
+    Stopped,
+}
+
+impl EngineHandle {
+    pub fn submit(&self, s: Submission) -> Result<(), SubmitError> {
+        self.tx.try_send(s).map_err(|e| match e {
+            TrySendError::Full(_) => SubmitError::Full,
+            TrySendError::Disconnected(_) => SubmitError::Stopped,
+        })
+    }
+}
+
+/// Starts the batch loop on its own thread; it stops when `shutdown` fires.
+pub fn spawn(
+    model: Arc<Model>,
+    experts: Arc<dyn RoutedExperts + Send>,
+    limits: Limits,
+    queue: usize,
+    shutdown: CancellationToken,
+) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(queue);
+    let thread = std::thread::Builder::new()
+        .name("kubemoe-engine".into())
+        .spawn(move || run(&model, experts.as_ref(), limits, rx, shutdown))?;
+    Ok((EngineHandle { tx }, thread))
+}
+
+fn run(
+    model: &Model,
+    experts: &dyn RoutedExperts,
+    limits: Limits,
+    rx: Receiver<Submission>,
+    shutdown: CancellationToken,
+) {
+    let mut waiting: VecDeque<Submission> = VecDeque::new();
+    let mut running: Vec<Sequence> = Vec::new();
+    while !shutdown.is_cancelled() {
+        if running.is_empty() && waiting.is_empty() {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(s) => waiting.push_back(s),
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        waiting.extend(rx.try_iter());
+        waiting.retain(|s| !s.events.is_closed());
+        let usage = Usage {
+            running: running.len(),
+            step_tokens: running.len(),
+            reserved_tokens: running.iter().map(|s| s.reserve).sum(),
+        };
+        let joining = admit(
+            &limits,
+            usage,
+            waiting.iter().map(|s| Waiting {
+                prompt_len: s.prompt.len(),
+                reserve_tokens: s.prompt.len() + s.max_tokens,
+            }),
+        );
+        for s in waiting.drain(..joining) {
+            match Sampler::new(s.sampling) {
+                Ok(sampler) => running.push(Sequence {
+                    cache: KvCache::new(&model.config),
+                    sampler,
+                    reserve: s.prompt.len() + s.max_tokens,
+                    feed: s.prompt,
+                    generated: 0,
+                    max_tokens: s.max_tokens,
+                    events: s.events,
+                }),
+                Err(e) => {
+                    drop(s.events.try_send(Event::Failed(tonic::Status::invalid_argument(e.to_string()))))
+                }
+            }
+        }
+        if running.is_empty() {
+            continue;
+        }
+        step(model, experts, &mut running);
+    }
+    for s in running.iter().map(|s| &s.events).chain(waiting.iter().map(|s| &s.events)) {
+        let _ = s.try_send(Event::Failed(tonic::Status::unavailable("the router is shutting down")));
+    }
+}
+
+/// One step of the whole running batch; removes the sequences that finished or failed.
+fn step(model: &Model, experts: &dyn RoutedExperts, running: &mut Vec<Sequence>) {
+    let mut batch: Vec<(&mut KvCache, &[u32])> =
+        running.iter_mut().map(|s| (&mut s.cache, s.feed.as_slice())).collect();
+    let logits = match model.forward_step_with(&mut batch, experts) {
+        Ok(l) => l,
+        Err(e) => {
+            let status = status_of(&e);
+            for s in running.drain(..) {
+                let _ = s.events.try_send(Event::Failed(status.clone()));
+            }
+            return;
+        }
+    };
+    let vocab = model.config.vocab_size;
+    let mut keep = Vec::with_capacity(running.len());
+    for (mut s, row) in running.drain(..).zip(logits.chunks(vocab)) {
+        let token = s.sampler.sample(row);
+        s.generated += 1;
+        if s.events.try_send(Event::Token(token)).is_err() {
+            continue; // the client went away: drop the sequence and its cache
+        }
+        let finish = if model.config.eos_token_ids.contains(&token) {
+            Some(Finish::Stop)
+        } else if s.generated >= s.max_tokens {
+            Some(Finish::Length)
+        } else {
+            None
+        };
+        match finish {
+            Some(f) => drop(s.events.try_send(Event::Done(f))),
+            None => {
+                s.feed = vec![token];
+                keep.push(s);
+            }
+        }
+    }
+    *running = keep;
+}
+
+/// The gRPC status a failed step gives each of its sequences.
+fn status_of(e: &kubemoe_model::Error) -> tonic::Status {
+    let mut message = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        message.push_str(": ");
+        message.push_str(&c.to_string());
+        cause = c.source();
+    }
+    match e {
+        kubemoe_model::Error::ExpertsUnavailable { .. } => tonic::Status::unavailable(message),
+        kubemoe_model::Error::TokenOutOfVocab { .. } | kubemoe_model::Error::ContextOverflow { .. } => {
+            tonic::Status::invalid_argument(message)
+        }
+        _ => tonic::Status::internal(message),
+    }
+}

@@ -1,0 +1,115 @@
+//! The router (DESIGN §1): the inference API and the dense half of the model. It tokenizes,
+//! validates, schedules requests into a continuously batched step loop, runs attention (with
+//! the MLA latent cache), dense MLPs, shared experts and the gate itself, and dispatches each
+//! MoE layer's routed experts to the workers that hold them.
+
+pub mod bench;
+pub mod dispatch;
+pub mod engine;
+pub mod remote;
+pub mod scheduler;
+pub mod service;
+pub mod text;
+
+/// Largest gRPC message to or from a worker (a large prefill's activations).
+pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
+
+/// What went wrong in the router.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("loading the model")]
+    Model(#[from] kubemoe_model::Error),
+    #[error("tokenizer: {0}")]
+    Text(String),
+    #[error("workers: {0}")]
+    Workers(String),
+    #[error("serving gRPC")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("gRPC reflection")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("starting the batch loop")]
+    Thread(#[from] std::io::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How a router runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// A model directory or `builtin:<preset>`.
+    pub model: String,
+    /// Worker gRPC URLs in rank order.
+    pub workers: Vec<String>,
+    pub limits: scheduler::Limits,
+    pub max_concurrent: usize,
+    /// Prompt plus new tokens per request; at most the model's `max_position_embeddings`.
+    pub max_context: usize,
+    /// Deadline of every worker call.
+    pub worker_deadline: std::time::Duration,
+    /// How long to wait for the workers at start.
+    pub startup_timeout: std::time::Duration,
+}
+
+/// Loads the dense half of the model, connects the workers, and serves on `listener` until
+/// `shutdown` fires.
+pub async fn run(
+    opts: Options,
+    listener: tokio::net::TcpListener,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<()> {
+    use kubemoe_model::{source, Experts};
+    let model_spec = opts.model.clone();
+    let model = tokio::task::spawn_blocking(move || source::open(&model_spec, Experts::None))
+        .await
+        .map_err(|e| Error::Workers(format!("model loading task: {e}")))??;
+    let config = model.config.clone();
+    if opts.workers.is_empty() {
+        return Err(Error::Workers("no workers given; pass their gRPC URLs in rank order".into()));
+    }
+    let channels = opts
+        .workers
+        .iter()
+        .map(|w| remote::channel(w))
+        .collect::<Result<Vec<_>, tonic::transport::Error>>()?;
+    let n = channels.len();
+    let owner = (0..config.n_routed_experts)
+        .map(|e| kubemoe_api::placement::contiguous_owner(e, config.n_routed_experts, n))
+        .collect();
+    let experts = remote::RemoteExperts::new(
+        &config,
+        channels,
+        owner,
+        opts.worker_deadline,
+        tokio::runtime::Handle::current(),
+    );
+    let started = std::time::Instant::now();
+    while let Err(e) = experts.check_workers(&opts.model).await {
+        if started.elapsed() > opts.startup_timeout || shutdown.is_cancelled() {
+            return Err(Error::Workers(e));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let text = text::TextCodec::load(&opts.model, config.vocab_size)?.map(std::sync::Arc::new);
+    let max_context = opts.max_context.min(config.max_position_embeddings);
+    let (engine, thread) = engine::spawn(
+        std::sync::Arc::new(model),
+        std::sync::Arc::new(experts),
+        opts.limits,
+        opts.max_concurrent,
+        shutdown.clone(),
+    )?;
+    let service = service::InferenceService {
+        model_name: opts.model,
+        config,
+        text,
+        engine,
+        workers: n,
+        max_context,
+        max_concurrent: opts.max_concurrent,
+        active: Default::default(),
+    };
+    let served = service::serve(service, listener, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    served
+}

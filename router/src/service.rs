@@ -1,0 +1,284 @@
+//! `kubemoe.inference.v1.Inference`: request validation (INVALID_ARGUMENT naming the field),
+//! the concurrency limit (RESOURCE_EXHAUSTED), text in and out, and streaming. Every stream is
+//! fed by the batch loop through a bounded channel; when the client goes away the stream's
+//! task ends, its channel closes and the batch loop drops the sequence.
+
+use crate::engine::{EngineHandle, Event, Finish, Submission, SubmitError};
+use crate::text::{Detokenizer, Message, TextCodec};
+use kubemoe_api::inference::generate_request::Input;
+use kubemoe_api::inference::inference_server::{Inference, InferenceServer};
+use kubemoe_api::inference::*;
+use kubemoe_model::{Config, SamplingParams};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+/// New tokens when a request leaves `max_tokens` at 0 (vLLM's default).
+pub const DEFAULT_MAX_TOKENS: usize = 16;
+
+pub struct InferenceService {
+    pub model_name: String,
+    pub config: Config,
+    pub text: Option<Arc<TextCodec>>,
+    pub engine: EngineHandle,
+    pub workers: usize,
+    /// Prompt plus new tokens of one request, at most.
+    pub max_context: usize,
+    pub max_concurrent: usize,
+    pub active: Arc<AtomicUsize>,
+}
+
+/// Counts a request as active until dropped.
+struct ActiveGuard(Arc<AtomicUsize>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A validated request.
+struct Prepared {
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    sampling: SamplingParams,
+    stop: Vec<String>,
+}
+
+impl InferenceService {
+    fn text(&self, field: &str) -> Result<&TextCodec, Status> {
+        self.text.as_deref().ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "{field}: {} has no tokenizer.json; send input_ids",
+                self.model_name
+            ))
+        })
+    }
+
+    fn prepare(&self, r: GenerateRequest) -> Result<Prepared, Status> {
+        let prompt = match r.input {
+            None => return Err(Status::invalid_argument("input: set one of prompt, input_ids, messages")),
+            Some(Input::Prompt(p)) => {
+                self.text("prompt")?.encode(&p).map_err(|e| Status::internal(e.to_string()))?
+            }
+            Some(Input::InputIds(ids)) => ids.ids,
+            Some(Input::Messages(m)) => {
+                let codec = self.text("messages")?;
+                let messages: Vec<Message> =
+                    m.messages.into_iter().map(|m| Message { role: m.role, content: m.content }).collect();
+                let rendered = codec
+                    .render_chat(&messages)
+                    .map_err(|e| Status::invalid_argument(format!("messages: {e}")))?;
+                codec.encode(&rendered).map_err(|e| Status::internal(e.to_string()))?
+            }
+        };
+        if prompt.is_empty() {
+            return Err(Status::invalid_argument("input: the prompt has no tokens"));
+        }
+        let vocab = self.config.vocab_size;
+        if let Some((pos, id)) = prompt.iter().enumerate().find(|(_, id)| **id as usize >= vocab) {
+            return Err(Status::invalid_argument(format!(
+                "input_ids: id {id} at position {pos} is outside the vocabulary (vocab_size {vocab})"
+            )));
+        }
+        let max_tokens = if r.max_tokens == 0 { DEFAULT_MAX_TOKENS } else { r.max_tokens as usize };
+        if prompt.len() + max_tokens > self.max_context {
+            return Err(Status::invalid_argument(format!(
+                "max_tokens: {} prompt tokens + {max_tokens} new tokens exceed the context length {}",
+                prompt.len(),
+                self.max_context
+            )));
+        }
+        if !(r.temperature >= 0.0 && r.temperature.is_finite()) {
+            return Err(Status::invalid_argument(format!(
+                "temperature: {} must be 0 (greedy) or positive",
+                r.temperature
+            )));
+        }
+        let top_p = r.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(Status::invalid_argument(format!("top_p: {top_p} must be in (0, 1]")));
+        }
+        if !r.stop.is_empty() {
+            self.text("stop")?;
+            if r.stop.iter().any(String::is_empty) {
+                return Err(Status::invalid_argument("stop: stop strings must not be empty"));
+            }
+        }
+        let sampling = SamplingParams {
+            temperature: r.temperature,
+            top_k: r.top_k as usize,
+            top_p,
+            seed: r.seed.unwrap_or(0),
+        };
+        Ok(Prepared { prompt, max_tokens, sampling, stop: r.stop })
+    }
+
+    /// Validates, admits and submits `r`; returns the stream of its responses.
+    fn start(&self, r: GenerateRequest) -> Result<mpsc::Receiver<Result<GenerateResponse, Status>>, Status> {
+        let p = self.prepare(r)?;
+        let active = self.active.fetch_add(1, Ordering::SeqCst);
+        let guard = ActiveGuard(self.active.clone());
+        if active >= self.max_concurrent {
+            return Err(Status::resource_exhausted(format!(
+                "{} requests are in progress, the limit is {}; retry later",
+                active, self.max_concurrent
+            )));
+        }
+        let (events_tx, events_rx) = mpsc::channel(p.max_tokens + 2);
+        let submission = Submission {
+            prompt: p.prompt.clone(),
+            max_tokens: p.max_tokens,
+            sampling: p.sampling,
+            events: events_tx,
+        };
+        match self.engine.submit(submission) {
+            Ok(()) => {}
+            Err(SubmitError::Full) => {
+                return Err(Status::resource_exhausted("the router's queue is full; retry later"))
+            }
+            Err(SubmitError::Stopped) => return Err(Status::unavailable("the router is shutting down")),
+        }
+        let (out_tx, out_rx) = mpsc::channel(p.max_tokens + 2);
+        let text = self.text.clone();
+        let detok = Detokenizer::new(p.stop);
+        tokio::spawn(relay(events_rx, out_tx, text, detok, p.prompt.len() as u32, guard));
+        Ok(out_rx)
+    }
+}
+
+/// Turns batch-loop events into responses until the sequence ends or the client leaves.
+async fn relay(
+    mut events: mpsc::Receiver<Event>,
+    out: mpsc::Sender<Result<GenerateResponse, Status>>,
+    text: Option<Arc<TextCodec>>,
+    mut detok: Detokenizer,
+    prompt_tokens: u32,
+    _active: ActiveGuard,
+) {
+    let mut completion_tokens = 0u32;
+    let usage = |completion_tokens| Some(Usage { prompt_tokens, completion_tokens });
+    while let Some(event) = events.recv().await {
+        let message = match event {
+            Event::Token(id) => {
+                completion_tokens += 1;
+                let delta = match &text {
+                    Some(codec) => detok.push(codec, id),
+                    None => Ok(crate::text::Delta { text: String::new(), stopped: false }),
+                };
+                match delta {
+                    Ok(d) if d.stopped => {
+                        let last = GenerateResponse {
+                            token_ids: vec![id],
+                            text: d.text,
+                            finish_reason: FinishReason::Stop as i32,
+                            usage: usage(completion_tokens),
+                        };
+                        let _ = out.send(Ok(last)).await;
+                        return; // dropping `events` stops the sequence in the batch loop
+                    }
+                    Ok(d) => Ok(GenerateResponse { token_ids: vec![id], text: d.text, ..Default::default() }),
+                    Err(e) => Err(Status::internal(e.to_string())),
+                }
+            }
+            Event::Done(finish) => {
+                let tail = text.as_deref().map(|c| detok.flush(c)).transpose();
+                let reason = match finish {
+                    Finish::Length => FinishReason::Length,
+                    Finish::Stop => FinishReason::Stop,
+                };
+                tail.map(|t| GenerateResponse {
+                    token_ids: vec![],
+                    text: t.unwrap_or_default(),
+                    finish_reason: reason as i32,
+                    usage: usage(completion_tokens),
+                })
+                .map_err(|e| Status::internal(e.to_string()))
+            }
+            Event::Failed(status) => Err(status),
+        };
+        let last = !matches!(&message, Ok(m) if m.finish_reason == FinishReason::Unspecified as i32);
+        if out.send(message).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Inference for InferenceService {
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<GenerateResponse>, Status> {
+        let mut rx = self.start(request.into_inner())?;
+        let mut all = GenerateResponse::default();
+        while let Some(m) = rx.recv().await {
+            let m = m?;
+            all.token_ids.extend(m.token_ids);
+            all.text.push_str(&m.text);
+            if m.finish_reason != FinishReason::Unspecified as i32 {
+                all.finish_reason = m.finish_reason;
+                all.usage = m.usage;
+                return Ok(Response::new(all));
+            }
+        }
+        Err(Status::internal("the sequence ended without a finish reason"))
+    }
+
+    type GenerateStreamStream = ResponseStream;
+
+    async fn generate_stream(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        let rx = self.start(request.into_inner())?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn model_info(&self, _: Request<ModelInfoRequest>) -> Result<Response<ModelInfoResponse>, Status> {
+        let c = &self.config;
+        Ok(Response::new(ModelInfoResponse {
+            model: self.model_name.clone(),
+            model_type: format!("{:?}", c.family).to_lowercase(),
+            vocab_size: c.vocab_size as u32,
+            max_context_length: self.max_context as u32,
+            num_hidden_layers: c.num_hidden_layers as u32,
+            n_routed_experts: c.n_routed_experts as u32,
+            num_experts_per_tok: c.gate.top_k as u32,
+            workers: self.workers as u32,
+            has_tokenizer: self.text.is_some(),
+            has_chat_template: self.text.as_ref().is_some_and(|t| t.has_chat_template()),
+        }))
+    }
+}
+
+/// Serves `service` on `listener` until `shutdown` fires; health turns NOT_SERVING first.
+pub async fn serve(
+    service: InferenceService,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> crate::Result<()> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<InferenceServer<InferenceService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kubemoe_api::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(InferenceServer::new(service))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+            shutdown.cancelled().await;
+            reporter.set_not_serving::<InferenceServer<InferenceService>>().await;
+        })
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,58 @@
+//! Local mode (DESIGN §6): the router and N workers as child processes of `kubemoe up` on
+//! loopback, each started from this same binary with the flags a pod would give it.
+//!
+//! Children announce their address on their first stdout line (`... listening on ADDR`); the
+//! parent waits for that, prints where to call the router, and on Ctrl-C or SIGTERM stops
+//! them all (they turn NOT_SERVING and drain) before exiting.
+
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+/// A child process that is stopped when dropped.
+pub struct Managed {
+    name: String,
+    child: Child,
+}
+
+impl Drop for Managed {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        eprintln!("{} did not stop in 5 s; killing it", self.name);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `kubemoe <args>` and waits for its `listening on ADDR` line.
+pub fn start(name: &str, args: &[String]) -> Result<(Managed, String)> {
+    let exe = std::env::current_exe().context("locating the kubemoe binary")?;
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    let stdout = child.stdout.take().context("child stdout")?;
+    let managed = Managed { name: name.into(), child };
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        match lines.next() {
+            Some(Ok(line)) => {
+                if let Some(addr) = line.split("listening on ").nth(1) {
+                    break addr.trim().to_string();
+                }
+            }
+            _ => bail!("{name} exited before it listened (see its errors above)"),
+        }
+    };
+    // Keep draining the child's stdout so it never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok((managed, addr))
+}

@@ -1,0 +1,367 @@
+//! Router and workers as real processes over TCP (`kubemoe worker`, `kubemoe router`), against
+//! the single-process engine and the reference fixture.
+#![allow(clippy::unwrap_used)] // test helpers fail loudly by design
+
+use kubemoe_api::inference::generate_request::Input;
+use kubemoe_api::inference::inference_client::InferenceClient;
+use kubemoe_api::inference::{FinishReason, GenerateRequest, ModelInfoRequest, TokenIds};
+use kubemoe_model::generate::{generate, Request};
+use kubemoe_model::{source, Experts, KvCache, SamplingParams};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic::Code;
+
+fn fixture() -> String {
+    let base = std::env::var_os("KUBEMOE_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"));
+    base.join("deepseek-v3-tiny").to_str().unwrap().to_string()
+}
+
+/// A `kubemoe` child process, killed when dropped.
+struct Proc {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(args: &[&str]) -> Proc {
+    let mut child =
+        Command::new(env!("CARGO_BIN_EXE_kubemoe")).args(args).stdout(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().expect("child printed nothing").unwrap();
+    let addr = first.split("listening on ").nth(1).expect("no address line").trim().to_string();
+    std::thread::spawn(move || lines.for_each(drop));
+    Proc { child, addr }
+}
+
+fn worker(model: &str, rank: usize, n: usize, port: u16) -> Proc {
+    let (rank, n, port) = (rank.to_string(), n.to_string(), port.to_string());
+    spawn(&[
+        "worker",
+        "--model",
+        model,
+        "--rank",
+        &rank,
+        "--world-size",
+        &n,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port,
+    ])
+}
+
+struct Cluster {
+    workers: Vec<Proc>,
+    router: Proc,
+}
+
+impl Cluster {
+    fn start(model: &str, n: usize, router_args: &[&str]) -> Self {
+        let workers: Vec<Proc> = (0..n).map(|r| worker(model, r, n, 0)).collect();
+        let urls: Vec<String> = workers.iter().map(|w| format!("http://{}", w.addr)).collect();
+        let urls = urls.join(",");
+        let mut args =
+            vec!["router", "--model", model, "--workers", &urls, "--host", "127.0.0.1", "--port", "0"];
+        args.extend_from_slice(router_args);
+        let router = spawn(&args);
+        Self { workers, router }
+    }
+
+    async fn client(&self) -> InferenceClient<tonic::transport::Channel> {
+        InferenceClient::connect(format!("http://{}", self.router.addr)).await.unwrap()
+    }
+}
+
+fn ids_request(ids: &[u32], max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        input: Some(Input::InputIds(TokenIds { ids: ids.to_vec() })),
+        max_tokens,
+        ..Default::default()
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap()
+}
+
+const FIXTURE_SEQS: [(&[u32], [u32; 8]); 2] = [
+    (&[1, 17, 301, 42, 7, 199, 3, 88, 250, 511, 64, 5], [130, 25, 42, 154, 87, 287, 150, 469]),
+    (&[1, 400, 2, 2, 97, 13, 300], [321, 445, 462, 117, 154, 9, 207, 322]),
+];
+
+#[test]
+fn greedy_tokens_on_1_2_and_4_workers_equal_the_fixture_and_the_engine() {
+    let model = fixture();
+    let local = source::open(&model, Experts::All).unwrap();
+    rt().block_on(async {
+        for n in [1, 2, 4] {
+            let cluster = Cluster::start(&model, n, &[]);
+            let mut client = cluster.client().await;
+            for (prompt, greedy) in FIXTURE_SEQS {
+                let got = client.generate(ids_request(prompt, 8)).await.unwrap().into_inner();
+                assert_eq!(got.token_ids, greedy, "{n} workers");
+                assert_eq!(got.finish_reason, FinishReason::Length as i32);
+                assert_eq!(got.usage.unwrap().completion_tokens, 8);
+                let alone = generate(
+                    &local,
+                    &[Request {
+                        prompt: prompt.to_vec(),
+                        max_new_tokens: 8,
+                        sampling: SamplingParams::default(),
+                    }],
+                )
+                .unwrap();
+                assert_eq!(got.token_ids, alone[0]);
+            }
+        }
+    });
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+#[test]
+fn distributed_logits_equal_single_process_logits() {
+    let model = fixture();
+    let local = source::open(&model, Experts::All).unwrap();
+    let dense = source::open(&model, Experts::None).unwrap();
+    let runtime = rt();
+    let _entered = runtime.enter();
+    for n in [2, 4] {
+        let workers: Vec<Proc> = (0..n).map(|r| worker(&model, r, n, 0)).collect();
+        let channels = workers
+            .iter()
+            .map(|w| kubemoe_router::remote::channel(&format!("http://{}", w.addr)).unwrap())
+            .collect();
+        let owner = (0..16).map(|e| kubemoe_api::placement::contiguous_owner(e, 16, n)).collect();
+        let remote = kubemoe_router::remote::RemoteExperts::new(
+            &dense.config,
+            channels,
+            owner,
+            Duration::from_secs(10),
+            runtime.handle().clone(),
+        );
+        let (prompt, greedy) = FIXTURE_SEQS[0];
+        let (mut a, mut b) = (KvCache::new(&local.config), KvCache::new(&local.config));
+        let mut feed = prompt.to_vec();
+        for next in greedy {
+            let want = local.forward_step(&mut [(&mut a, &feed)]).unwrap();
+            let got = dense.forward_step_with(&mut [(&mut b, &feed)], &remote).unwrap();
+            let err = rel_err(&got, &want);
+            assert!(err < 1e-5, "{n} workers: relative error {err}");
+            feed = vec![next];
+        }
+        // Each token's activations went once to each worker holding any of its experts, and
+        // one partial sum per token came back from each.
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let b = &remote.bytes;
+        let min = load(&b.minimum);
+        assert!(min > 0);
+        assert_eq!(load(&b.activations), min);
+        assert_eq!(load(&b.received), min);
+    }
+}
+
+#[test]
+fn sixteen_concurrent_streams_finish_with_what_they_would_alone() {
+    let model = "builtin:tiny";
+    let local = source::open(model, Experts::All).unwrap();
+    let cluster = Cluster::start(model, 2, &[]);
+    let requests: Vec<(Vec<u32>, u32, f32, u64)> = (0..16u32)
+        .map(|i| {
+            let prompt = (0..1 + i * 3).map(|j| (j * 37 + i * 11) % 500 + 2).collect();
+            (prompt, 4 + (i % 5) * 4, if i % 3 == 0 { 0.8 } else { 0.0 }, i as u64)
+        })
+        .collect();
+    let results = rt().block_on(async {
+        let mut tasks = Vec::new();
+        for (prompt, max_tokens, temperature, seed) in requests.clone() {
+            let mut client = cluster.client().await;
+            tasks.push(tokio::spawn(async move {
+                let mut r = ids_request(&prompt, max_tokens);
+                r.temperature = temperature;
+                r.seed = Some(seed);
+                let mut stream = client.generate_stream(r).await.unwrap().into_inner();
+                let mut ids = Vec::new();
+                let mut finish = 0;
+                while let Some(m) = stream.message().await.unwrap() {
+                    ids.extend(m.token_ids);
+                    finish = m.finish_reason;
+                }
+                (ids, finish)
+            }));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    for ((prompt, max_tokens, temperature, seed), (ids, finish)) in requests.into_iter().zip(results) {
+        let sampling = SamplingParams { temperature, top_k: 0, top_p: 1.0, seed };
+        let alone =
+            generate(&local, &[Request { prompt, max_new_tokens: max_tokens as usize, sampling }]).unwrap();
+        assert_eq!(ids, alone[0]);
+        assert_ne!(finish, FinishReason::Unspecified as i32);
+    }
+}
+
+#[test]
+fn a_killed_worker_fails_its_requests_quickly_and_service_resumes_when_it_returns() {
+    let model = "builtin:tiny";
+    let mut cluster = Cluster::start(model, 2, &["--worker-deadline-ms", "2000"]);
+    let port: u16 = cluster.workers[1].addr.rsplit(':').next().unwrap().parse().unwrap();
+    rt().block_on(async {
+        let mut client = cluster.client().await;
+        let mut stream = client.generate_stream(ids_request(&[5, 6, 7], 240)).await.unwrap().into_inner();
+        stream.message().await.unwrap().unwrap();
+        let killed = Instant::now();
+        let _ = cluster.workers[1].child.kill();
+        let _ = cluster.workers[1].child.wait();
+        let status = loop {
+            match stream.message().await {
+                Ok(Some(m)) => {
+                    assert_eq!(m.finish_reason, FinishReason::Unspecified as i32, "finished before the kill")
+                }
+                Ok(None) => panic!("stream ended without an error"),
+                Err(s) => break s,
+            }
+        };
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(killed.elapsed() < Duration::from_secs(5), "took {:?}", killed.elapsed());
+        // The router stays up and says why while the worker is away.
+        client.model_info(ModelInfoRequest {}).await.unwrap();
+        let err = client.generate(ids_request(&[5, 6, 7], 4)).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable);
+        // The worker comes back on its address; requests succeed again.
+        cluster.workers[1] = worker(model, 1, 2, port);
+        let started = Instant::now();
+        loop {
+            match client.generate(ids_request(&[5, 6, 7], 4)).await {
+                Ok(r) => break assert_eq!(r.into_inner().token_ids.len(), 4),
+                Err(s) if started.elapsed() < Duration::from_secs(20) => {
+                    assert_eq!(s.code(), Code::Unavailable);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(s) => panic!("still failing after the worker returned: {s:?}"),
+            }
+        }
+    });
+}
+
+#[test]
+fn bad_requests_are_invalid_argument_naming_the_field() {
+    let cluster = Cluster::start(&fixture(), 1, &["--max-context", "64"]);
+    rt().block_on(async {
+        let mut client = cluster.client().await;
+        let check = |r: GenerateRequest, field: &'static str| {
+            let mut c = client.clone();
+            async move {
+                let s = c.generate(r).await.unwrap_err();
+                assert_eq!(s.code(), Code::InvalidArgument, "{field}: {s:?}");
+                assert!(s.message().starts_with(field), "{field}: {}", s.message());
+            }
+        };
+        check(GenerateRequest::default(), "input").await;
+        check(ids_request(&[], 4), "input").await;
+        check(ids_request(&[1, 512], 4), "input_ids").await;
+        check(ids_request(&[1, 2], 63), "max_tokens").await;
+        check(GenerateRequest { temperature: -0.5, ..ids_request(&[1], 4) }, "temperature").await;
+        check(GenerateRequest { top_p: Some(1.5), ..ids_request(&[1], 4) }, "top_p").await;
+        check(GenerateRequest { top_p: Some(0.0), ..ids_request(&[1], 4) }, "top_p").await;
+        // The fixture ships no tokenizer: text needs token ids instead.
+        check(GenerateRequest { input: Some(Input::Prompt("hi".into())), ..Default::default() }, "prompt")
+            .await;
+        // A valid request still works.
+        assert_eq!(client.generate(ids_request(&[1, 2], 62)).await.unwrap().into_inner().token_ids.len(), 62);
+    });
+}
+
+#[test]
+fn requests_past_the_concurrency_limit_are_refused_and_the_others_finish() {
+    let cluster = Cluster::start("builtin:tiny", 1, &["--max-concurrent", "2"]);
+    rt().block_on(async {
+        let client = cluster.client().await;
+        let mut streams = Vec::new();
+        for _ in 0..2 {
+            let mut c = client.clone();
+            let mut s = c.generate_stream(ids_request(&[3, 4], 200)).await.unwrap().into_inner();
+            s.message().await.unwrap().unwrap();
+            streams.push(s);
+        }
+        let s = client.clone().generate(ids_request(&[3], 4)).await.unwrap_err();
+        assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+        for mut s in streams {
+            let mut last = 0;
+            while let Some(m) = s.message().await.unwrap() {
+                last = m.finish_reason;
+            }
+            assert_eq!(last, FinishReason::Length as i32);
+        }
+        // Capacity is back.
+        assert_eq!(
+            client.clone().generate(ids_request(&[3], 4)).await.unwrap().into_inner().token_ids.len(),
+            4
+        );
+    });
+}
+
+#[test]
+fn text_prompts_and_chat_go_through_the_tokenizer_and_stop_strings_end_early() {
+    let cluster = Cluster::start("builtin:tiny", 2, &[]);
+    let local = source::open("builtin:tiny", Experts::All).unwrap();
+    rt().block_on(async {
+        let mut client = cluster.client().await;
+        let r = GenerateRequest {
+            input: Some(Input::Prompt("Hello".into())),
+            max_tokens: 12,
+            ..Default::default()
+        };
+        let got = client.generate(r).await.unwrap().into_inner();
+        // "Hello" is 5 byte tokens (ids 2 + byte) in the generated tokenizer.
+        let prompt: Vec<u32> = "Hello".bytes().map(|b| b as u32 + 2).collect();
+        let alone =
+            generate(&local, &[Request { prompt, max_new_tokens: 12, sampling: SamplingParams::default() }])
+                .unwrap();
+        assert_eq!(got.token_ids, alone[0]);
+        assert!(!got.text.is_empty() || got.token_ids.iter().all(|t| *t < 2));
+        // A stop string taken from the middle of that text ends the completion before it.
+        let chars: Vec<char> = got.text.chars().collect();
+        if chars.len() >= 4 {
+            let stop: String = chars[2..4].iter().collect();
+            let r = GenerateRequest {
+                input: Some(Input::Prompt("Hello".into())),
+                max_tokens: 12,
+                stop: vec![stop.clone()],
+                ..Default::default()
+            };
+            let cut = client.generate(r).await.unwrap().into_inner();
+            assert_eq!(cut.finish_reason, FinishReason::Stop as i32);
+            assert!(
+                got.text.starts_with(&cut.text) && !cut.text.contains(&stop),
+                "{:?} vs {:?}",
+                cut.text,
+                got.text
+            );
+        }
+        let chat = kubemoe_api::inference::ChatMessages {
+            messages: vec![kubemoe_api::inference::ChatMessage { role: "user".into(), content: "hi".into() }],
+        };
+        let r = GenerateRequest { input: Some(Input::Messages(chat)), max_tokens: 3, ..Default::default() };
+        let got = client.generate(r).await.unwrap().into_inner();
+        assert_eq!(got.usage.unwrap().prompt_tokens, 1 + "<｜User｜>hi<｜Assistant｜>".len() as u32);
+    });
+}

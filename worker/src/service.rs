@@ -1,0 +1,90 @@
+//! The worker's gRPC server: `kubemoe.expert.v1.Expert`, `grpc.health.v1` and reflection.
+
+use crate::{ExpertStore, Result};
+use kubemoe_api::expert::expert_server::{Expert, ExpertServer};
+use kubemoe_api::expert::*;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+/// Largest message accepted or sent: a dispatch of a large prefill batch.
+pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
+
+pub struct ExpertService {
+    store: Arc<ExpertStore>,
+}
+
+#[tonic::async_trait]
+impl Expert for ExpertService {
+    async fn dispatch(
+        &self,
+        request: Request<DispatchRequest>,
+    ) -> Result<Response<DispatchResponse>, Status> {
+        let r = request.into_inner();
+        let store = self.store.clone();
+        // The FFN is CPU-bound: off the async threads.
+        let partial = tokio::task::spawn_blocking(move || {
+            store.dispatch(r.layer as usize, r.tokens as usize, &r.activations, &r.routes)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("expert task failed: {e}")))??;
+        Ok(Response::new(DispatchResponse { partial }))
+    }
+
+    async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+        let layers = self
+            .store
+            .stats()
+            .into_iter()
+            .map(|(layer, tokens)| LayerCounts { layer: layer as u32, tokens })
+            .collect();
+        Ok(Response::new(StatsResponse { layers }))
+    }
+
+    async fn info(&self, _: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        let s = &self.store;
+        let experts = s
+            .held()
+            .into_iter()
+            .map(|(layer, e)| LayerExperts {
+                layer: layer as u32,
+                experts: e.into_iter().map(|x| x as u32).collect(),
+            })
+            .collect();
+        Ok(Response::new(InfoResponse {
+            model: s.model.clone(),
+            rank: s.rank as u32,
+            world_size: s.world_size as u32,
+            experts,
+        }))
+    }
+}
+
+/// Serves `store` on `listener` until `shutdown` fires; health turns NOT_SERVING first.
+pub async fn serve(
+    store: Arc<ExpertStore>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<ExpertServer<ExpertService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kubemoe_api::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let expert = ExpertServer::new(ExpertService { store })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(16 << 20))
+        .initial_connection_window_size(Some(32 << 20))
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(expert)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+            shutdown.cancelled().await;
+            reporter.set_not_serving::<ExpertServer<ExpertService>>().await;
+        })
+        .await?;
+    Ok(())
+}
