@@ -1,6 +1,10 @@
 //! Local mode (DESIGN §6): the router and N workers as child processes of `kubemoe up` on
 //! loopback, each started from this same binary with the flags a pod would give it.
 //!
+//! The machine's cores are split among the workers (each gets `cores / workers` compute
+//! threads, at least one), as each pod would have its own; the router keeps all of them, as
+//! it computes while the workers wait and the other way round.
+//!
 //! Children announce their address on their first stdout line (`... listening on ADDR`); the
 //! parent waits for that, prints where to call the router, and on Ctrl-C or SIGTERM stops
 //! them all (they turn NOT_SERVING and drain) before exiting.
@@ -31,11 +35,13 @@ impl Drop for Managed {
     }
 }
 
-/// Starts `kubemoe <args>` and waits for its `listening on ADDR` line.
-pub fn start(name: &str, args: &[String]) -> Result<(Managed, String)> {
+/// Starts `kubemoe <args>` with `threads` compute threads and waits for its
+/// `listening on ADDR` line.
+pub fn start(name: &str, args: &[String], threads: usize) -> Result<(Managed, String)> {
     let exe = std::env::current_exe().context("locating the kubemoe binary")?;
     let mut child = Command::new(exe)
         .args(args)
+        .env("RAYON_NUM_THREADS", threads.to_string())
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {name}"))?;

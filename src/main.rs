@@ -331,6 +331,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 /// Starts `workers` worker processes on loopback; returns them and their URLs in rank order.
 fn start_workers(model: &str, workers: usize) -> Result<(Vec<local::Managed>, Vec<String>)> {
     anyhow::ensure!(workers > 0, "--workers must be at least 1");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut children = Vec::new();
     let mut urls = Vec::new();
     for rank in 0..workers {
@@ -339,7 +340,7 @@ fn start_workers(model: &str, workers: usize) -> Result<(Vec<local::Managed>, Ve
             .map(|s| s.to_string())
             .chain(["--rank".into(), rank.to_string(), "--world-size".into(), workers.to_string()])
             .collect();
-        let (child, addr) = local::start(&format!("worker {rank}"), &args)?;
+        let (child, addr) = local::start(&format!("worker {rank}"), &args, (cores / workers).max(1))?;
         children.push(child);
         urls.push(format!("http://{addr}"));
     }
@@ -353,7 +354,8 @@ fn up(model: &str, workers: usize, grpc_port: u16, limits: &RouterLimits) -> Res
         ["router", "--model", model, "--host", "127.0.0.1"].iter().map(|s| s.to_string()).collect();
     args.extend(["--port".into(), grpc_port.to_string(), "--workers".into(), urls.join(",")]);
     args.extend(limits.args());
-    let (router, addr) = local::start("router", &args)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (router, addr) = local::start("router", &args, cores)?;
     children.push(router);
     println!(
         "kubemoe up: {model} on {workers} workers; gRPC at {addr} (health, reflection, kubemoe.inference.v1)"

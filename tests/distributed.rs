@@ -365,3 +365,34 @@ fn text_prompts_and_chat_go_through_the_tokenizer_and_stop_strings_end_early() {
         assert_eq!(got.usage.unwrap().prompt_tokens, 1 + "<｜User｜>hi<｜Assistant｜>".len() as u32);
     });
 }
+
+#[test]
+fn a_client_that_goes_away_frees_its_slot() {
+    let cluster = Cluster::start("builtin:tiny", 1, &["--max-concurrent", "1"]);
+    rt().block_on(async {
+        let mut client = cluster.client().await;
+        let full = Instant::now();
+        client.generate(ids_request(&[3, 4], 240)).await.unwrap();
+        let full = full.elapsed();
+        let mut stream = client.generate_stream(ids_request(&[3, 4], 240)).await.unwrap().into_inner();
+        stream.message().await.unwrap().unwrap();
+        let dropped = Instant::now();
+        drop(stream);
+        // The abandoned sequence leaves the batch: the single slot is free again long before
+        // its 240 tokens could have been generated.
+        loop {
+            match client.generate(ids_request(&[3], 2)).await {
+                Ok(r) => break assert_eq!(r.into_inner().token_ids.len(), 2),
+                Err(s) if s.code() == Code::ResourceExhausted => {
+                    tokio::time::sleep(Duration::from_millis(5)).await
+                }
+                Err(s) => panic!("{s:?}"),
+            }
+        }
+        assert!(
+            dropped.elapsed() < full / 2,
+            "slot freed after {:?}; a whole generation takes {full:?}",
+            dropped.elapsed()
+        );
+    });
+}

@@ -91,14 +91,14 @@ async fn transport_gbps(url: &str, hidden: usize, layer: u32, tokens: usize, rou
     let max = crate::MAX_MESSAGE_BYTES;
     let mut client =
         ExpertClient::new(channel(url)?).max_decoding_message_size(max).max_encoding_message_size(max);
-    let activations = vec![0u8; tokens * hidden * 4];
+    let activations: bytes::Bytes = vec![0u8; tokens * hidden * 4].into();
     let t = Instant::now();
     for _ in 0..rounds {
         let r = DispatchRequest {
             layer,
             tokens: tokens as u32,
             activations: activations.clone(),
-            routes: vec![],
+            routes: Default::default(),
         };
         client.dispatch(r).await.map_err(|s| crate::Error::Workers(s.to_string()))?;
     }

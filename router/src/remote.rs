@@ -34,6 +34,9 @@ pub struct RemoteExperts {
     pub bytes: ByteCounters,
 }
 
+/// The largest HTTP/2 frame (2^24 - 1, the protocol's limit).
+pub const MAX_FRAME_BYTES: u32 = (1 << 24) - 1;
+
 /// A lazily connecting channel that reconnects after a worker restarts.
 pub fn channel(url: &str) -> Result<Channel, tonic::transport::Error> {
     Ok(Endpoint::from_shared(url.to_string())?
@@ -41,6 +44,8 @@ pub fn channel(url: &str) -> Result<Channel, tonic::transport::Error> {
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(16 << 20))
         .initial_connection_window_size(Some(32 << 20))
+        // Large frames: a dispatch is megabytes, and 16 KiB frames cost a syscall each.
+        .max_frame_size(Some(MAX_FRAME_BYTES))
         .connect_lazy())
 }
 
@@ -97,8 +102,12 @@ impl RoutedExperts for RemoteExperts {
             self.bytes.routes.fetch_add(routes.len() as u64, Ordering::Relaxed);
             self.bytes.minimum.fetch_add((b.rows.len() * hidden * 4) as u64, Ordering::Relaxed);
             let mut client = self.clients[w].clone();
-            let request =
-                DispatchRequest { layer: layer as u32, tokens: b.rows.len() as u32, activations, routes };
+            let request = DispatchRequest {
+                layer: layer as u32,
+                tokens: b.rows.len() as u32,
+                activations: activations.into(),
+                routes: routes.into(),
+            };
             let deadline = self.deadline;
             calls.spawn(async move {
                 let mut r = tonic::Request::new(request);

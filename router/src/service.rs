@@ -275,7 +275,7 @@ pub async fn serve(
         .add_service(health)
         .add_service(reflection)
         .add_service(InferenceServer::new(service))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(kubemoe_api::incoming(listener), async move {
             shutdown.cancelled().await;
             reporter.set_not_serving::<InferenceServer<InferenceService>>().await;
         })

@@ -29,7 +29,7 @@ impl Expert for ExpertService {
         })
         .await
         .map_err(|e| Status::internal(format!("expert task failed: {e}")))??;
-        Ok(Response::new(DispatchResponse { partial }))
+        Ok(Response::new(DispatchResponse { partial: partial.into() }))
     }
 
     async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
@@ -78,10 +78,11 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .initial_stream_window_size(Some(16 << 20))
         .initial_connection_window_size(Some(32 << 20))
+        .max_frame_size(Some((1 << 24) - 1))
         .add_service(health)
         .add_service(reflection)
         .add_service(expert)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(kubemoe_api::incoming(listener), async move {
             shutdown.cancelled().await;
             reporter.set_not_serving::<ExpertServer<ExpertService>>().await;
         })
