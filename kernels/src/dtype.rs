@@ -8,9 +8,15 @@
 use crate::{Error, Result};
 use half::{bf16, f16};
 
-/// Little-endian f32 bytes → f32.
+/// Little-endian f32 bytes → f32 (a plain copy on little-endian machines: activations cross
+/// the network this way, and a per-value loop runs at a fifth of memcpy speed).
 pub fn f32_from_le(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    let whole = &bytes[..bytes.len() / 4 * 4];
+    if cfg!(target_endian = "little") {
+        bytemuck::pod_collect_to_vec(whole)
+    } else {
+        whole.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    }
 }
 
 /// Little-endian bf16 bytes → f32 (exact).
@@ -25,12 +31,18 @@ pub fn f16_from_le(bytes: &[u8]) -> Vec<f32> {
 
 /// f32 → little-endian f32 bytes.
 pub fn f32_to_le(values: &[f32]) -> Vec<u8> {
-    // Sized up front: a flat_map collect grows byte by byte, 10× slower on the dispatch path.
     let mut out = Vec::with_capacity(values.len() * 4);
-    for v in values {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
+    extend_f32_le(&mut out, values);
     out
+}
+
+/// Appends `values` to `out` as little-endian f32 bytes.
+pub fn extend_f32_le(out: &mut Vec<u8>, values: &[f32]) {
+    if cfg!(target_endian = "little") {
+        out.extend_from_slice(bytemuck::cast_slice(values));
+    } else {
+        values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+    }
 }
 
 /// f32 → little-endian bf16 bytes, rounded to nearest even.

@@ -2,6 +2,7 @@
 //! once per destination worker however many of its experts live there, and how the partial
 //! sums come back. Pure functions; the transport only moves the bytes they produce.
 
+use kubemoe_kernels::dtype::{extend_f32_le, f32_from_le};
 use kubemoe_model::layers::Routing;
 
 /// What one worker receives for one layer.
@@ -18,9 +19,7 @@ impl WorkerBatch {
     pub fn encode(&self, x: &[f32], hidden: usize) -> (Vec<u8>, Vec<u8>) {
         let mut act = Vec::with_capacity(self.rows.len() * hidden * 4);
         for &r in &self.rows {
-            for v in &x[r * hidden..(r + 1) * hidden] {
-                act.extend_from_slice(&v.to_le_bytes());
-            }
+            extend_f32_le(&mut act, &x[r * hidden..(r + 1) * hidden]);
         }
         let routes = self
             .routes
@@ -40,10 +39,9 @@ impl WorkerBatch {
                 self.rows.len() * hidden * 4
             ));
         }
-        for (&r, chunk) in self.rows.iter().zip(partial.chunks_exact(hidden * 4)) {
-            for (o, b) in out[r * hidden..(r + 1) * hidden].iter_mut().zip(chunk.chunks_exact(4)) {
-                *o += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }
+        let partial = f32_from_le(partial);
+        for (&r, row) in self.rows.iter().zip(partial.chunks_exact(hidden)) {
+            out[r * hidden..(r + 1) * hidden].iter_mut().zip(row).for_each(|(o, v)| *o += v);
         }
         Ok(())
     }

@@ -37,9 +37,11 @@ pub struct RemoteExperts {
 /// The largest HTTP/2 frame (2^24 - 1, the protocol's limit).
 pub const MAX_FRAME_BYTES: u32 = (1 << 24) - 1;
 
-/// A lazily connecting channel that reconnects after a worker restarts.
+/// A lazily connecting channel that reconnects after a worker restarts. `url` is
+/// `http://host:port` or plain `host:port`.
 pub fn channel(url: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(url.to_string())?
+    let url = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
+    Ok(Endpoint::from_shared(url)?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(16 << 20))
