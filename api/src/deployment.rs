@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration, TopologySprea
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -118,11 +119,10 @@ pub struct ModelSpec {
     pub config_map: Option<String>,
 }
 
-/// Compute dtype of the weights.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+/// Compute dtype of the weights: `auto` keeps the checkpoint's.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
-    /// Keep the checkpoint's dtype.
     #[default]
     Auto,
     Bf16,
@@ -236,7 +236,7 @@ pub struct ExpertsSpec {
 }
 
 /// Expert placement algorithm.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum PlacementPolicy {
     Hierarchical,
@@ -290,13 +290,14 @@ impl Default for BalancingSpec {
     }
 }
 
-/// Activation transport between routers and workers.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+/// Activation transport between routers and workers: `nccl` (send/recv between GPUs, needs
+/// workers.gpusPerWorker > 0) or `tcp` (between pods, on any node).
+// Variants carry no doc comments: schemars would turn them into a `oneOf`, which a structural
+// CRD schema cannot hold.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Transport {
-    /// NCCL send/recv between GPUs (needs workers.gpusPerWorker > 0).
     Nccl,
-    /// TCP between pods; works on any node.
     #[default]
     Tcp,
 }
@@ -366,16 +367,14 @@ pub struct ModelDeploymentStatus {
     pub endpoint: Option<String>,
 }
 
-/// One-word summary of a ModelDeployment's state.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+/// One-word summary of a ModelDeployment's state: `Failed` (the spec cannot be served as
+/// written; see the Ready condition's message), `Progressing` (children being created or rolled
+/// out), `Ready` (all routers and workers serve), `Degraded` (it was ready and has lost pods).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
-    /// The spec cannot be served as written; see the Ready condition's message.
     Failed,
-    /// Children are being created or rolled out.
     Progressing,
-    /// All routers and workers serve.
     Ready,
-    /// It was ready and has lost pods.
     Degraded,
 }
 
@@ -494,7 +493,7 @@ mod tests {
             .collect();
         assert!(rules.iter().any(|r| r.contains("nccl")), "{rules:?}");
         let workers = &spec["properties"]["workers"]["properties"];
-        assert_eq!(workers["replicas"]["minimum"], 1);
+        assert_eq!(workers["replicas"]["minimum"].as_f64(), Some(1.0));
         assert!(workers["replicas"]["description"].as_str().unwrap().contains("expert-parallel size"));
         assert_eq!(
             spec["properties"]["transport"]["enum"],

@@ -604,3 +604,112 @@ fn pod_env() -> Vec<EnvVar> {
         .map(|(name, path)| EnvVar { name: name.into(), value_from: Some(field_ref(path)), ..EnvVar::default() })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::layout;
+    use crate::model::ModelConfig;
+
+    fn build_for(spec: serde_json::Value, uid: Option<&str>) -> Desired {
+        let mut md = ModelDeployment::new("m", serde_json::from_value(spec).unwrap());
+        md.metadata.namespace = Some("ns".into());
+        md.metadata.uid = uid.map(str::to_string);
+        let source = ModelSource::parse(&md.spec.model.source).unwrap();
+        let model = ModelConfig::preset("tiny").unwrap().unwrap();
+        let layout = layout(&md.spec, &model).unwrap();
+        build(&md, &source, &layout, &BuildParams { image: "img".into(), epoch: 3 }).unwrap()
+    }
+
+    fn worker_pod(desired: &Desired) -> PodSpec {
+        desired.workers.spec.clone().unwrap().template.spec.unwrap()
+    }
+
+    #[test]
+    fn gpu_workers_get_gpu_limits_next_to_their_resources() {
+        let desired = build_for(
+            serde_json::json!({"model": {"source": "builtin:tiny"}, "transport": "nccl",
+                "workers": {"replicas": 2, "gpusPerWorker": 2, "resources": {"limits": {"memory": "8Gi"}}}}),
+            None,
+        );
+        let limits = worker_pod(&desired).containers[0].resources.clone().unwrap().limits.unwrap();
+        assert_eq!(limits["nvidia.com/gpu"], Quantity("2".into()));
+        assert_eq!(limits["memory"], Quantity("8Gi".into()));
+        let cpu_only = build_for(serde_json::json!({"model": {"source": "builtin:tiny"}, "workers": {"replicas": 2}}), None);
+        assert!(worker_pod(&cpu_only).containers[0].resources.is_none());
+    }
+
+    #[test]
+    fn pods_run_hardened_with_shm_tmp_and_placement() {
+        let desired = build_for(serde_json::json!({"model": {"source": "hostPath:///data/m"}, "workers": {"replicas": 2}}), None);
+        let pod = worker_pod(&desired);
+        let security = pod.containers[0].security_context.clone().unwrap();
+        assert_eq!(security.read_only_root_filesystem, Some(true));
+        assert_eq!(security.capabilities.unwrap().drop, Some(vec!["ALL".to_string()]));
+        assert_eq!(pod.security_context.unwrap().run_as_non_root, Some(true));
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let volumes = pod.volumes.unwrap();
+        let shm = volumes.iter().find(|v| v.name == "dshm").unwrap().empty_dir.clone().unwrap();
+        assert_eq!(shm.medium.as_deref(), Some("Memory"));
+        let model = volumes.iter().find(|v| v.name == "model").unwrap().host_path.clone().unwrap();
+        assert_eq!(model.path, "/data/m");
+        let mounts = pod.containers[0].volume_mounts.clone().unwrap();
+        let paths: Vec<&str> = mounts.iter().map(|m| m.mount_path.as_str()).collect();
+        assert_eq!(paths, ["/tmp", PLACEMENT_DIR, MODEL_DIR, "/dev/shm"]);
+        let args = pod.containers[0].args.clone().unwrap();
+        assert_eq!(&args[..3], ["worker", "--model", MODEL_DIR]);
+        let probe = pod.containers[0].readiness_probe.clone().unwrap().grpc.unwrap();
+        assert_eq!(probe.port, 50052);
+    }
+
+    #[test]
+    fn gang_scheduling_labels_pods_and_creates_the_scheduler_s_pod_group() {
+        let spec = |scheduler: &str| {
+            serde_json::json!({"model": {"source": "builtin:tiny"}, "workers": {"replicas": 4},
+                "scheduling": {"gang": true, "schedulerName": scheduler}})
+        };
+        let volcano = build_for(spec("volcano"), None);
+        let template = volcano.workers.spec.clone().unwrap().template;
+        let metadata = template.metadata.unwrap();
+        assert_eq!(metadata.annotations.unwrap()[VOLCANO_GROUP_ANNOTATION], "m-workers");
+        assert_eq!(metadata.labels.unwrap()[COSCHEDULING_GROUP_LABEL], "m-workers");
+        assert_eq!(template.spec.unwrap().scheduler_name.as_deref(), Some("volcano"));
+        let group = volcano.pod_group.unwrap();
+        assert_eq!(group.resource.group, "scheduling.volcano.sh");
+        assert_eq!(group.object.data["spec"]["minMember"], 4);
+        let plugins = build_for(spec("scheduler-plugins-scheduler"), None).pod_group.unwrap();
+        assert_eq!(plugins.resource.api_version, "scheduling.x-k8s.io/v1alpha1");
+        assert!(build_for(serde_json::json!({"model": {"source": "builtin:tiny"}, "workers": {"replicas": 4}}), None)
+            .pod_group
+            .is_none());
+    }
+
+    #[test]
+    fn children_are_owned_when_the_deployment_has_a_uid_and_hashes_follow_content() {
+        let spec = serde_json::json!({"model": {"source": "builtin:tiny"}, "workers": {"replicas": 2}});
+        let owned = build_for(spec.clone(), Some("u-1"));
+        for object in owned.objects().unwrap() {
+            assert_eq!(object["metadata"]["ownerReferences"][0]["uid"], "u-1", "{}", object["kind"]);
+            assert_eq!(object["metadata"]["namespace"], "ns");
+            assert!(object["metadata"]["annotations"][HASH_ANNOTATION].is_string());
+        }
+        let placement: PlacementPlan =
+            serde_json::from_str(&owned.placement.data.clone().unwrap()[placement::KEY]).unwrap();
+        assert_eq!(placement.epoch, 3);
+        assert!(build_for(spec.clone(), None).workers.metadata.owner_references.is_none());
+
+        let same = build_for(spec.clone(), Some("u-1"));
+        assert_eq!(same, owned, "the builder is deterministic");
+        let mut bigger = spec;
+        bigger["router"] = serde_json::json!({"replicas": 2});
+        let changed = build_for(bigger, Some("u-1"));
+        assert_ne!(changed.router.annotations()[HASH_ANNOTATION], owned.router.annotations()[HASH_ANNOTATION]);
+        assert_eq!(changed.workers.annotations()[HASH_ANNOTATION], owned.workers.annotations()[HASH_ANNOTATION]);
+    }
+
+    #[test]
+    fn content_hash_is_fnv1a() {
+        // FNV-1a 64 of "a", a published test vector.
+        assert_eq!(content_hash("a"), "af63dc4c8601ec8c");
+    }
+}

@@ -5,6 +5,9 @@
 //! It keeps what the reconciler relies on (objects by path, resourceVersion, generation bumped
 //! on spec changes, status kept across applies of the main resource) and nothing else.
 
+// Each test binary and the benchmark use a different part of it.
+#![allow(dead_code)]
+
 use http::{Method, Request, Response, StatusCode};
 use kube::client::Body;
 use kube::Client;
