@@ -158,10 +158,16 @@ fn run(command: Command) -> Result<()> {
                 kubemoe_model::bench::run(&m, gemm_size, tokens_per_expert, prompt_len, decode_steps)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
-        Command::Operator(OperatorArgs { command: Some(OperatorCommand::Render { file, model_config, image }), .. }) => {
-            let manifest = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+        Command::Operator(OperatorArgs {
+            command: Some(OperatorCommand::Render { file, model_config, image }),
+            ..
+        }) => {
+            let manifest =
+                std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
             let config = model_config
-                .map(|path| std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display())))
+                .map(|path| {
+                    std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+                })
                 .transpose()?;
             let origin = file.display().to_string();
             print!("{}", kubemoe_operator::render::render(&manifest, &origin, config.as_deref(), &image)?);
@@ -175,7 +181,9 @@ fn run(command: Command) -> Result<()> {
 
 fn run_operator(args: OperatorRunArgs) -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .init();
     let identity = args
         .identity

@@ -20,8 +20,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Presets and worker counts cycled over the deployments: small and large layouts.
-const SHAPES: [(&str, u32, u32); 4] =
-    [("builtin:tiny", 2, 0), ("builtin:small", 8, 0), ("builtin:v2-lite-shape", 4, 4), ("builtin:v3-shape", 32, 32)];
+const SHAPES: [(&str, u32, u32); 4] = [
+    ("builtin:tiny", 2, 0),
+    ("builtin:small", 8, 0),
+    ("builtin:v2-lite-shape", 4, 4),
+    ("builtin:v3-shape", 32, 32),
+];
 
 fn path(i: usize) -> String {
     format!("/apis/kubemoe.io/v1alpha1/namespaces/bench-{}/modeldeployments/md-{i}", i % 10)

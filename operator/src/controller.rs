@@ -55,10 +55,8 @@ pub struct Context {
 
 impl Context {
     pub fn new(client: Client, image: String, metrics: Arc<Metrics>) -> Arc<Self> {
-        let reporter = Reporter {
-            controller: FIELD_MANAGER.into(),
-            instance: std::env::var("POD_NAME").ok(),
-        };
+        let reporter =
+            Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
         Arc::new(Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
@@ -197,7 +195,15 @@ async fn reconcile_inner(md: &ModelDeployment, context: &Context) -> Result<Outc
         && md.status.as_ref().and_then(|s| s.phase) != Some(kubemoe_api::deployment::Phase::Ready);
     write_status(md, client, &namespace, new_status).await?;
     if became_ready {
-        publish(context, md, EventType::Normal, "Ready", "Observe", "all routers and workers are ready".into()).await;
+        publish(
+            context,
+            md,
+            EventType::Normal,
+            "Ready",
+            "Observe",
+            "all routers and workers are ready".into(),
+        )
+        .await;
     }
     Ok(Outcome::Valid)
 }
@@ -250,7 +256,9 @@ async fn get<K>(api: &Api<K>, name: &str) -> Result<Option<K>>
 where
     K: Resource + Clone + Debug + DeserializeOwned,
 {
-    api.get_opt(name).await.map_err(|source| Error::Kube { action: format!("reading {}", api.resource_url()), source })
+    api.get_opt(name)
+        .await
+        .map_err(|source| Error::Kube { action: format!("reading {}", api.resource_url()), source })
 }
 
 async fn apply<K>(api: &Api<K>, desired: &K) -> Result<K>
@@ -260,9 +268,10 @@ where
     let name = desired.meta().name.clone().unwrap_or_default();
     // Force: this operator owns these objects; a conflicting manager (kubectl edit) is overridden.
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    api.patch(&name, &params, &Patch::Apply(desired))
-        .await
-        .map_err(|source| Error::Kube { action: format!("applying {name} to {}", api.resource_url()), source })
+    api.patch(&name, &params, &Patch::Apply(desired)).await.map_err(|source| Error::Kube {
+        action: format!("applying {name} to {}", api.resource_url()),
+        source,
+    })
 }
 
 /// The model source and its config: compiled in for `builtin:`, from `spec.model.configMap`
@@ -293,7 +302,9 @@ async fn resolve_model(
     let Some(config_map) = get(&config_maps, name).await? else {
         return Ok(Err(Invalid {
             reason: "ModelConfigNotFound",
-            message: format!("spec.model.configMap names ConfigMap {name}, which does not exist in {namespace}"),
+            message: format!(
+                "spec.model.configMap names ConfigMap {name}, which does not exist in {namespace}"
+            ),
         }));
     };
     let Some(text) = config_map.data.as_ref().and_then(|d| d.get("config.json")) else {
@@ -302,10 +313,14 @@ async fn resolve_model(
             message: format!("ConfigMap {name} has no key config.json"),
         }));
     };
-    let parsed = ModelConfig::from_json(text, &format!("ConfigMap {name} key config.json")).map_err(|e| Invalid {
-        reason: "InvalidModelConfig",
-        message: format!("{e}: {}", std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default()),
-    });
+    let parsed =
+        ModelConfig::from_json(text, &format!("ConfigMap {name} key config.json")).map_err(|e| Invalid {
+            reason: "InvalidModelConfig",
+            message: format!(
+                "{e}: {}",
+                std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default()
+            ),
+        });
     Ok(parsed.map(|config| (source, config)))
 }
 
@@ -324,7 +339,12 @@ fn same_layout(plan: &PlacementPlan, layout: &Layout) -> bool {
 }
 
 /// Writes the status through the status subresource when it differs from the current one.
-async fn write_status(md: &ModelDeployment, client: &Client, namespace: &str, status: ModelDeploymentStatus) -> Result<()> {
+async fn write_status(
+    md: &ModelDeployment,
+    client: &Client,
+    namespace: &str,
+    status: ModelDeploymentStatus,
+) -> Result<()> {
     if md.status.as_ref() == Some(&status) {
         return Ok(());
     }
@@ -336,13 +356,24 @@ async fn write_status(md: &ModelDeployment, client: &Client, namespace: &str, st
     });
     api.patch_status(&md.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
         .await
-        .map_err(|source| Error::Kube { action: format!("writing the status of ModelDeployment {}", key(md)), source })?;
+        .map_err(|source| Error::Kube {
+            action: format!("writing the status of ModelDeployment {}", key(md)),
+            source,
+        })?;
     Ok(())
 }
 
 /// Events are best effort: a failure to record one must not fail the reconcile.
-async fn publish(context: &Context, md: &ModelDeployment, type_: EventType, reason: &str, action: &str, note: String) {
-    let event = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
+async fn publish(
+    context: &Context,
+    md: &ModelDeployment,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let event =
+        Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
     if let Err(e) = context.recorder.publish(&event, &md.object_ref(&())).await {
         tracing::warn!(object = %key(md), error = %e, "cannot record event");
     }

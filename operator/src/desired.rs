@@ -16,8 +16,8 @@ use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, StatefulSet, Statef
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
     EnvVarSource, GRPCAction, HostPathVolumeSource, ObjectFieldSelector, PersistentVolumeClaimVolumeSource,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext,
-    Service, ServicePort, ServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
+    SecurityContext, Service, ServicePort, ServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -174,7 +174,12 @@ struct Ctx<'a> {
 }
 
 impl<'a> Ctx<'a> {
-    fn new(md: &'a ModelDeployment, source: &'a ModelSource, layout: &'a Layout, params: &'a BuildParams) -> Self {
+    fn new(
+        md: &'a ModelDeployment,
+        source: &'a ModelSource,
+        layout: &'a Layout,
+        params: &'a BuildParams,
+    ) -> Self {
         Ctx {
             md,
             source,
@@ -270,7 +275,10 @@ impl<'a> Ctx<'a> {
             ModelSource::HostPath { path } => (
                 MODEL_DIR.into(),
                 volume(Volume {
-                    host_path: Some(HostPathVolumeSource { path: path.clone(), type_: Some("Directory".into()) }),
+                    host_path: Some(HostPathVolumeSource {
+                        path: path.clone(),
+                        type_: Some("Directory".into()),
+                    }),
                     ..Volume::default()
                 }),
             ),
@@ -296,7 +304,11 @@ impl<'a> Ctx<'a> {
     /// placement, and the model.
     fn volumes(&self, names: &Names, model_volume: Option<Volume>) -> (Vec<Volume>, Vec<VolumeMount>) {
         let mut volumes = vec![
-            Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Volume::default() },
+            Volume {
+                name: "tmp".into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Volume::default()
+            },
             Volume {
                 name: "placement".into(),
                 config_map: Some(ConfigMapVolumeSource {
@@ -381,7 +393,10 @@ impl<'a> Ctx<'a> {
                 max_skew: 1,
                 topology_key: "kubernetes.io/hostname".into(),
                 when_unsatisfiable: "ScheduleAnyway".into(),
-                label_selector: Some(LabelSelector { match_labels: Some(labels.clone()), ..LabelSelector::default() }),
+                label_selector: Some(LabelSelector {
+                    match_labels: Some(labels.clone()),
+                    ..LabelSelector::default()
+                }),
                 ..TopologySpreadConstraint::default()
             }]
         });
@@ -455,7 +470,10 @@ impl<'a> Ctx<'a> {
             name: "router".into(),
             args: Some(args),
             env: Some(pod_env()),
-            ports: Some(vec![container_port("grpc", router.grpc_port), container_port("http", router.http_port)]),
+            ports: Some(vec![
+                container_port("grpc", router.grpc_port),
+                container_port("http", router.http_port),
+            ]),
             resources: router.resources.clone(),
             volume_mounts: Some(mounts),
             ..self.container(router.grpc_port)
@@ -514,7 +532,8 @@ impl<'a> Ctx<'a> {
             spec["priorityClassName"] = priority.clone().into();
         }
         let resource = ApiResource::from_gvk(&gvk);
-        let mut object = DynamicObject::new(&names.pod_group, &resource).data(serde_json::json!({ "spec": spec }));
+        let mut object =
+            DynamicObject::new(&names.pod_group, &resource).data(serde_json::json!({ "spec": spec }));
         object.metadata = self.meta(&names.pod_group, "worker");
         Some(PodGroup { resource, object })
     }
@@ -541,7 +560,10 @@ impl<'a> Ctx<'a> {
                 allow_privilege_escalation: Some(false),
                 read_only_root_filesystem: Some(true),
                 run_as_non_root: Some(true),
-                capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
+                capabilities: Some(Capabilities {
+                    drop: Some(vec!["ALL".into()]),
+                    ..Capabilities::default()
+                }),
                 ..SecurityContext::default()
             }),
             ..Container::default()
@@ -559,7 +581,10 @@ impl<'a> Ctx<'a> {
                 run_as_user: Some(RUN_AS),
                 run_as_group: Some(RUN_AS),
                 fs_group: Some(RUN_AS),
-                seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    ..SeccompProfile::default()
+                }),
                 ..PodSecurityContext::default()
             }),
             ..PodSpec::default()
@@ -601,7 +626,11 @@ fn pod_env() -> Vec<EnvVar> {
     ["POD_NAME", "POD_NAMESPACE"]
         .into_iter()
         .zip(["metadata.name", "metadata.namespace"])
-        .map(|(name, path)| EnvVar { name: name.into(), value_from: Some(field_ref(path)), ..EnvVar::default() })
+        .map(|(name, path)| EnvVar {
+            name: name.into(),
+            value_from: Some(field_ref(path)),
+            ..EnvVar::default()
+        })
         .collect()
 }
 
@@ -635,13 +664,19 @@ mod tests {
         let limits = worker_pod(&desired).containers[0].resources.clone().unwrap().limits.unwrap();
         assert_eq!(limits["nvidia.com/gpu"], Quantity("2".into()));
         assert_eq!(limits["memory"], Quantity("8Gi".into()));
-        let cpu_only = build_for(serde_json::json!({"model": {"source": "builtin:tiny"}, "workers": {"replicas": 2}}), None);
+        let cpu_only = build_for(
+            serde_json::json!({"model": {"source": "builtin:tiny"}, "workers": {"replicas": 2}}),
+            None,
+        );
         assert!(worker_pod(&cpu_only).containers[0].resources.is_none());
     }
 
     #[test]
     fn pods_run_hardened_with_shm_tmp_and_placement() {
-        let desired = build_for(serde_json::json!({"model": {"source": "hostPath:///data/m"}, "workers": {"replicas": 2}}), None);
+        let desired = build_for(
+            serde_json::json!({"model": {"source": "hostPath:///data/m"}, "workers": {"replicas": 2}}),
+            None,
+        );
         let pod = worker_pod(&desired);
         let security = pod.containers[0].security_context.clone().unwrap();
         assert_eq!(security.read_only_root_filesystem, Some(true));
@@ -679,9 +714,12 @@ mod tests {
         assert_eq!(group.object.data["spec"]["minMember"], 4);
         let plugins = build_for(spec("scheduler-plugins-scheduler"), None).pod_group.unwrap();
         assert_eq!(plugins.resource.api_version, "scheduling.x-k8s.io/v1alpha1");
-        assert!(build_for(serde_json::json!({"model": {"source": "builtin:tiny"}, "workers": {"replicas": 4}}), None)
-            .pod_group
-            .is_none());
+        assert!(build_for(
+            serde_json::json!({"model": {"source": "builtin:tiny"}, "workers": {"replicas": 4}}),
+            None
+        )
+        .pod_group
+        .is_none());
     }
 
     #[test]
@@ -703,8 +741,14 @@ mod tests {
         let mut bigger = spec;
         bigger["router"] = serde_json::json!({"replicas": 2});
         let changed = build_for(bigger, Some("u-1"));
-        assert_ne!(changed.router.annotations()[HASH_ANNOTATION], owned.router.annotations()[HASH_ANNOTATION]);
-        assert_eq!(changed.workers.annotations()[HASH_ANNOTATION], owned.workers.annotations()[HASH_ANNOTATION]);
+        assert_ne!(
+            changed.router.annotations()[HASH_ANNOTATION],
+            owned.router.annotations()[HASH_ANNOTATION]
+        );
+        assert_eq!(
+            changed.workers.annotations()[HASH_ANNOTATION],
+            owned.workers.annotations()[HASH_ANNOTATION]
+        );
     }
 
     #[test]

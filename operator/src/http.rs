@@ -53,7 +53,14 @@ impl Default for Metrics {
         registry.register("reconcile_duration_seconds", "Time of one reconcile", reconcile_seconds.clone());
         registry.register("applies", "Server-side applies of owned objects by kind", applies.clone());
         registry.register("leader", "1 while this replica holds the leader lease", leader.clone());
-        Metrics { registry, reconciles, reconcile_seconds, applies, leader, api_reachable: AtomicBool::new(false) }
+        Metrics {
+            registry,
+            reconciles,
+            reconcile_seconds,
+            applies,
+            leader,
+            api_reachable: AtomicBool::new(false),
+        }
     }
 }
 
@@ -73,7 +80,8 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<JoinHandle<Result<()>>> {
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Serve { addr, source })?;
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Serve { addr, source })?;
     let app = axum::Router::new()
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok" }))

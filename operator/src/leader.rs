@@ -102,16 +102,19 @@ impl Elector {
     /// One read-decide-write round. Ok(true): we hold the lease now.
     async fn try_take(&self) -> Result<bool> {
         let action = format!("reading Lease {}", self.lease_name());
-        let current = self.api.get_opt(&self.config.name).await.map_err(|source| Error::Kube { action, source })?;
+        let current =
+            self.api.get_opt(&self.config.name).await.map_err(|source| Error::Kube { action, source })?;
         let now = Timestamp::now();
         let result = match decide(current.as_ref(), &self.config.identity, now) {
             Decision::Wait { holder } => {
                 tracing::debug!(%holder, "lease held by another replica");
                 return Ok(false);
             }
-            Decision::Create => {
-                self.api.create(&PostParams::default(), &held(None, &self.config, now, true)).await.map(|_| ())
-            }
+            Decision::Create => self
+                .api
+                .create(&PostParams::default(), &held(None, &self.config, now, true))
+                .await
+                .map(|_| ()),
             Decision::Take { transition } => {
                 let lease = held(current.as_ref(), &self.config, now, transition);
                 self.api.replace(&self.config.name, &PostParams::default(), &lease).await.map(|_| ())
@@ -121,7 +124,9 @@ impl Elector {
             Ok(()) => Ok(true),
             // Another replica wrote first (create raced, or resourceVersion moved on).
             Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
-            Err(source) => Err(Error::Kube { action: format!("writing Lease {}", self.lease_name()), source }),
+            Err(source) => {
+                Err(Error::Kube { action: format!("writing Lease {}", self.lease_name()), source })
+            }
         }
     }
 

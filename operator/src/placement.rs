@@ -42,7 +42,11 @@ impl PlacementPlan {
             workers: layout.workers,
             slots_per_worker: layout.slots_per_worker,
             logical_experts: layout.logical,
-            layers: layout.moe_layers.iter().map(|&layer| LayerPlacement { layer, slots: slots.clone() }).collect(),
+            layers: layout
+                .moe_layers
+                .iter()
+                .map(|&layer| LayerPlacement { layer, slots: slots.clone() })
+                .collect(),
         }
     }
 }
@@ -53,7 +57,8 @@ mod tests {
 
     #[test]
     fn initial_plan_covers_every_expert_and_fills_every_slot() {
-        let layout = Layout { logical: 16, redundant: 2, workers: 3, slots_per_worker: 6, moe_layers: vec![1, 2] };
+        let layout =
+            Layout { logical: 16, redundant: 2, workers: 3, slots_per_worker: 6, moe_layers: vec![1, 2] };
         let plan = PlacementPlan::initial(&layout, 4);
         assert_eq!(plan.epoch, 4);
         assert_eq!(plan.layers.len(), 2);
@@ -66,7 +71,10 @@ mod tests {
             assert_eq!(&layer.slots[16..], &[0, 1]);
         }
         let json = serde_json::to_string(&plan).unwrap();
-        assert!(json.starts_with(r#"{"epoch":4,"workers":3,"slotsPerWorker":6,"logicalExperts":16"#), "{json}");
+        assert!(
+            json.starts_with(r#"{"epoch":4,"workers":3,"slotsPerWorker":6,"logicalExperts":16"#),
+            "{json}"
+        );
         assert_eq!(serde_json::from_str::<PlacementPlan>(&json).unwrap(), plan);
     }
 }

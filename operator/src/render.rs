@@ -32,8 +32,10 @@ pub fn render(manifest: &str, origin: &str, model_config: Option<&str>, image: &
                     .map_err(|source| Error::Yaml { origin: origin.to_string(), source })?,
             ),
             Some("ConfigMap") => {
-                let name = value.get("metadata").and_then(|m| m.get("name")).and_then(serde_yaml::Value::as_str);
-                let text = value.get("data").and_then(|d| d.get("config.json")).and_then(serde_yaml::Value::as_str);
+                let name =
+                    value.get("metadata").and_then(|m| m.get("name")).and_then(serde_yaml::Value::as_str);
+                let text =
+                    value.get("data").and_then(|d| d.get("config.json")).and_then(serde_yaml::Value::as_str);
                 if let (Some(name), Some(text)) = (name, text) {
                     configs.insert(name.to_string(), text.to_string());
                 }
@@ -42,7 +44,10 @@ pub fn render(manifest: &str, origin: &str, model_config: Option<&str>, image: &
         }
     }
     if deployments.is_empty() {
-        return Err(Error::Manifest { origin: origin.into(), message: "no ModelDeployment in the manifest".into() });
+        return Err(Error::Manifest {
+            origin: origin.into(),
+            message: "no ModelDeployment in the manifest".into(),
+        });
     }
     let mut out = String::new();
     for md in &deployments {
@@ -104,7 +109,10 @@ mod tests {
         let kinds: Vec<String> = serde_yaml::Deserializer::from_str(&text)
             .map(|d| serde_yaml::Value::deserialize(d).unwrap()["kind"].as_str().unwrap().to_string())
             .collect();
-        assert_eq!(kinds, ["ConfigMap", "Service", "StatefulSet", "PodDisruptionBudget", "Service", "Deployment"]);
+        assert_eq!(
+            kinds,
+            ["ConfigMap", "Service", "StatefulSet", "PodDisruptionBudget", "Service", "Deployment"]
+        );
         assert!(text.contains("image: img:1"));
     }
 

@@ -31,7 +31,15 @@ pub fn invalid(md: &ModelDeployment, invalid: &Invalid, now: &Time) -> ModelDepl
     let generation = md.metadata.generation;
     let conditions = vec![
         condition(previous, READY, false, invalid.reason, &invalid.message, generation, now),
-        condition(previous, PROGRESSING, false, invalid.reason, "waiting for a spec that can be served", generation, now),
+        condition(
+            previous,
+            PROGRESSING,
+            false,
+            invalid.reason,
+            "waiting for a spec that can be served",
+            generation,
+            now,
+        ),
         condition(previous, DEGRADED, false, invalid.reason, "no workloads for this spec", generation, now),
     ];
     ModelDeploymentStatus {
@@ -45,7 +53,12 @@ pub fn invalid(md: &ModelDeployment, invalid: &Invalid, now: &Time) -> ModelDepl
 }
 
 /// Status for a valid spec whose children are applied.
-pub fn valid(md: &ModelDeployment, layout: &Layout, observed: Observed<'_>, now: &Time) -> ModelDeploymentStatus {
+pub fn valid(
+    md: &ModelDeployment,
+    layout: &Layout,
+    observed: Observed<'_>,
+    now: &Time,
+) -> ModelDeploymentStatus {
     let previous = md.status.as_ref();
     let generation = md.metadata.generation;
     let spec = &md.spec;
@@ -54,7 +67,8 @@ pub fn valid(md: &ModelDeployment, layout: &Layout, observed: Observed<'_>, now:
     let routers = workload_counts(observed.router.map(deployment_counts));
     let want_workers = spec.workers.replicas;
     let want_routers = spec.router.replicas;
-    let rolled_out = observed.workers.is_some_and(sts_rolled_out) && observed.router.is_some_and(deployment_rolled_out);
+    let rolled_out =
+        observed.workers.is_some_and(sts_rolled_out) && observed.router.is_some_and(deployment_rolled_out);
     let workers_ready = workers.ready >= want_workers;
     let routers_ready = want_routers > 0 && routers.ready >= want_routers;
     let ready = rolled_out && workers_ready && routers_ready;
@@ -88,13 +102,27 @@ pub fn valid(md: &ModelDeployment, layout: &Layout, observed: Observed<'_>, now:
         ("WaitingForPods", counts.clone())
     };
     let progressing = !ready && !degraded;
-    let degraded_message = if degraded { counts.clone() } else { "all pods that served are serving".to_string() };
-    let degraded_reason =
-        if !degraded { "AsExpected" } else if !workers_ready { "WorkersUnavailable" } else { "RoutersUnavailable" };
+    let degraded_message =
+        if degraded { counts.clone() } else { "all pods that served are serving".to_string() };
+    let degraded_reason = if !degraded {
+        "AsExpected"
+    } else if !workers_ready {
+        "WorkersUnavailable"
+    } else {
+        "RoutersUnavailable"
+    };
 
     let conditions = vec![
         condition(previous, READY, ready, ready_reason, &ready_message, generation, now),
-        condition(previous, PROGRESSING, progressing, progressing_reason, &progressing_message, generation, now),
+        condition(
+            previous,
+            PROGRESSING,
+            progressing,
+            progressing_reason,
+            &progressing_message,
+            generation,
+            now,
+        ),
         condition(previous, DEGRADED, degraded, degraded_reason, &degraded_message, generation, now),
     ];
     let phase = if ready {

@@ -9,7 +9,9 @@ use std::path::Path;
 fn committed_crds_match_the_api_types() {
     let generated = kubemoe_operator::crd_yaml().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    for copy in ["crds/modeldeployments.kubemoe.io.yaml", "charts/kubemoe/crds/modeldeployments.kubemoe.io.yaml"] {
+    for copy in
+        ["crds/modeldeployments.kubemoe.io.yaml", "charts/kubemoe/crds/modeldeployments.kubemoe.io.yaml"]
+    {
         if std::env::var_os("UPDATE_GOLDEN").is_some() {
             std::fs::write(root.join(copy), &generated).unwrap();
         }

@@ -38,7 +38,10 @@ fn every_example_renders_as_its_golden_file() {
             mismatched.push(name.to_string());
         }
     }
-    assert!(mismatched.is_empty(), "render output differs for {mismatched:?}; rerun with UPDATE_GOLDEN=1 and review");
+    assert!(
+        mismatched.is_empty(),
+        "render output differs for {mismatched:?}; rerun with UPDATE_GOLDEN=1 and review"
+    );
 
     // No golden file outlives its example.
     for entry in std::fs::read_dir(&golden_dir).unwrap() {

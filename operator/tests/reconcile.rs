@@ -106,7 +106,10 @@ async fn create_applies_every_child_and_reports_progressing() {
     // Children are owned by the ModelDeployment (garbage-collected with it).
     let sts: StatefulSet = world.api.object(STS);
     let owner = &sts.owner_references()[0];
-    assert_eq!((owner.kind.as_str(), owner.uid.as_str(), owner.controller), ("ModelDeployment", md.uid().unwrap().as_str(), Some(true)));
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+        ("ModelDeployment", md.uid().unwrap().as_str(), Some(true))
+    );
     assert_eq!(sts.spec.unwrap().replicas, Some(2));
 }
 
@@ -116,7 +119,11 @@ async fn ready_workloads_make_it_ready_without_touching_children() {
     world.reconcile().await;
     world.api.mark_ready("ml", "tiny");
     let writes = world.reconcile().await;
-    assert_eq!(writes, [patch(&format!("{MD}/status")), EVENT.to_string()], "only status and the Ready event");
+    assert_eq!(
+        writes,
+        [patch(&format!("{MD}/status")), EVENT.to_string()],
+        "only status and the Ready event"
+    );
     let md = world.md();
     assert_eq!(condition(&md, "Ready"), ("True".into(), "AllReplicasReady".into()));
     assert_eq!(condition(&md, "Progressing").0, "False");
@@ -158,7 +165,10 @@ async fn a_spec_change_updates_exactly_the_children_it_affects() {
     world.edit(|spec| spec["workers"]["replicas"] = 4.into());
     let writes = world.reconcile().await;
     // New layout: a new placement epoch, four ranks, and routers that dispatch to four workers.
-    assert_eq!(writes, [patch(PLACEMENT), patch(STS), patch(DEPLOYMENT), EVENT.to_string(), patch(&format!("{MD}/status"))]);
+    assert_eq!(
+        writes,
+        [patch(PLACEMENT), patch(STS), patch(DEPLOYMENT), EVENT.to_string(), patch(&format!("{MD}/status"))]
+    );
     let sts: StatefulSet = world.api.object(STS);
     assert_eq!(sts.spec.unwrap().replicas, Some(4));
     let router: Deployment = world.api.object(DEPLOYMENT);

@@ -126,7 +126,8 @@ impl State {
             Some(p) => p["metadata"]["generation"].as_i64().unwrap_or(1) + 1,
             None => 1,
         };
-        let uid = previous.map_or_else(|| format!("uid-{version}"), |p| p["metadata"]["uid"].as_str().unwrap().into());
+        let uid = previous
+            .map_or_else(|| format!("uid-{version}"), |p| p["metadata"]["uid"].as_str().unwrap().into());
         if let Some(status) = previous.map(|p| p["status"].clone()).filter(|s| !s.is_null()) {
             object["status"] = status;
         }
