@@ -19,6 +19,8 @@ const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
 
 /// A DeepSeek-family Mixture-of-Experts model served with expert parallelism: router pods run
 /// attention and the dense layers, worker pods each hold a shard of every MoE layer's experts.
+// Each `printcolumn(...)` repeats the same keys, which clippy takes for duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "kubemoe.io",

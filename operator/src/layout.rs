@@ -123,7 +123,7 @@ pub fn layout(spec: &ModelDeploymentSpec, model: &ModelConfig) -> Result<Layout,
         .filter(|w| *w > 0)
         .ok_or_else(|| Invalid::new("InvalidWorkers", "workers.replicas must be 1 or more"))?;
     let physical = logical + redundant;
-    if physical % workers != 0 {
+    if !physical.is_multiple_of(workers) {
         let next_redundant = redundant + (workers - physical % workers);
         let (below, above) = nearest_divisors(physical, workers);
         let mut choices = vec![format!("set experts.redundant to {next_redundant}")];
@@ -160,8 +160,8 @@ pub fn layout(spec: &ModelDeploymentSpec, model: &ModelConfig) -> Result<Layout,
 
 /// The divisors of `n` closest to `w` from below and from above (excluding `w`).
 fn nearest_divisors(n: u32, w: u32) -> (Option<u32>, Option<u32>) {
-    let below = (1..w).rev().find(|d| n % d == 0);
-    let above = (w + 1..=n).find(|d| n % d == 0);
+    let below = (1..w).rev().find(|d| n.is_multiple_of(*d));
+    let above = (w + 1..=n).find(|d| n.is_multiple_of(*d));
     (below, above)
 }
 
