@@ -7,6 +7,7 @@ use kubemoe_model::checkpoint::{OwnedTensor, TensorMap};
 use kubemoe_model::generate::{generate, Request};
 use kubemoe_model::synth::{self, StorageDtype};
 use kubemoe_model::{source, Experts, SamplingParams};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -154,6 +155,55 @@ enum Command {
         #[arg(long, default_value_t = 16)]
         decode_steps: usize,
     },
+    /// Run the Kubernetes operator (the default), or render the objects it would apply.
+    Operator(OperatorArgs),
+    /// Print the CustomResourceDefinitions (ModelDeployment) as YAML.
+    Crd,
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct OperatorArgs {
+    #[command(subcommand)]
+    command: Option<OperatorCommand>,
+    #[command(flatten)]
+    run: OperatorRunArgs,
+}
+
+#[derive(Subcommand)]
+enum OperatorCommand {
+    /// Run the controller (what `kubemoe operator` alone does).
+    Run(OperatorRunArgs),
+    /// Print the objects the operator would apply for a manifest, as a multi-document YAML stream.
+    Render {
+        /// A manifest with one or more ModelDeployments (and ConfigMaps holding config.json).
+        #[arg(short = 'f', long)]
+        file: PathBuf,
+        /// The model's config.json, for pvc:// and hostPath:// models.
+        #[arg(long)]
+        model_config: Option<PathBuf>,
+        /// Image of router and worker pods when the spec names none.
+        #[arg(long, default_value = kubemoe_operator::DEFAULT_IMAGE)]
+        image: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct OperatorRunArgs {
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "KUBEMOE_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    http_addr: SocketAddr,
+    /// Image of router and worker pods when the spec names none.
+    #[arg(long, env = "KUBEMOE_IMAGE", default_value = kubemoe_operator::DEFAULT_IMAGE)]
+    image: String,
+    /// Namespace of the leader-election Lease (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    #[arg(long, default_value = "kubemoe-operator")]
+    lease_name: String,
+    /// This replica's identity in the Lease (default: the pod name, else the host name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
 }
 
 /// The router's capacity settings.
@@ -320,6 +370,23 @@ fn run(command: Command) -> Result<()> {
                 kubemoe_model::bench::run(&m, gemm_size, tokens_per_expert, prompt_len, decode_steps)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
+        Command::Operator(OperatorArgs {
+            command: Some(OperatorCommand::Render { file, model_config, image }),
+            ..
+        }) => {
+            let manifest =
+                std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let config = model_config
+                .map(|path| {
+                    std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+                })
+                .transpose()?;
+            let origin = file.display().to_string();
+            print!("{}", kubemoe_operator::render::render(&manifest, &origin, config.as_deref(), &image)?);
+        }
+        Command::Operator(OperatorArgs { command: Some(OperatorCommand::Run(args)), .. })
+        | Command::Operator(OperatorArgs { command: None, run: args }) => run_operator(args)?,
+        Command::Crd => print!("{}", kubemoe_operator::crd_yaml()?),
     }
     Ok(())
 }
@@ -403,6 +470,28 @@ async fn client_generate(endpoint: String, request: kubemoe_api::inference::Gene
         }
     }
     Ok(())
+}
+
+fn run_operator(args: OperatorRunArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let identity = args
+        .identity
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("kubemoe-operator-{}", std::process::id()));
+    let lease = kubemoe_operator::leader::LeaseConfig {
+        name: args.lease_name,
+        namespace: args.lease_namespace,
+        identity,
+        duration: Duration::from_secs(15),
+        renew_every: Duration::from_secs(5),
+    };
+    let options = kubemoe_operator::RunOptions { http_addr: args.http_addr, image: args.image, lease };
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    Ok(runtime.block_on(kubemoe_operator::run(options))?)
 }
 
 /// Writes `logits` (and `mtp_logits` when the model has an MTP module) for `ids`.

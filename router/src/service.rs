@@ -267,7 +267,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> crate::Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_serving::<InferenceServer<InferenceService>>().await;
+    kubemoe_api::health::serving(&reporter, "kubemoe.inference.v1.Inference").await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(kubemoe_api::FILE_DESCRIPTOR_SET)
         .build_v1()?;
@@ -277,7 +277,7 @@ pub async fn serve(
         .add_service(InferenceServer::new(service))
         .serve_with_incoming_shutdown(kubemoe_api::incoming(listener), async move {
             shutdown.cancelled().await;
-            reporter.set_not_serving::<InferenceServer<InferenceService>>().await;
+            kubemoe_api::health::draining(&reporter, "kubemoe.inference.v1.Inference").await;
         })
         .await?;
     Ok(())

@@ -68,7 +68,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_serving::<ExpertServer<ExpertService>>().await;
+    kubemoe_api::health::serving(&reporter, "kubemoe.expert.v1.Expert").await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(kubemoe_api::FILE_DESCRIPTOR_SET)
         .build_v1()?;
@@ -84,7 +84,7 @@ pub async fn serve(
         .add_service(expert)
         .serve_with_incoming_shutdown(kubemoe_api::incoming(listener), async move {
             shutdown.cancelled().await;
-            reporter.set_not_serving::<ExpertServer<ExpertService>>().await;
+            kubemoe_api::health::draining(&reporter, "kubemoe.expert.v1.Expert").await;
         })
         .await?;
     Ok(())

@@ -1,0 +1,32 @@
+# syntax=docker/dockerfile:1
+# The one kubemoe image: operator, router, worker and the local tools are subcommands of the
+# same binary (`kubemoe operator`, `kubemoe router`, `kubemoe worker`, ...).
+#
+#   docker build -t ghcr.io/kubemoe/kubemoe:0.1.0 .
+#
+# The runtime stage is distroless (glibc, no shell) and runs as the `nonroot` user 65532, the
+# user the operator's pods and the chart's securityContext expect; the root filesystem can be
+# read-only (the operator mounts a writable /tmp). For GPU workers, build on a CUDA runtime
+# image instead, which carries the NVRTC and cuBLAS libraries the CUDA kernels load at run time
+# (the driver comes from the node through the NVIDIA container toolkit):
+#
+#   docker build --build-arg RUNTIME_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04 \
+#     -t ghcr.io/kubemoe/kubemoe:0.1.0-cuda12 .
+
+ARG RUST_IMAGE=rust:1.89-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+
+FROM ${RUST_IMAGE} AS build
+WORKDIR /src
+COPY . .
+# Cache mounts keep the registry and build artefacts between builds (BuildKit).
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target,sharing=locked \
+    cargo build --release --locked --bin kubemoe \
+ && install -D target/release/kubemoe /out/kubemoe
+
+FROM ${RUNTIME_IMAGE}
+COPY --from=build /out/kubemoe /usr/local/bin/kubemoe
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/kubemoe"]
+CMD ["operator"]

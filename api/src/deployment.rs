@@ -1,0 +1,510 @@
+//! The `ModelDeployment` custom resource (`kubemoe.io/v1alpha1`, short name `md`).
+//!
+//! Doc comments on the fields become the OpenAPI descriptions that `kubectl explain` prints.
+//! Rules the spec alone decides are in the schema (ranges, enums, patterns, CEL rules); rules
+//! that need the model's `config.json` (is `n_routed_experts + experts.redundant` divisible by
+//! `workers.replicas`?) are checked by the operator, which then reports `Ready=False` with the
+//! reason instead of creating anything.
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration, TopologySpreadConstraint};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Go-style durations as the apiserver's CEL `duration()` parses them (`30s`, `5m`, `1h30m`).
+const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
+
+/// A DeepSeek-family Mixture-of-Experts model served with expert parallelism: router pods run
+/// attention and the dense layers, worker pods each hold a shard of every MoE layer's experts.
+// Each `printcolumn(...)` repeats the same keys, which clippy takes for duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "kubemoe.io",
+    version = "v1alpha1",
+    kind = "ModelDeployment",
+    namespaced,
+    shortname = "md",
+    category = "kubemoe",
+    doc = "A DeepSeek-family Mixture-of-Experts model served by router pods and expert-parallel worker pods.",
+    status = "ModelDeploymentStatus",
+    scale(
+        spec_replicas_path = ".spec.router.replicas",
+        status_replicas_path = ".status.routers.replicas",
+        label_selector_path = ".status.routerSelector"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Workers",
+        type_ = "integer",
+        json_path = ".status.workers.ready",
+        description = "Worker pods ready"
+    ),
+    printcolumn(
+        name = "Experts",
+        type_ = "integer",
+        json_path = ".status.placement.physicalExperts",
+        description = "Physical expert slots per MoE layer (routed experts + redundant)"
+    ),
+    printcolumn(
+        name = "Imbalance",
+        type_ = "number",
+        json_path = ".status.placement.imbalance",
+        description = "Max over mean tokens per worker over the balancing window"
+    ),
+    printcolumn(name = "Epoch", type_ = "integer", json_path = ".status.placement.epoch"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(
+    validation = Rule::new("self.transport != 'nccl' || self.workers.gpusPerWorker > 0")
+        .message("transport nccl needs GPU workers: set workers.gpusPerWorker to 1 or more, or transport to tcp"),
+    validation = Rule::new("self.router.grpcPort != self.router.httpPort")
+        .message("router.grpcPort and router.httpPort must differ")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDeploymentSpec {
+    /// The model to serve and where its weights come from.
+    pub model: ModelSpec,
+    /// The router pods: the API front door, attention, dense layers and expert dispatch.
+    #[serde(default)]
+    pub router: RouterSpec,
+    /// The expert-parallel worker pods; each holds an equal share of every MoE layer's expert slots.
+    pub workers: WorkersSpec,
+    /// How experts are laid out over the workers.
+    #[serde(default)]
+    pub experts: ExpertsSpec,
+    /// Load-driven rebalancing of experts between workers.
+    #[serde(default)]
+    pub balancing: BalancingSpec,
+    /// How activations travel between routers and workers: nccl (GPU workers) or tcp (anywhere).
+    #[serde(default)]
+    pub transport: Transport,
+    /// Placement of the pods with a gang-aware scheduler.
+    #[serde(default)]
+    pub scheduling: SchedulingSpec,
+    /// Image of the router and worker pods (the one `kubemoe` image); defaults to the
+    /// operator's own image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub image: Option<String>,
+}
+
+/// The model to serve.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSpec {
+    /// Where the Hugging Face model directory is: `pvc://<claim>/<path>` (a PersistentVolumeClaim
+    /// in this namespace), `hostPath:///<path>` (a directory on every node), or
+    /// `builtin:<preset>` (a generated model: tiny, small, v2-lite-shape, v3-shape).
+    #[schemars(regex(
+        pattern = r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|hostPath:///.*|builtin:[a-z0-9][-a-z0-9]*)$"
+    ))]
+    pub source: String,
+    /// Compute dtype of the weights in memory; `auto` keeps what the checkpoint stores (FP8
+    /// checkpoints stay FP8 on GPUs).
+    #[serde(default)]
+    pub dtype: Dtype,
+    /// Longest sequence (prompt + generated tokens) the router accepts; defaults to the model's
+    /// `max_position_embeddings`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 16777216))]
+    pub max_context_length: Option<i32>,
+    /// Name of a ConfigMap in this namespace whose key `config.json` holds the model's
+    /// `config.json`. Required for `pvc://` and `hostPath://` models: the operator cannot read
+    /// the volume, and needs the expert and layer counts to lay experts out. Ignored for
+    /// `builtin:` models, whose configuration is compiled in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub config_map: Option<String>,
+}
+
+/// Compute dtype of the weights: `auto` keeps the checkpoint's.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    #[default]
+    Auto,
+    Bf16,
+    Fp8,
+    F32,
+}
+
+impl Dtype {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dtype::Auto => "auto",
+            Dtype::Bf16 => "bf16",
+            Dtype::Fp8 => "fp8",
+            Dtype::F32 => "f32",
+        }
+    }
+}
+
+/// The router pods.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RouterSpec {
+    /// Router pods (data parallel; each dispatches to every worker). The scale subresource
+    /// (`kubectl scale md/<name>`, HorizontalPodAutoscaler) sets this.
+    #[serde(default = "one")]
+    #[schemars(range(min = 0, max = 1024))]
+    pub replicas: i32,
+    /// CPU, memory (and accelerator) requests and limits of each router container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Most tokens (prefill and decode together) in one forward step of a router's batch.
+    #[serde(default = "default_max_batch_tokens")]
+    #[schemars(range(min = 1, max = 1048576))]
+    pub max_batch_tokens: i32,
+    /// Most requests a router serves at once; more wait in its queue.
+    #[serde(default = "default_max_concurrent_requests")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub max_concurrent_requests: i32,
+    /// Port of the gRPC API (Generate) and of the gRPC health service the probes call.
+    #[serde(default = "default_grpc_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub grpc_port: i32,
+    /// Port of the OpenAI-compatible HTTP API (`/v1/chat/completions`) and `/metrics`.
+    #[serde(default = "default_http_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub http_port: i32,
+}
+
+impl Default for RouterSpec {
+    fn default() -> Self {
+        RouterSpec {
+            replicas: one(),
+            resources: None,
+            max_batch_tokens: default_max_batch_tokens(),
+            max_concurrent_requests: default_max_concurrent_requests(),
+            grpc_port: default_grpc_port(),
+            http_port: default_http_port(),
+        }
+    }
+}
+
+/// The expert-parallel worker pods (a StatefulSet: worker `i` has rank `i`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkersSpec {
+    /// Worker pods, the expert-parallel size. `n_routed_experts + experts.redundant` of the
+    /// model must be divisible by it.
+    #[schemars(range(min = 1, max = 1024))]
+    pub replicas: i32,
+    /// GPUs (`nvidia.com/gpu`) per worker pod; 0 runs the experts on the CPU.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 16))]
+    pub gpus_per_worker: i32,
+    /// Port of the worker's gRPC service (dispatch, placement commands, health).
+    #[serde(default = "default_worker_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// CPU and memory requests and limits of each worker container; `nvidia.com/gpu` is added
+    /// from gpusPerWorker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Size of the memory-backed `/dev/shm` (NCCL and the transport's buffers); defaults to 1Gi.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shm_size: Option<Quantity>,
+    /// Node labels a worker pod's node must have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// Taints the worker pods tolerate (GPU nodes are often tainted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+    /// How worker pods spread over the cluster; defaults to at most one more worker per node
+    /// than on any other node, when it can be satisfied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology_spread_constraints: Option<Vec<TopologySpreadConstraint>>,
+}
+
+/// Expert layout.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ExpertsSpec {
+    /// Extra physical expert slots per MoE layer beyond the model's `n_routed_experts`; they
+    /// hold replicas of the most loaded experts.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 4096))]
+    pub redundant: i32,
+    /// `hierarchical` packs expert groups (`n_group` in config.json) onto workers before
+    /// balancing within them, keeping a token's group-limited experts close; `global` balances
+    /// over all workers at once.
+    #[serde(default)]
+    pub placement: PlacementPolicy,
+}
+
+/// Expert placement algorithm.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PlacementPolicy {
+    Hierarchical,
+    #[default]
+    Global,
+}
+
+/// Load-driven rebalancing.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(
+    validation = Rule::new("duration(self.window) >= duration(self.interval)")
+        .message("balancing.window must be at least balancing.interval: the load of one poll must fit in the window")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct BalancingSpec {
+    /// Move and replicate experts when the load becomes unbalanced.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// How often the operator polls the routers' expert load.
+    #[serde(default = "default_interval")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub interval: String,
+    /// Sliding window the load is measured over.
+    #[serde(default = "default_window")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub window: String,
+    /// Rebalance when max/mean tokens per worker over the window exceeds this.
+    #[serde(default = "default_imbalance_threshold")]
+    #[schemars(range(min = 1.0, max = 100.0))]
+    pub imbalance_threshold: f64,
+    /// Most expert copies loaded or dropped in one rebalance (bounds the migration's cost).
+    #[serde(default = "default_max_moved")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_experts_moved_per_rebalance: i32,
+    /// Least time between two rebalances.
+    #[serde(default = "default_cooldown")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub cooldown: String,
+}
+
+impl Default for BalancingSpec {
+    fn default() -> Self {
+        BalancingSpec {
+            enabled: yes(),
+            interval: default_interval(),
+            window: default_window(),
+            imbalance_threshold: default_imbalance_threshold(),
+            max_experts_moved_per_rebalance: default_max_moved(),
+            cooldown: default_cooldown(),
+        }
+    }
+}
+
+/// Activation transport between routers and workers: `nccl` (send/recv between GPUs, needs
+/// workers.gpusPerWorker > 0) or `tcp` (between pods, on any node).
+// Variants carry no doc comments: schemars would turn them into a `oneOf`, which a structural
+// CRD schema cannot hold.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Nccl,
+    #[default]
+    Tcp,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Nccl => "nccl",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
+/// Scheduling of the pods.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(
+    validation = Rule::new("!self.gang || has(self.schedulerName)")
+        .message("gang scheduling needs a gang-aware scheduler: set scheduling.schedulerName (for example volcano or scheduler-plugins-scheduler)")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SchedulingSpec {
+    /// Schedule all workers together or none (a partial set of workers cannot serve). Worker
+    /// pods get the pod-group annotation Volcano reads and the pod-group label
+    /// scheduler-plugins' coscheduling reads, and the operator creates the PodGroup
+    /// (minMember = workers.replicas): Volcano's when schedulerName is `volcano`,
+    /// scheduler-plugins' otherwise.
+    #[serde(default)]
+    pub gang: bool,
+    /// The scheduler of the worker pods (default: the cluster's default scheduler).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub scheduler_name: Option<String>,
+    /// PriorityClass of the router and worker pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
+}
+
+/// What the operator observed. Written only through the status subresource.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDeploymentStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// One-word summary of the conditions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// `Ready` (routers and all workers serve), `Progressing` (children being created or
+    /// rolled out), `Degraded` (was ready, lost workers or routers), `Rebalancing`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Router pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routers: Option<ReplicaCounts>,
+    /// Worker pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<ReplicaCounts>,
+    /// Label selector of the router pods, for the scale subresource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_selector: Option<String>,
+    /// The expert placement in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementStatus>,
+    /// Where clients connect: `<service>.<namespace>.svc:<grpcPort>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+}
+
+/// One-word summary of a ModelDeployment's state: `Failed` (the spec cannot be served as
+/// written; see the Ready condition's message), `Progressing` (children being created or rolled
+/// out), `Ready` (all routers and workers serve), `Degraded` (it was ready and has lost pods).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Failed,
+    Progressing,
+    Ready,
+    Degraded,
+}
+
+/// Pod counts of a workload.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaCounts {
+    /// Pods the workload has.
+    pub replicas: i32,
+    /// Pods that pass their readiness probe.
+    pub ready: i32,
+}
+
+/// The expert placement in force.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacementStatus {
+    /// Placement version; the ConfigMap `<name>-placement` holds the same epoch.
+    pub epoch: i64,
+    /// Routed experts per MoE layer (the model's `n_routed_experts`).
+    pub logical_experts: i32,
+    /// Expert slots per MoE layer over all workers (logical + redundant).
+    pub physical_experts: i32,
+    /// Max over mean tokens per worker over the balancing window (1.0 is perfect balance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imbalance: Option<f64>,
+    /// When the last rebalance committed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rebalance_time: Option<Time>,
+    /// Expert copies moved by the last rebalance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experts_moved: Option<i64>,
+}
+
+fn one() -> i32 {
+    1
+}
+fn yes() -> bool {
+    true
+}
+fn default_max_batch_tokens() -> i32 {
+    8192
+}
+fn default_max_concurrent_requests() -> i32 {
+    256
+}
+fn default_grpc_port() -> i32 {
+    50051
+}
+fn default_http_port() -> i32 {
+    8080
+}
+fn default_worker_port() -> i32 {
+    50052
+}
+fn default_interval() -> String {
+    "30s".into()
+}
+fn default_window() -> String {
+    "5m".into()
+}
+fn default_imbalance_threshold() -> f64 {
+    1.3
+}
+fn default_max_moved() -> i32 {
+    16
+}
+fn default_cooldown() -> String {
+    "5m".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::CustomResourceExt;
+
+    /// Fields left out of a manifest take the same defaults in Rust as the CRD gives them, so
+    /// `render` (no apiserver defaulting) and the controller build the same objects.
+    #[test]
+    fn minimal_spec_takes_defaults() {
+        let spec: ModelDeploymentSpec = serde_json::from_value(serde_json::json!({
+            "model": {"source": "builtin:tiny"},
+            "workers": {"replicas": 2}
+        }))
+        .unwrap();
+        assert_eq!(spec.router, RouterSpec::default());
+        assert_eq!(spec.router.replicas, 1);
+        assert_eq!(spec.transport, Transport::Tcp);
+        assert_eq!(spec.balancing.interval, "30s");
+        assert_eq!(spec.workers.port, 50052);
+        assert!(!spec.scheduling.gang);
+    }
+
+    #[test]
+    fn crd_carries_names_subresources_columns_and_rules() {
+        let crd = serde_json::to_value(ModelDeployment::crd()).unwrap();
+        assert_eq!(crd["metadata"]["name"], "modeldeployments.kubemoe.io");
+        assert_eq!(crd["spec"]["names"]["shortNames"][0], "md");
+        let version = &crd["spec"]["versions"][0];
+        assert_eq!(version["name"], "v1alpha1");
+        assert_eq!(version["subresources"]["scale"]["specReplicasPath"], ".spec.router.replicas");
+        assert!(version["subresources"]["status"].is_object());
+        let columns: Vec<&str> = version["additionalPrinterColumns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(columns, ["Ready", "Workers", "Experts", "Imbalance", "Epoch", "Age"]);
+        let spec = &version["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        let rules: Vec<&str> = spec["x-kubernetes-validations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["rule"].as_str().unwrap())
+            .collect();
+        assert!(rules.iter().any(|r| r.contains("nccl")), "{rules:?}");
+        let workers = &spec["properties"]["workers"]["properties"];
+        assert_eq!(workers["replicas"]["minimum"].as_f64(), Some(1.0));
+        assert!(workers["replicas"]["description"].as_str().unwrap().contains("expert-parallel size"));
+        assert_eq!(
+            spec["properties"]["transport"]["enum"],
+            serde_json::json!(["nccl", "tcp"]),
+            "enums become schema enums"
+        );
+    }
+}

@@ -1,0 +1,748 @@
+//! The desired state: a ModelDeployment (plus its model's config) → the objects it owns.
+//!
+//! A pure, synchronous function: `kubemoe operator render` prints its output, the controller
+//! server-side-applies it, and tests check it directly. Invariants:
+//! - every child is named `<md>-…` (router Service: `<md>`) in the ModelDeployment's namespace,
+//!   carries the instance labels, and a controller ownerReference when the ModelDeployment has
+//!   a uid (a manifest read from a file has none, so `render` prints no ownerReference);
+//! - every child carries [`HASH_ANNOTATION`], a hash of the rest of the object, so that the
+//!   controller can tell an up-to-date child from a stale one without writing;
+//! - worker `i` of the StatefulSet has rank `i`; the placement ConfigMap is mounted into every
+//!   pod, so a restarted pod starts from the placement in force.
+
+use crate::layout::{Layout, ModelSource};
+use crate::placement::{self, PlacementPlan};
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, GRPCAction, HostPathVolumeSource, ObjectFieldSelector, PersistentVolumeClaimVolumeSource,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
+    SecurityContext, Service, ServicePort, ServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::{Resource, ResourceExt};
+use kubemoe_api::ModelDeployment;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// Hash of a child's desired content; equal hashes mean nothing to apply.
+pub const HASH_ANNOTATION: &str = "kubemoe.io/desired-hash";
+/// Pod annotation Volcano reads to find a pod's PodGroup.
+pub const VOLCANO_GROUP_ANNOTATION: &str = "scheduling.k8s.io/group-name";
+/// Pod label scheduler-plugins' coscheduling reads to find a pod's PodGroup.
+pub const COSCHEDULING_GROUP_LABEL: &str = "scheduling.x-k8s.io/pod-group";
+/// Where the placement ConfigMap is mounted in router and worker pods.
+pub const PLACEMENT_DIR: &str = "/etc/kubemoe/placement";
+/// Where a volume-backed model is mounted.
+pub const MODEL_DIR: &str = "/model";
+/// The non-root user of the image (distroless `nonroot`).
+const RUN_AS: i64 = 65532;
+
+/// Inputs of the builder besides the ModelDeployment.
+#[derive(Clone, Debug)]
+pub struct BuildParams {
+    /// Image of router and worker pods when the spec names none.
+    pub image: String,
+    /// Placement epoch to write into a new placement ConfigMap.
+    pub epoch: u64,
+}
+
+/// Everything a ModelDeployment owns.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Desired {
+    pub placement: ConfigMap,
+    pub worker_service: Service,
+    pub workers: StatefulSet,
+    pub router_service: Service,
+    pub router: Deployment,
+    pub disruption_budget: PodDisruptionBudget,
+    /// Present when the spec asks for gang scheduling.
+    pub pod_group: Option<PodGroup>,
+}
+
+/// A gang scheduler's PodGroup (a CRD of Volcano or scheduler-plugins, hence dynamic).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodGroup {
+    pub resource: ApiResource,
+    pub object: DynamicObject,
+}
+
+impl Desired {
+    /// The objects in the order they are applied (config first, workers before the router that
+    /// dispatches to them), as JSON with apiVersion and kind.
+    pub fn objects(&self) -> Result<Vec<serde_json::Value>, serde_json::Error> {
+        let mut out = vec![
+            serde_json::to_value(&self.placement)?,
+            serde_json::to_value(&self.worker_service)?,
+            serde_json::to_value(&self.workers)?,
+            serde_json::to_value(&self.disruption_budget)?,
+        ];
+        if let Some(group) = &self.pod_group {
+            out.push(serde_json::to_value(&group.object)?);
+        }
+        out.push(serde_json::to_value(&self.router_service)?);
+        out.push(serde_json::to_value(&self.router)?);
+        Ok(out)
+    }
+}
+
+/// Names of the children of a ModelDeployment called `name`.
+pub struct Names {
+    pub router_service: String,
+    pub router: String,
+    pub worker_service: String,
+    pub workers: String,
+    pub placement: String,
+    pub disruption_budget: String,
+    pub pod_group: String,
+}
+
+impl Names {
+    pub fn of(name: &str) -> Self {
+        Names {
+            router_service: name.to_string(),
+            router: format!("{name}-router"),
+            worker_service: format!("{name}-workers"),
+            workers: format!("{name}-worker"),
+            placement: format!("{name}-placement"),
+            disruption_budget: format!("{name}-workers"),
+            pod_group: format!("{name}-workers"),
+        }
+    }
+}
+
+/// Labels selecting the pods of one component of an instance.
+pub fn selector_labels(instance: &str, component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "kubemoe".to_string()),
+        ("app.kubernetes.io/instance".to_string(), instance.to_string()),
+        ("app.kubernetes.io/component".to_string(), component.to_string()),
+    ])
+}
+
+/// The label selector string of the router pods (status.routerSelector, for `kubectl scale`).
+pub fn router_selector(instance: &str) -> String {
+    selector_labels(instance, "router").iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+/// Builds every child of `md` for a layout already checked by [`crate::layout::layout`].
+pub fn build(
+    md: &ModelDeployment,
+    source: &ModelSource,
+    layout: &Layout,
+    params: &BuildParams,
+) -> Result<Desired, serde_json::Error> {
+    let ctx = Ctx::new(md, source, layout, params);
+    let names = Names::of(&ctx.name);
+    Ok(Desired {
+        placement: ctx.stamp(ctx.placement_config_map(&names)?)?,
+        worker_service: ctx.stamp(ctx.worker_service(&names))?,
+        workers: ctx.stamp(ctx.worker_statefulset(&names))?,
+        router_service: ctx.stamp(ctx.router_service(&names))?,
+        router: ctx.stamp(ctx.router_deployment(&names))?,
+        disruption_budget: ctx.stamp(ctx.disruption_budget(&names))?,
+        pod_group: match ctx.pod_group(&names) {
+            Some(PodGroup { resource, object }) => Some(PodGroup { resource, object: ctx.stamp(object)? }),
+            None => None,
+        },
+    })
+}
+
+/// FNV-1a over the JSON text: stable across Rust versions and platforms (the golden files
+/// contain it), unlike `std`'s hasher.
+pub fn content_hash(text: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in text.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+struct Ctx<'a> {
+    md: &'a ModelDeployment,
+    source: &'a ModelSource,
+    layout: &'a Layout,
+    params: &'a BuildParams,
+    name: String,
+    namespace: String,
+    owner: Option<OwnerReference>,
+}
+
+impl<'a> Ctx<'a> {
+    fn new(
+        md: &'a ModelDeployment,
+        source: &'a ModelSource,
+        layout: &'a Layout,
+        params: &'a BuildParams,
+    ) -> Self {
+        Ctx {
+            md,
+            source,
+            layout,
+            params,
+            name: md.name_any(),
+            namespace: md.namespace().unwrap_or_else(|| "default".to_string()),
+            owner: md.controller_owner_ref(&()),
+        }
+    }
+
+    fn meta(&self, name: &str, component: &str) -> ObjectMeta {
+        let mut labels = selector_labels(&self.name, component);
+        labels.insert("app.kubernetes.io/managed-by".into(), crate::FIELD_MANAGER.into());
+        ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: Some(self.namespace.clone()),
+            labels: Some(labels),
+            owner_references: self.owner.clone().map(|o| vec![o]),
+            ..ObjectMeta::default()
+        }
+    }
+
+    /// Adds the content hash annotation (computed without it).
+    fn stamp<K: Resource + Serialize>(&self, mut obj: K) -> Result<K, serde_json::Error> {
+        let hash = content_hash(&serde_json::to_string(&obj)?);
+        obj.annotations_mut().insert(HASH_ANNOTATION.to_string(), hash);
+        Ok(obj)
+    }
+
+    fn placement_config_map(&self, names: &Names) -> Result<ConfigMap, serde_json::Error> {
+        let plan = PlacementPlan::initial(self.layout, self.params.epoch);
+        Ok(ConfigMap {
+            metadata: self.meta(&names.placement, "placement"),
+            data: Some(BTreeMap::from([(placement::KEY.to_string(), serde_json::to_string(&plan)?)])),
+            ..ConfigMap::default()
+        })
+    }
+
+    fn worker_service(&self, names: &Names) -> Service {
+        Service {
+            metadata: self.meta(&names.worker_service, "worker"),
+            spec: Some(ServiceSpec {
+                // Headless: one DNS name per rank. Not-ready workers are published so routers can
+                // resolve every rank while the workers load their experts.
+                cluster_ip: Some("None".into()),
+                publish_not_ready_addresses: Some(true),
+                selector: Some(selector_labels(&self.name, "worker")),
+                ports: Some(vec![grpc_service_port(self.md.spec.workers.port)]),
+                ..ServiceSpec::default()
+            }),
+            ..Service::default()
+        }
+    }
+
+    fn router_service(&self, names: &Names) -> Service {
+        let router = &self.md.spec.router;
+        Service {
+            metadata: self.meta(&names.router_service, "router"),
+            spec: Some(ServiceSpec {
+                selector: Some(selector_labels(&self.name, "router")),
+                ports: Some(vec![
+                    grpc_service_port(router.grpc_port),
+                    ServicePort {
+                        name: Some("http".into()),
+                        port: router.http_port,
+                        target_port: Some(IntOrString::String("http".into())),
+                        app_protocol: Some("http".into()),
+                        ..ServicePort::default()
+                    },
+                ]),
+                ..ServiceSpec::default()
+            }),
+            ..Service::default()
+        }
+    }
+
+    /// The `--model` argument and the volume behind it.
+    fn model_arg_and_volume(&self) -> (String, Option<Volume>) {
+        let volume = |source: Volume| Some(Volume { name: "model".into(), ..source });
+        match self.source {
+            ModelSource::Builtin { preset } => (format!("builtin:{preset}"), None),
+            ModelSource::Pvc { claim, .. } => (
+                MODEL_DIR.into(),
+                volume(Volume {
+                    persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                        claim_name: claim.clone(),
+                        read_only: Some(true),
+                    }),
+                    ..Volume::default()
+                }),
+            ),
+            ModelSource::HostPath { path } => (
+                MODEL_DIR.into(),
+                volume(Volume {
+                    host_path: Some(HostPathVolumeSource {
+                        path: path.clone(),
+                        type_: Some("Directory".into()),
+                    }),
+                    ..Volume::default()
+                }),
+            ),
+        }
+    }
+
+    /// Arguments both roles share: the model. Both read the same static placement (worker `r`
+    /// holds the `r`-th contiguous block of experts), so nothing else needs passing yet.
+    fn common_args(&self, model: String) -> Vec<String> {
+        vec!["--model".into(), model]
+    }
+
+    /// Volumes and mounts both roles share: writable /tmp on a read-only root filesystem, the
+    /// placement, and the model.
+    fn volumes(&self, names: &Names, model_volume: Option<Volume>) -> (Vec<Volume>, Vec<VolumeMount>) {
+        let mut volumes = vec![
+            Volume {
+                name: "tmp".into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Volume::default()
+            },
+            Volume {
+                name: "placement".into(),
+                config_map: Some(ConfigMapVolumeSource {
+                    name: names.placement.clone(),
+                    ..ConfigMapVolumeSource::default()
+                }),
+                ..Volume::default()
+            },
+        ];
+        let mut mounts = vec![mount("tmp", "/tmp", false), mount("placement", PLACEMENT_DIR, true)];
+        if let Some(volume) = model_volume {
+            let mut model_mount = mount("model", MODEL_DIR, true);
+            if let ModelSource::Pvc { path, .. } = self.source {
+                model_mount.sub_path = Some(path.clone()).filter(|p| !p.is_empty());
+            }
+            volumes.push(volume);
+            mounts.push(model_mount);
+        }
+        (volumes, mounts)
+    }
+
+    fn image(&self) -> String {
+        self.md.spec.image.clone().unwrap_or_else(|| self.params.image.clone())
+    }
+
+    fn worker_statefulset(&self, names: &Names) -> StatefulSet {
+        let spec = &self.md.spec;
+        let workers = &spec.workers;
+        let (model, model_volume) = self.model_arg_and_volume();
+        let mut args = vec!["worker".to_string()];
+        args.extend(self.common_args(model));
+        args.extend([
+            "--rank".into(),
+            // The StatefulSet controller labels each pod with its ordinal.
+            "$(POD_INDEX)".into(),
+            "--world-size".into(),
+            self.layout.workers.to_string(),
+            "--port".into(),
+            workers.port.to_string(),
+        ]);
+        let (mut volumes, mut mounts) = self.volumes(names, model_volume);
+        volumes.push(Volume {
+            name: "dshm".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: Some("Memory".into()),
+                size_limit: Some(workers.shm_size.clone().unwrap_or_else(|| Quantity("1Gi".into()))),
+            }),
+            ..Volume::default()
+        });
+        mounts.push(mount("dshm", "/dev/shm", false));
+
+        let mut resources = workers.resources.clone().unwrap_or_default();
+        if workers.gpus_per_worker > 0 {
+            let gpus = Quantity(workers.gpus_per_worker.to_string());
+            resources.limits.get_or_insert_with(BTreeMap::new).insert("nvidia.com/gpu".into(), gpus);
+        }
+        let mut env = pod_env();
+        env.push(EnvVar {
+            name: "POD_INDEX".into(),
+            value_from: Some(field_ref("metadata.labels['apps.kubernetes.io/pod-index']")),
+            ..EnvVar::default()
+        });
+        let container = Container {
+            name: "worker".into(),
+            args: Some(args),
+            env: Some(env),
+            ports: Some(vec![container_port("grpc", workers.port)]),
+            resources: Some(resources).filter(|r| *r != ResourceRequirements::default()),
+            volume_mounts: Some(mounts),
+            ..self.container(workers.port)
+        };
+
+        let labels = selector_labels(&self.name, "worker");
+        let mut pod_labels = labels.clone();
+        let mut pod_annotations = BTreeMap::new();
+        if spec.scheduling.gang {
+            pod_labels.insert(COSCHEDULING_GROUP_LABEL.into(), names.pod_group.clone());
+            pod_annotations.insert(VOLCANO_GROUP_ANNOTATION.into(), names.pod_group.clone());
+        }
+        let spread = workers.topology_spread_constraints.clone().unwrap_or_else(|| {
+            vec![TopologySpreadConstraint {
+                max_skew: 1,
+                topology_key: "kubernetes.io/hostname".into(),
+                when_unsatisfiable: "ScheduleAnyway".into(),
+                label_selector: Some(LabelSelector {
+                    match_labels: Some(labels.clone()),
+                    ..LabelSelector::default()
+                }),
+                ..TopologySpreadConstraint::default()
+            }]
+        });
+        let pod = PodSpec {
+            containers: vec![container],
+            volumes: Some(volumes),
+            node_selector: workers.node_selector.clone(),
+            tolerations: workers.tolerations.clone(),
+            topology_spread_constraints: Some(spread),
+            scheduler_name: spec.scheduling.scheduler_name.clone(),
+            ..self.pod_spec()
+        };
+        StatefulSet {
+            metadata: self.meta(&names.workers, "worker"),
+            spec: Some(StatefulSetSpec {
+                replicas: Some(spec.workers.replicas),
+                service_name: Some(names.worker_service.clone()),
+                // Ranks are independent processes; start them all at once.
+                pod_management_policy: Some("Parallel".into()),
+                selector: LabelSelector { match_labels: Some(labels), ..LabelSelector::default() },
+                template: PodTemplateSpec {
+                    metadata: Some(ObjectMeta {
+                        labels: Some(pod_labels),
+                        annotations: Some(pod_annotations).filter(|a| !a.is_empty()),
+                        ..ObjectMeta::default()
+                    }),
+                    spec: Some(pod),
+                },
+                ..StatefulSetSpec::default()
+            }),
+            ..StatefulSet::default()
+        }
+    }
+
+    /// Comma-separated `host:port` of every worker rank, in rank order.
+    fn worker_addresses(&self, names: &Names) -> String {
+        (0..self.layout.workers)
+            .map(|rank| {
+                format!(
+                    "{}-{rank}.{}.{}.svc:{}",
+                    names.workers, names.worker_service, self.namespace, self.md.spec.workers.port
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn router_deployment(&self, names: &Names) -> Deployment {
+        let spec = &self.md.spec;
+        let router = &spec.router;
+        let (model, model_volume) = self.model_arg_and_volume();
+        let mut args = vec!["router".to_string()];
+        args.extend(self.common_args(model));
+        args.extend([
+            "--port".into(),
+            router.grpc_port.to_string(),
+            "--workers".into(),
+            self.worker_addresses(names),
+            "--max-batch-tokens".into(),
+            router.max_batch_tokens.to_string(),
+            "--max-concurrent".into(),
+            router.max_concurrent_requests.to_string(),
+        ]);
+        if let Some(max) = spec.model.max_context_length {
+            args.extend(["--max-context".into(), max.to_string()]);
+        }
+        let (volumes, mounts) = self.volumes(names, model_volume);
+        let container = Container {
+            name: "router".into(),
+            args: Some(args),
+            env: Some(pod_env()),
+            ports: Some(vec![
+                container_port("grpc", router.grpc_port),
+                container_port("http", router.http_port),
+            ]),
+            resources: router.resources.clone(),
+            volume_mounts: Some(mounts),
+            ..self.container(router.grpc_port)
+        };
+        let labels = selector_labels(&self.name, "router");
+        Deployment {
+            metadata: self.meta(&names.router, "router"),
+            spec: Some(DeploymentSpec {
+                replicas: Some(router.replicas),
+                selector: LabelSelector { match_labels: Some(labels.clone()), ..LabelSelector::default() },
+                template: PodTemplateSpec {
+                    metadata: Some(ObjectMeta { labels: Some(labels), ..ObjectMeta::default() }),
+                    spec: Some(PodSpec {
+                        containers: vec![container],
+                        volumes: Some(volumes),
+                        ..self.pod_spec()
+                    }),
+                },
+                ..DeploymentSpec::default()
+            }),
+            ..Deployment::default()
+        }
+    }
+
+    /// Worker disruptions cost expert capacity until the rebalancer re-places the lost experts;
+    /// allow one at a time so that node drains proceed without taking down several shards.
+    fn disruption_budget(&self, names: &Names) -> PodDisruptionBudget {
+        PodDisruptionBudget {
+            metadata: self.meta(&names.disruption_budget, "worker"),
+            spec: Some(PodDisruptionBudgetSpec {
+                max_unavailable: Some(IntOrString::Int(1)),
+                selector: Some(LabelSelector {
+                    match_labels: Some(selector_labels(&self.name, "worker")),
+                    ..LabelSelector::default()
+                }),
+                ..PodDisruptionBudgetSpec::default()
+            }),
+            ..PodDisruptionBudget::default()
+        }
+    }
+
+    /// The PodGroup of the gang scheduler named in `scheduling.schedulerName`: Volcano's for
+    /// `volcano`, scheduler-plugins' (coscheduling) for any other.
+    fn pod_group(&self, names: &Names) -> Option<PodGroup> {
+        let scheduling = &self.md.spec.scheduling;
+        if !scheduling.gang {
+            return None;
+        }
+        let gvk = if scheduling.scheduler_name.as_deref() == Some("volcano") {
+            GroupVersionKind::gvk("scheduling.volcano.sh", "v1beta1", "PodGroup")
+        } else {
+            GroupVersionKind::gvk("scheduling.x-k8s.io", "v1alpha1", "PodGroup")
+        };
+        let mut spec = serde_json::json!({ "minMember": self.layout.workers });
+        if let Some(priority) = &scheduling.priority_class_name {
+            spec["priorityClassName"] = priority.clone().into();
+        }
+        let resource = ApiResource::from_gvk(&gvk);
+        let mut object =
+            DynamicObject::new(&names.pod_group, &resource).data(serde_json::json!({ "spec": spec }));
+        object.metadata = self.meta(&names.pod_group, "worker");
+        Some(PodGroup { resource, object })
+    }
+
+    /// Security, probes and image shared by both containers.
+    fn container(&self, grpc_port: i32) -> Container {
+        Container {
+            image: Some(self.image()),
+            // Liveness asks the gRPC health service for `liveness`, served as soon as the process
+            // runs; readiness asks for the server as a whole, served once the weights are loaded.
+            liveness_probe: Some(Probe {
+                grpc: Some(GRPCAction { port: grpc_port, service: Some("liveness".into()) }),
+                period_seconds: Some(10),
+                failure_threshold: Some(3),
+                ..Probe::default()
+            }),
+            readiness_probe: Some(Probe {
+                grpc: Some(GRPCAction { port: grpc_port, service: None }),
+                period_seconds: Some(5),
+                failure_threshold: Some(2),
+                ..Probe::default()
+            }),
+            security_context: Some(SecurityContext {
+                allow_privilege_escalation: Some(false),
+                read_only_root_filesystem: Some(true),
+                run_as_non_root: Some(true),
+                capabilities: Some(Capabilities {
+                    drop: Some(vec!["ALL".into()]),
+                    ..Capabilities::default()
+                }),
+                ..SecurityContext::default()
+            }),
+            ..Container::default()
+        }
+    }
+
+    fn pod_spec(&self) -> PodSpec {
+        PodSpec {
+            // Pods never call the Kubernetes API: the placement arrives as a mounted file.
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            priority_class_name: self.md.spec.scheduling.priority_class_name.clone(),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(RUN_AS),
+                run_as_group: Some(RUN_AS),
+                fs_group: Some(RUN_AS),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    ..SeccompProfile::default()
+                }),
+                ..PodSecurityContext::default()
+            }),
+            ..PodSpec::default()
+        }
+    }
+}
+
+fn grpc_service_port(port: i32) -> ServicePort {
+    ServicePort {
+        name: Some("grpc".into()),
+        port,
+        target_port: Some(IntOrString::String("grpc".into())),
+        app_protocol: Some("kubernetes.io/h2c".into()),
+        ..ServicePort::default()
+    }
+}
+
+fn container_port(name: &str, port: i32) -> ContainerPort {
+    ContainerPort { name: Some(name.into()), container_port: port, ..ContainerPort::default() }
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: Some(read_only).filter(|r| *r),
+        ..VolumeMount::default()
+    }
+}
+
+fn field_ref(path: &str) -> EnvVarSource {
+    EnvVarSource {
+        field_ref: Some(ObjectFieldSelector { field_path: path.into(), ..ObjectFieldSelector::default() }),
+        ..EnvVarSource::default()
+    }
+}
+
+fn pod_env() -> Vec<EnvVar> {
+    ["POD_NAME", "POD_NAMESPACE"]
+        .into_iter()
+        .zip(["metadata.name", "metadata.namespace"])
+        .map(|(name, path)| EnvVar {
+            name: name.into(),
+            value_from: Some(field_ref(path)),
+            ..EnvVar::default()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::layout;
+    use crate::model::ModelConfig;
+
+    fn build_for(spec: serde_json::Value, uid: Option<&str>) -> Desired {
+        let mut md = ModelDeployment::new("m", serde_json::from_value(spec).unwrap());
+        md.metadata.namespace = Some("ns".into());
+        md.metadata.uid = uid.map(str::to_string);
+        let source = ModelSource::parse(&md.spec.model.source).unwrap();
+        let model = ModelConfig::preset("tiny").unwrap().unwrap();
+        let layout = layout(&md.spec, &model).unwrap();
+        build(&md, &source, &layout, &BuildParams { image: "img".into(), epoch: 3 }).unwrap()
+    }
+
+    fn worker_pod(desired: &Desired) -> PodSpec {
+        desired.workers.spec.clone().unwrap().template.spec.unwrap()
+    }
+
+    #[test]
+    fn gpu_workers_get_gpu_limits_next_to_their_resources() {
+        let desired = build_for(
+            serde_json::json!({"model": {"source": "builtin:tiny"}, "transport": "nccl",
+                "workers": {"replicas": 2, "gpusPerWorker": 2, "resources": {"limits": {"memory": "8Gi"}}}}),
+            None,
+        );
+        let limits = worker_pod(&desired).containers[0].resources.clone().unwrap().limits.unwrap();
+        assert_eq!(limits["nvidia.com/gpu"], Quantity("2".into()));
+        assert_eq!(limits["memory"], Quantity("8Gi".into()));
+        let cpu_only = build_for(
+            serde_json::json!({"model": {"source": "builtin:tiny"}, "workers": {"replicas": 2}}),
+            None,
+        );
+        assert!(worker_pod(&cpu_only).containers[0].resources.is_none());
+    }
+
+    #[test]
+    fn pods_run_hardened_with_shm_tmp_and_placement() {
+        let desired = build_for(
+            serde_json::json!({"model": {"source": "hostPath:///data/m"}, "workers": {"replicas": 2}}),
+            None,
+        );
+        let pod = worker_pod(&desired);
+        let security = pod.containers[0].security_context.clone().unwrap();
+        assert_eq!(security.read_only_root_filesystem, Some(true));
+        assert_eq!(security.capabilities.unwrap().drop, Some(vec!["ALL".to_string()]));
+        assert_eq!(pod.security_context.unwrap().run_as_non_root, Some(true));
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let volumes = pod.volumes.unwrap();
+        let shm = volumes.iter().find(|v| v.name == "dshm").unwrap().empty_dir.clone().unwrap();
+        assert_eq!(shm.medium.as_deref(), Some("Memory"));
+        let model = volumes.iter().find(|v| v.name == "model").unwrap().host_path.clone().unwrap();
+        assert_eq!(model.path, "/data/m");
+        let mounts = pod.containers[0].volume_mounts.clone().unwrap();
+        let paths: Vec<&str> = mounts.iter().map(|m| m.mount_path.as_str()).collect();
+        assert_eq!(paths, ["/tmp", PLACEMENT_DIR, MODEL_DIR, "/dev/shm"]);
+        let args = pod.containers[0].args.clone().unwrap();
+        assert_eq!(&args[..3], ["worker", "--model", MODEL_DIR]);
+        let probe = pod.containers[0].readiness_probe.clone().unwrap().grpc.unwrap();
+        assert_eq!(probe.port, 50052);
+    }
+
+    #[test]
+    fn gang_scheduling_labels_pods_and_creates_the_scheduler_s_pod_group() {
+        let spec = |scheduler: &str| {
+            serde_json::json!({"model": {"source": "builtin:tiny"}, "workers": {"replicas": 4},
+                "scheduling": {"gang": true, "schedulerName": scheduler}})
+        };
+        let volcano = build_for(spec("volcano"), None);
+        let template = volcano.workers.spec.clone().unwrap().template;
+        let metadata = template.metadata.unwrap();
+        assert_eq!(metadata.annotations.unwrap()[VOLCANO_GROUP_ANNOTATION], "m-workers");
+        assert_eq!(metadata.labels.unwrap()[COSCHEDULING_GROUP_LABEL], "m-workers");
+        assert_eq!(template.spec.unwrap().scheduler_name.as_deref(), Some("volcano"));
+        let group = volcano.pod_group.unwrap();
+        assert_eq!(group.resource.group, "scheduling.volcano.sh");
+        assert_eq!(group.object.data["spec"]["minMember"], 4);
+        let plugins = build_for(spec("scheduler-plugins-scheduler"), None).pod_group.unwrap();
+        assert_eq!(plugins.resource.api_version, "scheduling.x-k8s.io/v1alpha1");
+        assert!(build_for(
+            serde_json::json!({"model": {"source": "builtin:tiny"}, "workers": {"replicas": 4}}),
+            None
+        )
+        .pod_group
+        .is_none());
+    }
+
+    #[test]
+    fn children_are_owned_when_the_deployment_has_a_uid_and_hashes_follow_content() {
+        let spec = serde_json::json!({"model": {"source": "builtin:tiny"}, "workers": {"replicas": 2}});
+        let owned = build_for(spec.clone(), Some("u-1"));
+        for object in owned.objects().unwrap() {
+            assert_eq!(object["metadata"]["ownerReferences"][0]["uid"], "u-1", "{}", object["kind"]);
+            assert_eq!(object["metadata"]["namespace"], "ns");
+            assert!(object["metadata"]["annotations"][HASH_ANNOTATION].is_string());
+        }
+        let placement: PlacementPlan =
+            serde_json::from_str(&owned.placement.data.clone().unwrap()[placement::KEY]).unwrap();
+        assert_eq!(placement.epoch, 3);
+        assert!(build_for(spec.clone(), None).workers.metadata.owner_references.is_none());
+
+        let same = build_for(spec.clone(), Some("u-1"));
+        assert_eq!(same, owned, "the builder is deterministic");
+        let mut bigger = spec;
+        bigger["router"] = serde_json::json!({"replicas": 2});
+        let changed = build_for(bigger, Some("u-1"));
+        assert_ne!(
+            changed.router.annotations()[HASH_ANNOTATION],
+            owned.router.annotations()[HASH_ANNOTATION]
+        );
+        assert_eq!(
+            changed.workers.annotations()[HASH_ANNOTATION],
+            owned.workers.annotations()[HASH_ANNOTATION]
+        );
+    }
+
+    #[test]
+    fn content_hash_is_fnv1a() {
+        // FNV-1a 64 of "a", a published test vector.
+        assert_eq!(content_hash("a"), "af63dc4c8601ec8c");
+    }
+}

@@ -1,0 +1,136 @@
+//! `kubemoe operator render`: the objects the controller would apply for a manifest, as a
+//! multi-document YAML stream, through the same [`crate::layout`] and [`crate::desired`] code.
+//!
+//! The manifest may hold several documents; every `ModelDeployment` in it is rendered. A
+//! volume-backed model's config comes from `--model-config`, or else from a ConfigMap in the
+//! same manifest named by `spec.model.configMap` (the examples ship theirs that way). Spec
+//! defaults are applied by deserialising, exactly as the CRD's defaults would be.
+
+use crate::desired::{self, BuildParams};
+use crate::layout::{self, ModelSource};
+use crate::model::ModelConfig;
+use crate::{Error, Result};
+use kube::ResourceExt;
+use kubemoe_api::ModelDeployment;
+use serde::Deserialize;
+use std::collections::HashMap;
+
+/// Renders every ModelDeployment of `manifest`. `origin` names the manifest in errors;
+/// `model_config` is the text of a config.json that overrides any the manifest carries.
+pub fn render(manifest: &str, origin: &str, model_config: Option<&str>, image: &str) -> Result<String> {
+    let mut deployments = Vec::new();
+    let mut configs = HashMap::new();
+    for document in serde_yaml::Deserializer::from_str(manifest) {
+        let value = serde_yaml::Value::deserialize(document)
+            .map_err(|source| Error::Yaml { origin: origin.to_string(), source })?;
+        if value.is_null() {
+            continue;
+        }
+        match value.get("kind").and_then(serde_yaml::Value::as_str) {
+            Some("ModelDeployment") => deployments.push(
+                serde_yaml::from_value::<ModelDeployment>(value)
+                    .map_err(|source| Error::Yaml { origin: origin.to_string(), source })?,
+            ),
+            Some("ConfigMap") => {
+                let name =
+                    value.get("metadata").and_then(|m| m.get("name")).and_then(serde_yaml::Value::as_str);
+                let text =
+                    value.get("data").and_then(|d| d.get("config.json")).and_then(serde_yaml::Value::as_str);
+                if let (Some(name), Some(text)) = (name, text) {
+                    configs.insert(name.to_string(), text.to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+    if deployments.is_empty() {
+        return Err(Error::Manifest {
+            origin: origin.into(),
+            message: "no ModelDeployment in the manifest".into(),
+        });
+    }
+    let mut out = String::new();
+    for md in &deployments {
+        for object in render_one(md, origin, model_config, &configs, image)? {
+            out.push_str("---\n");
+            out.push_str(&serde_yaml::to_string(&object).map_err(Error::WriteYaml)?);
+        }
+    }
+    Ok(out)
+}
+
+fn render_one(
+    md: &ModelDeployment,
+    origin: &str,
+    model_config: Option<&str>,
+    configs: &HashMap<String, String>,
+    image: &str,
+) -> Result<Vec<serde_json::Value>> {
+    let refused = |invalid: layout::Invalid| Error::Invalid {
+        name: md.name_any(),
+        reason: invalid.reason.to_string(),
+        message: invalid.message,
+    };
+    let source = ModelSource::parse(&md.spec.model.source).map_err(refused)?;
+    let model = if let Some(text) = model_config {
+        ModelConfig::from_json(text, "--model-config")?
+    } else if let Some(builtin) = source.builtin_config() {
+        builtin.map_err(refused)?
+    } else {
+        let name = md.spec.model.config_map.as_deref().unwrap_or_default();
+        let text = configs.get(name).ok_or_else(|| Error::Manifest {
+            origin: origin.into(),
+            message: format!(
+                "ModelDeployment {} serves {} and needs its config.json: pass --model-config, or add a \
+                 ConfigMap with key config.json named by spec.model.configMap",
+                md.name_any(),
+                md.spec.model.source
+            ),
+        })?;
+        ModelConfig::from_json(text, &format!("{origin}: ConfigMap {name}"))?
+    };
+    let layout = layout::layout(&md.spec, &model).map_err(refused)?;
+    let params = BuildParams { image: image.to_string(), epoch: 0 };
+    desired::build(md, &source, &layout, &params)
+        .and_then(|desired| desired.objects())
+        .map_err(|source| Error::Encode { what: format!("the children of {}", md.name_any()), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TINY: &str = "apiVersion: kubemoe.io/v1alpha1\nkind: ModelDeployment\nmetadata:\n  name: t\n\
+                        spec:\n  model:\n    source: builtin:tiny\n  workers:\n    replicas: 2\n";
+
+    #[test]
+    fn renders_every_child_in_apply_order() {
+        let text = render(TINY, "t.yaml", None, "img:1").unwrap();
+        let kinds: Vec<String> = serde_yaml::Deserializer::from_str(&text)
+            .map(|d| serde_yaml::Value::deserialize(d).unwrap()["kind"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            kinds,
+            ["ConfigMap", "Service", "StatefulSet", "PodDisruptionBudget", "Service", "Deployment"]
+        );
+        assert!(text.contains("image: img:1"));
+    }
+
+    #[test]
+    fn a_refused_spec_is_an_error_with_the_reason() {
+        let text = TINY.replace("replicas: 2", "replicas: 3");
+        let err = render(&text, "t.yaml", None, "img").unwrap_err();
+        assert!(err.to_string().contains("ExpertsNotDivisible"), "{err}");
+    }
+
+    #[test]
+    fn a_volume_model_needs_its_config() {
+        let text = TINY.replace("builtin:tiny", "pvc://models/tiny");
+        let err = render(&text, "t.yaml", None, "img").unwrap_err();
+        assert!(err.to_string().contains("--model-config"), "{err}");
+        let config = include_str!("../../model/presets/tiny.json");
+        let rendered = render(&text, "t.yaml", Some(config), "img").unwrap();
+        assert!(rendered.contains("claimName: models"), "{rendered}");
+        assert!(render("kind: Pod\n", "p.yaml", None, "img").is_err());
+    }
+}
