@@ -1,5 +1,6 @@
 //! Local mode (DESIGN §6): the router and N workers as child processes of `kubemoe up` on
-//! loopback, each started from this same binary with the flags a pod would give it.
+//! loopback, each started from this same binary with the flags a pod would give it, from the
+//! same ModelDeployment manifest a cluster would get.
 //!
 //! The machine's cores are split among the workers (each gets `cores / workers` compute
 //! threads, at least one), as each pod would have its own; the router keeps all of them, as
@@ -12,6 +13,29 @@
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+
+/// The ModelDeployment in `file`, or the built-in `examples/tiny.yaml`.
+pub fn deployment(file: Option<&std::path::Path>) -> Result<kubemoe_api::ModelDeployment> {
+    let (text, origin) = match file {
+        Some(f) => (
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+            f.display().to_string(),
+        ),
+        None => (include_str!("../examples/tiny.yaml").to_string(), "examples/tiny.yaml (built in)".into()),
+    };
+    serde_yaml::from_str(&text).with_context(|| format!("{origin} is not a ModelDeployment"))
+}
+
+/// The local path or `builtin:` name of a ModelDeployment's `model.source`.
+pub fn model_path(source: &str) -> Result<String> {
+    if source.starts_with("builtin:") {
+        return Ok(source.into());
+    }
+    if let Some(path) = source.strip_prefix("hostPath://") {
+        return Ok(path.into());
+    }
+    bail!("model.source {source}: local mode reads builtin:<preset> or hostPath:///dir; pass --model <dir> for a copy of the volume")
+}
 
 /// A child process that is stopped when dropped.
 pub struct Managed {

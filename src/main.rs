@@ -96,12 +96,19 @@ enum Command {
     },
     /// Local mode: a router and N workers as child processes on loopback, until Ctrl-C.
     Up {
-        #[arg(long, default_value = "builtin:tiny")]
-        model: String,
-        #[arg(long, default_value_t = 2)]
-        workers: usize,
-        #[arg(long, default_value_t = 50051)]
-        grpc_port: u16,
+        /// A ModelDeployment manifest: its model, worker count, router port and limits
+        /// (default: examples/tiny.yaml, built in).
+        #[arg(short = 'f', long)]
+        file: Option<PathBuf>,
+        /// Overrides the manifest's model (a directory or builtin:<preset>).
+        #[arg(long)]
+        model: Option<String>,
+        /// Overrides the manifest's workers.replicas.
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Overrides the manifest's router.grpcPort.
+        #[arg(long)]
+        grpc_port: Option<u16>,
         #[command(flatten)]
         limits: RouterLimits,
     },
@@ -326,7 +333,18 @@ fn run(command: Command) -> Result<()> {
                 Ok::<_, anyhow::Error>(())
             })?
         }
-        Command::Up { model, workers, grpc_port, limits } => up(&model, workers, grpc_port, &limits)?,
+        Command::Up { file, model, workers, grpc_port, mut limits } => {
+            let md = local::deployment(file.as_deref())?;
+            let spec = &md.spec;
+            let model = model.map_or_else(|| local::model_path(&spec.model.source), Ok)?;
+            limits.max_concurrent = spec.router.max_concurrent_requests.max(1) as usize;
+            limits.max_batch_tokens = spec.router.max_batch_tokens.max(1) as usize;
+            if let Some(max) = spec.model.max_context_length {
+                limits.max_context = max.max(1) as usize;
+            }
+            let workers = workers.unwrap_or(spec.workers.replicas.max(1) as usize);
+            up(&model, workers, grpc_port.unwrap_or(spec.router.grpc_port as u16), &limits)?
+        }
         Command::Generate {
             endpoint,
             prompt,

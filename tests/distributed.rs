@@ -396,3 +396,37 @@ fn a_client_that_goes_away_frees_its_slot() {
         );
     });
 }
+
+#[test]
+fn up_serves_the_builtin_manifest_and_stops_its_children_on_sigterm() {
+    let mut up = Command::new(env!("CARGO_BIN_EXE_kubemoe"))
+        .args(["up", "--grpc-port", "0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("up exited early").unwrap();
+        if let Some(rest) = line.split("gRPC at ").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    assert!(lines.next().unwrap().unwrap().starts_with("try: kubemoe generate"));
+    rt().block_on(async {
+        let mut client = InferenceClient::connect(format!("http://{addr}")).await.unwrap();
+        let info = client.model_info(ModelInfoRequest {}).await.unwrap().into_inner();
+        // examples/tiny.yaml: builtin:tiny on 2 workers.
+        assert_eq!((info.model.as_str(), info.workers), ("builtin:tiny", 2));
+        let r =
+            GenerateRequest { input: Some(Input::Prompt("Hi".into())), max_tokens: 3, ..Default::default() };
+        assert_eq!(client.generate(r).await.unwrap().into_inner().token_ids.len(), 3);
+    });
+    Command::new("kill").args(["-TERM", &up.id().to_string()]).status().unwrap();
+    let started = Instant::now();
+    while up.try_wait().unwrap().is_none() {
+        assert!(started.elapsed() < Duration::from_secs(15), "up did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Its router no longer answers.
+    assert!(std::net::TcpStream::connect(&addr).is_err());
+}
