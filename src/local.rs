@@ -9,8 +9,14 @@
 //! Children announce their address on their first stdout line (`... listening on ADDR`); the
 //! parent waits for that, prints where to call the router, and on Ctrl-C or SIGTERM stops
 //! them all (they turn NOT_SERVING and drain) before exiting.
+//!
+//! The expert layout and the rebalancer are the operator's: the manifest's
+//! `experts.redundant` and `balancing` mean the same here as on a cluster, and each rebalance
+//! is printed as the operator would record it in an event.
 
 use anyhow::{bail, Context, Result};
+use kubemoe_operator::layout::Layout;
+use kubemoe_operator::rebalance::{decide, Cluster, Decision, Policy};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
@@ -35,6 +41,53 @@ pub fn model_path(source: &str) -> Result<String> {
         return Ok(path.into());
     }
     bail!("model.source {source}: local mode reads builtin:<preset> or hostPath:///dir; pass --model <dir> for a copy of the volume")
+}
+
+/// The expert layout `spec` asks for with the model at `model` (a directory or builtin:), and
+/// the model's expert groups (`n_group`).
+pub fn layout(md: &kubemoe_api::ModelDeployment, model: &str, origin: &str) -> Result<(Layout, u32)> {
+    use kubemoe_operator::model::ModelConfig;
+    let config = match model.strip_prefix("builtin:") {
+        Some(preset) => ModelConfig::preset(preset).with_context(|| format!("no preset {preset}"))??,
+        None => {
+            let path = std::path::Path::new(model).join("config.json");
+            let text =
+                std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            ModelConfig::from_json(&text, &path.display().to_string())?
+        }
+    };
+    let layout = kubemoe_operator::layout::layout(&md.spec, &config)
+        .map_err(|invalid| anyhow::anyhow!("{origin}: {} ({})", invalid.message, invalid.reason))?;
+    Ok((layout, config.n_group))
+}
+
+/// Polls the router every `policy.interval` and migrates live when the load is skewed, until
+/// `stop`; prints each rebalance.
+pub async fn rebalance(cluster: Cluster, policy: Policy, stop: tokio_util::sync::CancellationToken) {
+    let mut last: Option<std::time::Instant> = None;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(policy.interval) => {}
+        }
+        let step = async {
+            let (loads, plan) = cluster.load().await?;
+            let Decision::Rebalance(p) = decide(&policy, &plan, &loads, last.map(|t| t.elapsed()))? else {
+                return Ok(());
+            };
+            println!(
+                "kubemoe up: rebalancing to epoch {}: imbalance {:.3} -> {:.3}, moving {} experts",
+                p.plan.epoch, p.imbalance_before, p.imbalance_after, p.moved
+            );
+            cluster.migrate(&p.plan, plan.epoch).await?;
+            last = Some(std::time::Instant::now());
+            println!("kubemoe up: placement epoch {} in force", p.plan.epoch);
+            Ok::<_, kubemoe_operator::rebalance::Error>(())
+        };
+        if let Err(e) = step.await {
+            eprintln!("kubemoe up: rebalancing: {}", kubemoe_api::error_chain(&e));
+        }
+    }
 }
 
 /// A child process that is stopped when dropped.
@@ -82,7 +135,9 @@ pub fn start(name: &str, args: &[String], threads: usize) -> Result<(Managed, St
             _ => bail!("{name} exited before it listened (see its errors above)"),
         }
     };
-    // Keep draining the child's stdout so it never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
+    // Keep draining the child's stdout (so it never blocks on a full pipe) onto stderr, where
+    // what it says later (the router's metrics address) reaches the user.
+    let prefix = name.to_string();
+    std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| eprintln!("[{prefix}] {l}")));
     Ok((managed, addr))
 }

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 mod local;
+mod plan;
 
 #[derive(Parser)]
 #[command(name = "kubemoe", version, about = "Serve DeepSeek-family MoE models with expert parallelism")]
@@ -39,6 +40,10 @@ enum Command {
         /// Target shard size in MiB.
         #[arg(long, default_value_t = 64)]
         shard_mib: usize,
+        /// Make the gates favour low-numbered experts (0: no skew; 3: strongly), to produce
+        /// skewed expert load on purpose. Needs a noaux_tc preset (tiny, small, v3-shape).
+        #[arg(long, default_value_t = 0.0)]
+        skew: f32,
     },
     /// Generate with the single-process engine; prints {"output_ids":[...]}.
     Run {
@@ -74,6 +79,10 @@ enum Command {
         rank: usize,
         #[arg(long, env = "KUBEMOE_WORLD_SIZE")]
         world_size: usize,
+        /// The placement to start from (the placement ConfigMap's placement.json); default:
+        /// experts in order, spare slots holding replicas.
+        #[arg(long, env = "KUBEMOE_PLACEMENT")]
+        placement: Option<PathBuf>,
         #[arg(long, default_value = "0.0.0.0")]
         host: String,
         /// gRPC port; 0 picks a free one (printed on the first line).
@@ -87,10 +96,19 @@ enum Command {
         /// Worker gRPC URLs in rank order, comma-separated.
         #[arg(long, env = "KUBEMOE_WORKERS", value_delimiter = ',', required = true)]
         workers: Vec<String>,
+        /// The placement to start from, as for `kubemoe worker`.
+        #[arg(long, env = "KUBEMOE_PLACEMENT")]
+        placement: Option<PathBuf>,
+        /// Sliding window of the expert load counts the rebalancer reads (30s, 5m, …).
+        #[arg(long, default_value = "5m")]
+        load_window: String,
         #[arg(long, default_value = "0.0.0.0")]
         host: String,
         #[arg(long, default_value_t = 50051)]
         port: u16,
+        /// Port of /metrics (Prometheus); 0 picks a free one; none without the flag.
+        #[arg(long)]
+        http_port: Option<u16>,
         #[command(flatten)]
         limits: RouterLimits,
     },
@@ -109,6 +127,9 @@ enum Command {
         /// Overrides the manifest's router.grpcPort.
         #[arg(long)]
         grpc_port: Option<u16>,
+        /// Overrides the manifest's router.httpPort (/metrics); 0 picks a free one.
+        #[arg(long)]
+        http_port: Option<u16>,
         #[command(flatten)]
         limits: RouterLimits,
     },
@@ -166,6 +187,9 @@ enum Command {
     Operator(OperatorArgs),
     /// Print the CustomResourceDefinitions (ModelDeployment) as YAML.
     Crd,
+    /// Plan an expert placement from measured loads; prints
+    /// {"phy_to_log": [...], "balance": {"before": x, "after": y}, "moved": n}.
+    Plan(plan::PlanArgs),
 }
 
 #[derive(clap::Args)]
@@ -267,6 +291,8 @@ impl RouterLimits {
             max_context: self.max_context,
             worker_deadline: Duration::from_millis(self.worker_deadline_ms),
             startup_timeout: Duration::from_secs(120),
+            placement: None,
+            load_window: Duration::from_secs(300),
         })
     }
 }
@@ -305,8 +331,8 @@ fn main() -> std::process::ExitCode {
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::GenModel { preset, dtype, seed, out, shard_mib } => {
-            synth::write_model_dir(&out, &preset, dtype, seed, shard_mib << 20)
+        Command::GenModel { preset, dtype, seed, out, shard_mib, skew } => {
+            synth::write_model_dir(&out, &preset, dtype, seed, skew, shard_mib << 20)
                 .with_context(|| format!("generating preset {preset} into {}", out.display()))?;
             println!("{}", out.display());
         }
@@ -320,21 +346,33 @@ fn run(command: Command) -> Result<()> {
             let output = generate(&m, &[request])?.remove(0);
             println!("{}", serde_json::json!({ "output_ids": output }));
         }
-        Command::Worker { model, rank, world_size, host, port } => runtime()?.block_on(async {
-            let listener = bind(&host, port, "worker").await?;
-            kubemoe_worker::run(model, rank, world_size, listener, shutdown_on_signal()?).await?;
-            Ok::<_, anyhow::Error>(())
-        })?,
-        Command::Router { model, workers, host, port, limits } => {
-            let options = limits.options(model, workers)?;
+        Command::Worker { model, rank, world_size, placement, host, port } => {
+            let plan = placement.as_deref().map(plan::read_placement).transpose()?;
             runtime()?.block_on(async {
-                let listener = bind(&host, port, "router").await?;
-                kubemoe_router::run(options, listener, shutdown_on_signal()?).await?;
+                let listener = bind(&host, port, "worker").await?;
+                kubemoe_worker::run(model, rank, world_size, plan, listener, shutdown_on_signal()?).await?;
                 Ok::<_, anyhow::Error>(())
             })?
         }
-        Command::Up { file, model, workers, grpc_port, mut limits } => {
-            let md = local::deployment(file.as_deref())?;
+        Command::Router { model, workers, placement, load_window, host, port, http_port, limits } => {
+            let mut options = limits.options(model, workers)?;
+            options.placement = placement.as_deref().map(plan::read_placement).transpose()?;
+            options.load_window = kubemoe_api::deployment::parse_duration("--load-window", &load_window)?;
+            runtime()?.block_on(async {
+                let listener = bind(&host, port, "router").await?;
+                let http = match http_port {
+                    Some(p) => Some(bind(&host, p, "router metrics").await?),
+                    None => None,
+                };
+                kubemoe_router::run(options, listener, http, shutdown_on_signal()?).await?;
+                Ok::<_, anyhow::Error>(())
+            })?
+        }
+        Command::Up { file, model, workers, grpc_port, http_port, mut limits } => {
+            let mut md = local::deployment(file.as_deref())?;
+            if let Some(w) = workers {
+                md.spec.workers.replicas = w as i32;
+            }
             let spec = &md.spec;
             let model = model.map_or_else(|| local::model_path(&spec.model.source), Ok)?;
             limits.max_concurrent = spec.router.max_concurrent_requests.max(1) as usize;
@@ -342,8 +380,13 @@ fn run(command: Command) -> Result<()> {
             if let Some(max) = spec.model.max_context_length {
                 limits.max_context = max.max(1) as usize;
             }
-            let workers = workers.unwrap_or(spec.workers.replicas.max(1) as usize);
-            up(&model, workers, grpc_port.unwrap_or(spec.router.grpc_port as u16), &limits)?
+            let origin = file.map_or("examples/tiny.yaml (built in)".into(), |f| f.display().to_string());
+            let (layout, groups) = local::layout(&md, &model, &origin)?;
+            let ports = (
+                grpc_port.unwrap_or(spec.router.grpc_port as u16),
+                http_port.unwrap_or(spec.router.http_port as u16),
+            );
+            up(&md, &layout, groups, &model, ports, &limits)?
         }
         Command::Generate {
             endpoint,
@@ -378,7 +421,7 @@ fn run(command: Command) -> Result<()> {
             runtime()?.block_on(client_generate(endpoint, request))?
         }
         Command::BenchServing { model, workers, batch, steps } => {
-            let (_children, urls) = start_workers(&model, workers)?;
+            let (_children, urls) = start_workers(&model, workers, &[])?;
             let report = kubemoe_router::bench::run(&model, &urls, batch, steps)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
@@ -405,6 +448,7 @@ fn run(command: Command) -> Result<()> {
         Command::Operator(OperatorArgs { command: Some(OperatorCommand::Run(args)), .. })
         | Command::Operator(OperatorArgs { command: None, run: args }) => run_operator(args)?,
         Command::Crd => print!("{}", kubemoe_operator::crd_yaml()?),
+        Command::Plan(args) => println!("{}", plan::run(&args)?),
     }
     Ok(())
 }
@@ -413,8 +457,13 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
-/// Starts `workers` worker processes on loopback; returns them and their URLs in rank order.
-fn start_workers(model: &str, workers: usize) -> Result<(Vec<local::Managed>, Vec<String>)> {
+/// Starts `workers` worker processes on loopback (each given `extra` flags); returns them and
+/// their URLs in rank order.
+fn start_workers(
+    model: &str,
+    workers: usize,
+    extra: &[String],
+) -> Result<(Vec<local::Managed>, Vec<String>)> {
     anyhow::ensure!(workers > 0, "--workers must be at least 1");
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut children = Vec::new();
@@ -424,6 +473,7 @@ fn start_workers(model: &str, workers: usize) -> Result<(Vec<local::Managed>, Ve
             .iter()
             .map(|s| s.to_string())
             .chain(["--rank".into(), rank.to_string(), "--world-size".into(), workers.to_string()])
+            .chain(extra.iter().cloned())
             .collect();
         let (child, addr) = local::start(&format!("worker {rank}"), &args, (cores / workers).max(1))?;
         children.push(child);
@@ -432,28 +482,66 @@ fn start_workers(model: &str, workers: usize) -> Result<(Vec<local::Managed>, Ve
     Ok((children, urls))
 }
 
-/// `kubemoe up`: N workers, then the router, as child processes; serves until interrupted.
-fn up(model: &str, workers: usize, grpc_port: u16, limits: &RouterLimits) -> Result<()> {
-    let (mut children, urls) = start_workers(model, workers)?;
+/// `kubemoe up`: the workers, then the router, as child processes, both starting from the
+/// layout's initial placement, and the rebalancer when `balancing.enabled`; serves until
+/// interrupted.
+fn up(
+    md: &kubemoe_api::ModelDeployment,
+    layout: &kubemoe_operator::layout::Layout,
+    groups: u32,
+    model: &str,
+    (grpc_port, http_port): (u16, u16),
+    limits: &RouterLimits,
+) -> Result<()> {
+    let plan = kubemoe_api::placement::PlacementPlan::initial(
+        layout.workers,
+        layout.slots_per_worker,
+        layout.logical,
+        &layout.moe_layers,
+    );
+    let dir = tempfile_dir()?;
+    let placement = dir.join(kubemoe_api::placement::KEY);
+    std::fs::write(&placement, serde_json::to_string(&plan)?)
+        .with_context(|| format!("writing {}", placement.display()))?;
+    let placement_args = ["--placement".to_string(), placement.display().to_string()];
+    let workers = layout.workers as usize;
+    let (mut children, urls) = start_workers(model, workers, &placement_args)?;
     let mut args: Vec<String> =
         ["router", "--model", model, "--host", "127.0.0.1"].iter().map(|s| s.to_string()).collect();
     args.extend(["--port".into(), grpc_port.to_string(), "--workers".into(), urls.join(",")]);
+    args.extend(["--http-port".into(), http_port.to_string()]);
+    args.extend(placement_args);
+    args.extend(["--load-window".into(), md.spec.balancing.window.clone()]);
     args.extend(limits.args());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (router, addr) = local::start("router", &args, cores)?;
     children.push(router);
+    println!("kubemoe up: workers at {} ({} expert slots each)", urls.join(","), layout.slots_per_worker);
     println!(
-        "kubemoe up: {model} on {workers} workers; gRPC at {addr} (health, reflection, kubemoe.inference.v1)"
+        "kubemoe up: {model} on {workers} workers; gRPC at {addr} (health, reflection, kubemoe.inference.v1, kubemoe.expert.v1.Balancer)"
     );
     println!("try: kubemoe generate --endpoint http://{addr} --prompt 'Hello'    (Ctrl-C stops everything)");
     runtime()?.block_on(async {
         let stop = shutdown_on_signal()?;
+        if md.spec.balancing.enabled {
+            let policy = kubemoe_operator::rebalance::Policy::new(&md.spec.balancing, groups as usize, 1)?;
+            let cluster = kubemoe_operator::rebalance::Cluster::new(&urls, &[format!("http://{addr}")])?;
+            tokio::spawn(local::rebalance(cluster, policy, stop.clone()));
+        }
         stop.cancelled().await;
         Ok::<_, anyhow::Error>(())
     })?;
     eprintln!("kubemoe up: stopping");
     drop(children);
+    std::fs::remove_dir_all(&dir).ok();
     Ok(())
+}
+
+/// A fresh directory for this process's files.
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("kubemoe-up-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
 }
 
 /// Streams one completion from a router to stdout.

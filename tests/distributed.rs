@@ -142,18 +142,17 @@ fn distributed_logits_equal_single_process_logits() {
     let _entered = runtime.enter();
     for n in [2, 4] {
         let workers: Vec<Proc> = (0..n).map(|r| worker(&model, r, n, 0)).collect();
-        let channels = workers
-            .iter()
-            .map(|w| kubemoe_router::remote::channel(&format!("http://{}", w.addr)).unwrap())
-            .collect();
-        let owner = (0..16).map(|e| kubemoe_api::placement::contiguous_owner(e, 16, n)).collect();
+        let channels =
+            workers.iter().map(|w| kubemoe_api::channel(&format!("http://{}", w.addr)).unwrap()).collect();
         let remote = kubemoe_router::remote::RemoteExperts::new(
             &dense.config,
             channels,
-            owner,
+            None,
             Duration::from_secs(10),
+            Duration::from_secs(60),
             runtime.handle().clone(),
-        );
+        )
+        .unwrap();
         let (prompt, greedy) = FIXTURE_SEQS[0];
         let (mut a, mut b) = (KvCache::new(&local.config), KvCache::new(&local.config));
         let mut feed = prompt.to_vec();
@@ -340,7 +339,8 @@ fn text_prompts_and_chat_go_through_the_tokenizer_and_stop_strings_end_early() {
         assert!(!got.text.is_empty() || got.token_ids.iter().all(|t| *t < 2));
         // A stop string taken from the middle of that text ends the completion before it.
         let chars: Vec<char> = got.text.chars().collect();
-        if chars.len() >= 4 {
+        assert!(chars.len() >= 4, "the greedy completion {:?} is too short to cut", got.text);
+        {
             let stop: String = chars[2..4].iter().collect();
             let r = GenerateRequest {
                 input: Some(Input::Prompt("Hello".into())),
@@ -400,7 +400,7 @@ fn a_client_that_goes_away_frees_its_slot() {
 #[test]
 fn up_serves_the_builtin_manifest_and_stops_its_children_on_sigterm() {
     let mut up = Command::new(env!("CARGO_BIN_EXE_kubemoe"))
-        .args(["up", "--grpc-port", "0"])
+        .args(["up", "--grpc-port", "0", "--http-port", "0"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -429,4 +429,168 @@ fn up_serves_the_builtin_manifest_and_stops_its_children_on_sigterm() {
     }
     // Its router no longer answers.
     assert!(std::net::TcpStream::connect(&addr).is_err());
+}
+
+/// Tokens each worker's experts processed, per MoE layer: [worker][layer].
+async fn worker_tokens(urls: &[String]) -> Vec<Vec<u64>> {
+    let mut out = Vec::new();
+    for url in urls {
+        let mut c = kubemoe_api::expert::expert_client::ExpertClient::connect(url.clone()).await.unwrap();
+        let stats = c.stats(kubemoe_api::expert::StatsRequest {}).await.unwrap().into_inner();
+        out.push(stats.layers.iter().map(|l| l.tokens.iter().sum()).collect());
+    }
+    out
+}
+
+/// Mean over max tokens per worker, token-weighted over the layers, of `b − a`.
+fn measured_balance(a: &[Vec<u64>], b: &[Vec<u64>]) -> f64 {
+    let layers = a[0].len();
+    let (mut mean, mut max) = (0.0, 0.0);
+    for l in 0..layers {
+        let per_worker: Vec<f64> = a.iter().zip(b).map(|(a, b)| (b[l] - a[l]) as f64).collect();
+        mean += per_worker.iter().sum::<f64>() / per_worker.len() as f64;
+        max += per_worker.iter().cloned().fold(0.0, f64::max);
+    }
+    mean / max
+}
+
+#[test]
+fn skewed_load_is_rebalanced_live_without_failing_or_changing_a_request() {
+    let dir = std::env::temp_dir().join(format!("kubemoe-skewed-{}", std::process::id()));
+    let status = Command::new(env!("CARGO_BIN_EXE_kubemoe"))
+        .args(["gen-model", "--preset", "tiny", "--skew", "3", "--out", dir.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let manifest = dir.join("md.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: kubemoe.io/v1alpha1\nkind: ModelDeployment\nmetadata: {{name: skewed}}\nspec:\n  \
+             model: {{source: 'hostPath://{}'}}\n  workers: {{replicas: 4}}\n  experts: {{redundant: 4}}\n  \
+             balancing: {{interval: 1s, window: 30s, imbalanceThreshold: 1.05, cooldown: 1h, \
+             maxExpertsMovedPerRebalance: 12}}\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let mut up = Command::new(env!("CARGO_BIN_EXE_kubemoe"))
+        .args(["up", "-f", manifest.to_str().unwrap(), "--grpc-port", "0", "--http-port", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The router's metrics address, from its output relayed on up's stderr.
+    let (metrics_tx, metrics_rx) = std::sync::mpsc::channel();
+    let stderr = BufReader::new(up.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("router metrics listening on ").nth(1) {
+                let _ = metrics_tx.send(addr.trim().to_string());
+            }
+        }
+    });
+    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    let mut next_line = || lines.next().expect("up exited early").unwrap();
+    let urls: Vec<String> = next_line()
+        .split("workers at ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .split(',')
+        .map(String::from)
+        .collect();
+    let addr = next_line().split("gRPC at ").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+    let (log_tx, log_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || lines.for_each(|l| drop(log_tx.send(l.unwrap_or_default()))));
+    let local = source::open(dir.to_str().unwrap(), Experts::All).unwrap();
+    let prompts: Vec<Vec<u32>> =
+        (0..6u32).map(|i| (0..5 + 3 * i).map(|j| (i * 37 + j * 11) % 500 + 2).collect()).collect();
+    let expected: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            generate(
+                &local,
+                &[Request { prompt: p.clone(), max_new_tokens: 8, sampling: SamplingParams::default() }],
+            )
+            .unwrap()
+            .remove(0)
+        })
+        .collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    rt().block_on(async {
+        let before = worker_tokens(&urls).await;
+        let clients: Vec<_> = (0..3)
+            .map(|c| {
+                let (addr, prompts, expected, stop) =
+                    (addr.clone(), prompts.clone(), expected.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut client = InferenceClient::connect(format!("http://{addr}")).await.unwrap();
+                    let mut served = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let i = (served + c) % prompts.len();
+                        let got = client.generate(ids_request(&prompts[i], 8)).await.unwrap().into_inner();
+                        assert_eq!(got.token_ids, expected[i], "prompt {i} changed its output");
+                        served += 1;
+                    }
+                    served
+                })
+            })
+            .collect();
+        let mut balancer =
+            kubemoe_api::expert::balancer_client::BalancerClient::connect(format!("http://{addr}"))
+                .await
+                .unwrap();
+        let started = Instant::now();
+        loop {
+            let load = balancer.load(kubemoe_api::expert::LoadRequest {}).await.unwrap().into_inner();
+            if load.plan.unwrap().epoch >= 1 {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(90), "no rebalance happened");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let switched = worker_tokens(&urls).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let after = worker_tokens(&urls).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut served = 0;
+        for c in clients {
+            served += c.await.expect("a request failed or changed its output");
+        }
+        let (was, now) = (measured_balance(&before, &switched), measured_balance(&switched, &after));
+        eprintln!("{served} requests; measured balance {was:.3} before the rebalance, {now:.3} after");
+        assert!(now > was, "balance {was:.3} before the rebalance, {now:.3} after");
+        // Every worker released what the new epoch does not place on it.
+        for url in &urls {
+            let mut c = kubemoe_api::expert::expert_client::ExpertClient::connect(url.clone()).await.unwrap();
+            let info = c.info(kubemoe_api::expert::InfoRequest {}).await.unwrap().into_inner();
+            assert_eq!(info.epoch, 1);
+            assert!(info.experts.iter().all(|l| l.experts.len() <= 5), "{:?}", info.experts);
+        }
+    });
+    let log: Vec<String> = log_rx.try_iter().collect();
+    assert!(log.iter().any(|l| l.contains("rebalancing to epoch 1")), "{log:?}");
+    // Prometheus sees the same: the epoch, the per-expert window counts, the imbalance left.
+    let metrics_addr = metrics_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let mut http = std::net::TcpStream::connect(&metrics_addr).unwrap();
+    std::io::Write::write_all(&mut http, b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut http, &mut text).unwrap();
+    assert!(text.contains("\nkubemoe_router_placement_epoch 1\n"), "{text}");
+    assert!(text.contains("kubemoe_router_expert_tokens{layer=\"1\",expert=\"0\"} "));
+    let imbalance: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("kubemoe_router_expert_imbalance "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(imbalance >= 1.0, "{imbalance}");
+    // SIGTERM: up stops its children before exiting.
+    Command::new("kill").args(["-TERM", &up.id().to_string()]).status().unwrap();
+    up.wait().unwrap();
+    std::fs::remove_dir_all(&dir).ok();
 }

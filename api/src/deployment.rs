@@ -452,10 +452,51 @@ fn default_cooldown() -> String {
     "5m".into()
 }
 
+/// A duration as the CRD writes them (`DURATION_PATTERN`: `90s`, `1m30s`, `500ms`, `1.5h`);
+/// `field` names it in the error.
+pub fn parse_duration(field: &str, text: &str) -> crate::Result<std::time::Duration> {
+    let bad = || {
+        crate::Error::InvalidPlacement(format!(
+            "{field} {text:?} is not a duration like 30s, 1m30s, 500ms or 1.5h"
+        ))
+    };
+    let mut total = 0.0f64;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit() && c != '.').ok_or_else(bad)?;
+        let value: f64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let (unit, seconds) = [("ms", 1e-3), ("s", 1.0), ("m", 60.0), ("h", 3600.0)]
+            .into_iter()
+            .find(|(u, _)| rest.starts_with(u))
+            .ok_or_else(bad)?;
+        total += value * seconds;
+        rest = &rest[unit.len()..];
+    }
+    if text.is_empty() {
+        return Err(bad());
+    }
+    Ok(std::time::Duration::from_secs_f64(total))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use kube::CustomResourceExt;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_parse_as_the_schema_writes_them() {
+        let d = |t| parse_duration("balancing.interval", t);
+        assert_eq!(d("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(d("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(d("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(d("1.5h").unwrap(), Duration::from_secs(5400));
+        for bad in ["", "30", "s", "10x", "1..2s"] {
+            let e = d(bad).unwrap_err().to_string();
+            assert!(e.contains("balancing.interval") && e.contains("like 30s"), "{e}");
+        }
+    }
 
     /// Fields left out of a manifest take the same defaults in Rust as the CRD gives them, so
     /// `render` (no apiserver defaulting) and the controller build the same objects.

@@ -141,18 +141,33 @@ fn name_hash(name: &str) -> u64 {
 }
 
 /// Random weights for `c`, stored as `storage`: those whose name `wants` accepts.
+///
+/// `skew` > 0 makes the gates favour low-numbered experts, so that expert load is skewed on
+/// purpose: expert `e` of `E` gets `skew · (1 − e/(E−1)) / 10` added to its
+/// `e_score_correction_bias` (which only steers selection, not the gate weights), so it needs
+/// a `noaux_tc` model.
 pub fn generate_tensors(
     c: &Config,
     storage: StorageDtype,
     seed: u64,
+    skew: f32,
     label: &str,
     wants: &dyn Fn(&str) -> bool,
 ) -> Result<TensorMap> {
+    if skew != 0.0 && c.gate.method != kubemoe_kernels::gate::TopkMethod::NoauxTc {
+        return Err(Error::Config {
+            path: format!("{label}/config.json"),
+            key: "topk_method".into(),
+            reason: "a skewed gate needs e_score_correction_bias, which only noaux_tc models have \
+                     (the tiny, small and v3-shape presets)"
+                .into(),
+        });
+    }
     let mut map = TensorMap { label: label.into(), ..Default::default() };
     for (name, shape, init) in tensor_specs(c).into_iter().filter(|(n, ..)| wants(n)) {
         let n: usize = shape.iter().product();
         let mut rng = Rng::new(seed ^ name_hash(&name));
-        let values: Vec<f32> = match init {
+        let mut values: Vec<f32> = match init {
             Init::Ones => vec![1.0; n],
             Init::Normal(std) => (0..n).map(|_| rng.normal() * std).collect(),
             Init::Linear(fan_in) => {
@@ -160,6 +175,10 @@ pub fn generate_tensors(
                 (0..n).map(|_| rng.normal() * std).collect()
             }
         };
+        if skew != 0.0 && name.ends_with("e_score_correction_bias") {
+            let last = (n.max(2) - 1) as f32;
+            values.iter_mut().enumerate().for_each(|(e, v)| *v += skew * (1.0 - e as f32 / last) / 10.0);
+        }
         let quantise = storage == StorageDtype::Fp8 && shape.len() == 2 && name.contains("_proj.");
         if quantise {
             let block = [128, 128];
@@ -184,7 +203,7 @@ pub fn generate_tensors(
 /// seed 0, in memory.
 pub fn builtin(preset: &str, wants: &dyn Fn(&str) -> bool) -> Result<(Config, TensorMap)> {
     let config = Config::from_json(&preset_config(preset)?.to_string(), &format!("builtin:{preset}"))?;
-    let tensors = generate_tensors(&config, StorageDtype::F32, 0, &format!("builtin:{preset}"), wants)?;
+    let tensors = generate_tensors(&config, StorageDtype::F32, 0, 0.0, &format!("builtin:{preset}"), wants)?;
     Ok((config, tensors))
 }
 
@@ -195,6 +214,7 @@ pub fn write_model_dir(
     preset: &str,
     storage: StorageDtype,
     seed: u64,
+    skew: f32,
     shard_bytes: usize,
 ) -> Result<()> {
     let mut raw = preset_config(preset)?;
@@ -215,7 +235,7 @@ pub fn write_model_dir(
     write("generation_config.json", &json!({"bos_token_id": 0, "eos_token_id": 1, "do_sample": false}))?;
     write("tokenizer.json", &tokenizer_json(config.vocab_size))?;
     write("tokenizer_config.json", &tokenizer_config_json())?;
-    generate_tensors(&config, storage, seed, &dir.display().to_string(), &|_| true)?
+    generate_tensors(&config, storage, seed, skew, &dir.display().to_string(), &|_| true)?
         .save_sharded(dir, shard_bytes)
 }
 
@@ -272,4 +292,28 @@ pub fn tokenizer_json(vocab_size: usize) -> Value {
             "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
             "vocab": vocab, "merges": []}
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skew_shifts_the_selection_bias_towards_low_experts_only() {
+        let config = Config::from_json(&preset_config("tiny").unwrap().to_string(), "tiny").unwrap();
+        let gen = |skew| generate_tensors(&config, StorageDtype::F32, 3, skew, "t", &|_| true).unwrap();
+        let (plain, skewed) = (gen(0.0), gen(2.0));
+        let bias = |m: &TensorMap| {
+            dtype::f32_from_le(&m.tensors["model.layers.1.mlp.gate.e_score_correction_bias"].data)
+        };
+        let shift: Vec<f32> = bias(&skewed).iter().zip(bias(&plain)).map(|(a, b)| a - b).collect();
+        assert!((shift[0] - 0.2).abs() < 1e-6 && shift[15].abs() < 1e-6, "{shift:?}");
+        assert!(shift.windows(2).all(|w| w[0] > w[1]));
+        let gate = "model.layers.1.mlp.gate.weight";
+        assert_eq!(plain.tensors[gate].data, skewed.tensors[gate].data);
+        let v2 = Config::from_json(&preset_config("v2-lite-shape").unwrap().to_string(), "v2").unwrap();
+        let err =
+            generate_tensors(&v2, StorageDtype::F32, 0, 1.0, "v2", &|_| false).err().unwrap().to_string();
+        assert!(err.contains("topk_method") && err.contains("noaux_tc"), "{err}");
+    }
 }

@@ -17,7 +17,7 @@ fn scratch(name: &str) -> PathBuf {
 
 fn gen(preset: &str, dtype: StorageDtype, name: &str) -> PathBuf {
     let dir = scratch(name);
-    synth::write_model_dir(&dir, preset, dtype, 7, 1 << 20).unwrap();
+    synth::write_model_dir(&dir, preset, dtype, 7, 0.0, 1 << 20).unwrap();
     dir
 }
 
@@ -38,7 +38,7 @@ const PROMPT: [u32; 9] = [0, 17, 301, 42, 7, 199, 3, 88, 250];
 fn rounded_in_memory(preset: &str, storage: StorageDtype) -> Model {
     use kubemoe_kernels::dtype;
     let config = Config::from_json(&synth::preset_config(preset).unwrap().to_string(), preset).unwrap();
-    let mut map = synth::generate_tensors(&config, StorageDtype::F32, 7, "memory", &|_| true).unwrap();
+    let mut map = synth::generate_tensors(&config, StorageDtype::F32, 7, 0.0, "memory", &|_| true).unwrap();
     for (name, t) in map.tensors.iter_mut() {
         let w = dtype::f32_from_le(&t.data);
         let rounded = if storage == StorageDtype::Fp8 && t.shape.len() == 2 && name.contains("_proj.") {
@@ -120,7 +120,7 @@ fn v2_lite_shape_with_yarn_runs_end_to_end_and_decode_matches_full_forward() {
 #[test]
 fn builtin_equals_generated_directory_with_seed_zero() {
     let dir = scratch("builtin");
-    synth::write_model_dir(&dir, "tiny", StorageDtype::F32, 0, 1 << 20).unwrap();
+    synth::write_model_dir(&dir, "tiny", StorageDtype::F32, 0, 0.0, 1 << 20).unwrap();
     let a = open(&dir).forward_full(&PROMPT, None).unwrap();
     let b = source::open("builtin:tiny", Experts::All).unwrap().forward_full(&PROMPT, None).unwrap();
     assert_eq!(a, b);

@@ -11,7 +11,6 @@ use crate::desired::{self, BuildParams, Desired, Names, HASH_ANNOTATION};
 use crate::http::{KindLabel, Metrics, ResultLabel};
 use crate::layout::{self, Invalid, Layout, ModelSource};
 use crate::model::ModelConfig;
-use crate::placement::{self, PlacementPlan};
 use crate::status::{self, Observed};
 use crate::{Error, Result, FIELD_MANAGER};
 use futures::StreamExt;
@@ -26,6 +25,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use kubemoe_api::deployment::ModelDeploymentStatus;
+use kubemoe_api::placement::{self, PlacementPlan};
 use kubemoe_api::ModelDeployment;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -72,16 +72,25 @@ impl Context {
     }
 }
 
-/// Watches ModelDeployments and the objects they own until `shutdown`.
-pub async fn run(context: Arc<Context>, shutdown: CancellationToken) {
-    let client = context.client.clone();
+/// The watches of ModelDeployments and the objects they own. Its store (`.store()`) is the
+/// rebalancer's view of the ModelDeployments, so both share one watch.
+pub fn controller(client: &Client) -> Controller<ModelDeployment> {
     let owned = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={FIELD_MANAGER}"));
     Controller::new(Api::<ModelDeployment>::all(client.clone()), watcher::Config::default().any_semantic())
         .owns(Api::<StatefulSet>::all(client.clone()), owned.clone())
         .owns(Api::<Deployment>::all(client.clone()), owned.clone())
         .owns(Api::<Service>::all(client.clone()), owned.clone())
         .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
-        .owns(Api::<PodDisruptionBudget>::all(client), owned)
+        .owns(Api::<PodDisruptionBudget>::all(client.clone()), owned)
+}
+
+/// Reconciles with `controller` until `shutdown`.
+pub async fn run(
+    controller: Controller<ModelDeployment>,
+    context: Arc<Context>,
+    shutdown: CancellationToken,
+) {
+    controller
         .graceful_shutdown_on(shutdown.cancelled_owned())
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
@@ -93,7 +102,7 @@ pub async fn run(context: Arc<Context>, shutdown: CancellationToken) {
         .await;
 }
 
-fn key(md: &ModelDeployment) -> String {
+pub(crate) fn key(md: &ModelDeployment) -> String {
     format!("{}/{}", md.namespace().unwrap_or_default(), md.name_any())
 }
 
@@ -252,7 +261,7 @@ where
     Ok((apply(api, desired).await?, true))
 }
 
-async fn get<K>(api: &Api<K>, name: &str) -> Result<Option<K>>
+pub(crate) async fn get<K>(api: &Api<K>, name: &str) -> Result<Option<K>>
 where
     K: Resource + Clone + Debug + DeserializeOwned,
 {
@@ -261,7 +270,7 @@ where
         .map_err(|source| Error::Kube { action: format!("reading {}", api.resource_url()), source })
 }
 
-async fn apply<K>(api: &Api<K>, desired: &K) -> Result<K>
+pub(crate) async fn apply<K>(api: &Api<K>, desired: &K) -> Result<K>
 where
     K: Resource + Clone + Debug + Serialize + DeserializeOwned,
 {
@@ -276,7 +285,7 @@ where
 
 /// The model source and its config: compiled in for `builtin:`, from `spec.model.configMap`
 /// otherwise. The inner Err is a spec problem to report, the outer one an API failure to retry.
-async fn resolve_model(
+pub(crate) async fn resolve_model(
     md: &ModelDeployment,
     client: &Client,
     namespace: &str,
@@ -325,46 +334,52 @@ async fn resolve_model(
 }
 
 /// The placement a ConfigMap holds; None when absent or unreadable (then it is rewritten).
-fn plan_of(config_map: &ConfigMap) -> Option<PlacementPlan> {
+pub(crate) fn plan_of(config_map: &ConfigMap) -> Option<PlacementPlan> {
     let text = config_map.data.as_ref()?.get(placement::KEY)?;
     serde_json::from_str(text).ok()
 }
 
 /// Whether a placement fits the layout (the rebalancer changes epochs, never the layout).
-fn same_layout(plan: &PlacementPlan, layout: &Layout) -> bool {
+pub(crate) fn same_layout(plan: &PlacementPlan, layout: &Layout) -> bool {
     plan.workers == layout.workers
         && plan.slots_per_worker == layout.slots_per_worker
         && plan.logical_experts == layout.logical
         && plan.layers.iter().map(|l| l.layer).eq(layout.moe_layers.iter().copied())
 }
 
-/// Writes the status through the status subresource when it differs from the current one.
-async fn write_status(
+/// Writes the status, computed from `md`, through the status subresource when it differs from
+/// `md`'s; returns the ModelDeployment as stored after. The write carries `md`'s
+/// resourceVersion: the controller and the rebalancer both write the whole status, and one
+/// computed from an outdated read would undo the other's change, so the apiserver refuses it
+/// (409 Conflict; the controller retries with backoff, the rebalancer re-reads).
+pub(crate) async fn write_status(
     md: &ModelDeployment,
     client: &Client,
     namespace: &str,
     status: ModelDeploymentStatus,
-) -> Result<()> {
+) -> Result<ModelDeployment> {
     if md.status.as_ref() == Some(&status) {
-        return Ok(());
+        return Ok(md.clone());
     }
     let api: Api<ModelDeployment> = Api::namespaced(client.clone(), namespace);
-    let patch = serde_json::json!({
+    let mut patch = serde_json::json!({
         "apiVersion": "kubemoe.io/v1alpha1",
         "kind": "ModelDeployment",
         "status": status,
     });
+    if let Some(version) = md.resource_version() {
+        patch["metadata"] = serde_json::json!({ "resourceVersion": version });
+    }
     api.patch_status(&md.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
         .await
         .map_err(|source| Error::Kube {
             action: format!("writing the status of ModelDeployment {}", key(md)),
             source,
-        })?;
-    Ok(())
+        })
 }
 
 /// Events are best effort: a failure to record one must not fail the reconcile.
-async fn publish(
+pub(crate) async fn publish(
     context: &Context,
     md: &ModelDeployment,
     type_: EventType,

@@ -11,7 +11,6 @@
 //!   pod, so a restarted pod starts from the placement in force.
 
 use crate::layout::{Layout, ModelSource};
-use crate::placement::{self, PlacementPlan};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
@@ -21,10 +20,11 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::{Resource, ResourceExt};
+use kubemoe_api::placement::{self, PlacementPlan};
 use kubemoe_api::ModelDeployment;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -138,18 +138,77 @@ pub fn build(
 ) -> Result<Desired, serde_json::Error> {
     let ctx = Ctx::new(md, source, layout, params);
     let names = Names::of(&ctx.name);
+    let initial = PlacementPlan {
+        epoch: params.epoch,
+        ..PlacementPlan::initial(layout.workers, layout.slots_per_worker, layout.logical, &layout.moe_layers)
+    };
     Ok(Desired {
-        placement: ctx.stamp(ctx.placement_config_map(&names)?)?,
-        worker_service: ctx.stamp(ctx.worker_service(&names))?,
-        workers: ctx.stamp(ctx.worker_statefulset(&names))?,
-        router_service: ctx.stamp(ctx.router_service(&names))?,
-        router: ctx.stamp(ctx.router_deployment(&names))?,
-        disruption_budget: ctx.stamp(ctx.disruption_budget(&names))?,
+        placement: placement_config_map(md, &initial)?,
+        worker_service: stamp(ctx.worker_service(&names))?,
+        workers: stamp(ctx.worker_statefulset(&names))?,
+        router_service: stamp(ctx.router_service(&names))?,
+        router: stamp(ctx.router_deployment(&names))?,
+        disruption_budget: stamp(ctx.disruption_budget(&names))?,
         pod_group: match ctx.pod_group(&names) {
-            Some(PodGroup { resource, object }) => Some(PodGroup { resource, object: ctx.stamp(object)? }),
+            Some(PodGroup { resource, object }) => Some(PodGroup { resource, object: stamp(object)? }),
             None => None,
         },
     })
+}
+
+/// The placement ConfigMap of `md` holding `plan`: the controller writes the initial plan of a
+/// layout, the rebalancer each later epoch, both through this so that labels, owner and hash
+/// agree whoever wrote it last.
+pub fn placement_config_map(
+    md: &ModelDeployment,
+    plan: &PlacementPlan,
+) -> Result<ConfigMap, serde_json::Error> {
+    let names = Names::of(&md.name_any());
+    stamp(ConfigMap {
+        metadata: child_meta(md, &names.placement, "placement"),
+        data: Some(BTreeMap::from([(placement::KEY.to_string(), serde_json::to_string(plan)?)])),
+        ..ConfigMap::default()
+    })
+}
+
+/// `host:port` of every worker rank of `md`, in rank order: the headless Service's per-pod DNS
+/// names, which routers dispatch to and the rebalancer migrates through.
+pub fn worker_addresses(md: &ModelDeployment, workers: u32) -> Vec<String> {
+    let names = Names::of(&md.name_any());
+    let namespace = namespace_of(md);
+    (0..workers)
+        .map(|rank| {
+            format!(
+                "{}-{rank}.{}.{namespace}.svc:{}",
+                names.workers, names.worker_service, md.spec.workers.port
+            )
+        })
+        .collect()
+}
+
+fn namespace_of(md: &ModelDeployment) -> String {
+    md.namespace().unwrap_or_else(|| "default".to_string())
+}
+
+/// Name, namespace, instance labels and (when `md` has a uid) the controller ownerReference of
+/// a child of `md`.
+fn child_meta(md: &ModelDeployment, name: &str, component: &str) -> ObjectMeta {
+    let mut labels = selector_labels(&md.name_any(), component);
+    labels.insert("app.kubernetes.io/managed-by".into(), crate::FIELD_MANAGER.into());
+    ObjectMeta {
+        name: Some(name.to_string()),
+        namespace: Some(namespace_of(md)),
+        labels: Some(labels),
+        owner_references: md.controller_owner_ref(&()).map(|o| vec![o]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// Adds the content hash annotation (computed without it).
+fn stamp<K: Resource + Serialize>(mut obj: K) -> Result<K, serde_json::Error> {
+    let hash = content_hash(&serde_json::to_string(&obj)?);
+    obj.annotations_mut().insert(HASH_ANNOTATION.to_string(), hash);
+    Ok(obj)
 }
 
 /// FNV-1a over the JSON text: stable across Rust versions and platforms (the golden files
@@ -169,8 +228,6 @@ struct Ctx<'a> {
     layout: &'a Layout,
     params: &'a BuildParams,
     name: String,
-    namespace: String,
-    owner: Option<OwnerReference>,
 }
 
 impl<'a> Ctx<'a> {
@@ -180,43 +237,11 @@ impl<'a> Ctx<'a> {
         layout: &'a Layout,
         params: &'a BuildParams,
     ) -> Self {
-        Ctx {
-            md,
-            source,
-            layout,
-            params,
-            name: md.name_any(),
-            namespace: md.namespace().unwrap_or_else(|| "default".to_string()),
-            owner: md.controller_owner_ref(&()),
-        }
+        Ctx { md, source, layout, params, name: md.name_any() }
     }
 
     fn meta(&self, name: &str, component: &str) -> ObjectMeta {
-        let mut labels = selector_labels(&self.name, component);
-        labels.insert("app.kubernetes.io/managed-by".into(), crate::FIELD_MANAGER.into());
-        ObjectMeta {
-            name: Some(name.to_string()),
-            namespace: Some(self.namespace.clone()),
-            labels: Some(labels),
-            owner_references: self.owner.clone().map(|o| vec![o]),
-            ..ObjectMeta::default()
-        }
-    }
-
-    /// Adds the content hash annotation (computed without it).
-    fn stamp<K: Resource + Serialize>(&self, mut obj: K) -> Result<K, serde_json::Error> {
-        let hash = content_hash(&serde_json::to_string(&obj)?);
-        obj.annotations_mut().insert(HASH_ANNOTATION.to_string(), hash);
-        Ok(obj)
-    }
-
-    fn placement_config_map(&self, names: &Names) -> Result<ConfigMap, serde_json::Error> {
-        let plan = PlacementPlan::initial(self.layout, self.params.epoch);
-        Ok(ConfigMap {
-            metadata: self.meta(&names.placement, "placement"),
-            data: Some(BTreeMap::from([(placement::KEY.to_string(), serde_json::to_string(&plan)?)])),
-            ..ConfigMap::default()
-        })
+        child_meta(self.md, name, component)
     }
 
     fn worker_service(&self, names: &Names) -> Service {
@@ -285,10 +310,10 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// Arguments both roles share: the model. Both read the same static placement (worker `r`
-    /// holds the `r`-th contiguous block of experts), so nothing else needs passing yet.
+    /// Arguments both roles share: the model, and the mounted placement ConfigMap, so that a
+    /// (re)started pod serves the epoch in force.
     fn common_args(&self, model: String) -> Vec<String> {
-        vec!["--model".into(), model]
+        vec!["--model".into(), model, "--placement".into(), format!("{PLACEMENT_DIR}/{}", placement::KEY)]
     }
 
     /// Volumes and mounts both roles share: writable /tmp on a read-only root filesystem, the
@@ -422,19 +447,6 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// Comma-separated `host:port` of every worker rank, in rank order.
-    fn worker_addresses(&self, names: &Names) -> String {
-        (0..self.layout.workers)
-            .map(|rank| {
-                format!(
-                    "{}-{rank}.{}.{}.svc:{}",
-                    names.workers, names.worker_service, self.namespace, self.md.spec.workers.port
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
     fn router_deployment(&self, names: &Names) -> Deployment {
         let spec = &self.md.spec;
         let router = &spec.router;
@@ -444,12 +456,16 @@ impl<'a> Ctx<'a> {
         args.extend([
             "--port".into(),
             router.grpc_port.to_string(),
+            "--http-port".into(),
+            router.http_port.to_string(),
             "--workers".into(),
-            self.worker_addresses(names),
+            worker_addresses(self.md, self.layout.workers).join(","),
             "--max-batch-tokens".into(),
             router.max_batch_tokens.to_string(),
             "--max-concurrent".into(),
             router.max_concurrent_requests.to_string(),
+            "--load-window".into(),
+            spec.balancing.window.clone(),
         ]);
         if let Some(max) = spec.model.max_context_length {
             args.extend(["--max-context".into(), max.to_string()]);

@@ -13,7 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +28,13 @@ pub struct KindLabel {
     pub kind: String,
 }
 
+/// One ModelDeployment.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeploymentLabel {
+    pub namespace: String,
+    pub name: String,
+}
+
 /// The operator's metrics. Cloned handles share the values.
 pub struct Metrics {
     registry: Registry,
@@ -38,6 +45,12 @@ pub struct Metrics {
     pub applies: Family<KindLabel, Counter>,
     /// 1 while this replica holds the lease.
     pub leader: Gauge,
+    /// Rebalances by outcome: `rebalanced`, `failed` (then settled back or forward), `settled`
+    /// (a migration an earlier poll or operator left unfinished, converged).
+    pub rebalances: Family<ResultLabel, Counter>,
+    /// Max over mean tokens per worker at the last poll of each deployment (after a rebalance:
+    /// what the new placement gives on the load that triggered it).
+    pub imbalance: Family<DeploymentLabel, Gauge<f64, AtomicU64>>,
     /// Set once the Kubernetes API answered.
     pub api_reachable: AtomicBool,
 }
@@ -48,17 +61,27 @@ impl Default for Metrics {
         let reconcile_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 14));
         let applies = Family::<KindLabel, Counter>::default();
         let leader = Gauge::default();
+        let rebalances = Family::<ResultLabel, Counter>::default();
+        let imbalance = Family::<DeploymentLabel, Gauge<f64, AtomicU64>>::default();
         let mut registry = Registry::with_prefix("kubemoe_operator");
         registry.register("reconciles", "ModelDeployment reconciles by result", reconciles.clone());
         registry.register("reconcile_duration_seconds", "Time of one reconcile", reconcile_seconds.clone());
         registry.register("applies", "Server-side applies of owned objects by kind", applies.clone());
         registry.register("leader", "1 while this replica holds the leader lease", leader.clone());
+        registry.register("rebalances", "Expert rebalances by result", rebalances.clone());
+        registry.register(
+            "imbalance",
+            "Max over mean tokens per worker of a ModelDeployment at its last load poll",
+            imbalance.clone(),
+        );
         Metrics {
             registry,
             reconciles,
             reconcile_seconds,
             applies,
             leader,
+            rebalances,
+            imbalance,
             api_reachable: AtomicBool::new(false),
         }
     }

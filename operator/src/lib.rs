@@ -3,8 +3,9 @@
 //! Layers, innermost first: [`model`] (the expert facts of a `config.json`), [`layout`] (spec +
 //! model → expert layout, or what to change), [`desired`] (→ the owned objects, pure),
 //! [`status`] (observations → status, pure), [`controller`] (the async reconcile loop around
-//! them), [`leader`] (one active replica), [`http`] (metrics and health). [`render`] prints the
-//! same objects offline.
+//! them), [`rebalance`] (load → placement decisions, and live migration over gRPC) and
+//! [`rebalancer`] (the loop that runs them next to the controller), [`leader`] (one active
+//! replica), [`http`] (metrics and health). [`render`] prints the same objects offline.
 
 pub mod controller;
 pub mod desired;
@@ -12,7 +13,8 @@ pub mod http;
 pub mod layout;
 pub mod leader;
 pub mod model;
-pub mod placement;
+pub mod rebalance;
+pub mod rebalancer;
 pub mod render;
 pub mod status;
 
@@ -68,6 +70,36 @@ pub enum Error {
     LeaseLost { lease: String },
     #[error("cannot listen for shutdown signals")]
     Signals(#[source] std::io::Error),
+    #[error("balancing settings")]
+    Balancing(#[source] kubemoe_api::Error),
+    #[error("planning a placement")]
+    Plan(#[source] kubemoe_api::Error),
+    #[error("{0}")]
+    Routers(String),
+    #[error(
+        "router {router} routes by placement epoch {epoch}, another by {other}: a migration is unfinished"
+    )]
+    Unfinished { router: String, epoch: u64, other: u64 },
+    #[error("{step} on {target}")]
+    Call {
+        step: &'static str,
+        target: String,
+        #[source]
+        source: tonic::Status,
+    },
+    #[error("connecting to {url}")]
+    Connect {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+}
+
+impl Error {
+    /// The Kubernetes API refused a write made from an outdated read (409 Conflict).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Kube { source: kube::Error::Api(status), .. } if status.is_conflict())
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -89,8 +121,8 @@ pub struct RunOptions {
     pub lease: leader::LeaseConfig,
 }
 
-/// Runs the operator until SIGTERM or Ctrl-C: health and metrics at once, the controller
-/// while this replica holds the lease. Losing the lease is an error (the process exits and
+/// Runs the operator until SIGTERM or Ctrl-C: health and metrics at once, the controller and
+/// the rebalancer while this replica holds the lease. Losing the lease is an error (the process exits and
 /// restarts as a standby) because a replica that no longer leads must stop writing.
 pub async fn run(options: RunOptions) -> Result<()> {
     let shutdown = CancellationToken::new();
@@ -124,11 +156,19 @@ async fn run_until(options: RunOptions, shutdown: CancellationToken) -> Result<(
     if !elector.acquire(&metrics, &shutdown).await? {
         return server.await.unwrap_or(Ok(()));
     }
-    tracing::info!(identity = %options.lease.identity, "leading; starting the controller");
+    tracing::info!(identity = %options.lease.identity, "leading; starting the controller and the rebalancer");
+    let controller = controller::controller(&client);
+    let deployments = controller.store();
     let context = controller::Context::new(client, options.image, metrics.clone());
+    let work = async {
+        tokio::join!(
+            controller::run(controller, context.clone(), shutdown.clone()),
+            rebalancer::run(context, deployments, shutdown.clone()),
+        )
+    };
     let result = tokio::select! {
         lost = elector.hold(&metrics, &shutdown) => lost,
-        () = controller::run(context, shutdown.clone()) => Ok(()),
+        _ = work => Ok(()),
     };
     metrics.leader.set(0);
     shutdown.cancel();

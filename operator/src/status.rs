@@ -4,8 +4,14 @@
 //!
 //! Conditions keep their `lastTransitionTime` while their status stays the same, so recomputing
 //! with a later clock changes nothing.
+//!
+//! Two writers share the status: the controller (everything but what follows) and the
+//! [`crate::rebalancer`], which owns the `Rebalancing` condition and what `placement` says of
+//! load and rebalances. Each computes its part from the current status and carries the other's
+//! over unchanged, so neither undoes the other and an unchanged world still writes nothing.
 
 use crate::layout::{Invalid, Layout};
+use crate::rebalance::Proposal;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
@@ -15,6 +21,7 @@ use kubemoe_api::ModelDeployment;
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
+pub const REBALANCING: &str = "Rebalancing";
 
 /// What the controller saw of the workloads after applying them.
 #[derive(Clone, Copy, Debug, Default)]
@@ -29,7 +36,7 @@ pub struct Observed<'a> {
 pub fn invalid(md: &ModelDeployment, invalid: &Invalid, now: &Time) -> ModelDeploymentStatus {
     let previous = md.status.as_ref();
     let generation = md.metadata.generation;
-    let conditions = vec![
+    let mut conditions = vec![
         condition(previous, READY, false, invalid.reason, &invalid.message, generation, now),
         condition(
             previous,
@@ -42,6 +49,7 @@ pub fn invalid(md: &ModelDeployment, invalid: &Invalid, now: &Time) -> ModelDepl
         ),
         condition(previous, DEGRADED, false, invalid.reason, "no workloads for this spec", generation, now),
     ];
+    conditions.extend(find(previous, REBALANCING).cloned());
     ModelDeploymentStatus {
         observed_generation: generation,
         phase: Some(Phase::Failed),
@@ -112,7 +120,7 @@ pub fn valid(
         "RoutersUnavailable"
     };
 
-    let conditions = vec![
+    let mut conditions = vec![
         condition(previous, READY, ready, ready_reason, &ready_message, generation, now),
         condition(
             previous,
@@ -125,6 +133,7 @@ pub fn valid(
         ),
         condition(previous, DEGRADED, degraded, degraded_reason, &degraded_message, generation, now),
     ];
+    conditions.extend(find(previous, REBALANCING).cloned());
     let phase = if ready {
         Phase::Ready
     } else if degraded {
@@ -132,13 +141,16 @@ pub fn valid(
     } else {
         Phase::Progressing
     };
-    let earlier = previous.and_then(|s| s.placement.as_ref()).filter(|p| p.epoch == observed.epoch as i64);
+    let earlier = previous.and_then(|s| s.placement.as_ref());
+    let same_epoch = earlier.filter(|p| p.epoch == observed.epoch as i64);
     let placement = PlacementStatus {
         epoch: observed.epoch as i64,
         logical_experts: layout.logical as i32,
         physical_experts: layout.physical() as i32,
-        // The rebalancer measures these; a new epoch starts without them.
-        imbalance: earlier.and_then(|p| p.imbalance),
+        // The rebalancer's. An imbalance was measured on its epoch's placement, so a new epoch
+        // starts without one; the last rebalance stays the last one (and its time is the
+        // cooldown's start, also for an epoch the rebalancer wrote and has not reported yet).
+        imbalance: same_epoch.and_then(|p| p.imbalance),
         last_rebalance_time: earlier.and_then(|p| p.last_rebalance_time.clone()),
         experts_moved: earlier.and_then(|p| p.experts_moved),
     };
@@ -154,6 +166,94 @@ pub fn valid(
         placement: Some(placement),
         endpoint: Some(format!("{}.{namespace}.svc:{}", names.router_service, spec.router.grpc_port)),
     }
+}
+
+/// An imbalance as status reports it: two decimals, so that a poll whose measurement moved
+/// less than that writes nothing.
+pub fn rounded(imbalance: f64) -> f64 {
+    (imbalance * 100.0).round() / 100.0
+}
+
+/// Status while `md` migrates to `proposal`: `Rebalancing=True`.
+pub fn rebalancing(md: &ModelDeployment, proposal: &Proposal, now: &Time) -> ModelDeploymentStatus {
+    let message = format!(
+        "moving {} expert copies to placement epoch {}: imbalance {:.2} -> {:.2}",
+        proposal.moved, proposal.plan.epoch, proposal.imbalance_before, proposal.imbalance_after
+    );
+    with_rebalancing(md, true, "Migrating", &message, now)
+}
+
+/// Status once every router routes by `proposal` and every worker serves it.
+pub fn rebalanced(md: &ModelDeployment, proposal: &Proposal, now: &Time) -> ModelDeploymentStatus {
+    let plan = &proposal.plan;
+    let message = format!(
+        "placement epoch {} in force: imbalance {:.2} -> {:.2}, {} expert copies moved",
+        plan.epoch, proposal.imbalance_before, proposal.imbalance_after, proposal.moved
+    );
+    ModelDeploymentStatus {
+        placement: Some(PlacementStatus {
+            epoch: plan.epoch as i64,
+            logical_experts: plan.logical_experts as i32,
+            physical_experts: (plan.workers * plan.slots_per_worker) as i32,
+            imbalance: Some(rounded(proposal.imbalance_after)),
+            last_rebalance_time: Some(now.clone()),
+            experts_moved: Some(proposal.moved as i64),
+        }),
+        ..with_rebalancing(md, false, "Rebalanced", &message, now)
+    }
+}
+
+/// Status after the migration to `epoch` failed with `error` (its whole chain); the placement
+/// status is left as it was.
+pub fn rebalance_failed(md: &ModelDeployment, epoch: u64, error: &str, now: &Time) -> ModelDeploymentStatus {
+    let message = format!("migration to placement epoch {epoch} failed: {error}");
+    with_rebalancing(md, false, "MigrationFailed", &message, now)
+}
+
+/// Status once routers, workers and the placement ConfigMap agree on `epoch` again after a
+/// migration did not finish: a `Rebalancing=True` left by a stopped operator becomes `False`;
+/// anything else (a failure already reported) stays as it is.
+pub fn settled(md: &ModelDeployment, epoch: u64, now: &Time) -> ModelDeploymentStatus {
+    if !is_rebalancing(md.status.as_ref()) {
+        return md.status.clone().unwrap_or_default();
+    }
+    let message = format!(
+        "a migration was interrupted (the operator stopped); routers, workers and the placement \
+         ConfigMap now agree on epoch {epoch}"
+    );
+    with_rebalancing(md, false, "Interrupted", &message, now)
+}
+
+/// Status after a poll measured `imbalance` and kept the placement.
+pub fn measured(md: &ModelDeployment, imbalance: f64) -> ModelDeploymentStatus {
+    let mut status = md.status.clone().unwrap_or_default();
+    if let Some(placement) = &mut status.placement {
+        placement.imbalance = Some(rounded(imbalance));
+    }
+    status
+}
+
+/// Whether the status says a migration is under way.
+pub fn is_rebalancing(status: Option<&ModelDeploymentStatus>) -> bool {
+    find(status, REBALANCING).is_some_and(|c| c.status == "True")
+}
+
+/// `md`'s status with the `Rebalancing` condition set (appended after the controller's).
+fn with_rebalancing(
+    md: &ModelDeployment,
+    status: bool,
+    reason: &str,
+    message: &str,
+    now: &Time,
+) -> ModelDeploymentStatus {
+    let previous = md.status.as_ref();
+    let rebalancing = condition(previous, REBALANCING, status, reason, message, md.metadata.generation, now);
+    let mut next = previous.cloned().unwrap_or_default();
+    match next.conditions.iter_mut().find(|c| c.type_ == REBALANCING) {
+        Some(existing) => *existing = rebalancing,
+        None => next.conditions.push(rebalancing),
+    }
+    next
 }
 
 fn workload_counts(counts: Option<ReplicaCounts>) -> ReplicaCounts {
@@ -223,4 +323,164 @@ fn condition(
 /// The condition of `type_` in `status`, if any.
 pub fn find<'a>(status: Option<&'a ModelDeploymentStatus>, type_: &str) -> Option<&'a Condition> {
     status.and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ModelConfig;
+    use kubemoe_api::placement::PlacementPlan;
+
+    fn time(text: &str) -> Time {
+        Time(text.parse().unwrap())
+    }
+
+    /// A ready deployment of the tiny model on 2 workers, reconciled at epoch 0.
+    fn ready() -> (ModelDeployment, Layout) {
+        let mut md = ModelDeployment::new(
+            "m",
+            serde_json::from_value(
+                serde_json::json!({"model": {"source": "builtin:tiny"}, "workers": {"replicas": 2}}),
+            )
+            .unwrap(),
+        );
+        md.metadata.generation = Some(1);
+        let layout = crate::layout::layout(&md.spec, &ModelConfig::preset("tiny").unwrap().unwrap()).unwrap();
+        let (workers, router) = workloads();
+        let observed = Observed { workers: Some(&workers), router: Some(&router), epoch: 0 };
+        md.status = Some(valid(&md, &layout, observed, &time("2025-01-01T00:00:00Z")));
+        (md, layout)
+    }
+
+    fn proposal() -> Proposal {
+        Proposal {
+            plan: PlacementPlan { epoch: 1, ..PlacementPlan::initial(2, 8, 16, &[1, 2]) },
+            imbalance_before: 1.8712,
+            imbalance_after: 1.0449,
+            moved: 6,
+        }
+    }
+
+    fn rebalancing_condition(status: &ModelDeploymentStatus) -> (String, String, Time) {
+        let c = find(Some(status), REBALANCING).unwrap();
+        (c.status.clone(), c.reason.clone(), c.last_transition_time.clone())
+    }
+
+    #[test]
+    fn a_rebalance_goes_migrating_then_rebalanced_and_records_the_placement() {
+        let (mut md, _) = ready();
+        let before = md.status.clone().unwrap();
+        let t1 = time("2025-01-01T00:05:00Z");
+        let migrating = rebalancing(&md, &proposal(), &t1);
+        assert_eq!(rebalancing_condition(&migrating), ("True".into(), "Migrating".into(), t1.clone()));
+        let message = &find(Some(&migrating), REBALANCING).unwrap().message;
+        assert!(
+            message.contains("epoch 1") && message.contains("1.87 -> 1.04") && message.contains("6 expert")
+        );
+        assert_eq!(migrating.placement, before.placement, "nothing recorded before the migration");
+        assert_eq!(migrating.conditions[..3], before.conditions[..], "the controller's conditions stay");
+
+        md.status = Some(migrating);
+        let t2 = time("2025-01-01T00:05:07Z");
+        let done = rebalanced(&md, &proposal(), &t2);
+        assert_eq!(rebalancing_condition(&done), ("False".into(), "Rebalanced".into(), t2.clone()));
+        let placement = done.placement.clone().unwrap();
+        assert_eq!(
+            placement,
+            PlacementStatus {
+                epoch: 1,
+                logical_experts: 16,
+                physical_experts: 16,
+                imbalance: Some(1.04),
+                last_rebalance_time: Some(t2),
+                experts_moved: Some(6),
+            }
+        );
+        assert_eq!(done.phase, before.phase);
+        assert_eq!(done.conditions.len(), 4);
+    }
+
+    #[test]
+    fn a_failure_keeps_the_placement_and_says_why() {
+        let (mut md, _) = ready();
+        md.status = Some(rebalancing(&md, &proposal(), &time("2025-01-01T00:05:00Z")));
+        let failed = rebalance_failed(
+            &md,
+            1,
+            "commit on http://10.0.0.1:50051: unavailable",
+            &time("2025-01-01T00:05:03Z"),
+        );
+        let c = find(Some(&failed), REBALANCING).unwrap();
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "MigrationFailed"));
+        assert!(
+            c.message.contains("epoch 1") && c.message.contains("commit on http://10.0.0.1:50051"),
+            "{}",
+            c.message
+        );
+        assert_eq!(failed.placement, md.status.as_ref().unwrap().placement);
+        md.status = Some(failed.clone());
+        // Settling afterwards leaves the reported failure alone.
+        assert_eq!(settled(&md, 0, &time("2025-01-01T00:05:04Z")), failed);
+    }
+
+    #[test]
+    fn settling_clears_only_a_rebalance_a_stopped_operator_left() {
+        let (mut md, _) = ready();
+        assert_eq!(
+            settled(&md, 0, &time("2025-01-01T00:06:00Z")),
+            md.status.clone().unwrap(),
+            "nothing to clear"
+        );
+        md.status = Some(rebalancing(&md, &proposal(), &time("2025-01-01T00:05:00Z")));
+        let t = time("2025-01-01T00:06:00Z");
+        let after = settled(&md, 0, &t);
+        assert_eq!(rebalancing_condition(&after), ("False".into(), "Interrupted".into(), t));
+        assert!(find(Some(&after), REBALANCING).unwrap().message.contains("epoch 0"));
+    }
+
+    #[test]
+    fn measuring_writes_only_a_change_visible_at_two_decimals() {
+        let (mut md, _) = ready();
+        let first = measured(&md, 1.23456);
+        assert_eq!(first.placement.as_ref().unwrap().imbalance, Some(1.23));
+        md.status = Some(first.clone());
+        assert_eq!(measured(&md, 1.2349), first, "same at two decimals: the status is unchanged");
+        assert_eq!(measured(&md, 1.236).placement.unwrap().imbalance, Some(1.24));
+    }
+
+    #[test]
+    fn reconciles_carry_the_rebalancer_s_condition_and_history_over() {
+        let (mut md, layout) = ready();
+        md.status = Some(rebalancing(&md, &proposal(), &time("2025-01-01T00:05:00Z")));
+        md.status = Some(rebalanced(&md, &proposal(), &time("2025-01-01T00:05:07Z")));
+        let later = time("2025-01-01T01:00:00Z");
+        // The controller reconciles with the epoch now in the ConfigMap: nothing changes.
+        let (workers, router) = workloads();
+        let observed = Observed { workers: Some(&workers), router: Some(&router), epoch: 1 };
+        assert_eq!(&valid(&md, &layout, observed, &later), md.status.as_ref().unwrap());
+        // A new epoch from a layout change drops the imbalance, not when the last rebalance was.
+        let observed = Observed { epoch: 2, ..observed };
+        let placement = valid(&md, &layout, observed, &later).placement.unwrap();
+        assert_eq!((placement.epoch, placement.imbalance), (2, None));
+        assert_eq!(placement.last_rebalance_time, Some(time("2025-01-01T00:05:07Z")));
+        assert_eq!(placement.experts_moved, Some(6));
+        // A refused spec keeps it too.
+        let refused = Invalid { reason: "ExpertsNotDivisible", message: "x".into() };
+        let status = invalid(&md, &refused, &later);
+        assert_eq!(rebalancing_condition(&status).1, "Rebalanced");
+    }
+
+    /// A rolled-out StatefulSet of 2 ready workers and Deployment of 1 ready router.
+    fn workloads() -> (StatefulSet, Deployment) {
+        let workers = serde_json::from_value(serde_json::json!({
+            "metadata": {"generation": 1}, "spec": {"replicas": 2, "selector": {}, "template": {}, "serviceName": "s"},
+            "status": {"replicas": 2, "readyReplicas": 2, "updatedReplicas": 2, "currentRevision": "r",
+                       "updateRevision": "r", "observedGeneration": 1}}))
+        .unwrap();
+        let router = serde_json::from_value(serde_json::json!({
+            "metadata": {"generation": 1}, "spec": {"replicas": 1, "selector": {}, "template": {}},
+            "status": {"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1, "observedGeneration": 1}}))
+        .unwrap();
+        (workers, router)
+    }
 }

@@ -9,59 +9,17 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use kube::ResourceExt;
 use kubemoe_api::deployment::Phase;
 use kubemoe_api::ModelDeployment;
-use kubemoe_operator::controller::{self, Context};
-use kubemoe_operator::http::Metrics;
+use kubemoe_operator::controller;
 use kubemoe_operator::status;
 use serde_json::json;
 use std::sync::Arc;
+use support::{World, EVENT, MD, PLACEMENT};
 
-const MD: &str = "/apis/kubemoe.io/v1alpha1/namespaces/ml/modeldeployments/tiny";
 const STS: &str = "/apis/apps/v1/namespaces/ml/statefulsets/tiny-worker";
 const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/ml/deployments/tiny-router";
-const PLACEMENT: &str = "/api/v1/namespaces/ml/configmaps/tiny-placement";
 const WORKER_SERVICE: &str = "/api/v1/namespaces/ml/services/tiny-workers";
 const ROUTER_SERVICE: &str = "/api/v1/namespaces/ml/services/tiny";
 const PDB: &str = "/apis/policy/v1/namespaces/ml/poddisruptionbudgets/tiny-workers";
-const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/ml/events";
-/// An event written (created, or patched as a series when it repeats).
-const EVENT: &str = "event";
-
-struct World {
-    api: support::FakeApi,
-    context: Arc<Context>,
-}
-
-impl World {
-    fn new(spec: serde_json::Value) -> Self {
-        let (client, api) = support::client();
-        let md = json!({
-            "apiVersion": "kubemoe.io/v1alpha1", "kind": "ModelDeployment",
-            "metadata": {"name": "tiny", "namespace": "ml"},
-            "spec": spec,
-        });
-        api.insert(MD, md);
-        let context = Context::new(client, "kubemoe:test".into(), Arc::new(Metrics::default()));
-        World { api, context }
-    }
-
-    fn md(&self) -> ModelDeployment {
-        self.api.object(MD)
-    }
-
-    /// Reconciles the stored ModelDeployment; returns the writes it made.
-    async fn reconcile(&self) -> Vec<String> {
-        self.api.take_writes();
-        controller::reconcile(Arc::new(self.md()), self.context.clone()).await.unwrap();
-        let writes = self.api.take_writes();
-        writes.into_iter().map(|w| if w.contains(EVENTS) { EVENT.to_string() } else { w }).collect()
-    }
-
-    fn edit(&self, f: impl FnOnce(&mut serde_json::Value)) {
-        let mut md = self.api.get(MD).unwrap();
-        f(&mut md["spec"]);
-        self.api.insert(MD, md);
-    }
-}
 
 fn tiny() -> serde_json::Value {
     json!({"model": {"source": "builtin:tiny"}, "workers": {"replicas": 2}})

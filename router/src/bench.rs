@@ -7,8 +7,9 @@
 //! - decode tokens/s at batch 32 with the experts on the workers against the single-process
 //!   engine (goal ≥ 0.8×).
 
-use crate::remote::{channel, RemoteExperts};
+use crate::remote::RemoteExperts;
 use crate::Result;
+use kubemoe_api::channel;
 use kubemoe_api::expert::expert_client::ExpertClient;
 use kubemoe_api::expert::DispatchRequest;
 use kubemoe_model::layers::RoutedExperts;
@@ -112,10 +113,8 @@ pub fn run(model: &str, urls: &[String], batch: usize, steps: usize) -> Result<R
     let dense = source::open(model, Experts::None)?;
     let c = dense.config.clone();
     let channels = urls.iter().map(|u| channel(u)).collect::<Result<Vec<_>, _>>()?;
-    let owner = (0..c.n_routed_experts)
-        .map(|e| kubemoe_api::placement::contiguous_owner(e, c.n_routed_experts, urls.len()))
-        .collect();
-    let remote = RemoteExperts::new(&c, channels, owner, Duration::from_secs(60), runtime.handle().clone());
+    let minute = Duration::from_secs(60);
+    let remote = RemoteExperts::new(&c, channels, None, minute, minute, runtime.handle().clone())?;
     runtime.block_on(async {
         let started = Instant::now();
         while let Err(e) = remote.check_workers(model).await {

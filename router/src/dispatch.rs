@@ -1,6 +1,10 @@
 //! The dispatch plan of one MoE layer (DESIGN §5): which rows go to which worker, each token
 //! once per destination worker however many of its experts live there, and how the partial
 //! sums come back. Pure functions; the transport only moves the bytes they produce.
+//!
+//! A replicated expert's tokens go, one by one, to the least-loaded of the workers holding it
+//! (DESIGN §4): load is the routes already planned for each worker in this layer; ties go to a
+//! worker that already receives the token (no extra activation bytes), then to the lower rank.
 
 use kubemoe_kernels::dtype::{extend_f32_le, f32_from_le};
 use kubemoe_model::layers::Routing;
@@ -47,13 +51,20 @@ impl WorkerBatch {
     }
 }
 
-/// Splits `routing` over the workers: `owner[e]` is the worker holding logical expert `e`.
-pub fn plan(routing: &Routing, owner: &[usize], workers: usize) -> Vec<WorkerBatch> {
+/// Splits `routing` over the workers: `holders[e]` are the workers holding logical expert `e`
+/// (never empty for a valid placement).
+pub fn plan(routing: &Routing, holders: &[Vec<u32>], workers: usize) -> Vec<WorkerBatch> {
     let mut batches = vec![WorkerBatch::default(); workers];
     let k = routing.top_k;
     for (token, (ids, weights)) in routing.ids.chunks(k).zip(routing.weights.chunks(k)).enumerate() {
         for (&e, &w) in ids.iter().zip(weights) {
-            let b = &mut batches[owner[e as usize]];
+            let Some(&chosen) = holders[e as usize].iter().min_by_key(|&&h| {
+                let b = &batches[h as usize];
+                (b.routes.len(), b.rows.last() != Some(&token), h)
+            }) else {
+                continue;
+            };
+            let b = &mut batches[chosen as usize];
             if b.rows.last() != Some(&token) {
                 b.rows.push(token);
             }
@@ -72,11 +83,40 @@ mod tests {
         // 4 experts, experts 0,1 on worker 0 and 2,3 on worker 1; top-2.
         let routing =
             Routing { top_k: 2, ids: vec![0, 1, 1, 3, 2, 3], weights: vec![0.1, 0.2, 0.3, 0.4, 0.5, 0.6] };
-        let b = plan(&routing, &[0, 0, 1, 1], 2);
+        let b = plan(&routing, &[vec![0], vec![0], vec![1], vec![1]], 2);
         assert_eq!(b[0].rows, vec![0, 1]);
         assert_eq!(b[0].routes, vec![(0, 0, 0.1), (0, 1, 0.2), (1, 1, 0.3)]);
         assert_eq!(b[1].rows, vec![1, 2]);
         assert_eq!(b[1].routes, vec![(0, 3, 0.4), (1, 2, 0.5), (1, 3, 0.6)]);
+    }
+
+    #[test]
+    fn replicated_experts_go_to_the_least_loaded_holder() {
+        // Expert 0 on workers 0 and 1, expert 1 on worker 0 only; top-1, four tokens.
+        let holders = [vec![0, 1], vec![0]];
+        let routing = Routing { top_k: 1, ids: vec![1, 0, 0, 0], weights: vec![1.0; 4] };
+        let b = plan(&routing, &holders, 2);
+        // Token 0 loads worker 0, so token 1 goes to worker 1, token 2 back to worker 0 (tie,
+        // lower rank), token 3 to worker 1.
+        assert_eq!(b[0].rows, vec![0, 2]);
+        assert_eq!(b[1].rows, vec![1, 3]);
+        // A tie goes to the worker the token already travels to (no extra activation bytes):
+        // after token 0 and token 1's expert 1, both workers have 2 routes; token 1's expert 0
+        // joins it on worker 1 rather than going to the lower rank.
+        let holders = [vec![0, 1], vec![1], vec![0]];
+        let routing = Routing { top_k: 3, ids: vec![2, 2, 1, 1, 0, 2], weights: vec![1.0; 6] };
+        let b = plan(&routing, &holders, 2);
+        assert_eq!(b[1].rows, vec![0, 1]);
+        assert_eq!(b[1].routes, vec![(0, 1, 1.0), (1, 1, 1.0), (1, 0, 1.0)]);
+        assert_eq!(b[0].routes, vec![(0, 2, 1.0), (0, 2, 1.0), (1, 2, 1.0)]);
+        // Every route is planned exactly once, whatever the replication.
+        let routing = Routing { top_k: 2, ids: (0..64).map(|i| i % 3).collect(), weights: vec![1.0; 64] };
+        let holders = [vec![0, 1, 2], vec![1], vec![0, 2]];
+        let b = plan(&routing, &holders, 3);
+        assert_eq!(b.iter().map(|b| b.routes.len()).sum::<usize>(), 64);
+        for (w, batch) in b.iter().enumerate() {
+            assert!(batch.routes.iter().all(|(_, e, _)| holders[*e as usize].contains(&(w as u32))));
+        }
     }
 
     #[test]

@@ -189,13 +189,7 @@ fn step(model: &Model, experts: &dyn RoutedExperts, running: &mut Vec<Sequence>)
 
 /// The gRPC status a failed step gives each of its sequences.
 fn status_of(e: &kubemoe_model::Error) -> tonic::Status {
-    let mut message = e.to_string();
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
-        message.push_str(": ");
-        message.push_str(&c.to_string());
-        cause = c.source();
-    }
+    let message = kubemoe_api::error_chain(e);
     match e {
         kubemoe_model::Error::ExpertsUnavailable { .. } => tonic::Status::unavailable(message),
         kubemoe_model::Error::TokenOutOfVocab { .. } | kubemoe_model::Error::ContextOverflow { .. } => {

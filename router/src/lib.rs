@@ -6,6 +6,8 @@
 pub mod bench;
 pub mod dispatch;
 pub mod engine;
+pub mod load;
+pub mod metrics;
 pub mod remote;
 pub mod scheduler;
 pub mod service;
@@ -29,9 +31,26 @@ pub enum Error {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("starting the batch loop")]
     Thread(#[from] std::io::Error),
+    /// A plan inconsistent with the model or the workers.
+    #[error("placement")]
+    Placement(#[from] kubemoe_api::Error),
+    /// A placement switch out of order.
+    #[error("migration out of order: {0}")]
+    Epoch(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        let message = kubemoe_api::error_chain(&e);
+        match e {
+            Error::Placement(_) => tonic::Status::invalid_argument(message),
+            Error::Epoch(_) => tonic::Status::failed_precondition(message),
+            _ => tonic::Status::internal(message),
+        }
+    }
+}
 
 /// How a router runs.
 #[derive(Clone, Debug)]
@@ -48,13 +67,18 @@ pub struct Options {
     pub worker_deadline: std::time::Duration,
     /// How long to wait for the workers at start.
     pub startup_timeout: std::time::Duration,
+    /// The placement to start from (default: the minimal initial placement).
+    pub placement: Option<kubemoe_api::placement::PlacementPlan>,
+    /// Sliding window of the expert load counts.
+    pub load_window: std::time::Duration,
 }
 
-/// Loads the dense half of the model, connects the workers, and serves on `listener` until
-/// `shutdown` fires.
+/// Loads the dense half of the model, connects the workers, and serves gRPC on `listener`
+/// (and `/metrics` on `http`) until `shutdown` fires.
 pub async fn run(
     opts: Options,
     listener: tokio::net::TcpListener,
+    http: Option<tokio::net::TcpListener>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<()> {
     use kubemoe_model::{source, Experts};
@@ -69,19 +93,17 @@ pub async fn run(
     let channels = opts
         .workers
         .iter()
-        .map(|w| remote::channel(w))
+        .map(|w| kubemoe_api::channel(w))
         .collect::<Result<Vec<_>, tonic::transport::Error>>()?;
     let n = channels.len();
-    let owner = (0..config.n_routed_experts)
-        .map(|e| kubemoe_api::placement::contiguous_owner(e, config.n_routed_experts, n))
-        .collect();
-    let experts = remote::RemoteExperts::new(
+    let experts = std::sync::Arc::new(remote::RemoteExperts::new(
         &config,
         channels,
-        owner,
+        opts.placement,
         opts.worker_deadline,
+        opts.load_window,
         tokio::runtime::Handle::current(),
-    );
+    )?);
     let started = std::time::Instant::now();
     while let Err(e) = experts.check_workers(&opts.model).await {
         if started.elapsed() > opts.startup_timeout || shutdown.is_cancelled() {
@@ -93,7 +115,7 @@ pub async fn run(
     let max_context = opts.max_context.min(config.max_position_embeddings);
     let (engine, thread) = engine::spawn(
         std::sync::Arc::new(model),
-        std::sync::Arc::new(experts),
+        experts.clone(),
         opts.limits,
         opts.max_concurrent,
         shutdown.clone(),
@@ -108,7 +130,11 @@ pub async fn run(
         max_concurrent: opts.max_concurrent,
         active: Default::default(),
     };
-    let served = service::serve(service, listener, shutdown.clone()).await;
+    if let Some(http) = http {
+        tokio::spawn(metrics::serve(experts.clone(), http, shutdown.clone()));
+    }
+    let balancer = service::BalancerService { experts };
+    let served = service::serve(service, balancer, listener, shutdown.clone()).await;
     shutdown.cancel();
     let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     served

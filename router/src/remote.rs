@@ -1,15 +1,24 @@
 //! Routed experts computed by the workers: one gRPC `Dispatch` per destination worker per
 //! MoE layer, all in flight at once, each under a deadline. Activations travel as raw
-//! little-endian f32 bytes; every byte sent and received is counted.
+//! little-endian f32 bytes; every byte sent and received is counted, and every routed token
+//! is counted per (layer, expert) in the load window.
+//!
+//! Placement switches (DESIGN §4) happen between two steps: a step routes every layer by the
+//! plan committed when its first MoE layer ran, and [`RemoteExperts::commit`] answers only once
+//! no step routes by an older plan, so that workers may then drop the experts it used.
 
 use crate::dispatch::plan;
+use crate::load::LoadWindow;
+use crate::{Error, Result};
 use kubemoe_api::expert::expert_client::ExpertClient;
 use kubemoe_api::expert::{DispatchRequest, InfoRequest};
+use kubemoe_api::placement::PlacementPlan;
 use kubemoe_model::layers::{RoutedExperts, Routing};
 use kubemoe_model::Config;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
 
 /// Bytes moved by dispatch and combine, against the physical minimum one way
 /// (tokens × distinct destination workers × hidden × 4).
@@ -26,46 +35,106 @@ pub struct ByteCounters {
 
 pub struct RemoteExperts {
     clients: Vec<ExpertClient<Channel>>,
-    /// Logical expert → worker index.
-    owner: Vec<usize>,
     hidden: usize,
+    experts: u32,
+    /// Decoder layer ids of the MoE layers, ascending.
+    moe_layers: Vec<u32>,
     deadline: Duration,
     runtime: tokio::runtime::Handle,
+    switch: Mutex<Switch>,
+    load: Mutex<LoadWindow>,
     pub bytes: ByteCounters,
 }
 
-/// The largest HTTP/2 frame (2^24 - 1, the protocol's limit).
-pub const MAX_FRAME_BYTES: u32 = (1 << 24) - 1;
+/// A plan and, per MoE layer and logical expert, the workers holding it.
+struct Routes {
+    plan: PlacementPlan,
+    holders: Vec<Vec<Vec<u32>>>,
+}
 
-/// A lazily connecting channel that reconnects after a worker restarts. `url` is
-/// `http://host:port` or plain `host:port`.
-pub fn channel(url: &str) -> Result<Channel, tonic::transport::Error> {
-    let url = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
-    Ok(Endpoint::from_shared(url)?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .initial_stream_window_size(Some(16 << 20))
-        .initial_connection_window_size(Some(32 << 20))
-        // Large frames: a dispatch is megabytes, and 16 KiB frames cost a syscall each.
-        .max_frame_size(Some(MAX_FRAME_BYTES))
-        .connect_lazy())
+impl Routes {
+    fn new(plan: PlacementPlan) -> Arc<Self> {
+        Arc::new(Routes { holders: plan.holders(), plan })
+    }
+}
+
+struct Switch {
+    /// What the next step routes by.
+    committed: Arc<Routes>,
+    /// What the step in progress routes by.
+    step: Option<Arc<Routes>>,
+}
+
+/// The lock's data even after a panic elsewhere: every update below is a single assignment.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl RemoteExperts {
-    /// Workers in rank order; `owner[e]` is the rank holding expert `e`.
+    /// Workers in rank order, routed by `plan` (default: the minimal initial placement), with
+    /// load counted over `window`.
     pub fn new(
         config: &Config,
         channels: Vec<Channel>,
-        owner: Vec<usize>,
+        plan: Option<PlacementPlan>,
         deadline: Duration,
+        window: Duration,
         runtime: tokio::runtime::Handle,
-    ) -> Self {
+    ) -> Result<Self> {
         let max = crate::MAX_MESSAGE_BYTES;
-        let clients = channels
+        let clients: Vec<_> = channels
             .into_iter()
             .map(|c| ExpertClient::new(c).max_decoding_message_size(max).max_encoding_message_size(max))
             .collect();
-        Self { clients, owner, hidden: config.hidden_size, deadline, runtime, bytes: ByteCounters::default() }
+        let experts = config.n_routed_experts as u32;
+        let moe_layers: Vec<u32> = config.moe_layers().map(|l| l as u32).collect();
+        let workers = clients.len() as u32;
+        let plan = plan.unwrap_or_else(|| PlacementPlan::minimal(experts, &moe_layers, workers));
+        plan.validate_for(experts, &moe_layers, workers)?;
+        Ok(Self {
+            clients,
+            hidden: config.hidden_size,
+            experts,
+            load: Mutex::new(LoadWindow::new(window, moe_layers.len(), experts as usize, Instant::now())),
+            moe_layers,
+            deadline,
+            runtime,
+            switch: Mutex::new(Switch { committed: Routes::new(plan), step: None }),
+            bytes: ByteCounters::default(),
+        })
+    }
+
+    /// Routes by `plan` from the next step on; returns once no step routes by an older plan.
+    pub async fn commit(&self, plan: PlacementPlan) -> Result<()> {
+        plan.validate_for(self.experts, &self.moe_layers, self.clients.len() as u32)?;
+        let epoch = plan.epoch;
+        {
+            let mut s = lock(&self.switch);
+            if epoch < s.committed.plan.epoch {
+                return Err(Error::Epoch(format!(
+                    "plan epoch {epoch} is older than the committed epoch {}",
+                    s.committed.plan.epoch
+                )));
+            }
+            s.committed = Routes::new(plan);
+        }
+        // A step lasts milliseconds to seconds; poll rather than wire a notification into it.
+        while lock(&self.switch).step.as_ref().is_some_and(|r| r.plan.epoch != epoch) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Ok(())
+    }
+
+    /// Tokens per logical expert of each MoE layer over the load window, the time it covers,
+    /// and the plan committed.
+    pub fn load(&self) -> (Vec<(u32, Vec<u64>)>, Duration, PlacementPlan) {
+        let now = Instant::now();
+        let (counts, covered) = {
+            let mut w = lock(&self.load);
+            (w.snapshot(now), w.covered(now))
+        };
+        let plan = lock(&self.switch).committed.plan.clone();
+        (self.moe_layers.iter().copied().zip(counts).collect(), covered, plan)
     }
 
     /// Asks every worker what it holds; fails unless worker `i` reports rank `i` of this world.
@@ -93,8 +162,36 @@ impl RemoteExperts {
 
 impl RoutedExperts for RemoteExperts {
     fn run(&self, layer: usize, x: &[f32], routing: &Routing) -> kubemoe_model::Result<Vec<f32>> {
+        let index = self.moe_layers.iter().position(|&l| l as usize == layer).ok_or_else(|| {
+            unavailable(layer, tonic::Status::internal(format!("layer {layer} is not an MoE layer")))
+        })?;
+        let routes = {
+            let mut s = lock(&self.switch);
+            if index == 0 || s.step.is_none() {
+                s.step = Some(s.committed.clone());
+            }
+            s.step.clone().unwrap_or_else(|| s.committed.clone())
+        };
+        lock(&self.load).record(Instant::now(), index, &routing.ids);
+        let result = self.call(layer, x, routing, &routes.holders[index]);
+        if result.is_err() || index + 1 == self.moe_layers.len() {
+            lock(&self.switch).step = None;
+        }
+        result
+    }
+}
+
+impl RemoteExperts {
+    /// One layer's dispatch and combine, routed by `holders`.
+    fn call(
+        &self,
+        layer: usize,
+        x: &[f32],
+        routing: &Routing,
+        holders: &[Vec<u32>],
+    ) -> kubemoe_model::Result<Vec<f32>> {
         let hidden = self.hidden;
-        let batches = plan(routing, &self.owner, self.clients.len());
+        let batches = plan(routing, holders, self.clients.len());
         // The batch loop runs on its own thread: spawn the calls on the server's runtime.
         let _entered = self.runtime.enter();
         let mut calls = tokio::task::JoinSet::new();

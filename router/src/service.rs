@@ -4,10 +4,14 @@
 //! task ends, its channel closes and the batch loop drops the sequence.
 
 use crate::engine::{EngineHandle, Event, Finish, Submission, SubmitError};
+use crate::remote::RemoteExperts;
 use crate::text::{Detokenizer, Message, TextCodec};
+use kubemoe_api::expert::balancer_server::{Balancer, BalancerServer};
+use kubemoe_api::expert::{CommitRequest, CommitResponse, LayerCounts, LoadRequest, LoadResponse};
 use kubemoe_api::inference::generate_request::Input;
 use kubemoe_api::inference::inference_server::{Inference, InferenceServer};
 use kubemoe_api::inference::*;
+use kubemoe_api::placement::PlacementPlan;
 use kubemoe_model::{Config, SamplingParams};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -260,9 +264,34 @@ impl Inference for InferenceService {
     }
 }
 
+/// `kubemoe.expert.v1.Balancer`: the expert load this router measured, and placement switches.
+pub struct BalancerService {
+    pub experts: Arc<RemoteExperts>,
+}
+
+#[tonic::async_trait]
+impl Balancer for BalancerService {
+    async fn load(&self, _: Request<LoadRequest>) -> Result<Response<LoadResponse>, Status> {
+        let (layers, covered, plan) = self.experts.load();
+        Ok(Response::new(LoadResponse {
+            layers: layers.into_iter().map(|(layer, tokens)| LayerCounts { layer, tokens }).collect(),
+            window_seconds: covered.as_secs_f64(),
+            plan: Some((&plan).into()),
+        }))
+    }
+
+    async fn commit(&self, request: Request<CommitRequest>) -> Result<Response<CommitResponse>, Status> {
+        let plan = request.into_inner().plan.ok_or_else(|| Status::invalid_argument("plan is missing"))?;
+        let plan = PlacementPlan::try_from(plan).map_err(crate::Error::from)?;
+        self.experts.commit(plan).await?;
+        Ok(Response::new(CommitResponse {}))
+    }
+}
+
 /// Serves `service` on `listener` until `shutdown` fires; health turns NOT_SERVING first.
 pub async fn serve(
     service: InferenceService,
+    balancer: BalancerService,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> crate::Result<()> {
@@ -275,6 +304,7 @@ pub async fn serve(
         .add_service(health)
         .add_service(reflection)
         .add_service(InferenceServer::new(service))
+        .add_service(BalancerServer::new(balancer))
         .serve_with_incoming_shutdown(kubemoe_api::incoming(listener), async move {
             shutdown.cancelled().await;
             kubemoe_api::health::draining(&reporter, "kubemoe.inference.v1.Inference").await;

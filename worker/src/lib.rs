@@ -15,6 +15,15 @@ pub enum Error {
     /// A dispatch that does not describe a valid computation.
     #[error("invalid dispatch: {0}")]
     Invalid(String),
+    /// A plan rejected as inconsistent with the model or the workers.
+    #[error("placement")]
+    Placement(#[from] kubemoe_api::Error),
+    /// A migration step out of order.
+    #[error("migration out of order: {0}")]
+    Epoch(String),
+    /// A thread panicked while holding the experts.
+    #[error("expert state poisoned by a panic")]
+    Poisoned,
     #[error("serving gRPC")]
     Transport(#[from] tonic::transport::Error),
     #[error("gRPC reflection")]
@@ -25,28 +34,30 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        let message = match std::error::Error::source(&e) {
-            Some(cause) => format!("{e}: {cause}"),
-            None => e.to_string(),
-        };
+        let message = kubemoe_api::error_chain(&e);
         match e {
-            Error::Invalid(_) | Error::Model(kubemoe_model::Error::ExpertNotLoaded { .. }) => {
+            Error::Invalid(_)
+            | Error::Placement(_)
+            | Error::Model(kubemoe_model::Error::ExpertNotLoaded { .. }) => {
                 tonic::Status::invalid_argument(message)
             }
+            Error::Epoch(_) => tonic::Status::failed_precondition(message),
             _ => tonic::Status::internal(message),
         }
     }
 }
 
-/// Loads rank `rank`'s experts of `model` and serves them on `listener` until `shutdown`.
+/// Loads what `plan` (default: the initial placement) places on rank `rank` of `model` and
+/// serves it on `listener` until `shutdown`.
 pub async fn run(
     model: String,
     rank: usize,
     world_size: usize,
+    plan: Option<kubemoe_api::placement::PlacementPlan>,
     listener: tokio::net::TcpListener,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<()> {
-    let store = tokio::task::spawn_blocking(move || ExpertStore::load(&model, rank, world_size))
+    let store = tokio::task::spawn_blocking(move || ExpertStore::load(&model, rank, world_size, plan))
         .await
         .map_err(|e| Error::Invalid(format!("expert loading task: {e}")))??;
     service::serve(std::sync::Arc::new(store), listener, shutdown).await

@@ -3,6 +3,7 @@
 use crate::{ExpertStore, Result};
 use kubemoe_api::expert::expert_server::{Expert, ExpertServer};
 use kubemoe_api::expert::*;
+use kubemoe_api::placement::PlacementPlan;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -45,7 +46,7 @@ impl Expert for ExpertService {
     async fn info(&self, _: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
         let s = &self.store;
         let experts = s
-            .held()
+            .held()?
             .into_iter()
             .map(|(layer, e)| LayerExperts {
                 layer: layer as u32,
@@ -57,7 +58,24 @@ impl Expert for ExpertService {
             rank: s.rank as u32,
             world_size: s.world_size as u32,
             experts,
+            epoch: s.epoch()?,
         }))
+    }
+
+    async fn prepare(&self, request: Request<PrepareRequest>) -> Result<Response<PrepareResponse>, Status> {
+        let plan = request.into_inner().plan.ok_or_else(|| Status::invalid_argument("plan is missing"))?;
+        let plan = PlacementPlan::try_from(plan).map_err(crate::Error::from)?;
+        let store = self.store.clone();
+        // Reading weights is blocking I/O (and generation, for builtin models).
+        let loaded = tokio::task::spawn_blocking(move || store.prepare(plan))
+            .await
+            .map_err(|e| Status::internal(format!("expert loading task failed: {e}")))??;
+        Ok(Response::new(PrepareResponse { loaded: loaded as u32 }))
+    }
+
+    async fn release(&self, request: Request<ReleaseRequest>) -> Result<Response<ReleaseResponse>, Status> {
+        let released = self.store.release(request.into_inner().epoch)?;
+        Ok(Response::new(ReleaseResponse { released: released as u32 }))
     }
 }
 

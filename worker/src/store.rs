@@ -1,14 +1,18 @@
 //! The experts this worker holds and the tokens each has processed.
 //!
-//! Invariant: `counts[layer][expert]` only grows, and only for experts held here.
+//! Invariants: the experts held are those the plan in force places on this rank, plus, between
+//! a `prepare` and its `release`, those the prepared plan places here (so that routers on
+//! either epoch are served during a live migration, DESIGN §4); `counts[layer][expert]` only
+//! grows.
 
 use crate::{Error, Result};
-use kubemoe_api::placement::contiguous_experts;
+use kubemoe_api::placement::PlacementPlan;
 use kubemoe_kernels::dtype::{f32_from_le, f32_to_le};
 use kubemoe_model::layers::{load_expert, run_experts, Mlp};
 use kubemoe_model::{source, Config};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// Bytes per packed route: u32 row, u32 logical expert, f32 weight.
 pub const ROUTE_BYTES: usize = 12;
@@ -18,36 +22,121 @@ pub struct ExpertStore {
     pub config: Config,
     pub rank: usize,
     pub world_size: usize,
-    experts: BTreeMap<(usize, usize), Mlp>,
+    state: RwLock<State>,
     counts: BTreeMap<usize, Vec<AtomicU64>>,
+    /// One `prepare` at a time: a second waits rather than loading the same experts twice.
+    preparing: Mutex<()>,
+}
+
+struct State {
+    plan: PlacementPlan,
+    prepared: Option<PlacementPlan>,
+    experts: BTreeMap<(usize, usize), Arc<Mlp>>,
 }
 
 impl ExpertStore {
-    /// Loads rank `rank`'s contiguous share of every MoE layer's experts from `model`
-    /// (a directory or `builtin:<preset>`), reading no other expert's bytes.
-    pub fn load(model: &str, rank: usize, world_size: usize) -> Result<Self> {
+    /// Loads what `plan` (default: [`PlacementPlan::initial`] over `world_size` workers) places
+    /// on rank `rank` from `model` (a directory or `builtin:<preset>`), reading no other
+    /// expert's bytes.
+    pub fn load(model: &str, rank: usize, world_size: usize, plan: Option<PlacementPlan>) -> Result<Self> {
         if world_size == 0 || rank >= world_size {
             return Err(Error::Invalid(format!("rank {rank} outside world size {world_size}")));
         }
         let (config, _) = source::open_tensors(model, &|_| false)?;
-        let mine = contiguous_experts(rank, config.n_routed_experts, world_size);
-        let wanted = |name: &str| {
+        let (n, layers) = shape(&config);
+        let plan = plan.unwrap_or_else(|| PlacementPlan::minimal(n, &layers, world_size as u32));
+        plan.validate_for(n, &layers, world_size as u32)?;
+        let counts =
+            layers.iter().map(|&l| (l as usize, (0..n).map(|_| AtomicU64::new(0)).collect())).collect();
+        let mut store = Self {
+            model: model.into(),
+            config,
+            rank,
+            world_size,
+            state: RwLock::new(State { plan: plan.clone(), prepared: None, experts: BTreeMap::new() }),
+            counts,
+            preparing: Mutex::new(()),
+        };
+        let experts = store.load_experts(&store.wanted(&plan))?;
+        store.state.get_mut().map_err(|_| Error::Poisoned)?.experts = experts;
+        Ok(store)
+    }
+
+    /// Loads the experts `plan` places here that are not held yet, while dispatches go on;
+    /// returns how many were loaded.
+    pub fn prepare(&self, plan: PlacementPlan) -> Result<usize> {
+        let (n, layers) = shape(&self.config);
+        plan.validate_for(n, &layers, self.world_size as u32)?;
+        let _one = self.preparing.lock().map_err(|_| Error::Poisoned)?;
+        let missing: BTreeSet<(usize, usize)> = {
+            let state = self.state.read().map_err(|_| Error::Poisoned)?;
+            if plan.epoch <= state.plan.epoch {
+                return Err(Error::Epoch(format!(
+                    "plan epoch {} is not newer than the epoch in force, {}",
+                    plan.epoch, state.plan.epoch
+                )));
+            }
+            self.wanted(&plan).into_iter().filter(|k| !state.experts.contains_key(k)).collect()
+        };
+        let loaded = self.load_experts(&missing)?;
+        let mut state = self.state.write().map_err(|_| Error::Poisoned)?;
+        state.experts.extend(loaded);
+        state.prepared = Some(plan);
+        Ok(missing.len())
+    }
+
+    /// Puts the plan of `epoch` in force (the prepared one, or the one in force, which rolls a
+    /// prepared plan back) and drops every expert it does not place here; returns how many.
+    pub fn release(&self, epoch: u64) -> Result<usize> {
+        let mut state = self.state.write().map_err(|_| Error::Poisoned)?;
+        if let Some(p) = state.prepared.take_if(|p| p.epoch == epoch) {
+            state.plan = p;
+        } else if state.plan.epoch == epoch {
+            state.prepared = None;
+        } else {
+            let prepared = state.prepared.as_ref().map_or("none".to_string(), |p| p.epoch.to_string());
+            return Err(Error::Epoch(format!(
+                "release of epoch {epoch}: the epoch in force is {}, the prepared one {prepared}",
+                state.plan.epoch
+            )));
+        }
+        let keep = self.wanted(&state.plan);
+        let before = state.experts.len();
+        state.experts.retain(|k, _| keep.contains(k));
+        Ok(before - state.experts.len())
+    }
+
+    /// Epoch of the plan in force.
+    pub fn epoch(&self) -> Result<u64> {
+        Ok(self.state.read().map_err(|_| Error::Poisoned)?.plan.epoch)
+    }
+
+    /// (layer, expert) pairs `plan` places on this rank.
+    fn wanted(&self, plan: &PlacementPlan) -> BTreeSet<(usize, usize)> {
+        plan.held(self.rank as u32)
+            .into_iter()
+            .flat_map(|(l, experts)| experts.into_iter().map(move |e| (l as usize, e as usize)))
+            .collect()
+    }
+
+    fn load_experts(&self, wanted: &BTreeSet<(usize, usize)>) -> Result<BTreeMap<(usize, usize), Arc<Mlp>>> {
+        if wanted.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        // Names are `model.layers.<l>.mlp.experts.<e>.<proj>...`.
+        let wants = |name: &str| {
             let parts: Vec<&str> = name.split('.').collect();
             parts.len() > 5
                 && parts[4] == "experts"
-                && parts[5].parse::<usize>().is_ok_and(|e| mine.contains(&e))
-                && parts[2].parse::<usize>().is_ok_and(|l| l < config.num_hidden_layers)
+                && parts[2]
+                    .parse::<usize>()
+                    .is_ok_and(|l| parts[5].parse::<usize>().is_ok_and(|e| wanted.contains(&(l, e))))
         };
-        let (config, src) = source::open_tensors(model, &wanted)?;
-        let mut experts = BTreeMap::new();
-        let mut counts = BTreeMap::new();
-        for layer in config.moe_layers() {
-            for &e in &mine {
-                experts.insert((layer, e), load_expert(src.as_ref(), &config, layer, e)?);
-            }
-            counts.insert(layer, (0..config.n_routed_experts).map(|_| AtomicU64::new(0)).collect());
-        }
-        Ok(Self { model: model.into(), config, rank, world_size, experts, counts })
+        let (config, src) = source::open_tensors(&self.model, &wants)?;
+        wanted
+            .iter()
+            .map(|&(l, e)| Ok(((l, e), Arc::new(load_expert(src.as_ref(), &config, l, e)?))))
+            .collect()
     }
 
     /// Runs one dispatch: `activations` [tokens, hidden] f32 and packed `routes`; returns the
@@ -84,8 +173,15 @@ impl ExpertStore {
             decoded.push((row, expert, f32::from_le_bytes(word(8))));
         }
         let x = f32_from_le(activations);
-        let out =
-            run_experts(|e| self.experts.get(&(layer, e)), layer, &self.config, &x, decoded.iter().copied())?;
+        let state = self.state.read().map_err(|_| Error::Poisoned)?;
+        let out = run_experts(
+            |e| state.experts.get(&(layer, e)).map(Arc::as_ref),
+            layer,
+            &self.config,
+            &x,
+            decoded.iter().copied(),
+        )?;
+        drop(state);
         for (_, e, _) in &decoded {
             counts[*e].fetch_add(1, Ordering::Relaxed);
         }
@@ -98,13 +194,18 @@ impl ExpertStore {
     }
 
     /// The experts held, per MoE layer.
-    pub fn held(&self) -> Vec<(usize, Vec<usize>)> {
+    pub fn held(&self) -> Result<Vec<(usize, Vec<usize>)>> {
         let mut by_layer: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-        for (l, e) in self.experts.keys() {
+        for (l, e) in self.state.read().map_err(|_| Error::Poisoned)?.experts.keys() {
             by_layer.entry(*l).or_default().push(*e);
         }
-        by_layer.into_iter().collect()
+        Ok(by_layer.into_iter().collect())
     }
+}
+
+/// The model's routed expert count and MoE layers, as a placement names them.
+fn shape(config: &Config) -> (u32, Vec<u32>) {
+    (config.n_routed_experts as u32, config.moe_layers().map(|l| l as u32).collect())
 }
 
 #[cfg(test)]
@@ -119,8 +220,8 @@ mod tests {
 
     #[test]
     fn partial_sums_equal_the_single_process_experts_and_counts_grow() {
-        let store = ExpertStore::load("builtin:tiny", 1, 2).unwrap();
-        assert_eq!(store.held(), vec![(1, (8..16).collect()), (2, (8..16).collect())]);
+        let store = ExpertStore::load("builtin:tiny", 1, 2, None).unwrap();
+        assert_eq!(store.held().unwrap(), vec![(1, (8..16).collect()), (2, (8..16).collect())]);
         let model = source::open("builtin:tiny", Experts::All).unwrap();
         let h = model.config.hidden_size;
         let x: Vec<f32> = (0..2 * h).map(|i| (i as f32 * 0.37).sin()).collect();
@@ -143,13 +244,49 @@ mod tests {
 
     #[test]
     fn bad_dispatches_are_refused() {
-        let store = ExpertStore::load("builtin:tiny", 0, 2).unwrap();
+        let store = ExpertStore::load("builtin:tiny", 0, 2, None).unwrap();
         let x = f32_to_le(&[0.0; 64]);
         let err = store.dispatch(1, 1, &x, &routes(&[(0, 9, 1.0)])).unwrap_err();
         assert!(tonic::Status::from(err).message().to_string().contains("expert 9"));
         assert!(store.dispatch(0, 1, &x, &routes(&[(0, 1, 1.0)])).is_err());
         assert!(store.dispatch(1, 2, &x, &[]).is_err());
         assert!(store.dispatch(1, 1, &x, &routes(&[(3, 1, 1.0)])).is_err());
-        assert!(ExpertStore::load("builtin:tiny", 2, 2).is_err());
+        assert!(ExpertStore::load("builtin:tiny", 2, 2, None).is_err());
+        let mut lost = PlacementPlan::initial(2, 8, 16, &[1, 2]);
+        lost.layers[1].slots[0] = 1;
+        let err = ExpertStore::load("builtin:tiny", 0, 2, Some(lost)).err().unwrap();
+        assert!(tonic::Status::from(err).message().contains("layer 2 gives expert 0 no slot"));
+    }
+
+    #[test]
+    fn migration_serves_both_epochs_until_release_then_only_the_new_one() {
+        let store = ExpertStore::load("builtin:tiny", 0, 2, None).unwrap();
+        let h = store.config.hidden_size;
+        let x = f32_to_le(&vec![0.5; h]);
+        let run = |e: u32| store.dispatch(1, 1, &x, &routes(&[(0, e, 1.0)]));
+        // Epoch 1: worker 0 swaps experts 0 and 1 for 8 and 9 in layer 1 (10 slots per worker).
+        let mut next = PlacementPlan::initial(2, 8, 16, &[1, 2]);
+        next.epoch = 1;
+        next.layers[0].slots.swap(0, 8);
+        next.layers[0].slots.swap(1, 9);
+        assert_eq!(store.prepare(next.clone()).unwrap(), 2);
+        let before = run(0).unwrap();
+        let moved = run(8).unwrap();
+        assert_eq!(store.epoch().unwrap(), 0);
+        // Released: the new epoch is in force and expert 0 of layer 1 has gone to worker 1.
+        assert_eq!(store.release(1).unwrap(), 2);
+        assert_eq!(store.epoch().unwrap(), 1);
+        assert!(run(0).is_err());
+        assert_eq!(run(8).unwrap(), moved);
+        assert!(store.release(0).is_err(), "an old epoch cannot come back by release");
+        assert!(store.prepare(next.clone()).is_err(), "epochs only grow");
+        // A prepared plan rolled back by releasing the epoch in force.
+        let mut back = PlacementPlan::initial(2, 8, 16, &[1, 2]);
+        back.epoch = 2;
+        assert_eq!(store.prepare(back).unwrap(), 2);
+        assert_eq!(run(0).unwrap(), before);
+        assert_eq!(store.release(1).unwrap(), 2);
+        assert!(run(0).is_err());
+        assert!(store.release(2).is_err(), "the rolled-back plan is gone");
     }
 }

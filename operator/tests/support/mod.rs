@@ -3,7 +3,8 @@
 //! subresource), POST and PUT on object paths, every request logged.
 //!
 //! It keeps what the reconciler relies on (objects by path, resourceVersion, generation bumped
-//! on spec changes, status kept across applies of the main resource) and nothing else.
+//! on spec changes, status kept across applies of the main resource, 409 Conflict for a status
+//! write from an outdated read) and nothing else.
 
 // Each test binary and the benchmark use a different part of it.
 #![allow(dead_code)]
@@ -75,6 +76,12 @@ fn not_found(path: &str) -> (StatusCode, Value) {
     (StatusCode::NOT_FOUND, status)
 }
 
+fn conflict(path: &str) -> (StatusCode, Value) {
+    let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                        "message": format!("{path} has changed since it was read"), "reason": "Conflict", "code": 409});
+    (StatusCode::CONFLICT, status)
+}
+
 impl State {
     fn version(&mut self) -> String {
         self.next_version += 1;
@@ -92,6 +99,10 @@ impl State {
                 Some(parent) => {
                     let version = self.version();
                     let Some(object) = self.objects.get_mut(parent) else { return not_found(parent) };
+                    let read = body["metadata"]["resourceVersion"].as_str();
+                    if read.is_some_and(|read| Some(read) != object["metadata"]["resourceVersion"].as_str()) {
+                        return conflict(parent);
+                    }
                     object["status"] = body["status"].clone();
                     object["metadata"]["resourceVersion"] = version.into();
                     (StatusCode::OK, object.clone())
@@ -198,5 +209,70 @@ impl FakeApi {
     fn replicas_and_generation(&self, path: &str) -> (i64, i64) {
         let object = self.get(path).unwrap_or_else(|| panic!("{path} missing"));
         (object["spec"]["replicas"].as_i64().unwrap(), object["metadata"]["generation"].as_i64().unwrap())
+    }
+}
+
+/// The `tiny` ModelDeployment in namespace `ml`, and what its reconciles and polls share.
+pub const MD: &str = "/apis/kubemoe.io/v1alpha1/namespaces/ml/modeldeployments/tiny";
+pub const PLACEMENT: &str = "/api/v1/namespaces/ml/configmaps/tiny-placement";
+pub const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/ml/events";
+/// An event written (created, or patched as a series when it repeats), in [`World::writes`].
+pub const EVENT: &str = "event";
+
+/// The in-memory apiserver holding ModelDeployment `tiny` and the operator's context on it.
+pub struct World {
+    pub api: FakeApi,
+    pub context: std::sync::Arc<kubemoe_operator::controller::Context>,
+}
+
+impl World {
+    pub fn new(spec: Value) -> Self {
+        let (client, api) = client();
+        let md = json!({
+            "apiVersion": "kubemoe.io/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": "tiny", "namespace": "ml"},
+            "spec": spec,
+        });
+        api.insert(MD, md);
+        let metrics = std::sync::Arc::new(kubemoe_operator::http::Metrics::default());
+        let context = kubemoe_operator::controller::Context::new(client, "kubemoe:test".into(), metrics);
+        World { api, context }
+    }
+
+    pub fn md(&self) -> kubemoe_api::ModelDeployment {
+        self.api.object(MD)
+    }
+
+    /// Reconciles the stored ModelDeployment; returns the writes it made.
+    pub async fn reconcile(&self) -> Vec<String> {
+        self.api.take_writes();
+        kubemoe_operator::controller::reconcile(std::sync::Arc::new(self.md()), self.context.clone())
+            .await
+            .unwrap();
+        self.writes()
+    }
+
+    /// The writes since the last call, as `METHOD path`, with every event write as [`EVENT`].
+    pub fn writes(&self) -> Vec<String> {
+        let writes = self.api.take_writes();
+        writes.into_iter().map(|w| if w.contains(EVENTS) { EVENT.to_string() } else { w }).collect()
+    }
+
+    /// (type, reason) of every event recorded, oldest first.
+    pub fn events(&self) -> Vec<(String, String)> {
+        let state = self.api.state();
+        let mut events: Vec<&Value> =
+            state.objects.iter().filter(|(path, _)| path.starts_with(EVENTS)).map(|(_, e)| e).collect();
+        events.sort_by_key(|e| e["metadata"]["resourceVersion"].as_str().unwrap().parse::<u64>().unwrap());
+        events
+            .iter()
+            .map(|e| (e["type"].as_str().unwrap().into(), e["reason"].as_str().unwrap().into()))
+            .collect()
+    }
+
+    pub fn edit(&self, f: impl FnOnce(&mut Value)) {
+        let mut md = self.api.get(MD).unwrap();
+        f(&mut md["spec"]);
+        self.api.insert(MD, md);
     }
 }

@@ -1,0 +1,75 @@
+//! `/metrics` on the router's HTTP port, in the Prometheus text format (0.0.4): the expert
+//! load over the sliding window (what the rebalancer reads over gRPC, for dashboards), the
+//! placement epoch and the imbalance it leaves, and the bytes dispatch moves.
+//!
+//! Rendered at scrape time from the live counters, so it never disagrees with the gRPC
+//! `Balancer/Load` answer at the same instant.
+
+use crate::remote::RemoteExperts;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Serves `/metrics` on `listener` until `shutdown`.
+pub async fn serve(
+    experts: Arc<RemoteExperts>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> crate::Result<()> {
+    let app = axum::Router::new().route("/metrics", get(metrics)).with_state(experts);
+    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+    Ok(())
+}
+
+async fn metrics(State(experts): State<Arc<RemoteExperts>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], render(&experts))
+}
+
+/// The exposition text.
+pub fn render(experts: &RemoteExperts) -> String {
+    let (layers, covered, plan) = experts.load();
+    let mut out = String::new();
+    let family = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP kubemoe_router_{name} {help}\n# TYPE kubemoe_router_{name} {kind}");
+    };
+    family(&mut out, "expert_tokens", "gauge", "Tokens routed to each logical expert over the load window");
+    for (layer, tokens) in &layers {
+        for (expert, t) in tokens.iter().enumerate() {
+            let _ =
+                writeln!(out, "kubemoe_router_expert_tokens{{layer=\"{layer}\",expert=\"{expert}\"}} {t}");
+        }
+    }
+    family(&mut out, "load_window_seconds", "gauge", "Time the expert token counts cover");
+    let _ = writeln!(out, "kubemoe_router_load_window_seconds {}", covered.as_secs_f64());
+    family(&mut out, "placement_epoch", "gauge", "Epoch of the expert placement this router routes by");
+    let _ = writeln!(out, "kubemoe_router_placement_epoch {}", plan.epoch);
+    let loads: Vec<Vec<f64>> = layers.iter().map(|(_, t)| t.iter().map(|&x| x as f64).collect()).collect();
+    if loads.iter().flatten().sum::<f64>() > 0.0 {
+        let balance =
+            kubemoe_api::planner::balance(&loads, &plan.phy_to_log(), plan.slots_per_worker as usize);
+        family(
+            &mut out,
+            "expert_imbalance",
+            "gauge",
+            "Max over mean tokens per worker over the window (1 is perfect)",
+        );
+        let _ =
+            writeln!(out, "kubemoe_router_expert_imbalance {}", 1.0 / balance.overall.max(f64::MIN_POSITIVE));
+    }
+    family(&mut out, "dispatch_bytes_total", "counter", "Bytes moved between this router and the workers");
+    let b = &experts.bytes;
+    for (kind, v) in [("activations", &b.activations), ("routes", &b.routes), ("received", &b.received)] {
+        let _ = writeln!(
+            out,
+            "kubemoe_router_dispatch_bytes_total{{kind=\"{kind}\"}} {}",
+            v.load(Ordering::Relaxed)
+        );
+    }
+    out
+}
