@@ -44,7 +44,7 @@ pub fn model_path(source: &str) -> Result<String> {
 }
 
 /// The expert layout `spec` asks for with the model at `model` (a directory or builtin:), and
-/// the model's expert groups (`n_group`).
+/// the expert groups the planner keeps together (`n_group` when hierarchical, else 1).
 pub fn layout(md: &kubemoe_api::ModelDeployment, model: &str, origin: &str) -> Result<(Layout, u32)> {
     use kubemoe_operator::model::ModelConfig;
     let config = match model.strip_prefix("builtin:") {
@@ -58,7 +58,12 @@ pub fn layout(md: &kubemoe_api::ModelDeployment, model: &str, origin: &str) -> R
     };
     let layout = kubemoe_operator::layout::layout(&md.spec, &config)
         .map_err(|invalid| anyhow::anyhow!("{origin}: {} ({})", invalid.message, invalid.reason))?;
-    Ok((layout, config.n_group))
+    // The planner packs expert groups only for hierarchical placement, as the operator does.
+    let groups = match md.spec.experts.placement {
+        kubemoe_api::deployment::PlacementPolicy::Hierarchical => config.n_group,
+        kubemoe_api::deployment::PlacementPolicy::Global => 1,
+    };
+    Ok((layout, groups))
 }
 
 /// Polls the router every `policy.interval` and migrates live when the load is skewed, until
@@ -72,14 +77,32 @@ pub async fn rebalance(cluster: Cluster, policy: Policy, stop: tokio_util::sync:
         }
         let step = async {
             let (loads, plan) = cluster.load().await?;
-            let Decision::Rebalance(p) = decide(&policy, &plan, &loads, last.map(|t| t.elapsed()))? else {
-                return Ok(());
-            };
+            let (policy, current, since) = (policy.clone(), plan.clone(), last.map(|t| t.elapsed()));
+            let decision = tokio::task::spawn_blocking(move || decide(&policy, &current, &loads, since))
+                .await
+                .map_err(kubemoe_operator::Error::Planner)??;
+            let Decision::Rebalance(p) = decision else { return Ok(()) };
             println!(
                 "kubemoe up: rebalancing to epoch {}: imbalance {:.3} -> {:.3}, moving {} experts",
                 p.plan.epoch, p.imbalance_before, p.imbalance_after, p.moved
             );
-            cluster.migrate(&p.plan, plan.epoch).await?;
+            if let Err(e) = cluster.migrate(&p.plan, plan.epoch).await {
+                // The cooldown holds after a failure too, so a failing step is not retried (and
+                // experts reloaded) every interval. Converge on one plan: the one the routers
+                // agree on, or the new one when only some of them committed it.
+                last = Some(std::time::Instant::now());
+                let settled = match cluster.load().await {
+                    Ok((_, routed)) => cluster.finish(&routed).await,
+                    Err(_) => cluster.finish(&p.plan).await,
+                };
+                if let Err(s) = settled {
+                    eprintln!(
+                        "kubemoe up: settling after a failed migration: {}",
+                        kubemoe_api::error_chain(&s)
+                    );
+                }
+                return Err(e);
+            }
             last = Some(std::time::Instant::now());
             println!("kubemoe up: placement epoch {} in force", p.plan.epoch);
             Ok::<_, kubemoe_operator::rebalance::Error>(())

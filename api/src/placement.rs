@@ -82,15 +82,15 @@ impl PlacementPlan {
 
     /// Checks the invariants in the module documentation.
     pub fn validate(&self) -> Result<()> {
-        let slots = (self.workers * self.slots_per_worker) as usize;
-        if slots < self.logical_experts as usize {
+        let slots = self.workers as u64 * self.slots_per_worker as u64;
+        if slots < self.logical_experts as u64 || slots > u32::MAX as u64 {
             return Err(Error::InvalidPlacement(format!(
-                "{} workers × {} slots cannot hold {} experts",
+                "{} workers × {} slots per worker must hold all {} experts (and number under 2^32)",
                 self.workers, self.slots_per_worker, self.logical_experts
             )));
         }
         for l in &self.layers {
-            if l.slots.len() != slots {
+            if l.slots.len() as u64 != slots {
                 return Err(Error::InvalidPlacement(format!(
                     "layer {} has {} slots, workers × slotsPerWorker = {slots}",
                     l.layer,

@@ -226,6 +226,10 @@ pub fn run_experts<'a>(
 /// in a single process, or dispatched to the workers that hold the experts.
 pub trait RoutedExperts: Sync {
     fn run(&self, layer: usize, x: &[f32], routing: &Routing) -> Result<Vec<f32>>;
+
+    /// Called by a batch loop after each forward step, whether it succeeded or not: a transport
+    /// that switches placement between steps learns here that the step is over.
+    fn end_step(&self) {}
 }
 
 /// Loads routed expert `expert` of decoder layer `layer` from `src`.

@@ -33,6 +33,9 @@ use std::collections::BTreeMap;
 pub const HASH_ANNOTATION: &str = "kubemoe.io/desired-hash";
 /// Pod annotation Volcano reads to find a pod's PodGroup.
 pub const VOLCANO_GROUP_ANNOTATION: &str = "scheduling.k8s.io/group-name";
+/// Pod-template annotation naming the expert layout: pods read their placement once, at start,
+/// so a layout change (say, `experts.redundant`) must roll them onto the new ConfigMap.
+pub const LAYOUT_ANNOTATION: &str = "kubemoe.io/expert-layout";
 /// Pod label scheduler-plugins' coscheduling reads to find a pod's PodGroup.
 pub const COSCHEDULING_GROUP_LABEL: &str = "scheduling.x-k8s.io/pod-group";
 /// Where the placement ConfigMap is mounted in router and worker pods.
@@ -346,6 +349,12 @@ impl<'a> Ctx<'a> {
         (volumes, mounts)
     }
 
+    fn layout_annotations(&self) -> BTreeMap<String, String> {
+        let l = self.layout;
+        let value = format!("{} experts in {} workers x {} slots", l.logical, l.workers, l.slots_per_worker);
+        BTreeMap::from([(LAYOUT_ANNOTATION.to_string(), value)])
+    }
+
     fn image(&self) -> String {
         self.md.spec.image.clone().unwrap_or_else(|| self.params.image.clone())
     }
@@ -399,7 +408,7 @@ impl<'a> Ctx<'a> {
 
         let labels = selector_labels(&self.name, "worker");
         let mut pod_labels = labels.clone();
-        let mut pod_annotations = BTreeMap::new();
+        let mut pod_annotations = self.layout_annotations();
         if spec.scheduling.gang {
             pod_labels.insert(COSCHEDULING_GROUP_LABEL.into(), names.pod_group.clone());
             pod_annotations.insert(VOLCANO_GROUP_ANNOTATION.into(), names.pod_group.clone());
@@ -490,7 +499,11 @@ impl<'a> Ctx<'a> {
                 replicas: Some(router.replicas),
                 selector: LabelSelector { match_labels: Some(labels.clone()), ..LabelSelector::default() },
                 template: PodTemplateSpec {
-                    metadata: Some(ObjectMeta { labels: Some(labels), ..ObjectMeta::default() }),
+                    metadata: Some(ObjectMeta {
+                        labels: Some(labels),
+                        annotations: Some(self.layout_annotations()),
+                        ..ObjectMeta::default()
+                    }),
                     spec: Some(PodSpec {
                         containers: vec![container],
                         volumes: Some(volumes),

@@ -80,6 +80,8 @@ pub enum Error {
         "router {router} routes by placement epoch {epoch}, another by {other}: a migration is unfinished"
     )]
     Unfinished { router: String, epoch: u64, other: u64 },
+    #[error("the planning task failed")]
+    Planner(#[source] tokio::task::JoinError),
     #[error("{step} on {target}")]
     Call {
         step: &'static str,

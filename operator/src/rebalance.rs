@@ -162,12 +162,7 @@ impl Cluster {
     pub async fn load(&self) -> Result<(Vec<Vec<f64>>, PlacementPlan)> {
         let mut total: Option<(Vec<Vec<f64>>, PlacementPlan)> = None;
         for (url, client) in &self.routers {
-            let reply = client
-                .clone()
-                .load(LoadRequest {})
-                .await
-                .map_err(|source| Error::Call { step: "load", target: url.clone(), source })?
-                .into_inner();
+            let reply = call("load", url, LOAD_DEADLINE, client.clone().load(LoadRequest {})).await?;
             let plan = reply
                 .plan
                 .ok_or_else(|| Error::Routers(format!("router {url} reported no plan")))
@@ -190,7 +185,11 @@ impl Cluster {
                 }
             }
         }
-        total.ok_or_else(|| Error::Routers("no routers to poll".into()))
+        total.ok_or_else(|| {
+            Error::Routers(
+                "no router to poll: no router pod is running with an IP; check the router Deployment".into(),
+            )
+        })
     }
 
     /// Moves every worker and router from epoch `from` to `plan` (see the module docs).
@@ -202,49 +201,71 @@ impl Cluster {
     /// Has every worker load what `plan` places on it, next to what it serves; on failure, the
     /// workers that did drop it again (back to epoch `from`).
     pub async fn prepare(&self, plan: &PlacementPlan, from: u64) -> Result<()> {
-        let wire = kubemoe_api::expert::Plan::from(plan);
-        let prepares = self.workers.iter().map(|(url, c)| {
-            let request = PrepareRequest { plan: Some(wire.clone()) };
-            let mut c = c.clone();
-            async move {
-                c.prepare(request).await.map_err(|source| Error::Call {
-                    step: "prepare",
-                    target: url.clone(),
-                    source,
-                })
-            }
-        });
-        if let Some(err) = futures::future::join_all(prepares).await.into_iter().find_map(Result::err) {
-            // Workers that prepared drop the new experts again; nothing routes to them yet.
+        if let Err(err) = self.prepare_all(plan).await {
+            // Workers that prepared drop the new experts again; nothing routes to them yet. The
+            // prepare's error is the one to report; a failed release shows at the next settle.
             self.release(from).await.ok();
             return Err(err);
         }
         Ok(())
     }
 
-    /// Routes every router by `plan`, then puts it in force on every worker (dropping what it
-    /// does not place there). Every worker must hold `plan`: prepared, or in force already.
+    /// Makes sure every worker holds `plan` (a no-op where it is prepared or in force already,
+    /// a catch-up for a worker that restarted meanwhile), routes every router by it, then puts
+    /// it in force on every worker (dropping what it does not place there).
     pub async fn finish(&self, plan: &PlacementPlan) -> Result<()> {
+        self.prepare_all(plan).await?;
         let wire = kubemoe_api::expert::Plan::from(plan);
         for (url, c) in &self.routers {
-            c.clone()
-                .commit(CommitRequest { plan: Some(wire.clone()) })
-                .await
-                .map_err(|source| Error::Call { step: "commit", target: url.clone(), source })?;
+            let request = CommitRequest { plan: Some(wire.clone()) };
+            call("commit", url, COMMIT_DEADLINE, c.clone().commit(request)).await?;
         }
         self.release(plan.epoch).await
     }
 
-    async fn release(&self, epoch: u64) -> Result<()> {
-        for (url, c) in &self.workers {
-            c.clone().release(ReleaseRequest { epoch }).await.map_err(|source| Error::Call {
-                step: "release",
-                target: url.clone(),
-                source,
-            })?;
-        }
-        Ok(())
+    async fn prepare_all(&self, plan: &PlacementPlan) -> Result<()> {
+        let wire = kubemoe_api::expert::Plan::from(plan);
+        let prepares = self.workers.iter().map(|(url, c)| {
+            let (request, mut c) = (PrepareRequest { plan: Some(wire.clone()) }, c.clone());
+            async move { call("prepare", url, PREPARE_DEADLINE, c.prepare(request)).await }
+        });
+        first_error(futures::future::join_all(prepares).await)
     }
+
+    /// Releases `epoch` on every worker, even past one that fails; reports the first failure.
+    async fn release(&self, epoch: u64) -> Result<()> {
+        let releases = self.workers.iter().map(|(url, c)| {
+            let mut c = c.clone();
+            async move { call("release", url, RELEASE_DEADLINE, c.release(ReleaseRequest { epoch })).await }
+        });
+        first_error(futures::future::join_all(releases).await)
+    }
+}
+
+/// How long each step of a migration may take on one server. Prepare reads expert weights (a
+/// V3 worker's share is tens of GiB from a volume); commit waits for one step of the router.
+const LOAD_DEADLINE: Duration = Duration::from_secs(30);
+const PREPARE_DEADLINE: Duration = Duration::from_secs(30 * 60);
+const COMMIT_DEADLINE: Duration = Duration::from_secs(120);
+const RELEASE_DEADLINE: Duration = Duration::from_secs(120);
+
+/// One call to `target` under `deadline`.
+async fn call<T>(
+    step: &'static str,
+    target: &str,
+    deadline: Duration,
+    reply: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T> {
+    let status = match tokio::time::timeout(deadline, reply).await {
+        Ok(Ok(r)) => return Ok(r.into_inner()),
+        Ok(Err(status)) => status,
+        Err(_) => tonic::Status::deadline_exceeded(format!("no answer in {deadline:?}")),
+    };
+    Err(Error::Call { step, target: target.to_string(), source: status })
+}
+
+fn first_error<T>(results: Vec<Result<T>>) -> Result<()> {
+    results.into_iter().find_map(Result::err).map_or(Ok(()), Err)
 }
 
 #[cfg(test)]

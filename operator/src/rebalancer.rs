@@ -296,6 +296,14 @@ pub async fn poll(
     let Some((stored, next)) = survey(context, md, target, cluster, unsettled).await? else {
         return Ok(Polled::Waiting);
     };
+    // A layout change (workers, experts.redundant) is the controller's to roll out: a new
+    // ConfigMap, then pods restarted onto it. Nothing to judge or settle until it is done.
+    let routed = match &next {
+        Next::Settle(plan) | Next::Judge { plan, .. } => plan,
+    };
+    if !controller::same_layout(&stored, &target.layout) || !controller::same_layout(routed, &target.layout) {
+        return Ok(Polled::Waiting);
+    }
     let (current, loads) = match next {
         Next::Settle(plan) => {
             settle(context, md, target, cluster, &stored, &plan).await?;
@@ -305,7 +313,13 @@ pub async fn poll(
         Next::Judge { plan, loads } => (plan, loads),
     };
     let since_last = since_last_rebalance(md.status.as_ref(), Timestamp::now());
-    match decide(&target.policy, &current, &loads, since_last)? {
+    // The planner takes up to a second on V3-sized problems: off the async threads that also
+    // renew the lease and run the controller.
+    let (policy, plan) = (target.policy.clone(), current.clone());
+    let decision = tokio::task::spawn_blocking(move || decide(&policy, &plan, &loads, since_last))
+        .await
+        .map_err(Error::Planner)??;
+    match decision {
         Decision::Keep { imbalance, reason } => {
             if let Some(imbalance) = imbalance {
                 gauge(&context.metrics, md, imbalance);

@@ -151,7 +151,9 @@ fn run(
 fn step(model: &Model, experts: &dyn RoutedExperts, running: &mut Vec<Sequence>) {
     let mut batch: Vec<(&mut KvCache, &[u32])> =
         running.iter_mut().map(|s| (&mut s.cache, s.feed.as_slice())).collect();
-    let logits = match model.forward_step_with(&mut batch, experts) {
+    let result = model.forward_step_with(&mut batch, experts);
+    experts.end_step();
+    let logits = match result {
         Ok(l) => l,
         Err(e) => {
             let status = status_of(&e);

@@ -31,6 +31,8 @@ pub enum Error {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("starting the batch loop")]
     Thread(#[from] std::io::Error),
+    #[error("serving /metrics")]
+    Metrics(#[source] std::io::Error),
     /// A plan inconsistent with the model or the workers.
     #[error("placement")]
     Placement(#[from] kubemoe_api::Error),
@@ -131,7 +133,12 @@ pub async fn run(
         active: Default::default(),
     };
     if let Some(http) = http {
-        tokio::spawn(metrics::serve(experts.clone(), http, shutdown.clone()));
+        let (experts, shutdown) = (experts.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(experts, http, shutdown).await {
+                eprintln!("router: /metrics stopped: {}", kubemoe_api::error_chain(&e));
+            }
+        });
     }
     let balancer = service::BalancerService { experts };
     let served = service::serve(service, balancer, listener, shutdown.clone()).await;

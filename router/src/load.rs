@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 /// Buckets per window: the granularity at which old load leaves the window.
 pub const BUCKETS: u32 = 12;
 
+/// Routed tokens per (MoE layer, logical expert) over the last `window`.
 pub struct LoadWindow {
     window: Duration,
     experts: usize,
@@ -21,6 +22,7 @@ pub struct LoadWindow {
 }
 
 impl LoadWindow {
+    /// An empty window over `layers` MoE layers of `experts` experts, started at `now`.
     pub fn new(window: Duration, layers: usize, experts: usize, now: Instant) -> Self {
         let window = window.max(Duration::from_millis(BUCKETS as u64));
         Self { window, experts, layers, started: now, buckets: VecDeque::new() }
@@ -33,8 +35,8 @@ impl LoadWindow {
             self.buckets.push_back((now, vec![0; self.layers * self.experts]));
         }
         self.expire(now);
-        if let Some((_, counts)) = self.buckets.back_mut() {
-            let row = &mut counts[layer * self.experts..(layer + 1) * self.experts];
+        let row = layer * self.experts..(layer + 1) * self.experts;
+        if let Some(row) = self.buckets.back_mut().and_then(|(_, counts)| counts.get_mut(row)) {
             for &e in ids {
                 if let Some(c) = row.get_mut(e as usize) {
                     *c += 1;

@@ -23,8 +23,10 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> crate::Result<()> {
     let app = axum::Router::new().route("/metrics", get(metrics)).with_state(experts);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
-    Ok(())
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .map_err(crate::Error::Metrics)
 }
 
 async fn metrics(State(experts): State<Arc<RemoteExperts>>) -> impl IntoResponse {

@@ -65,6 +65,9 @@ struct Switch {
     step: Option<Arc<Routes>>,
 }
 
+/// Longest a commit waits for the step in progress to end.
+const COMMIT_WAIT: Duration = Duration::from_secs(60);
+
 /// The lock's data even after a panic elsewhere: every update below is a single assignment.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -119,7 +122,16 @@ impl RemoteExperts {
             s.committed = Routes::new(plan);
         }
         // A step lasts milliseconds to seconds; poll rather than wire a notification into it.
-        while lock(&self.switch).step.as_ref().is_some_and(|r| r.plan.epoch != epoch) {
+        let started = Instant::now();
+        loop {
+            let step = lock(&self.switch).step.as_ref().map(|r| r.plan.epoch);
+            let Some(old) = step.filter(|e| *e != epoch) else { break };
+            if started.elapsed() > COMMIT_WAIT {
+                return Err(Error::Epoch(format!(
+                    "a step still routes by epoch {old} {COMMIT_WAIT:?} after epoch {epoch} was committed; \
+                     the batch loop is stuck: restart this router"
+                )));
+            }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         Ok(())
@@ -175,9 +187,13 @@ impl RoutedExperts for RemoteExperts {
         lock(&self.load).record(Instant::now(), index, &routing.ids);
         let result = self.call(layer, x, routing, &routes.holders[index]);
         if result.is_err() || index + 1 == self.moe_layers.len() {
-            lock(&self.switch).step = None;
+            self.end_step();
         }
         result
+    }
+
+    fn end_step(&self) {
+        lock(&self.switch).step = None;
     }
 }
 
@@ -191,7 +207,8 @@ impl RemoteExperts {
         holders: &[Vec<u32>],
     ) -> kubemoe_model::Result<Vec<f32>> {
         let hidden = self.hidden;
-        let batches = plan(routing, holders, self.clients.len());
+        let batches = plan(routing, holders, self.clients.len())
+            .map_err(|m| unavailable(layer, tonic::Status::internal(m)))?;
         // The batch loop runs on its own thread: spawn the calls on the server's runtime.
         let _entered = self.runtime.enter();
         let mut calls = tokio::task::JoinSet::new();

@@ -74,7 +74,11 @@ impl Expert for ExpertService {
     }
 
     async fn release(&self, request: Request<ReleaseRequest>) -> Result<Response<ReleaseResponse>, Status> {
-        let released = self.store.release(request.into_inner().epoch)?;
+        let store = self.store.clone();
+        // It waits for dispatches in progress to let go of the experts: off the async threads.
+        let released = tokio::task::spawn_blocking(move || store.release(request.into_inner().epoch))
+            .await
+            .map_err(|e| Status::internal(format!("expert release task failed: {e}")))??;
         Ok(Response::new(ReleaseResponse { released: released as u32 }))
     }
 }

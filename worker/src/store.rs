@@ -63,17 +63,23 @@ impl ExpertStore {
     }
 
     /// Loads the experts `plan` places here that are not held yet, while dispatches go on;
-    /// returns how many were loaded.
+    /// returns how many were loaded. Preparing the plan in force again is a no-op, so that a
+    /// rebalancer can make sure every worker holds a plan before routers use it.
     pub fn prepare(&self, plan: PlacementPlan) -> Result<usize> {
         let (n, layers) = shape(&self.config);
         plan.validate_for(n, &layers, self.world_size as u32)?;
         let _one = self.preparing.lock().map_err(|_| Error::Poisoned)?;
         let missing: BTreeSet<(usize, usize)> = {
             let state = self.state.read().map_err(|_| Error::Poisoned)?;
+            if plan == state.plan {
+                return Ok(0);
+            }
             if plan.epoch <= state.plan.epoch {
                 return Err(Error::Epoch(format!(
-                    "plan epoch {} is not newer than the epoch in force, {}",
-                    plan.epoch, state.plan.epoch
+                    "plan epoch {} is not newer than the epoch in force, {}: prepare epoch {} or later",
+                    plan.epoch,
+                    state.plan.epoch,
+                    state.plan.epoch + 1
                 )));
             }
             self.wanted(&plan).into_iter().filter(|k| !state.experts.contains_key(k)).collect()
@@ -88,6 +94,8 @@ impl ExpertStore {
     /// Puts the plan of `epoch` in force (the prepared one, or the one in force, which rolls a
     /// prepared plan back) and drops every expert it does not place here; returns how many.
     pub fn release(&self, epoch: u64) -> Result<usize> {
+        // Not while a prepare is loading: it would insert experts next to a plan released meanwhile.
+        let _one = self.preparing.lock().map_err(|_| Error::Poisoned)?;
         let mut state = self.state.write().map_err(|_| Error::Poisoned)?;
         if let Some(p) = state.prepared.take_if(|p| p.epoch == epoch) {
             state.plan = p;
@@ -96,7 +104,8 @@ impl ExpertStore {
         } else {
             let prepared = state.prepared.as_ref().map_or("none".to_string(), |p| p.epoch.to_string());
             return Err(Error::Epoch(format!(
-                "release of epoch {epoch}: the epoch in force is {}, the prepared one {prepared}",
+                "release of epoch {epoch}: the epoch in force is {}, the prepared one {prepared}; \
+                 prepare epoch {epoch} first",
                 state.plan.epoch
             )));
         }
@@ -264,7 +273,7 @@ mod tests {
         let h = store.config.hidden_size;
         let x = f32_to_le(&vec![0.5; h]);
         let run = |e: u32| store.dispatch(1, 1, &x, &routes(&[(0, e, 1.0)]));
-        // Epoch 1: worker 0 swaps experts 0 and 1 for 8 and 9 in layer 1 (10 slots per worker).
+        // Epoch 1: worker 0 swaps experts 0 and 1 for 8 and 9 in layer 1 (8 slots per worker).
         let mut next = PlacementPlan::initial(2, 8, 16, &[1, 2]);
         next.epoch = 1;
         next.layers[0].slots.swap(0, 8);
@@ -279,7 +288,10 @@ mod tests {
         assert!(run(0).is_err());
         assert_eq!(run(8).unwrap(), moved);
         assert!(store.release(0).is_err(), "an old epoch cannot come back by release");
-        assert!(store.prepare(next.clone()).is_err(), "epochs only grow");
+        assert_eq!(store.prepare(next.clone()).unwrap(), 0, "the plan in force is held already");
+        let mut other = next.clone();
+        other.layers[1].slots.swap(0, 8);
+        assert!(store.prepare(other).is_err(), "another plan under the epoch in force");
         // A prepared plan rolled back by releasing the epoch in force.
         let mut back = PlacementPlan::initial(2, 8, 16, &[1, 2]);
         back.epoch = 2;
