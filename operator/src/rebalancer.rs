@@ -120,11 +120,22 @@ pub fn router_urls(pods: &[Pod], port: i32) -> Vec<String> {
     urls
 }
 
-/// Time since the last rebalance `status` records (`None`: never). Read from the status so that
+/// Time since the last rebalance or failed migration `status` records (`None`: neither). Read from the status so that
 /// the cooldown outlives operator restarts; a clock behind the recorded time counts as now.
 pub fn since_last_rebalance(status: Option<&ModelDeploymentStatus>, now: Timestamp) -> Option<Duration> {
-    let at = status?.placement.as_ref()?.last_rebalance_time.as_ref()?;
-    Some(Duration::try_from(now.duration_since(at.0)).unwrap_or(Duration::ZERO))
+    let status = status?;
+    let done = status.placement.as_ref().and_then(|p| p.last_rebalance_time.as_ref());
+    // A failed migration starts the cooldown too: one failing for a lasting reason (a worker
+    // out of memory) is not retried, reloading experts everywhere, every interval.
+    let failed = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == status::REBALANCING && c.reason == "MigrationFailed")
+        .map(|c| &c.last_transition_time);
+    done.into_iter()
+        .chain(failed)
+        .map(|at| Duration::try_from(now.duration_since(at.0)).unwrap_or(Duration::ZERO))
+        .min()
 }
 
 /// What the routers route by, as one load poll found it.
@@ -596,6 +607,22 @@ mod tests {
         assert_eq!(since_last_rebalance(Some(&at), now), Some(Duration::from_secs(90)));
         let ahead = status(Some("2025-01-01T00:11:00Z"));
         assert_eq!(since_last_rebalance(Some(&ahead), now), Some(Duration::ZERO));
+        // A later failure restarts the cooldown; a successful rebalance's reason does not.
+        let failure = |reason: &str| k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            type_: status::REBALANCING.into(),
+            status: "False".into(),
+            reason: reason.into(),
+            message: String::new(),
+            observed_generation: None,
+            last_transition_time: Time("2025-01-01T00:09:50Z".parse().unwrap()),
+        };
+        let mut failed = status(Some("2025-01-01T00:08:30Z"));
+        failed.conditions.push(failure("MigrationFailed"));
+        assert_eq!(since_last_rebalance(Some(&failed), now), Some(Duration::from_secs(10)));
+        failed.placement = None;
+        assert_eq!(since_last_rebalance(Some(&failed), now), Some(Duration::from_secs(10)));
+        failed.conditions[0] = failure("Rebalanced");
+        assert_eq!(since_last_rebalance(Some(&failed), now), None);
     }
 
     #[test]
