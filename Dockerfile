@@ -6,12 +6,8 @@
 #
 # The runtime stage is distroless (glibc, no shell) and runs as the `nonroot` user 65532, the
 # user the operator's pods and the chart's securityContext expect; the root filesystem can be
-# read-only (the operator mounts a writable /tmp). For GPU workers, build on a CUDA runtime
-# image instead, which carries the NVRTC and cuBLAS libraries the CUDA kernels load at run time
-# (the driver comes from the node through the NVIDIA container toolkit):
-#
-#   docker build --build-arg RUNTIME_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04 \
-#     -t ghcr.io/kubemoe/kubemoe:0.1.0-cuda12 .
+# read-only (the operator mounts a writable /tmp). The binary computes on the CPU only: there
+# are no GPU kernels yet.
 
 ARG RUST_IMAGE=rust:1.89-bookworm
 ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot

@@ -1,27 +1,107 @@
-//! Local mode (DESIGN §6): the router and N workers as child processes of `kubemoe up` on
-//! loopback, each started from this same binary with the flags a pod would give it, from the
-//! same ModelDeployment manifest a cluster would get.
+//! Local mode: the router and N workers as child processes of `kubemoe up` on loopback, each
+//! started from this same binary with the flags a pod would give it, from the same
+//! ModelDeployment manifest a cluster would get.
 //!
 //! The machine's cores are split among the workers (each gets `cores / workers` compute
 //! threads, at least one), as each pod would have its own; the router keeps all of them, as
 //! it computes while the workers wait and the other way round.
 //!
 //! Children announce their address on their first stdout line (`... listening on ADDR`); the
-//! parent waits for that, prints where to call the router, and on Ctrl-C or SIGTERM stops
-//! them all (they turn NOT_SERVING and drain) before exiting.
+//! parent waits for that, prints where to call the router, relays every later line of theirs
+//! (stdout and logs) on its stderr prefixed with the child's name, and on Ctrl-C or SIGTERM
+//! stops them all (they turn NOT_SERVING and drain) before exiting.
 //!
-//! The expert layout and the rebalancer are the operator's: the manifest's
-//! `experts.redundant` and `balancing` mean the same here as on a cluster, and each rebalance
-//! is printed as the operator would record it in an event.
+//! The expert layout and the rebalance loop are the operator's (`kubemoe_operator::spec`,
+//! `kubemoe_placement::rebalance`): the manifest's `experts.redundant` and `balancing` mean the
+//! same here as on a cluster, and each rebalance is printed where the operator records an event.
 
 use anyhow::{bail, Context, Result};
-use kubemoe_operator::layout::Layout;
-use kubemoe_operator::rebalance::{decide, Cluster, Decision, Policy};
+use kubemoe_operator::spec::{self, ModelSource};
+use kubemoe_operator::ModelDeployment;
+use kubemoe_placement::{Layout, ModelConfig};
 use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+/// What `kubemoe up` may override in the manifest.
+pub struct Overrides {
+    pub model: Option<String>,
+    pub workers: Option<usize>,
+    pub grpc_port: Option<u16>,
+    pub http_port: Option<u16>,
+}
+
+/// `kubemoe up`: the workers, then the router, as child processes, both starting from the
+/// layout's initial placement, and the rebalancer when `balancing.enabled`; serves until
+/// interrupted. `router_args` are the router's limits as flags.
+pub fn up(file: Option<&Path>, overrides: Overrides, mut router_args: Vec<String>) -> Result<()> {
+    let origin = file.map_or("examples/tiny.yaml (built in)".into(), |f| f.display().to_string());
+    let mut md = deployment(file)?;
+    if let Some(w) = overrides.workers {
+        md.spec.workers.replicas = i32::try_from(w).context("--workers is too large")?;
+    }
+    let model = overrides.model.map_or_else(|| model_path(&md.spec.model.source, &origin), Ok)?;
+    let layout = layout(&md, &model, &origin)?;
+    let policy = spec::policy(&md.spec).with_context(|| format!("{origin}: balancing"))?;
+    let grpc_port = overrides.grpc_port.unwrap_or(md.spec.router.grpc_port as u16);
+    let http_port = overrides.http_port.unwrap_or(md.spec.router.http_port as u16);
+
+    let plan = layout.initial_plan();
+    let dir = std::env::temp_dir().join(format!("kubemoe-up-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let placement = dir.join(kubemoe_placement::KEY);
+    std::fs::write(&placement, serde_json::to_string(&plan)?)
+        .with_context(|| format!("writing {}", placement.display()))?;
+    let placement_args = ["--placement".to_string(), placement.display().to_string()];
+    let (mut children, urls) = start_workers(&model, layout.workers as usize, &placement_args)?;
+    let mut args: Vec<String> =
+        ["router", "--model", &model, "--host", "127.0.0.1"].iter().map(|s| s.to_string()).collect();
+    args.extend(["--port".into(), grpc_port.to_string(), "--workers".into(), urls.join(",")]);
+    args.extend(["--http-port".into(), http_port.to_string()]);
+    args.extend(placement_args);
+    args.extend(["--load-window".into(), md.spec.balancing.window.clone()]);
+    // The manifest's limits, where the command line did not set them.
+    let router = &md.spec.router;
+    let manifest = [
+        ("--max-concurrent", Some(router.max_concurrent_requests)),
+        ("--max-batch-tokens", Some(router.max_batch_tokens)),
+        ("--max-context", md.spec.model.max_context_length),
+    ];
+    for (flag, value) in manifest {
+        if let Some(value) = value.filter(|_| !router_args.iter().any(|a| a == flag)) {
+            router_args.extend([flag.to_string(), value.max(1).to_string()]);
+        }
+    }
+    args.extend(router_args);
+    let (router, addr) = start("router", &args, cores())?;
+    children.push(router);
+    println!("kubemoe up: workers at {} ({} expert slots each)", urls.join(","), layout.slots_per_worker);
+    println!(
+        "kubemoe up: {model} on {} workers; gRPC at {addr} (health, reflection, kubemoe.inference.v1, kubemoe.expert.v1.Balancer)",
+        layout.workers
+    );
+    println!("try: kubemoe generate --endpoint http://{addr} --prompt 'Hello'    (Ctrl-C stops everything)");
+    crate::runtime()?.block_on(async {
+        let stop = crate::shutdown_on_signal()?;
+        if md.spec.balancing.enabled {
+            let servers = kubemoe_api::cluster::Cluster::new(&urls, &[format!("http://{addr}")])?;
+            let record =
+                kubemoe_placement::rebalance::Printed::new(plan, |line| println!("kubemoe up: {line}"));
+            let rebalancing =
+                kubemoe_placement::rebalance::run(&record, &servers, &layout, &policy, stop.cancelled());
+            rebalancing.await;
+        }
+        stop.cancelled().await;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    eprintln!("kubemoe up: stopping");
+    drop(children);
+    std::fs::remove_dir_all(&dir).ok();
+    Ok(())
+}
+
 /// The ModelDeployment in `file`, or the built-in `examples/tiny.yaml`.
-pub fn deployment(file: Option<&std::path::Path>) -> Result<kubemoe_api::ModelDeployment> {
+fn deployment(file: Option<&Path>) -> Result<ModelDeployment> {
     let (text, origin) = match file {
         Some(f) => (
             std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
@@ -33,84 +113,54 @@ pub fn deployment(file: Option<&std::path::Path>) -> Result<kubemoe_api::ModelDe
 }
 
 /// The local path or `builtin:` name of a ModelDeployment's `model.source`.
-pub fn model_path(source: &str) -> Result<String> {
-    if source.starts_with("builtin:") {
-        return Ok(source.into());
+fn model_path(source: &str, origin: &str) -> Result<String> {
+    match ModelSource::parse(source).map_err(|i| anyhow::anyhow!("{origin}: {}", i.message))? {
+        ModelSource::Builtin { preset } => Ok(format!("builtin:{preset}")),
+        ModelSource::HostPath { path } => Ok(path),
+        ModelSource::Pvc { .. } => bail!(
+            "{origin}: model.source {source}: local mode reads builtin:<preset> or hostPath:///dir; \
+             pass --model <dir> for a copy of the volume"
+        ),
     }
-    if let Some(path) = source.strip_prefix("hostPath://") {
-        return Ok(path.into());
-    }
-    bail!("model.source {source}: local mode reads builtin:<preset> or hostPath:///dir; pass --model <dir> for a copy of the volume")
 }
 
-/// The expert layout `spec` asks for with the model at `model` (a directory or builtin:), and
-/// the expert groups the planner keeps together (`n_group` when hierarchical, else 1).
-pub fn layout(md: &kubemoe_api::ModelDeployment, model: &str, origin: &str) -> Result<(Layout, u32)> {
-    use kubemoe_operator::model::ModelConfig;
+/// The expert layout the manifest asks for with the model at `model` (a directory or builtin:).
+fn layout(md: &ModelDeployment, model: &str, origin: &str) -> Result<Layout> {
     let config = match model.strip_prefix("builtin:") {
         Some(preset) => ModelConfig::preset(preset).with_context(|| format!("no preset {preset}"))??,
         None => {
-            let path = std::path::Path::new(model).join("config.json");
+            let path = PathBuf::from(model).join("config.json");
             let text =
                 std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
             ModelConfig::from_json(&text, &path.display().to_string())?
         }
     };
-    let layout = kubemoe_operator::layout::layout(&md.spec, &config)
-        .map_err(|invalid| anyhow::anyhow!("{origin}: {} ({})", invalid.message, invalid.reason))?;
-    // The planner packs expert groups only for hierarchical placement, as the operator does.
-    let groups = match md.spec.experts.placement {
-        kubemoe_api::deployment::PlacementPolicy::Hierarchical => config.n_group,
-        kubemoe_api::deployment::PlacementPolicy::Global => 1,
-    };
-    Ok((layout, groups))
+    spec::layout(&md.spec, &config)
+        .map_err(|invalid| anyhow::anyhow!("{origin}: {} ({})", invalid.message, invalid.reason))
 }
 
-/// Polls the router every `policy.interval` and migrates live when the load is skewed, until
-/// `stop`; prints each rebalance.
-pub async fn rebalance(cluster: Cluster, policy: Policy, stop: tokio_util::sync::CancellationToken) {
-    let mut last: Option<std::time::Instant> = None;
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(policy.interval) => {}
-        }
-        let step = async {
-            let (loads, plan) = cluster.load().await?;
-            let (policy, current, since) = (policy.clone(), plan.clone(), last.map(|t| t.elapsed()));
-            let decision = tokio::task::spawn_blocking(move || decide(&policy, &current, &loads, since))
-                .await
-                .map_err(kubemoe_operator::Error::Planner)??;
-            let Decision::Rebalance(p) = decision else { return Ok(()) };
-            println!(
-                "kubemoe up: rebalancing to epoch {}: imbalance {:.3} -> {:.3}, moving {} experts",
-                p.plan.epoch, p.imbalance_before, p.imbalance_after, p.moved
-            );
-            if let Err(e) = cluster.migrate(&p.plan, plan.epoch).await {
-                // The cooldown holds after a failure too, so a failing step is not retried (and
-                // experts reloaded) every interval. Converge on one plan: the one the routers
-                // agree on, or the new one when only some of them committed it.
-                last = Some(std::time::Instant::now());
-                let settled = match cluster.load().await {
-                    Ok((_, routed)) => cluster.finish(&routed).await,
-                    Err(_) => cluster.finish(&p.plan).await,
-                };
-                if let Err(s) = settled {
-                    eprintln!(
-                        "kubemoe up: settling after a failed migration: {}",
-                        kubemoe_api::error_chain(&s)
-                    );
-                }
-                return Err(e);
-            }
-            last = Some(std::time::Instant::now());
-            println!("kubemoe up: placement epoch {} in force", p.plan.epoch);
-            Ok::<_, kubemoe_operator::rebalance::Error>(())
-        };
-        if let Err(e) = step.await {
-            eprintln!("kubemoe up: rebalancing: {}", kubemoe_api::error_chain(&e));
-        }
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Starts `workers` worker processes on loopback (each given `extra` flags); returns them and
+/// their URLs in rank order.
+pub fn start_workers(model: &str, workers: usize, extra: &[String]) -> Result<(Vec<Managed>, Vec<String>)> {
+    anyhow::ensure!(workers > 0, "--workers must be at least 1");
+    let mut children = Vec::new();
+    let mut urls = Vec::new();
+    for rank in 0..workers {
+        let args: Vec<String> = ["worker", "--model", model, "--host", "127.0.0.1", "--port", "0"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["--rank".into(), rank.to_string(), "--world-size".into(), workers.to_string()])
+            .chain(extra.iter().cloned())
+            .collect();
+        let (child, addr) = start(&format!("worker {rank}"), &args, (cores() / workers).max(1))?;
+        children.push(child);
+        urls.push(format!("http://{addr}"));
     }
+    Ok((children, urls))
 }
 
 /// A child process that is stopped when dropped.
@@ -137,16 +187,21 @@ impl Drop for Managed {
 
 /// Starts `kubemoe <args>` with `threads` compute threads and waits for its
 /// `listening on ADDR` line.
-pub fn start(name: &str, args: &[String], threads: usize) -> Result<(Managed, String)> {
+fn start(name: &str, args: &[String], threads: usize) -> Result<(Managed, String)> {
     let exe = std::env::current_exe().context("locating the kubemoe binary")?;
     let mut child = Command::new(exe)
         .args(args)
         .env("RAYON_NUM_THREADS", threads.to_string())
+        .env("KUBEMOE_LOG_FORMAT", crate::logging::format().as_str())
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {name}"))?;
     let stdout = child.stdout.take().context("child stdout")?;
+    let stderr = child.stderr.take().context("child stderr")?;
     let managed = Managed { name: name.into(), child };
+    // Its logs, prefixed, from the start: they say why a child that never listens failed.
+    relay(name, BufReader::new(stderr).lines());
     let mut lines = BufReader::new(stdout).lines();
     let addr = loop {
         match lines.next() {
@@ -158,9 +213,14 @@ pub fn start(name: &str, args: &[String], threads: usize) -> Result<(Managed, St
             _ => bail!("{name} exited before it listened (see its errors above)"),
         }
     };
-    // Keep draining the child's stdout (so it never blocks on a full pipe) onto stderr, where
-    // what it says later (the router's metrics address) reaches the user.
+    // Keep draining the child's stdout too (so it never blocks on a full pipe), where what it
+    // says later (the router's metrics address) reaches the user.
+    relay(name, lines);
+    Ok((managed, addr))
+}
+
+/// Copies every line of `lines` to stderr as `[name] line`, on a thread of its own.
+fn relay(name: &str, lines: impl Iterator<Item = std::io::Result<String>> + Send + 'static) {
     let prefix = name.to_string();
     std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| eprintln!("[{prefix}] {l}")));
-    Ok((managed, addr))
 }

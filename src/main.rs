@@ -1,9 +1,9 @@
 //! `kubemoe`: one binary for every role. Each subcommand parses its flags and calls into the
-//! crates, where the work lives.
+//! crates, where the work lives; `local` runs the processes of `up`, `plan` reads the planner's
+//! files, `logging` sets up the logs of every process.
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use kubemoe_model::checkpoint::{OwnedTensor, TensorMap};
 use kubemoe_model::generate::{generate, Request};
 use kubemoe_model::synth::{self, StorageDtype};
 use kubemoe_model::{source, Experts, SamplingParams};
@@ -14,11 +14,16 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 mod local;
+mod logging;
 mod plan;
 
 #[derive(Parser)]
 #[command(name = "kubemoe", version, about = "Serve DeepSeek-family MoE models with expert parallelism")]
 struct Cli {
+    /// Log lines as text or as one JSON object each (on stderr; the level from RUST_LOG,
+    /// default info). `up` passes it to its processes.
+    #[arg(long, global = true, env = "KUBEMOE_LOG_FORMAT", default_value = "text")]
+    log_format: logging::Format,
     #[command(subcommand)]
     command: Command,
 }
@@ -106,13 +111,14 @@ enum Command {
         host: String,
         #[arg(long, default_value_t = 50051)]
         port: u16,
-        /// Port of /metrics (Prometheus); 0 picks a free one; none without the flag.
+        /// Port of the HTTP server (Prometheus /metrics); 0 picks a free one; none without the flag.
         #[arg(long)]
         http_port: Option<u16>,
         #[command(flatten)]
         limits: RouterLimits,
     },
-    /// Local mode: a router and N workers as child processes on loopback, until Ctrl-C.
+    /// Local mode: a router and N workers as child processes on loopback, until Ctrl-C. Limits
+    /// given on the command line win over the manifest's.
     Up {
         /// A ModelDeployment manifest: its model, worker count, router port and limits
         /// (default: examples/tiny.yaml, built in).
@@ -237,63 +243,67 @@ struct OperatorRunArgs {
     identity: Option<String>,
 }
 
-/// The router's capacity settings.
+/// The router's capacity settings; those a manifest also sets are options, so that `up` knows
+/// which ones the command line gave.
 #[derive(clap::Args, Clone)]
 struct RouterLimits {
-    /// Requests in progress at once; more get RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = 64)]
-    max_concurrent: usize,
+    /// Requests in progress at once; more get RESOURCE_EXHAUSTED [default: 64].
+    #[arg(long)]
+    max_concurrent: Option<usize>,
     /// Sequences in one step.
     #[arg(long, default_value_t = 64)]
     max_running: usize,
-    /// New tokens in one step (prompt tokens of joining sequences plus one per decoding one).
-    #[arg(long, default_value_t = 4096)]
-    max_batch_tokens: usize,
+    /// New tokens in one step (prompt tokens of joining sequences plus one per decoding one)
+    /// [default: 4096].
+    #[arg(long)]
+    max_batch_tokens: Option<usize>,
     /// KV cache budget in MiB; a request reserves its prompt plus max_tokens.
     #[arg(long, default_value_t = 1024)]
     kv_budget_mib: usize,
-    /// Prompt plus new tokens per request (capped by the model's max_position_embeddings).
-    #[arg(long, default_value_t = 8192)]
-    max_context: usize,
+    /// Prompt plus new tokens per request (capped by the model's max_position_embeddings)
+    /// [default: 8192].
+    #[arg(long)]
+    max_context: Option<usize>,
     /// Deadline of every call to a worker, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     worker_deadline_ms: u64,
 }
 
 impl RouterLimits {
+    /// The flags a router child gets: every setting with a default, the others when given.
     fn args(&self) -> Vec<String> {
-        [
-            ("--max-concurrent", self.max_concurrent as u64),
-            ("--max-running", self.max_running as u64),
-            ("--max-batch-tokens", self.max_batch_tokens as u64),
-            ("--kv-budget-mib", self.kv_budget_mib as u64),
-            ("--max-context", self.max_context as u64),
-            ("--worker-deadline-ms", self.worker_deadline_ms),
-        ]
-        .iter()
-        .flat_map(|(k, v)| [k.to_string(), v.to_string()])
-        .collect()
+        let given = [
+            ("--max-concurrent", self.max_concurrent),
+            ("--max-batch-tokens", self.max_batch_tokens),
+            ("--max-context", self.max_context),
+        ];
+        let always = [
+            ("--max-running", Some(self.max_running)),
+            ("--kv-budget-mib", Some(self.kv_budget_mib)),
+            ("--worker-deadline-ms", Some(self.worker_deadline_ms as usize)),
+        ];
+        given
+            .into_iter()
+            .chain(always)
+            .filter_map(|(k, v)| v.map(|v| [k.to_string(), v.to_string()]))
+            .flatten()
+            .collect()
     }
 
-    fn options(&self, model: String, workers: Vec<String>) -> Result<kubemoe_router::Options> {
-        let (config, _) = source::open_tensors(&model, &|_| false)?;
-        // Cache bytes per token: every layer's c_kv and k_pe in f32.
-        let per_token = config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * 4;
-        Ok(kubemoe_router::Options {
+    fn options(&self, model: String, workers: Vec<String>) -> kubemoe_router::Options {
+        kubemoe_router::Options {
             model,
             workers,
-            limits: kubemoe_router::scheduler::Limits {
-                max_batch_tokens: self.max_batch_tokens,
-                max_running: self.max_running,
-                kv_budget_tokens: (self.kv_budget_mib << 20) / per_token.max(1),
-            },
-            max_concurrent: self.max_concurrent,
-            max_context: self.max_context,
+            max_batch_tokens: self.max_batch_tokens.unwrap_or(4096),
+            max_running: self.max_running,
+            kv_budget_bytes: self.kv_budget_mib << 20,
+            max_concurrent: self.max_concurrent.unwrap_or(64),
+            max_context: self.max_context.unwrap_or(8192),
             worker_deadline: Duration::from_millis(self.worker_deadline_ms),
             startup_timeout: Duration::from_secs(120),
             placement: None,
             load_window: Duration::from_secs(300),
-        })
+        }
     }
 }
 
@@ -319,8 +329,14 @@ async fn bind(host: &str, port: u16, role: &str) -> Result<TcpListener> {
     Ok(listener)
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
 fn main() -> std::process::ExitCode {
-    match run(Cli::parse().command) {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    match run(cli.command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -339,7 +355,7 @@ fn run(command: Command) -> Result<()> {
         Command::Run { model, input_ids, max_new_tokens, temperature, top_k, top_p, seed, logits_out } => {
             let m = source::open(&model, Experts::All).with_context(|| format!("loading model {model}"))?;
             if let Some(path) = logits_out {
-                write_logits(&m, &input_ids, &path)?;
+                m.write_logits(&input_ids, &path)?;
             }
             let sampling = SamplingParams { temperature, top_k, top_p, seed };
             let request = Request { prompt: input_ids, max_new_tokens, sampling };
@@ -355,9 +371,9 @@ fn run(command: Command) -> Result<()> {
             })?
         }
         Command::Router { model, workers, placement, load_window, host, port, http_port, limits } => {
-            let mut options = limits.options(model, workers)?;
+            let mut options = limits.options(model, workers);
             options.placement = placement.as_deref().map(plan::read_placement).transpose()?;
-            options.load_window = kubemoe_api::deployment::parse_duration("--load-window", &load_window)?;
+            options.load_window = kubemoe_placement::parse_duration("--load-window", &load_window)?;
             runtime()?.block_on(async {
                 let listener = bind(&host, port, "router").await?;
                 let http = match http_port {
@@ -368,25 +384,9 @@ fn run(command: Command) -> Result<()> {
                 Ok::<_, anyhow::Error>(())
             })?
         }
-        Command::Up { file, model, workers, grpc_port, http_port, mut limits } => {
-            let mut md = local::deployment(file.as_deref())?;
-            if let Some(w) = workers {
-                md.spec.workers.replicas = w as i32;
-            }
-            let spec = &md.spec;
-            let model = model.map_or_else(|| local::model_path(&spec.model.source), Ok)?;
-            limits.max_concurrent = spec.router.max_concurrent_requests.max(1) as usize;
-            limits.max_batch_tokens = spec.router.max_batch_tokens.max(1) as usize;
-            if let Some(max) = spec.model.max_context_length {
-                limits.max_context = max.max(1) as usize;
-            }
-            let origin = file.map_or("examples/tiny.yaml (built in)".into(), |f| f.display().to_string());
-            let (layout, groups) = local::layout(&md, &model, &origin)?;
-            let ports = (
-                grpc_port.unwrap_or(spec.router.grpc_port as u16),
-                http_port.unwrap_or(spec.router.http_port as u16),
-            );
-            up(&md, &layout, groups, &model, ports, &limits)?
+        Command::Up { file, model, workers, grpc_port, http_port, limits } => {
+            let overrides = local::Overrides { model, workers, grpc_port, http_port };
+            local::up(file.as_deref(), overrides, limits.args())?
         }
         Command::Generate {
             endpoint,
@@ -418,10 +418,16 @@ fn run(command: Command) -> Result<()> {
                 seed,
                 stop,
             };
-            runtime()?.block_on(client_generate(endpoint, request))?
+            let summary = runtime()?.block_on(kubemoe_router::client::stream(
+                &endpoint,
+                request,
+                &mut std::io::stdout(),
+            ))?;
+            println!();
+            eprintln!("{summary}");
         }
         Command::BenchServing { model, workers, batch, steps } => {
-            let (_children, urls) = start_workers(&model, workers, &[])?;
+            let (_children, urls) = local::start_workers(&model, workers, &[])?;
             let report = kubemoe_router::bench::run(&model, &urls, batch, steps)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
@@ -435,185 +441,35 @@ fn run(command: Command) -> Result<()> {
             command: Some(OperatorCommand::Render { file, model_config, image }),
             ..
         }) => {
-            let manifest =
-                std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-            let config = model_config
-                .map(|path| {
-                    std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
-                })
-                .transpose()?;
+            let read = |path: &std::path::Path| {
+                std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+            };
+            let config = model_config.as_deref().map(read).transpose()?;
             let origin = file.display().to_string();
-            print!("{}", kubemoe_operator::render::render(&manifest, &origin, config.as_deref(), &image)?);
+            print!(
+                "{}",
+                kubemoe_operator::render::render(&read(&file)?, &origin, config.as_deref(), &image)?
+            );
         }
         Command::Operator(OperatorArgs { command: Some(OperatorCommand::Run(args)), .. })
-        | Command::Operator(OperatorArgs { command: None, run: args }) => run_operator(args)?,
+        | Command::Operator(OperatorArgs { command: None, run: args }) => {
+            let identity = args
+                .identity
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .unwrap_or_else(|| format!("kubemoe-operator-{}", std::process::id()));
+            let lease = kubemoe_operator::leader::LeaseConfig {
+                name: args.lease_name,
+                namespace: args.lease_namespace,
+                identity,
+                duration: Duration::from_secs(15),
+                renew_every: Duration::from_secs(5),
+            };
+            let options =
+                kubemoe_operator::RunOptions { http_addr: args.http_addr, image: args.image, lease };
+            runtime()?.block_on(kubemoe_operator::run(options))?
+        }
         Command::Crd => print!("{}", kubemoe_operator::crd_yaml()?),
         Command::Plan(args) => println!("{}", plan::run(&args)?),
     }
     Ok(())
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
-}
-
-/// Starts `workers` worker processes on loopback (each given `extra` flags); returns them and
-/// their URLs in rank order.
-fn start_workers(
-    model: &str,
-    workers: usize,
-    extra: &[String],
-) -> Result<(Vec<local::Managed>, Vec<String>)> {
-    anyhow::ensure!(workers > 0, "--workers must be at least 1");
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut children = Vec::new();
-    let mut urls = Vec::new();
-    for rank in 0..workers {
-        let args: Vec<String> = ["worker", "--model", model, "--host", "127.0.0.1", "--port", "0"]
-            .iter()
-            .map(|s| s.to_string())
-            .chain(["--rank".into(), rank.to_string(), "--world-size".into(), workers.to_string()])
-            .chain(extra.iter().cloned())
-            .collect();
-        let (child, addr) = local::start(&format!("worker {rank}"), &args, (cores / workers).max(1))?;
-        children.push(child);
-        urls.push(format!("http://{addr}"));
-    }
-    Ok((children, urls))
-}
-
-/// `kubemoe up`: the workers, then the router, as child processes, both starting from the
-/// layout's initial placement, and the rebalancer when `balancing.enabled`; serves until
-/// interrupted.
-fn up(
-    md: &kubemoe_api::ModelDeployment,
-    layout: &kubemoe_operator::layout::Layout,
-    groups: u32,
-    model: &str,
-    (grpc_port, http_port): (u16, u16),
-    limits: &RouterLimits,
-) -> Result<()> {
-    let plan = kubemoe_api::placement::PlacementPlan::initial(
-        layout.workers,
-        layout.slots_per_worker,
-        layout.logical,
-        &layout.moe_layers,
-    );
-    let dir = tempfile_dir()?;
-    let placement = dir.join(kubemoe_api::placement::KEY);
-    std::fs::write(&placement, serde_json::to_string(&plan)?)
-        .with_context(|| format!("writing {}", placement.display()))?;
-    let placement_args = ["--placement".to_string(), placement.display().to_string()];
-    let workers = layout.workers as usize;
-    let (mut children, urls) = start_workers(model, workers, &placement_args)?;
-    let mut args: Vec<String> =
-        ["router", "--model", model, "--host", "127.0.0.1"].iter().map(|s| s.to_string()).collect();
-    args.extend(["--port".into(), grpc_port.to_string(), "--workers".into(), urls.join(",")]);
-    args.extend(["--http-port".into(), http_port.to_string()]);
-    args.extend(placement_args);
-    args.extend(["--load-window".into(), md.spec.balancing.window.clone()]);
-    args.extend(limits.args());
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let (router, addr) = local::start("router", &args, cores)?;
-    children.push(router);
-    println!("kubemoe up: workers at {} ({} expert slots each)", urls.join(","), layout.slots_per_worker);
-    println!(
-        "kubemoe up: {model} on {workers} workers; gRPC at {addr} (health, reflection, kubemoe.inference.v1, kubemoe.expert.v1.Balancer)"
-    );
-    println!("try: kubemoe generate --endpoint http://{addr} --prompt 'Hello'    (Ctrl-C stops everything)");
-    runtime()?.block_on(async {
-        let stop = shutdown_on_signal()?;
-        if md.spec.balancing.enabled {
-            let policy = kubemoe_operator::rebalance::Policy::new(&md.spec.balancing, groups as usize, 1)?;
-            let cluster = kubemoe_operator::rebalance::Cluster::new(&urls, &[format!("http://{addr}")])?;
-            tokio::spawn(local::rebalance(cluster, policy, stop.clone()));
-        }
-        stop.cancelled().await;
-        Ok::<_, anyhow::Error>(())
-    })?;
-    eprintln!("kubemoe up: stopping");
-    drop(children);
-    std::fs::remove_dir_all(&dir).ok();
-    Ok(())
-}
-
-/// A fresh directory for this process's files.
-fn tempfile_dir() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("kubemoe-up-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
-}
-
-/// Streams one completion from a router to stdout.
-async fn client_generate(endpoint: String, request: kubemoe_api::inference::GenerateRequest) -> Result<()> {
-    use kubemoe_api::inference::inference_client::InferenceClient;
-    use std::io::Write;
-    let mut client = InferenceClient::connect(endpoint.clone())
-        .await
-        .with_context(|| format!("connecting to {endpoint}"))?;
-    let mut stream = client
-        .generate_stream(request)
-        .await
-        .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
-        .into_inner();
-    let mut stdout = std::io::stdout();
-    let mut ids: Vec<u32> = Vec::new();
-    while let Some(m) =
-        stream.message().await.map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
-    {
-        ids.extend(&m.token_ids);
-        write!(stdout, "{}", m.text)?;
-        stdout.flush()?;
-        if let Some(u) = m.usage {
-            let reason = kubemoe_api::inference::FinishReason::try_from(m.finish_reason)
-                .map(|r| r.as_str_name())
-                .unwrap_or("?");
-            writeln!(stdout)?;
-            eprintln!(
-                "[{reason}; {} prompt + {} completion tokens; ids {ids:?}]",
-                u.prompt_tokens, u.completion_tokens
-            );
-        }
-    }
-    Ok(())
-}
-
-fn run_operator(args: OperatorRunArgs) -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
-    let identity = args
-        .identity
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| format!("kubemoe-operator-{}", std::process::id()));
-    let lease = kubemoe_operator::leader::LeaseConfig {
-        name: args.lease_name,
-        namespace: args.lease_namespace,
-        identity,
-        duration: Duration::from_secs(15),
-        renew_every: Duration::from_secs(5),
-    };
-    let options = kubemoe_operator::RunOptions { http_addr: args.http_addr, image: args.image, lease };
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    Ok(runtime.block_on(kubemoe_operator::run(options))?)
-}
-
-/// Writes `logits` (and `mtp_logits` when the model has an MTP module) for `ids`.
-fn write_logits(m: &kubemoe_model::Model, ids: &[u32], path: &std::path::Path) -> Result<()> {
-    let hidden = m.hidden_full(ids, None)?;
-    let logits = m.lm_head.forward(&m.norm.forward(&hidden)?)?;
-    let vocab = m.config.vocab_size;
-    let tensor = |values: Vec<f32>| OwnedTensor {
-        dtype: safetensors::Dtype::F32,
-        shape: vec![values.len() / vocab, vocab],
-        data: kubemoe_kernels::dtype::f32_to_le(&values),
-    };
-    let mut map = TensorMap { label: path.display().to_string(), ..Default::default() };
-    map.tensors.insert("logits".into(), tensor(logits));
-    if let Some(mtp) = m.mtp_logits(ids, &hidden)? {
-        map.tensors.insert("mtp_logits".into(), tensor(mtp));
-    }
-    map.save(path).with_context(|| format!("writing logits to {}", path.display()))
 }

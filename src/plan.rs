@@ -7,8 +7,8 @@
 //! with the initial placement (slot `p` holds expert `p mod E`).
 
 use anyhow::{bail, Context, Result};
-use kubemoe_api::placement::PlacementPlan;
-use kubemoe_api::planner::{self, Problem};
+use kubemoe_placement::planner::{self, Problem};
+use kubemoe_placement::PlacementPlan;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 

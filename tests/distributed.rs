@@ -5,6 +5,7 @@
 use kubemoe_api::inference::generate_request::Input;
 use kubemoe_api::inference::inference_client::InferenceClient;
 use kubemoe_api::inference::{FinishReason, GenerateRequest, ModelInfoRequest, TokenIds};
+use kubemoe_kernels::rel_err;
 use kubemoe_model::generate::{generate, Request};
 use kubemoe_model::{source, Experts, KvCache, SamplingParams};
 use std::io::{BufRead, BufReader};
@@ -34,8 +35,13 @@ impl Drop for Proc {
 }
 
 fn spawn(args: &[&str]) -> Proc {
-    let mut child =
-        Command::new(env!("CARGO_BIN_EXE_kubemoe")).args(args).stdout(Stdio::piped()).spawn().unwrap();
+    // Warnings only: the tests' output stays readable; a failing child still says why.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kubemoe"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let first = lines.next().expect("child printed nothing").unwrap();
     let addr = first.split("listening on ").nth(1).expect("no address line").trim().to_string();
@@ -125,12 +131,6 @@ fn greedy_tokens_on_1_2_and_4_workers_equal_the_fixture_and_the_engine() {
             }
         }
     });
-}
-
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den).sqrt()
 }
 
 #[test]
@@ -401,9 +401,14 @@ fn a_client_that_goes_away_frees_its_slot() {
 fn up_serves_the_builtin_manifest_and_stops_its_children_on_sigterm() {
     let mut up = Command::new(env!("CARGO_BIN_EXE_kubemoe"))
         .args(["up", "--grpc-port", "0", "--http-port", "0"])
+        // Workers log each dispatch at debug level.
+        .env("RUST_LOG", "info,kubemoe_worker=debug")
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let stderr = BufReader::new(up.stderr.take().unwrap());
+    let logs = std::thread::spawn(move || stderr.lines().map_while(Result::ok).collect::<Vec<_>>());
     let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
     let addr = loop {
         let line = lines.next().expect("up exited early").unwrap();
@@ -419,7 +424,11 @@ fn up_serves_the_builtin_manifest_and_stops_its_children_on_sigterm() {
         assert_eq!((info.model.as_str(), info.workers), ("builtin:tiny", 2));
         let r =
             GenerateRequest { input: Some(Input::Prompt("Hi".into())), max_tokens: 3, ..Default::default() };
-        assert_eq!(client.generate(r).await.unwrap().into_inner().token_ids.len(), 3);
+        let mut r = tonic::Request::new(r);
+        r.metadata_mut().insert("x-request-id", "trace-me-42".parse().unwrap());
+        let reply = client.generate(r).await.unwrap();
+        assert_eq!(reply.metadata().get("x-request-id").unwrap(), "trace-me-42");
+        assert_eq!(reply.into_inner().token_ids.len(), 3);
     });
     Command::new("kill").args(["-TERM", &up.id().to_string()]).status().unwrap();
     let started = Instant::now();
@@ -429,6 +438,12 @@ fn up_serves_the_builtin_manifest_and_stops_its_children_on_sigterm() {
     }
     // Its router no longer answers.
     assert!(std::net::TcpStream::connect(&addr).is_err());
+    // The request is found by its id in the router's log lines and in a worker's, each line
+    // prefixed with the process it came from.
+    let logs = logs.join().unwrap();
+    let with_id = |process: &str| logs.iter().any(|l| l.starts_with(process) && l.contains("trace-me-42"));
+    assert!(with_id("[router]"), "{logs:#?}");
+    assert!(with_id("[worker 0]") || with_id("[worker 1]"), "{logs:#?}");
 }
 
 /// Tokens each worker's experts processed, per MoE layer: [worker][layer].

@@ -1,22 +1,14 @@
-//! The contracts shared across kubemoe processes: the `ModelDeployment` custom resource, the
-//! protobuf services (compiled from `proto/` into `OUT_DIR`) and the static expert placement.
-//! Nothing here does I/O except [`incoming`], the servers' listener setup.
+//! The wire contracts between kubemoe processes: the protobuf services (compiled from `proto/`
+//! into `OUT_DIR`), the byte layouts their `bytes` fields carry ([`route`]), the message-size
+//! limit, the conversion of placements to and from the wire, and the gRPC client the rebalance
+//! loop reaches servers with ([`cluster`]). No Kubernetes here: routers and workers link this.
 
-pub mod deployment;
-pub mod placement;
-pub mod planner;
+pub mod cluster;
+pub mod route;
+pub mod trace;
 
-pub use deployment::{ModelDeployment, ModelDeploymentSpec, ModelDeploymentStatus};
-
-/// What went wrong with a placement or a placement problem.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// A placement or planning problem that cannot be used as given; the message says what to change.
-    #[error("invalid placement: {0}")]
-    InvalidPlacement(String),
-}
-
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+pub use kubemoe_placement::error_chain;
+use kubemoe_placement::{LayerPlacement, PlacementPlan};
 
 /// `kubemoe.inference.v1`: the public API of a router.
 pub mod inference {
@@ -28,17 +20,41 @@ pub mod expert {
     tonic::include_proto!("kubemoe.expert.v1");
 }
 
-/// An error and its sources, `: `-separated: the one line a `tonic::Status` or a condition
-/// carries (the error itself keeps the chain in `source`).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
+/// Largest gRPC message any kubemoe server or client takes or sends: a prefill dispatch carries
+/// every token's activations (8k tokens × 7168 f32 = 224 MiB on V3), a V3 plan a few hundred KiB.
+pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
+
+impl From<&PlacementPlan> for expert::Plan {
+    fn from(p: &PlacementPlan) -> Self {
+        expert::Plan {
+            epoch: p.epoch,
+            workers: p.workers,
+            slots_per_worker: p.slots_per_worker,
+            logical_experts: p.logical_experts,
+            layers: p
+                .layers
+                .iter()
+                .map(|l| expert::LayerSlots { layer: l.layer, slots: l.slots.clone() })
+                .collect(),
+        }
     }
-    text
+}
+
+impl TryFrom<expert::Plan> for PlacementPlan {
+    type Error = kubemoe_placement::Error;
+
+    /// A plan off the wire, validated: a caller cannot make a server route by a broken one.
+    fn try_from(p: expert::Plan) -> Result<Self, Self::Error> {
+        let plan = PlacementPlan {
+            epoch: p.epoch,
+            workers: p.workers,
+            slots_per_worker: p.slots_per_worker,
+            logical_experts: p.logical_experts,
+            layers: p.layers.into_iter().map(|l| LayerPlacement { layer: l.layer, slots: l.slots }).collect(),
+        };
+        plan.validate()?;
+        Ok(plan)
+    }
 }
 
 /// The encoded descriptors of every service, for gRPC server reflection.
@@ -86,5 +102,19 @@ pub mod health {
         for name in ["", service] {
             reporter.set_service_status(name, ServingStatus::NotServing).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_cross_the_wire_unchanged_and_broken_ones_are_refused() {
+        let plan = PlacementPlan::initial(3, 6, 16, &[1, 2]);
+        assert_eq!(PlacementPlan::try_from(expert::Plan::from(&plan)).unwrap(), plan);
+        let mut broken = expert::Plan::from(&plan);
+        broken.layers[0].slots[0] = 99;
+        assert!(PlacementPlan::try_from(broken).unwrap_err().to_string().contains("99"));
     }
 }

@@ -3,7 +3,9 @@
 //! Every kernel takes flat row-major `f32` slices plus their dimensions, checks that the
 //! slices cover those dimensions (a [`Error::Shape`] otherwise), and reduces in `f32`.
 //! The kernels know nothing of models, checkpoints or networks: the `model` crate composes
-//! them into DeepSeek-V2/V3 layers, following the math of `DESIGN.md` §2.
+//! them into DeepSeek-V2/V3 layers, following the math of the DeepSeek-V2 and DeepSeek-V3
+//! technical reports (arXiv:2405.04434, arXiv:2412.19437) and transformers' modelling code.
+//! [`rng`] is kubemoe's one random source; [`rel_err`] is how its tests compare results.
 
 pub mod activation;
 pub mod attention;
@@ -12,6 +14,7 @@ pub mod gate;
 pub mod matmul;
 pub mod moe;
 pub mod norm;
+pub mod rng;
 pub mod rope;
 
 pub use matmul::{linear, matmul, View};
@@ -37,26 +40,11 @@ pub(crate) fn check_len(op: &'static str, what: &str, len: usize, need: usize) -
     Ok(())
 }
 
-#[cfg(test)]
-pub(crate) mod testutil {
-    /// A small deterministic generator for test inputs (xorshift64*).
-    pub struct Lcg(pub u64);
-    impl Lcg {
-        pub fn next_f32(&mut self) -> f32 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            let v = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40;
-            (v as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        }
-        pub fn vec(&mut self, n: usize) -> Vec<f32> {
-            (0..n).map(|_| self.next_f32()).collect()
-        }
-    }
-
-    pub fn max_rel_err(a: &[f32], b: &[f64]) -> f64 {
-        let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - y).powi(2)).sum();
-        let den: f64 = b.iter().map(|y| y * y).sum();
-        (num / den.max(1e-300)).sqrt()
-    }
+/// Relative error `‖a − b‖ / ‖b‖` of `a` against the reference `b` (f32 or f64): how every
+/// kubemoe test compares a result with its reference.
+pub fn rel_err<T: Copy + Into<f64>>(a: &[f32], b: &[T]) -> f64 {
+    assert_eq!(a.len(), b.len(), "rel_err of slices of different lengths");
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (f64::from(*x) - (*y).into()).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y).into().powi(2)).sum();
+    (num / den.max(1e-300)).sqrt()
 }

@@ -93,7 +93,7 @@ pub fn run(
     prompt_len: usize,
     decode_steps: usize,
 ) -> Result<Report> {
-    let mut rng = crate::rng::Rng::new(1);
+    let mut rng = kubemoe_kernels::rng::Rng::new(1);
     let mut random = |n: usize| (0..n).map(|_| rng.normal()).collect::<Vec<f32>>();
     let n = gemm_size;
     let (a, b) = (random(n * n), random(n * n));

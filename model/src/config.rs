@@ -28,8 +28,8 @@ pub struct Config {
     pub intermediate_size: usize,
     pub moe_intermediate_size: usize,
     pub num_hidden_layers: usize,
-    pub first_k_dense_replace: usize,
-    pub moe_layer_freq: usize,
+    /// Expert and layer counts as the placement reads them: one parser of which layers are MoE.
+    pub experts: kubemoe_placement::ModelConfig,
     /// 0 for a model without routed experts.
     pub n_routed_experts: usize,
     pub n_shared_experts: usize,
@@ -67,9 +67,6 @@ struct Raw {
     intermediate_size: usize,
     moe_intermediate_size: Option<usize>,
     num_hidden_layers: usize,
-    #[serde(default)]
-    first_k_dense_replace: usize,
-    moe_layer_freq: Option<usize>,
     n_routed_experts: Option<usize>,
     n_shared_experts: Option<usize>,
     num_experts_per_tok: Option<usize>,
@@ -122,15 +119,22 @@ impl Config {
                 })
             }
         };
+        let experts = serde_json::from_value(value.clone())
+            .map_err(|source| Error::Json { path: origin.into(), source })?;
         let raw: Raw =
             serde_json::from_value(value).map_err(|source| Error::Json { path: origin.into(), source })?;
-        resolve(raw, family, origin)
+        resolve(raw, experts, family, origin)
     }
 
     /// Whether decoder layer `i` has routed experts (DeepSeek's `first_k_dense_replace` and
     /// `moe_layer_freq` rule).
     pub fn is_moe_layer(&self, i: usize) -> bool {
-        self.n_routed_experts > 0 && i >= self.first_k_dense_replace && i.is_multiple_of(self.moe_layer_freq)
+        u32::try_from(i).is_ok_and(|i| self.experts.is_moe_layer(i))
+    }
+
+    /// Bytes of KV cache per token: every layer's `c_kv` and `k_pe` rows in f32.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.num_hidden_layers * (self.kv_lora_rank + self.qk_rope_head_dim) * 4
     }
 
     pub fn moe_layers(&self) -> impl Iterator<Item = usize> + '_ {
@@ -149,7 +153,12 @@ impl Config {
     }
 }
 
-fn resolve(raw: Raw, family: Family, origin: &str) -> Result<Config> {
+fn resolve(
+    raw: Raw,
+    experts: kubemoe_placement::ModelConfig,
+    family: Family,
+    origin: &str,
+) -> Result<Config> {
     let bad = |key: &str, reason: String| Error::Config { path: origin.into(), key: key.into(), reason };
     if let Some(act) = raw.hidden_act.as_deref().filter(|a| *a != "silu") {
         return Err(bad("hidden_act", format!("`{act}` is not supported; DeepSeek models use `silu`")));
@@ -219,8 +228,7 @@ fn resolve(raw: Raw, family: Family, origin: &str) -> Result<Config> {
         intermediate_size: raw.intermediate_size,
         moe_intermediate_size: raw.moe_intermediate_size.unwrap_or(raw.intermediate_size),
         num_hidden_layers: raw.num_hidden_layers,
-        first_k_dense_replace: raw.first_k_dense_replace,
-        moe_layer_freq: raw.moe_layer_freq.unwrap_or(1),
+        experts,
         n_routed_experts,
         n_shared_experts: raw.n_shared_experts.unwrap_or(0),
         gate,
@@ -249,7 +257,7 @@ fn resolve(raw: Raw, family: Family, origin: &str) -> Result<Config> {
         ("kv_lora_rank", config.kv_lora_rank),
         ("qk_rope_head_dim", config.qk_rope_head_dim),
         ("v_head_dim", config.v_head_dim),
-        ("moe_layer_freq", config.moe_layer_freq),
+        ("moe_layer_freq", config.experts.moe_layer_freq as usize),
     ] {
         if v == 0 {
             return Err(bad(key, "must be positive".into()));

@@ -227,6 +227,11 @@ pub fn run_experts<'a>(
 pub trait RoutedExperts: Sync {
     fn run(&self, layer: usize, x: &[f32], routing: &Routing) -> Result<Vec<f32>>;
 
+    /// Called by a batch loop before each forward step with the ids of the requests it serves
+    /// (comma-separated): a transport that crosses processes names them to its peers, so that
+    /// their logs can be matched with the requests.
+    fn begin_step(&self, _requests: &str) {}
+
     /// Called by a batch loop after each forward step, whether it succeeded or not: a transport
     /// that switches placement between steps learns here that the step is over.
     fn end_step(&self) {}

@@ -10,7 +10,6 @@ pub mod generate;
 pub mod layers;
 mod mmap;
 pub mod model;
-pub mod rng;
 pub mod sampling;
 pub mod source;
 pub mod synth;

@@ -89,6 +89,26 @@ impl KvCache {
 }
 
 impl Model {
+    /// Writes the full-sequence logits of `ids` to the safetensors file `path`: `logits`
+    /// (f32 [T, vocab]) and, with an MTP module, `mtp_logits` (f32 [T-1, vocab]).
+    pub fn write_logits(&self, ids: &[u32], path: &std::path::Path) -> Result<()> {
+        use crate::checkpoint::{OwnedTensor, TensorMap};
+        let hidden = self.hidden_full(ids, None)?;
+        let logits = self.lm_head.forward(&self.norm.forward(&hidden)?)?;
+        let vocab = self.config.vocab_size;
+        let tensor = |values: Vec<f32>| OwnedTensor {
+            dtype: safetensors::Dtype::F32,
+            shape: vec![values.len() / vocab, vocab],
+            data: kubemoe_kernels::dtype::f32_to_le(&values),
+        };
+        let mut map = TensorMap { label: path.display().to_string(), ..Default::default() };
+        map.tensors.insert("logits".into(), tensor(logits));
+        if let Some(mtp) = self.mtp_logits(ids, &hidden)? {
+            map.tensors.insert("mtp_logits".into(), tensor(mtp));
+        }
+        map.save(path)
+    }
+
     /// Builds the model from `src`, loading the routed experts `experts` selects.
     pub fn load(config: Config, src: &dyn TensorSource, experts: Experts) -> Result<Self> {
         let l = Loader { src, fp8_block: config.fp8_block };

@@ -1,8 +1,8 @@
 //! Next-token sampling: greedy, temperature, top-k, top-p (nucleus, Holtzman et al. 2020),
 //! seeded. Filters apply in the order vLLM and transformers use: temperature, top-k, top-p.
 
-use crate::rng::Rng;
 use crate::{Error, Result};
+use kubemoe_kernels::rng::Rng;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {

@@ -8,15 +8,12 @@
 
 use crate::checkpoint::{OwnedTensor, TensorMap};
 use crate::config::Config;
-use crate::rng::Rng;
 use crate::{Error, Result};
 use kubemoe_kernels::dtype;
+use kubemoe_kernels::rng::Rng;
 use safetensors::Dtype;
 use serde_json::{json, Value};
 use std::path::Path;
-
-/// The presets `gen-model --preset` and `builtin:` accept.
-pub const PRESETS: [&str; 4] = ["tiny", "small", "v2-lite-shape", "v3-shape"];
 
 /// The storage dtype of a generated checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,23 +37,13 @@ impl std::str::FromStr for StorageDtype {
     }
 }
 
-/// `config.json` of a preset, as Hugging Face would write it (`model/presets/<name>.json`):
-/// - `tiny`: the shape of `shared/fixtures/deepseek-v3-tiny`;
-/// - `small`: ~210M parameters, 64 experts, the benchmark model;
-/// - `v2-lite-shape`: DeepSeek-V2-Lite's structure (plain `q_proj`, softmax greedy gate,
-///   64 experts top-6, 2 shared, YaRN), narrower and shallower;
-/// - `v3-shape`: DeepSeek-V3's structure (256 experts in 8 groups, top-8 of 4 groups, MTP,
-///   YaRN), narrower and shallower.
+/// `config.json` of a preset, as Hugging Face would write it (the presets are described in
+/// `kubemoe_placement::config`, which holds their files for the operator as well).
 pub fn preset_config(name: &str) -> Result<Value> {
-    let text = match name {
-        "tiny" => include_str!("../presets/tiny.json"),
-        "small" => include_str!("../presets/small.json"),
-        "v2-lite-shape" => include_str!("../presets/v2-lite-shape.json"),
-        "v3-shape" => include_str!("../presets/v3-shape.json"),
-        other => {
-            return Err(Error::Invalid(format!("unknown preset `{other}`; presets: {}", PRESETS.join(", "))))
-        }
-    };
+    let text = kubemoe_placement::config::preset_json(name).ok_or_else(|| {
+        let names: Vec<_> = kubemoe_placement::ModelConfig::preset_names().collect();
+        Error::Invalid(format!("unknown preset `{name}`; presets: {}", names.join(", ")))
+    })?;
     serde_json::from_str(text)
         .map_err(|source| Error::Json { path: format!("presets/{name}.json").into(), source })
 }

@@ -2,6 +2,7 @@
 //! computed on the same weights (logits, per-layer outputs, routing, greedy tokens).
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
+use kubemoe_kernels::rel_err;
 use kubemoe_model::checkpoint::Checkpoint;
 use kubemoe_model::generate::{generate, Request};
 use kubemoe_model::{Config, Experts, KvCache, Model, SamplingParams, Trace};
@@ -47,13 +48,6 @@ impl Reference {
         assert_eq!(t.dtype(), Dtype::I64);
         t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect()
     }
-}
-
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den).sqrt()
 }
 
 const SEQS: [&str; 2] = ["s0", "s1"];

@@ -2,6 +2,7 @@
 //! both families, selective expert loading, and every kind of bad input.
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
+use kubemoe_kernels::rel_err;
 use kubemoe_model::checkpoint::{Checkpoint, OwnedTensor, TensorMap};
 use kubemoe_model::generate::{generate, Request};
 use kubemoe_model::synth::{self, StorageDtype};
@@ -23,12 +24,6 @@ fn gen(preset: &str, dtype: StorageDtype, name: &str) -> PathBuf {
 
 fn open(dir: &std::path::Path) -> Model {
     source::open(dir.to_str().unwrap(), Experts::All).unwrap()
-}
-
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den).sqrt()
 }
 
 const PROMPT: [u32; 9] = [0, 17, 301, 42, 7, 199, 3, 88, 250];

@@ -12,8 +12,8 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use kubemoe_api::ModelDeployment;
 use kubemoe_operator::controller::{self, Context};
+use kubemoe_operator::deployment::ModelDeployment;
 use kubemoe_operator::http::Metrics;
 use serde_json::json;
 use std::sync::Arc;

@@ -7,10 +7,11 @@
 //! changed, so reconciling an unchanged object writes nothing. Events mark transitions only
 //! (applied children, a newly refused spec, becoming ready), for the same reason.
 
+use crate::deployment::ModelDeployment;
+use crate::deployment::ModelDeploymentStatus;
 use crate::desired::{self, BuildParams, Desired, Names, HASH_ANNOTATION};
 use crate::http::{KindLabel, Metrics, ResultLabel};
-use crate::layout::{self, Invalid, Layout, ModelSource};
-use crate::model::ModelConfig;
+use crate::spec::{self, ModelSource};
 use crate::status::{self, Observed};
 use crate::{Error, Result, FIELD_MANAGER};
 use futures::StreamExt;
@@ -24,9 +25,8 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
-use kubemoe_api::deployment::ModelDeploymentStatus;
-use kubemoe_api::placement::{self, PlacementPlan};
-use kubemoe_api::ModelDeployment;
+use kubemoe_placement::{self as placement, PlacementPlan};
+use kubemoe_placement::{Invalid, ModelConfig};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -152,7 +152,7 @@ async fn reconcile_inner(md: &ModelDeployment, context: &Context) -> Result<Outc
     let client = &context.client;
     let now = Time(Timestamp::now());
     let checked = match resolve_model(md, client, &namespace).await? {
-        Ok((source, model)) => layout::layout(&md.spec, &model).map(|layout| (source, layout)),
+        Ok((source, model)) => spec::layout(&md.spec, &model).map(|layout| (source, layout)),
         Err(invalid) => Err(invalid),
     };
     let (source, layout) = match checked {
@@ -174,7 +174,7 @@ async fn reconcile_inner(md: &ModelDeployment, context: &Context) -> Result<Outc
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
     let existing_placement = get(&config_maps, &names.placement).await?;
     let in_force = existing_placement.as_ref().and_then(plan_of);
-    let keep_placement = in_force.as_ref().is_some_and(|plan| same_layout(plan, &layout));
+    let keep_placement = in_force.as_ref().is_some_and(|plan| layout.fits(plan));
     let epoch = match &in_force {
         Some(plan) if keep_placement => plan.epoch,
         Some(plan) => plan.epoch + 1,
@@ -200,8 +200,8 @@ async fn reconcile_inner(md: &ModelDeployment, context: &Context) -> Result<Outc
 
     let observed = Observed { workers: Some(&workers), router: Some(&router), epoch };
     let new_status = status::valid(md, &layout, observed, &now);
-    let became_ready = new_status.phase == Some(kubemoe_api::deployment::Phase::Ready)
-        && md.status.as_ref().and_then(|s| s.phase) != Some(kubemoe_api::deployment::Phase::Ready);
+    let became_ready = new_status.phase == Some(crate::deployment::Phase::Ready)
+        && md.status.as_ref().and_then(|s| s.phase) != Some(crate::deployment::Phase::Ready);
     write_status(md, client, &namespace, new_status).await?;
     if became_ready {
         publish(
@@ -337,14 +337,6 @@ pub(crate) async fn resolve_model(
 pub(crate) fn plan_of(config_map: &ConfigMap) -> Option<PlacementPlan> {
     let text = config_map.data.as_ref()?.get(placement::KEY)?;
     serde_json::from_str(text).ok()
-}
-
-/// Whether a placement fits the layout (the rebalancer changes epochs, never the layout).
-pub(crate) fn same_layout(plan: &PlacementPlan, layout: &Layout) -> bool {
-    plan.workers == layout.workers
-        && plan.slots_per_worker == layout.slots_per_worker
-        && plan.logical_experts == layout.logical
-        && plan.layers.iter().map(|l| l.layer).eq(layout.moe_layers.iter().copied())
 }
 
 /// Writes the status, computed from `md`, through the status subresource when it differs from

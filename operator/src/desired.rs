@@ -10,7 +10,8 @@
 //! - worker `i` of the StatefulSet has rank `i`; the placement ConfigMap is mounted into every
 //!   pod, so a restarted pod starts from the placement in force.
 
-use crate::layout::{Layout, ModelSource};
+use crate::deployment::ModelDeployment;
+use crate::spec::ModelSource;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
@@ -24,8 +25,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::{Resource, ResourceExt};
-use kubemoe_api::placement::{self, PlacementPlan};
-use kubemoe_api::ModelDeployment;
+use kubemoe_placement::Layout;
+use kubemoe_placement::{self as placement, PlacementPlan};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -132,7 +133,7 @@ pub fn router_selector(instance: &str) -> String {
     selector_labels(instance, "router").iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }
 
-/// Builds every child of `md` for a layout already checked by [`crate::layout::layout`].
+/// Builds every child of `md` for a layout already checked by [`crate::spec::layout`].
 pub fn build(
     md: &ModelDeployment,
     source: &ModelSource,
@@ -655,8 +656,7 @@ fn pod_env() -> Vec<EnvVar> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::layout;
-    use crate::model::ModelConfig;
+    use kubemoe_placement::{LayoutSpec, ModelConfig};
 
     fn build_for(spec: serde_json::Value, uid: Option<&str>) -> Desired {
         let mut md = ModelDeployment::new("m", serde_json::from_value(spec).unwrap());
@@ -664,7 +664,10 @@ mod tests {
         md.metadata.uid = uid.map(str::to_string);
         let source = ModelSource::parse(&md.spec.model.source).unwrap();
         let model = ModelConfig::preset("tiny").unwrap().unwrap();
-        let layout = layout(&md.spec, &model).unwrap();
+        // The placement's layout alone: these tests build pods for settings `spec::layout` refuses
+        // until they are built (GPU workers).
+        let experts = LayoutSpec { workers: md.spec.workers.replicas, redundant: md.spec.experts.redundant };
+        let layout = kubemoe_placement::layout::layout(&experts, &model).unwrap();
         build(&md, &source, &layout, &BuildParams { image: "img".into(), epoch: 3 }).unwrap()
     }
 

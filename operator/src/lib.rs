@@ -1,22 +1,25 @@
 //! The kubemoe operator: turns `ModelDeployment`s into router and worker workloads.
 //!
-//! Layers, innermost first: [`model`] (the expert facts of a `config.json`), [`layout`] (spec +
-//! model → expert layout, or what to change), [`desired`] (→ the owned objects, pure),
-//! [`status`] (observations → status, pure), [`controller`] (the async reconcile loop around
-//! them), [`rebalance`] (load → placement decisions, and live migration over gRPC) and
-//! [`rebalancer`] (the loop that runs them next to the controller), [`leader`] (one active
-//! replica), [`http`] (metrics and health). [`render`] prints the same objects offline.
+//! Layers, innermost first: [`deployment`] (the `ModelDeployment` custom resource), [`spec`]
+//! (what a spec means for a model: its source, its expert layout through
+//! `kubemoe_placement::layout`, the settings not built yet), [`desired`] (→ the owned objects,
+//! pure), [`status`] (observations → status, pure), [`controller`] (the async reconcile loop
+//! around them), [`rebalancer`] (next to the controller, the rebalance loop of
+//! `kubemoe_placement::rebalance` for every deployment, recording in the apiserver), [`leader`]
+//! (one active replica), [`http`] (metrics and health). [`render`] prints the same objects
+//! offline.
 
 pub mod controller;
+pub mod deployment;
 pub mod desired;
 pub mod http;
-pub mod layout;
 pub mod leader;
-pub mod model;
-pub mod rebalance;
 pub mod rebalancer;
 pub mod render;
+pub mod spec;
 pub mod status;
+
+pub use deployment::{ModelDeployment, ModelDeploymentSpec, ModelDeploymentStatus};
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -30,12 +33,8 @@ pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/kubemoe/kubemoe:", env!("CARGO_
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot parse the model config {origin}")]
-    ModelConfig {
-        origin: String,
-        #[source]
-        source: serde_json::Error,
-    },
+    #[error(transparent)]
+    Placement(#[from] kubemoe_placement::Error),
     #[error("Kubernetes API: {action}")]
     Kube {
         action: String,
@@ -70,25 +69,6 @@ pub enum Error {
     LeaseLost { lease: String },
     #[error("cannot listen for shutdown signals")]
     Signals(#[source] std::io::Error),
-    #[error("balancing settings")]
-    Balancing(#[source] kubemoe_api::Error),
-    #[error("planning a placement")]
-    Plan(#[source] kubemoe_api::Error),
-    #[error("{0}")]
-    Routers(String),
-    #[error(
-        "router {router} routes by placement epoch {epoch}, another by {other}: a migration is unfinished"
-    )]
-    Unfinished { router: String, epoch: u64, other: u64 },
-    #[error("the planning task failed")]
-    Planner(#[source] tokio::task::JoinError),
-    #[error("{step} on {target}")]
-    Call {
-        step: &'static str,
-        target: String,
-        #[source]
-        source: tonic::Status,
-    },
     #[error("connecting to {url}")]
     Connect {
         url: String,
@@ -109,7 +89,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// The CustomResourceDefinitions the operator serves, as the YAML `crds/` holds.
 pub fn crd_yaml() -> Result<String> {
     use kube::CustomResourceExt;
-    serde_yaml::to_string(&kubemoe_api::ModelDeployment::crd()).map_err(Error::WriteYaml)
+    serde_yaml::to_string(&deployment::ModelDeployment::crd()).map_err(Error::WriteYaml)
 }
 
 /// Settings of a running operator.

@@ -1,53 +1,23 @@
-//! The operator's rebalancer (DESIGN §4): next to the controller, it polls the routers of every
-//! ready ModelDeployment with `balancing.enabled` once per `balancing.interval` and, when
-//! [`decide`] proposes a better placement, migrates to it and records it in the placement
-//! ConfigMap, the status and events. [`triage`] and the [`status`] functions are the pure rules;
-//! [`poll`] does one deployment's I/O, [`run`] the loop.
-//!
-//! One rebalance from epoch N to N+1, in order:
-//! 1. status `Rebalancing=True` (reason `Migrating`) and event `Rebalancing`;
-//! 2. every worker prepares N+1: loads the experts N+1 places on it, still serving N's;
-//! 3. the placement ConfigMap gets N+1;
-//! 4. every router commits N+1 (switches between two of its steps);
-//! 5. every worker releases: N+1 in force, N's experts that N+1 does not place there dropped;
-//! 6. status `placement` (epoch N+1, imbalance, expertsMoved, lastRebalanceTime) and
-//!    `Rebalancing=False` (reason `Rebalanced`), event `Rebalanced`.
-//!
-//! Crash safety. Workers hold the union of N and N+1 from their prepare to their release, so
-//! routers on either epoch are served meanwhile; a pod that (re)starts serves what the ConfigMap
-//! holds, and only that. A crash, a lost lease or a poll past [`POLL_TIMEOUT`] during
-//! - 1–2 leaves every pod routing by and serving N, and the ConfigMap at N; some workers hold
-//!   N+1's experts too. Safe: nothing routes by N+1.
-//! - 3–4 leaves the ConfigMap at N+1 and some or all routers at N: the one unsafe window, where
-//!   a worker restarting would hold N+1's experts only while routers at N send it others. It
-//!   spans one commit (milliseconds to a step), which is why the ConfigMap is written after the
-//!   slow prepare rather than before it; a router restarting reads N+1, which workers hold.
-//! - 5 leaves routers and the ConfigMap at N+1; workers not yet released hold the union.
-//! - 6 leaves everything at N+1; only the status lags.
-//!
-//! Whatever is left over is settled by the next poll before it judges load ([`triage`]): a
-//! migration is known unfinished when `Rebalancing=True` outlived the operator that set it or
-//! this process saw one fail, and shows as a ConfigMap that differs from what the routers route
-//! by, or as routers that disagree. The ConfigMap, routers and workers are then converged on one
-//! plan with [`Cluster::finish`], which is idempotent: the routers' plan when they agree (a
-//! ConfigMap ahead of them is put back and workers drop what they prepared; one behind them
-//! catches up; workers not yet released are released), the ConfigMap's N+1 when only some
-//! routers committed it (they cannot go back). A failed migration is settled the same way at
-//! once, rather than an interval later.
+//! The operator's rebalancer: next to the controller, it polls the routers of every ready
+//! ModelDeployment with `balancing.enabled` once per `balancing.interval`, running
+//! [`kubemoe_placement::rebalance::poll`] (the migration protocol, its crash points and how
+//! they converge are documented there) with the [`Apiserver`] record: the plan of record is the
+//! placement ConfigMap, a migration in progress is `Rebalancing=True` (which outlives this
+//! process, so the next leader settles what it left), and every step is a status write, an event
+//! and a metric. [`eligible`], [`router_urls`] and [`since_last_rebalance`] are the pure rules.
 //!
 //! Limits: kubelet refreshes a mounted ConfigMap after a delay (up to about a minute), so a pod
-//! restarting right after step 3 may still read N; a router that does shows as split routers
-//! and is committed forward, a worker is not detected. Deployments are polled one after the
-//! other, so a long migration delays the polls of the others.
+//! restarting right after the ConfigMap is written may still read the previous epoch; a router
+//! that does shows as split routers and is committed forward, a worker is not detected.
+//! Deployments are polled one after the other, so a long migration delays the polls of the
+//! others.
 
 use crate::controller::{self, Context};
+use crate::deployment::{ModelDeployment, ModelDeploymentSpec, ModelDeploymentStatus};
 use crate::desired::{self, Names};
 use crate::http::{DeploymentLabel, Metrics, ResultLabel};
-use crate::layout::{self, Layout};
-use crate::model::ModelConfig;
-use crate::rebalance::{decide, Cluster, Decision, Policy, Proposal};
 use crate::status;
-use crate::{Error, Result};
+use crate::{spec, Error, Result};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -55,13 +25,15 @@ use kube::api::ListParams;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::Store;
 use kube::{Api, ResourceExt};
-use kubemoe_api::deployment::{parse_duration, ModelDeploymentSpec, ModelDeploymentStatus, PlacementPolicy};
-use kubemoe_api::placement::PlacementPlan;
-use kubemoe_api::ModelDeployment;
+use kubemoe_api::cluster::Cluster;
+use kubemoe_placement::rebalance::{self, Policy, Proposal, Record};
+use kubemoe_placement::{error_chain, parse_duration, Layout, ModelConfig, PlacementPlan};
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+
+pub use kubemoe_placement::rebalance::Polled;
 
 /// How often the loop looks for deployments whose interval has elapsed.
 const TICK: Duration = Duration::from_secs(5);
@@ -81,15 +53,8 @@ pub struct Target {
 impl Target {
     /// `None` when `spec` cannot be served with `model` (the controller reports why).
     pub fn of(spec: &ModelDeploymentSpec, model: &ModelConfig) -> Result<Option<Target>> {
-        let Ok(layout) = layout::layout(spec, model) else { return Ok(None) };
-        let groups = match spec.experts.placement {
-            // Keeps each expert group's experts together (layout() refuses it without groups).
-            PlacementPolicy::Hierarchical => model.n_group as usize,
-            PlacementPolicy::Global => 1,
-        };
-        // One node: worker ranks are not pinned to nodes, so there is no node level to pack for.
-        let policy = Policy::new(&spec.balancing, groups, 1)?;
-        Ok(Some(Target { layout, policy }))
+        let Ok(layout) = spec::layout(spec, model) else { return Ok(None) };
+        Ok(Some(Target { layout, policy: spec::policy(spec)? }))
     }
 }
 
@@ -138,68 +103,6 @@ pub fn since_last_rebalance(status: Option<&ModelDeploymentStatus>, now: Timesta
         .min()
 }
 
-/// What the routers route by, as one load poll found it.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Routing {
-    /// Every router routes by `plan`; `loads` are their summed token counts.
-    Agreed { plan: PlacementPlan, loads: Vec<Vec<f64>> },
-    /// Routers route by different epochs, `highest` the newest: a commit stopped midway.
-    Split { highest: u64 },
-}
-
-/// What a poll does after looking.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Next {
-    /// Nothing is left over: judge `loads` under `plan`.
-    Judge { plan: PlacementPlan, loads: Vec<Vec<f64>> },
-    /// First converge the ConfigMap, routers and workers on this plan.
-    Settle(PlacementPlan),
-}
-
-/// The rule for left-overs (module docs): `stored` is the ConfigMap's plan; `unsettled` says a
-/// migration is known not to have finished.
-pub fn triage(stored: &PlacementPlan, routing: Routing, unsettled: bool) -> Result<Next> {
-    match routing {
-        // Agreeing routers are what serves. A ConfigMap ahead of them holds an epoch that no
-        // router committed (a commit that stopped midway shows as split routers instead), so it
-        // is put back to theirs, and workers drop what they prepared for it.
-        Routing::Agreed { plan, .. } if unsettled || plan != *stored => Ok(Next::Settle(plan)),
-        Routing::Agreed { plan, loads } => Ok(Next::Judge { plan, loads }),
-        // Routers that committed cannot go back (commits only move forward): finish the epoch
-        // the ConfigMap got just before the commits.
-        Routing::Split { highest } if highest == stored.epoch => Ok(Next::Settle(stored.clone())),
-        Routing::Split { highest } => Err(Error::Routers(format!(
-            "routers route by epochs up to {highest} while the placement ConfigMap holds {}; \
-             not a migration of this operator, nothing to settle",
-            stored.epoch
-        ))),
-    }
-}
-
-/// What one poll did.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Polled {
-    /// Nothing to poll yet: the spec cannot be served, or the placement ConfigMap does not hold
-    /// a plan of its layout yet (the controller sees to both).
-    Waiting,
-    Kept {
-        imbalance: Option<f64>,
-        reason: &'static str,
-    },
-    Rebalanced {
-        epoch: u64,
-    },
-    /// The migration to `epoch` failed; `settled`: pods and ConfigMap agree again.
-    Failed {
-        epoch: u64,
-        settled: bool,
-    },
-    /// What an earlier migration left unfinished was settled at `epoch`.
-    Settled {
-        epoch: u64,
-    },
-}
-
 /// Polls every eligible ModelDeployment of `deployments` (the controller's store) whose
 /// interval has elapsed, until `shutdown`. Stops at once, mid-migration too: the next leader
 /// settles what is left (module docs), and one that lost its lease must stop writing.
@@ -235,7 +138,7 @@ pub async fn run(context: Arc<Context>, deployments: Store<ModelDeployment>, shu
                     }
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!(%object, error = %kubemoe_api::error_chain(&e), "rebalancer poll failed")
+                    tracing::warn!(%object, error = %error_chain(&e), "rebalancer poll failed")
                 }
                 Err(_) => {
                     tracing::warn!(%object, timeout = ?POLL_TIMEOUT, "rebalancer poll timed out");
@@ -285,164 +188,111 @@ async fn turn(context: &Context, md: &ModelDeployment, unsettled: bool) -> Resul
     let routers = pods.list(&ListParams::default().labels(&selector)).await.map_err(|source| {
         Error::Kube { action: format!("listing the router pods of {}", controller::key(md)), source }
     })?;
-    let cluster = Cluster::new(
-        &desired::worker_addresses(md, target.layout.workers),
-        &router_urls(&routers.items, md.spec.router.grpc_port),
-    )?;
+    let workers = desired::worker_addresses(md, target.layout.workers);
+    let routers = router_urls(&routers.items, md.spec.router.grpc_port);
+    let cluster = Cluster::new(&workers, &routers)
+        .map_err(|source| Error::Connect { url: format!("{workers:?} {routers:?}"), source })?;
     poll(context, md, &target, &cluster, unsettled).await
 }
 
-/// One poll of `md`, whose workers and routers `cluster` reaches: settles what an earlier
-/// migration left over, or judges the load and rebalances when [`decide`] says so.
-/// `unsettled`: this process saw a migration of `md` fail and not settle. Kubernetes API and
-/// load poll failures are errors; a failed migration is reported (status, event) and settled.
+/// One poll of `md`, whose workers and routers `servers` reaches, recorded in the apiserver.
+/// `unsettled`: this process saw a migration of `md` fail and not settle.
 pub async fn poll(
     context: &Context,
     md: &ModelDeployment,
     target: &Target,
-    cluster: &Cluster,
+    servers: &impl rebalance::Servers,
     unsettled: bool,
 ) -> Result<Polled> {
-    let unsettled = unsettled || status::is_rebalancing(md.status.as_ref());
-    let Some((stored, next)) = survey(context, md, target, cluster, unsettled).await? else {
-        return Ok(Polled::Waiting);
-    };
-    // A layout change (workers, experts.redundant) is the controller's to roll out: a new
-    // ConfigMap, then pods restarted onto it. Nothing to judge or settle until it is done.
-    let routed = match &next {
-        Next::Settle(plan) | Next::Judge { plan, .. } => plan,
-    };
-    if !controller::same_layout(&stored, &target.layout) || !controller::same_layout(routed, &target.layout) {
-        return Ok(Polled::Waiting);
+    let record = Apiserver { context, md: Mutex::new(md.clone()) };
+    rebalance::poll(&record, servers, &target.layout, &target.policy, unsettled).await
+}
+
+/// The operator's [`Record`]: the placement ConfigMap, the status, events and metrics of one
+/// ModelDeployment, as last read or written.
+pub struct Apiserver<'a> {
+    context: &'a Context,
+    md: Mutex<ModelDeployment>,
+}
+
+impl Apiserver<'_> {
+    fn md(&self) -> ModelDeployment {
+        // A poisoned lock holds a whole ModelDeployment: every writer replaces it at once.
+        self.md.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
-    let (current, loads) = match next {
-        Next::Settle(plan) => {
-            settle(context, md, target, cluster, &stored, &plan).await?;
-            count(&context.metrics, "settled");
-            return Ok(Polled::Settled { epoch: plan.epoch });
-        }
-        Next::Judge { plan, loads } => (plan, loads),
-    };
-    let since_last = since_last_rebalance(md.status.as_ref(), Timestamp::now());
-    // The planner takes up to a second on V3-sized problems: off the async threads that also
-    // renew the lease and run the controller.
-    let (policy, plan) = (target.policy.clone(), current.clone());
-    let decision = tokio::task::spawn_blocking(move || decide(&policy, &plan, &loads, since_last))
-        .await
-        .map_err(Error::Planner)??;
-    match decision {
-        Decision::Keep { imbalance, reason } => {
-            if let Some(imbalance) = imbalance {
-                gauge(&context.metrics, md, imbalance);
-                update_status(context, md, |md| status::measured(md, imbalance)).await?;
-            }
-            Ok(Polled::Kept { imbalance, reason })
-        }
-        Decision::Rebalance(proposal) => {
-            rebalance(context, md, target, cluster, current.epoch, proposal).await
-        }
+
+    /// Writes `compute(md)` as the status (see [`update_status`]) and keeps what was stored.
+    async fn status(&self, compute: impl Fn(&ModelDeployment) -> ModelDeploymentStatus) -> Result<()> {
+        let md = update_status(self.context, &self.md(), compute).await?;
+        *self.md.lock().unwrap_or_else(PoisonError::into_inner) = md;
+        Ok(())
+    }
+
+    /// Publishes an event whose note is the `Rebalancing` condition's message.
+    async fn announce(&self, type_: EventType, reason: &str) {
+        let md = self.md();
+        let note = status::find(md.status.as_ref(), status::REBALANCING)
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        controller::publish(self.context, &md, type_, reason, "Rebalance", note).await;
     }
 }
 
-/// The ConfigMap's plan and what to do next; `None` while the ConfigMap holds no plan of the
-/// spec's layout (the controller is replacing it).
-async fn survey(
-    context: &Context,
-    md: &ModelDeployment,
-    target: &Target,
-    cluster: &Cluster,
-    unsettled: bool,
-) -> Result<Option<(PlacementPlan, Next)>> {
-    let config_maps: Api<ConfigMap> = Api::namespaced(context.client.clone(), &namespace(md));
-    let stored = controller::get(&config_maps, &Names::of(&md.name_any()).placement)
-        .await?
-        .as_ref()
-        .and_then(controller::plan_of)
-        .filter(|plan| controller::same_layout(plan, &target.layout));
-    let Some(stored) = stored else { return Ok(None) };
-    let routing = match cluster.load().await {
-        Ok((loads, plan)) => Routing::Agreed { plan, loads },
-        Err(Error::Unfinished { epoch, other, .. }) => Routing::Split { highest: epoch.max(other) },
-        Err(e) => return Err(e),
-    };
-    let next = triage(&stored, routing, unsettled)?;
-    Ok(Some((stored, next)))
-}
+impl Record for Apiserver<'_> {
+    type Error = Error;
 
-/// Converges the ConfigMap (now holding `stored`), routers and workers on `plan`, and clears a
-/// `Rebalancing=True` that a stopped operator left.
-async fn settle(
-    context: &Context,
-    md: &ModelDeployment,
-    target: &Target,
-    cluster: &Cluster,
-    stored: &PlacementPlan,
-    plan: &PlacementPlan,
-) -> Result<()> {
-    let l = &target.layout;
-    plan.validate_for(l.logical, &l.moe_layers, l.workers).map_err(|e| {
-        Error::Routers(format!("the routers route by a placement that does not fit the spec: {e}"))
-    })?;
-    if plan != stored {
-        write_placement(context, md, plan).await?;
+    async fn stored(&self) -> Result<Option<PlacementPlan>> {
+        let md = self.md();
+        let config_maps: Api<ConfigMap> = Api::namespaced(self.context.client.clone(), &namespace(&md));
+        let stored = controller::get(&config_maps, &Names::of(&md.name_any()).placement).await?;
+        Ok(stored.as_ref().and_then(controller::plan_of))
     }
-    cluster.finish(plan).await?;
-    let now = Time(Timestamp::now());
-    update_status(context, md, |md| status::settled(md, plan.epoch, &now)).await?;
-    Ok(())
-}
 
-/// Migrates from epoch `from` to `proposal` in the order the module docs argue for.
-async fn rebalance(
-    context: &Context,
-    md: &ModelDeployment,
-    target: &Target,
-    cluster: &Cluster,
-    from: u64,
-    proposal: Proposal,
-) -> Result<Polled> {
-    let plan = &proposal.plan;
-    let now = Time(Timestamp::now());
-    let md = update_status(context, md, |md| status::rebalancing(md, &proposal, &now)).await?;
-    announce(context, &md, EventType::Normal, "Rebalancing").await;
-    let migrated = async {
-        cluster.prepare(plan, from).await?;
-        write_placement(context, &md, plan).await?;
-        cluster.finish(plan).await
+    async fn store(&self, plan: &PlacementPlan) -> Result<()> {
+        write_placement(self.context, &self.md(), plan).await
     }
-    .await;
-    let now = Time(Timestamp::now());
-    match migrated {
-        Ok(()) => {
-            count(&context.metrics, "rebalanced");
-            gauge(&context.metrics, &md, proposal.imbalance_after);
-            let md = update_status(context, &md, |md| status::rebalanced(md, &proposal, &now)).await?;
-            announce(context, &md, EventType::Normal, "Rebalanced").await;
-            Ok(Polled::Rebalanced { epoch: plan.epoch })
-        }
-        Err(error) => {
-            count(&context.metrics, "failed");
-            let error = kubemoe_api::error_chain(&error);
-            let md = update_status(context, &md, |md| status::rebalance_failed(md, plan.epoch, &error, &now))
-                .await?;
-            announce(context, &md, EventType::Warning, "MigrationFailed").await;
-            // At once rather than at the next poll: until then, a pod that restarts may read a
-            // plan the routers do not route by.
-            let settled = async {
-                if let Some((stored, Next::Settle(back))) =
-                    survey(context, &md, target, cluster, true).await?
-                {
-                    settle(context, &md, target, cluster, &stored, &back).await?;
-                }
-                Ok::<_, Error>(())
-            }
-            .await;
-            if let Err(e) = &settled {
-                let object = controller::key(&md);
-                tracing::warn!(%object, error = %kubemoe_api::error_chain(e), "cannot settle the failed migration yet");
-            }
-            Ok(Polled::Failed { epoch: plan.epoch, settled: settled.is_ok() })
-        }
+
+    fn unfinished(&self) -> bool {
+        status::is_rebalancing(self.md().status.as_ref())
+    }
+
+    fn since_last(&self) -> Option<Duration> {
+        since_last_rebalance(self.md().status.as_ref(), Timestamp::now())
+    }
+
+    async fn measured(&self, imbalance: f64) -> Result<()> {
+        gauge(&self.context.metrics, &self.md(), imbalance);
+        self.status(|md| status::measured(md, imbalance)).await
+    }
+
+    async fn rebalancing(&self, proposal: &Proposal) -> Result<()> {
+        let now = Time(Timestamp::now());
+        self.status(|md| status::rebalancing(md, proposal, &now)).await?;
+        self.announce(EventType::Normal, "Rebalancing").await;
+        Ok(())
+    }
+
+    async fn rebalanced(&self, proposal: &Proposal) -> Result<()> {
+        count(&self.context.metrics, "rebalanced");
+        gauge(&self.context.metrics, &self.md(), proposal.imbalance_after);
+        let now = Time(Timestamp::now());
+        self.status(|md| status::rebalanced(md, proposal, &now)).await?;
+        self.announce(EventType::Normal, "Rebalanced").await;
+        Ok(())
+    }
+
+    async fn failed(&self, epoch: u64, error: &str) -> Result<()> {
+        count(&self.context.metrics, "failed");
+        let now = Time(Timestamp::now());
+        self.status(|md| status::rebalance_failed(md, epoch, error, &now)).await?;
+        self.announce(EventType::Warning, "MigrationFailed").await;
+        Ok(())
+    }
+
+    async fn settled(&self, plan: &PlacementPlan) -> Result<()> {
+        count(&self.context.metrics, "settled");
+        let now = Time(Timestamp::now());
+        self.status(|md| status::settled(md, plan.epoch, &now)).await
     }
 }
 
@@ -484,13 +334,6 @@ async fn update_status(
     }
 }
 
-/// Publishes an event whose note is the `Rebalancing` condition's message.
-async fn announce(context: &Context, md: &ModelDeployment, type_: EventType, reason: &str) {
-    let note =
-        status::find(md.status.as_ref(), status::REBALANCING).map(|c| c.message.clone()).unwrap_or_default();
-    controller::publish(context, md, type_, reason, "Rebalance", note).await;
-}
-
 fn count(metrics: &Metrics, result: &'static str) {
     metrics.rebalances.get_or_create(&ResultLabel { result }).inc();
 }
@@ -510,33 +353,8 @@ fn namespace(md: &ModelDeployment) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::deployment::PlacementStatus;
     use k8s_openapi::api::core::v1::PodStatus;
-    use kubemoe_api::deployment::PlacementStatus;
-
-    fn plan(epoch: u64) -> PlacementPlan {
-        PlacementPlan { epoch, ..PlacementPlan::initial(2, 8, 16, &[1, 2]) }
-    }
-
-    fn agreed(epoch: u64) -> Routing {
-        Routing::Agreed { plan: plan(epoch), loads: vec![vec![1.0; 16]; 2] }
-    }
-
-    #[test]
-    fn triage_judges_only_when_nothing_is_left_over() {
-        assert!(
-            matches!(triage(&plan(3), agreed(3), false).unwrap(), Next::Judge { plan, .. } if plan.epoch == 3)
-        );
-        // Known unfinished (Rebalancing=True left over, or a failure seen): release the epoch
-        // in force on every worker even though the ConfigMap and routers agree.
-        assert_eq!(triage(&plan(3), agreed(3), true).unwrap(), Next::Settle(plan(3)));
-        // ConfigMap ahead of the routers (stopped before any commit): back to the routers' plan.
-        assert_eq!(triage(&plan(4), agreed(3), false).unwrap(), Next::Settle(plan(3)));
-        // ConfigMap behind them: it catches up.
-        assert_eq!(triage(&plan(3), agreed(4), false).unwrap(), Next::Settle(plan(4)));
-        // Some routers committed the ConfigMap's epoch: forward.
-        assert_eq!(triage(&plan(4), Routing::Split { highest: 4 }, false).unwrap(), Next::Settle(plan(4)));
-        assert!(triage(&plan(4), Routing::Split { highest: 6 }, false).is_err());
-    }
 
     #[test]
     fn eligible_needs_balancing_ready_and_no_deletion() {
@@ -623,22 +441,6 @@ mod tests {
         assert_eq!(since_last_rebalance(Some(&failed), now), Some(Duration::from_secs(10)));
         failed.conditions[0] = failure("Rebalanced");
         assert_eq!(since_last_rebalance(Some(&failed), now), None);
-    }
-
-    #[test]
-    fn hierarchical_placement_plans_with_the_model_s_groups() {
-        let tiny = ModelConfig::preset("tiny").unwrap().unwrap();
-        let spec = |placement: &str| -> ModelDeploymentSpec {
-            serde_json::from_value(serde_json::json!({"model": {"source": "builtin:tiny"},
-                "workers": {"replicas": 2}, "experts": {"placement": placement}}))
-            .unwrap()
-        };
-        let target = Target::of(&spec("hierarchical"), &tiny).unwrap().unwrap();
-        assert_eq!((target.policy.groups, target.policy.nodes), (4, 1));
-        assert_eq!(Target::of(&spec("global"), &tiny).unwrap().unwrap().policy.groups, 1);
-        let mut indivisible = spec("global");
-        indivisible.workers.replicas = 3;
-        assert_eq!(Target::of(&indivisible, &tiny).unwrap(), None);
     }
 
     #[test]

@@ -1,17 +1,17 @@
 //! `kubemoe operator render`: the objects the controller would apply for a manifest, as a
-//! multi-document YAML stream, through the same [`crate::layout`] and [`crate::desired`] code.
+//! multi-document YAML stream, through the same [`crate::spec`] and [`crate::desired`] code.
 //!
 //! The manifest may hold several documents; every `ModelDeployment` in it is rendered. A
 //! volume-backed model's config comes from `--model-config`, or else from a ConfigMap in the
 //! same manifest named by `spec.model.configMap` (the examples ship theirs that way). Spec
 //! defaults are applied by deserialising, exactly as the CRD's defaults would be.
 
+use crate::deployment::ModelDeployment;
 use crate::desired::{self, BuildParams};
-use crate::layout::{self, ModelSource};
-use crate::model::ModelConfig;
+use crate::spec::{self, ModelSource};
 use crate::{Error, Result};
 use kube::ResourceExt;
-use kubemoe_api::ModelDeployment;
+use kubemoe_placement::ModelConfig;
 use serde::Deserialize;
 use std::collections::HashMap;
 
@@ -66,7 +66,7 @@ fn render_one(
     configs: &HashMap<String, String>,
     image: &str,
 ) -> Result<Vec<serde_json::Value>> {
-    let refused = |invalid: layout::Invalid| Error::Invalid {
+    let refused = |invalid: kubemoe_placement::Invalid| Error::Invalid {
         name: md.name_any(),
         reason: invalid.reason.to_string(),
         message: invalid.message,
@@ -89,7 +89,7 @@ fn render_one(
         })?;
         ModelConfig::from_json(text, &format!("{origin}: ConfigMap {name}"))?
     };
-    let layout = layout::layout(&md.spec, &model).map_err(refused)?;
+    let layout = spec::layout(&md.spec, &model).map_err(refused)?;
     let params = BuildParams { image: image.to_string(), epoch: 0 };
     desired::build(md, &source, &layout, &params)
         .and_then(|desired| desired.objects())
@@ -128,7 +128,7 @@ mod tests {
         let text = TINY.replace("builtin:tiny", "pvc://models/tiny");
         let err = render(&text, "t.yaml", None, "img").unwrap_err();
         assert!(err.to_string().contains("--model-config"), "{err}");
-        let config = include_str!("../../model/presets/tiny.json");
+        let config = kubemoe_placement::config::preset_json("tiny").unwrap();
         let rendered = render(&text, "t.yaml", Some(config), "img").unwrap();
         assert!(rendered.contains("claimName: models"), "{rendered}");
         assert!(render("kind: Pod\n", "p.yaml", None, "img").is_err());

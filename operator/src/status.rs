@@ -10,13 +10,13 @@
 //! load and rebalances. Each computes its part from the current status and carries the other's
 //! over unchanged, so neither undoes the other and an unchanged world still writes nothing.
 
-use crate::layout::{Invalid, Layout};
-use crate::rebalance::Proposal;
+use crate::deployment::ModelDeployment;
+use crate::deployment::{ModelDeploymentStatus, Phase, PlacementStatus, ReplicaCounts};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
-use kubemoe_api::deployment::{ModelDeploymentStatus, Phase, PlacementStatus, ReplicaCounts};
-use kubemoe_api::ModelDeployment;
+use kubemoe_placement::rebalance::Proposal;
+use kubemoe_placement::{Invalid, Layout};
 
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
@@ -328,8 +328,8 @@ pub fn find<'a>(status: Option<&'a ModelDeploymentStatus>, type_: &str) -> Optio
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ModelConfig;
-    use kubemoe_api::placement::PlacementPlan;
+    use kubemoe_placement::ModelConfig;
+    use kubemoe_placement::PlacementPlan;
 
     fn time(text: &str) -> Time {
         Time(text.parse().unwrap())
@@ -345,7 +345,7 @@ mod tests {
             .unwrap(),
         );
         md.metadata.generation = Some(1);
-        let layout = crate::layout::layout(&md.spec, &ModelConfig::preset("tiny").unwrap().unwrap()).unwrap();
+        let layout = crate::spec::layout(&md.spec, &ModelConfig::preset("tiny").unwrap().unwrap()).unwrap();
         let (workers, router) = workloads();
         let observed = Observed { workers: Some(&workers), router: Some(&router), epoch: 0 };
         md.status = Some(valid(&md, &layout, observed, &time("2025-01-01T00:00:00Z")));

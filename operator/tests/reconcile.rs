@@ -7,9 +7,9 @@ mod support;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use kube::ResourceExt;
-use kubemoe_api::deployment::Phase;
-use kubemoe_api::ModelDeployment;
 use kubemoe_operator::controller;
+use kubemoe_operator::deployment::ModelDeployment;
+use kubemoe_operator::deployment::Phase;
 use kubemoe_operator::status;
 use serde_json::json;
 use std::sync::Arc;
@@ -170,7 +170,7 @@ async fn a_volume_model_reads_its_config_map() {
     assert_eq!(condition(&world.md(), "Ready").1, "ModelConfigNotFound");
     assert!(world.api.get(STS).is_none());
 
-    let config = include_str!("../../model/presets/tiny.json");
+    let config = kubemoe_placement::config::preset_json("tiny").unwrap();
     world.api.insert(
         "/api/v1/namespaces/ml/configmaps/tiny-config",
         json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "tiny-config"},

@@ -89,7 +89,7 @@ async fn raw_tcp_gbps(bytes: usize, rounds: usize) -> std::io::Result<f64> {
 
 /// Payload-only dispatches (no routes: the worker decodes, sums nothing, encodes) to worker 0.
 async fn transport_gbps(url: &str, hidden: usize, layer: u32, tokens: usize, rounds: usize) -> Result<f64> {
-    let max = crate::MAX_MESSAGE_BYTES;
+    let max = kubemoe_api::MAX_MESSAGE_BYTES;
     let mut client =
         ExpertClient::new(channel(url)?).max_decoding_message_size(max).max_encoding_message_size(max);
     let activations: bytes::Bytes = vec![0u8; tokens * hidden * 4].into();

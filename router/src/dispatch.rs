@@ -1,9 +1,9 @@
-//! The dispatch plan of one MoE layer (DESIGN §5): which rows go to which worker, each token
+//! The dispatch plan of one MoE layer: which rows go to which worker, each token
 //! once per destination worker however many of its experts live there, and how the partial
 //! sums come back. Pure functions; the transport only moves the bytes they produce.
 //!
 //! A replicated expert's tokens go, one by one, to the least-loaded of the workers holding it
-//! (DESIGN §4): load is the routes already planned for each worker in this layer; ties go to a
+//! (as DeepSeek-V3's redundant experts are used, arXiv:2412.19437 §3.4): load is the routes already planned for each worker in this layer; ties go to a
 //! worker that already receives the token (no extra activation bytes), then to the lower rank.
 
 use kubemoe_kernels::dtype::{extend_f32_le, f32_from_le};
@@ -19,19 +19,13 @@ pub struct WorkerBatch {
 }
 
 impl WorkerBatch {
-    /// Activations [rows, hidden] as little-endian f32, and routes as 12-byte records.
+    /// Activations [rows, hidden] as little-endian f32, and routes as [`kubemoe_api::route`] records.
     pub fn encode(&self, x: &[f32], hidden: usize) -> (Vec<u8>, Vec<u8>) {
         let mut act = Vec::with_capacity(self.rows.len() * hidden * 4);
         for &r in &self.rows {
             extend_f32_le(&mut act, &x[r * hidden..(r + 1) * hidden]);
         }
-        let routes = self
-            .routes
-            .iter()
-            .flat_map(|(row, e, w)| [row.to_le_bytes(), e.to_le_bytes(), w.to_le_bytes()])
-            .flatten()
-            .collect();
-        (act, routes)
+        (act, kubemoe_api::route::encode(&self.routes))
     }
 
     /// `out[rows[i]] += partial[i]` for the worker's little-endian f32 reply.

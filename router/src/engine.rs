@@ -35,6 +35,8 @@ pub enum Event {
 
 /// A request for the batch loop.
 pub struct Submission {
+    /// The request's id, for logs here and on the workers.
+    pub id: Arc<str>,
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
     pub sampling: SamplingParams,
@@ -43,6 +45,7 @@ pub struct Submission {
 }
 
 struct Sequence {
+    id: Arc<str>,
     cache: KvCache,
     sampler: Sampler,
     feed: Vec<u32>,
@@ -124,6 +127,7 @@ fn run(
         for s in waiting.drain(..joining) {
             match Sampler::new(s.sampling) {
                 Ok(sampler) => running.push(Sequence {
+                    id: s.id,
                     cache: KvCache::new(&model.config),
                     sampler,
                     reserve: s.prompt.len() + s.max_tokens,
@@ -149,6 +153,10 @@ fn run(
 
 /// One step of the whole running batch; removes the sequences that finished or failed.
 fn step(model: &Model, experts: &dyn RoutedExperts, running: &mut Vec<Sequence>) {
+    let requests = running.iter().map(|s| &*s.id).collect::<Vec<_>>().join(",");
+    let tokens: usize = running.iter().map(|s| s.feed.len()).sum();
+    let _span = tracing::debug_span!("step", requests = %requests, tokens).entered();
+    experts.begin_step(&requests);
     let mut batch: Vec<(&mut KvCache, &[u32])> =
         running.iter_mut().map(|s| (&mut s.cache, s.feed.as_slice())).collect();
     let result = model.forward_step_with(&mut batch, experts);
@@ -157,6 +165,7 @@ fn step(model: &Model, experts: &dyn RoutedExperts, running: &mut Vec<Sequence>)
         Ok(l) => l,
         Err(e) => {
             let status = status_of(&e);
+            tracing::warn!(error = %status.message(), "step failed; its requests fail");
             for s in running.drain(..) {
                 let _ = s.events.try_send(Event::Failed(status.clone()));
             }
@@ -191,7 +200,7 @@ fn step(model: &Model, experts: &dyn RoutedExperts, running: &mut Vec<Sequence>)
 
 /// The gRPC status a failed step gives each of its sequences.
 fn status_of(e: &kubemoe_model::Error) -> tonic::Status {
-    let message = kubemoe_api::error_chain(e);
+    let message = kubemoe_placement::error_chain(e);
     match e {
         kubemoe_model::Error::ExpertsUnavailable { .. } => tonic::Status::unavailable(message),
         kubemoe_model::Error::TokenOutOfVocab { .. } | kubemoe_model::Error::ContextOverflow { .. } => {

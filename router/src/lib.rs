@@ -1,9 +1,15 @@
-//! The router (DESIGN §1): the inference API and the dense half of the model. It tokenizes,
-//! validates, schedules requests into a continuously batched step loop, runs attention (with
-//! the MLA latent cache), dense MLPs, shared experts and the gate itself, and dispatches each
-//! MoE layer's routed experts to the workers that hold them.
+//! The router: the inference API and the dense half of the model. It tokenizes, validates,
+//! schedules requests into a continuously batched step loop, runs attention (with the MLA
+//! latent cache), dense MLPs, shared experts and the gate itself, and dispatches each MoE
+//! layer's routed experts to the workers that hold them.
+//!
+//! Logs: a span per request (`request{id, model}`, the id from the client's `x-request-id` or
+//! made here), per step (`step{requests, tokens}`) and per MoE layer's dispatch (the worker
+//! ranks it went to); each dispatch names its requests in its metadata
+//! (`kubemoe_api::trace`), so a worker's logs carry them too.
 
 pub mod bench;
+pub mod client;
 pub mod dispatch;
 pub mod engine;
 pub mod load;
@@ -12,9 +18,6 @@ pub mod remote;
 pub mod scheduler;
 pub mod service;
 pub mod text;
-
-/// Largest gRPC message to or from a worker (a large prefill's activations).
-pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
 
 /// What went wrong in the router.
 #[derive(Debug, thiserror::Error)]
@@ -33,9 +36,19 @@ pub enum Error {
     Thread(#[from] std::io::Error),
     #[error("serving /metrics")]
     Metrics(#[source] std::io::Error),
+    #[error("connecting to {endpoint}")]
+    Connect {
+        endpoint: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("the router answered {}: {}", .0.code(), .0.message())]
+    Call(tonic::Status),
+    #[error("writing the output")]
+    Output(#[source] std::io::Error),
     /// A plan inconsistent with the model or the workers.
     #[error("placement")]
-    Placement(#[from] kubemoe_api::Error),
+    Placement(#[from] kubemoe_placement::Error),
     /// A placement switch out of order.
     #[error("migration out of order: {0}")]
     Epoch(String),
@@ -45,7 +58,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        let message = kubemoe_api::error_chain(&e);
+        let message = kubemoe_placement::error_chain(&e);
         match e {
             Error::Placement(_) => tonic::Status::invalid_argument(message),
             Error::Epoch(_) => tonic::Status::failed_precondition(message),
@@ -61,7 +74,12 @@ pub struct Options {
     pub model: String,
     /// Worker gRPC URLs in rank order.
     pub workers: Vec<String>,
-    pub limits: scheduler::Limits,
+    /// New tokens in one step.
+    pub max_batch_tokens: usize,
+    /// Sequences in one step.
+    pub max_running: usize,
+    /// KV cache memory the running sequences may reserve.
+    pub kv_budget_bytes: usize,
     pub max_concurrent: usize,
     /// Prompt plus new tokens per request; at most the model's `max_position_embeddings`.
     pub max_context: usize,
@@ -70,7 +88,7 @@ pub struct Options {
     /// How long to wait for the workers at start.
     pub startup_timeout: std::time::Duration,
     /// The placement to start from (default: the minimal initial placement).
-    pub placement: Option<kubemoe_api::placement::PlacementPlan>,
+    pub placement: Option<kubemoe_placement::PlacementPlan>,
     /// Sliding window of the expert load counts.
     pub load_window: std::time::Duration,
 }
@@ -115,10 +133,15 @@ pub async fn run(
     }
     let text = text::TextCodec::load(&opts.model, config.vocab_size)?.map(std::sync::Arc::new);
     let max_context = opts.max_context.min(config.max_position_embeddings);
+    let limits = scheduler::Limits {
+        max_batch_tokens: opts.max_batch_tokens,
+        max_running: opts.max_running,
+        kv_budget_tokens: opts.kv_budget_bytes / config.kv_bytes_per_token().max(1),
+    };
     let (engine, thread) = engine::spawn(
         std::sync::Arc::new(model),
         experts.clone(),
-        opts.limits,
+        limits,
         opts.max_concurrent,
         shutdown.clone(),
     )?;
@@ -131,12 +154,13 @@ pub async fn run(
         max_context,
         max_concurrent: opts.max_concurrent,
         active: Default::default(),
+        received: Default::default(),
     };
     if let Some(http) = http {
         let (experts, shutdown) = (experts.clone(), shutdown.clone());
         tokio::spawn(async move {
             if let Err(e) = metrics::serve(experts, http, shutdown).await {
-                eprintln!("router: /metrics stopped: {}", kubemoe_api::error_chain(&e));
+                tracing::error!(error = %kubemoe_placement::error_chain(&e), "/metrics stopped");
             }
         });
     }

@@ -1,4 +1,4 @@
-//! Expert load over a sliding window (DESIGN §4): tokens routed to each (MoE layer, logical
+//! Expert load over a sliding window: tokens routed to each (MoE layer, logical
 //! expert), what the rebalancer plans from. Pure: the caller passes the time.
 //!
 //! The window is a ring of [`BUCKETS`] buckets each `window / BUCKETS` long; a snapshot sums

@@ -54,7 +54,7 @@ pub fn render(experts: &RemoteExperts) -> String {
     let loads: Vec<Vec<f64>> = layers.iter().map(|(_, t)| t.iter().map(|&x| x as f64).collect()).collect();
     if loads.iter().flatten().sum::<f64>() > 0.0 {
         let balance =
-            kubemoe_api::planner::balance(&loads, &plan.phy_to_log(), plan.slots_per_worker as usize);
+            kubemoe_placement::planner::balance(&loads, &plan.phy_to_log(), plan.slots_per_worker as usize);
         family(
             &mut out,
             "expert_imbalance",

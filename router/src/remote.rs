@@ -3,7 +3,7 @@
 //! little-endian f32 bytes; every byte sent and received is counted, and every routed token
 //! is counted per (layer, expert) in the load window.
 //!
-//! Placement switches (DESIGN §4) happen between two steps: a step routes every layer by the
+//! Placement switches happen between two steps: a step routes every layer by the
 //! plan committed when its first MoE layer ran, and [`RemoteExperts::commit`] answers only once
 //! no step routes by an older plan, so that workers may then drop the experts it used.
 
@@ -12,9 +12,9 @@ use crate::load::LoadWindow;
 use crate::{Error, Result};
 use kubemoe_api::expert::expert_client::ExpertClient;
 use kubemoe_api::expert::{DispatchRequest, InfoRequest};
-use kubemoe_api::placement::PlacementPlan;
 use kubemoe_model::layers::{RoutedExperts, Routing};
 use kubemoe_model::Config;
+use kubemoe_placement::PlacementPlan;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -43,6 +43,8 @@ pub struct RemoteExperts {
     runtime: tokio::runtime::Handle,
     switch: Mutex<Switch>,
     load: Mutex<LoadWindow>,
+    /// The requests of the step in progress, named in every dispatch's metadata.
+    requests: Mutex<Arc<str>>,
     pub bytes: ByteCounters,
 }
 
@@ -84,7 +86,7 @@ impl RemoteExperts {
         window: Duration,
         runtime: tokio::runtime::Handle,
     ) -> Result<Self> {
-        let max = crate::MAX_MESSAGE_BYTES;
+        let max = kubemoe_api::MAX_MESSAGE_BYTES;
         let clients: Vec<_> = channels
             .into_iter()
             .map(|c| ExpertClient::new(c).max_decoding_message_size(max).max_encoding_message_size(max))
@@ -103,6 +105,7 @@ impl RemoteExperts {
             deadline,
             runtime,
             switch: Mutex::new(Switch { committed: Routes::new(plan), step: None }),
+            requests: Mutex::new(Arc::from("")),
             bytes: ByteCounters::default(),
         })
     }
@@ -192,6 +195,10 @@ impl RoutedExperts for RemoteExperts {
         result
     }
 
+    fn begin_step(&self, requests: &str) {
+        *lock(&self.requests) = Arc::from(requests);
+    }
+
     fn end_step(&self) {
         lock(&self.switch).step = None;
     }
@@ -209,6 +216,10 @@ impl RemoteExperts {
         let hidden = self.hidden;
         let batches = plan(routing, holders, self.clients.len())
             .map_err(|m| unavailable(layer, tonic::Status::internal(m)))?;
+        let requests = lock(&self.requests).clone();
+        let ranks: Vec<usize> =
+            batches.iter().enumerate().filter(|(_, b)| !b.rows.is_empty()).map(|(w, _)| w).collect();
+        tracing::debug!(layer, workers = ?ranks, tokens = routing.ids.len() / routing.top_k.max(1), "dispatch");
         // The batch loop runs on its own thread: spawn the calls on the server's runtime.
         let _entered = self.runtime.enter();
         let mut calls = tokio::task::JoinSet::new();
@@ -225,9 +236,11 @@ impl RemoteExperts {
                 routes: routes.into(),
             };
             let deadline = self.deadline;
+            let requests = requests.clone();
             calls.spawn(async move {
                 let mut r = tonic::Request::new(request);
                 r.set_timeout(deadline);
+                kubemoe_api::trace::set_requests(r.metadata_mut(), &requests);
                 let reply = tokio::time::timeout(deadline, client.dispatch(r))
                     .await
                     .map_err(|_| {

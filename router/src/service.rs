@@ -11,10 +11,10 @@ use kubemoe_api::expert::{CommitRequest, CommitResponse, LayerCounts, LoadReques
 use kubemoe_api::inference::generate_request::Input;
 use kubemoe_api::inference::inference_server::{Inference, InferenceServer};
 use kubemoe_api::inference::*;
-use kubemoe_api::placement::PlacementPlan;
 use kubemoe_model::{Config, SamplingParams};
+use kubemoe_placement::PlacementPlan;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -22,6 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 /// New tokens when a request leaves `max_tokens` at 0 (vLLM's default).
 pub const DEFAULT_MAX_TOKENS: usize = 16;
@@ -36,6 +37,8 @@ pub struct InferenceService {
     pub max_context: usize,
     pub max_concurrent: usize,
     pub active: Arc<AtomicUsize>,
+    /// Requests received, for the ids of those that bring none.
+    pub received: AtomicU64,
 }
 
 /// Counts a request as active until dropped.
@@ -124,12 +127,31 @@ impl InferenceService {
         Ok(Prepared { prompt, max_tokens, sampling, stop: r.stop })
     }
 
-    /// Validates, admits and submits `r`; returns the stream of its responses.
-    fn start(&self, r: GenerateRequest) -> Result<mpsc::Receiver<Result<GenerateResponse, Status>>, Status> {
-        let p = self.prepare(r)?;
+    /// The id of `request` (the client's `x-request-id`, else one made here) and the span its
+    /// log lines go in.
+    fn identify<T>(&self, request: &Request<T>) -> (Arc<str>, tracing::Span) {
+        let id: Arc<str> = kubemoe_api::trace::client_request_id(request.metadata())
+            .unwrap_or_else(|| {
+                let n = self.received.fetch_add(1, Ordering::Relaxed);
+                format!("{:x}-{n}", std::process::id())
+            })
+            .into();
+        let span = tracing::info_span!("request", id = %id, model = %self.model_name);
+        (id, span)
+    }
+
+    /// Validates, admits and submits `r` in the current request span; returns the stream of its
+    /// responses.
+    fn start(
+        &self,
+        id: Arc<str>,
+        r: GenerateRequest,
+    ) -> Result<mpsc::Receiver<Result<GenerateResponse, Status>>, Status> {
+        let p = self.prepare(r).inspect_err(|s| tracing::info!(error = %s.message(), "refused"))?;
         let active = self.active.fetch_add(1, Ordering::SeqCst);
         let guard = ActiveGuard(self.active.clone());
         if active >= self.max_concurrent {
+            tracing::info!(active, limit = self.max_concurrent, "refused: over the concurrency limit");
             return Err(Status::resource_exhausted(format!(
                 "{} requests are in progress, the limit is {}; retry later",
                 active, self.max_concurrent
@@ -137,6 +159,7 @@ impl InferenceService {
         }
         let (events_tx, events_rx) = mpsc::channel(p.max_tokens + 2);
         let submission = Submission {
+            id,
             prompt: p.prompt.clone(),
             max_tokens: p.max_tokens,
             sampling: p.sampling,
@@ -149,10 +172,12 @@ impl InferenceService {
             }
             Err(SubmitError::Stopped) => return Err(Status::unavailable("the router is shutting down")),
         }
+        tracing::info!(prompt_tokens = p.prompt.len(), max_tokens = p.max_tokens, "admitted");
         let (out_tx, out_rx) = mpsc::channel(p.max_tokens + 2);
         let text = self.text.clone();
         let detok = Detokenizer::new(p.stop);
-        tokio::spawn(relay(events_rx, out_tx, text, detok, p.prompt.len() as u32, guard));
+        let relayed = relay(events_rx, out_tx, text, detok, p.prompt.len() as u32, guard);
+        tokio::spawn(relayed.instrument(tracing::Span::current()));
         Ok(out_rx)
     }
 }
@@ -178,6 +203,7 @@ async fn relay(
                 };
                 match delta {
                     Ok(d) if d.stopped => {
+                        tracing::info!(completion_tokens, finish = "STOP", "finished at a stop string");
                         let last = GenerateResponse {
                             token_ids: vec![id],
                             text: d.text,
@@ -208,6 +234,15 @@ async fn relay(
             Event::Failed(status) => Err(status),
         };
         let last = !matches!(&message, Ok(m) if m.finish_reason == FinishReason::Unspecified as i32);
+        match &message {
+            Ok(m) if last => tracing::info!(
+                completion_tokens,
+                finish = FinishReason::try_from(m.finish_reason).map_or("?", |r| r.as_str_name()),
+                "finished"
+            ),
+            Err(status) => tracing::warn!(completion_tokens, error = %status.message(), "failed"),
+            Ok(_) => {}
+        }
         if out.send(message).await.is_err() || last {
             return;
         }
@@ -216,13 +251,22 @@ async fn relay(
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
 
+/// `response` carrying its request's id, so that a client can find the request in the logs.
+fn with_id<T>(mut response: Response<T>, id: &str) -> Response<T> {
+    if let Ok(value) = tonic::metadata::MetadataValue::try_from(id) {
+        response.metadata_mut().insert(kubemoe_api::trace::REQUEST_ID_KEY, value);
+    }
+    response
+}
+
 #[tonic::async_trait]
 impl Inference for InferenceService {
     async fn generate(
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
-        let mut rx = self.start(request.into_inner())?;
+        let (id, span) = self.identify(&request);
+        let mut rx = span.in_scope(|| self.start(id.clone(), request.into_inner()))?;
         let mut all = GenerateResponse::default();
         while let Some(m) = rx.recv().await {
             let m = m?;
@@ -231,7 +275,7 @@ impl Inference for InferenceService {
             if m.finish_reason != FinishReason::Unspecified as i32 {
                 all.finish_reason = m.finish_reason;
                 all.usage = m.usage;
-                return Ok(Response::new(all));
+                return Ok(with_id(Response::new(all), &id));
             }
         }
         Err(Status::internal("the sequence ended without a finish reason"))
@@ -243,8 +287,9 @@ impl Inference for InferenceService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let rx = self.start(request.into_inner())?;
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let (id, span) = self.identify(&request);
+        let rx = span.in_scope(|| self.start(id.clone(), request.into_inner()))?;
+        Ok(with_id(Response::new(Box::pin(ReceiverStream::new(rx))), &id))
     }
 
     async fn model_info(&self, _: Request<ModelInfoRequest>) -> Result<Response<ModelInfoResponse>, Status> {

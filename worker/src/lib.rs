@@ -1,6 +1,8 @@
-//! The expert worker (DESIGN §1): hosts routed experts of every MoE layer, runs grouped
+//! The expert worker: hosts routed experts of every MoE layer, runs grouped
 //! SwiGLU FFNs on the tokens routers dispatch to it, and returns one weighted partial sum
 //! per token. It keeps no per-request state, so it can fail or restart without losing one.
+//! Each dispatch is logged in a `dispatch{layer, tokens, requests}` span (debug level), the
+//! request ids coming from the router's metadata (`kubemoe_api::trace`).
 
 pub mod service;
 pub mod store;
@@ -17,7 +19,7 @@ pub enum Error {
     Invalid(String),
     /// A plan rejected as inconsistent with the model or the workers.
     #[error("placement")]
-    Placement(#[from] kubemoe_api::Error),
+    Placement(#[from] kubemoe_placement::Error),
     /// A migration step out of order.
     #[error("migration out of order: {0}")]
     Epoch(String),
@@ -34,7 +36,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        let message = kubemoe_api::error_chain(&e);
+        let message = kubemoe_placement::error_chain(&e);
         match e {
             Error::Invalid(_)
             | Error::Placement(_)
@@ -53,7 +55,7 @@ pub async fn run(
     model: String,
     rank: usize,
     world_size: usize,
-    plan: Option<kubemoe_api::placement::PlacementPlan>,
+    plan: Option<kubemoe_placement::PlacementPlan>,
     listener: tokio::net::TcpListener,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<()> {

@@ -3,14 +3,11 @@
 use crate::{ExpertStore, Result};
 use kubemoe_api::expert::expert_server::{Expert, ExpertServer};
 use kubemoe_api::expert::*;
-use kubemoe_api::placement::PlacementPlan;
+use kubemoe_placement::PlacementPlan;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-
-/// Largest message accepted or sent: a dispatch of a large prefill batch.
-pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
 
 pub struct ExpertService {
     store: Arc<ExpertStore>,
@@ -22,15 +19,28 @@ impl Expert for ExpertService {
         &self,
         request: Request<DispatchRequest>,
     ) -> Result<Response<DispatchResponse>, Status> {
+        let requests = kubemoe_api::trace::requests(request.metadata()).to_string();
         let r = request.into_inner();
+        let span = tracing::debug_span!("dispatch", layer = r.layer, tokens = r.tokens, requests = %requests);
         let store = self.store.clone();
         // The FFN is CPU-bound: off the async threads.
         let partial = tokio::task::spawn_blocking(move || {
             store.dispatch(r.layer as usize, r.tokens as usize, &r.activations, &r.routes)
         })
         .await
-        .map_err(|e| Status::internal(format!("expert task failed: {e}")))??;
-        Ok(Response::new(DispatchResponse { partial: partial.into() }))
+        .map_err(|e| Status::internal(format!("expert task failed: {e}")))?;
+        let _entered = span.enter();
+        match partial {
+            Ok(partial) => {
+                tracing::debug!("dispatched");
+                Ok(Response::new(DispatchResponse { partial: partial.into() }))
+            }
+            Err(e) => {
+                let status = Status::from(e);
+                tracing::warn!(error = %status.message(), "dispatch refused");
+                Err(status)
+            }
+        }
     }
 
     async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
@@ -65,20 +75,22 @@ impl Expert for ExpertService {
     async fn prepare(&self, request: Request<PrepareRequest>) -> Result<Response<PrepareResponse>, Status> {
         let plan = request.into_inner().plan.ok_or_else(|| Status::invalid_argument("plan is missing"))?;
         let plan = PlacementPlan::try_from(plan).map_err(crate::Error::from)?;
-        let store = self.store.clone();
+        let (store, epoch) = (self.store.clone(), plan.epoch);
         // Reading weights is blocking I/O (and generation, for builtin models).
         let loaded = tokio::task::spawn_blocking(move || store.prepare(plan))
             .await
             .map_err(|e| Status::internal(format!("expert loading task failed: {e}")))??;
+        tracing::info!(epoch, loaded, "prepared placement epoch");
         Ok(Response::new(PrepareResponse { loaded: loaded as u32 }))
     }
 
     async fn release(&self, request: Request<ReleaseRequest>) -> Result<Response<ReleaseResponse>, Status> {
-        let store = self.store.clone();
+        let (store, epoch) = (self.store.clone(), request.into_inner().epoch);
         // It waits for dispatches in progress to let go of the experts: off the async threads.
-        let released = tokio::task::spawn_blocking(move || store.release(request.into_inner().epoch))
+        let released = tokio::task::spawn_blocking(move || store.release(epoch))
             .await
             .map_err(|e| Status::internal(format!("expert release task failed: {e}")))??;
+        tracing::info!(epoch, released, "placement epoch in force");
         Ok(Response::new(ReleaseResponse { released: released as u32 }))
     }
 }
@@ -95,8 +107,8 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(kubemoe_api::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let expert = ExpertServer::new(ExpertService { store })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(kubemoe_api::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(kubemoe_api::MAX_MESSAGE_BYTES);
     tonic::transport::Server::builder()
         .initial_stream_window_size(Some(16 << 20))
         .initial_connection_window_size(Some(32 << 20))

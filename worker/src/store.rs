@@ -2,20 +2,17 @@
 //!
 //! Invariants: the experts held are those the plan in force places on this rank, plus, between
 //! a `prepare` and its `release`, those the prepared plan places here (so that routers on
-//! either epoch are served during a live migration, DESIGN §4); `counts[layer][expert]` only
+//! either epoch are served during a live migration, `kubemoe_placement::rebalance`); `counts[layer][expert]` only
 //! grows.
 
 use crate::{Error, Result};
-use kubemoe_api::placement::PlacementPlan;
 use kubemoe_kernels::dtype::{f32_from_le, f32_to_le};
 use kubemoe_model::layers::{load_expert, run_experts, Mlp};
 use kubemoe_model::{source, Config};
+use kubemoe_placement::PlacementPlan;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-
-/// Bytes per packed route: u32 row, u32 logical expert, f32 weight.
-pub const ROUTE_BYTES: usize = 12;
 
 pub struct ExpertStore {
     pub model: String,
@@ -165,21 +162,24 @@ impl ExpertStore {
                 tokens * hidden * 4
             )));
         }
-        if !routes.len().is_multiple_of(ROUTE_BYTES) {
-            return Err(Error::Invalid(format!("routes hold {} bytes, not 12-byte records", routes.len())));
-        }
+        let routes = kubemoe_api::route::decode(routes).ok_or_else(|| {
+            Error::Invalid(format!(
+                "routes hold {} bytes, not whole {}-byte records",
+                routes.len(),
+                kubemoe_api::route::ROUTE_BYTES
+            ))
+        })?;
         let counts = self
             .counts
             .get(&layer)
             .ok_or_else(|| Error::Invalid(format!("layer {layer} is not an MoE layer of {}", self.model)))?;
-        let mut decoded = Vec::with_capacity(routes.len() / ROUTE_BYTES);
-        for r in routes.chunks_exact(ROUTE_BYTES) {
-            let word = |i: usize| [r[i], r[i + 1], r[i + 2], r[i + 3]];
-            let (row, expert) = (u32::from_le_bytes(word(0)) as usize, u32::from_le_bytes(word(4)) as usize);
+        let mut decoded = Vec::with_capacity(routes.len());
+        for (row, expert, weight) in routes {
+            let (row, expert) = (row as usize, expert as usize);
             if row >= tokens || expert >= counts.len() {
                 return Err(Error::Invalid(format!("route of row {row} to expert {expert} is out of range")));
             }
-            decoded.push((row, expert, f32::from_le_bytes(word(8))));
+            decoded.push((row, expert, weight));
         }
         let x = f32_from_le(activations);
         let state = self.state.read().map_err(|_| Error::Poisoned)?;
@@ -224,7 +224,7 @@ mod tests {
     use kubemoe_model::Experts;
 
     fn routes(r: &[(u32, u32, f32)]) -> Vec<u8> {
-        r.iter().flat_map(|(a, b, w)| [a.to_le_bytes(), b.to_le_bytes(), w.to_le_bytes()].concat()).collect()
+        kubemoe_api::route::encode(r)
     }
 
     #[test]

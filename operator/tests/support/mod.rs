@@ -239,7 +239,7 @@ impl World {
         World { api, context }
     }
 
-    pub fn md(&self) -> kubemoe_api::ModelDeployment {
+    pub fn md(&self) -> kubemoe_operator::deployment::ModelDeployment {
         self.api.object(MD)
     }
 

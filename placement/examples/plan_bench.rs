@@ -1,10 +1,11 @@
 //! Expert-placement planner on a DeepSeek-V3-sized problem: 58 MoE layers × 256 experts on
 //! 32 workers × 9 slots (288 slots), 4 nodes, 8 groups, Zipf (s = 1) loads.
-//! Run: `cargo run --release -p kubemoe-api --example plan_bench`.
+//! Run: `cargo run --release -p kubemoe-placement --example plan_bench`.
 
 use std::time::{Duration, Instant};
 
-use kubemoe_api::planner::{balance, eplb, eplb_aligned, incremental, moved, Problem};
+use kubemoe_kernels::rng::Rng;
+use kubemoe_placement::planner::{balance, eplb, eplb_aligned, incremental, moved, Problem};
 
 const LAYERS: usize = 58;
 const EXPERTS: usize = 256;
@@ -12,33 +13,13 @@ const RUNS: usize = 7;
 /// Routed tokens per layer in a measurement window (8192 tokens × top-8).
 const TOKENS: f64 = 65536.0;
 
-/// splitmix64: a few lines of deterministic randomness, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// Zipf(s = 1) token counts over a random permutation of the experts, per layer.
 fn zipf_loads(rng: &mut Rng) -> Vec<Vec<f64>> {
     let harmonic: f64 = (1..=EXPERTS).map(|r| 1.0 / r as f64).sum();
     (0..LAYERS)
         .map(|_| {
             let mut rank: Vec<usize> = (0..EXPERTS).collect();
-            for i in (1..EXPERTS).rev() {
-                rank.swap(i, (rng.next() % (i as u64 + 1)) as usize);
-            }
+            rng.shuffle(&mut rank);
             rank.iter().map(|&r| (TOKENS / ((r + 1) as f64 * harmonic)).round()).collect()
         })
         .collect()
@@ -61,10 +42,10 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn main() -> Result<(), kubemoe_api::Error> {
+fn main() -> Result<(), kubemoe_placement::Error> {
     let p = Problem { workers: 32, nodes: 4, groups: 8, slots_per_worker: 9 };
     let s = p.slots_per_worker;
-    let mut rng = Rng(0x6b75_6265_6d6f_6521);
+    let mut rng = Rng::new(0x6b75_6265_6d6f_6521);
     let loads = zipf_loads(&mut rng);
     let initial: Vec<Vec<u32>> =
         (0..LAYERS).map(|_| (0..p.slots()).map(|q| (q % EXPERTS) as u32).collect()).collect();
@@ -112,8 +93,10 @@ fn main() -> Result<(), kubemoe_api::Error> {
     );
 
     // Drift: the loads move by up to ±30% per expert after the old EPLB plan went live.
-    let drifted: Vec<Vec<f64>> =
-        loads.iter().map(|l| l.iter().map(|&x| (x * (0.7 + 0.6 * rng.unit())).round()).collect()).collect();
+    let drifted: Vec<Vec<f64>> = loads
+        .iter()
+        .map(|l| l.iter().map(|&x| (x * (0.7 + 0.6 * rng.uniform())).round()).collect())
+        .collect();
     let replan = eplb(&drifted, &p)?;
     let replan_aligned = eplb_aligned(&drifted, &plan, &p)?;
     let (t_free, free) = timed(|| incremental(&drifted, &plan, &p, usize::MAX));

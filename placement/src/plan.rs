@@ -1,16 +1,14 @@
-//! The expert placement (DESIGN §4): which logical expert each physical slot of every MoE layer
-//! holds, at an epoch. It is what the `<name>-placement` ConfigMap stores (as JSON), what pods
-//! start from (`--placement`), and what a live migration moves between (protobuf [`Plan`]).
+//! The expert placement: which logical expert each physical slot of every MoE layer holds, at an
+//! epoch. It is what the `<name>-placement` ConfigMap stores (as JSON), what pods start from
+//! (`--placement`), and what a live migration moves between (protobuf `kubemoe.expert.v1.Plan`,
+//! converted in `kubemoe-api`).
 //!
 //! Physical slot `p` of a layer lives on worker `p / slotsPerWorker`. Invariants of a
 //! [`PlacementPlan::validate`]d plan: every layer has `workers × slotsPerWorker` slots, every
 //! slot holds an expert below `logicalExperts`, and every logical expert has at least one slot.
 //! A replicated expert's tokens are split among the workers holding it (the router picks the
 //! least loaded per token), so the placement never changes what a token computes.
-//!
-//! [`Plan`]: crate::expert::Plan
 
-use crate::expert::{LayerSlots, Plan};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 
@@ -162,34 +160,6 @@ impl PlacementPlan {
     }
 }
 
-impl From<&PlacementPlan> for Plan {
-    fn from(p: &PlacementPlan) -> Self {
-        Plan {
-            epoch: p.epoch,
-            workers: p.workers,
-            slots_per_worker: p.slots_per_worker,
-            logical_experts: p.logical_experts,
-            layers: p.layers.iter().map(|l| LayerSlots { layer: l.layer, slots: l.slots.clone() }).collect(),
-        }
-    }
-}
-
-impl TryFrom<Plan> for PlacementPlan {
-    type Error = Error;
-
-    fn try_from(p: Plan) -> Result<Self> {
-        let plan = PlacementPlan {
-            epoch: p.epoch,
-            workers: p.workers,
-            slots_per_worker: p.slots_per_worker,
-            logical_experts: p.logical_experts,
-            layers: p.layers.into_iter().map(|l| LayerPlacement { layer: l.layer, slots: l.slots }).collect(),
-        };
-        plan.validate()?;
-        Ok(plan)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,7 +180,6 @@ mod tests {
             "{json}"
         );
         assert_eq!(serde_json::from_str::<PlacementPlan>(&json).unwrap(), plan);
-        assert_eq!(PlacementPlan::try_from(Plan::from(&plan)).unwrap(), plan);
         assert_eq!(PlacementPlan::minimal(16, &[1, 2], 3), plan);
     }
 

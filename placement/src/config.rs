@@ -1,17 +1,20 @@
-//! The part of a model's Hugging Face `config.json` the operator needs: expert and layer counts.
+//! The expert facts of a model's Hugging Face `config.json`: expert and layer counts, and which
+//! layers are MoE layers. One parser for the operator (which never links the compute stack),
+//! the model and the router, with the defaults transformers' `DeepseekV2Config` /
+//! `DeepseekV3Config` use when a key is absent.
 //!
-//! The operator never links the model crate (it would pull the compute stack into the control
-//! plane); it reads the handful of keys that decide the expert layout, with the same defaults
-//! transformers uses when a key is absent. `builtin:` presets are the same files the model
-//! crate generates models from, compiled in.
+//! The `builtin:<preset>` configurations live here too (`presets/*.json`, compiled in): the
+//! operator lays out their experts, and the model crate generates models from the same files.
 
 use crate::{Error, Result};
+
 use serde::Deserialize;
 
 /// Expert-layout facts of a DeepSeek-V2/V3 `config.json`.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct ModelConfig {
-    /// Routed experts per MoE layer.
+    /// Routed experts per MoE layer (absent or 0: a dense model).
+    #[serde(default)]
     pub n_routed_experts: u32,
     pub num_hidden_layers: u32,
     /// The first `first_k_dense_replace` layers have a dense MLP instead of experts.
@@ -23,6 +26,7 @@ pub struct ModelConfig {
     /// Expert groups for group-limited routing (1: no groups).
     #[serde(default = "one")]
     pub n_group: u32,
+    #[serde(default)]
     pub num_experts_per_tok: u32,
     #[serde(default)]
     pub model_type: Option<String>,
@@ -32,13 +36,24 @@ fn one() -> u32 {
     1
 }
 
-/// `builtin:<preset>` configurations, the files `kubemoe gen-model` and `builtin:` use.
+/// `builtin:<preset>` configurations, the files `kubemoe gen-model` and `builtin:` use:
+/// - `tiny`: the shape of the reference fixture `deepseek-v3-tiny`;
+/// - `small`: ~210M parameters, 64 experts, the benchmark model;
+/// - `v2-lite-shape`: DeepSeek-V2-Lite's structure (plain `q_proj`, softmax greedy gate,
+///   64 experts top-6, 2 shared, YaRN), narrower and shallower;
+/// - `v3-shape`: DeepSeek-V3's structure (256 experts in 8 groups, top-8 of 4 groups, MTP,
+///   YaRN), narrower and shallower.
 const PRESETS: [(&str, &str); 4] = [
-    ("tiny", include_str!("../../model/presets/tiny.json")),
-    ("small", include_str!("../../model/presets/small.json")),
-    ("v2-lite-shape", include_str!("../../model/presets/v2-lite-shape.json")),
-    ("v3-shape", include_str!("../../model/presets/v3-shape.json")),
+    ("tiny", include_str!("../presets/tiny.json")),
+    ("small", include_str!("../presets/small.json")),
+    ("v2-lite-shape", include_str!("../presets/v2-lite-shape.json")),
+    ("v3-shape", include_str!("../presets/v3-shape.json")),
 ];
+
+/// The `config.json` text of a `builtin:` preset, or None for an unknown name.
+pub fn preset_json(name: &str) -> Option<&'static str> {
+    PRESETS.iter().find(|(preset, _)| *preset == name).map(|(_, text)| *text)
+}
 
 impl ModelConfig {
     /// Parses a `config.json`; `origin` names it in the error.
@@ -48,10 +63,7 @@ impl ModelConfig {
 
     /// The compiled-in configuration of a `builtin:` preset, or None for an unknown name.
     pub fn preset(name: &str) -> Option<Result<Self>> {
-        PRESETS
-            .iter()
-            .find(|(preset, _)| *preset == name)
-            .map(|(preset, text)| Self::from_json(text, &format!("builtin:{preset}")))
+        preset_json(name).map(|text| Self::from_json(text, &format!("builtin:{name}")))
     }
 
     /// Names of the presets, for messages.
@@ -59,15 +71,17 @@ impl ModelConfig {
         PRESETS.iter().map(|(name, _)| *name)
     }
 
-    /// Indices of the layers whose MLP is a mixture of experts, as DeepSeek's modelling code
-    /// decides it.
+    /// Whether decoder layer `layer` has routed experts, as DeepSeek's modelling code decides it:
+    /// past the first `first_k_dense_replace` layers, every `moe_layer_freq`-th.
+    pub fn is_moe_layer(&self, layer: u32) -> bool {
+        self.n_routed_experts > 0
+            && layer >= self.first_k_dense_replace
+            && layer.is_multiple_of(self.moe_layer_freq.max(1))
+    }
+
+    /// Indices of the layers whose MLP is a mixture of experts.
     pub fn moe_layers(&self) -> Vec<u32> {
-        if self.n_routed_experts == 0 {
-            return Vec::new();
-        }
-        (self.first_k_dense_replace..self.num_hidden_layers)
-            .filter(|layer| layer % self.moe_layer_freq.max(1) == 0)
-            .collect()
+        (0..self.num_hidden_layers).filter(|&layer| self.is_moe_layer(layer)).collect()
     }
 }
 
@@ -100,8 +114,10 @@ mod tests {
 
     #[test]
     fn a_missing_key_is_named() {
-        let err = ModelConfig::from_json(r#"{"num_hidden_layers": 2}"#, "cm/config.json").unwrap_err();
+        let err = ModelConfig::from_json(r#"{"n_routed_experts": 2}"#, "cm/config.json").unwrap_err();
         let text = format!("{err}: {}", std::error::Error::source(&err).unwrap());
-        assert!(text.contains("cm/config.json") && text.contains("n_routed_experts"), "{text}");
+        assert!(text.contains("cm/config.json") && text.contains("num_hidden_layers"), "{text}");
+        let dense = ModelConfig::from_json(r#"{"num_hidden_layers": 2}"#, "t").unwrap();
+        assert!(dense.moe_layers().is_empty());
     }
 }

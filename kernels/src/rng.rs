@@ -1,5 +1,6 @@
-//! xoshiro256** (Blackman & Vigna 2018) seeded through splitmix64: the one random source
-//! for sampling and for generated models, so that a seed reproduces both everywhere.
+//! xoshiro256** (Blackman & Vigna 2018) seeded through splitmix64: the one random source of
+//! kubemoe (sampling, generated models, random test inputs and planning problems), so that a
+//! seed reproduces them everywhere.
 
 #[derive(Clone, Debug)]
 pub struct Rng([u64; 4]);
@@ -33,6 +34,28 @@ impl Rng {
     /// Uniform in [0, 1).
     pub fn uniform(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in [-1, 1), for test inputs.
+    pub fn symmetric(&mut self) -> f32 {
+        (self.uniform() * 2.0 - 1.0) as f32
+    }
+
+    /// `n` values of [`Rng::symmetric`].
+    pub fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.symmetric()).collect()
+    }
+
+    /// Uniform in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    /// Fisher–Yates.
+    pub fn shuffle<T>(&mut self, xs: &mut [T]) {
+        for i in (1..xs.len()).rev() {
+            xs.swap(i, self.below(i + 1));
+        }
     }
 
     /// Standard normal (Box–Muller).

@@ -4,7 +4,9 @@
 //! Rules the spec alone decides are in the schema (ranges, enums, patterns, CEL rules); rules
 //! that need the model's `config.json` (is `n_routed_experts + experts.redundant` divisible by
 //! `workers.replicas`?) are checked by the operator, which then reports `Ready=False` with the
-//! reason instead of creating anything.
+//! reason instead of creating anything. So are values the schema accepts for what is not built
+//! yet (`transport: nccl`, `model.dtype: bf16|fp8`, `workers.gpusPerWorker > 0`): refused with
+//! reason `NotBuilt` and what to set instead, never served some other way.
 
 use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration, TopologySpreadConstraint};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -83,7 +85,8 @@ pub struct ModelDeploymentSpec {
     /// Load-driven rebalancing of experts between workers.
     #[serde(default)]
     pub balancing: BalancingSpec,
-    /// How activations travel between routers and workers: nccl (GPU workers) or tcp (anywhere).
+    /// How activations travel between routers and workers: tcp (anywhere). nccl (between GPUs)
+    /// is not built yet and is refused with reason NotBuilt.
     #[serde(default)]
     pub transport: Transport,
     /// Placement of the pods with a gang-aware scheduler.
@@ -107,8 +110,9 @@ pub struct ModelSpec {
         pattern = r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|hostPath:///.*|builtin:[a-z0-9][-a-z0-9]*)$"
     ))]
     pub source: String,
-    /// Compute dtype of the weights in memory; `auto` keeps what the checkpoint stores (FP8
-    /// checkpoints stay FP8 on GPUs).
+    /// Precision of the weights in memory. `auto` (the default) and `f32` compute in f32: 16-bit
+    /// and FP8 checkpoints are widened at load. `bf16` and `fp8` (weights kept in that precision)
+    /// are not built yet and are refused with reason NotBuilt.
     #[serde(default)]
     pub dtype: Dtype,
     /// Longest sequence (prompt + generated tokens) the router accepts; defaults to the model's
@@ -125,7 +129,7 @@ pub struct ModelSpec {
     pub config_map: Option<String>,
 }
 
-/// Compute dtype of the weights: `auto` keeps the checkpoint's.
+/// Precision of the weights in memory.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
@@ -171,7 +175,7 @@ pub struct RouterSpec {
     #[serde(default = "default_grpc_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub grpc_port: i32,
-    /// Port of the OpenAI-compatible HTTP API (`/v1/chat/completions`) and `/metrics`.
+    /// Port of the router's HTTP server: Prometheus `/metrics`.
     #[serde(default = "default_http_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub http_port: i32,
@@ -198,7 +202,8 @@ pub struct WorkersSpec {
     /// model must be divisible by it.
     #[schemars(range(min = 1, max = 1024))]
     pub replicas: i32,
-    /// GPUs (`nvidia.com/gpu`) per worker pod; 0 runs the experts on the CPU.
+    /// GPUs (`nvidia.com/gpu`) per worker pod. Experts compute on the CPU: GPU compute is not
+    /// built yet, so anything above 0 is refused with reason NotBuilt.
     #[serde(default)]
     #[schemars(range(min = 0, max = 16))]
     pub gpus_per_worker: i32,
@@ -234,9 +239,9 @@ pub struct ExpertsSpec {
     #[serde(default)]
     #[schemars(range(min = 0, max = 4096))]
     pub redundant: i32,
-    /// `hierarchical` packs expert groups (`n_group` in config.json) onto workers before
-    /// balancing within them, keeping a token's group-limited experts close; `global` balances
-    /// over all workers at once.
+    /// `global` balances expert load over all workers at once. (Keeping each expert group's
+    /// replicas on one node, as DeepSeek's hierarchical EPLB does, needs workers pinned to nodes,
+    /// which is not built.)
     #[serde(default)]
     pub placement: PlacementPolicy,
 }
@@ -245,7 +250,6 @@ pub struct ExpertsSpec {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum PlacementPolicy {
-    Hierarchical,
     #[default]
     Global,
 }
@@ -296,8 +300,8 @@ impl Default for BalancingSpec {
     }
 }
 
-/// Activation transport between routers and workers: `nccl` (send/recv between GPUs, needs
-/// workers.gpusPerWorker > 0) or `tcp` (between pods, on any node).
+/// Activation transport between routers and workers: `tcp` (between pods, on any node); `nccl`
+/// (send/recv between GPUs, needs workers.gpusPerWorker > 0) is refused until it is built.
 // Variants carry no doc comments: schemars would turn them into a `oneOf`, which a structural
 // CRD schema cannot hold.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -452,51 +456,10 @@ fn default_cooldown() -> String {
     "5m".into()
 }
 
-/// A duration as the CRD writes them (`DURATION_PATTERN`: `90s`, `1m30s`, `500ms`, `1.5h`);
-/// `field` names it in the error.
-pub fn parse_duration(field: &str, text: &str) -> crate::Result<std::time::Duration> {
-    let bad = || {
-        crate::Error::InvalidPlacement(format!(
-            "{field} {text:?} is not a duration like 30s, 1m30s, 500ms or 1.5h"
-        ))
-    };
-    let mut total = 0.0f64;
-    let mut rest = text;
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit() && c != '.').ok_or_else(bad)?;
-        let value: f64 = rest[..digits].parse().map_err(|_| bad())?;
-        rest = &rest[digits..];
-        let (unit, seconds) = [("ms", 1e-3), ("s", 1.0), ("m", 60.0), ("h", 3600.0)]
-            .into_iter()
-            .find(|(u, _)| rest.starts_with(u))
-            .ok_or_else(bad)?;
-        total += value * seconds;
-        rest = &rest[unit.len()..];
-    }
-    if text.is_empty() {
-        return Err(bad());
-    }
-    Ok(std::time::Duration::from_secs_f64(total))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use kube::CustomResourceExt;
-    use std::time::Duration;
-
-    #[test]
-    fn durations_parse_as_the_schema_writes_them() {
-        let d = |t| parse_duration("balancing.interval", t);
-        assert_eq!(d("30s").unwrap(), Duration::from_secs(30));
-        assert_eq!(d("1m30s").unwrap(), Duration::from_secs(90));
-        assert_eq!(d("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(d("1.5h").unwrap(), Duration::from_secs(5400));
-        for bad in ["", "30", "s", "10x", "1..2s"] {
-            let e = d(bad).unwrap_err().to_string();
-            assert!(e.contains("balancing.interval") && e.contains("like 30s"), "{e}");
-        }
-    }
 
     /// Fields left out of a manifest take the same defaults in Rust as the CRD gives them, so
     /// `render` (no apiserver defaulting) and the controller build the same objects.

@@ -1,0 +1,105 @@
+//! The routers and workers of one deployment as gRPC clients: how the rebalance loop
+//! ([`kubemoe_placement::rebalance`]) reaches them, in the operator and in `kubemoe up`.
+
+use crate::expert::balancer_client::BalancerClient;
+use crate::expert::expert_client::ExpertClient;
+use crate::expert::{CommitRequest, LoadRequest, PrepareRequest, ReleaseRequest};
+use kubemoe_placement::rebalance::{RouterLoad, Servers};
+use kubemoe_placement::{Error, PlacementPlan, Result};
+use std::time::Duration;
+use tonic::transport::Channel;
+
+/// How long each step of a migration may take on one server. Prepare reads expert weights (a
+/// V3 worker's share is tens of GiB from a volume); commit waits for one step of the router.
+const LOAD_DEADLINE: Duration = Duration::from_secs(30);
+const PREPARE_DEADLINE: Duration = Duration::from_secs(30 * 60);
+const COMMIT_DEADLINE: Duration = Duration::from_secs(120);
+const RELEASE_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Workers in rank order and routers, each with its URL for messages.
+pub struct Cluster {
+    workers: Vec<(String, ExpertClient<Channel>)>,
+    routers: Vec<(String, BalancerClient<Channel>)>,
+}
+
+impl Cluster {
+    /// Workers in rank order and routers, as `host:port` or URLs; connects lazily.
+    pub fn new(workers: &[String], routers: &[String]) -> Result<Self, tonic::transport::Error> {
+        let max = crate::MAX_MESSAGE_BYTES;
+        Ok(Cluster {
+            workers: workers
+                .iter()
+                .map(|u| {
+                    Ok((u.clone(), ExpertClient::new(crate::channel(u)?).max_decoding_message_size(max)))
+                })
+                .collect::<Result<_, _>>()?,
+            routers: routers
+                .iter()
+                .map(|u| {
+                    Ok((u.clone(), BalancerClient::new(crate::channel(u)?).max_decoding_message_size(max)))
+                })
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+impl Servers for Cluster {
+    async fn loads(&self) -> Result<Vec<RouterLoad>> {
+        let mut loads = Vec::with_capacity(self.routers.len());
+        for (url, client) in &self.routers {
+            let reply = call("load", url, LOAD_DEADLINE, client.clone().load(LoadRequest {})).await?;
+            let plan = reply
+                .plan
+                .ok_or_else(|| Error::Routers(format!("router {url} reported no plan")))
+                .and_then(PlacementPlan::try_from)?;
+            let tokens = reply.layers.iter().map(|l| l.tokens.iter().map(|&t| t as f64).collect()).collect();
+            loads.push(RouterLoad { router: url.clone(), plan, tokens });
+        }
+        Ok(loads)
+    }
+
+    async fn prepare(&self, plan: &PlacementPlan) -> Result<()> {
+        let wire = crate::expert::Plan::from(plan);
+        let prepares = self.workers.iter().map(|(url, c)| {
+            let (request, mut c) = (PrepareRequest { plan: Some(wire.clone()) }, c.clone());
+            async move { call("prepare", url, PREPARE_DEADLINE, c.prepare(request)).await }
+        });
+        first_error(futures::future::join_all(prepares).await)
+    }
+
+    async fn commit(&self, plan: &PlacementPlan) -> Result<()> {
+        let wire = crate::expert::Plan::from(plan);
+        for (url, c) in &self.routers {
+            let request = CommitRequest { plan: Some(wire.clone()) };
+            call("commit", url, COMMIT_DEADLINE, c.clone().commit(request)).await?;
+        }
+        Ok(())
+    }
+
+    async fn release(&self, epoch: u64) -> Result<()> {
+        let releases = self.workers.iter().map(|(url, c)| {
+            let mut c = c.clone();
+            async move { call("release", url, RELEASE_DEADLINE, c.release(ReleaseRequest { epoch })).await }
+        });
+        first_error(futures::future::join_all(releases).await)
+    }
+}
+
+/// One call to `target` under `deadline`.
+async fn call<T>(
+    step: &'static str,
+    target: &str,
+    deadline: Duration,
+    reply: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T> {
+    let status = match tokio::time::timeout(deadline, reply).await {
+        Ok(Ok(r)) => return Ok(r.into_inner()),
+        Ok(Err(status)) => status,
+        Err(_) => tonic::Status::deadline_exceeded(format!("no answer in {deadline:?}")),
+    };
+    Err(Error::Call { step, target: target.to_string(), source: Box::new(status) })
+}
+
+fn first_error<T>(results: Vec<Result<T>>) -> Result<()> {
+    results.into_iter().find_map(Result::err).map_or(Ok(()), Err)
+}

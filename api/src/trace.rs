@@ -1,0 +1,59 @@
+//! Following one request across processes. The router gives every request an id (the
+//! `x-request-id` a client sent, else its own) and names the requests of each step in the
+//! metadata of the dispatches the step makes; the worker's span of a dispatch records them, so
+//! one request's log lines are found by its id in the router's and every worker's output.
+
+use tonic::metadata::{MetadataMap, MetadataValue};
+
+/// Metadata key of the ids of the requests a dispatch serves, comma-separated.
+pub const REQUESTS_KEY: &str = "x-kubemoe-requests";
+
+/// Metadata key of a client's own request id (as gateways and OpenAI clients send it).
+pub const REQUEST_ID_KEY: &str = "x-request-id";
+
+/// Longest id list a worker logs: a peer that sends more gets it cut, not a log line of megabytes.
+const MAX_LOGGED: usize = 4096;
+
+/// Names `ids` in `metadata`; ids that are not visible ASCII are left out.
+pub fn set_requests(metadata: &mut MetadataMap, ids: &str) {
+    if let Ok(value) = MetadataValue::try_from(ids) {
+        metadata.insert(REQUESTS_KEY, value);
+    }
+}
+
+/// The request ids named in `metadata`, at most [`MAX_LOGGED`] bytes of them.
+pub fn requests(metadata: &MetadataMap) -> &str {
+    let ids = metadata.get(REQUESTS_KEY).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let mut end = ids.len().min(MAX_LOGGED);
+    while !ids.is_char_boundary(end) {
+        end -= 1;
+    }
+    &ids[..end]
+}
+
+/// A client's request id from `metadata`, when it is one a log line can carry (visible ASCII
+/// without commas, at most 128 bytes).
+pub fn client_request_id(metadata: &MetadataMap) -> Option<String> {
+    let id = metadata.get(REQUEST_ID_KEY)?.to_str().ok()?;
+    let fits = !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic() && b != b',');
+    fits.then(|| id.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_travel_in_metadata_and_are_bounded() {
+        let mut m = MetadataMap::new();
+        assert_eq!(requests(&m), "");
+        set_requests(&mut m, "req-1,req-2");
+        assert_eq!(requests(&m), "req-1,req-2");
+        set_requests(&mut m, &"x".repeat(10_000));
+        assert_eq!(requests(&m).len(), MAX_LOGGED);
+        m.insert(REQUEST_ID_KEY, MetadataValue::from_static("abc-123"));
+        assert_eq!(client_request_id(&m).as_deref(), Some("abc-123"));
+        m.insert(REQUEST_ID_KEY, MetadataValue::from_static("a,b"));
+        assert_eq!(client_request_id(&m), None);
+    }
+}

@@ -1,0 +1,195 @@
+//! What a spec means for a given model: where the weights come from, the expert layout
+//! (`kubemoe_placement::layout`), the balancing policy, and the settings that are accepted by
+//! the schema but not built yet, which are refused with a reason rather than served some other
+//! way. Pure functions; the controller turns an [`Invalid`] into `Ready=False` with its reason
+//! and message, `render` and `kubemoe up` into an error.
+
+use crate::deployment::{Dtype, ModelDeploymentSpec, Transport};
+use kubemoe_placement::rebalance::Policy;
+use kubemoe_placement::{Invalid, Layout, LayoutSpec, ModelConfig};
+
+/// Where the weights come from, parsed from `spec.model.source`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A PersistentVolumeClaim in the deployment's namespace and a directory inside it
+    /// (empty: the claim's root).
+    Pvc { claim: String, path: String },
+    /// An absolute directory on the node.
+    HostPath { path: String },
+    /// A generated model (`builtin:<preset>`), made at start-up from a fixed seed.
+    Builtin { preset: String },
+}
+
+impl ModelSource {
+    pub fn parse(source: &str) -> Result<Self, Invalid> {
+        let bad = || {
+            Invalid::new(
+                "InvalidModelSource",
+                format!(
+                    "model.source {source:?} is not pvc://<claim>/<path>, hostPath:///<path> or builtin:<preset>"
+                ),
+            )
+        };
+        if let Some(rest) = source.strip_prefix("pvc://") {
+            let (claim, path) = rest.split_once('/').unwrap_or((rest, ""));
+            if claim.is_empty() {
+                return Err(bad());
+            }
+            let path = path.trim_matches('/').to_string();
+            if path.split('/').any(|part| part == "..") {
+                return Err(bad());
+            }
+            Ok(ModelSource::Pvc { claim: claim.to_string(), path })
+        } else if let Some(path) = source.strip_prefix("hostPath://") {
+            if !path.starts_with('/') || path.split('/').any(|part| part == "..") {
+                return Err(bad());
+            }
+            Ok(ModelSource::HostPath { path: path.to_string() })
+        } else if let Some(preset) = source.strip_prefix("builtin:") {
+            if preset.is_empty() {
+                return Err(bad());
+            }
+            Ok(ModelSource::Builtin { preset: preset.to_string() })
+        } else {
+            Err(bad())
+        }
+    }
+
+    /// The compiled-in config of a `builtin:` model; `None` for volume-backed models, whose
+    /// config comes from `spec.model.configMap` (controller) or `--model-config` (render).
+    pub fn builtin_config(&self) -> Option<Result<ModelConfig, Invalid>> {
+        let ModelSource::Builtin { preset } = self else { return None };
+        Some(match ModelConfig::preset(preset) {
+            Some(Ok(config)) => Ok(config),
+            Some(Err(e)) => Err(Invalid::new("InvalidModelConfig", e.to_string())),
+            None => Err(Invalid::new(
+                "UnknownPreset",
+                format!(
+                    "model.source builtin:{preset} names no preset; use one of: {}",
+                    ModelConfig::preset_names().collect::<Vec<_>>().join(", ")
+                ),
+            )),
+        })
+    }
+}
+
+/// Checks the spec against the model and what is built; returns the expert layout, or what to
+/// change.
+pub fn layout(spec: &ModelDeploymentSpec, model: &ModelConfig) -> Result<Layout, Invalid> {
+    not_built(spec)?;
+    let experts = LayoutSpec { workers: spec.workers.replicas, redundant: spec.experts.redundant };
+    kubemoe_placement::layout::layout(&experts, model)
+}
+
+/// `spec.balancing` as the rebalance loop takes it; a bad duration names its field.
+pub fn policy(spec: &ModelDeploymentSpec) -> kubemoe_placement::Result<Policy> {
+    let b = &spec.balancing;
+    Policy::parse(&b.interval, &b.cooldown, b.imbalance_threshold, b.max_experts_moved_per_rebalance)
+}
+
+/// Settings the schema accepts for what is planned but not built: refused (reason `NotBuilt`)
+/// until their issue lands, so that nothing is silently served another way.
+fn not_built(spec: &ModelDeploymentSpec) -> Result<(), Invalid> {
+    let refuse = |message: String| Err(Invalid::new("NotBuilt", message));
+    if spec.transport == Transport::Nccl {
+        return refuse(
+            "transport nccl is not built yet (it comes with the GPU data plane); activations travel \
+             over TCP today: set transport to tcp"
+                .into(),
+        );
+    }
+    if spec.workers.gpus_per_worker > 0 {
+        return refuse(format!(
+            "workers.gpusPerWorker {}: experts compute on the CPU today (the GPU data plane is not \
+             built yet); set workers.gpusPerWorker to 0",
+            spec.workers.gpus_per_worker
+        ));
+    }
+    if matches!(spec.model.dtype, Dtype::Bf16 | Dtype::Fp8) {
+        return refuse(format!(
+            "model.dtype {}: weights are computed in f32 today (16-bit and FP8 checkpoints are \
+             widened at load; keeping them in their own precision is not built yet); set \
+             model.dtype to auto or f32",
+            spec.model.dtype.as_str()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(extra: serde_json::Value) -> ModelDeploymentSpec {
+        let mut base = serde_json::json!({"model": {"source": "builtin:tiny"}, "workers": {"replicas": 2}});
+        for (k, v) in extra.as_object().unwrap() {
+            base[k] = v.clone();
+        }
+        serde_json::from_value(base).unwrap()
+    }
+
+    fn tiny() -> ModelConfig {
+        ModelConfig::preset("tiny").unwrap().unwrap()
+    }
+
+    #[test]
+    fn sources_parse() {
+        assert_eq!(
+            ModelSource::parse("pvc://models/deepseek/v2-lite/").unwrap(),
+            ModelSource::Pvc { claim: "models".into(), path: "deepseek/v2-lite".into() }
+        );
+        assert_eq!(
+            ModelSource::parse("pvc://models").unwrap(),
+            ModelSource::Pvc { claim: "models".into(), path: String::new() }
+        );
+        assert_eq!(
+            ModelSource::parse("hostPath:///data/v3").unwrap(),
+            ModelSource::HostPath { path: "/data/v3".into() }
+        );
+        for bad in ["s3://bucket/x", "pvc:///x", "hostPath://relative", "builtin:", "pvc://c/../etc"] {
+            assert_eq!(ModelSource::parse(bad).unwrap_err().reason, "InvalidModelSource", "{bad}");
+        }
+        let unknown = ModelSource::parse("builtin:huge").unwrap().builtin_config().unwrap().unwrap_err();
+        assert_eq!(unknown.reason, "UnknownPreset");
+        assert!(unknown.message.contains("tiny, small, v2-lite-shape, v3-shape"), "{}", unknown.message);
+    }
+
+    #[test]
+    fn what_is_not_built_is_refused_with_what_to_change() {
+        assert!(layout(&spec(serde_json::json!({})), &tiny()).is_ok());
+        let nccl = layout(
+            &spec(serde_json::json!({"transport": "nccl", "workers": {"replicas": 2, "gpusPerWorker": 1}})),
+            &tiny(),
+        )
+        .unwrap_err();
+        assert_eq!(nccl.reason, "NotBuilt");
+        assert!(nccl.message.contains("set transport to tcp"), "{}", nccl.message);
+        let gpus =
+            layout(&spec(serde_json::json!({"workers": {"replicas": 2, "gpusPerWorker": 1}})), &tiny())
+                .unwrap_err();
+        assert!(gpus.message.contains("set workers.gpusPerWorker to 0"), "{}", gpus.message);
+        for dtype in ["bf16", "fp8"] {
+            let refused = layout(
+                &spec(serde_json::json!({"model": {"source": "builtin:tiny", "dtype": dtype}})),
+                &tiny(),
+            )
+            .unwrap_err();
+            assert!(refused.message.contains(&format!("model.dtype {dtype}")), "{}", refused.message);
+        }
+        for dtype in ["auto", "f32"] {
+            assert!(layout(
+                &spec(serde_json::json!({"model": {"source": "builtin:tiny", "dtype": dtype}})),
+                &tiny()
+            )
+            .is_ok());
+        }
+    }
+
+    #[test]
+    fn balancing_durations_name_their_field() {
+        let mut s = spec(serde_json::json!({}));
+        assert_eq!(policy(&s).unwrap().max_moves, s.balancing.max_experts_moved_per_rebalance as usize);
+        s.balancing.cooldown = "soon".into();
+        assert!(policy(&s).unwrap_err().to_string().contains("balancing.cooldown"));
+    }
+}

@@ -1,0 +1,162 @@
+//! The expert layout a deployment asks for with a given model: how many physical expert slots
+//! each worker holds, and the rules a schema cannot judge because they need the model's
+//! `config.json`. Pure functions; the operator turns an [`Invalid`] into `Ready=False` with its
+//! reason and message, `kubemoe up` into an error naming the manifest.
+
+use crate::config::ModelConfig;
+use crate::plan::PlacementPlan;
+
+/// A spec that cannot be served as written. `message` says what to change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalid {
+    /// CamelCase reason for the condition and the event.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Invalid {
+    pub fn new(reason: &'static str, message: impl Into<String>) -> Self {
+        Invalid { reason, message: message.into() }
+    }
+}
+
+/// The expert layout a valid spec asks for. Every worker holds `slots_per_worker` physical
+/// expert slots of every MoE layer; `logical + redundant == workers * slots_per_worker`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Layout {
+    pub logical: u32,
+    pub redundant: u32,
+    pub workers: u32,
+    pub slots_per_worker: u32,
+    pub moe_layers: Vec<u32>,
+}
+
+impl Layout {
+    pub fn physical(&self) -> u32 {
+        self.logical + self.redundant
+    }
+
+    /// Whether `plan` is a placement of this layout (rebalancing changes epochs, never the layout).
+    pub fn fits(&self, plan: &PlacementPlan) -> bool {
+        plan.workers == self.workers
+            && plan.slots_per_worker == self.slots_per_worker
+            && plan.logical_experts == self.logical
+            && plan.layers.iter().map(|l| l.layer).eq(self.moe_layers.iter().copied())
+    }
+
+    /// The placement before any load is known ([`PlacementPlan::initial`]).
+    pub fn initial_plan(&self) -> PlacementPlan {
+        PlacementPlan::initial(self.workers, self.slots_per_worker, self.logical, &self.moe_layers)
+    }
+}
+
+/// What a deployment says about its experts (`workers.replicas` and `experts.redundant` of a
+/// `ModelDeployment`), as written: the schema bounds them, an offline render does not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayoutSpec {
+    pub workers: i32,
+    pub redundant: i32,
+}
+
+/// Checks the spec against the model and returns the layout, or what to change.
+pub fn layout(spec: &LayoutSpec, model: &ModelConfig) -> Result<Layout, Invalid> {
+    let moe_layers = model.moe_layers();
+    if moe_layers.is_empty() {
+        return Err(Invalid::new(
+            "NoExperts",
+            format!(
+                "the model has no MoE layers (n_routed_experts = {}, first_k_dense_replace = {}, \
+                 num_hidden_layers = {}); kubemoe serves Mixture-of-Experts models only",
+                model.n_routed_experts, model.first_k_dense_replace, model.num_hidden_layers
+            ),
+        ));
+    }
+    let logical = model.n_routed_experts;
+    // The schema bounds both to small positive ranges; render (no schema) can see anything.
+    let redundant = u32::try_from(spec.redundant)
+        .map_err(|_| Invalid::new("InvalidExperts", "experts.redundant must be 0 or more"))?;
+    let workers = u32::try_from(spec.workers)
+        .ok()
+        .filter(|w| *w > 0)
+        .ok_or_else(|| Invalid::new("InvalidWorkers", "workers.replicas must be 1 or more"))?;
+    let physical = logical + redundant;
+    if !physical.is_multiple_of(workers) {
+        let next_redundant = redundant + (workers - physical % workers);
+        let (below, above) = nearest_divisors(physical, workers);
+        let mut choices = vec![format!("set experts.redundant to {next_redundant}")];
+        choices.extend(below.map(|w| format!("set workers.replicas to {w}")));
+        choices.extend(above.map(|w| format!("set workers.replicas to {w}")));
+        return Err(Invalid::new(
+            "ExpertsNotDivisible",
+            format!(
+                "n_routed_experts ({logical}) + experts.redundant ({redundant}) = {physical} expert slots \
+                 cannot be split evenly over workers.replicas ({workers}); {}",
+                choices.join(", or ")
+            ),
+        ));
+    }
+    if redundant > logical * (workers - 1) {
+        return Err(Invalid::new(
+            "TooManyRedundantExperts",
+            format!(
+                "experts.redundant ({redundant}) exceeds the replicas that can live on other workers \
+                 than their original (n_routed_experts × (workers.replicas − 1) = {}); lower experts.redundant",
+                logical * (workers - 1)
+            ),
+        ));
+    }
+    Ok(Layout { logical, redundant, workers, slots_per_worker: physical / workers, moe_layers })
+}
+
+/// The divisors of `n` closest to `w` from below and from above (excluding `w`).
+fn nearest_divisors(n: u32, w: u32) -> (Option<u32>, Option<u32>) {
+    let below = (1..w).rev().find(|d| n.is_multiple_of(*d));
+    let above = (w + 1..=n).find(|d| n.is_multiple_of(*d));
+    (below, above)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(workers: i32, redundant: i32) -> LayoutSpec {
+        LayoutSpec { workers, redundant }
+    }
+
+    fn tiny() -> ModelConfig {
+        ModelConfig::preset("tiny").unwrap().unwrap()
+    }
+
+    #[test]
+    fn divisible_layouts_split_slots_evenly() {
+        let l = layout(&spec(2, 0), &tiny()).unwrap();
+        assert_eq!((l.physical(), l.slots_per_worker, l.moe_layers.clone()), (16, 8, vec![1, 2]));
+        let l = layout(&spec(3, 2), &tiny()).unwrap();
+        assert_eq!(l.slots_per_worker, 6);
+    }
+
+    #[test]
+    fn indivisible_experts_say_what_to_change() {
+        let err = layout(&spec(3, 0), &tiny()).unwrap_err();
+        assert_eq!(err.reason, "ExpertsNotDivisible");
+        assert!(err.message.contains("set experts.redundant to 2"), "{}", err.message);
+        assert!(err.message.contains("set workers.replicas to 2"), "{}", err.message);
+        assert!(err.message.contains("set workers.replicas to 4"), "{}", err.message);
+    }
+
+    #[test]
+    fn redundant_slots_need_other_workers() {
+        let err = layout(&spec(1, 16), &tiny()).unwrap_err();
+        assert_eq!(err.reason, "TooManyRedundantExperts");
+    }
+
+    #[test]
+    fn dense_models_are_refused() {
+        let dense = ModelConfig::from_json(
+            r#"{"n_routed_experts": 8, "num_hidden_layers": 2, "first_k_dense_replace": 2, "num_experts_per_tok": 2}"#,
+            "t",
+        )
+        .unwrap();
+        assert_eq!(layout(&spec(1, 0), &dense).unwrap_err().reason, "NoExperts");
+    }
+}

@@ -1,0 +1,352 @@
+//! [`poll`] against servers in memory, once with each kind of record: local mode's [`Printed`]
+//! and a ledger that keeps what the operator keeps (a plan of record, a `Rebalancing` flag that
+//! outlives a crash, and the events).
+
+use super::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Routers and workers in memory: what each routes by, prepared and holds in force.
+struct Fake {
+    routers: Mutex<Vec<PlacementPlan>>,
+    /// Per worker: (epoch in force, epoch prepared beside it).
+    workers: Mutex<Vec<(u64, Option<u64>)>>,
+    tokens: Vec<Vec<f64>>,
+    fail_prepare: AtomicBool,
+}
+
+impl Fake {
+    fn new(plan: &PlacementPlan, routers: usize) -> Self {
+        // Experts 0 and 1, both on worker 0, are hot.
+        let hot = vec![400.0, 300.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0];
+        Fake {
+            routers: Mutex::new(vec![plan.clone(); routers]),
+            workers: Mutex::new(vec![(plan.epoch, None); plan.workers as usize]),
+            tokens: vec![hot; plan.layers.len()],
+            fail_prepare: AtomicBool::new(false),
+        }
+    }
+
+    fn router_epochs(&self) -> Vec<u64> {
+        self.routers.lock().unwrap().iter().map(|p| p.epoch).collect()
+    }
+
+    fn workers(&self) -> Vec<(u64, Option<u64>)> {
+        self.workers.lock().unwrap().clone()
+    }
+}
+
+impl Servers for Fake {
+    async fn loads(&self) -> Result<Vec<RouterLoad>> {
+        let routers = self.routers.lock().unwrap().clone();
+        Ok(routers
+            .into_iter()
+            .enumerate()
+            .map(|(i, plan)| RouterLoad { router: format!("router {i}"), plan, tokens: self.tokens.clone() })
+            .collect())
+    }
+
+    async fn prepare(&self, plan: &PlacementPlan) -> Result<()> {
+        let mut workers = self.workers.lock().unwrap();
+        for (rank, w) in workers.iter_mut().enumerate() {
+            if self.fail_prepare.load(Ordering::SeqCst) && rank == 1 {
+                return Err(Error::Call {
+                    step: "prepare",
+                    target: "worker 1".into(),
+                    source: "out of memory".into(),
+                });
+            }
+            if w.0 != plan.epoch {
+                w.1 = Some(plan.epoch);
+            }
+        }
+        Ok(())
+    }
+
+    async fn commit(&self, plan: &PlacementPlan) -> Result<()> {
+        self.routers.lock().unwrap().iter_mut().for_each(|r| *r = plan.clone());
+        Ok(())
+    }
+
+    async fn release(&self, epoch: u64) -> Result<()> {
+        for w in self.workers.lock().unwrap().iter_mut() {
+            *w = (epoch, None);
+        }
+        Ok(())
+    }
+}
+
+/// The operator's kind of record, in memory.
+#[derive(Default)]
+struct Ledger {
+    stored: Mutex<Option<PlacementPlan>>,
+    rebalancing: AtomicBool,
+    since_last: Mutex<Option<Duration>>,
+    events: Arc<Mutex<Vec<String>>>,
+}
+
+impl Ledger {
+    fn event(&self, e: String) {
+        self.events.lock().unwrap().push(e);
+    }
+}
+
+impl Record for Ledger {
+    type Error = Error;
+
+    async fn stored(&self) -> Result<Option<PlacementPlan>> {
+        Ok(self.stored.lock().unwrap().clone())
+    }
+    async fn store(&self, plan: &PlacementPlan) -> Result<()> {
+        *self.stored.lock().unwrap() = Some(plan.clone());
+        Ok(())
+    }
+    fn unfinished(&self) -> bool {
+        self.rebalancing.load(Ordering::SeqCst)
+    }
+    fn since_last(&self) -> Option<Duration> {
+        *self.since_last.lock().unwrap()
+    }
+    async fn measured(&self, _: f64) -> Result<()> {
+        Ok(())
+    }
+    async fn rebalancing(&self, p: &Proposal) -> Result<()> {
+        self.rebalancing.store(true, Ordering::SeqCst);
+        self.event(format!("rebalancing to epoch {}", p.plan.epoch));
+        Ok(())
+    }
+    async fn rebalanced(&self, p: &Proposal) -> Result<()> {
+        self.rebalancing.store(false, Ordering::SeqCst);
+        *self.since_last.lock().unwrap() = Some(Duration::ZERO);
+        self.event(format!("placement epoch {} in force", p.plan.epoch));
+        Ok(())
+    }
+    async fn failed(&self, epoch: u64, error: &str) -> Result<()> {
+        self.rebalancing.store(false, Ordering::SeqCst);
+        *self.since_last.lock().unwrap() = Some(Duration::ZERO);
+        self.event(format!("migration to epoch {epoch} failed: {error}"));
+        Ok(())
+    }
+    async fn settled(&self, plan: &PlacementPlan) -> Result<()> {
+        self.rebalancing.store(false, Ordering::SeqCst);
+        self.event(format!("placement settled at epoch {}", plan.epoch));
+        Ok(())
+    }
+}
+
+fn layout() -> Layout {
+    Layout { logical: 8, redundant: 0, workers: 4, slots_per_worker: 2, moe_layers: vec![1, 2] }
+}
+
+fn policy() -> Policy {
+    Policy::parse("30s", "1m", 1.1, 16).unwrap()
+}
+
+fn block_on<T>(f: impl Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+}
+
+/// Each record kind: how to make one holding a plan, and what it said (events or lines).
+trait Kind: Record<Error = Error> + Sized {
+    fn make(plan: PlacementPlan) -> (Self, Arc<Mutex<Vec<String>>>);
+    fn stored_epoch(&self) -> u64;
+}
+
+impl Kind for Ledger {
+    fn make(plan: PlacementPlan) -> (Self, Arc<Mutex<Vec<String>>>) {
+        let ledger = Ledger { stored: Mutex::new(Some(plan)), ..Ledger::default() };
+        let events = ledger.events.clone();
+        (ledger, events)
+    }
+    fn stored_epoch(&self) -> u64 {
+        self.stored.lock().unwrap().as_ref().unwrap().epoch
+    }
+}
+
+type Sink = Box<dyn Fn(String) + Send + Sync>;
+
+impl Kind for Printed<Sink> {
+    fn make(plan: PlacementPlan) -> (Self, Arc<Mutex<Vec<String>>>) {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        (Printed::new(plan, Box::new(move |l| sink.lock().unwrap().push(l)) as Sink), lines)
+    }
+    fn stored_epoch(&self) -> u64 {
+        self.with(|s| s.stored.epoch)
+    }
+}
+
+fn said(lines: &Arc<Mutex<Vec<String>>>) -> Vec<String> {
+    lines.lock().unwrap().clone()
+}
+
+fn skewed_load_rebalances_then_cools_down<R: Kind>() {
+    let initial = layout().initial_plan();
+    let servers = Fake::new(&initial, 2);
+    let (record, lines) = R::make(initial);
+    let polled = block_on(poll(&record, &servers, &layout(), &policy(), false)).unwrap();
+    assert_eq!(polled, Polled::Rebalanced { epoch: 1 });
+    assert_eq!(servers.router_epochs(), [1, 1]);
+    assert_eq!(servers.workers(), vec![(1, None); 4]);
+    assert_eq!(record.stored_epoch(), 1);
+    let said = said(&lines);
+    assert!(
+        said[0].starts_with("rebalancing to epoch 1: ") || said[0] == "rebalancing to epoch 1",
+        "{said:?}"
+    );
+    assert!(said.iter().any(|l| l == "placement epoch 1 in force"), "{said:?}");
+    // Right after: the cooldown holds (or the plan is balanced enough).
+    let again = block_on(poll(&record, &servers, &layout(), &policy(), false)).unwrap();
+    assert!(matches!(again, Polled::Kept { .. }), "{again:?}");
+    assert_eq!(servers.router_epochs(), [1, 1]);
+}
+
+fn a_failed_prepare_settles_back_and_cools_down<R: Kind>() {
+    let initial = layout().initial_plan();
+    let servers = Fake::new(&initial, 2);
+    servers.fail_prepare.store(true, Ordering::SeqCst);
+    let (record, lines) = R::make(initial);
+    let polled = block_on(poll(&record, &servers, &layout(), &policy(), false)).unwrap();
+    assert_eq!(polled, Polled::Failed { epoch: 1, settled: false });
+    // Routers never saw epoch 1; workers were released back to 0; the record stayed at 0.
+    assert_eq!(servers.router_epochs(), [0, 0]);
+    assert_eq!(servers.workers(), vec![(0, None); 4]);
+    assert_eq!(record.stored_epoch(), 0);
+    let said = said(&lines);
+    assert!(
+        said.iter().any(|l| l.contains("migration to epoch 1 failed: prepare on worker 1: out of memory")),
+        "{said:?}"
+    );
+    // The worker recovers: the caller's memory of the failure settles first, then the cooldown
+    // holds, so experts are not reloaded every interval.
+    servers.fail_prepare.store(false, Ordering::SeqCst);
+    let settled = block_on(poll(&record, &servers, &layout(), &policy(), true)).unwrap();
+    assert_eq!(settled, Polled::Settled { epoch: 0 });
+    let kept = block_on(poll(&record, &servers, &layout(), &policy(), false)).unwrap();
+    assert_eq!(kept, Polled::Kept { imbalance: kept_imbalance(&kept), reason: "cooling down" });
+}
+
+fn kept_imbalance(p: &Polled) -> Option<f64> {
+    match p {
+        Polled::Kept { imbalance, .. } => *imbalance,
+        _ => None,
+    }
+}
+
+fn split_routers_are_committed_forward<R: Kind>() {
+    let initial = layout().initial_plan();
+    let next = initial.with_slots(1, {
+        let mut s = initial.phy_to_log();
+        s.iter_mut().for_each(|l| l.swap(1, 2));
+        s
+    });
+    let servers = Fake::new(&initial, 2);
+    servers.routers.lock().unwrap()[0] = next.clone();
+    let (record, _) = R::make(next);
+    let polled = block_on(poll(&record, &servers, &layout(), &policy(), false)).unwrap();
+    assert_eq!(polled, Polled::Settled { epoch: 1 });
+    assert_eq!(servers.router_epochs(), [1, 1]);
+    assert_eq!(servers.workers(), vec![(1, None); 4]);
+}
+
+#[test]
+fn skewed_load_rebalances_then_cools_down_with_each_record() {
+    skewed_load_rebalances_then_cools_down::<Ledger>();
+    skewed_load_rebalances_then_cools_down::<Printed<Sink>>();
+}
+
+#[test]
+fn a_failed_prepare_settles_back_and_cools_down_with_each_record() {
+    a_failed_prepare_settles_back_and_cools_down::<Ledger>();
+    a_failed_prepare_settles_back_and_cools_down::<Printed<Sink>>();
+}
+
+#[test]
+fn split_routers_are_committed_forward_with_each_record() {
+    split_routers_are_committed_forward::<Ledger>();
+    split_routers_are_committed_forward::<Printed<Sink>>();
+}
+
+#[test]
+fn a_migration_the_record_left_unfinished_is_settled_before_judging() {
+    let initial = layout().initial_plan();
+    let servers = Fake::new(&initial, 1);
+    let (ledger, _) = Ledger::make(initial);
+    ledger.rebalancing.store(true, Ordering::SeqCst);
+    servers.workers.lock().unwrap()[2].1 = Some(1);
+    let polled = block_on(poll(&ledger, &servers, &layout(), &policy(), false)).unwrap();
+    assert_eq!(polled, Polled::Settled { epoch: 0 });
+    assert_eq!(servers.workers(), vec![(0, None); 4]);
+    assert!(!ledger.unfinished());
+}
+
+#[test]
+fn triage_judges_only_when_nothing_is_left_over() {
+    let plan = |epoch| PlacementPlan { epoch, ..PlacementPlan::initial(2, 8, 16, &[1, 2]) };
+    let agreed = |epoch| Routing::Agreed { plan: plan(epoch), loads: vec![vec![1.0; 16]; 2] };
+    assert!(
+        matches!(triage(&plan(3), agreed(3), false).unwrap(), Next::Judge { plan, .. } if plan.epoch == 3)
+    );
+    // Known unfinished: release the epoch in force on every worker even though all agree.
+    assert_eq!(triage(&plan(3), agreed(3), true).unwrap(), Next::Settle(plan(3)));
+    // Record ahead of the routers (stopped before any commit): back to the routers' plan.
+    assert_eq!(triage(&plan(4), agreed(3), false).unwrap(), Next::Settle(plan(3)));
+    // Record behind them: it catches up.
+    assert_eq!(triage(&plan(3), agreed(4), false).unwrap(), Next::Settle(plan(4)));
+    // Some routers committed the record's epoch: forward.
+    assert_eq!(triage(&plan(4), Routing::Split { highest: 4 }, false).unwrap(), Next::Settle(plan(4)));
+    assert!(triage(&plan(4), Routing::Split { highest: 6 }, false).is_err());
+}
+
+#[test]
+fn routing_sums_agreeing_routers_and_names_a_split() {
+    let plan = |epoch| PlacementPlan { epoch, ..PlacementPlan::initial(2, 8, 16, &[1]) };
+    let load = |epoch, t| RouterLoad { router: "r".into(), plan: plan(epoch), tokens: vec![vec![t; 16]] };
+    assert_eq!(
+        Routing::of(vec![load(2, 1.0), load(2, 2.0)]).unwrap(),
+        Routing::Agreed { plan: plan(2), loads: vec![vec![3.0; 16]] }
+    );
+    assert_eq!(
+        Routing::of(vec![load(2, 1.0), load(3, 1.0), load(2, 1.0)]).unwrap(),
+        Routing::Split { highest: 3 }
+    );
+    assert!(Routing::of(Vec::new()).unwrap_err().to_string().contains("no router"));
+}
+
+#[test]
+fn skewed_load_gives_a_better_plan_at_the_next_epoch_within_the_move_budget() {
+    let plan = PlacementPlan { epoch: 3, ..PlacementPlan::initial(4, 2, 8, &[1, 2]) };
+    let loads = vec![vec![400.0, 300.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0]; 2];
+    let Decision::Rebalance(p) = decide(&policy(), &plan, &loads, None).unwrap() else { panic!() };
+    assert_eq!(p.plan.epoch, 4);
+    p.plan.validate_for(8, &[1, 2], 4).unwrap();
+    assert!(p.imbalance_before > 2.5 && p.imbalance_after < p.imbalance_before, "{p:?}");
+    assert!(p.moved > 0 && p.moved <= policy().max_moves);
+    assert_eq!(p.moved, planner::moved(&plan.phy_to_log(), &p.plan.phy_to_log()));
+    assert_eq!(p.imbalance_after, imbalance(&loads, &p.plan.phy_to_log(), 2));
+}
+
+#[test]
+fn balanced_idle_or_cooling_down_keeps_the_plan() {
+    let plan = PlacementPlan::initial(4, 2, 8, &[1]);
+    let keep = |loads: &[Vec<f64>], since: Option<Duration>| match decide(&policy(), &plan, loads, since) {
+        Ok(Decision::Keep { reason, .. }) => reason,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(keep(&[vec![10.0; 8]], None), "balanced");
+    assert_eq!(keep(&[vec![0.0; 8]], None), "no load measured yet");
+    let hot = vec![vec![400.0, 300.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0]];
+    assert_eq!(keep(&hot, Some(Duration::from_secs(5))), "cooling down");
+    assert!(matches!(
+        decide(&policy(), &plan, &hot, Some(Duration::from_secs(61))),
+        Ok(Decision::Rebalance(_))
+    ));
+}
+
+#[test]
+fn bad_durations_name_the_field() {
+    let e = Policy::parse("soon", "1m", 1.1, 16).unwrap_err().to_string();
+    assert!(e.contains("balancing.interval"), "{e}");
+    let e = Policy::parse("30s", "later", 1.1, 16).unwrap_err().to_string();
+    assert!(e.contains("balancing.cooldown"), "{e}");
+}

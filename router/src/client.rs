@@ -1,0 +1,29 @@
+//! A client of the inference API: `kubemoe generate`.
+
+use crate::{Error, Result};
+use kubemoe_api::inference::inference_client::InferenceClient;
+use kubemoe_api::inference::{FinishReason, GenerateRequest};
+use std::io::Write;
+
+/// Streams one completion from the router at `endpoint`, writing its text to `out` as it
+/// arrives; returns a summary line (finish reason, token counts and ids).
+pub async fn stream(endpoint: &str, request: GenerateRequest, out: &mut impl Write) -> Result<String> {
+    let channel = kubemoe_api::channel(endpoint)
+        .map_err(|source| Error::Connect { endpoint: endpoint.to_string(), source })?;
+    let mut client = InferenceClient::new(channel).max_decoding_message_size(kubemoe_api::MAX_MESSAGE_BYTES);
+    let mut stream = client.generate_stream(request).await.map_err(Error::Call)?.into_inner();
+    let mut ids: Vec<u32> = Vec::new();
+    let mut summary = String::new();
+    while let Some(m) = stream.message().await.map_err(Error::Call)? {
+        ids.extend(&m.token_ids);
+        write!(out, "{}", m.text).and_then(|()| out.flush()).map_err(Error::Output)?;
+        if let Some(u) = m.usage {
+            let reason = FinishReason::try_from(m.finish_reason).map(|r| r.as_str_name()).unwrap_or("?");
+            summary = format!(
+                "[{reason}; {} prompt + {} completion tokens; ids {ids:?}]",
+                u.prompt_tokens, u.completion_tokens
+            );
+        }
+    }
+    Ok(summary)
+}
