@@ -140,31 +140,7 @@ enum Command {
         limits: RouterLimits,
     },
     /// Call a router: streams the completion to the terminal.
-    Generate {
-        #[arg(long, default_value = "http://127.0.0.1:50051")]
-        endpoint: String,
-        /// Text prompt (needs the model's tokenizer).
-        #[arg(long, conflicts_with_all = ["input_ids", "chat"])]
-        prompt: Option<String>,
-        /// Comma-separated token ids.
-        #[arg(long, value_delimiter = ',')]
-        input_ids: Option<Vec<u32>>,
-        /// One user chat message, through the model's chat template.
-        #[arg(long)]
-        chat: Option<String>,
-        #[arg(long, default_value_t = 32)]
-        max_tokens: u32,
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f32,
-        #[arg(long)]
-        top_p: Option<f32>,
-        #[arg(long, default_value_t = 0)]
-        top_k: u32,
-        #[arg(long)]
-        seed: Option<u64>,
-        #[arg(long)]
-        stop: Vec<String>,
-    },
+    Generate(GenerateArgs),
     /// Measure distributed serving: bytes moved, transport against raw TCP, decode against one process.
     BenchServing {
         #[arg(long, default_value = "builtin:small")]
@@ -196,6 +172,57 @@ enum Command {
     /// Plan an expert placement from measured loads; prints
     /// {"phy_to_log": [...], "balance": {"before": x, "after": y}, "moved": n}.
     Plan(plan::PlanArgs),
+}
+
+/// `kubemoe generate`: one request to a router.
+#[derive(clap::Args)]
+struct GenerateArgs {
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    endpoint: String,
+    /// Text prompt (needs the model's tokenizer).
+    #[arg(long, conflicts_with_all = ["input_ids", "chat"])]
+    prompt: Option<String>,
+    /// Comma-separated token ids.
+    #[arg(long, value_delimiter = ',')]
+    input_ids: Option<Vec<u32>>,
+    /// One user chat message, through the model's chat template.
+    #[arg(long)]
+    chat: Option<String>,
+    #[arg(long, default_value_t = 32)]
+    max_tokens: u32,
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long, default_value_t = 0)]
+    top_k: u32,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+impl GenerateArgs {
+    fn request(self) -> Result<kubemoe_api::inference::GenerateRequest> {
+        use kubemoe_api::inference::{generate_request::Input, ChatMessage, ChatMessages, TokenIds};
+        let input = match (self.prompt, self.input_ids, self.chat) {
+            (Some(p), _, _) => Input::Prompt(p),
+            (_, Some(ids), _) => Input::InputIds(TokenIds { ids }),
+            (_, _, Some(c)) => Input::Messages(ChatMessages {
+                messages: vec![ChatMessage { role: "user".into(), content: c }],
+            }),
+            _ => anyhow::bail!("give one of --prompt, --input-ids, --chat"),
+        };
+        Ok(kubemoe_api::inference::GenerateRequest {
+            input: Some(input),
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: self.seed,
+            stop: self.stop,
+        })
+    }
 }
 
 #[derive(clap::Args)]
@@ -388,41 +415,11 @@ fn run(command: Command) -> Result<()> {
             let overrides = local::Overrides { model, workers, grpc_port, http_port };
             local::up(file.as_deref(), overrides, limits.args())?
         }
-        Command::Generate {
-            endpoint,
-            prompt,
-            input_ids,
-            chat,
-            max_tokens,
-            temperature,
-            top_p,
-            top_k,
-            seed,
-            stop,
-        } => {
-            use kubemoe_api::inference::{generate_request::Input, ChatMessage, ChatMessages, TokenIds};
-            let input = match (prompt, input_ids, chat) {
-                (Some(p), _, _) => Input::Prompt(p),
-                (_, Some(ids), _) => Input::InputIds(TokenIds { ids }),
-                (_, _, Some(c)) => Input::Messages(ChatMessages {
-                    messages: vec![ChatMessage { role: "user".into(), content: c }],
-                }),
-                _ => anyhow::bail!("give one of --prompt, --input-ids, --chat"),
-            };
-            let request = kubemoe_api::inference::GenerateRequest {
-                input: Some(input),
-                max_tokens,
-                temperature,
-                top_p,
-                top_k,
-                seed,
-                stop,
-            };
-            let summary = runtime()?.block_on(kubemoe_router::client::stream(
-                &endpoint,
-                request,
-                &mut std::io::stdout(),
-            ))?;
+        Command::Generate(args) => {
+            let endpoint = args.endpoint.clone();
+            let request = args.request()?;
+            let out = &mut std::io::stdout();
+            let summary = runtime()?.block_on(kubemoe_router::client::stream(&endpoint, request, out))?;
             println!();
             eprintln!("{summary}");
         }

@@ -124,6 +124,13 @@ mod tests {
     }
 
     #[test]
+    fn nccl_is_refused_until_it_is_built_rather_than_served_over_tcp() {
+        let text = format!("{TINY}    gpusPerWorker: 1\n  transport: nccl\n");
+        let err = render(&text, "t.yaml", None, "img").unwrap_err().to_string();
+        assert!(err.contains("NotBuilt") && err.contains("set transport to tcp"), "{err}");
+    }
+
+    #[test]
     fn a_volume_model_needs_its_config() {
         let text = TINY.replace("builtin:tiny", "pvc://models/tiny");
         let err = render(&text, "t.yaml", None, "img").unwrap_err();
