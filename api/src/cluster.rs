@@ -23,22 +23,26 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Workers in rank order and routers, as `host:port` or URLs; connects lazily.
-    pub fn new(workers: &[String], routers: &[String]) -> Result<Self, tonic::transport::Error> {
+    /// Workers in rank order and routers, as `host:port` or URLs; connects lazily. A URL that
+    /// is not one fails with [`Error::Call`] naming it (step `connect`).
+    pub fn new(workers: &[String], routers: &[String]) -> Result<Self> {
         let max = crate::MAX_MESSAGE_BYTES;
+        let channel = |url: &String| {
+            crate::channel(url).map_err(|source| Error::Call {
+                step: "connect",
+                target: url.clone(),
+                source: Box::new(source),
+            })
+        };
         Ok(Cluster {
             workers: workers
                 .iter()
-                .map(|u| {
-                    Ok((u.clone(), ExpertClient::new(crate::channel(u)?).max_decoding_message_size(max)))
-                })
-                .collect::<Result<_, _>>()?,
+                .map(|u| Ok((u.clone(), ExpertClient::new(channel(u)?).max_decoding_message_size(max))))
+                .collect::<Result<_>>()?,
             routers: routers
                 .iter()
-                .map(|u| {
-                    Ok((u.clone(), BalancerClient::new(crate::channel(u)?).max_decoding_message_size(max)))
-                })
-                .collect::<Result<_, _>>()?,
+                .map(|u| Ok((u.clone(), BalancerClient::new(channel(u)?).max_decoding_message_size(max))))
+                .collect::<Result<_>>()?,
         })
     }
 }

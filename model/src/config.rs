@@ -66,11 +66,8 @@ struct Raw {
     hidden_size: usize,
     intermediate_size: usize,
     moe_intermediate_size: Option<usize>,
-    num_hidden_layers: usize,
-    n_routed_experts: Option<usize>,
     n_shared_experts: Option<usize>,
     num_experts_per_tok: Option<usize>,
-    n_group: Option<usize>,
     topk_group: Option<usize>,
     topk_method: Option<String>,
     scoring_func: Option<String>,
@@ -167,7 +164,7 @@ fn resolve(
         return Err(bad("attention_bias", "attention biases are not supported; set false".into()));
     }
     let v3 = family == Family::V3;
-    let n_routed_experts = raw.n_routed_experts.unwrap_or(0);
+    let n_routed_experts = experts.n_routed_experts as usize;
     let scoring = match raw.scoring_func.as_deref() {
         None => {
             if v3 {
@@ -201,7 +198,7 @@ fn resolve(
     let gate = GateParams {
         n_experts: n_routed_experts,
         top_k: raw.num_experts_per_tok.unwrap_or(if v3 { 8 } else { 6 }),
-        n_group: raw.n_group.unwrap_or(1),
+        n_group: experts.n_group as usize,
         topk_group: raw.topk_group.unwrap_or(1),
         scoring,
         method,
@@ -227,7 +224,7 @@ fn resolve(
         hidden_size: raw.hidden_size,
         intermediate_size: raw.intermediate_size,
         moe_intermediate_size: raw.moe_intermediate_size.unwrap_or(raw.intermediate_size),
-        num_hidden_layers: raw.num_hidden_layers,
+        num_hidden_layers: experts.num_hidden_layers as usize,
         experts,
         n_routed_experts,
         n_shared_experts: raw.n_shared_experts.unwrap_or(0),

@@ -5,7 +5,8 @@
 //! that need the model's `config.json` (is `n_routed_experts + experts.redundant` divisible by
 //! `workers.replicas`?) are checked by the operator, which then reports `Ready=False` with the
 //! reason instead of creating anything. So are values the schema accepts for what is not built
-//! yet (`transport: nccl`, `model.dtype: bf16|fp8`, `workers.gpusPerWorker > 0`): refused with
+//! yet (`transport: nccl`, `model.dtype: bf16|fp8`, `workers.gpusPerWorker > 0`,
+//! `experts.placement: hierarchical`): refused with
 //! reason `NotBuilt` and what to set instead, never served some other way.
 
 use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration, TopologySpreadConstraint};
@@ -66,7 +67,7 @@ const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
 )]
 #[x_kube(
     validation = Rule::new("self.transport != 'nccl' || self.workers.gpusPerWorker > 0")
-        .message("transport nccl needs GPU workers: set workers.gpusPerWorker to 1 or more, or transport to tcp"),
+        .message("transport nccl needs GPU workers (workers.gpusPerWorker > 0); neither is built yet: set transport to tcp"),
     validation = Rule::new("self.router.grpcPort != self.router.httpPort")
         .message("router.grpcPort and router.httpPort must differ")
 )]
@@ -211,11 +212,10 @@ pub struct WorkersSpec {
     #[serde(default = "default_worker_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: i32,
-    /// CPU and memory requests and limits of each worker container; `nvidia.com/gpu` is added
-    /// from gpusPerWorker.
+    /// CPU and memory requests and limits of each worker container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
-    /// Size of the memory-backed `/dev/shm` (NCCL and the transport's buffers); defaults to 1Gi.
+    /// Size of the memory-backed `/dev/shm` of each worker; defaults to 1Gi.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shm_size: Option<Quantity>,
     /// Node labels a worker pod's node must have.
@@ -239,9 +239,9 @@ pub struct ExpertsSpec {
     #[serde(default)]
     #[schemars(range(min = 0, max = 4096))]
     pub redundant: i32,
-    /// `global` balances expert load over all workers at once. (Keeping each expert group's
-    /// replicas on one node, as DeepSeek's hierarchical EPLB does, needs workers pinned to nodes,
-    /// which is not built.)
+    /// `global` balances expert load over all workers at once. `hierarchical` (each expert
+    /// group's replicas kept on one node, as DeepSeek's hierarchical EPLB does) needs workers
+    /// pinned to nodes, which is not built yet: it is refused with reason NotBuilt.
     #[serde(default)]
     pub placement: PlacementPolicy,
 }
@@ -250,6 +250,7 @@ pub struct ExpertsSpec {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum PlacementPolicy {
+    Hierarchical,
     #[default]
     Global,
 }

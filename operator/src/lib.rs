@@ -69,12 +69,6 @@ pub enum Error {
     LeaseLost { lease: String },
     #[error("cannot listen for shutdown signals")]
     Signals(#[source] std::io::Error),
-    #[error("connecting to {url}")]
-    Connect {
-        url: String,
-        #[source]
-        source: tonic::transport::Error,
-    },
 }
 
 impl Error {

@@ -190,8 +190,7 @@ async fn turn(context: &Context, md: &ModelDeployment, unsettled: bool) -> Resul
     })?;
     let workers = desired::worker_addresses(md, target.layout.workers);
     let routers = router_urls(&routers.items, md.spec.router.grpc_port);
-    let cluster = Cluster::new(&workers, &routers)
-        .map_err(|source| Error::Connect { url: format!("{workers:?} {routers:?}"), source })?;
+    let cluster = Cluster::new(&workers, &routers)?;
     poll(context, md, &target, &cluster, unsettled).await
 }
 
@@ -205,7 +204,12 @@ pub async fn poll(
     unsettled: bool,
 ) -> Result<Polled> {
     let record = Apiserver { context, md: Mutex::new(md.clone()) };
-    rebalance::poll(&record, servers, &target.layout, &target.policy, unsettled).await
+    let polled = rebalance::poll(&record, servers, &target.layout, &target.policy, unsettled).await?;
+    // Settling what a failed migration left is part of the failure, counted as `failed`.
+    if matches!(polled, Polled::Settled { .. }) {
+        count(&context.metrics, "settled");
+    }
+    Ok(polled)
 }
 
 /// The operator's [`Record`]: the placement ConfigMap, the status, events and metrics of one
@@ -290,7 +294,6 @@ impl Record for Apiserver<'_> {
     }
 
     async fn settled(&self, plan: &PlacementPlan) -> Result<()> {
-        count(&self.context.metrics, "settled");
         let now = Time(Timestamp::now());
         self.status(|md| status::settled(md, plan.epoch, &now)).await
     }

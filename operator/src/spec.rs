@@ -4,7 +4,7 @@
 //! way. Pure functions; the controller turns an [`Invalid`] into `Ready=False` with its reason
 //! and message, `render` and `kubemoe up` into an error.
 
-use crate::deployment::{Dtype, ModelDeploymentSpec, Transport};
+use crate::deployment::{Dtype, ModelDeploymentSpec, PlacementPolicy, Transport};
 use kubemoe_placement::rebalance::Policy;
 use kubemoe_placement::{Invalid, Layout, LayoutSpec, ModelConfig};
 
@@ -105,6 +105,13 @@ fn not_built(spec: &ModelDeploymentSpec) -> Result<(), Invalid> {
             spec.workers.gpus_per_worker
         ));
     }
+    if spec.experts.placement == PlacementPolicy::Hierarchical {
+        return refuse(
+            "experts.placement hierarchical keeps each expert group's replicas on one node, which \
+             needs workers pinned to nodes and is not built yet; set experts.placement to global"
+                .into(),
+        );
+    }
     if matches!(spec.model.dtype, Dtype::Bf16 | Dtype::Fp8) {
         return refuse(format!(
             "model.dtype {}: weights are computed in f32 today (16-bit and FP8 checkpoints are \
@@ -176,6 +183,10 @@ mod tests {
             .unwrap_err();
             assert!(refused.message.contains(&format!("model.dtype {dtype}")), "{}", refused.message);
         }
+        let hierarchical =
+            layout(&spec(serde_json::json!({"experts": {"placement": "hierarchical"}})), &tiny())
+                .unwrap_err();
+        assert!(hierarchical.message.contains("set experts.placement to global"), "{}", hierarchical.message);
         for dtype in ["auto", "f32"] {
             assert!(layout(
                 &spec(serde_json::json!({"model": {"source": "builtin:tiny", "dtype": dtype}})),

@@ -329,6 +329,7 @@ async fn a_failed_commit_puts_the_config_map_back_and_says_why() {
     assert_eq!((placement.epoch, placement.last_rebalance_time), (0, None));
     assert_eq!(world.events().last().unwrap(), &("Warning".to_string(), "MigrationFailed".to_string()));
     assert!(metric(&world, r#"kubemoe_operator_rebalances_total{result="failed"} 1"#));
+    assert!(!metric(&world, r#"result="settled""#), "the settle after a failure is part of the failure");
     assert_eq!(world.reconcile().await, Vec::<String>::new());
 }
 

@@ -10,30 +10,35 @@ use crate::{Error, Result};
 
 use serde::Deserialize;
 
-/// Expert-layout facts of a DeepSeek-V2/V3 `config.json`.
+/// Expert-layout facts of a DeepSeek-V2/V3 `config.json`. A key that is absent or `null` takes
+/// transformers' default.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct ModelConfig {
-    /// Routed experts per MoE layer (absent or 0: a dense model).
-    #[serde(default)]
+    /// Routed experts per MoE layer (0: a dense model).
+    #[serde(default, deserialize_with = "zero_if_null")]
     pub n_routed_experts: u32,
     pub num_hidden_layers: u32,
     /// The first `first_k_dense_replace` layers have a dense MLP instead of experts.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "zero_if_null")]
     pub first_k_dense_replace: u32,
     /// Every `moe_layer_freq`-th layer (after the dense ones) is MoE; DeepSeek ships 1.
-    #[serde(default = "one")]
+    #[serde(default = "one", deserialize_with = "one_if_null")]
     pub moe_layer_freq: u32,
     /// Expert groups for group-limited routing (1: no groups).
-    #[serde(default = "one")]
+    #[serde(default = "one", deserialize_with = "one_if_null")]
     pub n_group: u32,
-    #[serde(default)]
-    pub num_experts_per_tok: u32,
-    #[serde(default)]
-    pub model_type: Option<String>,
 }
 
 fn one() -> u32 {
     1
+}
+
+fn zero_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    Option::<u32>::deserialize(d).map(Option::unwrap_or_default)
+}
+
+fn one_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    Option::<u32>::deserialize(d).map(|v| v.unwrap_or(1))
 }
 
 /// `builtin:<preset>` configurations, the files `kubemoe gen-model` and `builtin:` use:
@@ -95,7 +100,7 @@ mod tests {
         assert_eq!((tiny.n_routed_experts, tiny.n_group), (16, 4));
         assert_eq!(tiny.moe_layers(), [1, 2]);
         let v3 = ModelConfig::preset("v3-shape").unwrap().unwrap();
-        assert_eq!((v3.n_routed_experts, v3.num_experts_per_tok, v3.n_group), (256, 8, 8));
+        assert_eq!((v3.n_routed_experts, v3.n_group), (256, 8));
         assert_eq!(ModelConfig::preset_names().count(), 4);
         for name in ModelConfig::preset_names() {
             ModelConfig::preset(name).unwrap().unwrap();
@@ -119,5 +124,9 @@ mod tests {
         assert!(text.contains("cm/config.json") && text.contains("num_hidden_layers"), "{text}");
         let dense = ModelConfig::from_json(r#"{"num_hidden_layers": 2}"#, "t").unwrap();
         assert!(dense.moe_layers().is_empty());
+        let nulls = r#"{"num_hidden_layers": 3, "n_routed_experts": 4, "moe_layer_freq": null,
+                        "n_group": null, "first_k_dense_replace": null}"#;
+        let nulls = ModelConfig::from_json(nulls, "t").unwrap();
+        assert_eq!((nulls.moe_layer_freq, nulls.n_group, nulls.moe_layers()), (1, 1, vec![0, 1, 2]));
     }
 }

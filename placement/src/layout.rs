@@ -153,7 +153,7 @@ mod tests {
     #[test]
     fn dense_models_are_refused() {
         let dense = ModelConfig::from_json(
-            r#"{"n_routed_experts": 8, "num_hidden_layers": 2, "first_k_dense_replace": 2, "num_experts_per_tok": 2}"#,
+            r#"{"n_routed_experts": 8, "num_hidden_layers": 2, "first_k_dense_replace": 2}"#,
             "t",
         )
         .unwrap();

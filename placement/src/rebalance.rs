@@ -197,7 +197,11 @@ impl Routing {
     pub fn of(loads: Vec<RouterLoad>) -> Result<Routing> {
         let mut loads = loads.into_iter();
         let first = loads.next().ok_or_else(|| {
-            Error::Routers("no router to poll: no router is running with an address".into())
+            Error::Routers(
+                "no router to poll: no router is running with an address (on Kubernetes, check the \
+                 router Deployment's pods)"
+                    .into(),
+            )
         })?;
         let (plan, mut sum) = (first.plan, first.tokens);
         let mut highest = None;

@@ -219,7 +219,9 @@ impl RemoteExperts {
         let requests = lock(&self.requests).clone();
         let ranks: Vec<usize> =
             batches.iter().enumerate().filter(|(_, b)| !b.rows.is_empty()).map(|(w, _)| w).collect();
-        tracing::debug!(layer, workers = ?ranks, tokens = routing.ids.len() / routing.top_k.max(1), "dispatch");
+        let tokens = routing.ids.len() / routing.top_k.max(1);
+        let span = tracing::debug_span!("dispatch", layer, workers = ?ranks, tokens);
+        tracing::debug!(parent: &span, "dispatching");
         // The batch loop runs on its own thread: spawn the calls on the server's runtime.
         let _entered = self.runtime.enter();
         let mut calls = tokio::task::JoinSet::new();
@@ -237,7 +239,7 @@ impl RemoteExperts {
             };
             let deadline = self.deadline;
             let requests = requests.clone();
-            calls.spawn(async move {
+            let call = async move {
                 let mut r = tonic::Request::new(request);
                 r.set_timeout(deadline);
                 kubemoe_api::trace::set_requests(r.metadata_mut(), &requests);
@@ -248,7 +250,8 @@ impl RemoteExperts {
                     })?
                     .map_err(|s| tonic::Status::new(s.code(), format!("worker {w}: {}", s.message())))?;
                 Ok::<_, tonic::Status>((w, reply.into_inner().partial))
-            });
+            };
+            calls.spawn(tracing::Instrument::instrument(call, span.clone()));
         }
         let results = self.runtime.block_on(calls.join_all());
         let mut out = vec![0f32; x.len()];

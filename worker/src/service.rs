@@ -23,24 +23,19 @@ impl Expert for ExpertService {
         let r = request.into_inner();
         let span = tracing::debug_span!("dispatch", layer = r.layer, tokens = r.tokens, requests = %requests);
         let store = self.store.clone();
-        // The FFN is CPU-bound: off the async threads.
+        // The FFN is CPU-bound: off the async threads, in the dispatch's span.
         let partial = tokio::task::spawn_blocking(move || {
-            store.dispatch(r.layer as usize, r.tokens as usize, &r.activations, &r.routes)
+            let _entered = span.enter();
+            let partial = store.dispatch(r.layer as usize, r.tokens as usize, &r.activations, &r.routes);
+            match &partial {
+                Ok(_) => tracing::debug!("dispatched"),
+                Err(e) => tracing::warn!(error = %kubemoe_placement::error_chain(e), "dispatch refused"),
+            }
+            partial
         })
         .await
-        .map_err(|e| Status::internal(format!("expert task failed: {e}")))?;
-        let _entered = span.enter();
-        match partial {
-            Ok(partial) => {
-                tracing::debug!("dispatched");
-                Ok(Response::new(DispatchResponse { partial: partial.into() }))
-            }
-            Err(e) => {
-                let status = Status::from(e);
-                tracing::warn!(error = %status.message(), "dispatch refused");
-                Err(status)
-            }
-        }
+        .map_err(|e| Status::internal(format!("expert task failed: {e}")))??;
+        Ok(Response::new(DispatchResponse { partial: partial.into() }))
     }
 
     async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
