@@ -29,6 +29,7 @@ pub struct Overrides {
     pub workers: Option<usize>,
     pub grpc_port: Option<u16>,
     pub http_port: Option<u16>,
+    pub served_model_name: Option<String>,
 }
 
 /// `kubemoe up`: the workers, then the router, as child processes, both starting from the
@@ -60,6 +61,9 @@ pub fn up(file: Option<&Path>, overrides: Overrides, mut router_args: Vec<String
     args.extend(["--http-port".into(), http_port.to_string()]);
     args.extend(placement_args);
     args.extend(["--load-window".into(), md.spec.balancing.window.clone()]);
+    let served_name =
+        overrides.served_model_name.unwrap_or_else(|| kubemoe_operator::desired::served_name(&md));
+    args.extend(["--served-model-name".into(), served_name]);
     // The manifest's limits, where the command line did not set them.
     let router = &md.spec.router;
     let manifest = [
@@ -73,11 +77,12 @@ pub fn up(file: Option<&Path>, overrides: Overrides, mut router_args: Vec<String
         }
     }
     args.extend(router_args);
-    let (router, addr) = start("router", &args, cores())?;
+    let (router, addrs) = start("router", &args, cores(), 2)?;
     children.push(router);
+    let (addr, http) = (&addrs[0], &addrs[1]);
     println!("kubemoe up: workers at {} ({} expert slots each)", urls.join(","), layout.slots_per_worker);
     println!(
-        "kubemoe up: {model} on {} workers; gRPC at {addr} (health, reflection, kubemoe.inference.v1, kubemoe.expert.v1.Balancer)",
+        "kubemoe up: {model} on {} workers; gRPC at {addr} (health, reflection, kubemoe.inference.v1, kubemoe.expert.v1.Balancer); HTTP at {http} (OpenAI API at http://{http}/v1, /health, /metrics)",
         layout.workers
     );
     println!("try: kubemoe generate --endpoint http://{addr} --prompt 'Hello'    (Ctrl-C stops everything)");
@@ -156,9 +161,9 @@ pub fn start_workers(model: &str, workers: usize, extra: &[String]) -> Result<(V
             .chain(["--rank".into(), rank.to_string(), "--world-size".into(), workers.to_string()])
             .chain(extra.iter().cloned())
             .collect();
-        let (child, addr) = start(&format!("worker {rank}"), &args, (cores() / workers).max(1))?;
+        let (child, addrs) = start(&format!("worker {rank}"), &args, (cores() / workers).max(1), 1)?;
         children.push(child);
-        urls.push(format!("http://{addr}"));
+        urls.push(format!("http://{}", addrs[0]));
     }
     Ok((children, urls))
 }
@@ -185,9 +190,9 @@ impl Drop for Managed {
     }
 }
 
-/// Starts `kubemoe <args>` with `threads` compute threads and waits for its
-/// `listening on ADDR` line.
-fn start(name: &str, args: &[String], threads: usize) -> Result<(Managed, String)> {
+/// Starts `kubemoe <args>` with `threads` compute threads and waits for its `listeners`
+/// `listening on ADDR` lines; returns the addresses in order.
+fn start(name: &str, args: &[String], threads: usize, listeners: usize) -> Result<(Managed, Vec<String>)> {
     let exe = std::env::current_exe().context("locating the kubemoe binary")?;
     let mut child = Command::new(exe)
         .args(args)
@@ -203,20 +208,21 @@ fn start(name: &str, args: &[String], threads: usize) -> Result<(Managed, String
     // Its logs, prefixed, from the start: they say why a child that never listens failed.
     relay(name, BufReader::new(stderr).lines());
     let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
+    let mut addrs = Vec::with_capacity(listeners);
+    while addrs.len() < listeners {
         match lines.next() {
             Some(Ok(line)) => {
                 if let Some(addr) = line.split("listening on ").nth(1) {
-                    break addr.trim().to_string();
+                    addrs.push(addr.trim().to_string());
                 }
             }
             _ => bail!("{name} exited before it listened (see its errors above)"),
         }
-    };
+    }
     // Keep draining the child's stdout too (so it never blocks on a full pipe), where what it
     // says later (the router's metrics address) reaches the user.
     relay(name, lines);
-    Ok((managed, addr))
+    Ok((managed, addrs))
 }
 
 /// Copies every line of `lines` to stderr as `[name] line`, on a thread of its own.

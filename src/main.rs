@@ -111,9 +111,13 @@ enum Command {
         host: String,
         #[arg(long, default_value_t = 50051)]
         port: u16,
-        /// Port of the HTTP server (Prometheus /metrics); 0 picks a free one; none without the flag.
+        /// Port of the HTTP server (OpenAI-compatible API, /health, Prometheus /metrics); 0 picks a
+        /// free one; none without the flag.
         #[arg(long)]
         http_port: Option<u16>,
+        /// The model name of the OpenAI API (default: --model).
+        #[arg(long, env = "KUBEMOE_SERVED_MODEL_NAME")]
+        served_model_name: Option<String>,
         #[command(flatten)]
         limits: RouterLimits,
     },
@@ -133,9 +137,12 @@ enum Command {
         /// Overrides the manifest's router.grpcPort.
         #[arg(long)]
         grpc_port: Option<u16>,
-        /// Overrides the manifest's router.httpPort (/metrics); 0 picks a free one.
+        /// Overrides the manifest's router.httpPort (OpenAI API, /metrics); 0 picks a free one.
         #[arg(long)]
         http_port: Option<u16>,
+        /// Overrides the manifest's model.servedName (default: the ModelDeployment's name).
+        #[arg(long)]
+        served_model_name: Option<String>,
         #[command(flatten)]
         limits: RouterLimits,
     },
@@ -320,6 +327,7 @@ impl RouterLimits {
     fn options(&self, model: String, workers: Vec<String>) -> kubemoe_router::Options {
         kubemoe_router::Options {
             model,
+            served_model_name: None,
             workers,
             max_batch_tokens: self.max_batch_tokens.unwrap_or(4096),
             max_running: self.max_running,
@@ -397,22 +405,33 @@ fn run(command: Command) -> Result<()> {
                 Ok::<_, anyhow::Error>(())
             })?
         }
-        Command::Router { model, workers, placement, load_window, host, port, http_port, limits } => {
+        Command::Router {
+            model,
+            workers,
+            placement,
+            load_window,
+            host,
+            port,
+            http_port,
+            served_model_name,
+            limits,
+        } => {
             let mut options = limits.options(model, workers);
+            options.served_model_name = served_model_name;
             options.placement = placement.as_deref().map(plan::read_placement).transpose()?;
             options.load_window = kubemoe_placement::parse_duration("--load-window", &load_window)?;
             runtime()?.block_on(async {
                 let listener = bind(&host, port, "router").await?;
                 let http = match http_port {
-                    Some(p) => Some(bind(&host, p, "router metrics").await?),
+                    Some(p) => Some(bind(&host, p, "router http").await?),
                     None => None,
                 };
                 kubemoe_router::run(options, listener, http, shutdown_on_signal()?).await?;
                 Ok::<_, anyhow::Error>(())
             })?
         }
-        Command::Up { file, model, workers, grpc_port, http_port, limits } => {
-            let overrides = local::Overrides { model, workers, grpc_port, http_port };
+        Command::Up { file, model, workers, grpc_port, http_port, served_model_name, limits } => {
+            let overrides = local::Overrides { model, workers, grpc_port, http_port, served_model_name };
             local::up(file.as_deref(), overrides, limits.args())?
         }
         Command::Generate(args) => {

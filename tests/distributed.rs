@@ -25,6 +25,8 @@ fn fixture() -> String {
 struct Proc {
     child: Child,
     addr: String,
+    /// The HTTP server's address, for a router started with `--http-port`.
+    http: Option<String>,
 }
 
 impl Drop for Proc {
@@ -43,10 +45,14 @@ fn spawn(args: &[&str]) -> Proc {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = lines.next().expect("child printed nothing").unwrap();
-    let addr = first.split("listening on ").nth(1).expect("no address line").trim().to_string();
+    let mut address = || {
+        let line = lines.next().expect("child printed nothing").unwrap();
+        line.split("listening on ").nth(1).expect("no address line").trim().to_string()
+    };
+    let addr = address();
+    let http = args.contains(&"--http-port").then(address);
     std::thread::spawn(move || lines.for_each(drop));
-    Proc { child, addr }
+    Proc { child, addr, http }
 }
 
 fn worker(model: &str, rank: usize, n: usize, port: u16) -> Proc {
@@ -410,13 +416,17 @@ fn up_serves_the_builtin_manifest_and_stops_its_children_on_sigterm() {
     let stderr = BufReader::new(up.stderr.take().unwrap());
     let logs = std::thread::spawn(move || stderr.lines().map_while(Result::ok).collect::<Vec<_>>());
     let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
-    let addr = loop {
+    let (addr, lines_seen) = loop {
         let line = lines.next().expect("up exited early").unwrap();
         if let Some(rest) = line.split("gRPC at ").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
+            break (rest.split_whitespace().next().unwrap().to_string(), line.clone());
         }
     };
+    let http_addr = serving_http(&lines_seen);
     assert!(lines.next().unwrap().unwrap().starts_with("try: kubemoe generate"));
+    // The OpenAI API serves the ModelDeployment's name.
+    let (status, models) = http(&http_addr, "GET", "/v1/models", None);
+    assert_eq!((status, json(&models)["data"][0]["id"].as_str()), (200, Some("tiny")));
     rt().block_on(async {
         let mut client = InferenceClient::connect(format!("http://{addr}")).await.unwrap();
         let info = client.model_info(ModelInfoRequest {}).await.unwrap().into_inner();
@@ -496,16 +506,8 @@ fn skewed_load_is_rebalanced_live_without_failing_or_changing_a_request() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // The router's metrics address, from its output relayed on up's stderr.
-    let (metrics_tx, metrics_rx) = std::sync::mpsc::channel();
     let stderr = BufReader::new(up.stderr.take().unwrap());
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            if let Some(addr) = line.split("router metrics listening on ").nth(1) {
-                let _ = metrics_tx.send(addr.trim().to_string());
-            }
-        }
-    });
+    std::thread::spawn(move || stderr.lines().for_each(drop));
     let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
     let mut next_line = || lines.next().expect("up exited early").unwrap();
     let urls: Vec<String> = next_line()
@@ -518,7 +520,10 @@ fn skewed_load_is_rebalanced_live_without_failing_or_changing_a_request() {
         .split(',')
         .map(String::from)
         .collect();
-    let addr = next_line().split("gRPC at ").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+    let serving = next_line();
+    let addr = serving.split("gRPC at ").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+    let metrics_addr =
+        serving.split("HTTP at ").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
     let (log_tx, log_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || lines.for_each(|l| drop(log_tx.send(l.unwrap_or_default()))));
     let local = source::open(dir.to_str().unwrap(), Experts::All).unwrap();
@@ -590,7 +595,6 @@ fn skewed_load_is_rebalanced_live_without_failing_or_changing_a_request() {
     let log: Vec<String> = log_rx.try_iter().collect();
     assert!(log.iter().any(|l| l.contains("rebalancing to epoch 1")), "{log:?}");
     // Prometheus sees the same: the epoch, the per-expert window counts, the imbalance left.
-    let metrics_addr = metrics_rx.recv_timeout(Duration::from_secs(5)).unwrap();
     let mut http = std::net::TcpStream::connect(&metrics_addr).unwrap();
     std::io::Write::write_all(&mut http, b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
     let mut text = String::new();
@@ -608,4 +612,165 @@ fn skewed_load_is_rebalanced_live_without_failing_or_changing_a_request() {
     Command::new("kill").args(["-TERM", &up.id().to_string()]).status().unwrap();
     up.wait().unwrap();
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// One HTTP/1.0 exchange (the server closes the connection after the body): status and body.
+fn http(addr: &str, method: &str, path: &str, body: Option<&serde_json::Value>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_string())
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// The `data:` payloads of a server-sent event stream.
+fn events(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|event| event.lines().find_map(|l| l.strip_prefix("data: ")).map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn the_openai_api_answers_what_the_grpc_path_answers_whole_and_streamed() {
+    let c = Cluster::start("builtin:tiny", 2, &["--http-port", "0", "--served-model-name", "tiny-chat"]);
+    let addr = c.router.http.clone().unwrap();
+    assert_eq!(http(&addr, "GET", "/health", None).0, 200);
+    let (status, models) = http(&addr, "GET", "/v1/models", None);
+    assert_eq!((status, json(&models)["data"][0]["id"].as_str()), (200, Some("tiny-chat")));
+
+    // The same greedy requests over gRPC, as the reference.
+    let (completion, chat) = rt().block_on(async {
+        let mut client = c.client().await;
+        let prompt = GenerateRequest {
+            input: Some(Input::Prompt("Hello".into())),
+            max_tokens: 6,
+            ..Default::default()
+        };
+        let chat = GenerateRequest {
+            input: Some(Input::Messages(kubemoe_api::inference::ChatMessages {
+                messages: vec![kubemoe_api::inference::ChatMessage {
+                    role: "user".into(),
+                    content: "Hi".into(),
+                }],
+            })),
+            max_tokens: 5,
+            ..Default::default()
+        };
+        (
+            client.generate(prompt).await.unwrap().into_inner(),
+            client.generate(chat).await.unwrap().into_inner(),
+        )
+    });
+
+    let request =
+        serde_json::json!({"model": "tiny-chat", "prompt": "Hello", "max_tokens": 6, "temperature": 0});
+    let (status, body) = http(&addr, "POST", "/v1/completions", Some(&request));
+    let body = json(&body);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "text_completion");
+    assert_eq!(body["choices"][0]["text"].as_str().unwrap(), completion.text);
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    let usage = completion.usage.unwrap();
+    assert_eq!(body["usage"]["prompt_tokens"], usage.prompt_tokens);
+    assert_eq!(body["usage"]["completion_tokens"], 6);
+    assert_eq!(body["usage"]["total_tokens"], usage.prompt_tokens + 6);
+
+    let mut streamed = request.clone();
+    streamed["stream"] = true.into();
+    streamed["stream_options"] = serde_json::json!({"include_usage": true});
+    let (status, body) = http(&addr, "POST", "/v1/completions", Some(&streamed));
+    assert_eq!(status, 200, "{body}");
+    let data = events(&body);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{body}");
+    let chunks: Vec<serde_json::Value> = data[..data.len() - 1].iter().map(|e| json(e)).collect();
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+    assert_eq!(text, completion.text);
+    assert_eq!(chunks[chunks.len() - 2]["choices"][0]["finish_reason"], "length");
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 6);
+
+    let request = serde_json::json!({"model": "tiny-chat", "messages": [{"role": "user", "content": "Hi"}],
+        "max_completion_tokens": 5, "temperature": 0});
+    let (status, body) = http(&addr, "POST", "/v1/chat/completions", Some(&request));
+    let body = json(&body);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(body["choices"][0]["message"]["content"].as_str().unwrap(), chat.text);
+    assert_eq!(body["usage"]["completion_tokens"], chat.usage.unwrap().completion_tokens);
+    let mut streamed = request.clone();
+    streamed["stream"] = true.into();
+    let (_, body) = http(&addr, "POST", "/v1/chat/completions", Some(&streamed));
+    let data = events(&body);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{body}");
+    let chunks: Vec<serde_json::Value> = data[..data.len() - 1].iter().map(|e| json(e)).collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text, chat.text);
+    assert!(chunks.iter().all(|c| c.get("usage").is_none()), "no usage chunk unless asked");
+
+    // Errors in OpenAI's shape.
+    let refused = |path: &str, request: serde_json::Value| {
+        let (status, body) = http(&addr, "POST", path, Some(&request));
+        (status, json(&body)["error"].clone())
+    };
+    let (status, error) = refused("/v1/completions", serde_json::json!({"model": "gpt-4", "prompt": "Hi"}));
+    assert_eq!(
+        (status, error["param"].as_str(), error["code"].as_str()),
+        (404, Some("model"), Some("model_not_found"))
+    );
+    let (status, error) = refused(
+        "/v1/completions",
+        serde_json::json!({"model": "tiny-chat", "prompt": "Hi", "temperature": -1}),
+    );
+    assert_eq!((status, error["param"].as_str()), (400, Some("temperature")), "{error}");
+    let (status, error) = refused(
+        "/v1/chat/completions",
+        serde_json::json!({"model": "tiny-chat", "messages": [{"role": "user", "content": "Hi"}], "n": 2}),
+    );
+    assert_eq!((status, error["param"].as_str()), (400, Some("n")), "{error}");
+    let (status, error) = refused("/v1/chat/completions", serde_json::json!({"model": "tiny-chat"}));
+    assert!(status == 400 && error["message"].as_str().unwrap().contains("messages"), "{error}");
+}
+
+/// The HTTP address in `kubemoe up`'s serving line.
+fn serving_http(line: &str) -> String {
+    line.split("HTTP at ").nth(1).unwrap().split_whitespace().next().unwrap().to_string()
+}
+
+#[test]
+fn reflection_v1alpha_lists_the_inference_service_for_older_clients() {
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    let c = Cluster::start("builtin:tiny", 1, &[]);
+    let services = rt().block_on(async {
+        let mut client = ServerReflectionClient::new(kubemoe_api::channel(&c.router.addr).unwrap());
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut replies =
+            client.server_reflection_info(tokio_stream::once(request)).await.unwrap().into_inner();
+        match replies.message().await.unwrap().unwrap().message_response {
+            Some(MessageResponse::ListServicesResponse(list)) => {
+                list.service.into_iter().map(|s| s.name).collect::<Vec<_>>()
+            }
+            other => panic!("{other:?}"),
+        }
+    });
+    assert!(services.iter().any(|s| s == "kubemoe.inference.v1.Inference"), "{services:?}");
 }

@@ -60,6 +60,25 @@ impl TryFrom<expert::Plan> for PlacementPlan {
 /// The encoded descriptors of every service, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kubemoe_descriptor.bin"));
 
+/// gRPC server reflection of every kubemoe service, in both versions clients speak: `v1`
+/// (grpcurl, current grpcio) and `v1alpha` (Python's grpcio-reflection client, older grpcurl,
+/// Postman). Every server adds both.
+pub mod reflection {
+    use tonic_reflection::server::{v1, v1alpha, Builder, Error};
+
+    fn builder() -> Builder<'static> {
+        Builder::configure().register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+    }
+
+    pub fn v1() -> Result<v1::ServerReflectionServer<impl v1::ServerReflection>, Error> {
+        builder().build_v1()
+    }
+
+    pub fn v1alpha() -> Result<v1alpha::ServerReflectionServer<impl v1alpha::ServerReflection>, Error> {
+        builder().build_v1alpha()
+    }
+}
+
 /// A server's accepted connections, with Nagle's algorithm off so that replies leave as soon
 /// as they are written.
 pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {

@@ -39,10 +39,14 @@ pub fn requests(metadata: &MetadataMap) -> &str {
     &ids[..end]
 }
 
-/// A client's request id from `metadata`, when it is one a log line can carry (visible ASCII
-/// without commas, at most 128 bytes).
+/// A client's request id from `metadata`, when it is one a log line can carry.
 pub fn client_request_id(metadata: &MetadataMap) -> Option<String> {
-    let id = metadata.get(REQUEST_ID_KEY)?.to_str().ok()?;
+    valid_request_id(metadata.get(REQUEST_ID_KEY)?.to_str().ok()?)
+}
+
+/// `id` when a log line and the id list of a dispatch can carry it: visible ASCII without
+/// commas, at most 128 bytes (gRPC metadata and HTTP headers alike).
+pub fn valid_request_id(id: &str) -> Option<String> {
     let fits = !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic() && b != b',');
     fits.then(|| id.to_string())
 }

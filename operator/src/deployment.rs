@@ -116,6 +116,11 @@ pub struct ModelSpec {
     /// are not built yet and are refused with reason NotBuilt.
     #[serde(default)]
     pub dtype: Dtype,
+    /// The model name clients of the OpenAI-compatible API send (`model`) and see in
+    /// `/v1/models`; defaults to the ModelDeployment's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[!-~]+$"))]
+    pub served_name: Option<String>,
     /// Longest sequence (prompt + generated tokens) the router accepts; defaults to the model's
     /// `max_position_embeddings`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -176,7 +181,8 @@ pub struct RouterSpec {
     #[serde(default = "default_grpc_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub grpc_port: i32,
-    /// Port of the router's HTTP server: Prometheus `/metrics`.
+    /// Port of the router's HTTP server: the OpenAI-compatible API (`/v1/models`,
+    /// `/v1/completions`, `/v1/chat/completions`), `/health` and Prometheus `/metrics`.
     #[serde(default = "default_http_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub http_port: i32,

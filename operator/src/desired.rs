@@ -177,6 +177,11 @@ pub fn placement_config_map(
 
 /// `host:port` of every worker rank of `md`, in rank order: the headless Service's per-pod DNS
 /// names, which routers dispatch to and the rebalancer migrates through.
+/// The model name of the OpenAI API: `spec.model.servedName`, else the ModelDeployment's name.
+pub fn served_name(md: &ModelDeployment) -> String {
+    md.spec.model.served_name.clone().unwrap_or_else(|| md.name_any())
+}
+
 pub fn worker_addresses(md: &ModelDeployment, workers: u32) -> Vec<String> {
     let names = Names::of(&md.name_any());
     let namespace = namespace_of(md);
@@ -476,6 +481,8 @@ impl<'a> Ctx<'a> {
             router.max_concurrent_requests.to_string(),
             "--load-window".into(),
             spec.balancing.window.clone(),
+            "--served-model-name".into(),
+            served_name(self.md),
         ]);
         if let Some(max) = spec.model.max_context_length {
             args.extend(["--max-context".into(), max.to_string()]);

@@ -14,6 +14,7 @@ pub mod dispatch;
 pub mod engine;
 pub mod load;
 pub mod metrics;
+pub mod openai;
 pub mod remote;
 pub mod scheduler;
 pub mod service;
@@ -34,8 +35,8 @@ pub enum Error {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("starting the batch loop")]
     Thread(#[from] std::io::Error),
-    #[error("serving /metrics")]
-    Metrics(#[source] std::io::Error),
+    #[error("serving HTTP")]
+    Http(#[source] std::io::Error),
     #[error("connecting to {endpoint}")]
     Connect {
         endpoint: String,
@@ -72,6 +73,8 @@ impl From<Error> for tonic::Status {
 pub struct Options {
     /// A model directory or `builtin:<preset>`.
     pub model: String,
+    /// The model name of the OpenAI API (default: `model`).
+    pub served_model_name: Option<String>,
     /// Worker gRPC URLs in rank order.
     pub workers: Vec<String>,
     /// New tokens in one step.
@@ -145,7 +148,8 @@ pub async fn run(
         opts.max_concurrent,
         shutdown.clone(),
     )?;
-    let service = service::InferenceService {
+    let served_name = opts.served_model_name.unwrap_or_else(|| opts.model.clone());
+    let service = std::sync::Arc::new(service::InferenceService {
         model_name: opts.model,
         config,
         text,
@@ -155,12 +159,15 @@ pub async fn run(
         max_concurrent: opts.max_concurrent,
         active: Default::default(),
         received: Default::default(),
-    };
+    });
     if let Some(http) = http {
-        let (experts, shutdown) = (experts.clone(), shutdown.clone());
+        let api = openai::Api { service: service.clone(), served_name, shutdown: shutdown.clone() };
+        let app = metrics::routes(experts.clone()).merge(openai::routes(std::sync::Arc::new(api)));
+        let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            if let Err(e) = metrics::serve(experts, http, shutdown).await {
-                tracing::error!(error = %kubemoe_placement::error_chain(&e), "/metrics stopped");
+            let served = axum::serve(http, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+            if let Err(e) = served.map_err(Error::Http) {
+                tracing::error!(error = %kubemoe_placement::error_chain(&e), "the HTTP server stopped");
             }
         });
     }

@@ -13,20 +13,10 @@ use axum::routing::get;
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
-/// Serves `/metrics` on `listener` until `shutdown`.
-pub async fn serve(
-    experts: Arc<RemoteExperts>,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> crate::Result<()> {
-    let app = axum::Router::new().route("/metrics", get(metrics)).with_state(experts);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-        .map_err(crate::Error::Metrics)
+/// The `/metrics` route.
+pub fn routes(experts: Arc<RemoteExperts>) -> axum::Router {
+    axum::Router::new().route("/metrics", get(metrics)).with_state(experts)
 }
 
 async fn metrics(State(experts): State<Arc<RemoteExperts>>) -> impl IntoResponse {

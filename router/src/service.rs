@@ -127,10 +127,10 @@ impl InferenceService {
         Ok(Prepared { prompt, max_tokens, sampling, stop: r.stop })
     }
 
-    /// The id of `request` (the client's `x-request-id`, else one made here) and the span its
+    /// The id of a request (the client's `x-request-id`, else one made here) and the span its
     /// log lines go in.
-    fn identify<T>(&self, request: &Request<T>) -> (Arc<str>, tracing::Span) {
-        let id: Arc<str> = kubemoe_api::trace::client_request_id(request.metadata())
+    pub(crate) fn identify(&self, client_id: Option<String>) -> (Arc<str>, tracing::Span) {
+        let id: Arc<str> = client_id
             .unwrap_or_else(|| {
                 let n = self.received.fetch_add(1, Ordering::Relaxed);
                 format!("{:x}-{n}", std::process::id())
@@ -142,7 +142,7 @@ impl InferenceService {
 
     /// Validates, admits and submits `r` in the current request span; returns the stream of its
     /// responses.
-    fn start(
+    pub(crate) fn start(
         &self,
         id: Arc<str>,
         r: GenerateRequest,
@@ -265,7 +265,7 @@ impl Inference for InferenceService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
-        let (id, span) = self.identify(&request);
+        let (id, span) = self.identify(kubemoe_api::trace::client_request_id(request.metadata()));
         let mut rx = span.in_scope(|| self.start(id.clone(), request.into_inner()))?;
         let mut all = GenerateResponse::default();
         while let Some(m) = rx.recv().await {
@@ -287,7 +287,7 @@ impl Inference for InferenceService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let (id, span) = self.identify(&request);
+        let (id, span) = self.identify(kubemoe_api::trace::client_request_id(request.metadata()));
         let rx = span.in_scope(|| self.start(id.clone(), request.into_inner()))?;
         Ok(with_id(Response::new(Box::pin(ReceiverStream::new(rx))), &id))
     }
@@ -335,20 +335,18 @@ impl Balancer for BalancerService {
 
 /// Serves `service` on `listener` until `shutdown` fires; health turns NOT_SERVING first.
 pub async fn serve(
-    service: InferenceService,
+    service: Arc<InferenceService>,
     balancer: BalancerService,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> crate::Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
     kubemoe_api::health::serving(&reporter, "kubemoe.inference.v1.Inference").await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(kubemoe_api::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
     tonic::transport::Server::builder()
         .add_service(health)
-        .add_service(reflection)
-        .add_service(InferenceServer::new(service))
+        .add_service(kubemoe_api::reflection::v1()?)
+        .add_service(kubemoe_api::reflection::v1alpha()?)
+        .add_service(InferenceServer::from_arc(service))
         .add_service(BalancerServer::new(balancer))
         .serve_with_incoming_shutdown(kubemoe_api::incoming(listener), async move {
             shutdown.cancelled().await;

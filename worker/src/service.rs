@@ -98,9 +98,6 @@ pub async fn serve(
 ) -> Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
     kubemoe_api::health::serving(&reporter, "kubemoe.expert.v1.Expert").await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(kubemoe_api::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
     let expert = ExpertServer::new(ExpertService { store })
         .max_decoding_message_size(kubemoe_api::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(kubemoe_api::MAX_MESSAGE_BYTES);
@@ -109,7 +106,8 @@ pub async fn serve(
         .initial_connection_window_size(Some(32 << 20))
         .max_frame_size(Some((1 << 24) - 1))
         .add_service(health)
-        .add_service(reflection)
+        .add_service(kubemoe_api::reflection::v1()?)
+        .add_service(kubemoe_api::reflection::v1alpha()?)
         .add_service(expert)
         .serve_with_incoming_shutdown(kubemoe_api::incoming(listener), async move {
             shutdown.cancelled().await;

@@ -1,0 +1,521 @@
+//! The OpenAI-compatible HTTP API on the router's HTTP port: `GET /v1/models`,
+//! `POST /v1/completions` and `POST /v1/chat/completions` (whole responses, or server-sent
+//! events ending with `data: [DONE]`, usage in a last chunk with
+//! `stream_options.include_usage`), and `GET /health`.
+//!
+//! Requests go through the validation, admission and batch loop of the gRPC service
+//! ([`InferenceService::start`]); only the shapes differ. Fields of OpenAI's API that would
+//! change the output but are not built (`n` > 1, `logprobs`, `echo`, penalties, `logit_bias`,
+//! tools, JSON response formats) are refused with a 400 naming them, never ignored. Errors have
+//! OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for a bad field, 404
+//! for an unknown model, 429 over the concurrency limit, 503 while the router cannot serve.
+//! Request bodies are limited to axum's default 2 MiB.
+
+use crate::service::InferenceService;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use kubemoe_api::inference::generate_request::Input;
+use kubemoe_api::inference::{
+    ChatMessage, ChatMessages, FinishReason, GenerateRequest, GenerateResponse, TokenIds,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+/// What the handlers share.
+pub struct Api {
+    pub service: Arc<InferenceService>,
+    /// The name clients send as `model` and see in `/v1/models`.
+    pub served_name: String,
+    pub shutdown: CancellationToken,
+}
+
+/// The routes of the API, to merge into the router's HTTP server.
+pub fn routes(api: Arc<Api>) -> axum::Router {
+    axum::Router::new()
+        .route("/health", get(health))
+        .route("/v1/models", get(models))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .with_state(api)
+}
+
+/// An error in OpenAI's shape.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    message: String,
+    kind: &'static str,
+    param: Option<String>,
+    code: Option<&'static str>,
+}
+
+impl ApiError {
+    fn invalid(param: &str, message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: Some(param.to_string()),
+            code: None,
+        }
+    }
+
+    /// The HTTP form of the gRPC path's status (the message of INVALID_ARGUMENT starts with the
+    /// field it names).
+    fn from_status(status: &tonic::Status) -> Self {
+        let message = status.message().to_string();
+        let (code, kind, status) = match status.code() {
+            Code::InvalidArgument => (None, "invalid_request_error", StatusCode::BAD_REQUEST),
+            Code::ResourceExhausted => {
+                (Some("rate_limit_exceeded"), "rate_limit_error", StatusCode::TOO_MANY_REQUESTS)
+            }
+            Code::Unavailable => (None, "service_unavailable", StatusCode::SERVICE_UNAVAILABLE),
+            _ => (None, "internal_error", StatusCode::INTERNAL_SERVER_ERROR),
+        };
+        let param = (status == StatusCode::BAD_REQUEST)
+            .then(|| message.split(':').next().map(|field| openai_field(field.trim())))
+            .flatten();
+        ApiError { status, message, kind, param, code }
+    }
+}
+
+/// The OpenAI name of a field the gRPC validation names.
+fn openai_field(grpc: &str) -> String {
+    match grpc {
+        "input" | "input_ids" => "prompt".into(),
+        other => other.into(),
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {
+            "message": self.message, "type": self.kind, "param": self.param, "code": self.code,
+        }});
+        (self.status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    }
+}
+
+fn json_response(value: &Value) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], value.to_string()).into_response()
+}
+
+async fn health(State(api): State<Arc<Api>>) -> StatusCode {
+    if api.shutdown.is_cancelled() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    }
+}
+
+async fn models(State(api): State<Arc<Api>>) -> Response {
+    json_response(&json!({"object": "list", "data": [{
+        "id": api.served_name, "object": "model", "created": now(), "owned_by": "kubemoe",
+        "max_model_len": api.service.max_context,
+    }]}))
+}
+
+/// A prompt: text, or token ids.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Prompt {
+    Text(String),
+    Ids(Vec<u32>),
+    /// A batch of prompts (one text or id list each): refused, one prompt per request is built.
+    Batch(Vec<Value>),
+}
+
+/// `stop`: one string or several.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// The fields both endpoints share. Unknown fields are ignored, as OpenAI's server does.
+#[derive(Deserialize)]
+struct Common {
+    model: String,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i64>,
+    seed: Option<u64>,
+    stop: Option<Stop>,
+    n: Option<u32>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    logprobs: Option<Value>,
+    top_logprobs: Option<Value>,
+    echo: Option<bool>,
+    best_of: Option<u32>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    logit_bias: Option<serde_json::Map<String, Value>>,
+    tools: Option<Vec<Value>>,
+    response_format: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct CompletionRequest {
+    prompt: Prompt,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    messages: Vec<OpenAiMessage>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Deserialize)]
+struct OpenAiMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+/// Message content: a string, or parts of which only text is built.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: String,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        // serde names the missing or mistyped field in its message.
+        ApiError::invalid("body", format!("the request body is not a valid request: {e}"))
+    })
+}
+
+impl Common {
+    /// Refuses what is not built; checks the model name.
+    fn check(&self, api: &Api) -> Result<(), ApiError> {
+        if self.model != api.served_name {
+            return Err(ApiError {
+                status: StatusCode::NOT_FOUND,
+                message: format!(
+                    "the model `{}` does not exist; this server serves `{}`",
+                    self.model, api.served_name
+                ),
+                kind: "invalid_request_error",
+                param: Some("model".into()),
+                code: Some("model_not_found"),
+            });
+        }
+        let not_built = |param: &str, what: &str| {
+            Err(ApiError::invalid(param, format!("{param}: {what} is not supported by this server yet")))
+        };
+        if self.n.is_some_and(|n| n != 1) {
+            return not_built("n", "more than one choice per request");
+        }
+        if self.best_of.is_some_and(|n| n != 1) {
+            return not_built("best_of", "more than one candidate per request");
+        }
+        if self.logprobs.as_ref().is_some_and(|v| !v.is_null() && *v != json!(false)) {
+            return not_built("logprobs", "returning log-probabilities");
+        }
+        if self.top_logprobs.as_ref().is_some_and(|v| !v.is_null() && *v != json!(0)) {
+            return not_built("top_logprobs", "returning log-probabilities");
+        }
+        if self.echo == Some(true) {
+            return not_built("echo", "echoing the prompt");
+        }
+        for (param, value) in
+            [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)]
+        {
+            if value.is_some_and(|v| v != 0.0) {
+                return not_built(param, "a repetition penalty");
+            }
+        }
+        if self.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
+            return not_built("logit_bias", "biasing logits");
+        }
+        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+            return not_built("tools", "tool calling");
+        }
+        if let Some(format) = &self.response_format {
+            if format.get("type").and_then(Value::as_str).is_some_and(|t| t != "text") {
+                return not_built("response_format", "a structured response format");
+            }
+        }
+        Ok(())
+    }
+
+    /// The gRPC request with `input`, as the batch loop takes it.
+    fn request(&self, input: Input) -> Result<GenerateRequest, ApiError> {
+        let top_k = match self.top_k {
+            None => 0,
+            // vLLM's "no top-k" is -1; 0 means the same here.
+            Some(k) if k <= 0 => 0,
+            Some(k) => u32::try_from(k).map_err(|_| ApiError::invalid("top_k", "top_k is too large"))?,
+        };
+        let stop = match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(s)) => s.clone(),
+        };
+        Ok(GenerateRequest {
+            input: Some(input),
+            max_tokens: self.max_completion_tokens.or(self.max_tokens).unwrap_or(0),
+            // OpenAI's default temperature is 1.
+            temperature: self.temperature.unwrap_or(1.0),
+            top_p: self.top_p,
+            top_k,
+            seed: self.seed,
+            stop,
+        })
+    }
+
+    fn include_usage(&self) -> bool {
+        self.stream_options.as_ref().is_some_and(|o| o.include_usage)
+    }
+}
+
+async fn completions(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -> Response {
+    let run = async {
+        let r: CompletionRequest = parse(&body)?;
+        r.common.check(&api)?;
+        let input = match r.prompt {
+            Prompt::Text(text) => Input::Prompt(text),
+            Prompt::Ids(ids) => Input::InputIds(TokenIds { ids }),
+            Prompt::Batch(prompts) => {
+                return Err(ApiError::invalid(
+                    "prompt",
+                    format!("prompt: one prompt per request is supported, not a batch of {}", prompts.len()),
+                ))
+            }
+        };
+        let request = r.common.request(input)?;
+        generate(&api, &headers, request, &r.common, Kind::Completion).await
+    };
+    run.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn chat_completions(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -> Response {
+    let run = async {
+        let r: ChatRequest = parse(&body)?;
+        r.common.check(&api)?;
+        let mut messages = Vec::with_capacity(r.messages.len());
+        for (i, m) in r.messages.into_iter().enumerate() {
+            let content = match m.content {
+                None => String::new(),
+                Some(Content::Text(text)) => text,
+                Some(Content::Parts(parts)) => {
+                    if let Some(other) = parts.iter().find(|p| p.kind != "text") {
+                        return Err(ApiError::invalid(
+                            "messages",
+                            format!(
+                                "messages[{i}].content: parts of type `{}` are not supported; send text",
+                                other.kind
+                            ),
+                        ));
+                    }
+                    parts.into_iter().map(|p| p.text).collect()
+                }
+            };
+            messages.push(ChatMessage { role: m.role, content });
+        }
+        let request = r.common.request(Input::Messages(ChatMessages { messages }))?;
+        generate(&api, &headers, request, &r.common, Kind::Chat).await
+    };
+    run.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+/// Runs `request` through the service; answers whole or as a stream.
+async fn generate(
+    api: &Api,
+    headers: &HeaderMap,
+    request: GenerateRequest,
+    common: &Common,
+    kind: Kind,
+) -> Result<Response, ApiError> {
+    let client_id = headers
+        .get(kubemoe_api::trace::REQUEST_ID_KEY)
+        .and_then(|v| v.to_str().ok())
+        .and_then(kubemoe_api::trace::valid_request_id);
+    let (id, span) = api.service.identify(client_id);
+    let mut rx =
+        span.in_scope(|| api.service.start(id.clone(), request)).map_err(|s| ApiError::from_status(&s))?;
+    let meta = Meta {
+        id: match kind {
+            Kind::Completion => format!("cmpl-{id}"),
+            Kind::Chat => format!("chatcmpl-{id}"),
+        },
+        created: now(),
+        model: api.served_name.clone(),
+        kind,
+    };
+    if !common.stream {
+        let mut text = String::new();
+        while let Some(message) = rx.recv().await {
+            let message = message.map_err(|s| ApiError::from_status(&s))?;
+            text.push_str(&message.text);
+            if let Some(finish) = finished(&message) {
+                let usage = usage(&message);
+                let mut response = json_response(&meta.whole(&text, finish, usage));
+                set_id(&mut response, &id);
+                return Ok(response);
+            }
+        }
+        return Err(ApiError::from_status(&tonic::Status::internal(
+            "the sequence ended without a finish reason",
+        )));
+    }
+    let include_usage = common.include_usage();
+    let (tx, events) = tokio::sync::mpsc::channel::<Event>(16);
+    tokio::spawn(async move {
+        let send = |value: Value| tx.send(Event::default().data(value.to_string()));
+        if kind == Kind::Chat
+            && send(meta.chunk(json!({"role": "assistant", "content": ""}), None)).await.is_err()
+        {
+            return;
+        }
+        while let Some(message) = rx.recv().await {
+            let message = match message {
+                Ok(m) => m,
+                Err(status) => {
+                    let ApiError { message, kind, code, .. } = ApiError::from_status(&status);
+                    let error =
+                        json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
+                    let _ = send(error).await;
+                    break;
+                }
+            };
+            let finish = finished(&message);
+            let delta = match kind {
+                Kind::Chat => json!({"content": message.text}),
+                Kind::Completion => json!(message.text),
+            };
+            if (!message.text.is_empty() || finish.is_some())
+                && send(meta.chunk(delta, finish)).await.is_err()
+            {
+                return; // the client left: dropping `rx` stops the sequence
+            }
+            if finish.is_some() {
+                if include_usage {
+                    let _ = send(meta.usage_chunk(usage(&message))).await;
+                }
+                break;
+            }
+        }
+        let _ = tx.send(Event::default().data("[DONE]")).await;
+    });
+    let stream = ReceiverStream::new(events).map(Ok::<_, std::convert::Infallible>);
+    let mut response = Sse::new(stream).into_response();
+    set_id(&mut response, &id);
+    Ok(response)
+}
+
+fn set_id(response: &mut Response, id: &str) {
+    if let Ok(value) = header::HeaderValue::from_str(id) {
+        response.headers_mut().insert(kubemoe_api::trace::REQUEST_ID_KEY, value);
+    }
+}
+
+/// OpenAI's `finish_reason` of the last message, `None` before it.
+fn finished(m: &GenerateResponse) -> Option<&'static str> {
+    match FinishReason::try_from(m.finish_reason) {
+        Ok(FinishReason::Stop) => Some("stop"),
+        Ok(FinishReason::Length) => Some("length"),
+        _ => None,
+    }
+}
+
+fn usage(m: &GenerateResponse) -> Value {
+    let u = m.usage.unwrap_or_default();
+    json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+           "total_tokens": u.prompt_tokens + u.completion_tokens})
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// What every object of one response carries.
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    kind: Kind,
+}
+
+impl Meta {
+    fn whole(&self, text: &str, finish: &str, usage: Value) -> Value {
+        let (object, choice) = match self.kind {
+            Kind::Completion => (
+                "text_completion",
+                json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": null}),
+            ),
+            Kind::Chat => (
+                "chat.completion",
+                json!({"index": 0, "message": {"role": "assistant", "content": text},
+                       "finish_reason": finish, "logprobs": null}),
+            ),
+        };
+        json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
+               "choices": [choice], "usage": usage})
+    }
+
+    fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
+        let (object, choice) = match self.kind {
+            Kind::Completion => (
+                "text_completion",
+                json!({"index": 0, "text": delta, "finish_reason": finish, "logprobs": null}),
+            ),
+            Kind::Chat => (
+                "chat.completion.chunk",
+                json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}),
+            ),
+        };
+        json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
+               "choices": [choice]})
+    }
+
+    /// The last chunk with `stream_options.include_usage`: no choices, the usage.
+    fn usage_chunk(&self, usage: Value) -> Value {
+        let object = match self.kind {
+            Kind::Completion => "text_completion",
+            Kind::Chat => "chat.completion.chunk",
+        };
+        json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
+               "choices": [], "usage": usage})
+    }
+}
