@@ -743,6 +743,44 @@ fn the_openai_api_answers_what_the_grpc_path_answers_whole_and_streamed() {
     assert_eq!((status, error["param"].as_str()), (400, Some("n")), "{error}");
     let (status, error) = refused("/v1/chat/completions", serde_json::json!({"model": "tiny-chat"}));
     assert!(status == 400 && error["message"].as_str().unwrap().contains("messages"), "{error}");
+    for (field, value) in [("min_p", serde_json::json!(0.1)), ("max_tokens", serde_json::json!(0))] {
+        let mut request = serde_json::json!({"model": "tiny-chat", "prompt": "Hi"});
+        request[field] = value;
+        let (status, error) = refused("/v1/completions", request);
+        assert_eq!((status, error["param"].as_str()), (400, Some(field)), "{error}");
+    }
+
+    // What clients send: a prompt in a list of one, nulls for unset options.
+    let request = serde_json::json!({"model": "tiny-chat", "prompt": ["Hello"], "max_tokens": 6,
+        "temperature": 0, "stream": null, "stream_options": null});
+    let (status, body) = http(&addr, "POST", "/v1/completions", Some(&request));
+    assert_eq!(
+        (status, json(&body)["choices"][0]["text"].as_str()),
+        (200, Some(completion.text.as_str())),
+        "{body}"
+    );
+    // Without a seed, sampling differs between requests; with one, it repeats.
+    let sampled = |seed: Option<u64>| {
+        let mut request = serde_json::json!({"model": "tiny-chat", "prompt": [5, 6, 7], "max_tokens": 12});
+        if let Some(seed) = seed {
+            request["seed"] = seed.into();
+        }
+        json(&http(&addr, "POST", "/v1/completions", Some(&request)).1)["choices"][0]["text"].clone()
+    };
+    assert_ne!(sampled(None), sampled(None));
+    assert_eq!(sampled(Some(7)), sampled(Some(7)));
+    // A chat without max_tokens may use the rest of the context, as vLLM's does.
+    let request = serde_json::json!({"model": "tiny-chat", "messages": [{"role": "user", "content": "Hi"}],
+        "temperature": 0});
+    let body = json(&http(&addr, "POST", "/v1/chat/completions", Some(&request)).1);
+    let max_model_len = json(&models)["data"][0]["max_model_len"].as_u64().unwrap();
+    let usage = &body["usage"];
+    let finish = body["choices"][0]["finish_reason"].as_str().unwrap();
+    assert!(
+        finish == "stop" || usage["total_tokens"].as_u64() == Some(max_model_len),
+        "{body} (max_model_len {max_model_len})"
+    );
+    assert!(usage["completion_tokens"].as_u64().unwrap() > 16 || finish == "stop", "{body}");
 }
 
 /// The HTTP address in `kubemoe up`'s serving line.
@@ -773,4 +811,40 @@ fn reflection_v1alpha_lists_the_inference_service_for_older_clients() {
         }
     });
     assert!(services.iter().any(|s| s == "kubemoe.inference.v1.Inference"), "{services:?}");
+}
+
+#[test]
+fn an_http_client_that_leaves_a_stream_frees_its_slot() {
+    use std::io::{Read, Write};
+    let c = Cluster::start("builtin:tiny", 1, &["--http-port", "0", "--max-concurrent", "1"]);
+    let addr = c.router.http.clone().unwrap();
+    let mut long = serde_json::json!({"model": "builtin:tiny", "prompt": [3, 4], "max_tokens": 240});
+    let full = Instant::now();
+    assert_eq!(http(&addr, "POST", "/v1/completions", Some(&long)).0, 200);
+    let full = full.elapsed();
+    long["stream"] = true.into();
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    let body = long.to_string();
+    write!(stream, "POST /v1/completions HTTP/1.0\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut first = [0u8; 64];
+    let n = stream.read(&mut first).unwrap();
+    assert!(std::str::from_utf8(&first[..n]).unwrap().starts_with("HTTP/1.0 200"));
+    let dropped = Instant::now();
+    drop(stream);
+    // The abandoned sequence leaves the batch: the single slot is free again long before its
+    // 240 tokens could have been generated.
+    let short = serde_json::json!({"model": "builtin:tiny", "prompt": [3], "max_tokens": 2});
+    loop {
+        let (status, body) = http(&addr, "POST", "/v1/completions", Some(&short));
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 429, "{body}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        dropped.elapsed() < full / 2,
+        "slot freed after {:?}; a whole generation takes {full:?}",
+        dropped.elapsed()
+    );
 }

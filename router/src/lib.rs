@@ -161,7 +161,9 @@ pub async fn run(
         received: Default::default(),
     });
     if let Some(http) = http {
-        let api = openai::Api { service: service.clone(), served_name, shutdown: shutdown.clone() };
+        let started =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let api = openai::Api { service: service.clone(), served_name, shutdown: shutdown.clone(), started };
         let app = metrics::routes(experts.clone()).merge(openai::routes(std::sync::Arc::new(api)));
         let shutdown = shutdown.clone();
         tokio::spawn(async move {

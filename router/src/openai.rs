@@ -6,16 +6,19 @@
 //! Requests go through the validation, admission and batch loop of the gRPC service
 //! ([`InferenceService::start`]); only the shapes differ. Fields of OpenAI's API that would
 //! change the output but are not built (`n` > 1, `logprobs`, `echo`, penalties, `logit_bias`,
-//! tools, JSON response formats) are refused with a 400 naming them, never ignored. Errors have
+//! tools and functions, JSON response formats, `suffix`, and vLLM's sampling extensions) are
+//! refused with a 400 naming them, never ignored. As OpenAI's and vLLM's servers do, a request
+//! without `seed` samples with a fresh one, `temperature` defaults to 1, and a chat completion
+//! without `max_tokens` may use the rest of the context (a completion: 16 tokens). Errors have
 //! OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for a bad field, 404
 //! for an unknown model, 429 over the concurrency limit, 503 while the router cannot serve.
 //! Request bodies are limited to axum's default 2 MiB.
 
-use crate::service::InferenceService;
+use crate::service::{InferenceService, Unset};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::sse::{Event, Sse};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use kubemoe_api::inference::generate_request::Input;
@@ -37,6 +40,8 @@ pub struct Api {
     /// The name clients send as `model` and see in `/v1/models`.
     pub served_name: String,
     pub shutdown: CancellationToken,
+    /// When this router started (`created` of the model).
+    pub started: u64,
 }
 
 /// The routes of the API, to merge into the router's HTTP server.
@@ -120,7 +125,7 @@ async fn health(State(api): State<Arc<Api>>) -> StatusCode {
 
 async fn models(State(api): State<Arc<Api>>) -> Response {
     json_response(&json!({"object": "list", "data": [{
-        "id": api.served_name, "object": "model", "created": now(), "owned_by": "kubemoe",
+        "id": api.served_name, "object": "model", "created": api.started, "owned_by": "kubemoe",
         "max_model_len": api.service.max_context,
     }]}))
 }
@@ -145,8 +150,7 @@ enum Stop {
 
 #[derive(Deserialize)]
 struct StreamOptions {
-    #[serde(default)]
-    include_usage: bool,
+    include_usage: Option<bool>,
 }
 
 /// The fields both endpoints share. Unknown fields are ignored, as OpenAI's server does.
@@ -161,8 +165,7 @@ struct Common {
     seed: Option<u64>,
     stop: Option<Stop>,
     n: Option<u32>,
-    #[serde(default)]
-    stream: bool,
+    stream: Option<bool>,
     stream_options: Option<StreamOptions>,
     logprobs: Option<Value>,
     top_logprobs: Option<Value>,
@@ -173,6 +176,39 @@ struct Common {
     logit_bias: Option<serde_json::Map<String, Value>>,
     tools: Option<Vec<Value>>,
     response_format: Option<Value>,
+    /// Everything else: checked for fields that would change the output ([`NOT_BUILT`]).
+    #[serde(flatten)]
+    other: serde_json::Map<String, Value>,
+}
+
+/// Fields of OpenAI's API or vLLM's extensions that change the output, are not built, and are
+/// refused unless they hold their no-op value (`None`: any non-null value is refused).
+const NOT_BUILT: [(&str, Option<Value>, &str); 14] = [
+    ("suffix", None, "a suffix"),
+    ("functions", None, "function calling"),
+    ("function_call", None, "function calling"),
+    ("min_p", Some(Value::Null), "min-p sampling"),
+    ("repetition_penalty", Some(Value::Null), "a repetition penalty"),
+    ("min_tokens", Some(Value::Null), "a minimum length"),
+    ("ignore_eos", Some(Value::Bool(false)), "ignoring the end of sequence"),
+    ("stop_token_ids", Some(Value::Null), "stop token ids"),
+    ("use_beam_search", Some(Value::Bool(false)), "beam search"),
+    ("prompt_logprobs", None, "returning log-probabilities"),
+    ("guided_json", None, "guided decoding"),
+    ("guided_regex", None, "guided decoding"),
+    ("guided_choice", None, "guided decoding"),
+    ("guided_grammar", None, "guided decoding"),
+];
+
+/// Whether `value` of `field` is its no-op value.
+fn is_noop(field: &str, value: &Value, noop: &Option<Value>) -> bool {
+    match (field, value) {
+        (_, Value::Null) => true,
+        ("min_p" | "min_tokens", v) => v.as_f64() == Some(0.0),
+        ("repetition_penalty", v) => v.as_f64() == Some(1.0),
+        ("stop_token_ids", Value::Array(a)) => a.is_empty(),
+        (_, v) => noop.as_ref() == Some(v),
+    }
 }
 
 #[derive(Deserialize)]
@@ -194,6 +230,15 @@ struct OpenAiMessage {
     role: String,
     #[serde(default)]
     content: Option<Content>,
+}
+
+/// A seed for a request that gives none.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // The standard library's per-instance random keys: a fresh seed without an RNG of our own.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(now());
+    hasher.finish()
 }
 
 /// Message content: a string, or parts of which only text is built.
@@ -270,6 +315,25 @@ impl Common {
                 return not_built("response_format", "a structured response format");
             }
         }
+        for (field, noop, what) in &NOT_BUILT {
+            if self.other.get(*field).is_some_and(|v| !is_noop(field, v, noop)) {
+                return not_built(field, what);
+            }
+        }
+        if self.max_completion_tokens.or(self.max_tokens) == Some(0) {
+            let field =
+                if self.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
+            return Err(ApiError::invalid(field, format!("{field}: must be at least 1")));
+        }
+        if api.service.text.is_none() {
+            return Err(ApiError::invalid(
+                "model",
+                format!(
+                    "{}: the model has no tokenizer.json, which the OpenAI API needs to answer in text",
+                    self.model
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -293,13 +357,13 @@ impl Common {
             temperature: self.temperature.unwrap_or(1.0),
             top_p: self.top_p,
             top_k,
-            seed: self.seed,
+            seed: Some(self.seed.unwrap_or_else(random_seed)),
             stop,
         })
     }
 
     fn include_usage(&self) -> bool {
-        self.stream_options.as_ref().is_some_and(|o| o.include_usage)
+        self.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false)
     }
 }
 
@@ -310,6 +374,18 @@ async fn completions(State(api): State<Arc<Api>>, headers: HeaderMap, body: Byte
         let input = match r.prompt {
             Prompt::Text(text) => Input::Prompt(text),
             Prompt::Ids(ids) => Input::InputIds(TokenIds { ids }),
+            // One prompt in a list, as many clients send it.
+            Prompt::Batch(mut prompts) if prompts.len() == 1 => match prompts.remove(0) {
+                Value::String(text) => Input::Prompt(text),
+                ids => Input::InputIds(TokenIds {
+                    ids: serde_json::from_value(ids).map_err(|_| {
+                        ApiError::invalid(
+                            "prompt",
+                            "prompt: a text, a list of token ids, or a list of one of them",
+                        )
+                    })?,
+                }),
+            },
             Prompt::Batch(prompts) => {
                 return Err(ApiError::invalid(
                     "prompt",
@@ -342,10 +418,12 @@ async fn chat_completions(State(api): State<Arc<Api>>, headers: HeaderMap, body:
                             ),
                         ));
                     }
-                    parts.into_iter().map(|p| p.text).collect()
+                    parts.into_iter().map(|p| p.text).collect::<Vec<_>>().join("\n")
                 }
             };
-            messages.push(ChatMessage { role: m.role, content });
+            // OpenAI's newer name for the system role; chat templates know `system`.
+            let role = if m.role == "developer" { "system".to_string() } else { m.role };
+            messages.push(ChatMessage { role, content });
         }
         let request = r.common.request(Input::Messages(ChatMessages { messages }))?;
         generate(&api, &headers, request, &r.common, Kind::Chat).await
@@ -372,8 +450,13 @@ async fn generate(
         .and_then(|v| v.to_str().ok())
         .and_then(kubemoe_api::trace::valid_request_id);
     let (id, span) = api.service.identify(client_id);
-    let mut rx =
-        span.in_scope(|| api.service.start(id.clone(), request)).map_err(|s| ApiError::from_status(&s))?;
+    let unset = match kind {
+        Kind::Completion => Unset::Default,
+        Kind::Chat => Unset::RestOfContext,
+    };
+    let mut rx = span
+        .in_scope(|| api.service.start(id.clone(), request, unset))
+        .map_err(|s| ApiError::from_status(&s))?;
     let meta = Meta {
         id: match kind {
             Kind::Completion => format!("cmpl-{id}"),
@@ -383,7 +466,7 @@ async fn generate(
         model: api.served_name.clone(),
         kind,
     };
-    if !common.stream {
+    if !common.stream.unwrap_or(false) {
         let mut text = String::new();
         while let Some(message) = rx.recv().await {
             let message = message.map_err(|s| ApiError::from_status(&s))?;
@@ -403,19 +486,31 @@ async fn generate(
     let (tx, events) = tokio::sync::mpsc::channel::<Event>(16);
     tokio::spawn(async move {
         let send = |value: Value| tx.send(Event::default().data(value.to_string()));
+        let error = |status: tonic::Status| {
+            let ApiError { message, kind, code, .. } = ApiError::from_status(&status);
+            json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
+        };
         if kind == Kind::Chat
             && send(meta.chunk(json!({"role": "assistant", "content": ""}), None)).await.is_err()
         {
             return;
         }
-        while let Some(message) = rx.recv().await {
+        loop {
+            // A client that leaves stops its sequence at once (dropping `rx` ends it in the
+            // batch loop), even while no text is due.
+            let message = tokio::select! {
+                message = rx.recv() => message,
+                () = tx.closed() => return,
+            };
             let message = match message {
-                Ok(m) => m,
-                Err(status) => {
-                    let ApiError { message, kind, code, .. } = ApiError::from_status(&status);
-                    let error =
-                        json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
-                    let _ = send(error).await;
+                Some(Ok(m)) => m,
+                Some(Err(status)) => {
+                    let _ = send(error(status)).await;
+                    break;
+                }
+                // Ended without a finish (the router is stopping): never a truncated success.
+                None => {
+                    let _ = send(error(tonic::Status::unavailable("the router stopped the request"))).await;
                     break;
                 }
             };
@@ -439,7 +534,7 @@ async fn generate(
         let _ = tx.send(Event::default().data("[DONE]")).await;
     });
     let stream = ReceiverStream::new(events).map(Ok::<_, std::convert::Infallible>);
-    let mut response = Sse::new(stream).into_response();
+    let mut response = Sse::new(stream).keep_alive(KeepAlive::default()).into_response();
     set_id(&mut response, &id);
     Ok(response)
 }

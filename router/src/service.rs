@@ -24,8 +24,17 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-/// New tokens when a request leaves `max_tokens` at 0 (vLLM's default).
+/// New tokens when a request leaves `max_tokens` at 0 (vLLM's default for completions).
 pub const DEFAULT_MAX_TOKENS: usize = 16;
+
+/// What `max_tokens` 0 means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unset {
+    /// [`DEFAULT_MAX_TOKENS`] (gRPC, OpenAI completions).
+    Default,
+    /// The rest of the context after the prompt (OpenAI chat completions, as vLLM does).
+    RestOfContext,
+}
 
 pub struct InferenceService {
     pub model_name: String,
@@ -68,7 +77,7 @@ impl InferenceService {
         })
     }
 
-    fn prepare(&self, r: GenerateRequest) -> Result<Prepared, Status> {
+    fn prepare(&self, r: GenerateRequest, unset: Unset) -> Result<Prepared, Status> {
         let prompt = match r.input {
             None => return Err(Status::invalid_argument("input: set one of prompt, input_ids, messages")),
             Some(Input::Prompt(p)) => {
@@ -94,7 +103,11 @@ impl InferenceService {
                 "input_ids: id {id} at position {pos} is outside the vocabulary (vocab_size {vocab})"
             )));
         }
-        let max_tokens = if r.max_tokens == 0 { DEFAULT_MAX_TOKENS } else { r.max_tokens as usize };
+        let max_tokens = match (r.max_tokens, unset) {
+            (0, Unset::Default) => DEFAULT_MAX_TOKENS,
+            (0, Unset::RestOfContext) => self.max_context.saturating_sub(prompt.len()).max(1),
+            (n, _) => n as usize,
+        };
         if prompt.len() + max_tokens > self.max_context {
             return Err(Status::invalid_argument(format!(
                 "max_tokens: {} prompt tokens + {max_tokens} new tokens exceed the context length {}",
@@ -146,8 +159,9 @@ impl InferenceService {
         &self,
         id: Arc<str>,
         r: GenerateRequest,
+        unset: Unset,
     ) -> Result<mpsc::Receiver<Result<GenerateResponse, Status>>, Status> {
-        let p = self.prepare(r).inspect_err(|s| tracing::info!(error = %s.message(), "refused"))?;
+        let p = self.prepare(r, unset).inspect_err(|s| tracing::info!(error = %s.message(), "refused"))?;
         let active = self.active.fetch_add(1, Ordering::SeqCst);
         let guard = ActiveGuard(self.active.clone());
         if active >= self.max_concurrent {
@@ -193,7 +207,13 @@ async fn relay(
 ) {
     let mut completion_tokens = 0u32;
     let usage = |completion_tokens| Some(Usage { prompt_tokens, completion_tokens });
-    while let Some(event) = events.recv().await {
+    loop {
+        // A client that leaves while its request waits or prefills frees its slot at once.
+        let event = tokio::select! {
+            event = events.recv() => event,
+            () = out.closed() => return,
+        };
+        let Some(event) = event else { break };
         let message = match event {
             Event::Token(id) => {
                 completion_tokens += 1;
@@ -266,7 +286,7 @@ impl Inference for InferenceService {
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
         let (id, span) = self.identify(kubemoe_api::trace::client_request_id(request.metadata()));
-        let mut rx = span.in_scope(|| self.start(id.clone(), request.into_inner()))?;
+        let mut rx = span.in_scope(|| self.start(id.clone(), request.into_inner(), Unset::Default))?;
         let mut all = GenerateResponse::default();
         while let Some(m) = rx.recv().await {
             let m = m?;
@@ -288,7 +308,7 @@ impl Inference for InferenceService {
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let (id, span) = self.identify(kubemoe_api::trace::client_request_id(request.metadata()));
-        let rx = span.in_scope(|| self.start(id.clone(), request.into_inner()))?;
+        let rx = span.in_scope(|| self.start(id.clone(), request.into_inner(), Unset::Default))?;
         Ok(with_id(Response::new(Box::pin(ReceiverStream::new(rx))), &id))
     }
 

@@ -1,0 +1,98 @@
+"""The official `openai` Python client against `kubemoe up` (the built-in manifest).
+
+Run by `.ci/run` with the binary the tests built: `python tests/openai_client.py <kubemoe>`.
+It checks models.list, completions and chat completions whole and streamed, that greedy output
+equals the gRPC path's (`kubemoe generate`), the usage counts, and that an unknown model and a
+bad temperature come back as the client's own exceptions naming what is wrong.
+"""
+
+import subprocess
+import sys
+
+import openai
+
+
+def main(kubemoe: str) -> None:
+    up = subprocess.Popen(
+        [kubemoe, "up", "--grpc-port", "0", "--http-port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        grpc, http = None, None
+        for line in up.stdout:
+            if "gRPC at " in line:
+                grpc = line.split("gRPC at ")[1].split()[0]
+                http = line.split("HTTP at ")[1].split()[0]
+                break
+        assert grpc and http, "kubemoe up printed no addresses"
+        client = openai.OpenAI(base_url=f"http://{http}/v1", api_key="unused", max_retries=0)
+        check(kubemoe, client, grpc)
+    finally:
+        up.terminate()
+        up.wait(timeout=30)
+
+
+def grpc_text(kubemoe: str, grpc: str, *args: str) -> str:
+    out = subprocess.run(
+        [kubemoe, "generate", "--endpoint", f"http://{grpc}", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    # `generate` ends the completion with one newline of its own.
+    return out[:-1]
+
+
+def check(kubemoe: str, client: openai.OpenAI, grpc: str) -> None:
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"], models
+
+    expected = grpc_text(kubemoe, grpc, "--prompt", "Hello", "--max-tokens", "6")
+    whole = client.completions.create(model="tiny", prompt="Hello", max_tokens=6, temperature=0)
+    assert whole.choices[0].text == expected, (whole, expected)
+    assert whole.choices[0].finish_reason == "length"
+    assert whole.usage.completion_tokens == 6
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + 6
+    streamed = client.completions.create(
+        model="tiny",
+        prompt="Hello",
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+    assert chunks[-1].usage.completion_tokens == 6, chunks[-1]
+
+    expected = grpc_text(kubemoe, grpc, "--chat", "Hi", "--max-tokens", "5")
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0)
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content == expected, (chat, expected)
+    assert chat.usage.completion_tokens == 5
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=5, temperature=0, stream=True
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+    try:
+        client.chat.completions.create(model="gpt-4", messages=messages)
+        raise AssertionError("an unknown model was served")
+    except openai.NotFoundError as e:
+        assert "gpt-4" in str(e), e
+    try:
+        client.completions.create(model="tiny", prompt="Hi", temperature=-1)
+        raise AssertionError("a negative temperature was accepted")
+    except openai.BadRequestError as e:
+        assert "temperature" in str(e), e
+    print("openai client: every check passed")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
