@@ -848,3 +848,51 @@ fn an_http_client_that_leaves_a_stream_frees_its_slot() {
         dropped.elapsed()
     );
 }
+
+/// The value of the series `name{labels}` in a Prometheus exposition.
+fn series(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {name_and_labels} in {text}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn vllm_named_metrics_count_what_was_served() {
+    let c = Cluster::start("builtin:tiny", 1, &["--http-port", "0", "--served-model-name", "m"]);
+    let addr = c.router.http.clone().unwrap();
+    let (mut prompt, mut generated) = (0.0, 0.0);
+    for n in [3, 5, 7] {
+        let request =
+            serde_json::json!({"model": "m", "prompt": [1, 2, 3, n], "max_tokens": n, "temperature": 0});
+        let body = json(&http(&addr, "POST", "/v1/completions", Some(&request)).1);
+        prompt += body["usage"]["prompt_tokens"].as_f64().unwrap();
+        generated += body["usage"]["completion_tokens"].as_f64().unwrap();
+    }
+    let text = http(&addr, "GET", "/metrics", None).1;
+    let m = |name: &str| series(&text, &format!("vllm:{name}{{model_name=\"m\"}}"));
+    assert_eq!(m("time_to_first_token_seconds_count"), 3.0);
+    assert_eq!(m("e2e_request_latency_seconds_count"), 3.0);
+    assert_eq!(m("inter_token_latency_seconds_count"), generated - 3.0);
+    assert_eq!(m("prompt_tokens_total"), prompt);
+    assert_eq!(m("generation_tokens_total"), generated);
+    let success = |reason: &str| {
+        series(&text, &format!("vllm:request_success_total{{model_name=\"m\",finished_reason=\"{reason}\"}}"))
+    };
+    assert_eq!(success("stop") + success("length"), 3.0);
+    // The batch loop publishes its gauges between steps: idle again shortly after the last reply.
+    let started = Instant::now();
+    loop {
+        let text = http(&addr, "GET", "/metrics", None).1;
+        let g = |name: &str| series(&text, &format!("vllm:{name}{{model_name=\"m\"}}"));
+        if (g("num_requests_running"), g("num_requests_waiting"), g("kv_cache_usage_perc")) == (0.0, 0.0, 0.0)
+        {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "{text}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(m("e2e_request_latency_seconds_sum") >= m("time_to_first_token_seconds_sum"));
+    assert_eq!(series(&text, "vllm:time_to_first_token_seconds_bucket{model_name=\"m\",le=\"+Inf\"}"), 3.0);
+}

@@ -8,8 +8,10 @@ bad temperature come back as the client's own exceptions naming what is wrong.
 
 import subprocess
 import sys
+import urllib.request
 
 import openai
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def main(kubemoe: str) -> None:
@@ -29,6 +31,7 @@ def main(kubemoe: str) -> None:
         assert grpc and http, "kubemoe up printed no addresses"
         client = openai.OpenAI(base_url=f"http://{http}/v1", api_key="unused", max_retries=0)
         check(kubemoe, client, grpc)
+        check_metrics(http)
     finally:
         up.terminate()
         up.wait(timeout=30)
@@ -92,6 +95,21 @@ def check(kubemoe: str, client: openai.OpenAI, grpc: str) -> None:
     except openai.BadRequestError as e:
         assert "temperature" in str(e), e
     print("openai client: every check passed")
+
+
+def check_metrics(http: str) -> None:
+    """/metrics parses with Prometheus' own text parser and counts what was served."""
+    text = urllib.request.urlopen(f"http://{http}/metrics").read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    ttft = families["vllm:time_to_first_token_seconds"]
+    count = [s.value for s in ttft.samples if s.name.endswith("_count")]
+    # Two completions and two chat completions above, plus two through gRPC.
+    assert count == [6.0], count
+    assert ttft.samples[0].labels["model_name"] == "tiny"
+    for name in ["vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm:generation_tokens",
+                 "vllm:request_success", "kubemoe_router_expert_tokens"]:
+        assert name in families, (name, sorted(families))
+    print("metrics: parsed by prometheus_client")
 
 
 if __name__ == "__main__":

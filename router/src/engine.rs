@@ -8,9 +8,11 @@
 //! fails every sequence in it (with the transport's status) and the loop goes on.
 
 use crate::scheduler::{admit, Limits, Usage, Waiting};
+use crate::stats::Stats;
 use kubemoe_model::layers::RoutedExperts;
 use kubemoe_model::{KvCache, Model, Sampler, SamplingParams};
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -83,12 +85,14 @@ pub fn spawn(
     experts: Arc<dyn RoutedExperts + Send>,
     limits: Limits,
     queue: usize,
+    stats: Arc<Stats>,
     shutdown: CancellationToken,
 ) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+    stats.kv_budget.store(limits.kv_budget_tokens, Ordering::Relaxed);
     let (tx, rx) = std::sync::mpsc::sync_channel(queue);
     let thread = std::thread::Builder::new()
         .name("kubemoe-engine".into())
-        .spawn(move || run(&model, experts.as_ref(), limits, rx, shutdown))?;
+        .spawn(move || run(&model, experts.as_ref(), limits, rx, &stats, shutdown))?;
     Ok((EngineHandle { tx }, thread))
 }
 
@@ -97,12 +101,14 @@ fn run(
     experts: &dyn RoutedExperts,
     limits: Limits,
     rx: Receiver<Submission>,
+    stats: &Stats,
     shutdown: CancellationToken,
 ) {
     let mut waiting: VecDeque<Submission> = VecDeque::new();
     let mut running: Vec<Sequence> = Vec::new();
     while !shutdown.is_cancelled() {
         if running.is_empty() && waiting.is_empty() {
+            publish(stats, &running, &waiting);
             match rx.recv_timeout(Duration::from_millis(50)) {
                 Ok(s) => waiting.push_back(s),
                 Err(RecvTimeoutError::Timeout) => continue,
@@ -141,6 +147,7 @@ fn run(
                 }
             }
         }
+        publish(stats, &running, &waiting);
         if running.is_empty() {
             continue;
         }
@@ -149,6 +156,13 @@ fn run(
     for s in running.iter().map(|s| &s.events).chain(waiting.iter().map(|s| &s.events)) {
         let _ = s.try_send(Event::Failed(tonic::Status::unavailable("the router is shutting down")));
     }
+}
+
+/// The scheduler gauges of `stats`.
+fn publish(stats: &Stats, running: &[Sequence], waiting: &VecDeque<Submission>) {
+    stats.running.store(running.len(), Ordering::Relaxed);
+    stats.waiting.store(waiting.len(), Ordering::Relaxed);
+    stats.kv_reserved.store(running.iter().map(|s| s.reserve).sum(), Ordering::Relaxed);
 }
 
 /// One step of the whole running batch; removes the sequences that finished or failed.

@@ -18,6 +18,7 @@ pub mod openai;
 pub mod remote;
 pub mod scheduler;
 pub mod service;
+pub mod stats;
 pub mod text;
 
 /// What went wrong in the router.
@@ -141,11 +142,13 @@ pub async fn run(
         max_running: opts.max_running,
         kv_budget_tokens: opts.kv_budget_bytes / config.kv_bytes_per_token().max(1),
     };
+    let stats = std::sync::Arc::new(stats::Stats::default());
     let (engine, thread) = engine::spawn(
         std::sync::Arc::new(model),
         experts.clone(),
         limits,
         opts.max_concurrent,
+        stats.clone(),
         shutdown.clone(),
     )?;
     let served_name = opts.served_model_name.unwrap_or_else(|| opts.model.clone());
@@ -159,12 +162,15 @@ pub async fn run(
         max_concurrent: opts.max_concurrent,
         active: Default::default(),
         received: Default::default(),
+        stats: stats.clone(),
     });
     if let Some(http) = http {
         let started =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let metrics = metrics::Sources { experts: experts.clone(), stats, model_name: served_name.clone() };
         let api = openai::Api { service: service.clone(), served_name, shutdown: shutdown.clone(), started };
-        let app = metrics::routes(experts.clone()).merge(openai::routes(std::sync::Arc::new(api)));
+
+        let app = metrics::routes(metrics).merge(openai::routes(std::sync::Arc::new(api)));
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let served = axum::serve(http, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;

@@ -1,6 +1,7 @@
 //! `/metrics` on the router's HTTP port, in the Prometheus text format (0.0.4): the expert
 //! load over the sliding window (what the rebalancer reads over gRPC, for dashboards), the
-//! placement epoch and the imbalance it leaves, and the bytes dispatch moves.
+//! placement epoch and the imbalance it leaves, the bytes dispatch moves, and the serving
+//! statistics under vLLM's names ([`crate::stats`]).
 //!
 //! Rendered at scrape time from the live counters, so it never disagrees with the gRPC
 //! `Balancer/Load` answer at the same instant.
@@ -14,13 +15,23 @@ use std::fmt::Write;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-/// The `/metrics` route.
-pub fn routes(experts: Arc<RemoteExperts>) -> axum::Router {
-    axum::Router::new().route("/metrics", get(metrics)).with_state(experts)
+/// What `/metrics` reads.
+pub struct Sources {
+    pub experts: Arc<RemoteExperts>,
+    pub stats: Arc<crate::stats::Stats>,
+    /// The `model_name` label of the vLLM-named series.
+    pub model_name: String,
 }
 
-async fn metrics(State(experts): State<Arc<RemoteExperts>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], render(&experts))
+/// The `/metrics` route.
+pub fn routes(sources: Sources) -> axum::Router {
+    axum::Router::new().route("/metrics", get(metrics)).with_state(Arc::new(sources))
+}
+
+async fn metrics(State(sources): State<Arc<Sources>>) -> impl IntoResponse {
+    let mut text = render(&sources.experts);
+    sources.stats.render(&mut text, &sources.model_name);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
 }
 
 /// The exposition text.

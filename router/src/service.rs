@@ -16,6 +16,7 @@ use kubemoe_placement::PlacementPlan;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -48,6 +49,7 @@ pub struct InferenceService {
     pub active: Arc<AtomicUsize>,
     /// Requests received, for the ids of those that bring none.
     pub received: AtomicU64,
+    pub stats: Arc<crate::stats::Stats>,
 }
 
 /// Counts a request as active until dropped.
@@ -161,6 +163,7 @@ impl InferenceService {
         r: GenerateRequest,
         unset: Unset,
     ) -> Result<mpsc::Receiver<Result<GenerateResponse, Status>>, Status> {
+        let arrived = Instant::now();
         let p = self.prepare(r, unset).inspect_err(|s| tracing::info!(error = %s.message(), "refused"))?;
         let active = self.active.fetch_add(1, Ordering::SeqCst);
         let guard = ActiveGuard(self.active.clone());
@@ -190,9 +193,41 @@ impl InferenceService {
         let (out_tx, out_rx) = mpsc::channel(p.max_tokens + 2);
         let text = self.text.clone();
         let detok = Detokenizer::new(p.stop);
-        let relayed = relay(events_rx, out_tx, text, detok, p.prompt.len() as u32, guard);
+        let timing = Timing { stats: self.stats.clone(), arrived, last_token: arrived };
+        let relayed = relay(events_rx, out_tx, text, detok, p.prompt.len() as u32, timing, guard);
         tokio::spawn(relayed.instrument(tracing::Span::current()));
         Ok(out_rx)
+    }
+}
+
+/// What a request's relay records in the router's statistics.
+struct Timing {
+    stats: Arc<crate::stats::Stats>,
+    arrived: Instant,
+    last_token: Instant,
+}
+
+impl Timing {
+    /// A token arrived: the time to the first one, or since the previous one.
+    fn token(&mut self, first: bool, prompt_tokens: u32) {
+        let now = Instant::now();
+        if first {
+            self.stats.time_to_first_token.observe(now - self.arrived);
+            self.stats.prompt_tokens.fetch_add(u64::from(prompt_tokens), Ordering::Relaxed);
+        } else {
+            self.stats.inter_token_latency.observe(now - self.last_token);
+        }
+        self.stats.generation_tokens.fetch_add(1, Ordering::Relaxed);
+        self.last_token = now;
+    }
+
+    fn finished(&self, reason: FinishReason) {
+        self.stats.e2e_latency.observe(self.arrived.elapsed());
+        let counter = match reason {
+            FinishReason::Length => &self.stats.success_length,
+            _ => &self.stats.success_stop,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -203,6 +238,7 @@ async fn relay(
     text: Option<Arc<TextCodec>>,
     mut detok: Detokenizer,
     prompt_tokens: u32,
+    mut timing: Timing,
     _active: ActiveGuard,
 ) {
     let mut completion_tokens = 0u32;
@@ -216,6 +252,7 @@ async fn relay(
         let Some(event) = event else { break };
         let message = match event {
             Event::Token(id) => {
+                timing.token(completion_tokens == 0, prompt_tokens);
                 completion_tokens += 1;
                 let delta = match &text {
                     Some(codec) => detok.push(codec, id),
@@ -224,6 +261,7 @@ async fn relay(
                 match delta {
                     Ok(d) if d.stopped => {
                         tracing::info!(completion_tokens, finish = "STOP", "finished at a stop string");
+                        timing.finished(FinishReason::Stop);
                         let last = GenerateResponse {
                             token_ids: vec![id],
                             text: d.text,
@@ -255,11 +293,11 @@ async fn relay(
         };
         let last = !matches!(&message, Ok(m) if m.finish_reason == FinishReason::Unspecified as i32);
         match &message {
-            Ok(m) if last => tracing::info!(
-                completion_tokens,
-                finish = FinishReason::try_from(m.finish_reason).map_or("?", |r| r.as_str_name()),
-                "finished"
-            ),
+            Ok(m) if last => {
+                let reason = FinishReason::try_from(m.finish_reason).unwrap_or(FinishReason::Unspecified);
+                tracing::info!(completion_tokens, finish = reason.as_str_name(), "finished");
+                timing.finished(reason);
+            }
             Err(status) => tracing::warn!(completion_tokens, error = %status.message(), "failed"),
             Ok(_) => {}
         }
