@@ -896,3 +896,56 @@ fn vllm_named_metrics_count_what_was_served() {
     assert!(m("e2e_request_latency_seconds_sum") >= m("time_to_first_token_seconds_sum"));
     assert_eq!(series(&text, "vllm:time_to_first_token_seconds_bucket{model_name=\"m\",le=\"+Inf\"}"), 3.0);
 }
+
+#[test]
+fn a_chat_template_that_opens_think_puts_the_answer_in_reasoning_content() {
+    let dir = std::env::temp_dir().join(format!("kubemoe-think-{}", std::process::id()));
+    let status = Command::new(env!("CARGO_BIN_EXE_kubemoe"))
+        .args(["gen-model", "--preset", "tiny", "--out", dir.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // DeepSeek-R1's templates end the generation prompt with `<think>\n`.
+    let config = dir.join("tokenizer_config.json");
+    let mut tokenizer_config = json(&std::fs::read_to_string(&config).unwrap());
+    tokenizer_config["chat_template"] =
+        "{% for m in messages %}{{ m.content }}{% endfor %}{% if add_generation_prompt %}<think>\n{% endif %}".into();
+    std::fs::write(&config, tokenizer_config.to_string()).unwrap();
+    let model = dir.to_str().unwrap();
+    let c = Cluster::start(model, 1, &["--http-port", "0", "--served-model-name", "r1"]);
+    let addr = c.router.http.clone().unwrap();
+    let reference = rt().block_on(async {
+        let chat = GenerateRequest {
+            input: Some(Input::Messages(kubemoe_api::inference::ChatMessages {
+                messages: vec![kubemoe_api::inference::ChatMessage {
+                    role: "user".into(),
+                    content: "Hi".into(),
+                }],
+            })),
+            max_tokens: 8,
+            ..Default::default()
+        };
+        c.client().await.generate(chat).await.unwrap().into_inner().text
+    });
+    assert!(!reference.contains("</think>"), "the random model closed its reasoning: {reference:?}");
+    let request = serde_json::json!({"model": "r1", "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 8, "temperature": 0});
+    let body = json(&http(&addr, "POST", "/v1/chat/completions", Some(&request)).1);
+    let message = &body["choices"][0]["message"];
+    assert_eq!(message["reasoning_content"].as_str(), Some(reference.as_str()), "{body}");
+    assert!(message["content"].is_null(), "{body}");
+    let mut streamed = request.clone();
+    streamed["stream"] = true.into();
+    let data = events(&http(&addr, "POST", "/v1/chat/completions", Some(&streamed)).1);
+    let chunks: Vec<serde_json::Value> = data[..data.len() - 1].iter().map(|e| json(e)).collect();
+    let reasoning: String =
+        chunks.iter().filter_map(|c| c["choices"][0]["delta"]["reasoning_content"].as_str()).collect();
+    assert_eq!(reasoning, reference);
+    assert!(
+        chunks.iter().all(|c| c["choices"][0]["delta"].get("content").is_none_or(|v| v == "")),
+        "{data:?}"
+    );
+    drop(c);
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -15,6 +15,7 @@ pub mod engine;
 pub mod load;
 pub mod metrics;
 pub mod openai;
+pub mod reasoning;
 pub mod remote;
 pub mod scheduler;
 pub mod service;

@@ -9,12 +9,16 @@
 //! tools and functions, JSON response formats, `suffix`, and vLLM's sampling extensions) are
 //! refused with a 400 naming them, never ignored. As OpenAI's and vLLM's servers do, a request
 //! without `seed` samples with a fresh one, `temperature` defaults to 1, and a chat completion
-//! without `max_tokens` may use the rest of the context (a completion: 16 tokens). Errors have
+//! without `max_tokens` may use the rest of the context (a completion: 16 tokens). When the
+//! chat template opens a `<think>` block, the answer is split into `reasoning_content` and
+//! `content` ([`crate::reasoning`]). Errors have
 //! OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for a bad field, 404
 //! for an unknown model, 429 over the concurrency limit, 503 while the router cannot serve.
 //! Request bodies are limited to axum's default 2 MiB.
 
+use crate::reasoning::Splitter;
 use crate::service::{InferenceService, Unset};
+use crate::text::Message;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -425,8 +429,16 @@ async fn chat_completions(State(api): State<Arc<Api>>, headers: HeaderMap, body:
             let role = if m.role == "developer" { "system".to_string() } else { m.role };
             messages.push(ChatMessage { role, content });
         }
+        // The service renders the prompt again; a template error is reported from there.
+        let thinking = api.service.text.as_deref().is_some_and(|codec| {
+            let rendered: Vec<Message> = messages
+                .iter()
+                .map(|m| Message { role: m.role.clone(), content: m.content.clone() })
+                .collect();
+            codec.render_chat(&rendered).is_ok_and(|prompt| crate::reasoning::opens_reasoning(&prompt))
+        });
         let request = r.common.request(Input::Messages(ChatMessages { messages }))?;
-        generate(&api, &headers, request, &r.common, Kind::Chat).await
+        generate(&api, &headers, request, &r.common, Kind::Chat { thinking }).await
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
@@ -434,7 +446,10 @@ async fn chat_completions(State(api): State<Arc<Api>>, headers: HeaderMap, body:
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
     Completion,
-    Chat,
+    /// `thinking`: the chat template opened a `<think>` block ([`crate::reasoning`]).
+    Chat {
+        thinking: bool,
+    },
 }
 
 /// Runs `request` through the service; answers whole or as a stream.
@@ -452,7 +467,7 @@ async fn generate(
     let (id, span) = api.service.identify(client_id);
     let unset = match kind {
         Kind::Completion => Unset::Default,
-        Kind::Chat => Unset::RestOfContext,
+        Kind::Chat { .. } => Unset::RestOfContext,
     };
     let mut rx = span
         .in_scope(|| api.service.start(id.clone(), request, unset))
@@ -460,7 +475,7 @@ async fn generate(
     let meta = Meta {
         id: match kind {
             Kind::Completion => format!("cmpl-{id}"),
-            Kind::Chat => format!("chatcmpl-{id}"),
+            Kind::Chat { .. } => format!("chatcmpl-{id}"),
         },
         created: now(),
         model: api.served_name.clone(),
@@ -490,7 +505,8 @@ async fn generate(
             let ApiError { message, kind, code, .. } = ApiError::from_status(&status);
             json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
         };
-        if kind == Kind::Chat
+        let mut splitter = Splitter::new(matches!(kind, Kind::Chat { thinking: true }));
+        if matches!(kind, Kind::Chat { .. })
             && send(meta.chunk(json!({"role": "assistant", "content": ""}), None)).await.is_err()
         {
             return;
@@ -515,13 +531,25 @@ async fn generate(
                 }
             };
             let finish = finished(&message);
-            let delta = match kind {
-                Kind::Chat => json!({"content": message.text}),
-                Kind::Completion => json!(message.text),
+            let (delta, empty) = match kind {
+                Kind::Chat { .. } => {
+                    let mut parts = splitter.push(&message.text);
+                    if finish.is_some() {
+                        parts.reasoning.push_str(&splitter.finish().reasoning);
+                    }
+                    let mut delta = serde_json::Map::new();
+                    if !parts.reasoning.is_empty() {
+                        delta.insert("reasoning_content".into(), parts.reasoning.into());
+                    }
+                    if !parts.content.is_empty() {
+                        delta.insert("content".into(), parts.content.into());
+                    }
+                    let empty = delta.is_empty();
+                    (Value::Object(delta), empty)
+                }
+                Kind::Completion => (json!(message.text), message.text.is_empty()),
             };
-            if (!message.text.is_empty() || finish.is_some())
-                && send(meta.chunk(delta, finish)).await.is_err()
-            {
+            if (!empty || finish.is_some()) && send(meta.chunk(delta, finish)).await.is_err() {
                 return; // the client left: dropping `rx` stops the sequence
             }
             if finish.is_some() {
@@ -579,11 +607,24 @@ impl Meta {
                 "text_completion",
                 json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": null}),
             ),
-            Kind::Chat => (
+            Kind::Chat { thinking: false } => (
                 "chat.completion",
                 json!({"index": 0, "message": {"role": "assistant", "content": text},
                        "finish_reason": finish, "logprobs": null}),
             ),
+            Kind::Chat { thinking: true } => {
+                let mut splitter = Splitter::new(true);
+                let mut parts = splitter.push(text);
+                parts.reasoning.push_str(&splitter.finish().reasoning);
+                // No content until `</think>`, as vLLM's parser answers.
+                let content = (!parts.content.is_empty() || !splitter.thinking()).then_some(parts.content);
+                let message = json!({"role": "assistant", "content": content,
+                                     "reasoning_content": parts.reasoning});
+                (
+                    "chat.completion",
+                    json!({"index": 0, "message": message, "finish_reason": finish, "logprobs": null}),
+                )
+            }
         };
         json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
                "choices": [choice], "usage": usage})
@@ -595,7 +636,7 @@ impl Meta {
                 "text_completion",
                 json!({"index": 0, "text": delta, "finish_reason": finish, "logprobs": null}),
             ),
-            Kind::Chat => (
+            Kind::Chat { .. } => (
                 "chat.completion.chunk",
                 json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}),
             ),
@@ -608,7 +649,7 @@ impl Meta {
     fn usage_chunk(&self, usage: Value) -> Value {
         let object = match self.kind {
             Kind::Completion => "text_completion",
-            Kind::Chat => "chat.completion.chunk",
+            Kind::Chat { .. } => "chat.completion.chunk",
         };
         json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
                "choices": [], "usage": usage})
