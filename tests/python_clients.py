@@ -1,16 +1,20 @@
-"""The official `openai` Python client against `kubemoe up` (the built-in manifest).
+"""Python's own clients against `kubemoe up` (the built-in manifest): the official `openai`
+client, Prometheus' text parser, and grpcio-reflection's (reflection v1alpha) client.
 
-Run by `.ci/run` with the binary the tests built: `python tests/openai_client.py <kubemoe>`.
+Run by `.ci/run` with the binary the tests built: `python tests/python_clients.py <kubemoe>`.
 It checks models.list, completions and chat completions whole and streamed, that greedy output
-equals the gRPC path's (`kubemoe generate`), the usage counts, and that an unknown model and a
-bad temperature come back as the client's own exceptions naming what is wrong.
+equals the gRPC path's (`kubemoe generate`), the usage counts, that an unknown model and a bad
+temperature come back as the client's own exceptions naming what is wrong, that /metrics parses
+and counts the requests, and that reflection lists the inference service.
 """
 
 import subprocess
 import sys
 import urllib.request
 
+import grpc
 import openai
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -32,6 +36,7 @@ def main(kubemoe: str) -> None:
         client = openai.OpenAI(base_url=f"http://{http}/v1", api_key="unused", max_retries=0)
         check(kubemoe, client, grpc)
         check_metrics(http)
+        check_reflection(grpc)
     finally:
         up.terminate()
         up.wait(timeout=30)
@@ -110,6 +115,15 @@ def check_metrics(http: str) -> None:
                  "vllm:request_success", "kubemoe_router_expert_tokens"]:
         assert name in families, (name, sorted(families))
     print("metrics: parsed by prometheus_client")
+
+
+
+def check_reflection(address: str) -> None:
+    """grpcio-reflection's client speaks v1alpha: it discovers the inference service."""
+    with grpc.insecure_channel(address) as channel:
+        services = list(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert "kubemoe.inference.v1.Inference" in services, services
+    print("reflection: grpcio-reflection lists", ", ".join(sorted(services)))
 
 
 if __name__ == "__main__":
