@@ -159,6 +159,25 @@ enum Command {
         #[arg(long, default_value_t = 16)]
         steps: usize,
     },
+    /// Load a running router (`kubemoe up`): N clients × M streamed greedy completions over the
+    /// OpenAI HTTP API, then the same over gRPC; throughput, TTFT and inter-token p50/p99.
+    BenchApi {
+        /// The router's HTTP address (host:port).
+        #[arg(long)]
+        http: String,
+        /// The router's gRPC address (host:port).
+        #[arg(long)]
+        grpc: String,
+        /// The served model name.
+        #[arg(long, default_value = "tiny")]
+        model: String,
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        #[arg(long, default_value_t = 4)]
+        requests: usize,
+        #[arg(long, default_value_t = 32)]
+        max_tokens: u32,
+    },
     /// Measure the engine's hot paths against the GEMM rate of this machine.
     Bench {
         #[arg(long, default_value = "builtin:small")]
@@ -445,6 +464,11 @@ fn run(command: Command) -> Result<()> {
         Command::BenchServing { model, workers, batch, steps } => {
             let (_children, urls) = local::start_workers(&model, workers, &[])?;
             let report = kubemoe_router::bench::run(&model, &urls, batch, steps)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Command::BenchApi { http, grpc, model, clients, requests, max_tokens } => {
+            let run = kubemoe_router::bench_api::run(&http, &grpc, &model, clients, requests, max_tokens);
+            let report = runtime()?.block_on(run)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
         Command::Bench { model, gemm_size, tokens_per_expert, prompt_len, decode_steps } => {

@@ -9,6 +9,7 @@
 //! (`kubemoe_api::trace`), so a worker's logs carry them too.
 
 pub mod bench;
+pub mod bench_api;
 pub mod client;
 pub mod dispatch;
 pub mod engine;
