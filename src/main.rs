@@ -93,6 +93,10 @@ enum Command {
         /// gRPC port; 0 picks a free one (printed on the first line).
         #[arg(long, default_value_t = 50061)]
         port: u16,
+        /// Port of the HTTP server (Prometheus /metrics, /health); 0 picks a free one (printed
+        /// on the second line); none without the flag.
+        #[arg(long)]
+        http_port: Option<u16>,
     },
     /// Serve the inference API, dispatching routed experts to the workers.
     Router {
@@ -247,6 +251,7 @@ impl GenerateArgs {
             top_k: self.top_k,
             seed: self.seed,
             stop: self.stop,
+            logprobs: None,
         })
     }
 }
@@ -416,11 +421,16 @@ fn run(command: Command) -> Result<()> {
             let output = generate(&m, &[request])?.remove(0);
             println!("{}", serde_json::json!({ "output_ids": output }));
         }
-        Command::Worker { model, rank, world_size, placement, host, port } => {
+        Command::Worker { model, rank, world_size, placement, host, port, http_port } => {
             let plan = placement.as_deref().map(plan::read_placement).transpose()?;
             runtime()?.block_on(async {
                 let listener = bind(&host, port, "worker").await?;
-                kubemoe_worker::run(model, rank, world_size, plan, listener, shutdown_on_signal()?).await?;
+                let http = match http_port {
+                    Some(p) => Some(bind(&host, p, "worker http").await?),
+                    None => None,
+                };
+                let shutdown = shutdown_on_signal()?;
+                kubemoe_worker::run(model, rank, world_size, plan, listener, http, shutdown).await?;
                 Ok::<_, anyhow::Error>(())
             })?
         }

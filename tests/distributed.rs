@@ -56,8 +56,12 @@ fn spawn(args: &[&str]) -> Proc {
 }
 
 fn worker(model: &str, rank: usize, n: usize, port: u16) -> Proc {
+    worker_with(model, rank, n, port, &[])
+}
+
+fn worker_with(model: &str, rank: usize, n: usize, port: u16, extra: &[&str]) -> Proc {
     let (rank, n, port) = (rank.to_string(), n.to_string(), port.to_string());
-    spawn(&[
+    let mut args = vec![
         "worker",
         "--model",
         model,
@@ -69,7 +73,9 @@ fn worker(model: &str, rank: usize, n: usize, port: u16) -> Proc {
         "127.0.0.1",
         "--port",
         &port,
-    ])
+    ];
+    args.extend_from_slice(extra);
+    spawn(&args)
 }
 
 struct Cluster {
@@ -783,6 +789,121 @@ fn the_openai_api_answers_what_the_grpc_path_answers_whole_and_streamed() {
     assert!(usage["completion_tokens"].as_u64().unwrap() > 16 || finish == "stop", "{body}");
 }
 
+#[test]
+fn logprobs_are_the_models_log_softmax_over_grpc_and_both_openai_endpoints() {
+    let c = Cluster::start("builtin:tiny", 2, &["--http-port", "0"]);
+    let addr = c.router.http.clone().unwrap();
+    // The reference: the single-process model's logits for the prompt, then each greedy token.
+    let local = source::open("builtin:tiny", Experts::All).unwrap();
+    let prompt = [5u32, 6, 7];
+    let (mut cache, mut feed, mut want) = (KvCache::new(&local.config), prompt.to_vec(), vec![]);
+    for _ in 0..4 {
+        let logits = local.forward_step(&mut [(&mut cache, &feed)]).unwrap();
+        let token = kubemoe_model::sampling::argmax(&logits);
+        want.push(kubemoe_model::Logprobs::of(&logits, token, 3));
+        feed = vec![token];
+    }
+    let close = |got: f64, want: f32| (got - f64::from(want)).abs() < 1e-4;
+
+    let grpc = rt().block_on(async {
+        let request = GenerateRequest { logprobs: Some(3), ..ids_request(&prompt, 4) };
+        c.client().await.generate(request).await.unwrap().into_inner()
+    });
+    assert_eq!(grpc.logprobs.len(), 4);
+    for (got, want) in grpc.logprobs.iter().zip(&want) {
+        assert_eq!(got.token_id, want.token);
+        assert!(close(got.logprob.into(), want.logprob), "{got:?} {want:?}");
+        let ids: Vec<u32> = got.top.iter().map(|t| t.token_id).collect();
+        assert_eq!(ids, want.top.iter().map(|t| t.0).collect::<Vec<_>>());
+    }
+
+    // Completions: `logprobs: N`, the alternatives and the chosen token by text.
+    let request = serde_json::json!({"model": "builtin:tiny", "prompt": prompt, "max_tokens": 4,
+        "temperature": 0, "logprobs": 3});
+    let (status, body) = http(&addr, "POST", "/v1/completions", Some(&request));
+    assert_eq!(status, 200, "{body}");
+    let whole = json(&body)["choices"][0]["logprobs"].clone();
+    let values: Vec<f64> =
+        whole["token_logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert!(values.iter().zip(&want).all(|(g, w)| close(*g, w.logprob)), "{whole}");
+    let tokens: Vec<&str> = whole["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    let mut offset = 0;
+    for (i, token) in tokens.iter().enumerate() {
+        assert_eq!(whole["text_offset"][i], offset);
+        offset += token.chars().count();
+        // The greedy token is the most likely one: its value is the largest of the dict.
+        let top = whole["top_logprobs"][i].as_object().unwrap();
+        let best = top.values().map(|v| v.as_f64().unwrap()).fold(f64::MIN, f64::max);
+        assert!(close(best, want[i].logprob) && top.contains_key(*token), "{top:?}");
+    }
+    // Streamed: the same log-probabilities, chunk by chunk, offsets running on.
+    let mut streamed = request.clone();
+    streamed["stream"] = true.into();
+    let data = events(&http(&addr, "POST", "/v1/completions", Some(&streamed)).1);
+    let chunks: Vec<serde_json::Value> = data[..data.len() - 1].iter().map(|e| json(e)).collect();
+    let field = |name: &str| -> Vec<serde_json::Value> {
+        chunks
+            .iter()
+            .filter(|c| !c["choices"][0]["logprobs"].is_null())
+            .flat_map(|c| c["choices"][0]["logprobs"][name].as_array().unwrap().clone())
+            .collect()
+    };
+    assert_eq!(field("token_logprobs"), whole["token_logprobs"].as_array().unwrap().clone());
+    assert_eq!(field("text_offset"), whole["text_offset"].as_array().unwrap().clone());
+
+    // Chat: `logprobs: true` and `top_logprobs`, entries with bytes and alternatives.
+    let request = serde_json::json!({"model": "builtin:tiny", "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 4, "temperature": 0, "logprobs": true, "top_logprobs": 2});
+    let body = json(&http(&addr, "POST", "/v1/chat/completions", Some(&request)).1);
+    let content = body["choices"][0]["logprobs"]["content"].as_array().unwrap().clone();
+    assert_eq!(content.len() as u64, body["usage"]["completion_tokens"].as_u64().unwrap(), "{body}");
+    for entry in &content {
+        let token = entry["token"].as_str().unwrap();
+        assert_eq!(entry["bytes"], serde_json::json!(token.as_bytes()));
+        let top = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2);
+        assert_eq!(top[0]["token"], entry["token"], "greedy takes the most likely: {entry}");
+        assert!(
+            top[0]["logprob"].as_f64() >= top[1]["logprob"].as_f64()
+                && entry["logprob"].as_f64() <= Some(0.0)
+        );
+    }
+    let mut streamed = request.clone();
+    streamed["stream"] = true.into();
+    let data = events(&http(&addr, "POST", "/v1/chat/completions", Some(&streamed)).1);
+    let entries: Vec<serde_json::Value> = data[..data.len() - 1]
+        .iter()
+        .map(|e| json(e))
+        .filter(|c| !c["choices"][0]["logprobs"].is_null())
+        .flat_map(|c| c["choices"][0]["logprobs"]["content"].as_array().unwrap().clone())
+        .collect();
+    assert_eq!(entries, content);
+    // Without the fields, none are returned.
+    let request = serde_json::json!({"model": "builtin:tiny", "prompt": "Hi", "max_tokens": 2});
+    let body = json(&http(&addr, "POST", "/v1/completions", Some(&request)).1);
+    assert!(body["choices"][0]["logprobs"].is_null(), "{body}");
+
+    // What is out of range is refused, naming the field.
+    for (path, extra, field) in [
+        ("/v1/completions", serde_json::json!({"logprobs": 21}), "logprobs"),
+        ("/v1/completions", serde_json::json!({"top_logprobs": 2}), "top_logprobs"),
+        ("/v1/chat/completions", serde_json::json!({"top_logprobs": 2}), "top_logprobs"),
+        ("/v1/chat/completions", serde_json::json!({"logprobs": 3}), "logprobs"),
+        ("/v1/chat/completions", serde_json::json!({"logprobs": true, "top_logprobs": -1}), "top_logprobs"),
+    ] {
+        let mut request = serde_json::json!({"model": "builtin:tiny", "prompt": "Hi",
+            "messages": [{"role": "user", "content": "Hi"}]});
+        request.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let (status, body) = http(&addr, "POST", path, Some(&request));
+        assert_eq!((status, json(&body)["error"]["param"].as_str()), (400, Some(field)), "{path} {body}");
+    }
+    rt().block_on(async {
+        let request = GenerateRequest { logprobs: Some(21), ..ids_request(&prompt, 4) };
+        let status = c.client().await.generate(request).await.unwrap_err();
+        assert!(status.code() == Code::InvalidArgument && status.message().starts_with("logprobs"));
+    });
+}
+
 /// The HTTP address in `kubemoe up`'s serving line.
 fn serving_http(line: &str) -> String {
     line.split("HTTP at ").nth(1).unwrap().split_whitespace().next().unwrap().to_string()
@@ -895,6 +1016,74 @@ fn vllm_named_metrics_count_what_was_served() {
     }
     assert!(m("e2e_request_latency_seconds_sum") >= m("time_to_first_token_seconds_sum"));
     assert_eq!(series(&text, "vllm:time_to_first_token_seconds_bucket{model_name=\"m\",le=\"+Inf\"}"), 3.0);
+}
+
+#[test]
+fn worker_metrics_add_up_to_the_load_the_router_measured() {
+    let model = "builtin:tiny";
+    let workers: Vec<Proc> = (0..2).map(|r| worker_with(model, r, 2, 0, &["--http-port", "0"])).collect();
+    let urls = workers.iter().map(|w| format!("http://{}", w.addr)).collect::<Vec<_>>().join(",");
+    let router = spawn(&[
+        "router",
+        "--model",
+        model,
+        "--workers",
+        &urls,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--http-port",
+        "0",
+    ]);
+    let router_http = router.http.clone().unwrap();
+    for n in [2, 5] {
+        let request = serde_json::json!({"model": model, "prompt": [1, 2, 3, n], "max_tokens": n});
+        assert_eq!(http(&router_http, "POST", "/v1/completions", Some(&request)).0, 200);
+    }
+    // A dispatch for a layer without routed experts is refused, and counted.
+    rt().block_on(async {
+        let mut c =
+            kubemoe_api::expert::expert_client::ExpertClient::connect(format!("http://{}", workers[0].addr))
+                .await
+                .unwrap();
+        let bad = kubemoe_api::expert::DispatchRequest { layer: 0, tokens: 0, ..Default::default() };
+        assert_eq!(c.dispatch(bad).await.unwrap_err().code(), Code::InvalidArgument);
+    });
+    let router_text = http(&router_http, "GET", "/metrics", None).1;
+    let epoch = series(&router_text, "kubemoe_router_placement_epoch");
+    let mut summed = std::collections::BTreeMap::<String, f64>::new();
+    for (rank, w) in workers.iter().enumerate() {
+        let addr = w.http.clone().unwrap();
+        assert_eq!(http(&addr, "GET", "/health", None).0, 200);
+        let text = http(&addr, "GET", "/metrics", None).1;
+        assert!(text.contains(&format!(
+            "kubemoe_worker_info{{model=\"{model}\",rank=\"{rank}\",world_size=\"2\"}} 1"
+        )));
+        assert_eq!(series(&text, "kubemoe_worker_placement_epoch"), epoch);
+        assert!(series(&text, "kubemoe_worker_experts_held") > 0.0, "{text}");
+        assert!(series(&text, "kubemoe_worker_dispatch_duration_seconds_count") > 0.0, "{text}");
+        assert_eq!(series(&text, "kubemoe_worker_dispatch_refused_total"), if rank == 0 { 1.0 } else { 0.0 });
+        for line in text.lines().filter(|l| l.starts_with("kubemoe_worker_expert_tokens_total{")) {
+            let (labels, value) =
+                line.trim_start_matches("kubemoe_worker_expert_tokens_total").rsplit_once(' ').unwrap();
+            *summed.entry(labels.to_string()).or_default() += value.parse::<f64>().unwrap();
+        }
+    }
+    // Every token the router routed to an expert was computed by exactly one worker.
+    let routed: Vec<(String, f64)> = router_text
+        .lines()
+        .filter_map(|l| l.strip_prefix("kubemoe_router_expert_tokens"))
+        .filter(|l| l.starts_with('{'))
+        .map(|l| {
+            let (labels, value) = l.rsplit_once(' ').unwrap();
+            (labels.to_string(), value.parse::<f64>().unwrap())
+        })
+        .collect();
+    assert!(routed.iter().any(|(_, v)| *v > 0.0));
+    for (labels, tokens) in routed {
+        assert_eq!(summed.get(&labels).copied().unwrap_or(0.0), tokens, "{labels}");
+    }
 }
 
 #[test]

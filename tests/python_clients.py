@@ -3,7 +3,8 @@ client, Prometheus' text parser, and grpcio-reflection's (reflection v1alpha) cl
 
 Run by `.ci/run` with the binary the tests built: `python tests/python_clients.py <kubemoe>`.
 It checks models.list, completions and chat completions whole and streamed, that greedy output
-equals the gRPC path's (`kubemoe generate`), the usage counts, that an unknown model and a bad
+equals the gRPC path's (`kubemoe generate`), the usage counts, log-probabilities in both
+endpoints' shapes (as the client's own types read them), that an unknown model and a bad
 temperature come back as the client's own exceptions naming what is wrong, that /metrics parses
 and counts the requests, and that reflection lists the inference service.
 """
@@ -89,6 +90,27 @@ def check(kubemoe: str, client: openai.OpenAI, grpc: str) -> None:
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason == "length"
 
+    # Log-probabilities, read through the client's own types.
+    chat = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens, chat
+    for t in content:
+        assert t.logprob <= 0 and bytes(t.bytes) == t.token.encode(), t
+        # Greedy decoding takes the most likely token.
+        assert len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token, t
+    chunks = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2, stream=True
+    )
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    whole = client.completions.create(model="tiny", prompt="Hello", max_tokens=6, temperature=0, logprobs=2)
+    lp = whole.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6, lp
+    assert all(max(top.values()) == value for top, value in zip(lp.top_logprobs, lp.token_logprobs)), lp
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset), lp
+
     try:
         client.chat.completions.create(model="gpt-4", messages=messages)
         raise AssertionError("an unknown model was served")
@@ -108,8 +130,9 @@ def check_metrics(http: str) -> None:
     families = {f.name: f for f in text_string_to_metric_families(text)}
     ttft = families["vllm:time_to_first_token_seconds"]
     count = [s.value for s in ttft.samples if s.name.endswith("_count")]
-    # Two completions and two chat completions above, plus two through gRPC.
-    assert count == [6.0], count
+    # Two completions and four chat completions above (two with log-probabilities), a completion
+    # with log-probabilities, and two requests through gRPC.
+    assert count == [9.0], count
     assert ttft.samples[0].labels["model_name"] == "tiny"
     for name in ["vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm:generation_tokens",
                  "vllm:request_success", "kubemoe_router_expert_tokens"]:

@@ -4,6 +4,7 @@
 //! loop reaches servers with ([`cluster`]). No Kubernetes here: routers and workers link this.
 
 pub mod cluster;
+pub mod metrics;
 pub mod route;
 pub mod trace;
 

@@ -18,4 +18,4 @@ pub use config::Config;
 pub use error::{Error, Result};
 pub use layers::Experts;
 pub use model::{KvCache, Model, Trace};
-pub use sampling::{Sampler, SamplingParams};
+pub use sampling::{Logprobs, Sampler, SamplingParams};

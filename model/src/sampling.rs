@@ -54,6 +54,40 @@ pub fn argmax(values: &[f32]) -> u32 {
     best as u32
 }
 
+/// The log-probability of a chosen token and of the most likely tokens, under the model's own
+/// distribution: the log-softmax of the raw logits, before temperature and filters (vLLM's
+/// default `raw_logprobs`), so the numbers do not depend on how the token was sampled.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Logprobs {
+    pub token: u32,
+    pub logprob: f32,
+    /// The `top` most likely tokens, most likely first (lower id first on ties).
+    pub top: Vec<(u32, f32)>,
+}
+
+impl Logprobs {
+    /// `logits`: [vocab] of one position; `token` was chosen from them.
+    pub fn of(logits: &[f32], token: u32, top: usize) -> Self {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = logits.iter().map(|l| ((l - max) as f64).exp()).sum();
+        // log p(i) = l_i - max - ln(sum), with the sum in f64 over the whole vocabulary.
+        let norm = max + sum.ln() as f32;
+        let mut best: Vec<u32> = (0..logits.len() as u32).collect();
+        let top = top.min(logits.len());
+        let order = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+        if top > 0 && top < best.len() {
+            best.select_nth_unstable_by(top - 1, order);
+        }
+        best.truncate(top);
+        best.sort_by(order);
+        Self {
+            token,
+            logprob: logits[token as usize] - norm,
+            top: best.into_iter().map(|i| (i, logits[i as usize] - norm)).collect(),
+        }
+    }
+}
+
 impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Self> {
         params.validate()?;
@@ -133,6 +167,26 @@ mod tests {
         assert_eq!(run(9), run(9));
         let ones = run(9).iter().filter(|t| **t == 1).count() as f64 / 3000.0;
         assert!((ones - 2.0 / 3.0).abs() < 0.03, "{ones}");
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax_of_the_raw_logits() {
+        let logits = [1.0f32, 3.0, 3.0, -2.0, 0.5];
+        let lp = Logprobs::of(&logits, 4, 3);
+        let z: f64 = logits.iter().map(|l| (*l as f64).exp()).sum();
+        let want = |i: usize| ((logits[i] as f64).exp() / z).ln() as f32;
+        assert!((lp.logprob - want(4)).abs() < 1e-6);
+        // Most likely first, the lower id first on the tie.
+        let ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, [1, 2, 0]);
+        for (id, value) in &lp.top {
+            assert!((value - want(*id as usize)).abs() < 1e-6);
+        }
+        assert!(Logprobs::of(&logits, 0, 0).top.is_empty());
+        assert_eq!(Logprobs::of(&logits, 0, 9).top.len(), 5);
+        // Huge logits stay finite.
+        let lp = Logprobs::of(&[1000.0, 0.0], 0, 2);
+        assert!(lp.logprob.abs() < 1e-6 && lp.top[1].1 < -999.0);
     }
 
     #[test]

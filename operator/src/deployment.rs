@@ -69,7 +69,9 @@ const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
     validation = Rule::new("self.transport != 'nccl' || self.workers.gpusPerWorker > 0")
         .message("transport nccl needs GPU workers (workers.gpusPerWorker > 0); neither is built yet: set transport to tcp"),
     validation = Rule::new("self.router.grpcPort != self.router.httpPort")
-        .message("router.grpcPort and router.httpPort must differ")
+        .message("router.grpcPort and router.httpPort must differ"),
+    validation = Rule::new("self.workers.port != self.workers.httpPort")
+        .message("workers.port and workers.httpPort must differ")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ModelDeploymentSpec {
@@ -218,6 +220,10 @@ pub struct WorkersSpec {
     #[serde(default = "default_worker_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: i32,
+    /// Port of the worker's HTTP server: Prometheus `/metrics` and `/health`.
+    #[serde(default = "default_http_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub http_port: i32,
     /// CPU and memory requests and limits of each worker container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,

@@ -15,9 +15,10 @@ use crate::spec::ModelSource;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, GRPCAction, HostPathVolumeSource, ObjectFieldSelector, PersistentVolumeClaimVolumeSource,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
-    SecurityContext, Service, ServicePort, ServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
+    EnvVarSource, GRPCAction, HTTPGetAction, HostPathVolumeSource, ObjectFieldSelector,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec,
+    TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -262,7 +263,10 @@ impl<'a> Ctx<'a> {
                 cluster_ip: Some("None".into()),
                 publish_not_ready_addresses: Some(true),
                 selector: Some(selector_labels(&self.name, "worker")),
-                ports: Some(vec![grpc_service_port(self.md.spec.workers.port)]),
+                ports: Some(vec![
+                    grpc_service_port(self.md.spec.workers.port),
+                    http_service_port(self.md.spec.workers.http_port),
+                ]),
                 ..ServiceSpec::default()
             }),
             ..Service::default()
@@ -275,16 +279,7 @@ impl<'a> Ctx<'a> {
             metadata: self.meta(&names.router_service, "router"),
             spec: Some(ServiceSpec {
                 selector: Some(selector_labels(&self.name, "router")),
-                ports: Some(vec![
-                    grpc_service_port(router.grpc_port),
-                    ServicePort {
-                        name: Some("http".into()),
-                        port: router.http_port,
-                        target_port: Some(IntOrString::String("http".into())),
-                        app_protocol: Some("http".into()),
-                        ..ServicePort::default()
-                    },
-                ]),
+                ports: Some(vec![grpc_service_port(router.grpc_port), http_service_port(router.http_port)]),
                 ..ServiceSpec::default()
             }),
             ..Service::default()
@@ -379,6 +374,8 @@ impl<'a> Ctx<'a> {
             self.layout.workers.to_string(),
             "--port".into(),
             workers.port.to_string(),
+            "--http-port".into(),
+            workers.http_port.to_string(),
         ]);
         let (mut volumes, mut mounts) = self.volumes(names, model_volume);
         volumes.push(Volume {
@@ -406,7 +403,10 @@ impl<'a> Ctx<'a> {
             name: "worker".into(),
             args: Some(args),
             env: Some(env),
-            ports: Some(vec![container_port("grpc", workers.port)]),
+            ports: Some(vec![
+                container_port("grpc", workers.port),
+                container_port("http", workers.http_port),
+            ]),
             resources: Some(resources).filter(|r| *r != ResourceRequirements::default()),
             volume_mounts: Some(mounts),
             ..self.container(workers.port)
@@ -498,6 +498,16 @@ impl<'a> Ctx<'a> {
             ]),
             resources: router.resources.clone(),
             volume_mounts: Some(mounts),
+            // Ready once `/health` answers: the HTTP server starts when the model is loaded and
+            // every worker answered, and fails it while the router drains.
+            readiness_probe: Some(Probe {
+                http_get: Some(HTTPGetAction {
+                    path: Some("/health".into()),
+                    port: IntOrString::String("http".into()),
+                    ..HTTPGetAction::default()
+                }),
+                ..readiness()
+            }),
             ..self.container(router.grpc_port)
         };
         let labels = selector_labels(&self.name, "router");
@@ -578,9 +588,7 @@ impl<'a> Ctx<'a> {
             }),
             readiness_probe: Some(Probe {
                 grpc: Some(GRPCAction { port: grpc_port, service: None }),
-                period_seconds: Some(5),
-                failure_threshold: Some(2),
-                ..Probe::default()
+                ..readiness()
             }),
             security_context: Some(SecurityContext {
                 allow_privilege_escalation: Some(false),
@@ -626,6 +634,21 @@ fn grpc_service_port(port: i32) -> ServicePort {
         app_protocol: Some("kubernetes.io/h2c".into()),
         ..ServicePort::default()
     }
+}
+
+fn http_service_port(port: i32) -> ServicePort {
+    ServicePort {
+        name: Some("http".into()),
+        port,
+        target_port: Some(IntOrString::String("http".into())),
+        app_protocol: Some("http".into()),
+        ..ServicePort::default()
+    }
+}
+
+/// How often readiness is asked, and how many failures make a pod unready.
+fn readiness() -> Probe {
+    Probe { period_seconds: Some(5), failure_threshold: Some(2), ..Probe::default() }
 }
 
 fn container_port(name: &str, port: i32) -> ContainerPort {
@@ -723,6 +746,23 @@ mod tests {
         assert_eq!(&args[..3], ["worker", "--model", MODEL_DIR]);
         let probe = pod.containers[0].readiness_probe.clone().unwrap().grpc.unwrap();
         assert_eq!(probe.port, 50052);
+        // Prometheus scrapes the worker's own HTTP port, named like the router's.
+        assert_eq!(args.iter().skip_while(|a| *a != "--http-port").nth(1).map(String::as_str), Some("8080"));
+        let ports = pod.containers[0].ports.clone().unwrap();
+        assert_eq!(
+            ports.iter().map(|p| (p.name.as_deref(), p.container_port)).collect::<Vec<_>>(),
+            [(Some("grpc"), 50052), (Some("http"), 8080)]
+        );
+        let service_ports = desired.worker_service.spec.clone().unwrap().ports.unwrap();
+        assert_eq!(service_ports[1].name.as_deref(), Some("http"));
+        // A router is ready when its HTTP `/health` answers; alive while gRPC `liveness` does.
+        let router = desired.router.spec.clone().unwrap().template.spec.unwrap();
+        let ready = router.containers[0].readiness_probe.clone().unwrap();
+        let get = ready.http_get.unwrap();
+        assert_eq!((get.path.as_deref(), get.port), (Some("/health"), IntOrString::String("http".into())));
+        assert!(ready.grpc.is_none());
+        let live = router.containers[0].liveness_probe.clone().unwrap().grpc.unwrap();
+        assert_eq!(live.service.as_deref(), Some("liveness"));
     }
 
     #[test]

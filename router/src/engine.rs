@@ -10,7 +10,7 @@
 use crate::scheduler::{admit, Limits, Usage, Waiting};
 use crate::stats::Stats;
 use kubemoe_model::layers::RoutedExperts;
-use kubemoe_model::{KvCache, Model, Sampler, SamplingParams};
+use kubemoe_model::{KvCache, Logprobs, Model, Sampler, SamplingParams};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
@@ -30,7 +30,8 @@ pub enum Finish {
 
 #[derive(Debug)]
 pub enum Event {
-    Token(u32),
+    /// A new token, with its log-probabilities when the request asked for them.
+    Token(u32, Option<Logprobs>),
     Done(Finish),
     Failed(tonic::Status),
 }
@@ -42,6 +43,8 @@ pub struct Submission {
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
     pub sampling: SamplingParams,
+    /// Return log-probabilities with this many alternatives.
+    pub logprobs: Option<usize>,
     /// Capacity at least `max_tokens + 1`.
     pub events: mpsc::Sender<Event>,
 }
@@ -50,6 +53,7 @@ struct Sequence {
     id: Arc<str>,
     cache: KvCache,
     sampler: Sampler,
+    logprobs: Option<usize>,
     feed: Vec<u32>,
     generated: usize,
     max_tokens: usize,
@@ -136,6 +140,7 @@ fn run(
                     id: s.id,
                     cache: KvCache::new(&model.config),
                     sampler,
+                    logprobs: s.logprobs,
                     reserve: s.prompt.len() + s.max_tokens,
                     feed: s.prompt,
                     generated: 0,
@@ -191,7 +196,8 @@ fn step(model: &Model, experts: &dyn RoutedExperts, running: &mut Vec<Sequence>)
     for (mut s, row) in running.drain(..).zip(logits.chunks(vocab)) {
         let token = s.sampler.sample(row);
         s.generated += 1;
-        if s.events.try_send(Event::Token(token)).is_err() {
+        let logprobs = s.logprobs.map(|top| Logprobs::of(row, token, top));
+        if s.events.try_send(Event::Token(token, logprobs)).is_err() {
             continue; // the client went away: drop the sequence and its cache
         }
         let finish = if model.config.eos_token_ids.contains(&token) {

@@ -5,20 +5,22 @@
 //!
 //! Requests go through the validation, admission and batch loop of the gRPC service
 //! ([`InferenceService::start`]); only the shapes differ. Fields of OpenAI's API that would
-//! change the output but are not built (`n` > 1, `logprobs`, `echo`, penalties, `logit_bias`,
+//! change the output but are not built (`n` > 1, `echo`, penalties, `logit_bias`,
 //! tools and functions, JSON response formats, `suffix`, and vLLM's sampling extensions) are
 //! refused with a 400 naming them, never ignored. As OpenAI's and vLLM's servers do, a request
 //! without `seed` samples with a fresh one, `temperature` defaults to 1, and a chat completion
 //! without `max_tokens` may use the rest of the context (a completion: 16 tokens). When the
 //! chat template opens a `<think>` block, the answer is split into `reasoning_content` and
-//! `content` ([`crate::reasoning`]). Errors have
+//! `content` ([`crate::reasoning`]). `logprobs` (chat: `logprobs` + `top_logprobs`; completions:
+//! `logprobs: N`) return the log-softmax of the raw logits of each generated token and its
+//! most likely alternatives, as vLLM does by default, in each endpoint's shape. Errors have
 //! OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for a bad field, 404
 //! for an unknown model, 429 over the concurrency limit, 503 while the router cannot serve.
 //! Request bodies are limited to axum's default 2 MiB.
 
 use crate::reasoning::Splitter;
-use crate::service::{InferenceService, Unset};
-use crate::text::Message;
+use crate::service::{InferenceService, Unset, MAX_LOGPROBS};
+use crate::text::TextCodec;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -27,7 +29,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use kubemoe_api::inference::generate_request::Input;
 use kubemoe_api::inference::{
-    ChatMessage, ChatMessages, FinishReason, GenerateRequest, GenerateResponse, TokenIds,
+    ChatMessage, ChatMessages, FinishReason, GenerateRequest, GenerateResponse, TokenIds, TokenLogprobs,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -292,12 +294,6 @@ impl Common {
         if self.best_of.is_some_and(|n| n != 1) {
             return not_built("best_of", "more than one candidate per request");
         }
-        if self.logprobs.as_ref().is_some_and(|v| !v.is_null() && *v != json!(false)) {
-            return not_built("logprobs", "returning log-probabilities");
-        }
-        if self.top_logprobs.as_ref().is_some_and(|v| !v.is_null() && *v != json!(0)) {
-            return not_built("top_logprobs", "returning log-probabilities");
-        }
         if self.echo == Some(true) {
             return not_built("echo", "echoing the prompt");
         }
@@ -341,8 +337,53 @@ impl Common {
         Ok(())
     }
 
+    /// Alternatives per token of the log-probabilities asked for, `None` when none are. Chat
+    /// takes `logprobs: true` and `top_logprobs: N`; completions take `logprobs: N`.
+    fn logprobs(&self, kind: Kind) -> Result<Option<u32>, ApiError> {
+        let count = |field: &str, value: &Value| {
+            value.as_u64().filter(|n| *n <= u64::from(MAX_LOGPROBS)).map(|n| n as u32).ok_or_else(|| {
+                ApiError::invalid(
+                    field,
+                    format!("{field}: {value} must be an integer from 0 to {MAX_LOGPROBS}"),
+                )
+            })
+        };
+        let given = |v: &Option<Value>| v.clone().filter(|v| !v.is_null());
+        match kind {
+            Kind::Completion => {
+                if given(&self.top_logprobs).is_some() {
+                    return Err(ApiError::invalid(
+                        "top_logprobs",
+                        "top_logprobs: completions take `logprobs: N` for N alternatives per token",
+                    ));
+                }
+                given(&self.logprobs).map(|v| count("logprobs", &v)).transpose()
+            }
+            Kind::Chat => {
+                let on = match given(&self.logprobs) {
+                    None => false,
+                    Some(Value::Bool(on)) => on,
+                    Some(other) => {
+                        return Err(ApiError::invalid(
+                            "logprobs",
+                            format!("logprobs: {other} must be true or false (top_logprobs sets how many alternatives)"),
+                        ))
+                    }
+                };
+                let top = given(&self.top_logprobs).map(|v| count("top_logprobs", &v)).transpose()?;
+                match (on, top) {
+                    (false, Some(n)) if n > 0 => {
+                        Err(ApiError::invalid("top_logprobs", "top_logprobs: needs `logprobs: true`"))
+                    }
+                    (false, _) => Ok(None),
+                    (true, top) => Ok(Some(top.unwrap_or(0))),
+                }
+            }
+        }
+    }
+
     /// The gRPC request with `input`, as the batch loop takes it.
-    fn request(&self, input: Input) -> Result<GenerateRequest, ApiError> {
+    fn request(&self, input: Input, kind: Kind) -> Result<GenerateRequest, ApiError> {
         let top_k = match self.top_k {
             None => 0,
             // vLLM's "no top-k" is -1; 0 means the same here.
@@ -363,6 +404,7 @@ impl Common {
             top_k,
             seed: Some(self.seed.unwrap_or_else(random_seed)),
             stop,
+            logprobs: self.logprobs(kind)?,
         })
     }
 
@@ -397,7 +439,7 @@ async fn completions(State(api): State<Arc<Api>>, headers: HeaderMap, body: Byte
                 ))
             }
         };
-        let request = r.common.request(input)?;
+        let request = r.common.request(input, Kind::Completion)?;
         generate(&api, &headers, request, &r.common, Kind::Completion).await
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
@@ -429,16 +471,8 @@ async fn chat_completions(State(api): State<Arc<Api>>, headers: HeaderMap, body:
             let role = if m.role == "developer" { "system".to_string() } else { m.role };
             messages.push(ChatMessage { role, content });
         }
-        // The service renders the prompt again; a template error is reported from there.
-        let thinking = api.service.text.as_deref().is_some_and(|codec| {
-            let rendered: Vec<Message> = messages
-                .iter()
-                .map(|m| Message { role: m.role.clone(), content: m.content.clone() })
-                .collect();
-            codec.render_chat(&rendered).is_ok_and(|prompt| crate::reasoning::opens_reasoning(&prompt))
-        });
-        let request = r.common.request(Input::Messages(ChatMessages { messages }))?;
-        generate(&api, &headers, request, &r.common, Kind::Chat { thinking }).await
+        let request = r.common.request(Input::Messages(ChatMessages { messages }), Kind::Chat)?;
+        generate(&api, &headers, request, &r.common, Kind::Chat).await
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
@@ -446,10 +480,7 @@ async fn chat_completions(State(api): State<Arc<Api>>, headers: HeaderMap, body:
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
     Completion,
-    /// `thinking`: the chat template opened a `<think>` block ([`crate::reasoning`]).
-    Chat {
-        thinking: bool,
-    },
+    Chat,
 }
 
 /// Runs `request` through the service; answers whole or as a stream.
@@ -467,28 +498,41 @@ async fn generate(
     let (id, span) = api.service.identify(client_id);
     let unset = match kind {
         Kind::Completion => Unset::Default,
-        Kind::Chat { .. } => Unset::RestOfContext,
+        Kind::Chat => Unset::RestOfContext,
     };
-    let mut rx = span
+    let logprobs = request.logprobs.is_some();
+    let started = span
         .in_scope(|| api.service.start(id.clone(), request, unset))
         .map_err(|s| ApiError::from_status(&s))?;
+    let mut rx = started.responses;
     let meta = Meta {
         id: match kind {
             Kind::Completion => format!("cmpl-{id}"),
-            Kind::Chat { .. } => format!("chatcmpl-{id}"),
+            Kind::Chat => format!("chatcmpl-{id}"),
         },
         created: now(),
         model: api.served_name.clone(),
         kind,
+        reasoning: started.reasoning,
     };
+    // `check` refused the request unless the model has a tokenizer.
+    let codec = api
+        .service
+        .text
+        .clone()
+        .ok_or_else(|| ApiError::from_status(&tonic::Status::internal("the model has no tokenizer")))?;
+    let mut logprobs = logprobs.then(|| LogprobsWriter { codec, kind, offset: 0 });
     if !common.stream.unwrap_or(false) {
         let mut text = String::new();
+        let mut tokens = Vec::new();
         while let Some(message) = rx.recv().await {
             let message = message.map_err(|s| ApiError::from_status(&s))?;
             text.push_str(&message.text);
+            tokens.extend(message.logprobs.iter().cloned());
             if let Some(finish) = finished(&message) {
+                let logprobs = logprobs.as_mut().map_or(Ok(Value::Null), |w| w.render(&tokens))?;
                 let usage = usage(&message);
-                let mut response = json_response(&meta.whole(&text, finish, usage));
+                let mut response = json_response(&meta.whole(&text, finish, usage, logprobs));
                 set_id(&mut response, &id);
                 return Ok(response);
             }
@@ -501,13 +545,13 @@ async fn generate(
     let (tx, events) = tokio::sync::mpsc::channel::<Event>(16);
     tokio::spawn(async move {
         let send = |value: Value| tx.send(Event::default().data(value.to_string()));
-        let error = |status: tonic::Status| {
-            let ApiError { message, kind, code, .. } = ApiError::from_status(&status);
+        let error = |e: ApiError| {
+            let ApiError { message, kind, code, .. } = e;
             json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
         };
-        let mut splitter = Splitter::new(matches!(kind, Kind::Chat { thinking: true }));
-        if matches!(kind, Kind::Chat { .. })
-            && send(meta.chunk(json!({"role": "assistant", "content": ""}), None)).await.is_err()
+        let mut splitter = Splitter::new(meta.reasoning);
+        if kind == Kind::Chat
+            && send(meta.chunk(json!({"role": "assistant", "content": ""}), None, Value::Null)).await.is_err()
         {
             return;
         }
@@ -521,18 +565,19 @@ async fn generate(
             let message = match message {
                 Some(Ok(m)) => m,
                 Some(Err(status)) => {
-                    let _ = send(error(status)).await;
+                    let _ = send(error(ApiError::from_status(&status))).await;
                     break;
                 }
                 // Ended without a finish (the router is stopping): never a truncated success.
                 None => {
-                    let _ = send(error(tonic::Status::unavailable("the router stopped the request"))).await;
+                    let stopped = tonic::Status::unavailable("the router stopped the request");
+                    let _ = send(error(ApiError::from_status(&stopped))).await;
                     break;
                 }
             };
             let finish = finished(&message);
             let (delta, empty) = match kind {
-                Kind::Chat { .. } => {
+                Kind::Chat => {
                     let mut parts = splitter.push(&message.text);
                     if finish.is_some() {
                         parts.reasoning.push_str(&splitter.finish().reasoning);
@@ -549,7 +594,19 @@ async fn generate(
                 }
                 Kind::Completion => (json!(message.text), message.text.is_empty()),
             };
-            if (!empty || finish.is_some()) && send(meta.chunk(delta, finish)).await.is_err() {
+            // A token's log-probabilities go out with it, even while its text is held back.
+            let logprobs = match logprobs.as_mut().filter(|_| !message.logprobs.is_empty()) {
+                None => Value::Null,
+                Some(w) => match w.render(&message.logprobs) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        let _ = send(error(e)).await;
+                        break;
+                    }
+                },
+            };
+            let due = !empty || finish.is_some() || !logprobs.is_null();
+            if due && send(meta.chunk(delta, finish, logprobs)).await.is_err() {
                 return; // the client left: dropping `rx` stops the sequence
             }
             if finish.is_some() {
@@ -565,6 +622,67 @@ async fn generate(
     let mut response = Sse::new(stream).keep_alive(KeepAlive::default()).into_response();
     set_id(&mut response, &id);
     Ok(response)
+}
+
+/// Writes log-probabilities in the shape of each endpoint: chat's
+/// `{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}`, completions'
+/// `{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}` (the
+/// alternatives and the chosen token, as vLLM answers). Tokens are named by their text alone.
+struct LogprobsWriter {
+    codec: Arc<TextCodec>,
+    kind: Kind,
+    /// Characters of token text written so far (completions' `text_offset`).
+    offset: usize,
+}
+
+impl LogprobsWriter {
+    fn render(&mut self, tokens: &[TokenLogprobs]) -> Result<Value, ApiError> {
+        let text = |id: u32| {
+            self.codec
+                .token_text(id)
+                .map_err(|e| ApiError::from_status(&tonic::Status::internal(e.to_string())))
+        };
+        match self.kind {
+            Kind::Chat => {
+                let entry = |id: u32, logprob: f32| -> Result<Value, ApiError> {
+                    let token = text(id)?;
+                    Ok(json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()}))
+                };
+                let content = tokens
+                    .iter()
+                    .map(|t| {
+                        let mut e = entry(t.token_id, t.logprob)?;
+                        let top = t
+                            .top
+                            .iter()
+                            .map(|a| entry(a.token_id, a.logprob))
+                            .collect::<Result<Vec<_>, _>>()?;
+                        e["top_logprobs"] = top.into();
+                        Ok(e)
+                    })
+                    .collect::<Result<Vec<_>, ApiError>>()?;
+                Ok(json!({"content": content}))
+            }
+            Kind::Completion => {
+                let (mut names, mut values, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
+                for t in tokens {
+                    let token = text(t.token_id)?;
+                    let mut top = serde_json::Map::new();
+                    for a in &t.top {
+                        top.insert(text(a.token_id)?, a.logprob.into());
+                    }
+                    top.insert(token.clone(), t.logprob.into());
+                    offsets.push(self.offset);
+                    self.offset += token.chars().count();
+                    names.push(token);
+                    values.push(t.logprob);
+                    tops.push(top);
+                }
+                Ok(json!({"tokens": names, "token_logprobs": values, "top_logprobs": tops,
+                          "text_offset": offsets}))
+            }
+        }
+    }
 }
 
 fn set_id(response: &mut Response, id: &str) {
@@ -598,21 +716,18 @@ struct Meta {
     created: u64,
     model: String,
     kind: Kind,
+    /// The chat template opened a `<think>` block ([`crate::reasoning`]).
+    reasoning: bool,
 }
 
 impl Meta {
-    fn whole(&self, text: &str, finish: &str, usage: Value) -> Value {
-        let (object, choice) = match self.kind {
-            Kind::Completion => (
-                "text_completion",
-                json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": null}),
-            ),
-            Kind::Chat { thinking: false } => (
-                "chat.completion",
-                json!({"index": 0, "message": {"role": "assistant", "content": text},
-                       "finish_reason": finish, "logprobs": null}),
-            ),
-            Kind::Chat { thinking: true } => {
+    fn whole(&self, text: &str, finish: &str, usage: Value, logprobs: Value) -> Value {
+        let (object, mut choice) = match (self.kind, self.reasoning) {
+            (Kind::Completion, _) => ("text_completion", json!({"index": 0, "text": text})),
+            (Kind::Chat, false) => {
+                ("chat.completion", json!({"index": 0, "message": {"role": "assistant", "content": text}}))
+            }
+            (Kind::Chat, true) => {
                 let mut splitter = Splitter::new(true);
                 let mut parts = splitter.push(text);
                 parts.reasoning.push_str(&splitter.finish().reasoning);
@@ -620,27 +735,21 @@ impl Meta {
                 let content = (!parts.content.is_empty() || !splitter.thinking()).then_some(parts.content);
                 let message = json!({"role": "assistant", "content": content,
                                      "reasoning_content": parts.reasoning});
-                (
-                    "chat.completion",
-                    json!({"index": 0, "message": message, "finish_reason": finish, "logprobs": null}),
-                )
+                ("chat.completion", json!({"index": 0, "message": message}))
             }
         };
+        choice["finish_reason"] = finish.into();
+        choice["logprobs"] = logprobs;
         json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
                "choices": [choice], "usage": usage})
     }
 
-    fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
-        let (object, choice) = match self.kind {
-            Kind::Completion => (
-                "text_completion",
-                json!({"index": 0, "text": delta, "finish_reason": finish, "logprobs": null}),
-            ),
-            Kind::Chat { .. } => (
-                "chat.completion.chunk",
-                json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}),
-            ),
+    fn chunk(&self, delta: Value, finish: Option<&str>, logprobs: Value) -> Value {
+        let (object, field) = match self.kind {
+            Kind::Completion => ("text_completion", "text"),
+            Kind::Chat => ("chat.completion.chunk", "delta"),
         };
+        let choice = json!({"index": 0, field: delta, "finish_reason": finish, "logprobs": logprobs});
         json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
                "choices": [choice]})
     }
@@ -649,7 +758,7 @@ impl Meta {
     fn usage_chunk(&self, usage: Value) -> Value {
         let object = match self.kind {
             Kind::Completion => "text_completion",
-            Kind::Chat { .. } => "chat.completion.chunk",
+            Kind::Chat => "chat.completion.chunk",
         };
         json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
                "choices": [], "usage": usage})

@@ -28,6 +28,9 @@ use tracing::Instrument;
 /// New tokens when a request leaves `max_tokens` at 0 (vLLM's default for completions).
 pub const DEFAULT_MAX_TOKENS: usize = 16;
 
+/// Alternatives per token a request may ask log-probabilities of (vLLM's default limit).
+pub const MAX_LOGPROBS: u32 = 20;
+
 /// What `max_tokens` 0 means.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Unset {
@@ -64,9 +67,12 @@ impl Drop for ActiveGuard {
 /// A validated request.
 struct Prepared {
     prompt: Vec<u32>,
+    /// The rendered chat prompt opens a `<think>` block ([`crate::reasoning`]).
+    reasoning: bool,
     max_tokens: usize,
     sampling: SamplingParams,
     stop: Vec<String>,
+    logprobs: Option<usize>,
 }
 
 impl InferenceService {
@@ -80,6 +86,7 @@ impl InferenceService {
     }
 
     fn prepare(&self, r: GenerateRequest, unset: Unset) -> Result<Prepared, Status> {
+        let mut reasoning = false;
         let prompt = match r.input {
             None => return Err(Status::invalid_argument("input: set one of prompt, input_ids, messages")),
             Some(Input::Prompt(p)) => {
@@ -93,6 +100,7 @@ impl InferenceService {
                 let rendered = codec
                     .render_chat(&messages)
                     .map_err(|e| Status::invalid_argument(format!("messages: {e}")))?;
+                reasoning = crate::reasoning::opens_reasoning(&rendered);
                 codec.encode(&rendered).map_err(|e| Status::internal(e.to_string()))?
             }
         };
@@ -133,13 +141,19 @@ impl InferenceService {
                 return Err(Status::invalid_argument("stop: stop strings must not be empty"));
             }
         }
+        if let Some(n) = r.logprobs.filter(|n| *n > MAX_LOGPROBS) {
+            return Err(Status::invalid_argument(format!(
+                "logprobs: {n} alternatives per token are more than the {MAX_LOGPROBS} this server returns"
+            )));
+        }
         let sampling = SamplingParams {
             temperature: r.temperature,
             top_k: r.top_k as usize,
             top_p,
             seed: r.seed.unwrap_or(0),
         };
-        Ok(Prepared { prompt, max_tokens, sampling, stop: r.stop })
+        let logprobs = r.logprobs.map(|n| n as usize);
+        Ok(Prepared { prompt, reasoning, max_tokens, sampling, stop: r.stop, logprobs })
     }
 
     /// The id of a request (the client's `x-request-id`, else one made here) and the span its
@@ -157,12 +171,7 @@ impl InferenceService {
 
     /// Validates, admits and submits `r` in the current request span; returns the stream of its
     /// responses.
-    pub(crate) fn start(
-        &self,
-        id: Arc<str>,
-        r: GenerateRequest,
-        unset: Unset,
-    ) -> Result<mpsc::Receiver<Result<GenerateResponse, Status>>, Status> {
+    pub(crate) fn start(&self, id: Arc<str>, r: GenerateRequest, unset: Unset) -> Result<Started, Status> {
         let arrived = Instant::now();
         let p = self.prepare(r, unset).inspect_err(|s| tracing::info!(error = %s.message(), "refused"))?;
         let active = self.active.fetch_add(1, Ordering::SeqCst);
@@ -180,6 +189,7 @@ impl InferenceService {
             prompt: p.prompt.clone(),
             max_tokens: p.max_tokens,
             sampling: p.sampling,
+            logprobs: p.logprobs,
             events: events_tx,
         };
         match self.engine.submit(submission) {
@@ -196,8 +206,15 @@ impl InferenceService {
         let timing = Timing { stats: self.stats.clone(), arrived, last_token: arrived };
         let relayed = relay(events_rx, out_tx, text, detok, p.prompt.len() as u32, timing, guard);
         tokio::spawn(relayed.instrument(tracing::Span::current()));
-        Ok(out_rx)
+        Ok(Started { responses: out_rx, reasoning: p.reasoning })
     }
+}
+
+/// A request the batch loop took.
+pub(crate) struct Started {
+    pub responses: mpsc::Receiver<Result<GenerateResponse, Status>>,
+    /// The chat template opened a `<think>` block: the answer starts with reasoning.
+    pub reasoning: bool,
 }
 
 /// What a request's relay records in the router's statistics.
@@ -251,7 +268,8 @@ async fn relay(
         };
         let Some(event) = event else { break };
         let message = match event {
-            Event::Token(id) => {
+            Event::Token(id, logprobs) => {
+                let logprobs: Vec<TokenLogprobs> = logprobs.into_iter().map(wire_logprobs).collect();
                 timing.token(completion_tokens == 0, prompt_tokens);
                 completion_tokens += 1;
                 let delta = match &text {
@@ -267,11 +285,17 @@ async fn relay(
                             text: d.text,
                             finish_reason: FinishReason::Stop as i32,
                             usage: usage(completion_tokens),
+                            logprobs,
                         };
                         let _ = out.send(Ok(last)).await;
                         return; // dropping `events` stops the sequence in the batch loop
                     }
-                    Ok(d) => Ok(GenerateResponse { token_ids: vec![id], text: d.text, ..Default::default() }),
+                    Ok(d) => Ok(GenerateResponse {
+                        token_ids: vec![id],
+                        text: d.text,
+                        logprobs,
+                        ..Default::default()
+                    }),
                     Err(e) => Err(Status::internal(e.to_string())),
                 }
             }
@@ -286,6 +310,7 @@ async fn relay(
                     text: t.unwrap_or_default(),
                     finish_reason: reason as i32,
                     usage: usage(completion_tokens),
+                    logprobs: Vec::new(),
                 })
                 .map_err(|e| Status::internal(e.to_string()))
             }
@@ -307,6 +332,14 @@ async fn relay(
     }
 }
 
+fn wire_logprobs(l: kubemoe_model::Logprobs) -> TokenLogprobs {
+    TokenLogprobs {
+        token_id: l.token,
+        logprob: l.logprob,
+        top: l.top.into_iter().map(|(token_id, logprob)| TopLogprob { token_id, logprob }).collect(),
+    }
+}
+
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
 
 /// `response` carrying its request's id, so that a client can find the request in the logs.
@@ -324,12 +357,14 @@ impl Inference for InferenceService {
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
         let (id, span) = self.identify(kubemoe_api::trace::client_request_id(request.metadata()));
-        let mut rx = span.in_scope(|| self.start(id.clone(), request.into_inner(), Unset::Default))?;
+        let mut rx =
+            span.in_scope(|| self.start(id.clone(), request.into_inner(), Unset::Default))?.responses;
         let mut all = GenerateResponse::default();
         while let Some(m) = rx.recv().await {
             let m = m?;
             all.token_ids.extend(m.token_ids);
             all.text.push_str(&m.text);
+            all.logprobs.extend(m.logprobs);
             if m.finish_reason != FinishReason::Unspecified as i32 {
                 all.finish_reason = m.finish_reason;
                 all.usage = m.usage;
@@ -346,7 +381,7 @@ impl Inference for InferenceService {
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let (id, span) = self.identify(kubemoe_api::trace::client_request_id(request.metadata()));
-        let rx = span.in_scope(|| self.start(id.clone(), request.into_inner(), Unset::Default))?;
+        let rx = span.in_scope(|| self.start(id.clone(), request.into_inner(), Unset::Default))?.responses;
         Ok(with_id(Response::new(Box::pin(ReceiverStream::new(rx))), &id))
     }
 

@@ -4,9 +4,9 @@
 //! batch loop sets the scheduler gauges after each admission; the relay of every request
 //! (gRPC and HTTP alike) records its latencies and tokens. Rendered by [`crate::metrics`].
 
+use kubemoe_api::metrics::{label_value, Histogram};
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
 
 /// vLLM's buckets (seconds).
 const TTFT: &[f64] = &[
@@ -20,46 +20,6 @@ const E2E: &[f64] = &[
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
     960.0, 1920.0, 7680.0,
 ];
-
-/// A Prometheus histogram: counts per bucket (the last is +Inf), sum and count.
-pub struct Histogram {
-    bounds: &'static [f64],
-    counts: Vec<AtomicU64>,
-    /// f64 bits of the sum.
-    sum: AtomicU64,
-}
-
-impl Histogram {
-    fn new(bounds: &'static [f64]) -> Self {
-        Histogram {
-            bounds,
-            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum: AtomicU64::new(0),
-        }
-    }
-
-    pub fn observe(&self, d: Duration) {
-        let v = d.as_secs_f64();
-        let bucket = self.bounds.iter().position(|&b| v <= b).unwrap_or(self.bounds.len());
-        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
-        // Relaxed read-modify-write of an f64: a lost race retries, nothing else waits.
-        let _ = self.sum.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
-            Some((f64::from_bits(bits) + v).to_bits())
-        });
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str, labels: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (i, count) in self.counts.iter().enumerate() {
-            cumulative += count.load(Ordering::Relaxed);
-            let le = self.bounds.get(i).map_or("+Inf".to_string(), |b| b.to_string());
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
-        }
-        let sum = f64::from_bits(self.sum.load(Ordering::Relaxed));
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}\n{name}_count{{{labels}}} {cumulative}");
-    }
-}
 
 /// The statistics of one router.
 pub struct Stats {
@@ -99,9 +59,7 @@ impl Default for Stats {
 impl Stats {
     /// The exposition text, every series labelled `model_name`.
     pub fn render(&self, out: &mut String, model_name: &str) {
-        // Label values escape `\` and `"`.
-        let name = model_name.replace('\\', "\\\\").replace('"', "\\\"");
-        let labels = format!("model_name=\"{name}\"");
+        let labels = format!("model_name=\"{}\"", label_value(model_name));
         let mut gauge = |metric: &str, help: &str, value: f64| {
             let _ = writeln!(out, "# HELP vllm:{metric} {help}\n# TYPE vllm:{metric} gauge");
             let _ = writeln!(out, "vllm:{metric}{{{labels}}} {value}");
@@ -163,6 +121,7 @@ impl Stats {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn histograms_are_cumulative_with_sum_and_count() {

@@ -87,6 +87,11 @@ impl TextCodec {
         self.tokenizer.decode(ids, true).map_err(|e| Error::Text(e.to_string()))
     }
 
+    /// One token alone as text, special tokens written out (log-probabilities name tokens so).
+    pub fn token_text(&self, id: u32) -> Result<String> {
+        self.tokenizer.decode(&[id], false).map_err(|e| Error::Text(e.to_string()))
+    }
+
     /// The prompt text of `messages` under the model's chat template, ready for an answer.
     pub fn render_chat(&self, messages: &[Message]) -> Result<String> {
         let template = self

@@ -4,6 +4,7 @@
 //! Each dispatch is logged in a `dispatch{layer, tokens, requests}` span (debug level), the
 //! request ids coming from the router's metadata (`kubemoe_api::trace`).
 
+pub mod metrics;
 pub mod service;
 pub mod store;
 
@@ -30,6 +31,8 @@ pub enum Error {
     Transport(#[from] tonic::transport::Error),
     #[error("gRPC reflection")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("serving HTTP")]
+    Http(#[source] std::io::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -50,17 +53,30 @@ impl From<Error> for tonic::Status {
 }
 
 /// Loads what `plan` (default: the initial placement) places on rank `rank` of `model` and
-/// serves it on `listener` until `shutdown`.
+/// serves it on `listener` (and `/metrics`, `/health` on `http`) until `shutdown`.
 pub async fn run(
     model: String,
     rank: usize,
     world_size: usize,
     plan: Option<kubemoe_placement::PlacementPlan>,
     listener: tokio::net::TcpListener,
+    http: Option<tokio::net::TcpListener>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<()> {
     let store = tokio::task::spawn_blocking(move || ExpertStore::load(&model, rank, world_size, plan))
         .await
         .map_err(|e| Error::Invalid(format!("expert loading task: {e}")))??;
-    service::serve(std::sync::Arc::new(store), listener, shutdown).await
+    let store = std::sync::Arc::new(store);
+    let stats = std::sync::Arc::new(metrics::Stats::default());
+    if let Some(http) = http {
+        let app = metrics::routes(store.clone(), stats.clone());
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(http, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+            if let Err(e) = served.map_err(Error::Http) {
+                tracing::error!(error = %kubemoe_placement::error_chain(&e), "the HTTP server stopped");
+            }
+        });
+    }
+    service::serve(store, stats, listener, shutdown).await
 }

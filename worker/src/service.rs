@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 
 pub struct ExpertService {
     store: Arc<ExpertStore>,
+    stats: Arc<crate::metrics::Stats>,
 }
 
 #[tonic::async_trait]
@@ -19,17 +20,24 @@ impl Expert for ExpertService {
         &self,
         request: Request<DispatchRequest>,
     ) -> Result<Response<DispatchResponse>, Status> {
+        let arrived = std::time::Instant::now();
         let requests = kubemoe_api::trace::requests(request.metadata()).to_string();
         let r = request.into_inner();
         let span = tracing::debug_span!("dispatch", layer = r.layer, tokens = r.tokens, requests = %requests);
-        let store = self.store.clone();
+        let (store, stats) = (self.store.clone(), self.stats.clone());
         // The FFN is CPU-bound: off the async threads, in the dispatch's span.
         let partial = tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
             let partial = store.dispatch(r.layer as usize, r.tokens as usize, &r.activations, &r.routes);
             match &partial {
-                Ok(_) => tracing::debug!("dispatched"),
-                Err(e) => tracing::warn!(error = %kubemoe_placement::error_chain(e), "dispatch refused"),
+                Ok(_) => {
+                    stats.dispatch_duration.observe(arrived.elapsed());
+                    tracing::debug!("dispatched")
+                }
+                Err(e) => {
+                    stats.dispatch_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(error = %kubemoe_placement::error_chain(e), "dispatch refused")
+                }
             }
             partial
         })
@@ -93,12 +101,13 @@ impl Expert for ExpertService {
 /// Serves `store` on `listener` until `shutdown` fires; health turns NOT_SERVING first.
 pub async fn serve(
     store: Arc<ExpertStore>,
+    stats: Arc<crate::metrics::Stats>,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
     kubemoe_api::health::serving(&reporter, "kubemoe.expert.v1.Expert").await;
-    let expert = ExpertServer::new(ExpertService { store })
+    let expert = ExpertServer::new(ExpertService { store, stats })
         .max_decoding_message_size(kubemoe_api::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(kubemoe_api::MAX_MESSAGE_BYTES);
     tonic::transport::Server::builder()
