@@ -264,8 +264,8 @@ impl<'a> Ctx<'a> {
                 publish_not_ready_addresses: Some(true),
                 selector: Some(selector_labels(&self.name, "worker")),
                 ports: Some(vec![
-                    grpc_service_port(self.md.spec.workers.port),
-                    http_service_port(self.md.spec.workers.http_port),
+                    service_port("grpc", self.md.spec.workers.port, "kubernetes.io/h2c"),
+                    service_port("http", self.md.spec.workers.http_port, "http"),
                 ]),
                 ..ServiceSpec::default()
             }),
@@ -279,7 +279,10 @@ impl<'a> Ctx<'a> {
             metadata: self.meta(&names.router_service, "router"),
             spec: Some(ServiceSpec {
                 selector: Some(selector_labels(&self.name, "router")),
-                ports: Some(vec![grpc_service_port(router.grpc_port), http_service_port(router.http_port)]),
+                ports: Some(vec![
+                    service_port("grpc", router.grpc_port, "kubernetes.io/h2c"),
+                    service_port("http", router.http_port, "http"),
+                ]),
                 ..ServiceSpec::default()
             }),
             ..Service::default()
@@ -626,22 +629,13 @@ impl<'a> Ctx<'a> {
     }
 }
 
-fn grpc_service_port(port: i32) -> ServicePort {
+/// A port of a Service, `app_protocol` telling gateways and meshes what it speaks.
+fn service_port(name: &str, port: i32, app_protocol: &str) -> ServicePort {
     ServicePort {
-        name: Some("grpc".into()),
+        name: Some(name.into()),
         port,
-        target_port: Some(IntOrString::String("grpc".into())),
-        app_protocol: Some("kubernetes.io/h2c".into()),
-        ..ServicePort::default()
-    }
-}
-
-fn http_service_port(port: i32) -> ServicePort {
-    ServicePort {
-        name: Some("http".into()),
-        port,
-        target_port: Some(IntOrString::String("http".into())),
-        app_protocol: Some("http".into()),
+        target_port: Some(IntOrString::String(name.into())),
+        app_protocol: Some(app_protocol.into()),
         ..ServicePort::default()
     }
 }
