@@ -72,9 +72,10 @@ pub fn run(args: &PlanArgs) -> Result<String> {
             if args.max_moves.is_some() {
                 bail!("--max-moves bounds the moves from --current; give --current too");
             }
-            let initial = (0..problem.slots()).map(|p| (p % experts.max(1)) as u32).collect();
+            // The planner checks the sizes first: the initial placement is only built for a plan.
             let next = planner::eplb(&loads, &problem)
                 .with_context(|| format!("planning from --load {}", args.load.display()))?;
+            let initial = (0..problem.slots()).map(|p| (p % experts.max(1)) as u32).collect();
             (vec![initial; loads.len()], next)
         }
     };

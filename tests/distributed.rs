@@ -108,6 +108,13 @@ fn ids_request(ids: &[u32], max_tokens: u32) -> GenerateRequest {
     }
 }
 
+/// One user message through the chat template, `max_tokens` new tokens, greedy.
+fn chat_request(content: &str, max_tokens: u32) -> GenerateRequest {
+    let message = kubemoe_api::inference::ChatMessage { role: "user".into(), content: content.into() };
+    let chat = kubemoe_api::inference::ChatMessages { messages: vec![message] };
+    GenerateRequest { input: Some(Input::Messages(chat)), max_tokens, ..Default::default() }
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap()
 }
@@ -369,11 +376,21 @@ fn text_prompts_and_chat_go_through_the_tokenizer_and_stop_strings_end_early() {
                 got.text
             );
         }
-        let chat = kubemoe_api::inference::ChatMessages {
-            messages: vec![kubemoe_api::inference::ChatMessage { role: "user".into(), content: "hi".into() }],
-        };
-        let r = GenerateRequest { input: Some(Input::Messages(chat)), max_tokens: 3, ..Default::default() };
-        let got = client.generate(r).await.unwrap().into_inner();
+        let got = client.generate(chat_request("hi", 3)).await.unwrap().into_inner();
+        // A prompt that cannot fit the context whatever its tokens is refused before it is
+        // tokenised, and says so.
+        let started = Instant::now();
+        let huge = GenerateRequest { input: Some(Input::Prompt("a".repeat(3 << 20))), ..Default::default() };
+        let status = client.generate(huge).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(
+            status.message().starts_with("prompt: 3145728 bytes of text are at least"),
+            "{}",
+            status.message()
+        );
+        let status = client.generate(chat_request(&"a".repeat(3 << 20), 3)).await.unwrap_err();
+        assert!(status.message().starts_with("messages: "), "{}", status.message());
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
         assert_eq!(got.usage.unwrap().prompt_tokens, 1 + "<｜User｜>hi<｜Assistant｜>".len() as u32);
     });
 }
@@ -665,16 +682,7 @@ fn the_openai_api_answers_what_the_grpc_path_answers_whole_and_streamed() {
             max_tokens: 6,
             ..Default::default()
         };
-        let chat = GenerateRequest {
-            input: Some(Input::Messages(kubemoe_api::inference::ChatMessages {
-                messages: vec![kubemoe_api::inference::ChatMessage {
-                    role: "user".into(),
-                    content: "Hi".into(),
-                }],
-            })),
-            max_tokens: 5,
-            ..Default::default()
-        };
+        let chat = chat_request("Hi", 5);
         (
             client.generate(prompt).await.unwrap().into_inner(),
             client.generate(chat).await.unwrap().into_inner(),
@@ -1105,17 +1113,7 @@ fn a_chat_template_that_opens_think_puts_the_answer_in_reasoning_content() {
     let c = Cluster::start(model, 1, &["--http-port", "0", "--served-model-name", "r1"]);
     let addr = c.router.http.clone().unwrap();
     let reference = rt().block_on(async {
-        let chat = GenerateRequest {
-            input: Some(Input::Messages(kubemoe_api::inference::ChatMessages {
-                messages: vec![kubemoe_api::inference::ChatMessage {
-                    role: "user".into(),
-                    content: "Hi".into(),
-                }],
-            })),
-            max_tokens: 8,
-            ..Default::default()
-        };
-        c.client().await.generate(chat).await.unwrap().into_inner().text
+        c.client().await.generate(chat_request("Hi", 8)).await.unwrap().into_inner().text
     });
     assert!(!reference.contains("</think>"), "the random model closed its reasoning: {reference:?}");
     let request = serde_json::json!({"model": "r1", "messages": [{"role": "user", "content": "Hi"}],

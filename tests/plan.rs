@@ -82,6 +82,16 @@ fn bad_inputs_name_the_file_and_what_to_change() {
     assert!(err.contains("short.json") && err.contains("16"), "{err}");
     let err = plan(&d, &["--max-moves", "3"]).unwrap_err();
     assert!(err.contains("--current"), "{err}");
+    // Sizes no machine could hold are refused before anything is allocated.
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_kubemoe"))
+        .args(["plan", "--load", d.join("load.json").to_str().unwrap()])
+        .args(["--workers", "1000000", "--slots-per-worker", "4000"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("placement entries") && err.contains("fewer workers"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
     std::fs::write(d.join("load.json"), "{\"not\": \"loads\"}").unwrap();
     let err = plan(&d, &[]).unwrap_err();
     assert!(err.contains("--load") && err.contains("array of arrays"), "{err}");

@@ -7,7 +7,8 @@
 //! hold only other experts).
 //!
 //! Weights come out as f32: BF16/F16 widen exactly; `F8_E4M3` weights are dequantised with
-//! their `<name>_scale_inv` blocks (DeepSeek-V3's layout).
+//! their `<name>_scale_inv` blocks (DeepSeek-V3's layout). Files are untrusted: shards named
+//! by the index stay inside the directory, and NaN or infinite weights are refused at load.
 
 use crate::{Error, Result};
 use kubemoe_kernels::dtype;
@@ -55,7 +56,7 @@ pub fn load_f32(
         checkpoint: src.describe(),
         dtype: format!("{:?}", t.dtype),
     };
-    Ok(match t.dtype {
+    let values = match t.dtype {
         Dtype::F32 => dtype::f32_from_le(t.data),
         Dtype::BF16 => dtype::bf16_from_le(t.data),
         Dtype::F16 => dtype::f16_from_le(t.data),
@@ -68,7 +69,17 @@ pub fn load_f32(
             dtype::dequant_fp8_blocks(t.data, *rows, *cols, &scales, block)?
         }
         _ => return Err(unsupported()),
-    })
+    };
+    // A NaN or infinity would poison every activation it touches: refuse it here, named.
+    if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+        return Err(Error::NonFinite {
+            name: name.into(),
+            checkpoint: src.describe(),
+            index,
+            value: values[index],
+        });
+    }
+    Ok(values)
 }
 
 struct Shard {
@@ -109,6 +120,16 @@ impl Checkpoint {
                 .map_err(|source| Error::Json { path: index_path.clone(), source })?;
             let mut files: BTreeMap<String, usize> = BTreeMap::new();
             for (name, file) in index.weight_map {
+                // The index is data: a shard outside the directory (`../x`, `/etc/…`) is refused.
+                let inside = !file.is_empty()
+                    && Path::new(&file).components().all(|c| matches!(c, std::path::Component::Normal(_)));
+                if !inside {
+                    return Err(Error::Checkpoint(format!(
+                        "{}: tensor `{name}` is in shard `{file}`, which is not a file inside the model \
+                         directory; shard names must be relative paths without `..`",
+                        index_path.display()
+                    )));
+                }
                 let next = files.len();
                 let i = *files.entry(file.clone()).or_insert(next);
                 if i == shards.len() {

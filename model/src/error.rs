@@ -30,6 +30,11 @@ pub enum Error {
         "tensor `{name}` in {checkpoint} has dtype {dtype}, which kubemoe cannot load (F32, BF16, F16, or F8_E4M3 with a weight_scale_inv)"
     )]
     UnsupportedDtype { name: String, checkpoint: String, dtype: String },
+    #[error("tensor `{name}` in {checkpoint} holds {value} at flat index {index}: weights must be finite")]
+    NonFinite { name: String, checkpoint: String, index: usize, value: f32 },
+    /// A step produced NaN or infinite logits: never sampled (the argmax of NaNs is token 0).
+    #[error("the model's logits are not finite (NaN or infinite) at this step: the weights or activations overflowed")]
+    NonFiniteLogits,
     #[error("safetensors file {path} is malformed")]
     Safetensors {
         path: PathBuf,

@@ -30,7 +30,7 @@ pub fn generate(model: &Model, requests: &[Request]) -> Result<Vec<Vec<u32>>> {
             caches.iter_mut().zip(&pending).filter_map(|(c, p)| p.as_deref().map(|t| (c, t))).collect();
         let logits = model.forward_step(&mut batch)?;
         for (&i, row) in running.iter().zip(logits.chunks(model.config.vocab_size)) {
-            let token = samplers[i].sample(row);
+            let token = samplers[i].sample(row)?;
             outputs[i].push(token);
             let done =
                 outputs[i].len() >= requests[i].max_new_tokens || model.config.eos_token_ids.contains(&token);

@@ -95,7 +95,15 @@ impl Sampler {
         Ok(Self { params, rng })
     }
 
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+    /// The next token from `logits` [vocab]; refuses logits that are not all finite.
+    pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
+        if !logits.iter().all(|l| l.is_finite()) {
+            return Err(Error::NonFiniteLogits);
+        }
+        Ok(self.draw(logits))
+    }
+
+    fn draw(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         if p.temperature == 0.0 || p.top_k == 1 {
             return argmax(logits);
@@ -146,15 +154,15 @@ mod tests {
     #[test]
     fn greedy_and_filters() {
         let logits = [0.1f32, 3.0, 2.9, -1.0];
-        assert_eq!(Sampler::new(params(0.0, 0, 1.0, 0)).unwrap().sample(&logits), 1);
+        assert_eq!(Sampler::new(params(0.0, 0, 1.0, 0)).unwrap().sample(&logits).unwrap(), 1);
         // top_k 2 never yields tokens 0 or 3.
         let mut s = Sampler::new(params(1.0, 2, 1.0, 3)).unwrap();
-        let draws: Vec<u32> = (0..200).map(|_| s.sample(&logits)).collect();
+        let draws: Vec<u32> = (0..200).map(|_| s.sample(&logits).unwrap()).collect();
         assert!(draws.iter().all(|t| *t == 1 || *t == 2));
         assert!(draws.contains(&1) && draws.contains(&2));
         // A tiny top_p keeps only the most likely token.
         let mut s = Sampler::new(params(1.0, 0, 0.01, 3)).unwrap();
-        assert!((0..50).all(|_| s.sample(&logits) == 1));
+        assert!((0..50).all(|_| s.sample(&logits).unwrap() == 1));
     }
 
     #[test]
@@ -162,7 +170,7 @@ mod tests {
         let logits = [0.0f32, (2.0f32).ln()];
         let run = |seed| {
             let mut s = Sampler::new(params(1.0, 0, 1.0, seed)).unwrap();
-            (0..3000).map(|_| s.sample(&logits)).collect::<Vec<_>>()
+            (0..3000).map(|_| s.sample(&logits).unwrap()).collect::<Vec<_>>()
         };
         assert_eq!(run(9), run(9));
         let ones = run(9).iter().filter(|t| **t == 1).count() as f64 / 3000.0;
@@ -187,6 +195,14 @@ mod tests {
         // Huge logits stay finite.
         let lp = Logprobs::of(&[1000.0, 0.0], 0, 2);
         assert!(lp.logprob.abs() < 1e-6 && lp.top[1].1 < -999.0);
+    }
+
+    #[test]
+    fn logits_that_are_not_finite_are_never_sampled() {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut s = Sampler::new(params(0.0, 0, 1.0, 0)).unwrap();
+            assert!(matches!(s.sample(&[0.5, bad, 1.0]), Err(Error::NonFiniteLogits)));
+        }
     }
 
     #[test]

@@ -187,6 +187,44 @@ fn bad_checkpoints_name_the_tensor_and_the_cause() {
     })
     .unwrap_err();
     assert!(err.to_string().contains("has dtype I32"), "{err}");
+
+    // A NaN or an infinity anywhere in a weight is refused at load, with the tensor named.
+    for bad in [f32::NAN, f32::INFINITY] {
+        let err = tiny_with(|t| {
+            let w = t.tensors.get_mut(name).unwrap();
+            let mut values = kubemoe_kernels::dtype::f32_from_le(&w.data);
+            values[77] = bad;
+            w.data = kubemoe_kernels::dtype::f32_to_le(&values);
+        })
+        .unwrap_err();
+        assert!(matches!(err, Error::NonFinite { index: 77, .. }), "{err}");
+        assert!(
+            err.to_string().contains(&format!("tensor `{name}`")) && err.to_string().contains("finite"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn an_index_cannot_name_shards_outside_the_model_directory() {
+    let (_, tensors) = synth::builtin("tiny", &|_| true).unwrap();
+    let dir = scratch("escape");
+    tensors.save_sharded(&dir, 1 << 30).unwrap();
+    let index_path = dir.join("model.safetensors.index.json");
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
+    for shard in ["../outside.safetensors", "/etc/passwd", "a/../../b.safetensors", ""] {
+        let mut edited = index.clone();
+        edited["weight_map"]["model.norm.weight"] = shard.into();
+        std::fs::write(&index_path, edited.to_string()).unwrap();
+        let err = Checkpoint::open(&dir).err().expect("a shard outside the directory was accepted");
+        assert!(
+            err.to_string().contains(&format!("shard `{shard}`"))
+                && err.to_string().contains("inside the model directory"),
+            "{err}"
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]

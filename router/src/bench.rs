@@ -53,7 +53,7 @@ fn decode_rate(model: &Model, experts: &dyn RoutedExperts, batch: usize, steps: 
             caches.iter_mut().zip(&feed).map(|(c, f)| (c, f.as_slice())).collect();
         let logits = model.forward_step_with(&mut b, experts)?;
         for ((f, row), s) in feed.iter_mut().zip(logits.chunks(vocab)).zip(&mut samplers) {
-            *f = vec![s.sample(row)];
+            *f = vec![s.sample(row)?];
         }
     }
     Ok((batch * steps) as f64 / started.elapsed().as_secs_f64())

@@ -194,7 +194,14 @@ fn step(model: &Model, experts: &dyn RoutedExperts, running: &mut Vec<Sequence>)
     let vocab = model.config.vocab_size;
     let mut keep = Vec::with_capacity(running.len());
     for (mut s, row) in running.drain(..).zip(logits.chunks(vocab)) {
-        let token = s.sampler.sample(row);
+        let token = match s.sampler.sample(row) {
+            Ok(token) => token,
+            Err(e) => {
+                tracing::warn!(request = %s.id, error = %e, "the step's logits are not finite; the request fails");
+                drop(s.events.try_send(Event::Failed(status_of(&e))));
+                continue;
+            }
+        };
         s.generated += 1;
         let logprobs = s.logprobs.map(|top| Logprobs::of(row, token, top));
         if s.events.try_send(Event::Token(token, logprobs)).is_err() {

@@ -217,10 +217,14 @@ impl RemoteExperts {
         let batches = plan(routing, holders, self.clients.len())
             .map_err(|m| unavailable(layer, tonic::Status::internal(m)))?;
         let requests = lock(&self.requests).clone();
-        let ranks: Vec<usize> =
-            batches.iter().enumerate().filter(|(_, b)| !b.rows.is_empty()).map(|(w, _)| w).collect();
         let tokens = routing.ids.len() / routing.top_k.max(1);
-        let span = tracing::debug_span!("dispatch", layer, workers = ?ranks, tokens);
+        // Span fields are evaluated only when the span is enabled: no list is built otherwise.
+        let span = tracing::debug_span!(
+            "dispatch",
+            layer,
+            workers = ?batches.iter().enumerate().filter(|(_, b)| !b.rows.is_empty()).map(|(w, _)| w).collect::<Vec<_>>(),
+            tokens
+        );
         tracing::debug!(parent: &span, "dispatching");
         // The batch loop runs on its own thread: spawn the calls on the server's runtime.
         let _entered = self.runtime.enter();

@@ -85,16 +85,37 @@ impl InferenceService {
         })
     }
 
+    /// Refuses `bytes` of text that cannot fit the context whatever their tokens, before any
+    /// work is spent on them.
+    fn fits(&self, field: &str, codec: &TextCodec, bytes: usize) -> Result<(), Status> {
+        let least = codec.min_tokens(bytes);
+        if least > self.max_context {
+            return Err(Status::invalid_argument(format!(
+                "{field}: {bytes} bytes of text are at least {least} tokens, more than the context length {}; \
+                 send a shorter prompt",
+                self.max_context
+            )));
+        }
+        Ok(())
+    }
+
     fn prepare(&self, r: GenerateRequest, unset: Unset) -> Result<Prepared, Status> {
         let mut reasoning = false;
         let prompt = match r.input {
             None => return Err(Status::invalid_argument("input: set one of prompt, input_ids, messages")),
             Some(Input::Prompt(p)) => {
-                self.text("prompt")?.encode(&p).map_err(|e| Status::internal(e.to_string()))?
+                let codec = self.text("prompt")?;
+                self.fits("prompt", codec, p.len())?;
+                codec.encode(&p).map_err(|e| Status::internal(e.to_string()))?
             }
             Some(Input::InputIds(ids)) => ids.ids,
             Some(Input::Messages(m)) => {
                 let codec = self.text("messages")?;
+                self.fits(
+                    "messages",
+                    codec,
+                    m.messages.iter().map(|m| m.content.len() + m.role.len()).sum(),
+                )?;
                 let messages: Vec<Message> =
                     m.messages.into_iter().map(|m| Message { role: m.role, content: m.content }).collect();
                 let rendered = codec

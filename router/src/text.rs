@@ -9,6 +9,11 @@ use tokenizers::Tokenizer;
 
 pub struct TextCodec {
     tokenizer: Tokenizer,
+    /// Twice the longest token of the vocabulary in bytes of its stored form, which covers at
+    /// least as many bytes of text in byte-level, metaspace, byte-fallback and WordPiece
+    /// vocabularies (doubled for normalisers that shrink text): no prompt of B bytes is fewer
+    /// than B / `bytes_per_token` tokens.
+    bytes_per_token: usize,
     chat_template: Option<String>,
     bos_token: String,
     eos_token: String,
@@ -66,8 +71,10 @@ impl TextCodec {
                 .map(String::from),
             _ => None,
         };
+        let longest = tokenizer.get_vocab(true).keys().map(String::len).max().unwrap_or(1);
         Ok(Some(Self {
             tokenizer,
+            bytes_per_token: 2 * longest.max(1),
             chat_template,
             bos_token: special(&config, "bos_token"),
             eos_token: special(&config, "eos_token"),
@@ -76,6 +83,12 @@ impl TextCodec {
 
     pub fn has_chat_template(&self) -> bool {
         self.chat_template.is_some()
+    }
+
+    /// Fewest tokens `bytes` of text can encode to: a prompt that cannot fit the context is
+    /// refused before it is tokenised (tokenising megabytes costs seconds and gigabytes).
+    pub fn min_tokens(&self, bytes: usize) -> usize {
+        bytes / self.bytes_per_token
     }
 
     /// Token ids of `text` (special tokens written in the text are recognised).

@@ -107,6 +107,10 @@ pub(crate) fn invalid(msg: String) -> Error {
     Error::InvalidPlacement(msg)
 }
 
+/// Most (layer, slot) entries a planner takes: 2^26 (256 MiB of ids), thousands of times
+/// DeepSeek-V3's 58 MoE layers × a few hundred slots.
+pub const MAX_PLAN_ENTRIES: usize = 1 << 26;
+
 /// Checks the problem's shape and loads; returns the number of logical experts per layer.
 pub(crate) fn check_problem(loads: &[Vec<f64>], p: &Problem) -> Result<usize> {
     for (name, value) in [
@@ -134,6 +138,15 @@ pub(crate) fn check_problem(loads: &[Vec<f64>], p: &Problem) -> Result<usize> {
     }
     if !loads.is_empty() && experts == 0 {
         return Err(invalid("loads have no experts: give each layer at least one expert".into()));
+    }
+    // Planners allocate per layer and slot: refuse what cannot be held before allocating.
+    if loads.len().max(1).saturating_mul(p.slots()) > MAX_PLAN_ENTRIES {
+        return Err(invalid(format!(
+            "layers × slots ({} × {}) exceed {MAX_PLAN_ENTRIES} placement entries: use fewer workers or \
+             slots_per_worker",
+            loads.len().max(1),
+            p.slots()
+        )));
     }
     // Ids are u32 in placements; P bounds every id and slot index.
     if p.slots() > u32::MAX as usize {
