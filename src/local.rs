@@ -30,6 +30,7 @@ pub struct Overrides {
     pub grpc_port: Option<u16>,
     pub http_port: Option<u16>,
     pub served_model_name: Option<String>,
+    pub api_keys_file: Option<PathBuf>,
 }
 
 /// `kubemoe up`: the workers, then the router, as child processes, both starting from the
@@ -44,6 +45,17 @@ pub fn up(file: Option<&Path>, overrides: Overrides, mut router_args: Vec<String
     let model = overrides.model.map_or_else(|| model_path(&md.spec.model.source, &origin), Ok)?;
     let layout = layout(&md, &model, &origin)?;
     let policy = spec::policy(&md.spec).with_context(|| format!("{origin}: balancing"))?;
+    // A Secret cannot be read here: its keys come as a file.
+    let api_keys = match (overrides.api_keys_file, &md.spec.auth.api_keys_secret) {
+        (Some(file), _) => {
+            Some(std::path::absolute(&file).with_context(|| format!("--api-keys-file {}", file.display()))?)
+        }
+        (None, Some(secret)) => bail!(
+            "{origin}: auth.apiKeysSecret names the Secret `{secret}`, which `up` cannot read: \
+             give its keys with --api-keys-file (one key per line)"
+        ),
+        (None, None) => None,
+    };
     let grpc_port = overrides.grpc_port.unwrap_or(md.spec.router.grpc_port as u16);
     let http_port = overrides.http_port.unwrap_or(md.spec.router.http_port as u16);
 
@@ -64,6 +76,9 @@ pub fn up(file: Option<&Path>, overrides: Overrides, mut router_args: Vec<String
     let served_name =
         overrides.served_model_name.unwrap_or_else(|| kubemoe_operator::desired::served_name(&md));
     args.extend(["--served-model-name".into(), served_name]);
+    if let Some(file) = &api_keys {
+        args.extend(["--api-keys-file".into(), file.display().to_string()]);
+    }
     // The manifest's limits, where the command line did not set them.
     let router = &md.spec.router;
     let manifest = [
@@ -81,6 +96,9 @@ pub fn up(file: Option<&Path>, overrides: Overrides, mut router_args: Vec<String
     children.push(router);
     let (addr, http) = (&addrs[0], &addrs[1]);
     println!("kubemoe up: workers at {} ({} expert slots each)", urls.join(","), layout.slots_per_worker);
+    if let Some(file) = &api_keys {
+        println!("kubemoe up: API keys from {}: send `Authorization: Bearer <key>`", file.display());
+    }
     println!(
         "kubemoe up: {model} on {} workers; gRPC at {addr} (health, reflection, kubemoe.inference.v1, kubemoe.expert.v1.Balancer); HTTP at {http} (OpenAI API at http://{http}/v1, /health, /metrics)",
         layout.workers

@@ -122,6 +122,10 @@ enum Command {
         /// The model name of the OpenAI API (default: --model).
         #[arg(long, env = "KUBEMOE_SERVED_MODEL_NAME")]
         served_model_name: Option<String>,
+        /// API keys, one per line: the gRPC inference API and /v1/* then need
+        /// `authorization: Bearer <key>` (re-read when the file changes).
+        #[arg(long, env = "KUBEMOE_API_KEYS_FILE")]
+        api_keys_file: Option<PathBuf>,
         #[command(flatten)]
         limits: RouterLimits,
     },
@@ -147,6 +151,10 @@ enum Command {
         /// Overrides the manifest's model.servedName (default: the ModelDeployment's name).
         #[arg(long)]
         served_model_name: Option<String>,
+        /// API keys for the router's public APIs, one per line (what the manifest's
+        /// auth.apiKeysSecret holds in a cluster).
+        #[arg(long)]
+        api_keys_file: Option<PathBuf>,
         #[command(flatten)]
         limits: RouterLimits,
     },
@@ -181,6 +189,9 @@ enum Command {
         requests: usize,
         #[arg(long, default_value_t = 32)]
         max_tokens: u32,
+        /// The router's API key, when it has keys.
+        #[arg(long, env = "KUBEMOE_API_KEY")]
+        api_key: Option<String>,
     },
     /// Measure the engine's hot paths against the GEMM rate of this machine.
     Bench {
@@ -230,6 +241,9 @@ struct GenerateArgs {
     seed: Option<u64>,
     #[arg(long)]
     stop: Vec<String>,
+    /// The router's API key, when it has keys.
+    #[arg(long, env = "KUBEMOE_API_KEY")]
+    api_key: Option<String>,
 }
 
 impl GenerateArgs {
@@ -362,6 +376,7 @@ impl RouterLimits {
             startup_timeout: Duration::from_secs(120),
             placement: None,
             load_window: Duration::from_secs(300),
+            api_keys_file: None,
         }
     }
 }
@@ -443,10 +458,12 @@ fn run(command: Command) -> Result<()> {
             port,
             http_port,
             served_model_name,
+            api_keys_file,
             limits,
         } => {
             let mut options = limits.options(model, workers);
             options.served_model_name = served_model_name;
+            options.api_keys_file = api_keys_file;
             options.placement = placement.as_deref().map(plan::read_placement).transpose()?;
             options.load_window = kubemoe_placement::parse_duration("--load-window", &load_window)?;
             runtime()?.block_on(async {
@@ -459,15 +476,26 @@ fn run(command: Command) -> Result<()> {
                 Ok::<_, anyhow::Error>(())
             })?
         }
-        Command::Up { file, model, workers, grpc_port, http_port, served_model_name, limits } => {
-            let overrides = local::Overrides { model, workers, grpc_port, http_port, served_model_name };
+        Command::Up {
+            file,
+            model,
+            workers,
+            grpc_port,
+            http_port,
+            served_model_name,
+            api_keys_file,
+            limits,
+        } => {
+            let overrides =
+                local::Overrides { model, workers, grpc_port, http_port, served_model_name, api_keys_file };
             local::up(file.as_deref(), overrides, limits.args())?
         }
         Command::Generate(args) => {
-            let endpoint = args.endpoint.clone();
+            let (endpoint, api_key) = (args.endpoint.clone(), args.api_key.clone());
             let request = args.request()?;
             let out = &mut std::io::stdout();
-            let summary = runtime()?.block_on(kubemoe_router::client::stream(&endpoint, request, out))?;
+            let stream = kubemoe_router::client::stream(&endpoint, request, api_key.as_deref(), out);
+            let summary = runtime()?.block_on(stream)?;
             println!();
             eprintln!("{summary}");
         }
@@ -476,8 +504,16 @@ fn run(command: Command) -> Result<()> {
             let report = kubemoe_router::bench::run(&model, &urls, batch, steps)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
-        Command::BenchApi { http, grpc, model, clients, requests, max_tokens } => {
-            let run = kubemoe_router::bench_api::run(&http, &grpc, &model, clients, requests, max_tokens);
+        Command::BenchApi { http, grpc, model, clients, requests, max_tokens, api_key } => {
+            let run = kubemoe_router::bench_api::run(
+                &http,
+                &grpc,
+                &model,
+                clients,
+                requests,
+                max_tokens,
+                api_key.as_deref(),
+            );
             let report = runtime()?.block_on(run)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }

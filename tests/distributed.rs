@@ -639,12 +639,23 @@ fn skewed_load_is_rebalanced_live_without_failing_or_changing_a_request() {
 
 /// One HTTP/1.0 exchange (the server closes the connection after the body): status and body.
 fn http(addr: &str, method: &str, path: &str, body: Option<&serde_json::Value>) -> (u16, String) {
+    http_with(addr, method, path, "", body)
+}
+
+/// [`http`] with extra header lines (each ending in `\r\n`).
+fn http_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: Option<&serde_json::Value>,
+) -> (u16, String) {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     write!(
         stream,
-        "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.0\r\nHost: x\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -910,6 +921,69 @@ fn logprobs_are_the_models_log_softmax_over_grpc_and_both_openai_endpoints() {
         let status = c.client().await.generate(request).await.unwrap_err();
         assert!(status.code() == Code::InvalidArgument && status.message().starts_with("logprobs"));
     });
+}
+
+#[test]
+fn with_api_keys_only_callers_holding_one_are_served_and_keys_rotate() {
+    let keys = std::env::temp_dir().join(format!("kubemoe-api-keys-{}", std::process::id()));
+    std::fs::write(&keys, "# the team's keys\nsk-first\nsk-second\n").unwrap();
+    let c =
+        Cluster::start("builtin:tiny", 1, &["--http-port", "0", "--api-keys-file", keys.to_str().unwrap()]);
+    let addr = c.router.http.clone().unwrap();
+    let request = serde_json::json!({"model": "builtin:tiny", "prompt": [1, 2, 3], "max_tokens": 2});
+    let call = |key: Option<&str>| {
+        let header = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+        http_with(&addr, "POST", "/v1/completions", &header, Some(&request))
+    };
+    for key in [None, Some("sk-wrong"), Some("")] {
+        let (status, body) = call(key);
+        assert_eq!((status, json(&body)["error"]["code"].as_str()), (401, Some("invalid_api_key")), "{body}");
+    }
+    assert_eq!(call(Some("sk-second")).0, 200);
+    assert_eq!(http_with(&addr, "GET", "/v1/models", "Authorization: Bearer sk-first\r\n", None).0, 200);
+    assert_eq!(http(&addr, "GET", "/v1/models", None).0, 401);
+    // Health and metrics stay open; refused calls ran nothing.
+    assert_eq!(http(&addr, "GET", "/health", None).0, 200);
+    let metrics = http(&addr, "GET", "/metrics", None).1;
+    assert_eq!(series(&metrics, "vllm:time_to_first_token_seconds_count{model_name=\"builtin:tiny\"}"), 1.0);
+    rt().block_on(async {
+        let mut client = c.client().await;
+        for key in [None, Some("sk-wrong")] {
+            let r = kubemoe_router::client::authorized(ids_request(&[1, 2], 2), key).unwrap();
+            let status = client.generate(r).await.unwrap_err();
+            assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        }
+        let r = kubemoe_router::client::authorized(ids_request(&[1, 2], 2), Some("sk-first")).unwrap();
+        assert_eq!(client.generate(r).await.unwrap().into_inner().token_ids.len(), 2);
+        // Model info is part of the API too.
+        assert_eq!(client.model_info(ModelInfoRequest {}).await.unwrap_err().code(), Code::Unauthenticated);
+    });
+    // A rotated file takes effect without a restart.
+    std::fs::write(&keys, "sk-third\n").unwrap();
+    let file = std::fs::File::options().write(true).open(&keys).unwrap();
+    file.set_modified(std::time::SystemTime::now() + Duration::from_secs(5)).unwrap();
+    let started = Instant::now();
+    while call(Some("sk-third")).0 != 200 {
+        assert!(started.elapsed() < Duration::from_secs(10), "the new key was never accepted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(call(Some("sk-first")).0, 401);
+    std::fs::remove_file(&keys).ok();
+}
+
+#[test]
+fn up_with_a_manifest_naming_a_key_secret_asks_for_the_keys_file() {
+    let manifest = std::env::temp_dir().join(format!("kubemoe-auth-{}.yaml", std::process::id()));
+    let tiny = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.yaml")).unwrap();
+    std::fs::write(&manifest, format!("{tiny}  auth:\n    apiKeysSecret: tiny-keys\n")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kubemoe"))
+        .args(["up", "-f", manifest.to_str().unwrap(), "--grpc-port", "0", "--http-port", "0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("auth.apiKeysSecret") && stderr.contains("--api-keys-file"), "{stderr}");
+    std::fs::remove_file(&manifest).ok();
 }
 
 /// The HTTP address in `kubemoe up`'s serving line.

@@ -95,6 +95,9 @@ pub struct ModelDeploymentSpec {
     /// Placement of the pods with a gang-aware scheduler.
     #[serde(default)]
     pub scheduling: SchedulingSpec,
+    /// Who may use the router's public APIs.
+    #[serde(default)]
+    pub auth: AuthSpec,
     /// Image of the router and worker pods (the one `kubemoe` image); defaults to the
     /// operator's own image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -332,6 +335,19 @@ impl Transport {
             Transport::Tcp => "tcp",
         }
     }
+}
+
+/// Authentication of the router's public APIs (gRPC inference and the OpenAI `/v1/*`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthSpec {
+    /// A Secret in this namespace whose key `api-keys` holds API keys, one per line. Calls then
+    /// need `Authorization: Bearer <key>` (401 / UNAUTHENTICATED otherwise); `/health`,
+    /// `/metrics`, gRPC health and reflection stay open. Keys the Secret gains or loses apply
+    /// within a minute or so (kubelet's sync), without a restart. Default: no keys, open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub api_keys_secret: Option<String>,
 }
 
 /// Scheduling of the pods.

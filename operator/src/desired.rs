@@ -15,10 +15,10 @@ use crate::spec::ModelSource;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, GRPCAction, HTTPGetAction, HostPathVolumeSource, ObjectFieldSelector,
+    EnvVarSource, GRPCAction, HTTPGetAction, HostPathVolumeSource, KeyToPath, ObjectFieldSelector,
     PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec,
-    TopologySpreadConstraint, Volume, VolumeMount,
+    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort,
+    ServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -44,6 +44,9 @@ pub const COSCHEDULING_GROUP_LABEL: &str = "scheduling.x-k8s.io/pod-group";
 pub const PLACEMENT_DIR: &str = "/etc/kubemoe/placement";
 /// Where a volume-backed model is mounted.
 pub const MODEL_DIR: &str = "/model";
+/// Where a router mounts `auth.apiKeysSecret`, and the Secret's key that holds the API keys.
+pub const AUTH_DIR: &str = "/etc/kubemoe/auth";
+pub const API_KEYS_KEY: &str = "api-keys";
 /// The non-root user of the image (distroless `nonroot`).
 const RUN_AS: i64 = 65532;
 
@@ -490,7 +493,25 @@ impl<'a> Ctx<'a> {
         if let Some(max) = spec.model.max_context_length {
             args.extend(["--max-context".into(), max.to_string()]);
         }
-        let (volumes, mounts) = self.volumes(names, model_volume);
+        let (mut volumes, mut mounts) = self.volumes(names, model_volume);
+        if let Some(secret) = &spec.auth.api_keys_secret {
+            // The whole key as a file (no subPath), so the kubelet's updates reach the router.
+            volumes.push(Volume {
+                name: "api-keys".into(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(secret.clone()),
+                    items: Some(vec![KeyToPath {
+                        key: API_KEYS_KEY.into(),
+                        path: API_KEYS_KEY.into(),
+                        ..KeyToPath::default()
+                    }]),
+                    ..SecretVolumeSource::default()
+                }),
+                ..Volume::default()
+            });
+            mounts.push(mount("api-keys", AUTH_DIR, true));
+            args.extend(["--api-keys-file".into(), format!("{AUTH_DIR}/{API_KEYS_KEY}")]);
+        }
         let container = Container {
             name: "router".into(),
             args: Some(args),
@@ -757,6 +778,46 @@ mod tests {
         assert!(ready.grpc.is_none());
         let live = router.containers[0].liveness_probe.clone().unwrap().grpc.unwrap();
         assert_eq!(live.service.as_deref(), Some("liveness"));
+    }
+
+    #[test]
+    fn api_keys_come_from_the_secret_as_a_file_the_router_rereads() {
+        let open = build_for(
+            serde_json::json!({"model": {"source": "builtin:tiny"}, "workers": {"replicas": 2}}),
+            None,
+        );
+        let args =
+            open.router.spec.clone().unwrap().template.spec.unwrap().containers[0].args.clone().unwrap();
+        assert!(!args.iter().any(|a| a == "--api-keys-file"));
+        let desired = build_for(
+            serde_json::json!({"model": {"source": "builtin:tiny"}, "workers": {"replicas": 2},
+                "auth": {"apiKeysSecret": "team-keys"}}),
+            None,
+        );
+        let pod = desired.router.spec.clone().unwrap().template.spec.unwrap();
+        let args = pod.containers[0].args.clone().unwrap();
+        assert_eq!(
+            args.iter().skip_while(|a| *a != "--api-keys-file").nth(1).map(String::as_str),
+            Some("/etc/kubemoe/auth/api-keys")
+        );
+        let volume = pod.volumes.unwrap().into_iter().find(|v| v.name == "api-keys").unwrap().secret.unwrap();
+        assert_eq!(volume.secret_name.as_deref(), Some("team-keys"));
+        assert_eq!(volume.items.unwrap()[0].key, "api-keys");
+        let mount = pod.containers[0]
+            .volume_mounts
+            .clone()
+            .unwrap()
+            .into_iter()
+            .find(|m| m.name == "api-keys")
+            .unwrap();
+        // No subPath: the kubelet's updates of the Secret reach the file.
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only, mount.sub_path),
+            (AUTH_DIR, Some(true), None)
+        );
+        // Workers never see the keys.
+        let worker_volumes = worker_pod(&desired).volumes.unwrap();
+        assert!(worker_volumes.iter().all(|v| v.secret.is_none()));
     }
 
     #[test]

@@ -58,10 +58,11 @@ pub async fn run(
     clients: usize,
     requests: usize,
     max_tokens: u32,
+    api_key: Option<&str>,
 ) -> Result<Report> {
     let http_report = load(clients, requests, |c, r| {
-        let (http, model) = (http.to_string(), model.to_string());
-        async move { http_request(&http, &model, &prompt(c, r, 16), max_tokens).await }
+        let (http, model, key) = (http.to_string(), model.to_string(), api_key.map(String::from));
+        async move { http_request(&http, &model, &prompt(c, r, 16), max_tokens, key.as_deref()).await }
     })
     .await?;
     let grpc_url = if grpc.contains("://") { grpc.to_string() } else { format!("http://{grpc}") };
@@ -69,7 +70,8 @@ pub async fn run(
         kubemoe_api::channel(&grpc_url).map_err(|source| Error::Connect { endpoint: grpc_url, source })?;
     let grpc_report = load(clients, requests, |c, r| {
         let client = InferenceClient::new(channel.clone());
-        async move { grpc_request(client, &prompt(c, r, 16), max_tokens).await }
+        let key = api_key.map(String::from);
+        async move { grpc_request(client, &prompt(c, r, 16), max_tokens, key.as_deref()).await }
     })
     .await?;
     let ratio = http_report.tokens_per_second / grpc_report.tokens_per_second.max(f64::MIN_POSITIVE);
@@ -134,12 +136,14 @@ async fn grpc_request(
     mut client: InferenceClient<tonic::transport::Channel>,
     ids: &[u32],
     max_tokens: u32,
+    api_key: Option<&str>,
 ) -> Result<Timings> {
     let request = GenerateRequest {
         input: Some(Input::InputIds(TokenIds { ids: ids.to_vec() })),
         max_tokens,
         ..Default::default()
     };
+    let request = crate::client::authorized(request, api_key)?;
     let started = Instant::now();
     let mut stream = client.generate_stream(request).await.map_err(Error::Call)?.into_inner();
     let (mut first, mut last, mut gaps, mut tokens) = (None, started, Vec::new(), 0);
@@ -159,15 +163,22 @@ async fn grpc_request(
 }
 
 /// One streamed completion over HTTP/1.0 (the server closes the connection after it).
-async fn http_request(addr: &str, model: &str, ids: &[u32], max_tokens: u32) -> Result<Timings> {
+async fn http_request(
+    addr: &str,
+    model: &str,
+    ids: &[u32],
+    max_tokens: u32,
+    api_key: Option<&str>,
+) -> Result<Timings> {
     let body = serde_json::json!({"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0,
         "stream": true, "stream_options": {"include_usage": true}})
     .to_string();
     let io = |e: std::io::Error| Error::Workers(format!("HTTP to {addr}: {e}"));
     let started = Instant::now();
     let mut stream = tokio::net::TcpStream::connect(addr).await.map_err(io)?;
+    let authorization = api_key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
     let head = format!(
-        "POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        "POST /v1/completions HTTP/1.0\r\n{authorization}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await.map_err(io)?;

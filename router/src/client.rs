@@ -5,12 +5,30 @@ use kubemoe_api::inference::inference_client::InferenceClient;
 use kubemoe_api::inference::{FinishReason, GenerateRequest};
 use std::io::Write;
 
+/// `request` carrying `authorization: Bearer <api_key>` when a key is given ([`crate::auth`]).
+pub fn authorized<T>(request: T, api_key: Option<&str>) -> Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(request);
+    if let Some(key) = api_key {
+        let value = format!("Bearer {key}")
+            .parse()
+            .map_err(|_| Error::Text("the API key holds characters a header cannot carry".into()))?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    Ok(request)
+}
+
 /// Streams one completion from the router at `endpoint`, writing its text to `out` as it
 /// arrives; returns a summary line (finish reason, token counts and ids).
-pub async fn stream(endpoint: &str, request: GenerateRequest, out: &mut impl Write) -> Result<String> {
+pub async fn stream(
+    endpoint: &str,
+    request: GenerateRequest,
+    api_key: Option<&str>,
+    out: &mut impl Write,
+) -> Result<String> {
     let channel = kubemoe_api::channel(endpoint)
         .map_err(|source| Error::Connect { endpoint: endpoint.to_string(), source })?;
     let mut client = InferenceClient::new(channel).max_decoding_message_size(kubemoe_api::MAX_MESSAGE_BYTES);
+    let request = authorized(request, api_key)?;
     let mut stream = client.generate_stream(request).await.map_err(Error::Call)?.into_inner();
     let mut ids: Vec<u32> = Vec::new();
     let mut summary = String::new();

@@ -8,6 +8,7 @@
 //! ranks it went to); each dispatch names its requests in its metadata
 //! (`kubemoe_api::trace`), so a worker's logs carry them too.
 
+pub mod auth;
 pub mod bench;
 pub mod bench_api;
 pub mod client;
@@ -97,6 +98,8 @@ pub struct Options {
     pub placement: Option<kubemoe_placement::PlacementPlan>,
     /// Sliding window of the expert load counts.
     pub load_window: std::time::Duration,
+    /// API keys the public API requires ([`auth`]); none: open.
+    pub api_keys_file: Option<std::path::PathBuf>,
 }
 
 /// Loads the dense half of the model, connects the workers, and serves gRPC on `listener`
@@ -108,6 +111,8 @@ pub async fn run(
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<()> {
     use kubemoe_model::{source, Experts};
+    // A bad keys file fails the start before minutes of loading.
+    let keys = opts.api_keys_file.as_deref().map(auth::ApiKeys::load).transpose()?.map(std::sync::Arc::new);
     let model_spec = opts.model.clone();
     let model = tokio::task::spawn_blocking(move || source::open(&model_spec, Experts::None))
         .await
@@ -170,7 +175,13 @@ pub async fn run(
         let started =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let metrics = metrics::Sources { experts: experts.clone(), stats, model_name: served_name.clone() };
-        let api = openai::Api { service: service.clone(), served_name, shutdown: shutdown.clone(), started };
+        let api = openai::Api {
+            service: service.clone(),
+            served_name,
+            shutdown: shutdown.clone(),
+            started,
+            keys: keys.clone(),
+        };
 
         let app = metrics::routes(metrics).merge(openai::routes(std::sync::Arc::new(api)));
         let shutdown = shutdown.clone();
@@ -182,7 +193,7 @@ pub async fn run(
         });
     }
     let balancer = service::BalancerService { experts };
-    let served = service::serve(service, balancer, listener, shutdown.clone()).await;
+    let served = service::serve(service, balancer, keys, listener, shutdown.clone()).await;
     shutdown.cancel();
     let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     served

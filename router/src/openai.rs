@@ -15,7 +15,8 @@
 //! `logprobs: N`) return the log-softmax of the raw logits of each generated token and its
 //! most likely alternatives, as vLLM does by default, in each endpoint's shape. Errors have
 //! OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for a bad field, 404
-//! for an unknown model, 429 over the concurrency limit, 503 while the router cannot serve.
+//! for an unknown model, 429 over the concurrency limit, 503 while the router cannot serve,
+//! 401 without a valid API key when the router has keys ([`crate::auth`]).
 //! Request bodies are limited to axum's default 2 MiB.
 
 use crate::reasoning::Splitter;
@@ -48,16 +49,40 @@ pub struct Api {
     pub shutdown: CancellationToken,
     /// When this router started (`created` of the model).
     pub started: u64,
+    /// API keys `/v1/*` requires ([`crate::auth`]); none: open.
+    pub keys: Option<Arc<crate::auth::ApiKeys>>,
 }
 
 /// The routes of the API, to merge into the router's HTTP server.
 pub fn routes(api: Arc<Api>) -> axum::Router {
-    axum::Router::new()
-        .route("/health", get(health))
+    let v1 = axum::Router::new()
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
-        .with_state(api)
+        .route_layer(axum::middleware::from_fn_with_state(api.clone(), authenticate));
+    axum::Router::new().route("/health", get(health)).merge(v1).with_state(api)
+}
+
+/// Refuses a `/v1/*` request without a valid API key with OpenAI's 401, before its body is read.
+async fn authenticate(
+    State(api): State<Arc<Api>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(keys) = &api.keys {
+        let header = request.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
+        if let Err(denied) = keys.check(header) {
+            return ApiError {
+                status: StatusCode::UNAUTHORIZED,
+                message: denied.to_string(),
+                kind: "invalid_request_error",
+                param: None,
+                code: Some("invalid_api_key"),
+            }
+            .into_response();
+        }
+    }
+    next.run(request).await
 }
 
 /// An error in OpenAI's shape.

@@ -448,19 +448,32 @@ impl Balancer for BalancerService {
 }
 
 /// Serves `service` on `listener` until `shutdown` fires; health turns NOT_SERVING first.
+/// With `keys`, inference calls need one of them ([`crate::auth`]).
 pub async fn serve(
     service: Arc<InferenceService>,
     balancer: BalancerService,
+    keys: Option<Arc<crate::auth::ApiKeys>>,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> crate::Result<()> {
+    let authenticate = move |request: Request<()>| -> Result<Request<()>, Status> {
+        if let Some(keys) = &keys {
+            let header = request.metadata().get("authorization").map(|v| v.as_bytes());
+            keys.check(header).map_err(|denied| Status::unauthenticated(denied.to_string()))?;
+        }
+        Ok(request)
+    };
+    let inference = tonic::service::interceptor::InterceptedService::new(
+        InferenceServer::from_arc(service),
+        authenticate,
+    );
     let (reporter, health) = tonic_health::server::health_reporter();
     kubemoe_api::health::serving(&reporter, "kubemoe.inference.v1.Inference").await;
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(kubemoe_api::reflection::v1()?)
         .add_service(kubemoe_api::reflection::v1alpha()?)
-        .add_service(InferenceServer::from_arc(service))
+        .add_service(inference)
         .add_service(BalancerServer::new(balancer))
         .serve_with_incoming_shutdown(kubemoe_api::incoming(listener), async move {
             shutdown.cancelled().await;
