@@ -986,6 +986,47 @@ fn up_with_a_manifest_naming_a_key_secret_asks_for_the_keys_file() {
     std::fs::remove_file(&manifest).ok();
 }
 
+#[test]
+fn a_router_commits_only_plans_its_workers_hold() {
+    let c = Cluster::start("builtin:tiny", 2, &[]);
+    rt().block_on(async {
+        let mut client = c.client().await;
+        let before = client.generate(ids_request(&[1, 2, 3], 6)).await.unwrap().into_inner().token_ids;
+        let mut balancer = kubemoe_api::expert::balancer_client::BalancerClient::connect(format!(
+            "http://{}",
+            c.router.addr
+        ))
+        .await
+        .unwrap();
+        let load = balancer.load(kubemoe_api::expert::LoadRequest {}).await.unwrap().into_inner();
+        let current = kubemoe_placement::PlacementPlan::try_from(load.plan.unwrap()).unwrap();
+        // The same plan with the workers' halves swapped: valid, but held by nobody.
+        let mut swapped = current.clone();
+        swapped.epoch = current.epoch + 1;
+        let half = current.slots_per_worker as usize;
+        for layer in &mut swapped.layers {
+            layer.slots.rotate_left(half);
+        }
+        let commit = |plan: &kubemoe_placement::PlacementPlan| kubemoe_api::expert::CommitRequest {
+            plan: Some(plan.into()),
+        };
+        let status = balancer.commit(commit(&swapped)).await.unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(status.message().contains("does not hold expert"), "{}", status.message());
+        // An epoch past the largest is refused as invalid.
+        let mut forged = current.clone();
+        forged.epoch = u64::MAX;
+        assert_eq!(balancer.commit(commit(&forged)).await.unwrap_err().code(), Code::InvalidArgument);
+        // Nothing changed: the plan in force and the output.
+        let load = balancer.load(kubemoe_api::expert::LoadRequest {}).await.unwrap().into_inner();
+        assert_eq!(load.plan.unwrap().epoch, current.epoch);
+        let after = client.generate(ids_request(&[1, 2, 3], 6)).await.unwrap().into_inner().token_ids;
+        assert_eq!(after, before);
+        // A plan the workers hold (the one in force, again) still commits.
+        balancer.commit(commit(&current)).await.unwrap();
+    });
+}
+
 /// The HTTP address in `kubemoe up`'s serving line.
 fn serving_http(line: &str) -> String {
     line.split("HTTP at ").nth(1).unwrap().split_whitespace().next().unwrap().to_string()

@@ -6,11 +6,13 @@ It checks models.list, completions and chat completions whole and streamed, that
 equals the gRPC path's (`kubemoe generate`), the usage counts, log-probabilities in both
 endpoints' shapes (as the client's own types read them), that an unknown model and a bad
 temperature come back as the client's own exceptions naming what is wrong, that /metrics parses
-and counts the requests, and that reflection lists the inference service.
+and counts the requests, that reflection lists the inference service, and that API keys are
+checked as the client expects.
 """
 
 import subprocess
 import sys
+import tempfile
 import urllib.request
 
 import grpc
@@ -19,21 +21,24 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from prometheus_client.parser import text_string_to_metric_families
 
 
-def main(kubemoe: str) -> None:
+def start_up(kubemoe: str, *args: str):
+    """`kubemoe up` on free ports: the process and its gRPC and HTTP addresses."""
     up = subprocess.Popen(
-        [kubemoe, "up", "--grpc-port", "0", "--http-port", "0"],
+        [kubemoe, "up", "--grpc-port", "0", "--http-port", "0", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
     )
+    for line in up.stdout:
+        if "gRPC at " in line:
+            return up, line.split("gRPC at ")[1].split()[0], line.split("HTTP at ")[1].split()[0]
+    up.wait(timeout=30)
+    raise AssertionError("kubemoe up printed no addresses")
+
+
+def main(kubemoe: str) -> None:
+    up, grpc, http = start_up(kubemoe)
     try:
-        grpc, http = None, None
-        for line in up.stdout:
-            if "gRPC at " in line:
-                grpc = line.split("gRPC at ")[1].split()[0]
-                http = line.split("HTTP at ")[1].split()[0]
-                break
-        assert grpc and http, "kubemoe up printed no addresses"
         client = openai.OpenAI(base_url=f"http://{http}/v1", api_key="unused", max_retries=0)
         check(kubemoe, client, grpc)
         check_metrics(http)
@@ -41,6 +46,30 @@ def main(kubemoe: str) -> None:
     finally:
         up.terminate()
         up.wait(timeout=30)
+    check_api_keys(kubemoe)
+
+
+def check_api_keys(kubemoe: str) -> None:
+    """With --api-keys-file the client's key is checked: a wrong one is the client's own
+    AuthenticationError, the right one is served."""
+    with tempfile.NamedTemporaryFile("w", suffix=".keys") as keys:
+        keys.write("sk-kubemoe-ci\n")
+        keys.flush()
+        up, _, http = start_up(kubemoe, "--api-keys-file", keys.name)
+        try:
+            wrong = openai.OpenAI(base_url=f"http://{http}/v1", api_key="sk-wrong", max_retries=0)
+            try:
+                wrong.models.list()
+                raise AssertionError("a wrong API key was served")
+            except openai.AuthenticationError as e:
+                assert e.status_code == 401 and "not valid" in str(e), e
+            right = openai.OpenAI(base_url=f"http://{http}/v1", api_key="sk-kubemoe-ci", max_retries=0)
+            done = right.completions.create(model="tiny", prompt="Hi", max_tokens=2)
+            assert done.usage.completion_tokens == 2, done
+        finally:
+            up.terminate()
+            up.wait(timeout=30)
+    print("api keys: a wrong key is openai.AuthenticationError, the right one is served")
 
 
 def grpc_text(kubemoe: str, grpc: str, *args: str) -> str:

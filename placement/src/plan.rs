@@ -15,6 +15,11 @@ use serde::{Deserialize, Serialize};
 /// Key of the placement in the ConfigMap's data.
 pub const KEY: &str = "placement.json";
 
+/// The largest epoch a plan may carry: 2^53 − 1, the largest integer every JSON reader holds
+/// exactly. Epochs count placements, so use never reaches it; a forged plan near `u64::MAX`
+/// would make the next epoch wrap.
+pub const MAX_EPOCH: u64 = (1 << 53) - 1;
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PlacementPlan {
@@ -80,6 +85,12 @@ impl PlacementPlan {
 
     /// Checks the invariants in the module documentation.
     pub fn validate(&self) -> Result<()> {
+        if self.epoch > MAX_EPOCH {
+            return Err(Error::InvalidPlacement(format!(
+                "epoch {} is past the largest epoch {MAX_EPOCH}: epochs count placements from 1",
+                self.epoch
+            )));
+        }
         let slots = self.workers as u64 * self.slots_per_worker as u64;
         if slots < self.logical_experts as u64 || slots > u32::MAX as u64 {
             return Err(Error::InvalidPlacement(format!(
@@ -163,6 +174,17 @@ impl PlacementPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn epochs_past_the_largest_are_refused_never_wrapped() {
+        let mut plan = PlacementPlan::initial(2, 4, 8, &[1]);
+        plan.epoch = MAX_EPOCH;
+        assert!(plan.validate().is_ok());
+        for epoch in [MAX_EPOCH + 1, u64::MAX] {
+            plan.epoch = epoch;
+            assert!(plan.validate().unwrap_err().to_string().contains("largest epoch"));
+        }
+    }
 
     #[test]
     fn initial_plan_covers_every_expert_and_fills_every_slot() {

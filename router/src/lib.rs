@@ -67,6 +67,7 @@ impl From<Error> for tonic::Status {
         match e {
             Error::Placement(_) => tonic::Status::invalid_argument(message),
             Error::Epoch(_) => tonic::Status::failed_precondition(message),
+            Error::Workers(_) => tonic::Status::unavailable(message),
             _ => tonic::Status::internal(message),
         }
     }

@@ -111,16 +111,29 @@ impl RemoteExperts {
     }
 
     /// Routes by `plan` from the next step on; returns once no step routes by an older plan.
+    /// A plan is committed only when its epoch does not go back and every worker reports
+    /// holding every expert the plan places on it (a plan the workers were not prepared for
+    /// would fail every request); otherwise nothing changes.
     pub async fn commit(&self, plan: PlacementPlan) -> Result<()> {
         plan.validate_for(self.experts, &self.moe_layers, self.clients.len() as u32)?;
         let epoch = plan.epoch;
+        let older = |committed: &PlacementPlan| {
+            (epoch < committed.epoch).then(|| {
+                Error::Epoch(format!(
+                    "plan epoch {epoch} is older than the committed epoch {}",
+                    committed.epoch
+                ))
+            })
+        };
+        if let Some(e) = older(&lock(&self.switch).committed.plan) {
+            return Err(e);
+        }
+        self.check_held(&plan).await?;
         {
             let mut s = lock(&self.switch);
-            if epoch < s.committed.plan.epoch {
-                return Err(Error::Epoch(format!(
-                    "plan epoch {epoch} is older than the committed epoch {}",
-                    s.committed.plan.epoch
-                )));
+            // Another commit may have gone first while the workers answered.
+            if let Some(e) = older(&s.committed.plan) {
+                return Err(e);
             }
             s.committed = Routes::new(plan);
         }
@@ -136,6 +149,47 @@ impl RemoteExperts {
                 )));
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Ok(())
+    }
+
+    /// Fails unless every worker holds every expert `plan` places on it.
+    async fn check_held(&self, plan: &PlacementPlan) -> Result<()> {
+        let mut calls = tokio::task::JoinSet::new();
+        for (rank, client) in self.clients.iter().enumerate() {
+            let mut client = client.clone();
+            let deadline = self.deadline;
+            calls.spawn(async move {
+                let info = tokio::time::timeout(deadline, client.info(InfoRequest {})).await;
+                (rank, info)
+            });
+        }
+        while let Some(done) = calls.join_next().await {
+            let (rank, info) = done.map_err(|e| Error::Workers(format!("worker info task: {e}")))?;
+            let info = match info {
+                Ok(Ok(info)) => info.into_inner(),
+                Ok(Err(status)) => {
+                    return Err(Error::Workers(format!("worker {rank}: {}", status.message())))
+                }
+                Err(_) => {
+                    return Err(Error::Workers(format!(
+                        "worker {rank}: no answer within {:?}",
+                        self.deadline
+                    )))
+                }
+            };
+            let held: std::collections::BTreeMap<u32, Vec<u32>> =
+                info.experts.into_iter().map(|l| (l.layer, l.experts)).collect();
+            for (layer, wanted) in plan.held(rank as u32) {
+                let has = held.get(&layer).map_or(&[][..], Vec::as_slice);
+                if let Some(missing) = wanted.iter().find(|e| !has.contains(e)) {
+                    return Err(Error::Epoch(format!(
+                        "worker {rank} does not hold expert {missing} of layer {layer}, which plan epoch {} \
+                         places on it: prepare the plan on every worker before committing it",
+                        plan.epoch
+                    )));
+                }
+            }
         }
         Ok(())
     }
