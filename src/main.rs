@@ -294,6 +294,9 @@ enum OperatorCommand {
         /// Image of router and worker pods when the spec names none.
         #[arg(long, default_value = kubemoe_operator::DEFAULT_IMAGE)]
         image: String,
+        /// The operator's namespace: its pods may call workers (NetworkPolicy).
+        #[arg(long, default_value = "kubemoe-system")]
+        operator_namespace: String,
     },
 }
 
@@ -524,7 +527,7 @@ fn run(command: Command) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
         Command::Operator(OperatorArgs {
-            command: Some(OperatorCommand::Render { file, model_config, image }),
+            command: Some(OperatorCommand::Render { file, model_config, image, operator_namespace }),
             ..
         }) => {
             let read = |path: &std::path::Path| {
@@ -532,9 +535,10 @@ fn run(command: Command) -> Result<()> {
             };
             let config = model_config.as_deref().map(read).transpose()?;
             let origin = file.display().to_string();
+            let params = kubemoe_operator::desired::BuildParams { image, epoch: 0, operator_namespace };
             print!(
                 "{}",
-                kubemoe_operator::render::render(&read(&file)?, &origin, config.as_deref(), &image)?
+                kubemoe_operator::render::render(&read(&file)?, &origin, config.as_deref(), &params)?
             );
         }
         Command::Operator(OperatorArgs { command: Some(OperatorCommand::Run(args)), .. })

@@ -77,7 +77,12 @@ fn micros(d: Duration) -> String {
 async fn main() {
     let count: usize = std::env::args().nth(1).map_or(500, |n| n.parse().expect("count must be a number"));
     let (client, api) = support::client();
-    let context = Context::new(client, "ghcr.io/kubemoe/kubemoe:bench".into(), Arc::new(Metrics::default()));
+    let context = Context::new(
+        client,
+        "ghcr.io/kubemoe/kubemoe:bench".into(),
+        "kubemoe-system".into(),
+        Arc::new(Metrics::default()),
+    );
     for i in 0..count {
         let (source, workers, redundant) = SHAPES[i % SHAPES.len()];
         api.insert(

@@ -17,6 +17,7 @@ use crate::{Error, Result, FIELD_MANAGER};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -49,12 +50,14 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Image of pods whose spec names none.
     pub image: String,
+    /// The operator's own namespace (its pods reach workers through their NetworkPolicy).
+    pub namespace: String,
     /// Consecutive failures per object, for the backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
 
 impl Context {
-    pub fn new(client: Client, image: String, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(client: Client, image: String, namespace: String, metrics: Arc<Metrics>) -> Arc<Self> {
         let reporter =
             Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
         Arc::new(Context {
@@ -62,6 +65,7 @@ impl Context {
             client,
             metrics,
             image,
+            namespace,
             failures: Mutex::new(HashMap::new()),
         })
     }
@@ -81,7 +85,8 @@ pub fn controller(client: &Client) -> Controller<ModelDeployment> {
         .owns(Api::<Deployment>::all(client.clone()), owned.clone())
         .owns(Api::<Service>::all(client.clone()), owned.clone())
         .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
-        .owns(Api::<PodDisruptionBudget>::all(client.clone()), owned)
+        .owns(Api::<PodDisruptionBudget>::all(client.clone()), owned.clone())
+        .owns(Api::<NetworkPolicy>::all(client.clone()), owned)
 }
 
 /// Reconciles with `controller` until `shutdown`.
@@ -180,7 +185,8 @@ async fn reconcile_inner(md: &ModelDeployment, context: &Context) -> Result<Outc
         Some(plan) => plan.epoch + 1,
         None => 0,
     };
-    let params = BuildParams { image: context.image.clone(), epoch };
+    let params =
+        BuildParams { image: context.image.clone(), epoch, operator_namespace: context.namespace.clone() };
     let desired = desired::build(md, &source, &layout, &params)
         .map_err(|source| Error::Encode { what: format!("the children of {}", key(md)), source })?;
 
@@ -232,6 +238,9 @@ async fn apply_workloads(
     };
     let services: Api<Service> = Api::namespaced(client.clone(), namespace);
     track("Service", sync(&services, &desired.worker_service).await?.1);
+    // Each policy before the pods it guards: no pod runs unguarded.
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), namespace);
+    track("NetworkPolicy", sync(&policies, &desired.worker_policy).await?.1);
     let (workers, changed) = sync(&Api::namespaced(client.clone(), namespace), &desired.workers).await?;
     track("StatefulSet", changed);
     let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), namespace);
@@ -241,6 +250,7 @@ async fn apply_workloads(
         track("PodGroup", sync(&groups, &group.object).await?.1);
     }
     track("Service", sync(&services, &desired.router_service).await?.1);
+    track("NetworkPolicy", sync(&policies, &desired.router_policy).await?.1);
     let (router, changed) = sync(&Api::namespaced(client.clone(), namespace), &desired.router).await?;
     track("Deployment", changed);
     Ok((workers, router))

@@ -10,6 +10,7 @@
 //! reason `NotBuilt` and what to set instead, never served some other way.
 
 use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration, TopologySpreadConstraint};
+use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
@@ -191,6 +192,13 @@ pub struct RouterSpec {
     #[serde(default = "default_http_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub http_port: i32,
+    /// Who may reach the routers' APIs (both ports), as NetworkPolicy peers; default: pods of
+    /// this namespace. Add your gateway's and Prometheus' namespaces here, or
+    /// `[{namespaceSelector: {}}]` for every pod of the cluster. The operator always reaches
+    /// the gRPC port; workers take calls from this deployment's routers and the operator only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub allowed_from: Option<Vec<NetworkPolicyPeer>>,
 }
 
 impl Default for RouterSpec {
@@ -202,6 +210,7 @@ impl Default for RouterSpec {
             max_concurrent_requests: default_max_concurrent_requests(),
             grpc_port: default_grpc_port(),
             http_port: default_http_port(),
+            allowed_from: None,
         }
     }
 }

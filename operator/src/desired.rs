@@ -20,6 +20,9 @@ use k8s_openapi::api::core::v1::{
     ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort,
     ServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
 };
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -57,6 +60,8 @@ pub struct BuildParams {
     pub image: String,
     /// Placement epoch to write into a new placement ConfigMap.
     pub epoch: u64,
+    /// Namespace of the operator's pods, the one place besides the routers that calls workers.
+    pub operator_namespace: String,
 }
 
 /// Everything a ModelDeployment owns.
@@ -68,6 +73,9 @@ pub struct Desired {
     pub router_service: Service,
     pub router: Deployment,
     pub disruption_budget: PodDisruptionBudget,
+    /// Who may reach the workers' and the routers' ports.
+    pub worker_policy: NetworkPolicy,
+    pub router_policy: NetworkPolicy,
     /// Present when the spec asks for gang scheduling.
     pub pod_group: Option<PodGroup>,
 }
@@ -86,6 +94,8 @@ impl Desired {
         let mut out = vec![
             serde_json::to_value(&self.placement)?,
             serde_json::to_value(&self.worker_service)?,
+            // Policies before the pods they guard: no pod runs unguarded.
+            serde_json::to_value(&self.worker_policy)?,
             serde_json::to_value(&self.workers)?,
             serde_json::to_value(&self.disruption_budget)?,
         ];
@@ -93,6 +103,7 @@ impl Desired {
             out.push(serde_json::to_value(&group.object)?);
         }
         out.push(serde_json::to_value(&self.router_service)?);
+        out.push(serde_json::to_value(&self.router_policy)?);
         out.push(serde_json::to_value(&self.router)?);
         Ok(out)
     }
@@ -107,6 +118,8 @@ pub struct Names {
     pub placement: String,
     pub disruption_budget: String,
     pub pod_group: String,
+    pub worker_policy: String,
+    pub router_policy: String,
 }
 
 impl Names {
@@ -119,6 +132,8 @@ impl Names {
             placement: format!("{name}-placement"),
             disruption_budget: format!("{name}-workers"),
             pod_group: format!("{name}-workers"),
+            worker_policy: format!("{name}-workers"),
+            router_policy: format!("{name}-router"),
         }
     }
 }
@@ -157,6 +172,8 @@ pub fn build(
         router_service: stamp(ctx.router_service(&names))?,
         router: stamp(ctx.router_deployment(&names))?,
         disruption_budget: stamp(ctx.disruption_budget(&names))?,
+        worker_policy: stamp(ctx.worker_policy(&names))?,
+        router_policy: stamp(ctx.router_policy(&names))?,
         pod_group: match ctx.pod_group(&names) {
             Some(PodGroup { resource, object }) => Some(PodGroup { resource, object: stamp(object)? }),
             None => None,
@@ -575,6 +592,89 @@ impl<'a> Ctx<'a> {
         }
     }
 
+    /// The operator's pods, wherever its chart put them.
+    fn operator_peer(&self) -> NetworkPolicyPeer {
+        NetworkPolicyPeer {
+            namespace_selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([(
+                    "kubernetes.io/metadata.name".to_string(),
+                    self.params.operator_namespace.clone(),
+                )])),
+                ..LabelSelector::default()
+            }),
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([
+                    ("app.kubernetes.io/name".to_string(), "kubemoe".to_string()),
+                    ("app.kubernetes.io/component".to_string(), "operator".to_string()),
+                ])),
+                ..LabelSelector::default()
+            }),
+            ..NetworkPolicyPeer::default()
+        }
+    }
+
+    /// Workers' gRPC port (dispatch, prepare, release) only from this deployment's routers and
+    /// the operator; their HTTP port (metrics and health only) from anywhere, for Prometheus.
+    fn worker_policy(&self, names: &Names) -> NetworkPolicy {
+        let workers = &self.md.spec.workers;
+        let routers = NetworkPolicyPeer {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(&self.name, "router")),
+                ..LabelSelector::default()
+            }),
+            ..NetworkPolicyPeer::default()
+        };
+        let rules = vec![
+            NetworkPolicyIngressRule {
+                from: Some(vec![routers, self.operator_peer()]),
+                ports: Some(vec![policy_port(workers.port)]),
+            },
+            NetworkPolicyIngressRule { from: None, ports: Some(vec![policy_port(workers.http_port)]) },
+        ];
+        self.network_policy(&names.worker_policy, "worker", rules)
+    }
+
+    /// Routers' APIs from `router.allowedFrom` (default: pods of this namespace), and their
+    /// gRPC port (Balancer `Load`/`Commit`) from the operator.
+    fn router_policy(&self, names: &Names) -> NetworkPolicy {
+        let router = &self.md.spec.router;
+        let same_namespace = NetworkPolicyPeer {
+            pod_selector: Some(LabelSelector::default()),
+            ..NetworkPolicyPeer::default()
+        };
+        let rules = vec![
+            NetworkPolicyIngressRule {
+                from: Some(router.allowed_from.clone().unwrap_or_else(|| vec![same_namespace])),
+                ports: Some(vec![policy_port(router.grpc_port), policy_port(router.http_port)]),
+            },
+            NetworkPolicyIngressRule {
+                from: Some(vec![self.operator_peer()]),
+                ports: Some(vec![policy_port(router.grpc_port)]),
+            },
+        ];
+        self.network_policy(&names.router_policy, "router", rules)
+    }
+
+    fn network_policy(
+        &self,
+        name: &str,
+        component: &str,
+        ingress: Vec<NetworkPolicyIngressRule>,
+    ) -> NetworkPolicy {
+        NetworkPolicy {
+            metadata: self.meta(name, component),
+            spec: Some(NetworkPolicySpec {
+                pod_selector: Some(LabelSelector {
+                    match_labels: Some(selector_labels(&self.name, component)),
+                    ..LabelSelector::default()
+                }),
+                policy_types: Some(vec!["Ingress".into()]),
+                ingress: Some(ingress),
+                ..NetworkPolicySpec::default()
+            }),
+        }
+    }
+
     /// The PodGroup of the gang scheduler named in `scheduling.schedulerName`: Volcano's for
     /// `volcano`, scheduler-plugins' (coscheduling) for any other.
     fn pod_group(&self, names: &Names) -> Option<PodGroup> {
@@ -666,6 +766,14 @@ fn readiness() -> Probe {
     Probe { period_seconds: Some(5), failure_threshold: Some(2), ..Probe::default() }
 }
 
+fn policy_port(port: i32) -> NetworkPolicyPort {
+    NetworkPolicyPort {
+        port: Some(IntOrString::Int(port)),
+        protocol: Some("TCP".into()),
+        ..NetworkPolicyPort::default()
+    }
+}
+
 fn container_port(name: &str, port: i32) -> ContainerPort {
     ContainerPort { name: Some(name.into()), container_port: port, ..ContainerPort::default() }
 }
@@ -713,7 +821,9 @@ mod tests {
         // until they are built (GPU workers).
         let experts = LayoutSpec { workers: md.spec.workers.replicas, redundant: md.spec.experts.redundant };
         let layout = kubemoe_placement::layout::layout(&experts, &model).unwrap();
-        build(&md, &source, &layout, &BuildParams { image: "img".into(), epoch: 3 }).unwrap()
+        let params =
+            BuildParams { image: "img".into(), epoch: 3, operator_namespace: "kubemoe-system".into() };
+        build(&md, &source, &layout, &params).unwrap()
     }
 
     fn worker_pod(desired: &Desired) -> PodSpec {
@@ -818,6 +928,89 @@ mod tests {
         // Workers never see the keys.
         let worker_volumes = worker_pod(&desired).volumes.unwrap();
         assert!(worker_volumes.iter().all(|v| v.secret.is_none()));
+    }
+
+    /// (ports, sources) of each ingress rule: sources as "component" for pods of this
+    /// deployment, "operator@<ns>", "namespace" for any pod of it, "*" for anyone.
+    fn rules(policy: &NetworkPolicy) -> Vec<(Vec<i32>, Vec<String>)> {
+        let spec = policy.spec.clone().unwrap();
+        assert_eq!(spec.policy_types, Some(vec!["Ingress".to_string()]));
+        spec.ingress
+            .unwrap()
+            .into_iter()
+            .map(|rule| {
+                let ports = rule
+                    .ports
+                    .unwrap()
+                    .into_iter()
+                    .map(|p| match p.port {
+                        Some(IntOrString::Int(port)) => port,
+                        other => panic!("{other:?}"),
+                    })
+                    .collect();
+                let from = match rule.from {
+                    None => vec!["*".to_string()],
+                    Some(peers) => peers
+                        .into_iter()
+                        .map(|peer| {
+                            let pods = peer.pod_selector.and_then(|s| s.match_labels).unwrap_or_default();
+                            match peer.namespace_selector.and_then(|s| s.match_labels) {
+                                Some(ns) => format!(
+                                    "{}@{}",
+                                    pods["app.kubernetes.io/component"], ns["kubernetes.io/metadata.name"]
+                                ),
+                                None if pods.is_empty() => "namespace".into(),
+                                None => {
+                                    assert_eq!(pods["app.kubernetes.io/instance"], "m");
+                                    pods["app.kubernetes.io/component"].clone()
+                                }
+                            }
+                        })
+                        .collect(),
+                };
+                (ports, from)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn workers_take_calls_only_from_their_routers_and_the_operator() {
+        let desired = build_for(
+            serde_json::json!({"model": {"source": "builtin:tiny"}, "workers": {"replicas": 2}}),
+            None,
+        );
+        let selector =
+            desired.worker_policy.spec.clone().unwrap().pod_selector.unwrap().match_labels.unwrap();
+        assert_eq!(selector, selector_labels("m", "worker"));
+        assert_eq!(
+            rules(&desired.worker_policy),
+            [
+                (vec![50052], vec!["router".to_string(), "operator@kubemoe-system".to_string()]),
+                (vec![8080], vec!["*".to_string()]),
+            ]
+        );
+        // Routers: both ports from this namespace by default, gRPC also from the operator.
+        assert_eq!(
+            rules(&desired.router_policy),
+            [
+                (vec![50051, 8080], vec!["namespace".to_string()]),
+                (vec![50051], vec!["operator@kubemoe-system".to_string()]),
+            ]
+        );
+        let open = build_for(
+            serde_json::json!({"model": {"source": "builtin:tiny"}, "workers": {"replicas": 2},
+                "router": {"allowedFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}}}]}}),
+            None,
+        );
+        let peers = open.router_policy.spec.unwrap().ingress.unwrap()[0].from.clone().unwrap();
+        assert_eq!(peers.len(), 1);
+        assert!(peers[0].pod_selector.is_none());
+        // The policies come before the pods they guard.
+        let kinds: Vec<String> =
+            desired.objects().unwrap().iter().map(|o| o["kind"].as_str().unwrap().to_string()).collect();
+        let at = |kind: &str| kinds.iter().position(|k| k == kind).unwrap();
+        assert!(at("NetworkPolicy") < at("StatefulSet"));
+        assert!(kinds.iter().rposition(|k| k == "NetworkPolicy").unwrap() < at("Deployment"));
     }
 
     #[test]

@@ -135,7 +135,9 @@ async fn run_until(options: RunOptions, shutdown: CancellationToken) -> Result<(
     tracing::info!(identity = %options.lease.identity, "leading; starting the controller and the rebalancer");
     let controller = controller::controller(&client);
     let deployments = controller.store();
-    let context = controller::Context::new(client, options.image, metrics.clone());
+    // The lease lives in the operator's own namespace (its POD_NAMESPACE).
+    let namespace = options.lease.namespace.clone();
+    let context = controller::Context::new(client, options.image, namespace, metrics.clone());
     let work = async {
         tokio::join!(
             controller::run(controller, context.clone(), shutdown.clone()),

@@ -16,8 +16,14 @@ use serde::Deserialize;
 use std::collections::HashMap;
 
 /// Renders every ModelDeployment of `manifest`. `origin` names the manifest in errors;
-/// `model_config` is the text of a config.json that overrides any the manifest carries.
-pub fn render(manifest: &str, origin: &str, model_config: Option<&str>, image: &str) -> Result<String> {
+/// `model_config` is the text of a config.json that overrides any the manifest carries;
+/// `params` are what a running operator would build with (the epoch is ignored: 0).
+pub fn render(
+    manifest: &str,
+    origin: &str,
+    model_config: Option<&str>,
+    params: &BuildParams,
+) -> Result<String> {
     let mut deployments = Vec::new();
     let mut configs = HashMap::new();
     for document in serde_yaml::Deserializer::from_str(manifest) {
@@ -51,7 +57,7 @@ pub fn render(manifest: &str, origin: &str, model_config: Option<&str>, image: &
     }
     let mut out = String::new();
     for md in &deployments {
-        for object in render_one(md, origin, model_config, &configs, image)? {
+        for object in render_one(md, origin, model_config, &configs, params)? {
             out.push_str("---\n");
             out.push_str(&serde_yaml::to_string(&object).map_err(Error::WriteYaml)?);
         }
@@ -64,7 +70,7 @@ fn render_one(
     origin: &str,
     model_config: Option<&str>,
     configs: &HashMap<String, String>,
-    image: &str,
+    params: &BuildParams,
 ) -> Result<Vec<serde_json::Value>> {
     let refused = |invalid: kubemoe_placement::Invalid| Error::Invalid {
         name: md.name_any(),
@@ -90,7 +96,7 @@ fn render_one(
         ModelConfig::from_json(text, &format!("{origin}: ConfigMap {name}"))?
     };
     let layout = spec::layout(&md.spec, &model).map_err(refused)?;
-    let params = BuildParams { image: image.to_string(), epoch: 0 };
+    let params = BuildParams { epoch: 0, ..params.clone() };
     desired::build(md, &source, &layout, &params)
         .and_then(|desired| desired.objects())
         .map_err(|source| Error::Encode { what: format!("the children of {}", md.name_any()), source })
@@ -100,18 +106,31 @@ fn render_one(
 mod tests {
     use super::*;
 
+    fn params(image: &str) -> BuildParams {
+        BuildParams { image: image.into(), epoch: 0, operator_namespace: "kubemoe-system".into() }
+    }
+
     const TINY: &str = "apiVersion: kubemoe.io/v1alpha1\nkind: ModelDeployment\nmetadata:\n  name: t\n\
                         spec:\n  model:\n    source: builtin:tiny\n  workers:\n    replicas: 2\n";
 
     #[test]
     fn renders_every_child_in_apply_order() {
-        let text = render(TINY, "t.yaml", None, "img:1").unwrap();
+        let text = render(TINY, "t.yaml", None, &params("img:1")).unwrap();
         let kinds: Vec<String> = serde_yaml::Deserializer::from_str(&text)
             .map(|d| serde_yaml::Value::deserialize(d).unwrap()["kind"].as_str().unwrap().to_string())
             .collect();
         assert_eq!(
             kinds,
-            ["ConfigMap", "Service", "StatefulSet", "PodDisruptionBudget", "Service", "Deployment"]
+            [
+                "ConfigMap",
+                "Service",
+                "NetworkPolicy",
+                "StatefulSet",
+                "PodDisruptionBudget",
+                "Service",
+                "NetworkPolicy",
+                "Deployment"
+            ]
         );
         assert!(text.contains("image: img:1"));
     }
@@ -119,25 +138,25 @@ mod tests {
     #[test]
     fn a_refused_spec_is_an_error_with_the_reason() {
         let text = TINY.replace("replicas: 2", "replicas: 3");
-        let err = render(&text, "t.yaml", None, "img").unwrap_err();
+        let err = render(&text, "t.yaml", None, &params("img")).unwrap_err();
         assert!(err.to_string().contains("ExpertsNotDivisible"), "{err}");
     }
 
     #[test]
     fn nccl_is_refused_until_it_is_built_rather_than_served_over_tcp() {
         let text = format!("{TINY}    gpusPerWorker: 1\n  transport: nccl\n");
-        let err = render(&text, "t.yaml", None, "img").unwrap_err().to_string();
+        let err = render(&text, "t.yaml", None, &params("img")).unwrap_err().to_string();
         assert!(err.contains("NotBuilt") && err.contains("set transport to tcp"), "{err}");
     }
 
     #[test]
     fn a_volume_model_needs_its_config() {
         let text = TINY.replace("builtin:tiny", "pvc://models/tiny");
-        let err = render(&text, "t.yaml", None, "img").unwrap_err();
+        let err = render(&text, "t.yaml", None, &params("img")).unwrap_err();
         assert!(err.to_string().contains("--model-config"), "{err}");
         let config = kubemoe_placement::config::preset_json("tiny").unwrap();
-        let rendered = render(&text, "t.yaml", Some(config), "img").unwrap();
+        let rendered = render(&text, "t.yaml", Some(config), &params("img")).unwrap();
         assert!(rendered.contains("claimName: models"), "{rendered}");
-        assert!(render("kind: Pod\n", "p.yaml", None, "img").is_err());
+        assert!(render("kind: Pod\n", "p.yaml", None, &params("img")).is_err());
     }
 }

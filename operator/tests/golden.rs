@@ -26,10 +26,15 @@ fn every_example_renders_as_its_golden_file() {
     let examples = examples();
     assert!(examples.len() >= 3, "examples/ holds the tiny, V2-Lite and V3 deployments");
     let mut mismatched = Vec::new();
+    let params = kubemoe_operator::desired::BuildParams {
+        image: IMAGE.into(),
+        epoch: 0,
+        operator_namespace: "kubemoe-system".into(),
+    };
     for example in &examples {
         let manifest = std::fs::read_to_string(example).unwrap();
         let name = example.file_name().unwrap().to_str().unwrap();
-        let rendered = kubemoe_operator::render::render(&manifest, name, None, IMAGE)
+        let rendered = kubemoe_operator::render::render(&manifest, name, None, &params)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let golden = golden_dir.join(name);
         if update {

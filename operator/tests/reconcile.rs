@@ -20,6 +20,8 @@ const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/ml/deployments/tiny-router";
 const WORKER_SERVICE: &str = "/api/v1/namespaces/ml/services/tiny-workers";
 const ROUTER_SERVICE: &str = "/api/v1/namespaces/ml/services/tiny";
 const PDB: &str = "/apis/policy/v1/namespaces/ml/poddisruptionbudgets/tiny-workers";
+const WORKER_POLICY: &str = "/apis/networking.k8s.io/v1/namespaces/ml/networkpolicies/tiny-workers";
+const ROUTER_POLICY: &str = "/apis/networking.k8s.io/v1/namespaces/ml/networkpolicies/tiny-router";
 
 fn tiny() -> serde_json::Value {
     json!({"model": {"source": "builtin:tiny"}, "workers": {"replicas": 2}})
@@ -43,9 +45,11 @@ async fn create_applies_every_child_and_reports_progressing() {
         [
             patch(PLACEMENT),
             patch(WORKER_SERVICE),
+            patch(WORKER_POLICY),
             patch(STS),
             patch(PDB),
             patch(ROUTER_SERVICE),
+            patch(ROUTER_POLICY),
             patch(DEPLOYMENT),
             EVENT.to_string(),
             patch(&format!("{MD}/status")),

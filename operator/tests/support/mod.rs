@@ -235,7 +235,12 @@ impl World {
         });
         api.insert(MD, md);
         let metrics = std::sync::Arc::new(kubemoe_operator::http::Metrics::default());
-        let context = kubemoe_operator::controller::Context::new(client, "kubemoe:test".into(), metrics);
+        let context = kubemoe_operator::controller::Context::new(
+            client,
+            "kubemoe:test".into(),
+            "kubemoe-system".into(),
+            metrics,
+        );
         World { api, context }
     }
 
