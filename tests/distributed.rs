@@ -377,6 +377,18 @@ fn text_prompts_and_chat_go_through_the_tokenizer_and_stop_strings_end_early() {
             );
         }
         let got = client.generate(chat_request("hi", 3)).await.unwrap().into_inner();
+        // Stop strings are bounded in number and length.
+        for (stop, says) in [
+            (vec!["x".to_string(); 17], "stop: 17 stop strings"),
+            (vec!["y".repeat(513)], "stop: a stop string of 513 bytes"),
+        ] {
+            let r = GenerateRequest { input: Some(Input::Prompt("Hi".into())), stop, ..Default::default() };
+            let status = client.generate(r).await.unwrap_err();
+            assert!(
+                status.code() == Code::InvalidArgument && status.message().starts_with(says),
+                "{status:?}"
+            );
+        }
         // A prompt that cannot fit the context whatever its tokens is refused before it is
         // tokenised, and says so.
         let started = Instant::now();
@@ -1025,6 +1037,25 @@ fn a_router_commits_only_plans_its_workers_hold() {
         // A plan the workers hold (the one in force, again) still commits.
         balancer.commit(commit(&current)).await.unwrap();
     });
+}
+
+#[test]
+fn idle_connections_do_not_stop_a_normal_request() {
+    let c = Cluster::start("builtin:tiny", 1, &["--http-port", "0"]);
+    let http_addr = c.router.http.clone().unwrap();
+    // 200 connections on each port that send nothing (and one that sent half a request line).
+    let mut idle: Vec<std::net::TcpStream> = (0..200)
+        .flat_map(|_| [&c.router.addr, &http_addr])
+        .map(|addr| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    std::io::Write::write_all(&mut idle[1], b"POST /v1/compl").unwrap();
+    let started = Instant::now();
+    let request = serde_json::json!({"model": "builtin:tiny", "prompt": [1, 2, 3], "max_tokens": 4});
+    assert_eq!(http(&http_addr, "POST", "/v1/completions", Some(&request)).0, 200);
+    let got = rt().block_on(async { c.client().await.generate(ids_request(&[1, 2, 3], 4)).await.unwrap() });
+    assert_eq!(got.into_inner().token_ids.len(), 4);
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    drop(idle);
 }
 
 /// The HTTP address in `kubemoe up`'s serving line.

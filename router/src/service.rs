@@ -31,6 +31,15 @@ pub const DEFAULT_MAX_TOKENS: usize = 16;
 /// Alternatives per token a request may ask log-probabilities of (vLLM's default limit).
 pub const MAX_LOGPROBS: u32 = 20;
 
+/// Stop strings a request may give, and bytes each: every generated token is checked against
+/// all of them.
+pub const MAX_STOP_STRINGS: usize = 16;
+pub const MAX_STOP_BYTES: usize = 512;
+
+/// HTTP/2 streams one client connection may have open at once on the public gRPC port (one
+/// connection cannot hold more than this share of the router's request slots).
+const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+
 /// What `max_tokens` 0 means.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Unset {
@@ -100,6 +109,25 @@ impl InferenceService {
     }
 
     fn prepare(&self, r: GenerateRequest, unset: Unset) -> Result<Prepared, Status> {
+        // Cheap checks first: nothing is tokenised for a request refused anyway.
+        if !r.stop.is_empty() {
+            self.text("stop")?;
+            if r.stop.len() > MAX_STOP_STRINGS {
+                return Err(Status::invalid_argument(format!(
+                    "stop: {} stop strings are more than the {MAX_STOP_STRINGS} a request may give",
+                    r.stop.len()
+                )));
+            }
+            if r.stop.iter().any(String::is_empty) {
+                return Err(Status::invalid_argument("stop: stop strings must not be empty"));
+            }
+            if let Some(long) = r.stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+                return Err(Status::invalid_argument(format!(
+                    "stop: a stop string of {} bytes is longer than {MAX_STOP_BYTES} bytes",
+                    long.len()
+                )));
+            }
+        }
         let mut reasoning = false;
         let prompt = match r.input {
             None => return Err(Status::invalid_argument("input: set one of prompt, input_ids, messages")),
@@ -155,12 +183,6 @@ impl InferenceService {
         let top_p = r.top_p.unwrap_or(1.0);
         if !(top_p > 0.0 && top_p <= 1.0) {
             return Err(Status::invalid_argument(format!("top_p: {top_p} must be in (0, 1]")));
-        }
-        if !r.stop.is_empty() {
-            self.text("stop")?;
-            if r.stop.iter().any(String::is_empty) {
-                return Err(Status::invalid_argument("stop: stop strings must not be empty"));
-            }
         }
         if let Some(n) = r.logprobs.filter(|n| *n > MAX_LOGPROBS) {
             return Err(Status::invalid_argument(format!(
@@ -470,6 +492,10 @@ pub async fn serve(
     let (reporter, health) = tonic_health::server::health_reporter();
     kubemoe_api::health::serving(&reporter, "kubemoe.inference.v1.Inference").await;
     tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        // Dead peers' connections are found and closed rather than kept forever.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_service(health)
         .add_service(kubemoe_api::reflection::v1()?)
         .add_service(kubemoe_api::reflection::v1alpha()?)
