@@ -826,6 +826,11 @@ mod tests {
         build(&md, &source, &layout, &params).unwrap()
     }
 
+    /// builtin:tiny on two workers, the spec's defaults otherwise.
+    fn tiny() -> Desired {
+        build_for(serde_json::json!({"model": {"source": "builtin:tiny"}, "workers": {"replicas": 2}}), None)
+    }
+
     fn worker_pod(desired: &Desired) -> PodSpec {
         desired.workers.spec.clone().unwrap().template.spec.unwrap()
     }
@@ -840,10 +845,7 @@ mod tests {
         let limits = worker_pod(&desired).containers[0].resources.clone().unwrap().limits.unwrap();
         assert_eq!(limits["nvidia.com/gpu"], Quantity("2".into()));
         assert_eq!(limits["memory"], Quantity("8Gi".into()));
-        let cpu_only = build_for(
-            serde_json::json!({"model": {"source": "builtin:tiny"}, "workers": {"replicas": 2}}),
-            None,
-        );
+        let cpu_only = tiny();
         assert!(worker_pod(&cpu_only).containers[0].resources.is_none());
     }
 
@@ -892,10 +894,7 @@ mod tests {
 
     #[test]
     fn api_keys_come_from_the_secret_as_a_file_the_router_rereads() {
-        let open = build_for(
-            serde_json::json!({"model": {"source": "builtin:tiny"}, "workers": {"replicas": 2}}),
-            None,
-        );
+        let open = tiny();
         let args =
             open.router.spec.clone().unwrap().template.spec.unwrap().containers[0].args.clone().unwrap();
         assert!(!args.iter().any(|a| a == "--api-keys-file"));
@@ -975,10 +974,7 @@ mod tests {
 
     #[test]
     fn workers_take_calls_only_from_their_routers_and_the_operator() {
-        let desired = build_for(
-            serde_json::json!({"model": {"source": "builtin:tiny"}, "workers": {"replicas": 2}}),
-            None,
-        );
+        let desired = tiny();
         let selector =
             desired.worker_policy.spec.clone().unwrap().pod_selector.unwrap().match_labels.unwrap();
         assert_eq!(selector, selector_labels("m", "worker"));

@@ -110,6 +110,21 @@ impl InferenceService {
 
     fn prepare(&self, r: GenerateRequest, unset: Unset) -> Result<Prepared, Status> {
         // Cheap checks first: nothing is tokenised for a request refused anyway.
+        if !(r.temperature >= 0.0 && r.temperature.is_finite()) {
+            return Err(Status::invalid_argument(format!(
+                "temperature: {} must be 0 (greedy) or positive",
+                r.temperature
+            )));
+        }
+        let top_p = r.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(Status::invalid_argument(format!("top_p: {top_p} must be in (0, 1]")));
+        }
+        if let Some(n) = r.logprobs.filter(|n| *n > MAX_LOGPROBS) {
+            return Err(Status::invalid_argument(format!(
+                "logprobs: {n} alternatives per token are more than the {MAX_LOGPROBS} this server returns"
+            )));
+        }
         if !r.stop.is_empty() {
             self.text("stop")?;
             if r.stop.len() > MAX_STOP_STRINGS {
@@ -172,21 +187,6 @@ impl InferenceService {
                 "max_tokens: {} prompt tokens + {max_tokens} new tokens exceed the context length {}",
                 prompt.len(),
                 self.max_context
-            )));
-        }
-        if !(r.temperature >= 0.0 && r.temperature.is_finite()) {
-            return Err(Status::invalid_argument(format!(
-                "temperature: {} must be 0 (greedy) or positive",
-                r.temperature
-            )));
-        }
-        let top_p = r.top_p.unwrap_or(1.0);
-        if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(Status::invalid_argument(format!("top_p: {top_p} must be in (0, 1]")));
-        }
-        if let Some(n) = r.logprobs.filter(|n| *n > MAX_LOGPROBS) {
-            return Err(Status::invalid_argument(format!(
-                "logprobs: {n} alternatives per token are more than the {MAX_LOGPROBS} this server returns"
             )));
         }
         let sampling = SamplingParams {
