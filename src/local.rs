@@ -65,13 +65,20 @@ pub fn up(file: Option<&Path>, overrides: Overrides, mut router_args: Vec<String
     let placement = dir.join(kubemoe_placement::KEY);
     std::fs::write(&placement, serde_json::to_string(&plan)?)
         .with_context(|| format!("writing {}", placement.display()))?;
+    // The internal credential of this deployment: made here, readable by this user only.
+    let token = dir.join("internal-token");
+    write_private(&token, &kubemoe_api::auth::generate_token().context("reading /dev/urandom")?)?;
+    let token_args = ["--internal-token-file".to_string(), token.display().to_string()];
     let placement_args = ["--placement".to_string(), placement.display().to_string()];
-    let (mut children, urls) = start_workers(&model, layout.workers as usize, &placement_args)?;
+    let worker_args = [placement_args.clone(), token_args.clone()].concat();
+    let (mut children, urls) = start_workers(&model, layout.workers as usize, &worker_args)?;
     let mut args: Vec<String> =
         ["router", "--model", &model, "--host", "127.0.0.1"].iter().map(|s| s.to_string()).collect();
     args.extend(["--port".into(), grpc_port.to_string(), "--workers".into(), urls.join(",")]);
     args.extend(["--http-port".into(), http_port.to_string()]);
     args.extend(placement_args);
+    args.extend(token_args);
+    args.extend(["--internal-port".into(), "0".into()]);
     args.extend(["--load-window".into(), md.spec.balancing.window.clone()]);
     let served_name =
         overrides.served_model_name.unwrap_or_else(|| kubemoe_operator::desired::served_name(&md));
@@ -92,22 +99,29 @@ pub fn up(file: Option<&Path>, overrides: Overrides, mut router_args: Vec<String
         }
     }
     args.extend(router_args);
-    let (router, addrs) = start("router", &args, cores(), 2)?;
+    let (router, addrs) = start("router", &args, cores(), 3)?;
     children.push(router);
-    let (addr, http) = (&addrs[0], &addrs[1]);
+    let (addr, http, internal) = (&addrs[0], &addrs[1], &addrs[2]);
     println!("kubemoe up: workers at {} ({} expert slots each)", urls.join(","), layout.slots_per_worker);
     if let Some(file) = &api_keys {
         println!("kubemoe up: API keys from {}: send `Authorization: Bearer <key>`", file.display());
     }
     println!(
-        "kubemoe up: {model} on {} workers; gRPC at {addr} (health, reflection, kubemoe.inference.v1, kubemoe.expert.v1.Balancer); HTTP at {http} (OpenAI API at http://{http}/v1, /health, /metrics)",
+        "kubemoe up: {model} on {} workers; gRPC at {addr} (health, reflection, kubemoe.inference.v1); HTTP at {http} (OpenAI API at http://{http}/v1, /health, /metrics)",
         layout.workers
+    );
+    println!(
+        "kubemoe up: internal calls (workers, kubemoe.expert.v1.Balancer at {internal}) need the token in {}",
+        token.display()
     );
     println!("try: kubemoe generate --endpoint http://{addr} --prompt 'Hello'    (Ctrl-C stops everything)");
     crate::runtime()?.block_on(async {
         let stop = crate::shutdown_on_signal()?;
         if md.spec.balancing.enabled {
-            let servers = kubemoe_api::cluster::Cluster::new(&urls, &[format!("http://{addr}")])?;
+            let credential = kubemoe_api::auth::Keys::load(&token, "--internal-token-file")?;
+            let credential = kubemoe_api::auth::Bearer(Some(std::sync::Arc::new(credential)));
+            let servers =
+                kubemoe_api::cluster::Cluster::new(&urls, &[format!("http://{internal}")], &credential)?;
             let record =
                 kubemoe_placement::rebalance::Printed::new(plan, |line| println!("kubemoe up: {line}"));
             let rebalancing =
@@ -121,6 +135,19 @@ pub fn up(file: Option<&Path>, overrides: Overrides, mut router_args: Vec<String
     drop(children);
     std::fs::remove_dir_all(&dir).ok();
     Ok(())
+}
+
+/// Writes `text` to a new file at `path` that only this user may read.
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(text.as_bytes()).with_context(|| format!("writing {}", path.display()))
 }
 
 /// The ModelDeployment in `file`, or the built-in `examples/tiny.yaml`.

@@ -97,6 +97,11 @@ enum Command {
         /// on the second line); none without the flag.
         #[arg(long)]
         http_port: Option<u16>,
+        /// The deployment's internal token (first line; more lines: also accepted, for a
+        /// rotation): every kubemoe.expert.v1.Expert call must carry it. Without the flag anyone
+        /// who reaches the port can call them.
+        #[arg(long, env = "KUBEMOE_INTERNAL_TOKEN_FILE")]
+        internal_token_file: Option<PathBuf>,
     },
     /// Serve the inference API, dispatching routed experts to the workers.
     Router {
@@ -126,6 +131,14 @@ enum Command {
         /// `authorization: Bearer <key>` (re-read when the file changes).
         #[arg(long, env = "KUBEMOE_API_KEYS_FILE")]
         api_keys_file: Option<PathBuf>,
+        /// Port of kubemoe.expert.v1.Balancer (the rebalancer's Load and Commit), apart from
+        /// the public port; 0 picks a free one (printed after the others); none without the flag.
+        #[arg(long)]
+        internal_port: Option<u16>,
+        /// The deployment's internal token: presented to the workers, required of Balancer
+        /// callers (as for `kubemoe worker`).
+        #[arg(long, env = "KUBEMOE_INTERNAL_TOKEN_FILE")]
+        internal_token_file: Option<PathBuf>,
         #[command(flatten)]
         limits: RouterLimits,
     },
@@ -380,6 +393,7 @@ impl RouterLimits {
             placement: None,
             load_window: Duration::from_secs(300),
             api_keys_file: None,
+            internal_token_file: None,
         }
     }
 }
@@ -439,8 +453,18 @@ fn run(command: Command) -> Result<()> {
             let output = generate(&m, &[request])?.remove(0);
             println!("{}", serde_json::json!({ "output_ids": output }));
         }
-        Command::Worker { model, rank, world_size, placement, host, port, http_port } => {
+        Command::Worker {
+            model,
+            rank,
+            world_size,
+            placement,
+            host,
+            port,
+            http_port,
+            internal_token_file,
+        } => {
             let plan = placement.as_deref().map(plan::read_placement).transpose()?;
+            let options = kubemoe_worker::Options { model, rank, world_size, plan, internal_token_file };
             runtime()?.block_on(async {
                 let listener = bind(&host, port, "worker").await?;
                 let http = match http_port {
@@ -448,7 +472,7 @@ fn run(command: Command) -> Result<()> {
                     None => None,
                 };
                 let shutdown = shutdown_on_signal()?;
-                kubemoe_worker::run(model, rank, world_size, plan, listener, http, shutdown).await?;
+                kubemoe_worker::run(options, listener, http, shutdown).await?;
                 Ok::<_, anyhow::Error>(())
             })?
         }
@@ -462,11 +486,14 @@ fn run(command: Command) -> Result<()> {
             http_port,
             served_model_name,
             api_keys_file,
+            internal_port,
+            internal_token_file,
             limits,
         } => {
             let mut options = limits.options(model, workers);
             options.served_model_name = served_model_name;
             options.api_keys_file = api_keys_file;
+            options.internal_token_file = internal_token_file;
             options.placement = placement.as_deref().map(plan::read_placement).transpose()?;
             options.load_window = kubemoe_placement::parse_duration("--load-window", &load_window)?;
             runtime()?.block_on(async {
@@ -475,7 +502,11 @@ fn run(command: Command) -> Result<()> {
                     Some(p) => Some(bind(&host, p, "router http").await?),
                     None => None,
                 };
-                kubemoe_router::run(options, listener, http, shutdown_on_signal()?).await?;
+                let internal = match internal_port {
+                    Some(p) => Some(bind(&host, p, "router internal").await?),
+                    None => None,
+                };
+                kubemoe_router::run(options, listener, http, internal, shutdown_on_signal()?).await?;
                 Ok::<_, anyhow::Error>(())
             })?
         }
@@ -535,7 +566,12 @@ fn run(command: Command) -> Result<()> {
             };
             let config = model_config.as_deref().map(read).transpose()?;
             let origin = file.display().to_string();
-            let params = kubemoe_operator::desired::BuildParams { image, epoch: 0, operator_namespace };
+            let params = kubemoe_operator::desired::BuildParams {
+                image,
+                epoch: 0,
+                operator_namespace,
+                token: kubemoe_api::auth::generate_token,
+            };
             print!(
                 "{}",
                 kubemoe_operator::render::render(&read(&file)?, &origin, config.as_deref(), &params)?

@@ -2,6 +2,9 @@
 //! the single-process engine and the reference fixture.
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
+use kubemoe_api::auth::{Bearer, Internal};
+use kubemoe_api::expert::balancer_client::BalancerClient;
+use kubemoe_api::expert::expert_client::ExpertClient;
 use kubemoe_api::inference::generate_request::Input;
 use kubemoe_api::inference::inference_client::InferenceClient;
 use kubemoe_api::inference::{FinishReason, GenerateRequest, ModelInfoRequest, TokenIds};
@@ -27,6 +30,8 @@ struct Proc {
     addr: String,
     /// The HTTP server's address, for a router started with `--http-port`.
     http: Option<String>,
+    /// The internal port's address, for a router started with `--internal-port`.
+    internal: Option<String>,
 }
 
 impl Drop for Proc {
@@ -50,9 +55,10 @@ fn spawn(args: &[&str]) -> Proc {
         line.split("listening on ").nth(1).expect("no address line").trim().to_string()
     };
     let addr = address();
-    let http = args.contains(&"--http-port").then(address);
+    let http = args.contains(&"--http-port").then(&mut address);
+    let internal = args.contains(&"--internal-port").then(&mut address);
     std::thread::spawn(move || lines.for_each(drop));
-    Proc { child, addr, http }
+    Proc { child, addr, http, internal }
 }
 
 fn worker(model: &str, rank: usize, n: usize, port: u16) -> Proc {
@@ -78,26 +84,55 @@ fn worker_with(model: &str, rank: usize, n: usize, port: u16, extra: &[&str]) ->
     spawn(&args)
 }
 
+/// Workers and a router sharing an internal token, as a deployment's pods do.
 struct Cluster {
     workers: Vec<Proc>,
     router: Proc,
+    /// The file of the internal token, and the token.
+    token_file: String,
+    token: String,
 }
+
+static TOKENS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 impl Cluster {
     fn start(model: &str, n: usize, router_args: &[&str]) -> Self {
-        let workers: Vec<Proc> = (0..n).map(|r| worker(model, r, n, 0)).collect();
+        let token = kubemoe_api::auth::generate_token().unwrap();
+        let unique = TOKENS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let token_file = std::env::temp_dir().join(format!("kubemoe-token-{}-{unique}", std::process::id()));
+        std::fs::write(&token_file, &token).unwrap();
+        let token_file = token_file.to_str().unwrap().to_string();
+        let internal = ["--internal-token-file", token_file.as_str()];
+        let workers: Vec<Proc> = (0..n).map(|r| worker_with(model, r, n, 0, &internal)).collect();
         let urls: Vec<String> = workers.iter().map(|w| format!("http://{}", w.addr)).collect();
         let urls = urls.join(",");
         let mut args =
             vec!["router", "--model", model, "--workers", &urls, "--host", "127.0.0.1", "--port", "0"];
         args.extend_from_slice(router_args);
+        args.extend_from_slice(&internal);
+        args.extend_from_slice(&["--internal-port", "0"]);
         let router = spawn(&args);
-        Self { workers, router }
+        Self { workers, router, token_file, token }
+    }
+
+    /// A client of the router's internal port presenting `token`.
+    fn balancer(&self, token: Option<&str>) -> BalancerClient<Internal> {
+        let channel = kubemoe_api::channel(self.router.internal.as_ref().unwrap()).unwrap();
+        BalancerClient::with_interceptor(channel, bearer(token))
     }
 
     async fn client(&self) -> InferenceClient<tonic::transport::Channel> {
         InferenceClient::connect(format!("http://{}", self.router.addr)).await.unwrap()
     }
+}
+
+fn bearer(token: Option<&str>) -> Bearer {
+    Bearer(token.map(|t| std::sync::Arc::new(kubemoe_api::auth::Keys::fixed(t).unwrap())))
+}
+
+/// A client of the worker at `url` presenting `token`.
+fn expert_client(url: &str, token: Option<&str>) -> ExpertClient<Internal> {
+    ExpertClient::with_interceptor(kubemoe_api::channel(url).unwrap(), bearer(token))
 }
 
 fn ids_request(ids: &[u32], max_tokens: u32) -> GenerateRequest {
@@ -166,6 +201,7 @@ fn distributed_logits_equal_single_process_logits() {
         let remote = kubemoe_router::remote::RemoteExperts::new(
             &dense.config,
             channels,
+            kubemoe_api::auth::Bearer(None),
             None,
             Duration::from_secs(10),
             Duration::from_secs(60),
@@ -265,7 +301,7 @@ fn a_killed_worker_fails_its_requests_quickly_and_service_resumes_when_it_return
         let err = client.generate(ids_request(&[5, 6, 7], 4)).await.unwrap_err();
         assert_eq!(err.code(), Code::Unavailable);
         // The worker comes back on its address; requests succeed again.
-        cluster.workers[1] = worker(model, 1, 2, port);
+        cluster.workers[1] = worker_with(model, 1, 2, port, &["--internal-token-file", &cluster.token_file]);
         let started = Instant::now();
         loop {
             match client.generate(ids_request(&[5, 6, 7], 4)).await {
@@ -458,6 +494,12 @@ fn up_serves_the_builtin_manifest_and_stops_its_children_on_sigterm() {
         }
     };
     let http_addr = serving_http(&lines_seen);
+    // The internal token `up` made: readable by this user only.
+    let internal = lines.next().unwrap().unwrap();
+    let token_file = PathBuf::from(internal.split("token in ").nth(1).expect("no token line").trim());
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&token_file).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "{internal}");
     assert!(lines.next().unwrap().unwrap().starts_with("try: kubemoe generate"));
     // The OpenAI API serves the ModelDeployment's name.
     let (status, models) = http(&http_addr, "GET", "/v1/models", None);
@@ -481,8 +523,9 @@ fn up_serves_the_builtin_manifest_and_stops_its_children_on_sigterm() {
         assert!(started.elapsed() < Duration::from_secs(15), "up did not stop");
         std::thread::sleep(Duration::from_millis(50));
     }
-    // Its router no longer answers.
+    // Its router no longer answers, and its token is gone.
     assert!(std::net::TcpStream::connect(&addr).is_err());
+    assert!(!token_file.exists());
     // The request is found by its id in the router's log lines and in a worker's, each line
     // prefixed with the process it came from.
     let logs = logs.join().unwrap();
@@ -492,10 +535,10 @@ fn up_serves_the_builtin_manifest_and_stops_its_children_on_sigterm() {
 }
 
 /// Tokens each worker's experts processed, per MoE layer: [worker][layer].
-async fn worker_tokens(urls: &[String]) -> Vec<Vec<u64>> {
+async fn worker_tokens(urls: &[String], token: &str) -> Vec<Vec<u64>> {
     let mut out = Vec::new();
     for url in urls {
-        let mut c = kubemoe_api::expert::expert_client::ExpertClient::connect(url.clone()).await.unwrap();
+        let mut c = expert_client(url, Some(token));
         let stats = c.stats(kubemoe_api::expert::StatsRequest {}).await.unwrap().into_inner();
         out.push(stats.layers.iter().map(|l| l.tokens.iter().sum()).collect());
     }
@@ -559,6 +602,10 @@ fn skewed_load_is_rebalanced_live_without_failing_or_changing_a_request() {
     let addr = serving.split("gRPC at ").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
     let metrics_addr =
         serving.split("HTTP at ").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+    // The internal port and the token `up` made for its processes.
+    let internal = next_line();
+    let internal_addr = internal.split("Balancer at ").nth(1).unwrap().split(')').next().unwrap().to_string();
+    let token = std::fs::read_to_string(internal.split("token in ").nth(1).unwrap().trim()).unwrap();
     let (log_tx, log_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || lines.for_each(|l| drop(log_tx.send(l.unwrap_or_default()))));
     let local = source::open(dir.to_str().unwrap(), Experts::All).unwrap();
@@ -577,7 +624,7 @@ fn skewed_load_is_rebalanced_live_without_failing_or_changing_a_request() {
         .collect();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     rt().block_on(async {
-        let before = worker_tokens(&urls).await;
+        let before = worker_tokens(&urls, &token).await;
         let clients: Vec<_> = (0..3)
             .map(|c| {
                 let (addr, prompts, expected, stop) =
@@ -595,10 +642,8 @@ fn skewed_load_is_rebalanced_live_without_failing_or_changing_a_request() {
                 })
             })
             .collect();
-        let mut balancer =
-            kubemoe_api::expert::balancer_client::BalancerClient::connect(format!("http://{addr}"))
-                .await
-                .unwrap();
+        let channel = kubemoe_api::channel(&internal_addr).unwrap();
+        let mut balancer = BalancerClient::with_interceptor(channel, bearer(Some(&token)));
         let started = Instant::now();
         loop {
             let load = balancer.load(kubemoe_api::expert::LoadRequest {}).await.unwrap().into_inner();
@@ -608,9 +653,9 @@ fn skewed_load_is_rebalanced_live_without_failing_or_changing_a_request() {
             assert!(started.elapsed() < Duration::from_secs(90), "no rebalance happened");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let switched = worker_tokens(&urls).await;
+        let switched = worker_tokens(&urls, &token).await;
         tokio::time::sleep(Duration::from_secs(5)).await;
-        let after = worker_tokens(&urls).await;
+        let after = worker_tokens(&urls, &token).await;
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut served = 0;
         for c in clients {
@@ -621,7 +666,7 @@ fn skewed_load_is_rebalanced_live_without_failing_or_changing_a_request() {
         assert!(now > was, "balance {was:.3} before the rebalance, {now:.3} after");
         // Every worker released what the new epoch does not place on it.
         for url in &urls {
-            let mut c = kubemoe_api::expert::expert_client::ExpertClient::connect(url.clone()).await.unwrap();
+            let mut c = expert_client(url, Some(&token));
             let info = c.info(kubemoe_api::expert::InfoRequest {}).await.unwrap().into_inner();
             assert_eq!(info.epoch, 1);
             assert!(info.experts.iter().all(|l| l.experts.len() <= 5), "{:?}", info.experts);
@@ -1004,12 +1049,7 @@ fn a_router_commits_only_plans_its_workers_hold() {
     rt().block_on(async {
         let mut client = c.client().await;
         let before = client.generate(ids_request(&[1, 2, 3], 6)).await.unwrap().into_inner().token_ids;
-        let mut balancer = kubemoe_api::expert::balancer_client::BalancerClient::connect(format!(
-            "http://{}",
-            c.router.addr
-        ))
-        .await
-        .unwrap();
+        let mut balancer = c.balancer(Some(&c.token));
         let load = balancer.load(kubemoe_api::expert::LoadRequest {}).await.unwrap().into_inner();
         let current = kubemoe_placement::PlacementPlan::try_from(load.plan.unwrap()).unwrap();
         // The same plan with the workers' halves swapped: valid, but held by nobody.
@@ -1036,6 +1076,58 @@ fn a_router_commits_only_plans_its_workers_hold() {
         assert_eq!(after, before);
         // A plan the workers hold (the one in force, again) still commits.
         balancer.commit(commit(&current)).await.unwrap();
+    });
+}
+
+#[test]
+fn internal_calls_without_the_deployments_token_are_refused_and_change_nothing() {
+    use kubemoe_api::expert::{
+        CommitRequest, DispatchRequest, InfoRequest, LoadRequest, PrepareRequest, ReleaseRequest,
+        StatsRequest,
+    };
+    let c = Cluster::start("builtin:tiny", 2, &[]);
+    let url = format!("http://{}", c.workers[0].addr);
+    rt().block_on(async {
+        let mut client = c.client().await;
+        let before = client.generate(ids_request(&[1, 2, 3], 6)).await.unwrap().into_inner().token_ids;
+        let plan = c.balancer(Some(&c.token)).load(LoadRequest {}).await.unwrap().into_inner().plan.unwrap();
+        let held = expert_client(&url, Some(&c.token)).info(InfoRequest {}).await.unwrap().into_inner();
+        // A plan that moves experts, at the next epoch: what an attacker would prepare and commit.
+        let mut moved = plan.clone();
+        moved.epoch += 1;
+        for layer in &mut moved.layers {
+            layer.slots.reverse();
+        }
+        for token in [None, Some("not-the-token")] {
+            let mut worker = expert_client(&url, token);
+            let refused = [
+                worker.prepare(PrepareRequest { plan: Some(moved.clone()) }).await.map(drop),
+                worker.release(ReleaseRequest { epoch: moved.epoch }).await.map(drop),
+                worker
+                    .dispatch(DispatchRequest { layer: 1, tokens: 0, ..Default::default() })
+                    .await
+                    .map(drop),
+                worker.info(InfoRequest {}).await.map(drop),
+                worker.stats(StatsRequest {}).await.map(drop),
+                c.balancer(token).commit(CommitRequest { plan: Some(moved.clone()) }).await.map(drop),
+                c.balancer(token).load(LoadRequest {}).await.map(drop),
+            ];
+            for (call, result) in refused.into_iter().enumerate() {
+                let status = result.expect_err("an internal call without the token was served");
+                assert_eq!(status.code(), Code::Unauthenticated, "call {call} with {token:?}: {status:?}");
+            }
+        }
+        // The Balancer is not on the public port, even with the token.
+        let public = kubemoe_api::channel(&c.router.addr).unwrap();
+        let mut balancer = BalancerClient::with_interceptor(public, bearer(Some(&c.token)));
+        assert_eq!(balancer.load(LoadRequest {}).await.unwrap_err().code(), Code::Unimplemented);
+        // Nothing changed: the worker's experts and epoch, the router's plan, the output.
+        let after = expert_client(&url, Some(&c.token)).info(InfoRequest {}).await.unwrap().into_inner();
+        assert_eq!((after.epoch, &after.experts), (held.epoch, &held.experts));
+        let now = c.balancer(Some(&c.token)).load(LoadRequest {}).await.unwrap().into_inner().plan.unwrap();
+        assert_eq!(now, plan);
+        let again = client.generate(ids_request(&[1, 2, 3], 6)).await.unwrap().into_inner().token_ids;
+        assert_eq!(again, before);
     });
 }
 
@@ -1086,6 +1178,8 @@ fn reflection_v1alpha_lists_the_inference_service_for_older_clients() {
         }
     });
     assert!(services.iter().any(|s| s == "kubemoe.inference.v1.Inference"), "{services:?}");
+    // Only what this port serves: the Balancer and the workers' service are not listed here.
+    assert!(!services.iter().any(|s| s.starts_with("kubemoe.expert")), "{services:?}");
 }
 
 #[test]

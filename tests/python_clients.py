@@ -175,6 +175,7 @@ def check_reflection(address: str) -> None:
     with grpc.insecure_channel(address) as channel:
         services = list(ProtoReflectionDescriptorDatabase(channel).get_services())
     assert "kubemoe.inference.v1.Inference" in services, services
+    assert not any(s.startswith("kubemoe.expert") for s in services), services
     print("reflection: grpcio-reflection lists", ", ".join(sorted(services)))
 
 

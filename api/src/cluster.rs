@@ -1,13 +1,13 @@
 //! The routers and workers of one deployment as gRPC clients: how the rebalance loop
 //! ([`kubemoe_placement::rebalance`]) reaches them, in the operator and in `kubemoe up`.
 
+use crate::auth::{Bearer, Internal};
 use crate::expert::balancer_client::BalancerClient;
 use crate::expert::expert_client::ExpertClient;
 use crate::expert::{CommitRequest, LoadRequest, PrepareRequest, ReleaseRequest};
 use kubemoe_placement::rebalance::{RouterLoad, Servers};
 use kubemoe_placement::{Error, PlacementPlan, Result};
 use std::time::Duration;
-use tonic::transport::Channel;
 
 /// How long each step of a migration may take on one server. Prepare reads expert weights (a
 /// V3 worker's share is tens of GiB from a volume); commit waits for one step of the router.
@@ -16,16 +16,17 @@ const PREPARE_DEADLINE: Duration = Duration::from_secs(30 * 60);
 const COMMIT_DEADLINE: Duration = Duration::from_secs(120);
 const RELEASE_DEADLINE: Duration = Duration::from_secs(120);
 
-/// Workers in rank order and routers, each with its URL for messages.
+/// Workers in rank order and routers (their internal ports), each with its URL for messages.
 pub struct Cluster {
-    workers: Vec<(String, ExpertClient<Channel>)>,
-    routers: Vec<(String, BalancerClient<Channel>)>,
+    workers: Vec<(String, ExpertClient<Internal>)>,
+    routers: Vec<(String, BalancerClient<Internal>)>,
 }
 
 impl Cluster {
-    /// Workers in rank order and routers, as `host:port` or URLs; connects lazily. A URL that
-    /// is not one fails with [`Error::Call`] naming it (step `connect`).
-    pub fn new(workers: &[String], routers: &[String]) -> Result<Self> {
+    /// Workers in rank order and routers' internal ports, as `host:port` or URLs, called with
+    /// the deployment's internal credential; connects lazily. A URL that is not one fails with
+    /// [`Error::Call`] naming it (step `connect`).
+    pub fn new(workers: &[String], routers: &[String], credential: &Bearer) -> Result<Self> {
         let max = crate::MAX_MESSAGE_BYTES;
         let channel = |url: &String| {
             crate::channel(url).map_err(|source| Error::Call {
@@ -37,11 +38,23 @@ impl Cluster {
         Ok(Cluster {
             workers: workers
                 .iter()
-                .map(|u| Ok((u.clone(), ExpertClient::new(channel(u)?).max_decoding_message_size(max))))
+                .map(|u| {
+                    Ok((
+                        u.clone(),
+                        ExpertClient::with_interceptor(channel(u)?, credential.clone())
+                            .max_decoding_message_size(max),
+                    ))
+                })
                 .collect::<Result<_>>()?,
             routers: routers
                 .iter()
-                .map(|u| Ok((u.clone(), BalancerClient::new(channel(u)?).max_decoding_message_size(max))))
+                .map(|u| {
+                    Ok((
+                        u.clone(),
+                        BalancerClient::with_interceptor(channel(u)?, credential.clone())
+                            .max_decoding_message_size(max),
+                    ))
+                })
                 .collect::<Result<_>>()?,
         })
     }

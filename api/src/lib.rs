@@ -3,6 +3,7 @@
 //! limit, the conversion of placements to and from the wire, and the gRPC client the rebalance
 //! loop reaches servers with ([`cluster`]). No Kubernetes here: routers and workers link this.
 
+pub mod auth;
 pub mod cluster;
 pub mod metrics;
 pub mod route;
@@ -10,6 +11,16 @@ pub mod trace;
 
 pub use kubemoe_placement::error_chain;
 use kubemoe_placement::{LayerPlacement, PlacementPlan};
+
+/// What went wrong with a credential.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A keys file (or key) that cannot be used; `reason` says what to change.
+    #[error("{flag} {}: {reason}", path.display())]
+    Keys { flag: &'static str, path: std::path::PathBuf, reason: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// `kubemoe.inference.v1`: the public API of a router.
 pub mod inference {
@@ -61,22 +72,29 @@ impl TryFrom<expert::Plan> for PlacementPlan {
 /// The encoded descriptors of every service, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kubemoe_descriptor.bin"));
 
-/// gRPC server reflection of every kubemoe service, in both versions clients speak: `v1`
-/// (grpcurl, current grpcio) and `v1alpha` (Python's grpcio-reflection client, older grpcurl,
-/// Postman). Every server adds both.
+/// gRPC server reflection of the kubemoe services a server serves (and reflection itself), in
+/// both versions clients speak: `v1` (grpcurl, current grpcio) and `v1alpha` (Python's
+/// grpcio-reflection client, older grpcurl, Postman). Every server adds both, naming what it
+/// serves so that no client is shown a service it cannot call there.
 pub mod reflection {
     use tonic_reflection::server::{v1, v1alpha, Builder, Error};
 
-    fn builder() -> Builder<'static> {
-        Builder::configure().register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+    fn builder(services: &[&str]) -> Builder<'static> {
+        let reflection = ["grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"];
+        services.iter().chain(&reflection).fold(
+            Builder::configure().register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET),
+            |b, name| b.with_service_name(*name),
+        )
     }
 
-    pub fn v1() -> Result<v1::ServerReflectionServer<impl v1::ServerReflection>, Error> {
-        builder().build_v1()
+    pub fn v1(services: &[&str]) -> Result<v1::ServerReflectionServer<impl v1::ServerReflection>, Error> {
+        builder(services).build_v1()
     }
 
-    pub fn v1alpha() -> Result<v1alpha::ServerReflectionServer<impl v1alpha::ServerReflection>, Error> {
-        builder().build_v1alpha()
+    pub fn v1alpha(
+        services: &[&str],
+    ) -> Result<v1alpha::ServerReflectionServer<impl v1alpha::ServerReflection>, Error> {
+        builder(services).build_v1alpha()
     }
 }
 

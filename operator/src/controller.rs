@@ -16,7 +16,7 @@ use crate::status::{self, Observed};
 use crate::{Error, Result, FIELD_MANAGER};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -185,12 +185,26 @@ async fn reconcile_inner(md: &ModelDeployment, context: &Context) -> Result<Outc
         Some(plan) => plan.epoch + 1,
         None => 0,
     };
-    let params =
-        BuildParams { image: context.image.clone(), epoch, operator_namespace: context.namespace.clone() };
+    let params = BuildParams {
+        image: context.image.clone(),
+        epoch,
+        operator_namespace: context.namespace.clone(),
+        token: kubemoe_api::auth::generate_token,
+    };
     let desired = desired::build(md, &source, &layout, &params)
         .map_err(|source| Error::Encode { what: format!("the children of {}", key(md)), source })?;
 
     let mut applied = Vec::new();
+    // The token before the pods that mount it: they would wait for it.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    if get(&secrets, &names.internal_token).await?.is_none() {
+        let token = (params.token)()
+            .map_err(|e| Error::Token { name: names.internal_token.clone(), reason: e.to_string() })?;
+        let secret = desired::internal_token_secret(md, &token)
+            .map_err(|source| Error::Encode { what: format!("the token of {}", key(md)), source })?;
+        apply(&secrets, &secret).await?;
+        applied.push("Secret");
+    }
     if !keep_placement {
         apply(&config_maps, &desired.placement).await?;
         applied.push("ConfigMap");

@@ -71,6 +71,8 @@ const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
         .message("transport nccl needs GPU workers (workers.gpusPerWorker > 0); neither is built yet: set transport to tcp"),
     validation = Rule::new("self.router.grpcPort != self.router.httpPort")
         .message("router.grpcPort and router.httpPort must differ"),
+    validation = Rule::new("self.router.internalPort != self.router.grpcPort && self.router.internalPort != self.router.httpPort")
+        .message("router.internalPort must differ from router.grpcPort and router.httpPort"),
     validation = Rule::new("self.workers.port != self.workers.httpPort")
         .message("workers.port and workers.httpPort must differ")
 )]
@@ -192,10 +194,16 @@ pub struct RouterSpec {
     #[serde(default = "default_http_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub http_port: i32,
-    /// Who may reach the routers' APIs (both ports), as NetworkPolicy peers; default: pods of
-    /// this namespace. Add your gateway's and Prometheus' namespaces here, or
-    /// `[{namespaceSelector: {}}]` for every pod of the cluster. The operator always reaches
-    /// the gRPC port; workers take calls from this deployment's routers and the operator only.
+    /// Port of the router's internal gRPC service (the rebalancer's `Load` and `Commit`): not
+    /// in the Service, reachable from the operator only, and only with the deployment's
+    /// internal token.
+    #[serde(default = "default_router_internal_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub internal_port: i32,
+    /// Who may reach the routers' APIs (`grpcPort`, `httpPort`), as NetworkPolicy peers;
+    /// default: pods of this namespace. Add your gateway's and Prometheus' namespaces here, or
+    /// `[{namespaceSelector: {}}]` for every pod of the cluster. Only the operator reaches
+    /// `internalPort`; workers take calls from this deployment's routers and the operator only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
     pub allowed_from: Option<Vec<NetworkPolicyPeer>>,
@@ -210,6 +218,7 @@ impl Default for RouterSpec {
             max_concurrent_requests: default_max_concurrent_requests(),
             grpc_port: default_grpc_port(),
             http_port: default_http_port(),
+            internal_port: default_router_internal_port(),
             allowed_from: None,
         }
     }
@@ -474,6 +483,9 @@ fn default_grpc_port() -> i32 {
 }
 fn default_http_port() -> i32 {
     8080
+}
+fn default_router_internal_port() -> i32 {
+    50053
 }
 fn default_worker_port() -> i32 {
     50052

@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
     EnvVarSource, GRPCAction, HTTPGetAction, HostPathVolumeSource, KeyToPath, ObjectFieldSelector,
     PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort,
+    ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service, ServicePort,
     ServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{
@@ -50,6 +50,9 @@ pub const MODEL_DIR: &str = "/model";
 /// Where a router mounts `auth.apiKeysSecret`, and the Secret's key that holds the API keys.
 pub const AUTH_DIR: &str = "/etc/kubemoe/auth";
 pub const API_KEYS_KEY: &str = "api-keys";
+/// Where routers and workers mount the deployment's internal-token Secret, and its key.
+pub const INTERNAL_DIR: &str = "/etc/kubemoe/internal";
+pub const INTERNAL_TOKEN_KEY: &str = "token";
 /// The non-root user of the image (distroless `nonroot`).
 const RUN_AS: i64 = 65532;
 
@@ -62,6 +65,9 @@ pub struct BuildParams {
     pub epoch: u64,
     /// Namespace of the operator's pods, the one place besides the routers that calls workers.
     pub operator_namespace: String,
+    /// Makes the internal token of a deployment that has none
+    /// ([`kubemoe_api::auth::generate_token`]; fixed in golden tests).
+    pub token: fn() -> std::io::Result<String>,
 }
 
 /// Everything a ModelDeployment owns.
@@ -120,6 +126,8 @@ pub struct Names {
     pub pod_group: String,
     pub worker_policy: String,
     pub router_policy: String,
+    /// The Secret of the internal token every worker and router call carries.
+    pub internal_token: String,
 }
 
 impl Names {
@@ -134,6 +142,7 @@ impl Names {
             pod_group: format!("{name}-workers"),
             worker_policy: format!("{name}-workers"),
             router_policy: format!("{name}-router"),
+            internal_token: format!("{name}-internal"),
         }
     }
 }
@@ -193,6 +202,18 @@ pub fn placement_config_map(
         metadata: child_meta(md, &names.placement, "placement"),
         data: Some(BTreeMap::from([(placement::KEY.to_string(), serde_json::to_string(plan)?)])),
         ..ConfigMap::default()
+    })
+}
+
+/// The Secret holding `md`'s internal token: made once, when missing (never applied over an
+/// existing one: a new token would lock the running pods out of each other).
+pub fn internal_token_secret(md: &ModelDeployment, token: &str) -> Result<Secret, serde_json::Error> {
+    let names = Names::of(&md.name_any());
+    stamp(Secret {
+        metadata: child_meta(md, &names.internal_token, "internal-token"),
+        string_data: Some(BTreeMap::from([(INTERNAL_TOKEN_KEY.to_string(), token.to_string())])),
+        type_: Some("Opaque".into()),
+        ..Secret::default()
     })
 }
 
@@ -337,14 +358,22 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// Arguments both roles share: the model, and the mounted placement ConfigMap, so that a
-    /// (re)started pod serves the epoch in force.
+    /// Arguments both roles share: the model, the mounted placement ConfigMap, so that a
+    /// (re)started pod serves the epoch in force, and the internal token.
     fn common_args(&self, model: String) -> Vec<String> {
-        vec!["--model".into(), model, "--placement".into(), format!("{PLACEMENT_DIR}/{}", placement::KEY)]
+        vec![
+            "--model".into(),
+            model,
+            "--placement".into(),
+            format!("{PLACEMENT_DIR}/{}", placement::KEY),
+            "--internal-token-file".into(),
+            format!("{INTERNAL_DIR}/{INTERNAL_TOKEN_KEY}"),
+        ]
     }
 
     /// Volumes and mounts both roles share: writable /tmp on a read-only root filesystem, the
-    /// placement, and the model.
+    /// placement, the internal token (the whole key as a file, no subPath, so that the
+    /// kubelet's updates reach the pod), and the model.
     fn volumes(&self, names: &Names, model_volume: Option<Volume>) -> (Vec<Volume>, Vec<VolumeMount>) {
         let mut volumes = vec![
             Volume {
@@ -360,8 +389,20 @@ impl<'a> Ctx<'a> {
                 }),
                 ..Volume::default()
             },
+            Volume {
+                name: "internal-token".into(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(names.internal_token.clone()),
+                    ..SecretVolumeSource::default()
+                }),
+                ..Volume::default()
+            },
         ];
-        let mut mounts = vec![mount("tmp", "/tmp", false), mount("placement", PLACEMENT_DIR, true)];
+        let mut mounts = vec![
+            mount("tmp", "/tmp", false),
+            mount("placement", PLACEMENT_DIR, true),
+            mount("internal-token", INTERNAL_DIR, true),
+        ];
         if let Some(volume) = model_volume {
             let mut model_mount = mount("model", MODEL_DIR, true);
             if let ModelSource::Pvc { path, .. } = self.source {
@@ -496,6 +537,8 @@ impl<'a> Ctx<'a> {
             router.grpc_port.to_string(),
             "--http-port".into(),
             router.http_port.to_string(),
+            "--internal-port".into(),
+            router.internal_port.to_string(),
             "--workers".into(),
             worker_addresses(self.md, self.layout.workers).join(","),
             "--max-batch-tokens".into(),
@@ -536,6 +579,7 @@ impl<'a> Ctx<'a> {
             ports: Some(vec![
                 container_port("grpc", router.grpc_port),
                 container_port("http", router.http_port),
+                container_port("internal", router.internal_port),
             ]),
             resources: router.resources.clone(),
             volume_mounts: Some(mounts),
@@ -635,7 +679,7 @@ impl<'a> Ctx<'a> {
     }
 
     /// Routers' APIs from `router.allowedFrom` (default: pods of this namespace), and their
-    /// gRPC port (Balancer `Load`/`Commit`) from the operator.
+    /// internal port (Balancer `Load`/`Commit`) from the operator only.
     fn router_policy(&self, names: &Names) -> NetworkPolicy {
         let router = &self.md.spec.router;
         let same_namespace = NetworkPolicyPeer {
@@ -649,7 +693,7 @@ impl<'a> Ctx<'a> {
             },
             NetworkPolicyIngressRule {
                 from: Some(vec![self.operator_peer()]),
-                ports: Some(vec![policy_port(router.grpc_port)]),
+                ports: Some(vec![policy_port(router.internal_port)]),
             },
         ];
         self.network_policy(&names.router_policy, "router", rules)
@@ -821,8 +865,12 @@ mod tests {
         // until they are built (GPU workers).
         let experts = LayoutSpec { workers: md.spec.workers.replicas, redundant: md.spec.experts.redundant };
         let layout = kubemoe_placement::layout::layout(&experts, &model).unwrap();
-        let params =
-            BuildParams { image: "img".into(), epoch: 3, operator_namespace: "kubemoe-system".into() };
+        let params = BuildParams {
+            image: "img".into(),
+            epoch: 3,
+            operator_namespace: "kubemoe-system".into(),
+            token: kubemoe_api::auth::generate_token,
+        };
         build(&md, &source, &layout, &params).unwrap()
     }
 
@@ -868,7 +916,7 @@ mod tests {
         assert_eq!(model.path, "/data/m");
         let mounts = pod.containers[0].volume_mounts.clone().unwrap();
         let paths: Vec<&str> = mounts.iter().map(|m| m.mount_path.as_str()).collect();
-        assert_eq!(paths, ["/tmp", PLACEMENT_DIR, MODEL_DIR, "/dev/shm"]);
+        assert_eq!(paths, ["/tmp", PLACEMENT_DIR, INTERNAL_DIR, MODEL_DIR, "/dev/shm"]);
         let args = pod.containers[0].args.clone().unwrap();
         assert_eq!(&args[..3], ["worker", "--model", MODEL_DIR]);
         let probe = pod.containers[0].readiness_probe.clone().unwrap().grpc.unwrap();
@@ -926,7 +974,50 @@ mod tests {
         );
         // Workers never see the keys.
         let worker_volumes = worker_pod(&desired).volumes.unwrap();
-        assert!(worker_volumes.iter().all(|v| v.secret.is_none()));
+        assert!(worker_volumes
+            .iter()
+            .filter_map(|v| v.secret.as_ref())
+            .all(|s| s.secret_name.as_deref() == Some("m-internal")));
+    }
+
+    #[test]
+    fn routers_and_workers_share_the_internal_token_and_the_balancer_has_its_own_port() {
+        let desired = tiny();
+        let router = desired.router.spec.clone().unwrap().template.spec.unwrap();
+        for pod in [worker_pod(&desired), router.clone()] {
+            let args = pod.containers[0].args.clone().unwrap();
+            assert_eq!(
+                args.iter().skip_while(|a| *a != "--internal-token-file").nth(1).map(String::as_str),
+                Some("/etc/kubemoe/internal/token")
+            );
+            let volumes = pod.volumes.unwrap();
+            let volume = volumes.iter().find(|v| v.name == "internal-token").unwrap().secret.clone().unwrap();
+            assert_eq!(volume.secret_name.as_deref(), Some("m-internal"));
+            let mounts = pod.containers[0].volume_mounts.clone().unwrap();
+            let mount = mounts.iter().find(|m| m.name == "internal-token").unwrap();
+            // No subPath: a rotated token reaches the running pods.
+            assert_eq!((mount.mount_path.as_str(), mount.sub_path.as_deref()), (INTERNAL_DIR, None));
+        }
+        let args = router.containers[0].args.clone().unwrap();
+        assert_eq!(
+            args.iter().skip_while(|a| *a != "--internal-port").nth(1).map(String::as_str),
+            Some("50053")
+        );
+        let ports = router.containers[0].ports.clone().unwrap();
+        assert!(ports.iter().any(|p| (p.name.as_deref(), p.container_port) == (Some("internal"), 50053)));
+        // The router Service exposes the public ports only.
+        let service = desired.router_service.spec.clone().unwrap().ports.unwrap();
+        assert!(service.iter().all(|p| p.port != 50053), "{service:?}");
+
+        let md: ModelDeployment = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kubemoe.io/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": "m", "namespace": "ml", "uid": "u-1"},
+            "spec": {"model": {"source": "builtin:tiny"}, "workers": {"replicas": 2}}}))
+        .unwrap();
+        let secret = internal_token_secret(&md, "t0k3n").unwrap();
+        assert_eq!(secret.metadata.name.as_deref(), Some("m-internal"));
+        assert_eq!(secret.string_data.unwrap()[INTERNAL_TOKEN_KEY], "t0k3n");
+        assert_eq!(secret.metadata.owner_references.unwrap()[0].uid, "u-1");
     }
 
     /// (ports, sources) of each ingress rule: sources as "component" for pods of this
@@ -985,12 +1076,13 @@ mod tests {
                 (vec![8080], vec!["*".to_string()]),
             ]
         );
-        // Routers: both ports from this namespace by default, gRPC also from the operator.
+        // Routers: both API ports from this namespace by default, the internal port from the
+        // operator only.
         assert_eq!(
             rules(&desired.router_policy),
             [
                 (vec![50051, 8080], vec!["namespace".to_string()]),
-                (vec![50051], vec!["operator@kubemoe-system".to_string()]),
+                (vec![50053], vec!["operator@kubemoe-system".to_string()]),
             ]
         );
         let open = build_for(

@@ -69,6 +69,9 @@ pub enum Error {
     LeaseLost { lease: String },
     #[error("cannot listen for shutdown signals")]
     Signals(#[source] std::io::Error),
+    /// The internal token of a deployment cannot be made or used.
+    #[error("internal token {name}: {reason}")]
+    Token { name: String, reason: String },
 }
 
 impl Error {

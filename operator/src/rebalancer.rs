@@ -18,13 +18,14 @@ use crate::desired::{self, Names};
 use crate::http::{DeploymentLabel, Metrics, ResultLabel};
 use crate::status;
 use crate::{spec, Error, Result};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::ListParams;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::Store;
 use kube::{Api, ResourceExt};
+use kubemoe_api::auth::{Bearer, Keys};
 use kubemoe_api::cluster::Cluster;
 use kubemoe_placement::rebalance::{self, Policy, Proposal, Record};
 use kubemoe_placement::{error_chain, parse_duration, Layout, ModelConfig, PlacementPlan};
@@ -189,8 +190,22 @@ async fn turn(context: &Context, md: &ModelDeployment, unsettled: bool) -> Resul
         Error::Kube { action: format!("listing the router pods of {}", controller::key(md)), source }
     })?;
     let workers = desired::worker_addresses(md, target.layout.workers);
-    let routers = router_urls(&routers.items, md.spec.router.grpc_port);
-    let cluster = Cluster::new(&workers, &routers)?;
+    let routers = router_urls(&routers.items, md.spec.router.internal_port);
+    // The deployment's internal token, which the controller made before its pods.
+    let name = Names::of(&md.name_any()).internal_token;
+    let secrets: Api<Secret> = Api::namespaced(context.client.clone(), &namespace);
+    let Some(secret) = controller::get(&secrets, &name).await? else { return Ok(Polled::Waiting) };
+    let token = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(desired::INTERNAL_TOKEN_KEY))
+        .and_then(|t| std::str::from_utf8(&t.0).ok())
+        .ok_or_else(|| Error::Token {
+            name: name.clone(),
+            reason: format!("no UTF-8 key `{}`", desired::INTERNAL_TOKEN_KEY),
+        })?;
+    let token = Keys::fixed(token).map_err(|e| Error::Token { name, reason: e.to_string() })?;
+    let cluster = Cluster::new(&workers, &routers, &Bearer(Some(Arc::new(token))))?;
     poll(context, md, &target, &cluster, unsettled).await
 }
 

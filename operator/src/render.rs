@@ -5,6 +5,10 @@
 //! volume-backed model's config comes from `--model-config`, or else from a ConfigMap in the
 //! same manifest named by `spec.model.configMap` (the examples ship theirs that way). Spec
 //! defaults are applied by deserialising, exactly as the CRD's defaults would be.
+//!
+//! Each deployment's internal-token Secret is rendered with a fresh token (the controller makes
+//! it once, when missing): create it once (`kubectl create`), since applying a new token to
+//! running pods locks them out of each other until every pod has re-read it.
 
 use crate::deployment::ModelDeployment;
 use crate::desired::{self, BuildParams};
@@ -97,9 +101,15 @@ fn render_one(
     };
     let layout = spec::layout(&md.spec, &model).map_err(refused)?;
     let params = BuildParams { epoch: 0, ..params.clone() };
-    desired::build(md, &source, &layout, &params)
-        .and_then(|desired| desired.objects())
-        .map_err(|source| Error::Encode { what: format!("the children of {}", md.name_any()), source })
+    let token = (params.token)().map_err(|e| Error::Token {
+        name: desired::Names::of(&md.name_any()).internal_token,
+        reason: e.to_string(),
+    })?;
+    let encode = |source| Error::Encode { what: format!("the children of {}", md.name_any()), source };
+    // The internal token first, as the controller makes it before the pods that mount it.
+    let secret = desired::internal_token_secret(md, &token).and_then(serde_json::to_value).map_err(encode)?;
+    let objects = desired::build(md, &source, &layout, &params).and_then(|d| d.objects()).map_err(encode)?;
+    Ok(std::iter::once(secret).chain(objects).collect())
 }
 
 #[cfg(test)]
@@ -107,7 +117,12 @@ mod tests {
     use super::*;
 
     fn params(image: &str) -> BuildParams {
-        BuildParams { image: image.into(), epoch: 0, operator_namespace: "kubemoe-system".into() }
+        BuildParams {
+            image: image.into(),
+            epoch: 0,
+            operator_namespace: "kubemoe-system".into(),
+            token: || Ok("test-token".into()),
+        }
     }
 
     const TINY: &str = "apiVersion: kubemoe.io/v1alpha1\nkind: ModelDeployment\nmetadata:\n  name: t\n\
@@ -122,6 +137,7 @@ mod tests {
         assert_eq!(
             kinds,
             [
+                "Secret",
                 "ConfigMap",
                 "Service",
                 "NetworkPolicy",

@@ -30,6 +30,7 @@ fn every_example_renders_as_its_golden_file() {
         image: IMAGE.into(),
         epoch: 0,
         operator_namespace: "kubemoe-system".into(),
+        token: || Ok("golden-token".into()),
     };
     for example in &examples {
         let manifest = std::fs::read_to_string(example).unwrap();

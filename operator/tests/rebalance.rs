@@ -193,7 +193,7 @@ impl Fleet {
         for w in &workers {
             worker_urls.push(listen(tonic::service::Routes::new(ExpertServer::new(Worker(w.clone())))).await);
         }
-        let cluster = Cluster::new(&worker_urls, &router_urls).unwrap();
+        let cluster = Cluster::new(&worker_urls, &router_urls, &kubemoe_api::auth::Bearer(None)).unwrap();
         Fleet { routers, workers, cluster }
     }
 

@@ -22,6 +22,7 @@ const ROUTER_SERVICE: &str = "/api/v1/namespaces/ml/services/tiny";
 const PDB: &str = "/apis/policy/v1/namespaces/ml/poddisruptionbudgets/tiny-workers";
 const WORKER_POLICY: &str = "/apis/networking.k8s.io/v1/namespaces/ml/networkpolicies/tiny-workers";
 const ROUTER_POLICY: &str = "/apis/networking.k8s.io/v1/namespaces/ml/networkpolicies/tiny-router";
+const TOKEN: &str = "/api/v1/namespaces/ml/secrets/tiny-internal";
 
 fn tiny() -> serde_json::Value {
     json!({"model": {"source": "builtin:tiny"}, "workers": {"replicas": 2}})
@@ -43,6 +44,7 @@ async fn create_applies_every_child_and_reports_progressing() {
     assert_eq!(
         writes,
         [
+            patch(TOKEN),
             patch(PLACEMENT),
             patch(WORKER_SERVICE),
             patch(WORKER_POLICY),
@@ -73,6 +75,11 @@ async fn create_applies_every_child_and_reports_progressing() {
         ("ModelDeployment", md.uid().unwrap().as_str(), Some(true))
     );
     assert_eq!(sts.spec.unwrap().replicas, Some(2));
+    // The internal token: random, owned, made once (the next reconcile writes nothing, below).
+    let secret: k8s_openapi::api::core::v1::Secret = world.api.object(TOKEN);
+    let token = &secret.string_data.as_ref().unwrap()["token"];
+    assert!(token.len() == 64 && token.bytes().all(|b| b.is_ascii_hexdigit()), "{token}");
+    assert_eq!(secret.owner_references()[0].uid, md.uid().unwrap());
 }
 
 #[tokio::test]

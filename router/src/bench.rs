@@ -9,6 +9,7 @@
 
 use crate::remote::RemoteExperts;
 use crate::Result;
+use kubemoe_api::auth::Bearer;
 use kubemoe_api::channel;
 use kubemoe_api::expert::expert_client::ExpertClient;
 use kubemoe_api::expert::DispatchRequest;
@@ -114,7 +115,8 @@ pub fn run(model: &str, urls: &[String], batch: usize, steps: usize) -> Result<R
     let c = dense.config.clone();
     let channels = urls.iter().map(|u| channel(u)).collect::<Result<Vec<_>, _>>()?;
     let minute = Duration::from_secs(60);
-    let remote = RemoteExperts::new(&c, channels, None, minute, minute, runtime.handle().clone())?;
+    let remote =
+        RemoteExperts::new(&c, channels, Bearer(None), None, minute, minute, runtime.handle().clone())?;
     runtime.block_on(async {
         let started = Instant::now();
         while let Err(e) = remote.check_workers(model).await {

@@ -5,7 +5,7 @@ use kubemoe_api::inference::inference_client::InferenceClient;
 use kubemoe_api::inference::{FinishReason, GenerateRequest};
 use std::io::Write;
 
-/// `request` carrying `authorization: Bearer <api_key>` when a key is given ([`crate::auth`]).
+/// `request` carrying `authorization: Bearer <api_key>` when a key is given ([`kubemoe_api::auth`]).
 pub fn authorized<T>(request: T, api_key: Option<&str>) -> Result<tonic::Request<T>> {
     let mut request = tonic::Request::new(request);
     if let Some(key) = api_key {

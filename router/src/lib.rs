@@ -8,7 +8,6 @@
 //! ranks it went to); each dispatch names its requests in its metadata
 //! (`kubemoe_api::trace`), so a worker's logs carry them too.
 
-pub mod auth;
 pub mod bench;
 pub mod bench_api;
 pub mod client;
@@ -47,6 +46,8 @@ pub enum Error {
         #[source]
         source: tonic::transport::Error,
     },
+    #[error(transparent)]
+    Credential(#[from] kubemoe_api::Error),
     #[error("the router answered {}: {}", .0.code(), .0.message())]
     Call(tonic::Status),
     #[error("writing the output")]
@@ -99,21 +100,31 @@ pub struct Options {
     pub placement: Option<kubemoe_placement::PlacementPlan>,
     /// Sliding window of the expert load counts.
     pub load_window: std::time::Duration,
-    /// API keys the public API requires ([`auth`]); none: open.
+    /// API keys the public API requires ([`kubemoe_api::auth`]); none: open.
     pub api_keys_file: Option<std::path::PathBuf>,
+    /// The deployment's internal token: what this router presents to its workers and requires
+    /// of `Balancer` callers. None: sent nowhere, required of nobody.
+    pub internal_token_file: Option<std::path::PathBuf>,
 }
 
-/// Loads the dense half of the model, connects the workers, and serves gRPC on `listener`
-/// (and `/metrics` on `http`) until `shutdown` fires.
+/// Loads the dense half of the model, connects the workers, and serves the public gRPC API on
+/// `listener` (the OpenAI API, `/health` and `/metrics` on `http`, the `Balancer` on
+/// `internal`) until `shutdown` fires.
 pub async fn run(
     opts: Options,
     listener: tokio::net::TcpListener,
     http: Option<tokio::net::TcpListener>,
+    internal: Option<tokio::net::TcpListener>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<()> {
+    use kubemoe_api::auth::{Bearer, Guard, Keys};
     use kubemoe_model::{source, Experts};
-    // A bad keys file fails the start before minutes of loading.
-    let keys = opts.api_keys_file.as_deref().map(auth::ApiKeys::load).transpose()?.map(std::sync::Arc::new);
+    // Bad keys files fail the start before minutes of loading.
+    let load = |path: &Option<std::path::PathBuf>, flag| {
+        path.as_deref().map(|p| Keys::load(p, flag).map(std::sync::Arc::new)).transpose()
+    };
+    let keys = load(&opts.api_keys_file, "--api-keys-file")?;
+    let token = load(&opts.internal_token_file, "--internal-token-file")?;
     let model_spec = opts.model.clone();
     let model = tokio::task::spawn_blocking(move || source::open(&model_spec, Experts::None))
         .await
@@ -131,6 +142,7 @@ pub async fn run(
     let experts = std::sync::Arc::new(remote::RemoteExperts::new(
         &config,
         channels,
+        Bearer(token.clone()),
         opts.placement,
         opts.worker_deadline,
         opts.load_window,
@@ -193,8 +205,17 @@ pub async fn run(
             }
         });
     }
-    let balancer = service::BalancerService { experts };
-    let served = service::serve(service, balancer, keys, listener, shutdown.clone()).await;
+    if let Some(internal) = internal {
+        let balancer = service::BalancerService { experts };
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let served = service::serve_internal(balancer, Guard(token), internal, shutdown).await;
+            if let Err(e) = served {
+                tracing::error!(error = %kubemoe_placement::error_chain(&e), "the internal gRPC server stopped");
+            }
+        });
+    }
+    let served = service::serve(service, Guard(keys), listener, shutdown.clone()).await;
     shutdown.cancel();
     let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     served

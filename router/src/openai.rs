@@ -16,7 +16,7 @@
 //! most likely alternatives, as vLLM does by default, in each endpoint's shape. Errors have
 //! OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for a bad field, 404
 //! for an unknown model, 429 over the concurrency limit, 503 while the router cannot serve,
-//! 401 without a valid API key when the router has keys ([`crate::auth`]).
+//! 401 without a valid API key when the router has keys ([`kubemoe_api::auth`]).
 //! Request bodies are limited to axum's default 2 MiB.
 
 use crate::reasoning::Splitter;
@@ -49,8 +49,8 @@ pub struct Api {
     pub shutdown: CancellationToken,
     /// When this router started (`created` of the model).
     pub started: u64,
-    /// API keys `/v1/*` requires ([`crate::auth`]); none: open.
-    pub keys: Option<Arc<crate::auth::ApiKeys>>,
+    /// API keys `/v1/*` requires ([`kubemoe_api::auth`]); none: open.
+    pub keys: Option<Arc<kubemoe_api::auth::Keys>>,
 }
 
 /// The routes of the API, to merge into the router's HTTP server.

@@ -34,7 +34,7 @@ pub struct ByteCounters {
 }
 
 pub struct RemoteExperts {
-    clients: Vec<ExpertClient<Channel>>,
+    clients: Vec<ExpertClient<kubemoe_api::auth::Internal>>,
     hidden: usize,
     experts: u32,
     /// Decoder layer ids of the MoE layers, ascending.
@@ -76,11 +76,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl RemoteExperts {
-    /// Workers in rank order, routed by `plan` (default: the minimal initial placement), with
-    /// load counted over `window`.
+    /// Workers in rank order, called with `credential`, routed by `plan` (default: the minimal
+    /// initial placement), with load counted over `window`.
     pub fn new(
         config: &Config,
         channels: Vec<Channel>,
+        credential: kubemoe_api::auth::Bearer,
         plan: Option<PlacementPlan>,
         deadline: Duration,
         window: Duration,
@@ -89,7 +90,11 @@ impl RemoteExperts {
         let max = kubemoe_api::MAX_MESSAGE_BYTES;
         let clients: Vec<_> = channels
             .into_iter()
-            .map(|c| ExpertClient::new(c).max_decoding_message_size(max).max_encoding_message_size(max))
+            .map(|c| {
+                ExpertClient::with_interceptor(c, credential.clone())
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max)
+            })
             .collect();
         let experts = config.n_routed_experts as u32;
         let moe_layers: Vec<u32> = config.moe_layers().map(|l| l as u32).collect();

@@ -6,6 +6,7 @@
 use crate::engine::{EngineHandle, Event, Finish, Submission, SubmitError};
 use crate::remote::RemoteExperts;
 use crate::text::{Detokenizer, Message, TextCodec};
+use kubemoe_api::auth::Guard;
 use kubemoe_api::expert::balancer_server::{Balancer, BalancerServer};
 use kubemoe_api::expert::{CommitRequest, CommitResponse, LayerCounts, LoadRequest, LoadResponse};
 use kubemoe_api::inference::generate_request::Input;
@@ -22,6 +23,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
@@ -469,42 +471,52 @@ impl Balancer for BalancerService {
     }
 }
 
+/// The services of the public and of the internal port.
+const INFERENCE: &str = "kubemoe.inference.v1.Inference";
+const BALANCER: &str = "kubemoe.expert.v1.Balancer";
+
 /// Serves `service` on `listener` until `shutdown` fires; health turns NOT_SERVING first.
-/// With `keys`, inference calls need one of them ([`crate::auth`]).
+/// Inference calls pass `guard` (the API keys, [`kubemoe_api::auth`]) first.
 pub async fn serve(
     service: Arc<InferenceService>,
-    balancer: BalancerService,
-    keys: Option<Arc<crate::auth::ApiKeys>>,
+    guard: Guard,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> crate::Result<()> {
-    let authenticate = move |request: Request<()>| -> Result<Request<()>, Status> {
-        if let Some(keys) = &keys {
-            let header = request.metadata().get("authorization").map(|v| v.as_bytes());
-            keys.check(header).map_err(|denied| Status::unauthenticated(denied.to_string()))?;
-        }
-        Ok(request)
-    };
-    let inference = tonic::service::interceptor::InterceptedService::new(
-        InferenceServer::from_arc(service),
-        authenticate,
-    );
+    let inference = InterceptedService::new(InferenceServer::from_arc(service), guard);
     let (reporter, health) = tonic_health::server::health_reporter();
-    kubemoe_api::health::serving(&reporter, "kubemoe.inference.v1.Inference").await;
+    kubemoe_api::health::serving(&reporter, INFERENCE).await;
     tonic::transport::Server::builder()
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         // Dead peers' connections are found and closed rather than kept forever.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_service(health)
-        .add_service(kubemoe_api::reflection::v1()?)
-        .add_service(kubemoe_api::reflection::v1alpha()?)
+        .add_service(kubemoe_api::reflection::v1(&[INFERENCE])?)
+        .add_service(kubemoe_api::reflection::v1alpha(&[INFERENCE])?)
         .add_service(inference)
-        .add_service(BalancerServer::new(balancer))
         .serve_with_incoming_shutdown(kubemoe_api::incoming(listener), async move {
             shutdown.cancelled().await;
-            kubemoe_api::health::draining(&reporter, "kubemoe.inference.v1.Inference").await;
+            kubemoe_api::health::draining(&reporter, INFERENCE).await;
         })
+        .await?;
+    Ok(())
+}
+
+/// Serves `balancer` on the internal port until `shutdown` fires: every call passes `guard`
+/// (the deployment's internal token) first. Off the public port and its Service, so that no
+/// client of the API can switch or read the placement.
+pub async fn serve_internal(
+    balancer: BalancerService,
+    guard: Guard,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> crate::Result<()> {
+    tonic::transport::Server::builder()
+        .add_service(InterceptedService::new(BalancerServer::new(balancer), guard))
+        .add_service(kubemoe_api::reflection::v1(&[BALANCER])?)
+        .add_service(kubemoe_api::reflection::v1alpha(&[BALANCER])?)
+        .serve_with_incoming_shutdown(kubemoe_api::incoming(listener), shutdown.cancelled_owned())
         .await?;
     Ok(())
 }

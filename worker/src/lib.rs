@@ -33,6 +33,8 @@ pub enum Error {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("serving HTTP")]
     Http(#[source] std::io::Error),
+    #[error(transparent)]
+    Credential(#[from] kubemoe_api::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -52,17 +54,38 @@ impl From<Error> for tonic::Status {
     }
 }
 
-/// Loads what `plan` (default: the initial placement) places on rank `rank` of `model` and
-/// serves it on `listener` (and `/metrics`, `/health` on `http`) until `shutdown`.
+/// How a worker runs.
+pub struct Options {
+    /// A model directory or `builtin:<preset>`.
+    pub model: String,
+    pub rank: usize,
+    pub world_size: usize,
+    /// The placement to start from (default: the initial placement).
+    pub plan: Option<kubemoe_placement::PlacementPlan>,
+    /// The deployment's internal token ([`kubemoe_api::auth`]): every `Expert` call must carry
+    /// it. None: open to anyone who reaches the port.
+    pub internal_token_file: Option<std::path::PathBuf>,
+}
+
+/// Loads what the plan places on this rank and serves it on `listener` (and `/metrics`,
+/// `/health` on `http`) until `shutdown`.
 pub async fn run(
-    model: String,
-    rank: usize,
-    world_size: usize,
-    plan: Option<kubemoe_placement::PlacementPlan>,
+    opts: Options,
     listener: tokio::net::TcpListener,
     http: Option<tokio::net::TcpListener>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<()> {
+    // A bad token file fails the start before minutes of loading.
+    let internal = match &opts.internal_token_file {
+        Some(path) => {
+            Some(std::sync::Arc::new(kubemoe_api::auth::Keys::load(path, "--internal-token-file")?))
+        }
+        None => {
+            tracing::warn!("no --internal-token-file: anyone who reaches the gRPC port can dispatch to and re-place this worker's experts");
+            None
+        }
+    };
+    let Options { model, rank, world_size, plan, .. } = opts;
     let store = tokio::task::spawn_blocking(move || ExpertStore::load(&model, rank, world_size, plan))
         .await
         .map_err(|e| Error::Invalid(format!("expert loading task: {e}")))??;
@@ -78,5 +101,5 @@ pub async fn run(
             }
         });
     }
-    service::serve(store, stats, listener, shutdown).await
+    service::serve(store, stats, kubemoe_api::auth::Guard(internal), listener, shutdown).await
 }

@@ -98,10 +98,12 @@ impl Expert for ExpertService {
     }
 }
 
-/// Serves `store` on `listener` until `shutdown` fires; health turns NOT_SERVING first.
+/// Serves `store` on `listener` until `shutdown` fires; health turns NOT_SERVING first. Every
+/// `Expert` call passes `guard` first (health and reflection stay open for probes).
 pub async fn serve(
     store: Arc<ExpertStore>,
     stats: Arc<crate::metrics::Stats>,
+    guard: kubemoe_api::auth::Guard,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<()> {
@@ -110,13 +112,14 @@ pub async fn serve(
     let expert = ExpertServer::new(ExpertService { store, stats })
         .max_decoding_message_size(kubemoe_api::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(kubemoe_api::MAX_MESSAGE_BYTES);
+    let expert = tonic::service::interceptor::InterceptedService::new(expert, guard);
     tonic::transport::Server::builder()
         .initial_stream_window_size(Some(16 << 20))
         .initial_connection_window_size(Some(32 << 20))
         .max_frame_size(Some((1 << 24) - 1))
         .add_service(health)
-        .add_service(kubemoe_api::reflection::v1()?)
-        .add_service(kubemoe_api::reflection::v1alpha()?)
+        .add_service(kubemoe_api::reflection::v1(&["kubemoe.expert.v1.Expert"])?)
+        .add_service(kubemoe_api::reflection::v1alpha(&["kubemoe.expert.v1.Expert"])?)
         .add_service(expert)
         .serve_with_incoming_shutdown(kubemoe_api::incoming(listener), async move {
             shutdown.cancelled().await;
