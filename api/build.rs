@@ -6,8 +6,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(files, ["proto"])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("kubemoe_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
-    // Activations as `bytes::Bytes`: decoded without a copy, shared without a copy.
-    tonic_prost_build::configure().bytes(".kubemoe.expert.v1").compile_fds(fds)?;
+    // Activations as `bytes::Bytes`: decoded without a copy, shared without a copy. Malformed
+    // messages are the caller's error (`codec.rs`).
+    tonic_prost_build::configure()
+        .bytes(".kubemoe.expert.v1")
+        .codec_path("crate::codec::Codec")
+        .compile_fds(fds)?;
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

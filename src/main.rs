@@ -139,6 +139,10 @@ enum Command {
         /// callers (as for `kubemoe worker`).
         #[arg(long, env = "KUBEMOE_INTERNAL_TOKEN_FILE")]
         internal_token_file: Option<PathBuf>,
+        /// HTTP connections that have not sent a whole request head in this long are closed,
+        /// idle keep-alive connections included (30s, 500ms, …).
+        #[arg(long, default_value = "30s")]
+        http_header_timeout: String,
         #[command(flatten)]
         limits: RouterLimits,
     },
@@ -394,6 +398,7 @@ impl RouterLimits {
             load_window: Duration::from_secs(300),
             api_keys_file: None,
             internal_token_file: None,
+            http_header_timeout: kubemoe_api::http::HEADER_TIMEOUT,
         }
     }
 }
@@ -488,12 +493,19 @@ fn run(command: Command) -> Result<()> {
             api_keys_file,
             internal_port,
             internal_token_file,
+            http_header_timeout,
             limits,
         } => {
             let mut options = limits.options(model, workers);
             options.served_model_name = served_model_name;
             options.api_keys_file = api_keys_file;
             options.internal_token_file = internal_token_file;
+            options.http_header_timeout =
+                kubemoe_placement::parse_duration("--http-header-timeout", &http_header_timeout)?;
+            anyhow::ensure!(
+                !options.http_header_timeout.is_zero(),
+                "--http-header-timeout must be more than 0s"
+            );
             options.placement = placement.as_deref().map(plan::read_placement).transpose()?;
             options.load_window = kubemoe_placement::parse_duration("--load-window", &load_window)?;
             runtime()?.block_on(async {

@@ -316,6 +316,73 @@ fn a_killed_worker_fails_its_requests_quickly_and_service_resumes_when_it_return
     });
 }
 
+/// Sends raw bytes as the message: what a broken or hostile client can put on the wire.
+#[derive(Clone, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let n = bytes::Buf::remaining(src);
+        Ok(Some(bytes::Buf::copy_to_bytes(src, n).to_vec()))
+    }
+}
+
+#[test]
+fn malformed_protobuf_is_invalid_argument_on_every_service() {
+    let c = Cluster::start("builtin:tiny", 1, &[]);
+    // Field 1 with wire type 7 (none such), then a length running past the end.
+    let garbage = [vec![0x0f, 0x01], vec![0x0a, 0xff, 0x01, 0x00]];
+    let calls = [
+        (c.router.addr.clone(), "/kubemoe.inference.v1.Inference/Generate"),
+        (c.router.addr.clone(), "/kubemoe.inference.v1.Inference/GenerateStream"),
+        (c.workers[0].addr.clone(), "/kubemoe.expert.v1.Expert/Prepare"),
+        (c.workers[0].addr.clone(), "/kubemoe.expert.v1.Expert/Dispatch"),
+        (c.router.internal.clone().unwrap(), "/kubemoe.expert.v1.Balancer/Commit"),
+    ];
+    rt().block_on(async {
+        for (addr, path) in calls {
+            for bytes in &garbage {
+                let channel = kubemoe_api::channel(&addr).unwrap();
+                let channel =
+                    tonic::service::interceptor::InterceptedService::new(channel, bearer(Some(&c.token)));
+                let mut grpc = tonic::client::Grpc::new(channel);
+                grpc.ready().await.unwrap();
+                let request = tonic::Request::new(bytes.clone());
+                let path = http::uri::PathAndQuery::from_static(path);
+                let status = grpc.unary(request, path.clone(), RawCodec).await.unwrap_err();
+                assert_eq!(status.code(), Code::InvalidArgument, "{path}: {status:?}");
+                assert!(status.message().contains("malformed protobuf"), "{path}: {}", status.message());
+            }
+        }
+        // The servers still serve.
+        c.client().await.generate(ids_request(&[1, 2, 3], 2)).await.unwrap();
+    });
+}
+
 #[test]
 fn bad_requests_are_invalid_argument_naming_the_field() {
     let cluster = Cluster::start(&fixture(), 1, &["--max-context", "64"]);
@@ -1129,6 +1196,41 @@ fn internal_calls_without_the_deployments_token_are_refused_and_change_nothing()
         let again = client.generate(ids_request(&[1, 2, 3], 6)).await.unwrap().into_inner().token_ids;
         assert_eq!(again, before);
     });
+}
+
+#[test]
+fn http_connections_that_send_no_request_head_in_time_are_closed() {
+    use std::io::{Read, Write};
+    let c = Cluster::start("builtin:tiny", 1, &["--http-port", "0", "--http-header-timeout", "500ms"]);
+    let addr = c.router.http.clone().unwrap();
+    let connect = || {
+        let stream = std::net::TcpStream::connect(&addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream
+    };
+    // Closed by the server: the read ends (EOF or reset) well before the client's 10 s.
+    let closed_within = |mut stream: std::net::TcpStream| {
+        let started = Instant::now();
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest);
+        started.elapsed()
+    };
+    let idle = connect();
+    let mut slow = connect();
+    slow.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n").unwrap();
+    // A keep-alive connection after its first request.
+    let mut kept = connect();
+    kept.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut head = [0u8; 12];
+    kept.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    for (what, stream) in [("idle", idle), ("half a head", slow), ("kept alive", kept)] {
+        let waited = closed_within(stream);
+        assert!(waited < Duration::from_secs(5), "{what}: still open after {waited:?}");
+    }
+    // A prompt client is served as before.
+    let request = serde_json::json!({"model": "builtin:tiny", "prompt": [1, 2, 3], "max_tokens": 2});
+    assert_eq!(http(&addr, "POST", "/v1/completions", Some(&request)).0, 200);
 }
 
 #[test]

@@ -1,10 +1,13 @@
 //! The wire contracts between kubemoe processes: the protobuf services (compiled from `proto/`
 //! into `OUT_DIR`), the byte layouts their `bytes` fields carry ([`route`]), the message-size
-//! limit, the conversion of placements to and from the wire, and the gRPC client the rebalance
-//! loop reaches servers with ([`cluster`]). No Kubernetes here: routers and workers link this.
+//! limit, the conversion of placements to and from the wire, the gRPC client the rebalance
+//! loop reaches servers with ([`cluster`]), and what every server shares: credentials
+//! ([`auth`]), the codec ([`codec`]), the HTTP server ([`http`]). No Kubernetes here: routers and workers link this.
 
 pub mod auth;
 pub mod cluster;
+pub mod codec;
+pub mod http;
 pub mod metrics;
 pub mod route;
 pub mod trace;

@@ -111,8 +111,7 @@ pub async fn serve(
         .route("/readyz", get(ready))
         .with_state(metrics);
     Ok(tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
+        kubemoe_api::http::serve(listener, app, kubemoe_api::http::HEADER_TIMEOUT, shutdown)
             .await
             .map_err(|source| Error::Serve { addr, source })
     }))

@@ -82,7 +82,8 @@ pub fn parse_duration(field: &str, text: &str) -> Result<std::time::Duration> {
     if text.is_empty() {
         return Err(bad());
     }
-    Ok(std::time::Duration::from_secs_f64(total))
+    // Past Duration's range (a hostile "1000…0h") is refused, never a panic.
+    std::time::Duration::try_from_secs_f64(total).map_err(|_| bad())
 }
 
 #[cfg(test)]
@@ -94,6 +95,7 @@ mod tests {
     fn durations_parse_as_the_schema_writes_them() {
         let d = |t| parse_duration("balancing.interval", t);
         assert_eq!(d("30s").unwrap(), Duration::from_secs(30));
+        assert!(parse_duration("window", &format!("{}h", "9".repeat(400))).is_err());
         assert_eq!(d("1m30s").unwrap(), Duration::from_secs(90));
         assert_eq!(d("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(d("1.5h").unwrap(), Duration::from_secs(5400));

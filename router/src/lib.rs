@@ -105,6 +105,9 @@ pub struct Options {
     /// The deployment's internal token: what this router presents to its workers and requires
     /// of `Balancer` callers. None: sent nowhere, required of nobody.
     pub internal_token_file: Option<std::path::PathBuf>,
+    /// How long an HTTP connection may take to send a request head, idle ones included
+    /// ([`kubemoe_api::http`]).
+    pub http_header_timeout: std::time::Duration,
 }
 
 /// Loads the dense half of the model, connects the workers, and serves the public gRPC API on
@@ -199,7 +202,7 @@ pub async fn run(
         let app = metrics::routes(metrics).merge(openai::routes(std::sync::Arc::new(api)));
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let served = axum::serve(http, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+            let served = kubemoe_api::http::serve(http, app, opts.http_header_timeout, shutdown).await;
             if let Err(e) = served.map_err(Error::Http) {
                 tracing::error!(error = %kubemoe_placement::error_chain(&e), "the HTTP server stopped");
             }

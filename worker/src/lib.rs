@@ -95,7 +95,8 @@ pub async fn run(
         let app = metrics::routes(store.clone(), stats.clone());
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let served = axum::serve(http, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+            let timeout = kubemoe_api::http::HEADER_TIMEOUT;
+            let served = kubemoe_api::http::serve(http, app, timeout, shutdown).await;
             if let Err(e) = served.map_err(Error::Http) {
                 tracing::error!(error = %kubemoe_placement::error_chain(&e), "the HTTP server stopped");
             }
