@@ -159,7 +159,17 @@ fn deployment(file: Option<&Path>) -> Result<ModelDeployment> {
         ),
         None => (include_str!("../examples/tiny.yaml").to_string(), "examples/tiny.yaml (built in)".into()),
     };
-    serde_yaml::from_str(&text).with_context(|| format!("{origin} is not a ModelDeployment"))
+    let value: serde_json::Value =
+        serde_yaml::from_str(&text).with_context(|| format!("{origin} is not a ModelDeployment"))?;
+    let violations = kubemoe_operator::schema::violations(&value);
+    if !violations.is_empty() {
+        bail!("{origin}: the API server would refuse this ModelDeployment: {}", violations.join("; "));
+    }
+    let md: ModelDeployment =
+        serde_json::from_value(value).with_context(|| format!("{origin} is not a ModelDeployment"))?;
+    spec::check_name(md.metadata.name.as_deref().unwrap_or_default())
+        .map_err(|invalid| anyhow::anyhow!("{origin}: {}", invalid.message))?;
+    Ok(md)
 }
 
 /// The local path or `builtin:` name of a ModelDeployment's `model.source`.

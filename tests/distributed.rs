@@ -1095,19 +1095,37 @@ fn with_api_keys_only_callers_holding_one_are_served_and_keys_rotate() {
     std::fs::remove_file(&keys).ok();
 }
 
-#[test]
-fn up_with_a_manifest_naming_a_key_secret_asks_for_the_keys_file() {
-    let manifest = std::env::temp_dir().join(format!("kubemoe-auth-{}.yaml", std::process::id()));
+/// `up -f` with examples/tiny.yaml plus `extra` (as `name`.yaml): it must fail; its stderr
+/// and the manifest's path.
+fn up_refusing(name: &str, extra: &str) -> (String, String) {
+    let manifest = std::env::temp_dir().join(format!("kubemoe-{name}-{}.yaml", std::process::id()));
     let tiny = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.yaml")).unwrap();
-    std::fs::write(&manifest, format!("{tiny}  auth:\n    apiKeysSecret: tiny-keys\n")).unwrap();
+    std::fs::write(&manifest, format!("{tiny}{extra}")).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_kubemoe"))
         .args(["up", "-f", manifest.to_str().unwrap(), "--grpc-port", "0", "--http-port", "0"])
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(stderr.contains("auth.apiKeysSecret") && stderr.contains("--api-keys-file"), "{stderr}");
     std::fs::remove_file(&manifest).ok();
+    assert!(!out.status.success());
+    (String::from_utf8_lossy(&out.stderr).into_owned(), manifest.to_str().unwrap().to_string())
+}
+
+#[test]
+fn up_refuses_a_manifest_the_api_server_would_refuse() {
+    for (extra, expected) in [
+        ("  routr:\n    grpcPort: 5\n", "spec.routr: unknown field"),
+        ("  router:\n    grpcPort: 0\n", "spec.router.grpcPort: 0 is less than 1"),
+        ("  router:\n    grpcPort: 8080\n", "router.grpcPort and router.httpPort must differ"),
+    ] {
+        let (stderr, manifest) = up_refusing("strict", extra);
+        assert!(stderr.contains(&manifest) && stderr.contains(expected), "{stderr}");
+    }
+}
+
+#[test]
+fn up_with_a_manifest_naming_a_key_secret_asks_for_the_keys_file() {
+    let (stderr, _) = up_refusing("auth", "  auth:\n    apiKeysSecret: tiny-keys\n");
+    assert!(stderr.contains("auth.apiKeysSecret") && stderr.contains("--api-keys-file"), "{stderr}");
 }
 
 #[test]

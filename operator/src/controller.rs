@@ -157,7 +157,9 @@ async fn reconcile_inner(md: &ModelDeployment, context: &Context) -> Result<Outc
     let client = &context.client;
     let now = Time(Timestamp::now());
     let checked = match resolve_model(md, client, &namespace).await? {
-        Ok((source, model)) => spec::layout(&md.spec, &model).map(|layout| (source, layout)),
+        Ok((source, model)) => spec::check_name(&md.name_any())
+            .and_then(|()| spec::layout(&md.spec, &model))
+            .map(|layout| (source, layout)),
         Err(invalid) => Err(invalid),
     };
     let (source, layout) = match checked {

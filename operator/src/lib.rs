@@ -16,6 +16,7 @@ pub mod http;
 pub mod leader;
 pub mod rebalancer;
 pub mod render;
+pub mod schema;
 pub mod spec;
 pub mod status;
 

@@ -3,8 +3,9 @@
 //!
 //! The manifest may hold several documents; every `ModelDeployment` in it is rendered. A
 //! volume-backed model's config comes from `--model-config`, or else from a ConfigMap in the
-//! same manifest named by `spec.model.configMap` (the examples ship theirs that way). Spec
-//! defaults are applied by deserialising, exactly as the CRD's defaults would be.
+//! same manifest named by `spec.model.configMap` (the examples ship theirs that way). A
+//! ModelDeployment the API server would refuse is refused ([`crate::schema`]); spec defaults
+//! are applied by deserialising, exactly as the CRD's defaults would be.
 //!
 //! Each deployment's internal-token Secret is rendered with a fresh token (the controller makes
 //! it once, when missing): create it once (`kubectl create`), since applying a new token to
@@ -37,10 +38,25 @@ pub fn render(
             continue;
         }
         match value.get("kind").and_then(serde_yaml::Value::as_str) {
-            Some("ModelDeployment") => deployments.push(
-                serde_yaml::from_value::<ModelDeployment>(value)
-                    .map_err(|source| Error::Yaml { origin: origin.to_string(), source })?,
-            ),
+            Some("ModelDeployment") => {
+                // What the API server would refuse is refused here, with every reason.
+                let json = serde_json::to_value(&value)
+                    .map_err(|source| Error::Encode { what: format!("{origin} as JSON"), source })?;
+                let violations = crate::schema::violations(&json);
+                if !violations.is_empty() {
+                    return Err(Error::Manifest {
+                        origin: origin.into(),
+                        message: format!(
+                            "the API server would refuse this ModelDeployment: {}",
+                            violations.join("; ")
+                        ),
+                    });
+                }
+                deployments.push(
+                    serde_yaml::from_value::<ModelDeployment>(value)
+                        .map_err(|source| Error::Yaml { origin: origin.to_string(), source })?,
+                )
+            }
             Some("ConfigMap") => {
                 let name =
                     value.get("metadata").and_then(|m| m.get("name")).and_then(serde_yaml::Value::as_str);
@@ -99,6 +115,7 @@ fn render_one(
         })?;
         ModelConfig::from_json(text, &format!("{origin}: ConfigMap {name}"))?
     };
+    spec::check_name(&md.name_any()).map_err(refused)?;
     let layout = spec::layout(&md.spec, &model).map_err(refused)?;
     let params = BuildParams { epoch: 0, ..params.clone() };
     let token = (params.token)().map_err(|e| Error::Token {
@@ -149,6 +166,22 @@ mod tests {
             ]
         );
         assert!(text.contains("image: img:1"));
+    }
+
+    #[test]
+    fn what_the_api_server_or_the_operator_would_refuse_is_refused() {
+        let text =
+            TINY.replace("replicas: 2\n", "replicas: 2\n    prot: 1\n  router:\n    httpPort: 50051\n");
+        let err = render(&text, "t.yaml", None, &params("img")).unwrap_err().to_string();
+        assert!(err.starts_with("t.yaml: the API server would refuse"), "{err}");
+        assert!(err.contains("spec.workers.prot: unknown field"), "{err}");
+        // The CEL rules run only on a structurally valid object, as in the API server.
+        let text = TINY.replace("replicas: 2\n", "replicas: 2\n  router:\n    httpPort: 50051\n");
+        let err = render(&text, "t.yaml", None, &params("img")).unwrap_err().to_string();
+        assert!(err.contains("router.grpcPort and router.httpPort must differ"), "{err}");
+        let text = TINY.replace("name: t\n", &format!("name: {}\n", "t".repeat(46)));
+        let err = render(&text, "t.yaml", None, &params("img")).unwrap_err().to_string();
+        assert!(err.contains("InvalidName") && err.contains("at most 45"), "{err}");
     }
 
     #[test]

@@ -89,6 +89,28 @@ pub fn policy(spec: &ModelDeploymentSpec) -> kubemoe_placement::Result<Policy> {
 
 /// Settings the schema accepts for what is planned but not built: refused (reason `NotBuilt`)
 /// until their issue lands, so that nothing is silently served another way.
+/// Longest ModelDeployment name: the StatefulSet `<name>-worker` gets a controller revision
+/// label `<statefulset>-<10-character hash>`, and label values stop at 63 characters.
+pub const MAX_NAME: usize = 45;
+
+/// A ModelDeployment's name must make valid names of its children: the router Service is
+/// `<name>` (a DNS-1035 label), the StatefulSet `<name>-worker` (see [`MAX_NAME`]).
+pub fn check_name(name: &str) -> Result<(), Invalid> {
+    let label = name.len() <= MAX_NAME
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && !name.ends_with('-')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if label {
+        return Ok(());
+    }
+    Err(Invalid::new(
+        "InvalidName",
+        format!(
+            "metadata.name {name:?}: the router Service and the worker StatefulSet take this name, so it              must be at most {MAX_NAME} characters of a-z, 0-9 and '-', starting with a letter and not              ending with '-'"
+        ),
+    ))
+}
+
 fn not_built(spec: &ModelDeploymentSpec) -> Result<(), Invalid> {
     let refuse = |message: String| Err(Invalid::new("NotBuilt", message));
     if spec.transport == Transport::Nccl {
@@ -126,6 +148,16 @@ fn not_built(spec: &ModelDeploymentSpec) -> Result<(), Invalid> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_must_make_valid_child_names() {
+        for good in ["tiny", "v3-r1", &"a".repeat(MAX_NAME)] {
+            assert!(check_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "3fold", "Tiny", "a.b", "a-", "a_b", &"a".repeat(MAX_NAME + 1)] {
+            assert_eq!(check_name(bad).unwrap_err().reason, "InvalidName", "{bad}");
+        }
+    }
 
     fn spec(extra: serde_json::Value) -> ModelDeploymentSpec {
         let mut base = serde_json::json!({"model": {"source": "builtin:tiny"}, "workers": {"replicas": 2}});
