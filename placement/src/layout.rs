@@ -58,8 +58,38 @@ pub struct LayoutSpec {
     pub redundant: i32,
 }
 
+/// Most decoder layers a model may have: DeepSeek-V3 has 61; a plan holds one entry list per
+/// MoE layer, so this bounds what a hostile config.json can make a planner allocate.
+pub const MAX_LAYERS: u32 = 1024;
+
 /// Checks the spec against the model and returns the layout, or what to change.
 pub fn layout(spec: &LayoutSpec, model: &ModelConfig) -> Result<Layout, Invalid> {
+    // Sizes come from a config.json: bound the plan before anything is allocated (found by
+    // fuzzing: `num_hidden_layers: 74444442` took gigabytes before any check).
+    if model.num_hidden_layers > MAX_LAYERS {
+        return Err(Invalid::new(
+            "ModelTooLarge",
+            format!(
+                "num_hidden_layers ({}) is more than {MAX_LAYERS}; is config.json right?",
+                model.num_hidden_layers
+            ),
+        ));
+    }
+    let entries = u64::from(model.num_hidden_layers)
+        .saturating_mul(u64::from(model.n_routed_experts).saturating_add(spec.redundant.max(0) as u64));
+    if entries > crate::planner::MAX_PLAN_ENTRIES as u64 {
+        return Err(Invalid::new(
+            "ModelTooLarge",
+            format!(
+                "num_hidden_layers ({}) × (n_routed_experts ({}) + experts.redundant ({})) exceeds the {} \
+                 placement entries a plan may hold; is config.json right?",
+                model.num_hidden_layers,
+                model.n_routed_experts,
+                spec.redundant,
+                crate::planner::MAX_PLAN_ENTRIES
+            ),
+        ));
+    }
     let moe_layers = model.moe_layers();
     if moe_layers.is_empty() {
         return Err(Invalid::new(
@@ -95,13 +125,13 @@ pub fn layout(spec: &LayoutSpec, model: &ModelConfig) -> Result<Layout, Invalid>
             ),
         ));
     }
-    if redundant > logical * (workers - 1) {
+    let spare = u64::from(logical) * u64::from(workers - 1);
+    if u64::from(redundant) > spare {
         return Err(Invalid::new(
             "TooManyRedundantExperts",
             format!(
                 "experts.redundant ({redundant}) exceeds the replicas that can live on other workers \
-                 than their original (n_routed_experts × (workers.replicas − 1) = {}); lower experts.redundant",
-                logical * (workers - 1)
+                 than their original (n_routed_experts × (workers.replicas − 1) = {spare}); lower experts.redundant"
             ),
         ));
     }
@@ -110,7 +140,8 @@ pub fn layout(spec: &LayoutSpec, model: &ModelConfig) -> Result<Layout, Invalid>
 
 /// The divisors of `n` closest to `w` from below and from above (excluding `w`).
 fn nearest_divisors(n: u32, w: u32) -> (Option<u32>, Option<u32>) {
-    let below = (1..w).rev().find(|d| n.is_multiple_of(*d));
+    // No divisor of n exceeds n: the search never walks past it (w may be huge).
+    let below = (1..w.min(n.saturating_add(1))).rev().find(|d| n.is_multiple_of(*d));
     let above = (w + 1..=n).find(|d| n.is_multiple_of(*d));
     (below, above)
 }
@@ -148,6 +179,19 @@ mod tests {
     fn redundant_slots_need_other_workers() {
         let err = layout(&spec(1, 16), &tiny()).unwrap_err();
         assert_eq!(err.reason, "TooManyRedundantExperts");
+    }
+
+    #[test]
+    fn configs_too_large_to_plan_are_refused_before_allocating() {
+        let mut deep = tiny();
+        deep.num_hidden_layers = 55_555_114;
+        assert_eq!(layout(&spec(1, 0), &deep).unwrap_err().reason, "ModelTooLarge");
+        let mut wide = tiny();
+        wide.n_routed_experts = 1 << 26;
+        assert_eq!(layout(&spec(2, 0), &wide).unwrap_err().reason, "ModelTooLarge");
+        // Many workers and experts: no overflow, and no walk over 2^31 candidate divisors.
+        wide.n_routed_experts = 1 << 20;
+        assert!(layout(&spec(i32::MAX, 0), &wide).is_err());
     }
 
     #[test]
