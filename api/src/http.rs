@@ -17,12 +17,13 @@ use tokio_util::sync::CancellationToken;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves `app` on `listener` until `shutdown` fires, then waits for the requests in progress.
+/// Nothing stops it earlier: a failed accept is retried, a failed connection dropped.
 pub async fn serve(
     listener: TcpListener,
     app: axum::Router,
     header_timeout: Duration,
     shutdown: CancellationToken,
-) -> std::io::Result<()> {
+) {
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_timeout);
     let mut connections = tokio::task::JoinSet::new();
@@ -40,7 +41,11 @@ pub async fn serve(
             () = shutdown.cancelled() => break,
         };
         while connections.try_join_next().is_some() {}
-        stream.set_nodelay(true)?;
+        // One connection's failure (a reset before this) must not stop the server.
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "HTTP connection gone before it was served");
+            continue;
+        }
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
         let shutdown = shutdown.clone();
@@ -60,5 +65,4 @@ pub async fn serve(
     }
     drop(listener);
     while connections.join_next().await.is_some() {}
-    Ok(())
 }

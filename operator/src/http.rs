@@ -111,9 +111,8 @@ pub async fn serve(
         .route("/readyz", get(ready))
         .with_state(metrics);
     Ok(tokio::spawn(async move {
-        kubemoe_api::http::serve(listener, app, kubemoe_api::http::HEADER_TIMEOUT, shutdown)
-            .await
-            .map_err(|source| Error::Serve { addr, source })
+        kubemoe_api::http::serve(listener, app, kubemoe_api::http::HEADER_TIMEOUT, shutdown).await;
+        Ok(())
     }))
 }
 

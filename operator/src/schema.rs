@@ -86,7 +86,7 @@ fn structure(schema: &Value, value: &Value, path: &str, found: &mut Vec<String>)
             for (key, field) in object {
                 let at = format!("{path}.{key}");
                 match (&schema["properties"][key], &schema["additionalProperties"]) {
-                    (Value::Null, Value::Bool(true)) | (Value::Null, Value::Null) if open => {}
+                    (Value::Null, Value::Null) if open => {}
                     (Value::Null, Value::Bool(true)) => {}
                     (Value::Null, extra @ Value::Object(_)) => structure(extra, field, &at, found),
                     (property, _) => structure(property, field, &at, found),

@@ -38,8 +38,6 @@ pub enum Error {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("starting the batch loop")]
     Thread(#[from] std::io::Error),
-    #[error("serving HTTP")]
-    Http(#[source] std::io::Error),
     #[error("connecting to {endpoint}")]
     Connect {
         endpoint: String,
@@ -200,15 +198,12 @@ pub async fn run(
         };
 
         let app = metrics::routes(metrics).merge(openai::routes(std::sync::Arc::new(api)));
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let served = kubemoe_api::http::serve(http, app, opts.http_header_timeout, shutdown).await;
-            if let Err(e) = served.map_err(Error::Http) {
-                tracing::error!(error = %kubemoe_placement::error_chain(&e), "the HTTP server stopped");
-            }
-        });
+        tokio::spawn(kubemoe_api::http::serve(http, app, opts.http_header_timeout, shutdown.clone()));
     }
     if let Some(internal) = internal {
+        if token.is_none() {
+            tracing::warn!("no --internal-token-file: anyone who reaches the internal port can read the load and commit placements");
+        }
         let balancer = service::BalancerService { experts };
         let shutdown = shutdown.clone();
         tokio::spawn(async move {

@@ -31,8 +31,6 @@ pub enum Error {
     Transport(#[from] tonic::transport::Error),
     #[error("gRPC reflection")]
     Reflection(#[from] tonic_reflection::server::Error),
-    #[error("serving HTTP")]
-    Http(#[source] std::io::Error),
     #[error(transparent)]
     Credential(#[from] kubemoe_api::Error),
 }
@@ -93,14 +91,12 @@ pub async fn run(
     let stats = std::sync::Arc::new(metrics::Stats::default());
     if let Some(http) = http {
         let app = metrics::routes(store.clone(), stats.clone());
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let timeout = kubemoe_api::http::HEADER_TIMEOUT;
-            let served = kubemoe_api::http::serve(http, app, timeout, shutdown).await;
-            if let Err(e) = served.map_err(Error::Http) {
-                tracing::error!(error = %kubemoe_placement::error_chain(&e), "the HTTP server stopped");
-            }
-        });
+        tokio::spawn(kubemoe_api::http::serve(
+            http,
+            app,
+            kubemoe_api::http::HEADER_TIMEOUT,
+            shutdown.clone(),
+        ));
     }
     service::serve(store, stats, kubemoe_api::auth::Guard(internal), listener, shutdown).await
 }
