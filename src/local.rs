@@ -56,6 +56,14 @@ pub fn up(file: Option<&Path>, overrides: Overrides, mut router_args: Vec<String
         ),
         (None, None) => None,
     };
+    if let Some(tls) = &md.spec.tls {
+        bail!(
+            "{origin}: tls names the Secret `{}`, which `up` cannot read: `up` serves on loopback \
+             in plaintext (its internal calls carry a token it makes); remove tls here, or run \
+             `kubemoe router`/`worker` with --tls-dir",
+            tls.secret_name
+        );
+    }
     let grpc_port = overrides.grpc_port.unwrap_or(md.spec.router.grpc_port as u16);
     let http_port = overrides.http_port.unwrap_or(md.spec.router.http_port as u16);
 
@@ -120,8 +128,12 @@ pub fn up(file: Option<&Path>, overrides: Overrides, mut router_args: Vec<String
         if md.spec.balancing.enabled {
             let credential = kubemoe_api::auth::Keys::load(&token, "--internal-token-file")?;
             let credential = kubemoe_api::auth::Bearer(Some(std::sync::Arc::new(credential)));
-            let servers =
-                kubemoe_api::cluster::Cluster::new(&urls, &[format!("http://{internal}")], &credential)?;
+            let servers = kubemoe_api::cluster::Cluster::new(
+                &urls,
+                &[format!("http://{internal}")],
+                &credential,
+                None,
+            )?;
             let record =
                 kubemoe_placement::rebalance::Printed::new(plan, |line| println!("kubemoe up: {line}"));
             let rebalancing =

@@ -102,6 +102,8 @@ enum Command {
         /// who reaches the port can call them.
         #[arg(long, env = "KUBEMOE_INTERNAL_TOKEN_FILE")]
         internal_token_file: Option<PathBuf>,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Serve the inference API, dispatching routed experts to the workers.
     Router {
@@ -143,6 +145,12 @@ enum Command {
         /// idle keep-alive connections included (30s, 500ms, …).
         #[arg(long, default_value = "30s")]
         http_header_timeout: String,
+        #[command(flatten)]
+        tls: TlsArgs,
+        /// With --tls-dir: the name the workers' certificate must hold (default: the host of
+        /// each worker URL).
+        #[arg(long, env = "KUBEMOE_TLS_SERVER_NAME", requires = "tls_dir")]
+        tls_server_name: Option<String>,
         #[command(flatten)]
         limits: RouterLimits,
     },
@@ -232,6 +240,28 @@ enum Command {
     Plan(plan::PlanArgs),
 }
 
+/// TLS and the plaintext health port of `worker` and `router`.
+#[derive(clap::Args)]
+struct TlsArgs {
+    /// Serve every port but --health-port over TLS with DIR's tls.crt and tls.key (the layout
+    /// of cert-manager's Secrets), re-read when they change; internal calls check the peer's
+    /// certificate against DIR's ca.crt.
+    #[arg(long, env = "KUBEMOE_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+    /// A plaintext port serving grpc.health.v1 alone, for probes that speak no TLS (kubelet's);
+    /// 0 picks a free one (printed last); none without the flag.
+    #[arg(long)]
+    health_port: Option<u16>,
+}
+
+/// Binds `port` when given, printing the address under `role`.
+async fn bind_optional(host: &str, port: Option<u16>, role: &str) -> Result<Option<TcpListener>> {
+    Ok(match port {
+        Some(p) => Some(bind(host, p, role).await?),
+        None => None,
+    })
+}
+
 /// `kubemoe generate`: one request to a router.
 #[derive(clap::Args)]
 struct GenerateArgs {
@@ -261,6 +291,9 @@ struct GenerateArgs {
     /// The router's API key, when it has keys.
     #[arg(long, env = "KUBEMOE_API_KEY")]
     api_key: Option<String>,
+    /// Speak TLS to the router, trusting the CA certificates in this PEM file.
+    #[arg(long, env = "KUBEMOE_CA_FILE")]
+    ca_file: Option<PathBuf>,
 }
 
 impl GenerateArgs {
@@ -399,6 +432,8 @@ impl RouterLimits {
             api_keys_file: None,
             internal_token_file: None,
             http_header_timeout: kubemoe_api::http::HEADER_TIMEOUT,
+            tls_dir: None,
+            tls_server_name: None,
         }
     }
 }
@@ -467,17 +502,19 @@ fn run(command: Command) -> Result<()> {
             port,
             http_port,
             internal_token_file,
+            tls,
         } => {
             let plan = placement.as_deref().map(plan::read_placement).transpose()?;
-            let options = kubemoe_worker::Options { model, rank, world_size, plan, internal_token_file };
+            let tls_dir = tls.tls_dir;
+            let options =
+                kubemoe_worker::Options { model, rank, world_size, plan, internal_token_file, tls_dir };
             runtime()?.block_on(async {
-                let listener = bind(&host, port, "worker").await?;
-                let http = match http_port {
-                    Some(p) => Some(bind(&host, p, "worker http").await?),
-                    None => None,
+                let listeners = kubemoe_worker::Listeners {
+                    grpc: bind(&host, port, "worker").await?,
+                    http: bind_optional(&host, http_port, "worker http").await?,
+                    health: bind_optional(&host, tls.health_port, "worker health").await?,
                 };
-                let shutdown = shutdown_on_signal()?;
-                kubemoe_worker::run(options, listener, http, shutdown).await?;
+                kubemoe_worker::run(options, listeners, shutdown_on_signal()?).await?;
                 Ok::<_, anyhow::Error>(())
             })?
         }
@@ -494,12 +531,16 @@ fn run(command: Command) -> Result<()> {
             internal_port,
             internal_token_file,
             http_header_timeout,
+            tls,
+            tls_server_name,
             limits,
         } => {
             let mut options = limits.options(model, workers);
             options.served_model_name = served_model_name;
             options.api_keys_file = api_keys_file;
             options.internal_token_file = internal_token_file;
+            options.tls_dir = tls.tls_dir;
+            options.tls_server_name = tls_server_name;
             options.http_header_timeout =
                 kubemoe_placement::parse_duration("--http-header-timeout", &http_header_timeout)?;
             anyhow::ensure!(
@@ -509,16 +550,13 @@ fn run(command: Command) -> Result<()> {
             options.placement = placement.as_deref().map(plan::read_placement).transpose()?;
             options.load_window = kubemoe_placement::parse_duration("--load-window", &load_window)?;
             runtime()?.block_on(async {
-                let listener = bind(&host, port, "router").await?;
-                let http = match http_port {
-                    Some(p) => Some(bind(&host, p, "router http").await?),
-                    None => None,
+                let listeners = kubemoe_router::Listeners {
+                    grpc: bind(&host, port, "router").await?,
+                    http: bind_optional(&host, http_port, "router http").await?,
+                    internal: bind_optional(&host, internal_port, "router internal").await?,
+                    health: bind_optional(&host, tls.health_port, "router health").await?,
                 };
-                let internal = match internal_port {
-                    Some(p) => Some(bind(&host, p, "router internal").await?),
-                    None => None,
-                };
-                kubemoe_router::run(options, listener, http, internal, shutdown_on_signal()?).await?;
+                kubemoe_router::run(options, listeners, shutdown_on_signal()?).await?;
                 Ok::<_, anyhow::Error>(())
             })?
         }
@@ -538,9 +576,17 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Generate(args) => {
             let (endpoint, api_key) = (args.endpoint.clone(), args.api_key.clone());
+            let tls = match &args.ca_file {
+                Some(path) => {
+                    let pem = std::fs::read(path).with_context(|| format!("--ca-file {}", path.display()))?;
+                    Some(kubemoe_api::tls::Client::from_ca_pem(&pem, None)?)
+                }
+                None => None,
+            };
             let request = args.request()?;
             let out = &mut std::io::stdout();
-            let stream = kubemoe_router::client::stream(&endpoint, request, api_key.as_deref(), out);
+            let stream =
+                kubemoe_router::client::stream(&endpoint, tls.as_ref(), request, api_key.as_deref(), out);
             let summary = runtime()?.block_on(stream)?;
             println!();
             eprintln!("{summary}");

@@ -32,6 +32,8 @@ struct Proc {
     http: Option<String>,
     /// The internal port's address, for a router started with `--internal-port`.
     internal: Option<String>,
+    /// The plaintext health port's address, with `--health-port`.
+    health: Option<String>,
 }
 
 impl Drop for Proc {
@@ -57,8 +59,9 @@ fn spawn(args: &[&str]) -> Proc {
     let addr = address();
     let http = args.contains(&"--http-port").then(&mut address);
     let internal = args.contains(&"--internal-port").then(&mut address);
+    let health = args.contains(&"--health-port").then(&mut address);
     std::thread::spawn(move || lines.for_each(drop));
-    Proc { child, addr, http, internal }
+    Proc { child, addr, http, internal, health }
 }
 
 fn worker(model: &str, rank: usize, n: usize, port: u16) -> Proc {
@@ -97,12 +100,18 @@ static TOKENS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::
 
 impl Cluster {
     fn start(model: &str, n: usize, router_args: &[&str]) -> Self {
+        Self::start_with(model, n, router_args, &[])
+    }
+
+    /// [`Cluster::start`] with arguments for both roles (`--tls-dir`, …).
+    fn start_with(model: &str, n: usize, router_args: &[&str], both: &[&str]) -> Self {
         let token = kubemoe_api::auth::generate_token().unwrap();
         let unique = TOKENS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let token_file = std::env::temp_dir().join(format!("kubemoe-token-{}-{unique}", std::process::id()));
         std::fs::write(&token_file, &token).unwrap();
         let token_file = token_file.to_str().unwrap().to_string();
-        let internal = ["--internal-token-file", token_file.as_str()];
+        let mut internal = vec!["--internal-token-file", token_file.as_str()];
+        internal.extend_from_slice(both);
         let workers: Vec<Proc> = (0..n).map(|r| worker_with(model, r, n, 0, &internal)).collect();
         let urls: Vec<String> = workers.iter().map(|w| format!("http://{}", w.addr)).collect();
         let urls = urls.join(",");
@@ -117,7 +126,7 @@ impl Cluster {
 
     /// A client of the router's internal port presenting `token`.
     fn balancer(&self, token: Option<&str>) -> BalancerClient<Internal> {
-        let channel = kubemoe_api::channel(self.router.internal.as_ref().unwrap()).unwrap();
+        let channel = kubemoe_api::channel(self.router.internal.as_ref().unwrap(), None).unwrap();
         BalancerClient::with_interceptor(channel, bearer(token))
     }
 
@@ -132,7 +141,7 @@ fn bearer(token: Option<&str>) -> Bearer {
 
 /// A client of the worker at `url` presenting `token`.
 fn expert_client(url: &str, token: Option<&str>) -> ExpertClient<Internal> {
-    ExpertClient::with_interceptor(kubemoe_api::channel(url).unwrap(), bearer(token))
+    ExpertClient::with_interceptor(kubemoe_api::channel(url, None).unwrap(), bearer(token))
 }
 
 fn ids_request(ids: &[u32], max_tokens: u32) -> GenerateRequest {
@@ -196,8 +205,10 @@ fn distributed_logits_equal_single_process_logits() {
     let _entered = runtime.enter();
     for n in [2, 4] {
         let workers: Vec<Proc> = (0..n).map(|r| worker(&model, r, n, 0)).collect();
-        let channels =
-            workers.iter().map(|w| kubemoe_api::channel(&format!("http://{}", w.addr)).unwrap()).collect();
+        let channels = workers
+            .iter()
+            .map(|w| kubemoe_api::channel(&format!("http://{}", w.addr), None).unwrap())
+            .collect();
         let remote = kubemoe_router::remote::RemoteExperts::new(
             &dense.config,
             channels,
@@ -366,7 +377,7 @@ fn malformed_protobuf_is_invalid_argument_on_every_service() {
     rt().block_on(async {
         for (addr, path) in calls {
             for bytes in &garbage {
-                let channel = kubemoe_api::channel(&addr).unwrap();
+                let channel = kubemoe_api::channel(&addr, None).unwrap();
                 let channel =
                     tonic::service::interceptor::InterceptedService::new(channel, bearer(Some(&c.token)));
                 let mut grpc = tonic::client::Grpc::new(channel);
@@ -709,7 +720,7 @@ fn skewed_load_is_rebalanced_live_without_failing_or_changing_a_request() {
                 })
             })
             .collect();
-        let channel = kubemoe_api::channel(&internal_addr).unwrap();
+        let channel = kubemoe_api::channel(&internal_addr, None).unwrap();
         let mut balancer = BalancerClient::with_interceptor(channel, bearer(Some(&token)));
         let started = Instant::now();
         loop {
@@ -1203,7 +1214,7 @@ fn internal_calls_without_the_deployments_token_are_refused_and_change_nothing()
             }
         }
         // The Balancer is not on the public port, even with the token.
-        let public = kubemoe_api::channel(&c.router.addr).unwrap();
+        let public = kubemoe_api::channel(&c.router.addr, None).unwrap();
         let mut balancer = BalancerClient::with_interceptor(public, bearer(Some(&c.token)));
         assert_eq!(balancer.load(LoadRequest {}).await.unwrap_err().code(), Code::Unimplemented);
         // Nothing changed: the worker's experts and epoch, the router's plan, the output.
@@ -1283,7 +1294,7 @@ fn reflection_v1alpha_lists_the_inference_service_for_older_clients() {
     use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
     let c = Cluster::start("builtin:tiny", 1, &[]);
     let services = rt().block_on(async {
-        let mut client = ServerReflectionClient::new(kubemoe_api::channel(&c.router.addr).unwrap());
+        let mut client = ServerReflectionClient::new(kubemoe_api::channel(&c.router.addr, None).unwrap());
         let request = ServerReflectionRequest {
             host: String::new(),
             message_request: Some(MessageRequest::ListServices(String::new())),
@@ -1495,4 +1506,209 @@ fn a_chat_template_that_opens_think_puts_the_answer_in_reasoning_content() {
     );
     drop(c);
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A CA and a certificate it issued for `localhost` and 127.0.0.1, written as cert-manager
+/// writes a Secret (`tls.crt`, `tls.key`, `ca.crt`) into a directory of their own.
+struct Certs {
+    dir: PathBuf,
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+static CERT_DIRS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl Certs {
+    fn new() -> Self {
+        let unique = CERT_DIRS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("kubemoe-tls-{}-{unique}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "kubemoe test CA");
+        let ca = params.self_signed(&ca_key).unwrap();
+        std::fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
+        Certs { dir, ca, ca_key }
+    }
+
+    /// A new certificate and key for the servers (not yet written).
+    fn issue(&self) -> (rcgen::Certificate, rcgen::KeyPair) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+        (params.signed_by(&key, &self.ca, &self.ca_key).unwrap(), key)
+    }
+
+    /// Writes `tls.crt` and `tls.key`, dated a second later than any write before (the
+    /// servers look at modification times once a second).
+    fn install(&self, cert: &rcgen::Certificate, key: &rcgen::KeyPair) {
+        for (name, pem) in [("tls.crt", cert.pem()), ("tls.key", key.serialize_pem())] {
+            let path = self.dir.join(name);
+            std::fs::write(&path, pem).unwrap();
+            let file = std::fs::File::options().write(true).open(&path).unwrap();
+            file.set_modified(std::time::SystemTime::now() + Duration::from_secs(1)).unwrap();
+        }
+    }
+
+    fn client(&self) -> kubemoe_api::tls::Client {
+        let pem = std::fs::read(self.dir.join("ca.crt")).unwrap();
+        kubemoe_api::tls::Client::from_ca_pem(&pem, None).unwrap()
+    }
+}
+
+impl Drop for Certs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The certificate a server presents to a new client (one that resumes no earlier session).
+async fn presented(certs: &Certs, addr: &str) -> Vec<u8> {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let stream = certs.client().connect(host, port.parse().unwrap()).await.unwrap();
+    stream.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// `GET path` over HTTPS (HTTP/1.0), trusting the CA certificate `ca` (DER): the status and
+/// body.
+fn https_get(ca: Vec<u8>, addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.into()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut connection = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    let mut stream = rustls::Stream::new(&mut connection, &mut tcp);
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut bytes = Vec::new();
+    // The server may close without close_notify once the answer is sent.
+    let _ = stream.read_to_end(&mut bytes);
+    let text = String::from_utf8(bytes).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head.split_whitespace().nth(1).unwrap().parse().unwrap(), body.to_string())
+}
+
+#[test]
+fn with_tls_every_port_is_encrypted_internal_calls_need_the_token_and_a_rotation_keeps_serving() {
+    use kubemoe_api::expert::{
+        CommitRequest, DispatchRequest, InfoRequest, LoadRequest, PrepareRequest, ReleaseRequest,
+    };
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let certs = Certs::new();
+    let (first, first_key) = certs.issue();
+    certs.install(&first, &first_key);
+    let dir = certs.dir.to_str().unwrap().to_string();
+    let tls = ["--tls-dir", dir.as_str(), "--health-port", "0"];
+    let c = Cluster::start_with("builtin:tiny", 2, &["--http-port", "0"], &tls);
+    let client = certs.client();
+    let local = source::open("builtin:tiny", Experts::All).unwrap();
+    let alone = |prompt: &[u32]| {
+        let request =
+            Request { prompt: prompt.to_vec(), max_new_tokens: 6, sampling: SamplingParams::default() };
+        generate(&local, &[request]).unwrap().remove(0)
+    };
+    let worker = format!("http://{}", c.workers[0].addr);
+    let over_tls = |addr: &str| kubemoe_api::channel(addr, Some(&client)).unwrap();
+    rt().block_on(async {
+        // The API over TLS (and the router's calls to the workers): the engine's tokens.
+        let mut api = InferenceClient::new(over_tls(&c.router.addr));
+        let got = api.generate(ids_request(&[1, 2, 3], 6)).await.unwrap().into_inner().token_ids;
+        assert_eq!(got, alone(&[1, 2, 3]));
+        // Plaintext clients get no answer from any TLS port.
+        for addr in [&c.router.addr, c.router.internal.as_ref().unwrap(), &c.workers[0].addr] {
+            let mut health = HealthClient::new(kubemoe_api::channel(addr, None).unwrap());
+            let refused = health.check(HealthCheckRequest { service: String::new() }).await;
+            assert!(refused.is_err(), "{addr} answered a plaintext client");
+        }
+        // The health ports answer in plaintext, health alone.
+        for proc in c.workers.iter().chain([&c.router]) {
+            let plain = kubemoe_api::channel(proc.health.as_ref().unwrap(), None).unwrap();
+            let status = HealthClient::new(plain.clone())
+                .check(HealthCheckRequest { service: String::new() })
+                .await
+                .unwrap()
+                .into_inner()
+                .status;
+            assert_eq!(status, ServingStatus::Serving as i32);
+            let mut expert = ExpertClient::with_interceptor(plain, bearer(Some(&c.token)));
+            assert_eq!(expert.info(InfoRequest {}).await.unwrap_err().code(), Code::Unimplemented);
+        }
+        // TLS clients without the deployment's token are refused, and nothing changes.
+        let internal = over_tls(c.router.internal.as_ref().unwrap());
+        let plan = BalancerClient::with_interceptor(internal.clone(), bearer(Some(&c.token)))
+            .load(LoadRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .plan
+            .unwrap();
+        let mut moved = plan.clone();
+        moved.epoch += 1;
+        for layer in &mut moved.layers {
+            layer.slots.reverse();
+        }
+        let held = ExpertClient::with_interceptor(over_tls(&worker), bearer(Some(&c.token)))
+            .info(InfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        for token in [None, Some("not-the-token")] {
+            let mut expert = ExpertClient::with_interceptor(over_tls(&worker), bearer(token));
+            let mut balancer = BalancerClient::with_interceptor(internal.clone(), bearer(token));
+            let refused = [
+                expert.prepare(PrepareRequest { plan: Some(moved.clone()) }).await.map(drop),
+                expert.release(ReleaseRequest { epoch: moved.epoch }).await.map(drop),
+                expert
+                    .dispatch(DispatchRequest { layer: 1, tokens: 0, ..Default::default() })
+                    .await
+                    .map(drop),
+                balancer.commit(CommitRequest { plan: Some(moved.clone()) }).await.map(drop),
+            ];
+            for (call, result) in refused.into_iter().enumerate() {
+                let status = result.expect_err("an internal call without the token was served");
+                assert_eq!(status.code(), Code::Unauthenticated, "call {call} with {token:?}: {status:?}");
+            }
+        }
+        let after = ExpertClient::with_interceptor(over_tls(&worker), bearer(Some(&c.token)))
+            .info(InfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((after.epoch, &after.experts), (held.epoch, &held.experts));
+        // The OpenAI API's port speaks HTTPS.
+        let http = c.router.http.clone().unwrap();
+        let ca = certs.ca.der().to_vec();
+        let (status, body) =
+            tokio::task::spawn_blocking(move || https_get(ca, &http, "/health")).await.unwrap();
+        assert_eq!(status, 200, "{body}");
+
+        // Rotation. A half-written pair (new certificate, old key) is not used: the old
+        // certificate keeps serving.
+        assert_eq!(presented(&certs, &c.router.addr).await, first.der().to_vec());
+        let (second, second_key) = certs.issue();
+        certs.install(&second, &first_key);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(presented(&certs, &c.router.addr).await, first.der().to_vec());
+        // The whole new pair: new connections to every port get it, without a restart.
+        certs.install(&second, &second_key);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        for addr in
+            [&c.router.addr, c.router.internal.as_ref().unwrap(), &c.workers[0].addr, &c.workers[1].addr]
+        {
+            assert_eq!(presented(&certs, addr).await, second.der().to_vec(), "{addr}");
+        }
+        // Serving went on: over the connection opened before, and over a new one.
+        let got = api.generate(ids_request(&[1, 2, 3], 6)).await.unwrap().into_inner().token_ids;
+        assert_eq!(got, alone(&[1, 2, 3]));
+        let mut fresh = InferenceClient::new(over_tls(&c.router.addr));
+        let got = fresh.generate(ids_request(&[4, 5], 6)).await.unwrap().into_inner().token_ids;
+        assert_eq!(got, alone(&[4, 5]));
+    });
 }

@@ -24,12 +24,17 @@ pub struct Cluster {
 
 impl Cluster {
     /// Workers in rank order and routers' internal ports, as `host:port` or URLs, called with
-    /// the deployment's internal credential; connects lazily. A URL that is not one fails with
+    /// the deployment's internal credential (over TLS when `tls` is given); connects lazily. A URL that is not one fails with
     /// [`Error::Call`] naming it (step `connect`).
-    pub fn new(workers: &[String], routers: &[String], credential: &Bearer) -> Result<Self> {
+    pub fn new(
+        workers: &[String],
+        routers: &[String],
+        credential: &Bearer,
+        tls: Option<&crate::tls::Client>,
+    ) -> Result<Self> {
         let max = crate::MAX_MESSAGE_BYTES;
         let channel = |url: &String| {
-            crate::channel(url).map_err(|source| Error::Call {
+            crate::channel(url, tls).map_err(|source| Error::Call {
                 step: "connect",
                 target: url.clone(),
                 source: Box::new(source),

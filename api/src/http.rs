@@ -5,9 +5,13 @@
 //! request or idle between keep-alive requests (hyper's timer starts as soon as the connection
 //! waits for a head). Streams already answering are not cut: the timeout covers the head only.
 //!
+//! With TLS ([`crate::tls`]) the handshake comes first ([`crate::conn`]), bounded on its own.
+//!
 //! Shutdown: the listener closes at once; connections finish the requests they are serving
 //! (hyper's graceful shutdown) and close.
 
+use futures::StreamExt;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -16,10 +20,12 @@ use tokio_util::sync::CancellationToken;
 /// keep-alive connections after 5 s; a head has always arrived by 30 s from a real client).
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Serves `app` on `listener` until `shutdown` fires, then waits for the requests in progress.
-/// Nothing stops it earlier: a failed accept is retried, a failed connection dropped.
+/// Serves `app` on `listener` (over TLS when `tls` is given) until `shutdown` fires, then
+/// waits for the requests in progress. Nothing stops it earlier: a failed accept is retried, a
+/// failed connection dropped.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<Arc<crate::tls::ServerConfig>>,
     app: axum::Router,
     header_timeout: Duration,
     shutdown: CancellationToken,
@@ -27,27 +33,16 @@ pub async fn serve(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_timeout);
     let mut connections = tokio::task::JoinSet::new();
+    // Boxed so that it can be dropped (closing the listener) before the connections finish.
+    let mut incoming = Box::pin(crate::conn::incoming(listener, tls));
     loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                // Out of file descriptors and the like: the listener is still good.
-                Err(error) => {
-                    tracing::warn!(%error, "accepting an HTTP connection");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let conn = tokio::select! {
+            Some(Ok(conn)) = incoming.next() => conn,
             () = shutdown.cancelled() => break,
         };
         while connections.try_join_next().is_some() {}
-        // One connection's failure (a reset before this) must not stop the server.
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::debug!(%error, "HTTP connection gone before it was served");
-            continue;
-        }
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(conn), service);
         let shutdown = shutdown.clone();
         connections.spawn(async move {
             let mut connection = std::pin::pin!(connection);
@@ -63,6 +58,6 @@ pub async fn serve(
             }
         });
     }
-    drop(listener);
+    drop(incoming);
     while connections.join_next().await.is_some() {}
 }

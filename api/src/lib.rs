@@ -2,14 +2,17 @@
 //! into `OUT_DIR`), the byte layouts their `bytes` fields carry ([`route`]), the message-size
 //! limit, the conversion of placements to and from the wire, the gRPC client the rebalance
 //! loop reaches servers with ([`cluster`]), and what every server shares: credentials
-//! ([`auth`]), the codec ([`codec`]), the HTTP server ([`http`]). No Kubernetes here: routers and workers link this.
+//! ([`auth`]), TLS ([`tls`]) and accepted connections ([`conn`]), the codec ([`codec`]), the
+//! HTTP server ([`http`]). No Kubernetes here: routers and workers link this.
 
 pub mod auth;
 pub mod cluster;
 pub mod codec;
+pub mod conn;
 pub mod http;
 pub mod metrics;
 pub mod route;
+pub mod tls;
 pub mod trace;
 
 pub use kubemoe_placement::error_chain;
@@ -21,6 +24,9 @@ pub enum Error {
     /// A keys file (or key) that cannot be used; `reason` says what to change.
     #[error("{flag} {}: {reason}", path.display())]
     Keys { flag: &'static str, path: std::path::PathBuf, reason: String },
+    /// TLS files (`--tls-dir`, or a Secret's `ca.crt`) that cannot be used.
+    #[error("TLS {}: {reason}", path.display())]
+    Tls { path: std::path::PathBuf, reason: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -101,28 +107,28 @@ pub mod reflection {
     }
 }
 
-/// A server's accepted connections, with Nagle's algorithm off so that replies leave as soon
-/// as they are written.
-pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
-}
-
 /// The largest HTTP/2 frame (2^24 - 1, the protocol's limit).
 pub const MAX_FRAME_BYTES: u32 = (1 << 24) - 1;
 
 /// A lazily connecting channel to a kubemoe server (worker or router) that reconnects after
-/// the server restarts. `url` is
-/// `http://host:port` or plain `host:port`.
-pub fn channel(url: &str) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+/// the server restarts, over TLS when `tls` is given. `url` is `http://host:port` or plain
+/// `host:port` (with TLS too: the scheme names no transport here).
+pub fn channel(
+    url: &str,
+    tls: Option<&tls::Client>,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     let url = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
-    Ok(tonic::transport::Endpoint::from_shared(url)?
+    let endpoint = tonic::transport::Endpoint::from_shared(url)?
         .connect_timeout(std::time::Duration::from_secs(2))
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(16 << 20))
         .initial_connection_window_size(Some(32 << 20))
         // Large frames: a dispatch is megabytes, and 16 KiB frames cost a syscall each.
-        .max_frame_size(Some(MAX_FRAME_BYTES))
-        .connect_lazy())
+        .max_frame_size(Some(MAX_FRAME_BYTES));
+    Ok(match tls {
+        Some(client) => endpoint.connect_with_connector_lazy(client.clone()),
+        None => endpoint.connect_lazy(),
+    })
 }
 
 /// `grpc.health.v1` statuses every kubemoe server keeps: `liveness` (what pods' liveness probes
@@ -142,6 +148,23 @@ pub mod health {
     pub async fn draining(reporter: &HealthReporter, service: &str) {
         for name in ["", service] {
             reporter.set_service_status(name, ServingStatus::NotServing).await;
+        }
+    }
+
+    /// Serves `health` alone, in plaintext, on `listener` (`--health-port`) until `shutdown`:
+    /// kubelet's gRPC probes speak no TLS, and a port that answers only health questions
+    /// gives away nothing without it.
+    pub async fn serve(
+        listener: tokio::net::TcpListener,
+        health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let served = tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming_shutdown(crate::conn::incoming(listener, None), shutdown.cancelled_owned())
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "the health server stopped");
         }
     }
 }

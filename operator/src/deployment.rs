@@ -74,7 +74,9 @@ const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
     validation = Rule::new("self.router.internalPort != self.router.grpcPort && self.router.internalPort != self.router.httpPort")
         .message("router.internalPort must differ from router.grpcPort and router.httpPort"),
     validation = Rule::new("self.workers.port != self.workers.httpPort")
-        .message("workers.port and workers.httpPort must differ")
+        .message("workers.port and workers.httpPort must differ"),
+    validation = Rule::new("!has(self.tls) || !(self.tls.healthPort in [self.router.grpcPort, self.router.httpPort, self.router.internalPort, self.workers.port, self.workers.httpPort])")
+        .message("tls.healthPort must differ from the router's and the workers' other ports")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ModelDeploymentSpec {
@@ -101,6 +103,9 @@ pub struct ModelDeploymentSpec {
     /// Who may use the router's public APIs.
     #[serde(default)]
     pub auth: AuthSpec,
+    /// TLS on every port of the routers and workers. Default: plaintext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
     /// Image of the router and worker pods (the one `kubemoe` image); defaults to the
     /// operator's own image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -368,6 +373,24 @@ pub struct AuthSpec {
     pub api_keys_secret: Option<String>,
 }
 
+/// TLS on every port of the deployment's pods (the public gRPC and HTTP APIs, the routers'
+/// internal port, the workers), and on the internal calls between them and from the operator.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// A Secret in this namespace with `tls.crt`, `tls.key` and `ca.crt`: what cert-manager
+    /// writes for a Certificate. Its certificate must be valid for `<name>.<namespace>.svc`
+    /// (the router Service, and the name every internal call checks), and `ca.crt` must hold
+    /// the CA that issued it. Renewals apply to new connections without a restart.
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
+    /// A plaintext port on every pod that serves gRPC health alone: kubelet's gRPC probes
+    /// cannot speak TLS.
+    #[serde(default = "default_health_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub health_port: i32,
+}
+
 /// Scheduling of the pods.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[x_kube(
@@ -486,6 +509,9 @@ fn default_http_port() -> i32 {
 }
 fn default_router_internal_port() -> i32 {
     50053
+}
+fn default_health_port() -> i32 {
+    50059
 }
 fn default_worker_port() -> i32 {
     50052

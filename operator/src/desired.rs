@@ -53,6 +53,8 @@ pub const API_KEYS_KEY: &str = "api-keys";
 /// Where routers and workers mount the deployment's internal-token Secret, and its key.
 pub const INTERNAL_DIR: &str = "/etc/kubemoe/internal";
 pub const INTERNAL_TOKEN_KEY: &str = "token";
+/// Where `spec.tls.secretName` is mounted (`tls.crt`, `tls.key`, `ca.crt`).
+pub const TLS_DIR: &str = "/etc/kubemoe/tls";
 /// The non-root user of the image (distroless `nonroot`).
 const RUN_AS: i64 = 65532;
 
@@ -237,6 +239,12 @@ pub fn worker_addresses(md: &ModelDeployment, workers: u32) -> Vec<String> {
         .collect()
 }
 
+/// The name every internal TLS call of `md` checks: its router Service's, which the one
+/// certificate of the deployment holds for the API's clients anyway.
+pub fn tls_server_name(md: &ModelDeployment) -> String {
+    format!("{}.{}.svc", Names::of(&md.name_any()).router_service, namespace_of(md))
+}
+
 fn namespace_of(md: &ModelDeployment) -> String {
     md.namespace().unwrap_or_else(|| "default".to_string())
 }
@@ -361,18 +369,27 @@ impl<'a> Ctx<'a> {
     /// Arguments both roles share: the model, the mounted placement ConfigMap, so that a
     /// (re)started pod serves the epoch in force, and the internal token.
     fn common_args(&self, model: String) -> Vec<String> {
-        vec![
+        let mut args = vec![
             "--model".into(),
             model,
             "--placement".into(),
             format!("{PLACEMENT_DIR}/{}", placement::KEY),
             "--internal-token-file".into(),
             format!("{INTERNAL_DIR}/{INTERNAL_TOKEN_KEY}"),
-        ]
+        ];
+        if let Some(tls) = &self.md.spec.tls {
+            args.extend([
+                "--tls-dir".into(),
+                TLS_DIR.into(),
+                "--health-port".into(),
+                tls.health_port.to_string(),
+            ]);
+        }
+        args
     }
 
     /// Volumes and mounts both roles share: writable /tmp on a read-only root filesystem, the
-    /// placement, the internal token (the whole key as a file, no subPath, so that the
+    /// placement, the internal token and the TLS Secret (whole Secrets, no subPath, so that the
     /// kubelet's updates reach the pod), and the model.
     fn volumes(&self, names: &Names, model_volume: Option<Volume>) -> (Vec<Volume>, Vec<VolumeMount>) {
         let mut volumes = vec![
@@ -403,6 +420,17 @@ impl<'a> Ctx<'a> {
             mount("placement", PLACEMENT_DIR, true),
             mount("internal-token", INTERNAL_DIR, true),
         ];
+        if let Some(tls) = &self.md.spec.tls {
+            volumes.push(Volume {
+                name: "tls".into(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(tls.secret_name.clone()),
+                    ..SecretVolumeSource::default()
+                }),
+                ..Volume::default()
+            });
+            mounts.push(mount("tls", TLS_DIR, true));
+        }
         if let Some(volume) = model_volume {
             let mut model_mount = mount("model", MODEL_DIR, true);
             if let ModelSource::Pvc { path, .. } = self.source {
@@ -412,6 +440,14 @@ impl<'a> Ctx<'a> {
             mounts.push(model_mount);
         }
         (volumes, mounts)
+    }
+
+    /// `ports` and, with TLS, the plaintext health port.
+    fn with_health_port(&self, mut ports: Vec<ContainerPort>) -> Vec<ContainerPort> {
+        if let Some(tls) = &self.md.spec.tls {
+            ports.push(container_port("health", tls.health_port));
+        }
+        ports
     }
 
     fn layout_annotations(&self) -> BTreeMap<String, String> {
@@ -467,10 +503,10 @@ impl<'a> Ctx<'a> {
             name: "worker".into(),
             args: Some(args),
             env: Some(env),
-            ports: Some(vec![
+            ports: Some(self.with_health_port(vec![
                 container_port("grpc", workers.port),
                 container_port("http", workers.http_port),
-            ]),
+            ])),
             resources: Some(resources).filter(|r| *r != ResourceRequirements::default()),
             volume_mounts: Some(mounts),
             ..self.container(workers.port)
@@ -553,6 +589,10 @@ impl<'a> Ctx<'a> {
         if let Some(max) = spec.model.max_context_length {
             args.extend(["--max-context".into(), max.to_string()]);
         }
+        if spec.tls.is_some() {
+            // Workers present the deployment's certificate, issued for the router Service.
+            args.extend(["--tls-server-name".into(), tls_server_name(self.md)]);
+        }
         let (mut volumes, mut mounts) = self.volumes(names, model_volume);
         if let Some(secret) = &spec.auth.api_keys_secret {
             // The whole key as a file (no subPath), so the kubelet's updates reach the router.
@@ -576,11 +616,11 @@ impl<'a> Ctx<'a> {
             name: "router".into(),
             args: Some(args),
             env: Some(pod_env()),
-            ports: Some(vec![
+            ports: Some(self.with_health_port(vec![
                 container_port("grpc", router.grpc_port),
                 container_port("http", router.http_port),
                 container_port("internal", router.internal_port),
-            ]),
+            ])),
             resources: router.resources.clone(),
             volume_mounts: Some(mounts),
             // Ready once `/health` answers: the HTTP server starts when the model is loaded and
@@ -589,6 +629,8 @@ impl<'a> Ctx<'a> {
                 http_get: Some(HTTPGetAction {
                     path: Some("/health".into()),
                     port: IntOrString::String("http".into()),
+                    // kubelet does not check the certificate.
+                    scheme: spec.tls.as_ref().map(|_| "HTTPS".into()),
                     ..HTTPGetAction::default()
                 }),
                 ..readiness()
@@ -742,20 +784,22 @@ impl<'a> Ctx<'a> {
         Some(PodGroup { resource, object })
     }
 
-    /// Security, probes and image shared by both containers.
+    /// Security, probes and image shared by both containers. With TLS the probes ask the
+    /// plaintext health port (kubelet's gRPC probes speak no TLS).
     fn container(&self, grpc_port: i32) -> Container {
+        let probe_port = self.md.spec.tls.as_ref().map_or(grpc_port, |t| t.health_port);
         Container {
             image: Some(self.image()),
             // Liveness asks the gRPC health service for `liveness`, served as soon as the process
             // runs; readiness asks for the server as a whole, served once the weights are loaded.
             liveness_probe: Some(Probe {
-                grpc: Some(GRPCAction { port: grpc_port, service: Some("liveness".into()) }),
+                grpc: Some(GRPCAction { port: probe_port, service: Some("liveness".into()) }),
                 period_seconds: Some(10),
                 failure_threshold: Some(3),
                 ..Probe::default()
             }),
             readiness_probe: Some(Probe {
-                grpc: Some(GRPCAction { port: grpc_port, service: None }),
+                grpc: Some(GRPCAction { port: probe_port, service: None }),
                 ..readiness()
             }),
             security_context: Some(SecurityContext {
@@ -978,6 +1022,47 @@ mod tests {
             .iter()
             .filter_map(|v| v.secret.as_ref())
             .all(|s| s.secret_name.as_deref() == Some("m-internal")));
+    }
+
+    #[test]
+    fn with_tls_both_roles_mount_the_secret_serve_tls_and_are_probed_on_the_plaintext_health_port() {
+        let desired = build_for(
+            serde_json::json!({"model": {"source": "builtin:tiny"}, "workers": {"replicas": 2},
+                "tls": {"secretName": "m-cert"}}),
+            None,
+        );
+        let router = desired.router.spec.clone().unwrap().template.spec.unwrap();
+        for pod in [worker_pod(&desired), router.clone()] {
+            let container = &pod.containers[0];
+            let args = container.args.clone().unwrap();
+            let after = |flag: &str| args.iter().skip_while(|a| *a != flag).nth(1).cloned();
+            assert_eq!(after("--tls-dir").as_deref(), Some(TLS_DIR));
+            assert_eq!(after("--health-port").as_deref(), Some("50059"));
+            let volume = pod.volumes.clone().unwrap().into_iter().find(|v| v.name == "tls").unwrap();
+            assert_eq!(volume.secret.unwrap().secret_name.as_deref(), Some("m-cert"));
+            let mounts = container.volume_mounts.clone().unwrap();
+            let mount = mounts.iter().find(|m| m.name == "tls").unwrap();
+            // No subPath: renewed certificates reach the running pods.
+            assert_eq!((mount.mount_path.as_str(), mount.sub_path.as_deref()), (TLS_DIR, None));
+            let ports = container.ports.clone().unwrap();
+            assert!(ports.iter().any(|p| (p.name.as_deref(), p.container_port) == (Some("health"), 50059)));
+            let live = container.liveness_probe.clone().unwrap().grpc.unwrap();
+            assert_eq!(live.port, 50059);
+        }
+        let worker = worker_pod(&desired);
+        assert_eq!(worker.containers[0].readiness_probe.clone().unwrap().grpc.unwrap().port, 50059);
+        // The router's readiness asks /health over HTTPS; its workers must hold the router
+        // Service's name.
+        let ready = router.containers[0].readiness_probe.clone().unwrap().http_get.unwrap();
+        assert_eq!(ready.scheme.as_deref(), Some("HTTPS"));
+        let args = router.containers[0].args.clone().unwrap();
+        let name = args.iter().skip_while(|a| *a != "--tls-server-name").nth(1).unwrap();
+        assert!(name.starts_with("m.") && name.ends_with(".svc"), "{name}");
+        // Without TLS: none of it.
+        let plain = tiny();
+        let args = worker_pod(&plain).containers[0].args.clone().unwrap();
+        assert!(!args.iter().any(|a| a == "--tls-dir" || a == "--health-port"));
+        assert!(worker_pod(&plain).volumes.unwrap().iter().all(|v| v.name != "tls"));
     }
 
     #[test]

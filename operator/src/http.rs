@@ -111,7 +111,7 @@ pub async fn serve(
         .route("/readyz", get(ready))
         .with_state(metrics);
     Ok(tokio::spawn(async move {
-        kubemoe_api::http::serve(listener, app, kubemoe_api::http::HEADER_TIMEOUT, shutdown).await;
+        kubemoe_api::http::serve(listener, None, app, kubemoe_api::http::HEADER_TIMEOUT, shutdown).await;
         Ok(())
     }))
 }

@@ -73,6 +73,9 @@ pub enum Error {
     /// The internal token of a deployment cannot be made or used.
     #[error("internal token {name}: {reason}")]
     Token { name: String, reason: String },
+    /// The TLS Secret of a deployment (`spec.tls.secretName`) cannot be used.
+    #[error("TLS Secret {name}: {reason}")]
+    Tls { name: String, reason: String },
 }
 
 impl Error {

@@ -205,7 +205,25 @@ async fn turn(context: &Context, md: &ModelDeployment, unsettled: bool) -> Resul
             reason: format!("no UTF-8 key `{}`", desired::INTERNAL_TOKEN_KEY),
         })?;
     let token = Keys::fixed(token).map_err(|e| Error::Token { name, reason: e.to_string() })?;
-    let cluster = Cluster::new(&workers, &routers, &Bearer(Some(Arc::new(token))))?;
+    let tls = match &md.spec.tls {
+        Some(tls) => {
+            let Some(secret) = controller::get(&secrets, &tls.secret_name).await? else {
+                return Ok(Polled::Waiting);
+            };
+            let invalid = |reason: String| Error::Tls { name: tls.secret_name.clone(), reason };
+            let ca =
+                secret.data.as_ref().and_then(|d| d.get(kubemoe_api::tls::CA_FILE)).ok_or_else(|| {
+                    invalid(format!("no key `{}` (the CA that issued tls.crt)", kubemoe_api::tls::CA_FILE))
+                })?;
+            let server_name = desired::tls_server_name(md);
+            Some(
+                kubemoe_api::tls::Client::from_ca_pem(&ca.0, Some(&server_name))
+                    .map_err(|e| invalid(e.to_string()))?,
+            )
+        }
+        None => None,
+    };
+    let cluster = Cluster::new(&workers, &routers, &Bearer(Some(Arc::new(token))), tls.as_ref())?;
     poll(context, md, &target, &cluster, unsettled).await
 }
 

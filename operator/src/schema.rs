@@ -254,5 +254,15 @@ mod tests {
             tiny(|s| s["scheduling"] = json!({"gang": true, "schedulerName": "volcano"})),
             Vec::<String>::new()
         );
+        // The health port's default (50059) against a worker port set to it; tls is optional.
+        let got = tiny(|s| {
+            s["tls"] = json!({"secretName": "c"});
+            s["workers"]["port"] = json!(50059);
+        })
+        .join("; ");
+        assert!(got.contains("tls.healthPort must differ"), "{got}");
+        assert_eq!(tiny(|s| s["tls"] = json!({"secretName": "c"})), Vec::<String>::new());
+        let got = tiny(|s| s["tls"] = json!({"healthPort": 9000})).join("; ");
+        assert!(got.contains("spec.tls.secretName: Required value"), "{got}");
     }
 }

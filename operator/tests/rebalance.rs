@@ -139,7 +139,7 @@ async fn listen(routes: tonic::service::Routes) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let server = tonic::transport::Server::builder().add_routes(routes);
-    tokio::spawn(server.serve_with_incoming(kubemoe_api::incoming(listener)));
+    tokio::spawn(server.serve_with_incoming(kubemoe_api::conn::incoming(listener, None)));
     url
 }
 
@@ -193,7 +193,8 @@ impl Fleet {
         for w in &workers {
             worker_urls.push(listen(tonic::service::Routes::new(ExpertServer::new(Worker(w.clone())))).await);
         }
-        let cluster = Cluster::new(&worker_urls, &router_urls, &kubemoe_api::auth::Bearer(None)).unwrap();
+        let cluster =
+            Cluster::new(&worker_urls, &router_urls, &kubemoe_api::auth::Bearer(None), None).unwrap();
         Fleet { routers, workers, cluster }
     }
 

@@ -92,7 +92,7 @@ async fn raw_tcp_gbps(bytes: usize, rounds: usize) -> std::io::Result<f64> {
 async fn transport_gbps(url: &str, hidden: usize, layer: u32, tokens: usize, rounds: usize) -> Result<f64> {
     let max = kubemoe_api::MAX_MESSAGE_BYTES;
     let mut client =
-        ExpertClient::new(channel(url)?).max_decoding_message_size(max).max_encoding_message_size(max);
+        ExpertClient::new(channel(url, None)?).max_decoding_message_size(max).max_encoding_message_size(max);
     let activations: bytes::Bytes = vec![0u8; tokens * hidden * 4].into();
     let t = Instant::now();
     for _ in 0..rounds {
@@ -113,7 +113,7 @@ pub fn run(model: &str, urls: &[String], batch: usize, steps: usize) -> Result<R
     let _entered = runtime.enter();
     let dense = source::open(model, Experts::None)?;
     let c = dense.config.clone();
-    let channels = urls.iter().map(|u| channel(u)).collect::<Result<Vec<_>, _>>()?;
+    let channels = urls.iter().map(|u| channel(u, None)).collect::<Result<Vec<_>, _>>()?;
     let minute = Duration::from_secs(60);
     let remote =
         RemoteExperts::new(&c, channels, Bearer(None), None, minute, minute, runtime.handle().clone())?;

@@ -66,8 +66,8 @@ pub async fn run(
     })
     .await?;
     let grpc_url = if grpc.contains("://") { grpc.to_string() } else { format!("http://{grpc}") };
-    let channel =
-        kubemoe_api::channel(&grpc_url).map_err(|source| Error::Connect { endpoint: grpc_url, source })?;
+    let channel = kubemoe_api::channel(&grpc_url, None)
+        .map_err(|source| Error::Connect { endpoint: grpc_url, source })?;
     let grpc_report = load(clients, requests, |c, r| {
         let client = InferenceClient::new(channel.clone());
         let key = api_key.map(String::from);

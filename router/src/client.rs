@@ -17,15 +17,17 @@ pub fn authorized<T>(request: T, api_key: Option<&str>) -> Result<tonic::Request
     Ok(request)
 }
 
-/// Streams one completion from the router at `endpoint`, writing its text to `out` as it
-/// arrives; returns a summary line (finish reason, token counts and ids).
+/// Streams one completion from the router at `endpoint` (over TLS when `tls` is given),
+/// writing its text to `out` as it arrives; returns a summary line (finish reason, token
+/// counts and ids).
 pub async fn stream(
     endpoint: &str,
+    tls: Option<&kubemoe_api::tls::Client>,
     request: GenerateRequest,
     api_key: Option<&str>,
     out: &mut impl Write,
 ) -> Result<String> {
-    let channel = kubemoe_api::channel(endpoint)
+    let channel = kubemoe_api::channel(endpoint, tls)
         .map_err(|source| Error::Connect { endpoint: endpoint.to_string(), source })?;
     let mut client = InferenceClient::new(channel).max_decoding_message_size(kubemoe_api::MAX_MESSAGE_BYTES);
     let request = authorized(request, api_key)?;

@@ -106,16 +106,30 @@ pub struct Options {
     /// How long an HTTP connection may take to send a request head, idle ones included
     /// ([`kubemoe_api::http`]).
     pub http_header_timeout: std::time::Duration,
+    /// Serve over TLS with the certificate of this directory, and call the workers over TLS
+    /// checking theirs against its `ca.crt` ([`kubemoe_api::tls`]).
+    pub tls_dir: Option<std::path::PathBuf>,
+    /// The name the workers' certificate must hold (default: the host of each worker URL).
+    pub tls_server_name: Option<String>,
 }
 
-/// Loads the dense half of the model, connects the workers, and serves the public gRPC API on
-/// `listener` (the OpenAI API, `/health` and `/metrics` on `http`, the `Balancer` on
-/// `internal`) until `shutdown` fires.
+/// Where a router serves.
+pub struct Listeners {
+    /// The public gRPC API (`kubemoe.inference.v1.Inference`).
+    pub grpc: tokio::net::TcpListener,
+    /// The OpenAI API, `/health` and `/metrics`.
+    pub http: Option<tokio::net::TcpListener>,
+    /// `kubemoe.expert.v1.Balancer`, for the rebalance loop.
+    pub internal: Option<tokio::net::TcpListener>,
+    /// `grpc.health.v1` alone, in plaintext, for kubelet's probes.
+    pub health: Option<tokio::net::TcpListener>,
+}
+
+/// Loads the dense half of the model, connects the workers, and serves until `shutdown` fires.
+/// With `tls_dir` every listener but `health` speaks TLS.
 pub async fn run(
     opts: Options,
-    listener: tokio::net::TcpListener,
-    http: Option<tokio::net::TcpListener>,
-    internal: Option<tokio::net::TcpListener>,
+    listeners: Listeners,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<()> {
     use kubemoe_api::auth::{Bearer, Guard, Keys};
@@ -126,6 +140,9 @@ pub async fn run(
     };
     let keys = load(&opts.api_keys_file, "--api-keys-file")?;
     let token = load(&opts.internal_token_file, "--internal-token-file")?;
+    let tls = opts.tls_dir.as_deref().map(kubemoe_api::tls::Tls::load).transpose()?;
+    let server_tls = |alpn| tls.as_ref().map(|t| t.server(alpn)).transpose();
+    let client_tls = tls.as_ref().map(|t| t.client(opts.tls_server_name.as_deref())).transpose()?;
     let model_spec = opts.model.clone();
     let model = tokio::task::spawn_blocking(move || source::open(&model_spec, Experts::None))
         .await
@@ -137,7 +154,7 @@ pub async fn run(
     let channels = opts
         .workers
         .iter()
-        .map(|w| kubemoe_api::channel(w))
+        .map(|w| kubemoe_api::channel(w, client_tls.as_ref()))
         .collect::<Result<Vec<_>, tonic::transport::Error>>()?;
     let n = channels.len();
     let experts = std::sync::Arc::new(remote::RemoteExperts::new(
@@ -185,7 +202,7 @@ pub async fn run(
         received: Default::default(),
         stats: stats.clone(),
     });
-    if let Some(http) = http {
+    if let Some(http) = listeners.http {
         let started =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let metrics = metrics::Sources { experts: experts.clone(), stats, model_name: served_name.clone() };
@@ -198,22 +215,29 @@ pub async fn run(
         };
 
         let app = metrics::routes(metrics).merge(openai::routes(std::sync::Arc::new(api)));
-        tokio::spawn(kubemoe_api::http::serve(http, app, opts.http_header_timeout, shutdown.clone()));
+        let tls = server_tls(kubemoe_api::tls::ALPN_HTTP)?;
+        tokio::spawn(kubemoe_api::http::serve(http, tls, app, opts.http_header_timeout, shutdown.clone()));
     }
-    if let Some(internal) = internal {
+    if let Some(internal) = listeners.internal {
         if token.is_none() {
             tracing::warn!("no --internal-token-file: anyone who reaches the internal port can read the load and commit placements");
         }
         let balancer = service::BalancerService { experts };
-        let shutdown = shutdown.clone();
+        let (shutdown, tls) = (shutdown.clone(), server_tls(kubemoe_api::tls::ALPN_GRPC)?);
         tokio::spawn(async move {
-            let served = service::serve_internal(balancer, Guard(token), internal, shutdown).await;
+            let served = service::serve_internal(balancer, Guard(token), tls, internal, shutdown).await;
             if let Err(e) = served {
                 tracing::error!(error = %kubemoe_placement::error_chain(&e), "the internal gRPC server stopped");
             }
         });
     }
-    let served = service::serve(service, Guard(keys), listener, shutdown.clone()).await;
+    let public = service::Public {
+        guard: Guard(keys),
+        tls: server_tls(kubemoe_api::tls::ALPN_GRPC)?,
+        listener: listeners.grpc,
+        health: listeners.health,
+    };
+    let served = service::serve(service, public, shutdown.clone()).await;
     shutdown.cancel();
     let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     served

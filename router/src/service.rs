@@ -475,16 +475,31 @@ impl Balancer for BalancerService {
 const INFERENCE: &str = "kubemoe.inference.v1.Inference";
 const BALANCER: &str = "kubemoe.expert.v1.Balancer";
 
-/// Serves `service` on `listener` until `shutdown` fires; health turns NOT_SERVING first.
-/// Inference calls pass `guard` (the API keys, [`kubemoe_api::auth`]) first.
+/// How and where the public gRPC API is served.
+pub struct Public {
+    /// What every inference call passes first (the API keys, [`kubemoe_api::auth`]).
+    pub guard: Guard,
+    pub tls: Option<Arc<kubemoe_api::tls::ServerConfig>>,
+    pub listener: TcpListener,
+    /// A plaintext port serving health alone.
+    pub health: Option<TcpListener>,
+}
+
+/// Serves `service` until `shutdown` fires; health turns NOT_SERVING first.
 pub async fn serve(
     service: Arc<InferenceService>,
-    guard: Guard,
-    listener: TcpListener,
+    public: Public,
     shutdown: CancellationToken,
 ) -> crate::Result<()> {
+    let Public { guard, tls, listener, health: health_listener } = public;
     let inference = InterceptedService::new(InferenceServer::from_arc(service), guard);
     let (reporter, health) = tonic_health::server::health_reporter();
+    // Up until the server has drained, so that probes see it draining.
+    let health_stop = CancellationToken::new();
+    let _stop_health = health_stop.clone().drop_guard();
+    if let Some(listener) = health_listener {
+        tokio::spawn(kubemoe_api::health::serve(listener, health.clone(), health_stop));
+    }
     kubemoe_api::health::serving(&reporter, INFERENCE).await;
     tonic::transport::Server::builder()
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
@@ -495,7 +510,7 @@ pub async fn serve(
         .add_service(kubemoe_api::reflection::v1(&[INFERENCE])?)
         .add_service(kubemoe_api::reflection::v1alpha(&[INFERENCE])?)
         .add_service(inference)
-        .serve_with_incoming_shutdown(kubemoe_api::incoming(listener), async move {
+        .serve_with_incoming_shutdown(kubemoe_api::conn::incoming(listener, tls), async move {
             shutdown.cancelled().await;
             kubemoe_api::health::draining(&reporter, INFERENCE).await;
         })
@@ -509,6 +524,7 @@ pub async fn serve(
 pub async fn serve_internal(
     balancer: BalancerService,
     guard: Guard,
+    tls: Option<Arc<kubemoe_api::tls::ServerConfig>>,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> crate::Result<()> {
@@ -516,7 +532,7 @@ pub async fn serve_internal(
         .add_service(InterceptedService::new(BalancerServer::new(balancer), guard))
         .add_service(kubemoe_api::reflection::v1(&[BALANCER])?)
         .add_service(kubemoe_api::reflection::v1alpha(&[BALANCER])?)
-        .serve_with_incoming_shutdown(kubemoe_api::incoming(listener), shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(kubemoe_api::conn::incoming(listener, tls), shutdown.cancelled_owned())
         .await?;
     Ok(())
 }

@@ -63,14 +63,24 @@ pub struct Options {
     /// The deployment's internal token ([`kubemoe_api::auth`]): every `Expert` call must carry
     /// it. None: open to anyone who reaches the port.
     pub internal_token_file: Option<std::path::PathBuf>,
+    /// Serve over TLS with the certificate of this directory ([`kubemoe_api::tls`]).
+    pub tls_dir: Option<std::path::PathBuf>,
 }
 
-/// Loads what the plan places on this rank and serves it on `listener` (and `/metrics`,
-/// `/health` on `http`) until `shutdown`.
+/// Where a worker serves.
+pub struct Listeners {
+    /// `kubemoe.expert.v1.Expert`, health and reflection (TLS with `--tls-dir`).
+    pub grpc: tokio::net::TcpListener,
+    /// `/metrics` and `/health` (TLS with `--tls-dir`).
+    pub http: Option<tokio::net::TcpListener>,
+    /// `grpc.health.v1` alone, in plaintext, for kubelet's probes.
+    pub health: Option<tokio::net::TcpListener>,
+}
+
+/// Loads what the plan places on this rank and serves it until `shutdown`.
 pub async fn run(
     opts: Options,
-    listener: tokio::net::TcpListener,
-    http: Option<tokio::net::TcpListener>,
+    listeners: Listeners,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<()> {
     // A bad token file fails the start before minutes of loading.
@@ -83,20 +93,29 @@ pub async fn run(
             None
         }
     };
+    let tls = opts.tls_dir.as_deref().map(kubemoe_api::tls::Tls::load).transpose()?;
     let Options { model, rank, world_size, plan, .. } = opts;
     let store = tokio::task::spawn_blocking(move || ExpertStore::load(&model, rank, world_size, plan))
         .await
         .map_err(|e| Error::Invalid(format!("expert loading task: {e}")))??;
     let store = std::sync::Arc::new(store);
     let stats = std::sync::Arc::new(metrics::Stats::default());
-    if let Some(http) = http {
+    if let Some(http) = listeners.http {
         let app = metrics::routes(store.clone(), stats.clone());
+        let tls = tls.as_ref().map(|t| t.server(kubemoe_api::tls::ALPN_HTTP)).transpose()?;
         tokio::spawn(kubemoe_api::http::serve(
             http,
+            tls,
             app,
             kubemoe_api::http::HEADER_TIMEOUT,
             shutdown.clone(),
         ));
     }
-    service::serve(store, stats, kubemoe_api::auth::Guard(internal), listener, shutdown).await
+    let served = service::Served {
+        guard: kubemoe_api::auth::Guard(internal),
+        tls: tls.as_ref().map(|t| t.server(kubemoe_api::tls::ALPN_GRPC)).transpose()?,
+        listener: listeners.grpc,
+        health: listeners.health,
+    };
+    service::serve(store, stats, served, shutdown).await
 }

@@ -98,16 +98,31 @@ impl Expert for ExpertService {
     }
 }
 
-/// Serves `store` on `listener` until `shutdown` fires; health turns NOT_SERVING first. Every
-/// `Expert` call passes `guard` first (health and reflection stay open for probes).
+/// How and where a worker's gRPC is served.
+pub struct Served {
+    /// What every `Expert` call passes first (health and reflection stay open for probes).
+    pub guard: kubemoe_api::auth::Guard,
+    pub tls: Option<Arc<kubemoe_api::tls::ServerConfig>>,
+    pub listener: TcpListener,
+    /// A plaintext port serving health alone.
+    pub health: Option<TcpListener>,
+}
+
+/// Serves `store` until `shutdown` fires; health turns NOT_SERVING first.
 pub async fn serve(
     store: Arc<ExpertStore>,
     stats: Arc<crate::metrics::Stats>,
-    guard: kubemoe_api::auth::Guard,
-    listener: TcpListener,
+    served: Served,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    let Served { guard, tls, listener, health: health_listener } = served;
     let (reporter, health) = tonic_health::server::health_reporter();
+    // Up until the server has drained, so that probes see it draining.
+    let health_stop = CancellationToken::new();
+    let _stop_health = health_stop.clone().drop_guard();
+    if let Some(listener) = health_listener {
+        tokio::spawn(kubemoe_api::health::serve(listener, health.clone(), health_stop));
+    }
     kubemoe_api::health::serving(&reporter, "kubemoe.expert.v1.Expert").await;
     let expert = ExpertServer::new(ExpertService { store, stats })
         .max_decoding_message_size(kubemoe_api::MAX_MESSAGE_BYTES)
@@ -121,7 +136,7 @@ pub async fn serve(
         .add_service(kubemoe_api::reflection::v1(&["kubemoe.expert.v1.Expert"])?)
         .add_service(kubemoe_api::reflection::v1alpha(&["kubemoe.expert.v1.Expert"])?)
         .add_service(expert)
-        .serve_with_incoming_shutdown(kubemoe_api::incoming(listener), async move {
+        .serve_with_incoming_shutdown(kubemoe_api::conn::incoming(listener, tls), async move {
             shutdown.cancelled().await;
             kubemoe_api::health::draining(&reporter, "kubemoe.expert.v1.Expert").await;
         })
