@@ -142,9 +142,14 @@ enum Command {
         #[arg(long, env = "KUBEMOE_INTERNAL_TOKEN_FILE")]
         internal_token_file: Option<PathBuf>,
         /// HTTP connections that have not sent a whole request head in this long are closed,
-        /// idle keep-alive connections included (30s, 500ms, …).
+        /// idle keep-alive connections included; a /v1 request's body must then arrive within
+        /// the same time (else 408) (30s, 500ms, …).
         #[arg(long, default_value = "30s")]
         http_header_timeout: String,
+        /// Public gRPC connections, idle ones included, are asked to go (GOAWAY) at this age;
+        /// calls in progress finish, clients reconnect for the next (5m, 1s, …).
+        #[arg(long, default_value = "5m")]
+        grpc_max_connection_age: String,
         #[command(flatten)]
         tls: TlsArgs,
         /// With --tls-dir: the name the workers' certificate must hold (default: the host of
@@ -434,6 +439,7 @@ impl RouterLimits {
             http_header_timeout: kubemoe_api::http::HEADER_TIMEOUT,
             tls_dir: None,
             tls_server_name: None,
+            grpc_max_connection_age: Duration::from_secs(5 * 60),
         }
     }
 }
@@ -531,6 +537,7 @@ fn run(command: Command) -> Result<()> {
             internal_port,
             internal_token_file,
             http_header_timeout,
+            grpc_max_connection_age,
             tls,
             tls_server_name,
             limits,
@@ -546,6 +553,12 @@ fn run(command: Command) -> Result<()> {
             anyhow::ensure!(
                 !options.http_header_timeout.is_zero(),
                 "--http-header-timeout must be more than 0s"
+            );
+            options.grpc_max_connection_age =
+                kubemoe_placement::parse_duration("--grpc-max-connection-age", &grpc_max_connection_age)?;
+            anyhow::ensure!(
+                !options.grpc_max_connection_age.is_zero(),
+                "--grpc-max-connection-age must be more than 0s"
             );
             options.placement = placement.as_deref().map(plan::read_placement).transpose()?;
             options.load_window = kubemoe_placement::parse_duration("--load-window", &load_window)?;

@@ -1257,9 +1257,70 @@ fn http_connections_that_send_no_request_head_in_time_are_closed() {
         let waited = closed_within(stream);
         assert!(waited < Duration::from_secs(5), "{what}: still open after {waited:?}");
     }
+    // A body that stops arriving: 408 once the same time has passed, in OpenAI's shape.
+    let mut trickle = connect();
+    trickle
+        .write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"model\"")
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = String::new();
+    let _ = trickle.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"type\":\"invalid_request_error\""), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // A body one byte over the limit (all of it read, so that the server closes no
+    // connection with bytes unread): 413, in OpenAI's shape.
+    let limit = kubemoe_router::openai::MAX_BODY_BYTES;
+    let empty = serde_json::json!({"model": "builtin:tiny", "prompt": ""}).to_string().len();
+    let huge = serde_json::json!({"model": "builtin:tiny", "prompt": "x".repeat(limit + 1 - empty)});
+    let (status, body) = http(&addr, "POST", "/v1/completions", Some(&huge));
+    assert_eq!(status, 413, "{body}");
+    assert!(json(&body)["error"]["message"].as_str().unwrap().contains("bytes"), "{body}");
     // A prompt client is served as before.
     let request = serde_json::json!({"model": "builtin:tiny", "prompt": [1, 2, 3], "max_tokens": 2});
     assert_eq!(http(&addr, "POST", "/v1/completions", Some(&request)).0, 200);
+}
+
+#[test]
+fn grpc_connections_are_asked_to_go_at_their_age_and_no_call_fails() {
+    use std::io::{Read, Write};
+    let c = Cluster::start("builtin:tiny", 1, &["--grpc-max-connection-age", "1s"]);
+    // An HTTP/2 client that opens a connection and then idles (answering SETTINGS and PINGs,
+    // as every client library does): closed soon after the connection's age, GOAWAY first.
+    let mut idle = std::net::TcpStream::connect(&c.router.addr).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    idle.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").unwrap();
+    let started = Instant::now();
+    let mut types = Vec::new();
+    let mut head = [0u8; 9];
+    while idle.read_exact(&mut head).is_ok() {
+        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+        let mut payload = vec![0u8; len];
+        idle.read_exact(&mut payload).unwrap();
+        let (kind, ack) = (head[3], head[4] & 1 == 1);
+        types.push(kind);
+        let reply = match (kind, ack) {
+            (4, false) => [&[0, 0, 0, 4, 1, 0, 0, 0, 0][..]].concat(),
+            (6, false) => [&[0, 0, 8, 6, 1, 0, 0, 0, 0][..], &payload].concat(),
+            _ => continue,
+        };
+        // The server may have closed already.
+        let _ = idle.write_all(&reply);
+    }
+    assert!(started.elapsed() < Duration::from_secs(5), "still open after {:?}", started.elapsed());
+    assert!(types.contains(&7), "no GOAWAY; frame types {types:?}");
+    // A client calling on across several ages of its connection: every call is served.
+    rt().block_on(async {
+        let mut client = c.client().await;
+        let until = Instant::now() + Duration::from_secs(3);
+        let mut calls = 0;
+        while Instant::now() < until {
+            client.generate(ids_request(&[1, 2, 3], 2)).await.unwrap();
+            calls += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(calls > 10, "{calls}");
+    });
 }
 
 #[test]

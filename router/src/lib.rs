@@ -104,13 +104,16 @@ pub struct Options {
     /// of `Balancer` callers. None: sent nowhere, required of nobody.
     pub internal_token_file: Option<std::path::PathBuf>,
     /// How long an HTTP connection may take to send a request head, idle ones included
-    /// ([`kubemoe_api::http`]).
+    /// ([`kubemoe_api::http`]), and a request its body.
     pub http_header_timeout: std::time::Duration,
     /// Serve over TLS with the certificate of this directory, and call the workers over TLS
     /// checking theirs against its `ca.crt` ([`kubemoe_api::tls`]).
     pub tls_dir: Option<std::path::PathBuf>,
     /// The name the workers' certificate must hold (default: the host of each worker URL).
     pub tls_server_name: Option<String>,
+    /// How old a public gRPC connection may grow before it is asked to go (GOAWAY), idle or
+    /// not.
+    pub grpc_max_connection_age: std::time::Duration,
 }
 
 /// Where a router serves.
@@ -212,6 +215,7 @@ pub async fn run(
             shutdown: shutdown.clone(),
             started,
             keys: keys.clone(),
+            body_timeout: opts.http_header_timeout,
         };
 
         let app = metrics::routes(metrics).merge(openai::routes(std::sync::Arc::new(api)));
@@ -233,6 +237,7 @@ pub async fn run(
     }
     let public = service::Public {
         guard: Guard(keys),
+        max_connection_age: opts.grpc_max_connection_age,
         tls: server_tls(kubemoe_api::tls::ALPN_GRPC)?,
         listener: listeners.grpc,
         health: listeners.health,

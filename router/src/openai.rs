@@ -51,7 +51,13 @@ pub struct Api {
     pub started: u64,
     /// API keys `/v1/*` requires ([`kubemoe_api::auth`]); none: open.
     pub keys: Option<Arc<kubemoe_api::auth::Keys>>,
+    /// How long a request's body may take to arrive once its head has.
+    pub body_timeout: std::time::Duration,
 }
+
+/// The largest request body `/v1/*` reads (axum's default limit): a context of 128k tokens is
+/// well under 1 MiB of text.
+pub const MAX_BODY_BYTES: usize = 2 << 20;
 
 /// The routes of the API, to merge into the router's HTTP server.
 pub fn routes(api: Arc<Api>) -> axum::Router {
@@ -59,6 +65,8 @@ pub fn routes(api: Arc<Api>) -> axum::Router {
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        // Layers run outside in: the key is checked before the body is read.
+        .route_layer(axum::middleware::from_fn_with_state(api.clone(), read_body))
         .route_layer(axum::middleware::from_fn_with_state(api.clone(), authenticate));
     axum::Router::new().route("/health", get(health)).merge(v1).with_state(api)
 }
@@ -83,6 +91,42 @@ async fn authenticate(
         }
     }
     next.run(request).await
+}
+
+/// Reads a `/v1/*` request's body within `body_timeout` (a client that sends its head and then
+/// trickles or withholds the body would otherwise hold a connection and a task for as long as
+/// it likes) and at most [`MAX_BODY_BYTES`] of it, answering 408 or 413 in OpenAI's shape.
+async fn read_body(
+    State(api): State<Arc<Api>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let error = |status, message: String| ApiError {
+        status,
+        message,
+        kind: "invalid_request_error",
+        param: None,
+        code: None,
+    };
+    let bytes = match tokio::time::timeout(api.body_timeout, axum::body::to_bytes(body, MAX_BODY_BYTES)).await
+    {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e))
+            if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) =>
+        {
+            let message = format!("the request body is over {MAX_BODY_BYTES} bytes");
+            return error(StatusCode::PAYLOAD_TOO_LARGE, message).into_response();
+        }
+        Ok(Err(e)) => {
+            return error(StatusCode::BAD_REQUEST, format!("reading the request body: {e}")).into_response()
+        }
+        Err(_) => {
+            let message = format!("the request body did not arrive within {:?}", api.body_timeout);
+            return error(StatusCode::REQUEST_TIMEOUT, message).into_response();
+        }
+    };
+    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await
 }
 
 /// An error in OpenAI's shape.

@@ -479,6 +479,8 @@ const BALANCER: &str = "kubemoe.expert.v1.Balancer";
 pub struct Public {
     /// What every inference call passes first (the API keys, [`kubemoe_api::auth`]).
     pub guard: Guard,
+    /// How old a connection may grow before it is asked to go.
+    pub max_connection_age: std::time::Duration,
     pub tls: Option<Arc<kubemoe_api::tls::ServerConfig>>,
     pub listener: TcpListener,
     /// A plaintext port serving health alone.
@@ -491,7 +493,7 @@ pub async fn serve(
     public: Public,
     shutdown: CancellationToken,
 ) -> crate::Result<()> {
-    let Public { guard, tls, listener, health: health_listener } = public;
+    let Public { guard, max_connection_age, tls, listener, health: health_listener } = public;
     let inference = InterceptedService::new(InferenceServer::from_arc(service), guard);
     let (reporter, health) = tonic_health::server::health_reporter();
     // Up until the server has drained, so that probes see it draining.
@@ -503,6 +505,11 @@ pub async fn serve(
     kubemoe_api::health::serving(&reporter, INFERENCE).await;
     tonic::transport::Server::builder()
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        // Every connection, idle ones included, is asked to go (GOAWAY: clients reconnect for
+        // their next call) once it is this old; streams in progress finish first (no grace
+        // limit: tonic 0.14, given one, waits age + grace and then cuts them). Long-lived
+        // connections also stop pinning clients to one router of a Service.
+        .max_connection_age(max_connection_age)
         // Dead peers' connections are found and closed rather than kept forever.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
