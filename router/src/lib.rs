@@ -193,13 +193,13 @@ pub async fn run(
         shutdown.clone(),
     )?;
     let served_name = opts.served_model_name.unwrap_or_else(|| opts.model.clone());
+    let admission =
+        service::Admission { model_name: opts.model, vocab_size: config.vocab_size, text, max_context };
     let service = std::sync::Arc::new(service::InferenceService {
-        model_name: opts.model,
+        admission,
         config,
-        text,
         engine,
         workers: n,
-        max_context,
         max_concurrent: opts.max_concurrent,
         active: Default::default(),
         received: Default::default(),

@@ -20,7 +20,7 @@
 //! Request bodies are limited to axum's default 2 MiB.
 
 use crate::reasoning::Splitter;
-use crate::service::{InferenceService, Unset, MAX_LOGPROBS};
+use crate::service::{Admission, InferenceService, Unset, MAX_LOGPROBS};
 use crate::text::TextCodec;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -131,7 +131,7 @@ async fn read_body(
 
 /// An error in OpenAI's shape.
 #[derive(Debug)]
-struct ApiError {
+pub struct ApiError {
     status: StatusCode,
     message: String,
     kind: &'static str,
@@ -201,7 +201,7 @@ async fn health(State(api): State<Arc<Api>>) -> StatusCode {
 async fn models(State(api): State<Arc<Api>>) -> Response {
     json_response(&json!({"object": "list", "data": [{
         "id": api.served_name, "object": "model", "created": api.started, "owned_by": "kubemoe",
-        "max_model_len": api.service.max_context,
+        "max_model_len": api.service.admission.max_context,
     }]}))
 }
 
@@ -230,7 +230,7 @@ struct StreamOptions {
 
 /// The fields both endpoints share. Unknown fields are ignored, as OpenAI's server does.
 #[derive(Deserialize)]
-struct Common {
+pub struct Common {
     model: String,
     max_tokens: Option<u32>,
     max_completion_tokens: Option<u32>,
@@ -341,13 +341,13 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 
 impl Common {
     /// Refuses what is not built; checks the model name.
-    fn check(&self, api: &Api) -> Result<(), ApiError> {
-        if self.model != api.served_name {
+    fn check(&self, served_name: &str, admission: &Admission) -> Result<(), ApiError> {
+        if self.model != served_name {
             return Err(ApiError {
                 status: StatusCode::NOT_FOUND,
                 message: format!(
                     "the model `{}` does not exist; this server serves `{}`",
-                    self.model, api.served_name
+                    self.model, served_name
                 ),
                 kind: "invalid_request_error",
                 param: Some("model".into()),
@@ -394,7 +394,7 @@ impl Common {
                 if self.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
             return Err(ApiError::invalid(field, format!("{field}: must be at least 1")));
         }
-        if api.service.text.is_none() {
+        if admission.text.is_none() {
             return Err(ApiError::invalid(
                 "model",
                 format!(
@@ -483,71 +483,96 @@ impl Common {
 }
 
 async fn completions(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -> Response {
-    let run = async {
-        let r: CompletionRequest = parse(&body)?;
-        r.common.check(&api)?;
-        let input = match r.prompt {
-            Prompt::Text(text) => Input::Prompt(text),
-            Prompt::Ids(ids) => Input::InputIds(TokenIds { ids }),
-            // One prompt in a list, as many clients send it.
-            Prompt::Batch(mut prompts) if prompts.len() == 1 => match prompts.remove(0) {
-                Value::String(text) => Input::Prompt(text),
-                ids => Input::InputIds(TokenIds {
-                    ids: serde_json::from_value(ids).map_err(|_| {
-                        ApiError::invalid(
-                            "prompt",
-                            "prompt: a text, a list of token ids, or a list of one of them",
-                        )
-                    })?,
-                }),
-            },
-            Prompt::Batch(prompts) => {
-                return Err(ApiError::invalid(
-                    "prompt",
-                    format!("prompt: one prompt per request is supported, not a batch of {}", prompts.len()),
-                ))
-            }
-        };
-        let request = r.common.request(input, Kind::Completion)?;
-        generate(&api, &headers, request, &r.common, Kind::Completion).await
-    };
-    run.await.unwrap_or_else(IntoResponse::into_response)
+    serve(&api, &headers, Kind::Completion, &body).await
 }
 
 async fn chat_completions(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -> Response {
+    serve(&api, &headers, Kind::Chat, &body).await
+}
+
+async fn serve(api: &Api, headers: &HeaderMap, kind: Kind, body: &[u8]) -> Response {
     let run = async {
-        let r: ChatRequest = parse(&body)?;
-        r.common.check(&api)?;
-        let mut messages = Vec::with_capacity(r.messages.len());
-        for (i, m) in r.messages.into_iter().enumerate() {
-            let content = match m.content {
-                None => String::new(),
-                Some(Content::Text(text)) => text,
-                Some(Content::Parts(parts)) => {
-                    if let Some(other) = parts.iter().find(|p| p.kind != "text") {
-                        return Err(ApiError::invalid(
-                            "messages",
-                            format!(
-                                "messages[{i}].content: parts of type `{}` are not supported; send text",
-                                other.kind
-                            ),
-                        ));
-                    }
-                    parts.into_iter().map(|p| p.text).collect::<Vec<_>>().join("\n")
-                }
-            };
-            // OpenAI's newer name for the system role; chat templates know `system`.
-            let role = if m.role == "developer" { "system".to_string() } else { m.role };
-            messages.push(ChatMessage { role, content });
-        }
-        let request = r.common.request(Input::Messages(ChatMessages { messages }), Kind::Chat)?;
-        generate(&api, &headers, request, &r.common, Kind::Chat).await
+        let (request, common) = request_of(kind, body, &api.served_name, &api.service.admission)?;
+        generate(api, headers, request, &common, kind).await
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Kind {
+/// A `/v1/completions` or `/v1/chat/completions` body as the request the batch loop takes
+/// (then checked by [`Admission::prepare`], as gRPC requests are), with the options of its
+/// answer: every check of the body itself, each refusal in OpenAI's shape.
+pub fn request_of(
+    kind: Kind,
+    body: &[u8],
+    served_name: &str,
+    admission: &Admission,
+) -> Result<(GenerateRequest, Common), ApiError> {
+    match kind {
+        Kind::Completion => {
+            let r: CompletionRequest = parse(body)?;
+            r.common.check(served_name, admission)?;
+            let input = match r.prompt {
+                Prompt::Text(text) => Input::Prompt(text),
+                Prompt::Ids(ids) => Input::InputIds(TokenIds { ids }),
+                // One prompt in a list, as many clients send it.
+                Prompt::Batch(mut prompts) if prompts.len() == 1 => match prompts.remove(0) {
+                    Value::String(text) => Input::Prompt(text),
+                    ids => Input::InputIds(TokenIds {
+                        ids: serde_json::from_value(ids).map_err(|_| {
+                            ApiError::invalid(
+                                "prompt",
+                                "prompt: a text, a list of token ids, or a list of one of them",
+                            )
+                        })?,
+                    }),
+                },
+                Prompt::Batch(prompts) => {
+                    return Err(ApiError::invalid(
+                        "prompt",
+                        format!(
+                            "prompt: one prompt per request is supported, not a batch of {}",
+                            prompts.len()
+                        ),
+                    ))
+                }
+            };
+            let request = r.common.request(input, Kind::Completion)?;
+            Ok((request, r.common))
+        }
+        Kind::Chat => {
+            let r: ChatRequest = parse(body)?;
+            r.common.check(served_name, admission)?;
+            let mut messages = Vec::with_capacity(r.messages.len());
+            for (i, m) in r.messages.into_iter().enumerate() {
+                let content = match m.content {
+                    None => String::new(),
+                    Some(Content::Text(text)) => text,
+                    Some(Content::Parts(parts)) => {
+                        if let Some(other) = parts.iter().find(|p| p.kind != "text") {
+                            return Err(ApiError::invalid(
+                                "messages",
+                                format!(
+                                    "messages[{i}].content: parts of type `{}` are not supported; send text",
+                                    other.kind
+                                ),
+                            ));
+                        }
+                        parts.into_iter().map(|p| p.text).collect::<Vec<_>>().join("\n")
+                    }
+                };
+                // OpenAI's newer name for the system role; chat templates know `system`.
+                let role = if m.role == "developer" { "system".to_string() } else { m.role };
+                messages.push(ChatMessage { role, content });
+            }
+            let request = r.common.request(Input::Messages(ChatMessages { messages }), Kind::Chat)?;
+            Ok((request, r.common))
+        }
+    }
+}
+
+/// The two endpoints that generate.
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub enum Kind {
     Completion,
     Chat,
 }
@@ -587,6 +612,7 @@ async fn generate(
     // `check` refused the request unless the model has a tokenizer.
     let codec = api
         .service
+        .admission
         .text
         .clone()
         .ok_or_else(|| ApiError::from_status(&tonic::Status::internal("the model has no tokenizer")))?;

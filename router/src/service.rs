@@ -51,14 +51,20 @@ pub enum Unset {
     RestOfContext,
 }
 
-pub struct InferenceService {
+/// What every request of both APIs is checked against before it is admitted ([`Admission::prepare`]).
+pub struct Admission {
     pub model_name: String,
-    pub config: Config,
+    pub vocab_size: usize,
     pub text: Option<Arc<TextCodec>>,
-    pub engine: EngineHandle,
-    pub workers: usize,
     /// Prompt plus new tokens of one request, at most.
     pub max_context: usize,
+}
+
+pub struct InferenceService {
+    pub admission: Admission,
+    pub config: Config,
+    pub engine: EngineHandle,
+    pub workers: usize,
     pub max_concurrent: usize,
     pub active: Arc<AtomicUsize>,
     /// Requests received, for the ids of those that bring none.
@@ -76,7 +82,7 @@ impl Drop for ActiveGuard {
 }
 
 /// A validated request.
-struct Prepared {
+pub struct Prepared {
     prompt: Vec<u32>,
     /// The rendered chat prompt opens a `<think>` block ([`crate::reasoning`]).
     reasoning: bool,
@@ -86,7 +92,7 @@ struct Prepared {
     logprobs: Option<usize>,
 }
 
-impl InferenceService {
+impl Admission {
     fn text(&self, field: &str) -> Result<&TextCodec, Status> {
         self.text.as_deref().ok_or_else(|| {
             Status::invalid_argument(format!(
@@ -110,7 +116,10 @@ impl InferenceService {
         Ok(())
     }
 
-    fn prepare(&self, r: GenerateRequest, unset: Unset) -> Result<Prepared, Status> {
+    /// Checks `r` (cheap checks first, so that nothing is tokenised for a request refused
+    /// anyway), then tokenises its prompt or renders its messages: `INVALID_ARGUMENT` naming
+    /// the field for anything a client must change.
+    pub fn prepare(&self, r: GenerateRequest, unset: Unset) -> Result<Prepared, Status> {
         // Cheap checks first: nothing is tokenised for a request refused anyway.
         if !(r.temperature >= 0.0 && r.temperature.is_finite()) {
             return Err(Status::invalid_argument(format!(
@@ -173,7 +182,7 @@ impl InferenceService {
         if prompt.is_empty() {
             return Err(Status::invalid_argument("input: the prompt has no tokens"));
         }
-        let vocab = self.config.vocab_size;
+        let vocab = self.vocab_size;
         if let Some((pos, id)) = prompt.iter().enumerate().find(|(_, id)| **id as usize >= vocab) {
             return Err(Status::invalid_argument(format!(
                 "input_ids: id {id} at position {pos} is outside the vocabulary (vocab_size {vocab})"
@@ -200,7 +209,9 @@ impl InferenceService {
         let logprobs = r.logprobs.map(|n| n as usize);
         Ok(Prepared { prompt, reasoning, max_tokens, sampling, stop: r.stop, logprobs })
     }
+}
 
+impl InferenceService {
     /// The id of a request (the client's `x-request-id`, else one made here) and the span its
     /// log lines go in.
     pub(crate) fn identify(&self, client_id: Option<String>) -> (Arc<str>, tracing::Span) {
@@ -210,7 +221,7 @@ impl InferenceService {
                 format!("{:x}-{n}", std::process::id())
             })
             .into();
-        let span = tracing::info_span!("request", id = %id, model = %self.model_name);
+        let span = tracing::info_span!("request", id = %id, model = %self.admission.model_name);
         (id, span)
     }
 
@@ -218,7 +229,10 @@ impl InferenceService {
     /// responses.
     pub(crate) fn start(&self, id: Arc<str>, r: GenerateRequest, unset: Unset) -> Result<Started, Status> {
         let arrived = Instant::now();
-        let p = self.prepare(r, unset).inspect_err(|s| tracing::info!(error = %s.message(), "refused"))?;
+        let p = self
+            .admission
+            .prepare(r, unset)
+            .inspect_err(|s| tracing::info!(error = %s.message(), "refused"))?;
         let active = self.active.fetch_add(1, Ordering::SeqCst);
         let guard = ActiveGuard(self.active.clone());
         if active >= self.max_concurrent {
@@ -246,7 +260,7 @@ impl InferenceService {
         }
         tracing::info!(prompt_tokens = p.prompt.len(), max_tokens = p.max_tokens, "admitted");
         let (out_tx, out_rx) = mpsc::channel(p.max_tokens + 2);
-        let text = self.text.clone();
+        let text = self.admission.text.clone();
         let detok = Detokenizer::new(p.stop);
         let timing = Timing { stats: self.stats.clone(), arrived, last_token: arrived };
         let relayed = relay(events_rx, out_tx, text, detok, p.prompt.len() as u32, timing, guard);
@@ -433,16 +447,16 @@ impl Inference for InferenceService {
     async fn model_info(&self, _: Request<ModelInfoRequest>) -> Result<Response<ModelInfoResponse>, Status> {
         let c = &self.config;
         Ok(Response::new(ModelInfoResponse {
-            model: self.model_name.clone(),
+            model: self.admission.model_name.clone(),
             model_type: format!("{:?}", c.family).to_lowercase(),
             vocab_size: c.vocab_size as u32,
-            max_context_length: self.max_context as u32,
+            max_context_length: self.admission.max_context as u32,
             num_hidden_layers: c.num_hidden_layers as u32,
             n_routed_experts: c.n_routed_experts as u32,
             num_experts_per_tok: c.gate.top_k as u32,
             workers: self.workers as u32,
-            has_tokenizer: self.text.is_some(),
-            has_chat_template: self.text.as_ref().is_some_and(|t| t.has_chat_template()),
+            has_tokenizer: self.admission.text.is_some(),
+            has_chat_template: self.admission.text.as_ref().is_some_and(|t| t.has_chat_template()),
         }))
     }
 }
