@@ -387,9 +387,10 @@ struct RouterLimits {
     /// [default: 4096].
     #[arg(long)]
     max_batch_tokens: Option<usize>,
-    /// KV cache budget in MiB; a request reserves its prompt plus max_tokens.
-    #[arg(long, default_value_t = 1024)]
-    kv_budget_mib: usize,
+    /// KV cache budget in MiB; a request reserves its prompt plus max_tokens. It must hold
+    /// one request of --max-context [default: 1024].
+    #[arg(long)]
+    kv_budget_mib: Option<usize>,
     /// Prompt plus new tokens per request (capped by the model's max_position_embeddings)
     /// [default: 8192].
     #[arg(long)]
@@ -406,10 +407,10 @@ impl RouterLimits {
             ("--max-concurrent", self.max_concurrent),
             ("--max-batch-tokens", self.max_batch_tokens),
             ("--max-context", self.max_context),
+            ("--kv-budget-mib", self.kv_budget_mib),
         ];
         let always = [
             ("--max-running", Some(self.max_running)),
-            ("--kv-budget-mib", Some(self.kv_budget_mib)),
             ("--worker-deadline-ms", Some(self.worker_deadline_ms as usize)),
         ];
         given
@@ -427,9 +428,9 @@ impl RouterLimits {
             workers,
             max_batch_tokens: self.max_batch_tokens.unwrap_or(4096),
             max_running: self.max_running,
-            kv_budget_bytes: self.kv_budget_mib << 20,
+            kv_budget_bytes: self.kv_budget_mib.unwrap_or(1024) << 20,
             max_concurrent: self.max_concurrent.unwrap_or(64),
-            max_context: self.max_context.unwrap_or(8192),
+            max_context: self.max_context.unwrap_or(kubemoe_placement::DEFAULT_MAX_CONTEXT as usize),
             worker_deadline: Duration::from_millis(self.worker_deadline_ms),
             startup_timeout: Duration::from_secs(120),
             placement: None,

@@ -1773,3 +1773,17 @@ fn with_tls_every_port_is_encrypted_internal_calls_need_the_token_and_a_rotation
         assert_eq!(got, alone(&[4, 5]));
     });
 }
+
+#[test]
+fn a_router_whose_kv_cache_cannot_hold_one_whole_context_refuses_to_start() {
+    // builtin:v3-shape: 4 layers x (64 + 16) x 4 bytes = 1280 bytes a token; 1 MiB holds 819.
+    let out = Command::new(env!("CARGO_BIN_EXE_kubemoe"))
+        .args(["router", "--model", "builtin:v3-shape", "--workers", "127.0.0.1:1", "--host", "127.0.0.1"])
+        .args(["--port", "0", "--max-context", "100000", "--kv-budget-mib", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--kv-budget-mib 1 holds 819 tokens"), "{err}");
+    assert!(err.contains("raise --kv-budget-mib to at least 123"), "{err}");
+}

@@ -325,6 +325,21 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    #[test]
+    fn the_operator_budgets_the_kv_cache_a_router_holds() {
+        let mut configs: Vec<(String, String)> = kubemoe_placement::ModelConfig::preset_names()
+            .map(|name| (name.to_string(), kubemoe_placement::config::preset_json(name).unwrap().to_string()))
+            .collect();
+        configs.push(("v3".into(), v3_json().to_string()));
+        for (name, text) in configs {
+            let router = Config::from_json(&text, &name).unwrap();
+            let operator = kubemoe_placement::ModelConfig::from_json(&text, &name).unwrap();
+            assert_eq!(router.kv_bytes_per_token() as u64, operator.kv_bytes_per_token(), "{name}");
+            let context = operator.context_length(Some(1 << 20)) as usize;
+            assert_eq!(context, router.max_position_embeddings, "{name}");
+        }
+    }
+
     fn v3_json() -> Value {
         json!({
             "model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168,

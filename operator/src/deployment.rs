@@ -190,6 +190,13 @@ pub struct RouterSpec {
     #[serde(default = "default_max_concurrent_requests")]
     #[schemars(range(min = 1, max = 65536))]
     pub max_concurrent_requests: i32,
+    /// MiB of KV cache a router holds for its running requests (MLA's latent rows, f32); each
+    /// request reserves its prompt plus `max_tokens`. It must hold one request of the context
+    /// length (`model.maxContextLength`), else the spec is refused (`KvCacheTooSmall`); budget
+    /// it inside the router's memory request.
+    #[serde(default = "default_kv_cache_mib", rename = "kvCacheMiB")]
+    #[schemars(range(min = 1, max = 16777216))]
+    pub kv_cache_mib: i32,
     /// Port of the gRPC API (Generate) and of the gRPC health service the probes call.
     #[serde(default = "default_grpc_port")]
     #[schemars(range(min = 1, max = 65535))]
@@ -221,6 +228,7 @@ impl Default for RouterSpec {
             resources: None,
             max_batch_tokens: default_max_batch_tokens(),
             max_concurrent_requests: default_max_concurrent_requests(),
+            kv_cache_mib: default_kv_cache_mib(),
             grpc_port: default_grpc_port(),
             http_port: default_http_port(),
             internal_port: default_router_internal_port(),
@@ -500,6 +508,9 @@ fn default_max_batch_tokens() -> i32 {
 }
 fn default_max_concurrent_requests() -> i32 {
     256
+}
+fn default_kv_cache_mib() -> i32 {
+    1024
 }
 fn default_grpc_port() -> i32 {
     50051

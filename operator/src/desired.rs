@@ -581,6 +581,8 @@ impl<'a> Ctx<'a> {
             router.max_batch_tokens.to_string(),
             "--max-concurrent".into(),
             router.max_concurrent_requests.to_string(),
+            "--kv-budget-mib".into(),
+            router.kv_cache_mib.to_string(),
             "--load-window".into(),
             spec.balancing.window.clone(),
             "--served-model-name".into(),

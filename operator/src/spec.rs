@@ -77,8 +77,32 @@ impl ModelSource {
 /// change.
 pub fn layout(spec: &ModelDeploymentSpec, model: &ModelConfig) -> Result<Layout, Invalid> {
     not_built(spec)?;
+    kv_cache(spec, model)?;
     let experts = LayoutSpec { workers: spec.workers.replicas, redundant: spec.experts.redundant };
     kubemoe_placement::layout::layout(&experts, model)
+}
+
+/// The routers' KV cache must hold one request of the whole context, as a router checks at
+/// start (vLLM refuses a `max_model_len` its cache cannot hold the same way): a smaller one
+/// would refuse every long request, or never start.
+fn kv_cache(spec: &ModelDeploymentSpec, model: &ModelConfig) -> Result<(), Invalid> {
+    let context = model.context_length(spec.model.max_context_length.map(|c| c.max(1) as u32));
+    let per_token = model.kv_bytes_per_token().max(1);
+    let mib = spec.router.kv_cache_mib.max(1) as u64;
+    let holds = (mib << 20) / per_token;
+    if holds >= u64::from(context) {
+        return Ok(());
+    }
+    let need = (u64::from(context) * per_token).div_ceil(1 << 20);
+    Err(Invalid::new(
+        "KvCacheTooSmall",
+        format!(
+            "router.kvCacheMiB {mib} holds {holds} tokens of this model's KV cache ({per_token} bytes \
+             each), fewer than one request of the context length {context} (model.maxContextLength, \
+             default {}): set router.kvCacheMiB to at least {need}, or lower model.maxContextLength",
+            kubemoe_placement::DEFAULT_MAX_CONTEXT
+        ),
+    ))
 }
 
 /// `spec.balancing` as the rebalance loop takes it; a bad duration names its field.
@@ -169,6 +193,29 @@ mod tests {
 
     fn tiny() -> ModelConfig {
         ModelConfig::preset("tiny").unwrap().unwrap()
+    }
+
+    #[test]
+    fn a_kv_cache_smaller_than_one_request_of_the_context_is_refused() {
+        let v3: ModelConfig = serde_json::from_str(
+            r#"{"n_routed_experts": 256, "num_hidden_layers": 61, "first_k_dense_replace": 3,
+                "kv_lora_rank": 512, "qk_rope_head_dim": 64, "max_position_embeddings": 163840}"#,
+        )
+        .unwrap();
+        // 61 layers x 576 x 4 bytes = 140,544 bytes a token: 1 GiB holds 7,639 tokens.
+        let refused = kv_cache(&spec(serde_json::json!({})), &v3).unwrap_err();
+        assert_eq!(refused.reason, "KvCacheTooSmall");
+        assert!(refused.message.contains("holds 7639 tokens"), "{}", refused.message);
+        assert!(refused.message.contains("at least 1098"), "{}", refused.message);
+        let long = spec(serde_json::json!({
+            "model": {"source": "builtin:tiny", "maxContextLength": 131072},
+            "router": {"kvCacheMiB": 17568}
+        }));
+        assert!(kv_cache(&long, &v3).is_ok());
+        let short = spec(serde_json::json!({"model": {"source": "builtin:tiny", "maxContextLength": 4096}}));
+        assert!(kv_cache(&short, &v3).is_ok());
+        // The model's own limit caps the context asked for.
+        assert!(kv_cache(&spec(serde_json::json!({})), &tiny()).is_ok());
     }
 
     #[test]

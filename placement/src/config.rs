@@ -27,7 +27,18 @@ pub struct ModelConfig {
     /// Expert groups for group-limited routing (1: no groups).
     #[serde(default = "one", deserialize_with = "one_if_null")]
     pub n_group: u32,
+    /// MLA's latent KV width and decoupled RoPE key width: a token's cache row in each layer.
+    #[serde(default, deserialize_with = "zero_if_null")]
+    pub kv_lora_rank: u32,
+    #[serde(default, deserialize_with = "zero_if_null")]
+    pub qk_rope_head_dim: u32,
+    /// The longest context the model was made for (0: not given).
+    #[serde(default, deserialize_with = "zero_if_null")]
+    pub max_position_embeddings: u32,
 }
+
+/// A router's context length (prompt plus new tokens) when none is asked for.
+pub const DEFAULT_MAX_CONTEXT: u32 = 8192;
 
 fn one() -> u32 {
     1
@@ -82,6 +93,22 @@ impl ModelConfig {
         self.n_routed_experts > 0
             && layer >= self.first_k_dense_replace
             && layer.is_multiple_of(self.moe_layer_freq.max(1))
+    }
+
+    /// Bytes of KV cache one token takes in a router: the latent and RoPE key rows of every
+    /// layer, in f32 (what `KvCache` holds).
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        u64::from(self.num_hidden_layers) * u64::from(self.kv_lora_rank + self.qk_rope_head_dim) * 4
+    }
+
+    /// The context length a router serves when `requested` (else [`DEFAULT_MAX_CONTEXT`]) is
+    /// asked for: at most the model's `max_position_embeddings`.
+    pub fn context_length(&self, requested: Option<u32>) -> u32 {
+        let requested = requested.unwrap_or(DEFAULT_MAX_CONTEXT);
+        match self.max_position_embeddings {
+            0 => requested,
+            max => requested.min(max),
+        }
     }
 
     /// Indices of the layers whose MLP is a mixture of experts.

@@ -13,7 +13,7 @@ pub mod plan;
 pub mod planner;
 pub mod rebalance;
 
-pub use config::ModelConfig;
+pub use config::{ModelConfig, DEFAULT_MAX_CONTEXT};
 pub use layout::{Invalid, Layout, LayoutSpec};
 pub use plan::{LayerPlacement, PlacementPlan, KEY};
 

@@ -56,6 +56,9 @@ pub enum Error {
     /// A placement switch out of order.
     #[error("migration out of order: {0}")]
     Epoch(String),
+    /// Settings that cannot work together; the message says what to change.
+    #[error("{0}")]
+    Config(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -85,7 +88,8 @@ pub struct Options {
     pub max_batch_tokens: usize,
     /// Sequences in one step.
     pub max_running: usize,
-    /// KV cache memory the running sequences may reserve.
+    /// KV cache memory the running sequences may reserve; at least one request of
+    /// `max_context`.
     pub kv_budget_bytes: usize,
     pub max_concurrent: usize,
     /// Prompt plus new tokens per request; at most the model's `max_position_embeddings`.
@@ -151,6 +155,25 @@ pub async fn run(
         .await
         .map_err(|e| Error::Workers(format!("model loading task: {e}")))??;
     let config = model.config.clone();
+    let max_context = opts.max_context.min(config.max_position_embeddings);
+    let limits = scheduler::Limits {
+        max_batch_tokens: opts.max_batch_tokens,
+        max_running: opts.max_running,
+        kv_budget_tokens: opts.kv_budget_bytes / config.kv_bytes_per_token().max(1),
+    };
+    // One request of the whole context must fit an empty cache: admission then never waits
+    // for room that cannot come, and the context check refuses every request that would.
+    if limits.kv_budget_tokens < max_context {
+        let need = (max_context * config.kv_bytes_per_token()).div_ceil(1 << 20);
+        return Err(Error::Config(format!(
+            "--kv-budget-mib {} holds {} tokens of this model's KV cache ({} bytes each), fewer than \
+             one request of --max-context {max_context}: raise --kv-budget-mib to at least {need} or \
+             lower --max-context",
+            opts.kv_budget_bytes >> 20,
+            limits.kv_budget_tokens,
+            config.kv_bytes_per_token()
+        )));
+    }
     if opts.workers.is_empty() {
         return Err(Error::Workers("no workers given; pass their gRPC URLs in rank order".into()));
     }
@@ -177,12 +200,6 @@ pub async fn run(
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     let text = text::TextCodec::load(&opts.model, config.vocab_size)?.map(std::sync::Arc::new);
-    let max_context = opts.max_context.min(config.max_position_embeddings);
-    let limits = scheduler::Limits {
-        max_batch_tokens: opts.max_batch_tokens,
-        max_running: opts.max_running,
-        kv_budget_tokens: opts.kv_budget_bytes / config.kv_bytes_per_token().max(1),
-    };
     let stats = std::sync::Arc::new(stats::Stats::default());
     let (engine, thread) = engine::spawn(
         std::sync::Arc::new(model),

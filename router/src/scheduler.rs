@@ -6,7 +6,11 @@
 //!
 //! Invariants: admission is FIFO (a request that does not fit blocks those behind it, so none
 //! starves); a request is admitted into an empty batch even when its prompt alone exceeds
-//! `max_batch_tokens`, so an oversize prompt delays others but cannot deadlock.
+//! `max_batch_tokens`, so an oversize prompt delays others but cannot deadlock. A request's
+//! reservation never exceeds `kv_budget_tokens` (the router refuses to start with a budget
+//! smaller than one request of its context length, and requests longer than the context),
+//! so an empty batch always admits the head of the queue and the loop never waits for room
+//! that cannot come.
 
 /// Limits on one step of the running batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
