@@ -1787,3 +1787,139 @@ fn a_router_whose_kv_cache_cannot_hold_one_whole_context_refuses_to_start() {
     assert!(err.contains("--kv-budget-mib 1 holds 819 tokens"), "{err}");
     assert!(err.contains("raise --kv-budget-mib to at least 123"), "{err}");
 }
+
+/// A port free on loopback now (for a process that must come back on the same one).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `kubemoe_router_workers_down` of a router's `/metrics`.
+fn workers_down(http_addr: &str) -> u32 {
+    let (_, text) = http(http_addr, "GET", "/metrics", None);
+    let line = text.lines().find(|l| l.starts_with("kubemoe_router_workers_down ")).unwrap();
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_dead_worker_is_routed_around_through_replicas_and_rejoins_when_back() {
+    let model = "builtin:tiny";
+    let local = source::open(model, Experts::All).unwrap();
+    let alone = |prompt: &[u32]| {
+        let request =
+            Request { prompt: prompt.to_vec(), max_new_tokens: 8, sampling: SamplingParams::default() };
+        generate(&local, &[request]).unwrap().remove(0)
+    };
+    // Both workers hold all 16 experts of both MoE layers (16 slots each).
+    let plan = kubemoe_placement::PlacementPlan::initial(2, 16, 16, &[1, 2]);
+    let dir = std::env::temp_dir().join(format!("kubemoe-replicated-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let placement = dir.join("placement.json");
+    std::fs::write(&placement, serde_json::to_string(&plan).unwrap()).unwrap();
+    let placement = placement.to_str().unwrap();
+    let ports = [free_port(), free_port()];
+    let start = |rank: usize| worker_with(model, rank, 2, ports[rank], &["--placement", placement]);
+    let mut workers: Vec<Option<Proc>> = vec![Some(start(0)), Some(start(1))];
+    let urls = format!("http://127.0.0.1:{},http://127.0.0.1:{}", ports[0], ports[1]);
+    let router = spawn(&[
+        "router",
+        "--model",
+        model,
+        "--workers",
+        &urls,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--http-port",
+        "0",
+        "--placement",
+        placement,
+        "--worker-deadline-ms",
+        "3000",
+    ]);
+    let http_addr = router.http.clone().unwrap();
+    let prompts: [&[u32]; 3] = [&[1, 2, 3], &[4, 5, 6, 7], &[9]];
+    rt().block_on(async {
+        let mut client = InferenceClient::connect(format!("http://{}", router.addr)).await.unwrap();
+        for p in prompts {
+            assert_eq!(client.generate(ids_request(p, 8)).await.unwrap().into_inner().token_ids, alone(p));
+        }
+        // Worker 1 dies: no request fails, every output is the engine's.
+        workers[1] = None;
+        for _ in 0..3 {
+            for p in prompts {
+                let got =
+                    client.generate(ids_request(p, 8)).await.expect("a request failed with a worker down");
+                assert_eq!(got.into_inner().token_ids, alone(p));
+            }
+        }
+        assert_eq!(workers_down(&http_addr), 1);
+        // It comes back on its port: routed to again within the probe period.
+        workers[1] = Some(start(1));
+        let back = Instant::now();
+        while workers_down(&http_addr) != 0 {
+            assert!(back.elapsed() < Duration::from_secs(10), "worker 1 not back in the plan");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for p in prompts {
+            assert_eq!(client.generate(ids_request(p, 8)).await.unwrap().into_inner().token_ids, alone(p));
+        }
+        // Frozen (SIGSTOP): down once a dispatch passes the 3 s deadline, the request served by
+        // the replicas; thawed (SIGCONT): back.
+        let pid = workers[1].as_ref().unwrap().child.id().to_string();
+        let signal =
+            |name: &str| assert!(Command::new("kill").args([name, &pid]).status().unwrap().success());
+        signal("-STOP");
+        let got =
+            client.generate(ids_request(prompts[0], 8)).await.expect("a request failed with a worker frozen");
+        assert_eq!(got.into_inner().token_ids, alone(prompts[0]));
+        assert_eq!(workers_down(&http_addr), 1);
+        signal("-CONT");
+        let thawed = Instant::now();
+        while workers_down(&http_addr) != 0 {
+            assert!(thawed.elapsed() < Duration::from_secs(10), "worker 1 not back after SIGCONT");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    drop(workers);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn requests_needing_an_expert_whose_only_worker_is_down_fail_at_once() {
+    // The minimal placement: each expert on one worker.
+    let ports = [free_port(), free_port()];
+    let mut workers: Vec<Option<Proc>> =
+        (0..2).map(|rank| Some(worker_with("builtin:tiny", rank, 2, ports[rank], &[]))).collect();
+    let urls = format!("http://127.0.0.1:{},http://127.0.0.1:{}", ports[0], ports[1]);
+    let router = spawn(&[
+        "router",
+        "--model",
+        "builtin:tiny",
+        "--workers",
+        &urls,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--worker-deadline-ms",
+        "5000",
+    ]);
+    // Enough tokens that some route reaches worker 1's experts.
+    let prompt: Vec<u32> = (1..=24).collect();
+    rt().block_on(async {
+        let mut client = InferenceClient::connect(format!("http://{}", router.addr)).await.unwrap();
+        client.generate(ids_request(&prompt, 4)).await.unwrap();
+        workers[1] = None;
+        for attempt in 0..3 {
+            let started = Instant::now();
+            let status = client.generate(ids_request(&prompt, 4)).await.unwrap_err();
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            // Well within the 5 s deadline: refused connections and known-down workers.
+            assert!(started.elapsed() < Duration::from_secs(2), "attempt {attempt}: {:?}", started.elapsed());
+            if attempt > 0 {
+                assert!(status.message().contains("is down"), "{}", status.message());
+            }
+        }
+    });
+}

@@ -2,6 +2,9 @@
 //! once per destination worker however many of its experts live there, and how the partial
 //! sums come back. Pure functions; the transport only moves the bytes they produce.
 //!
+//! Only workers marked live take part: a replicated expert whose holder is down is served by
+//! its other holders, and an expert all of whose holders are down is an error naming them.
+//!
 //! A replicated expert's tokens go, one by one, to the least-loaded of the workers holding it
 //! (as DeepSeek-V3's redundant experts are used, arXiv:2412.19437 §3.4): load is the routes already planned for each worker in this layer; ties go to a
 //! worker that already receives the token (no extra activation bytes), then to the lower rank.
@@ -45,10 +48,11 @@ impl WorkerBatch {
     }
 }
 
-/// Splits `routing` over the workers: `holders[e]` are the workers holding logical expert `e`
-/// (never empty for a valid placement; an expert without one is an error, never a dropped route).
-pub fn plan(routing: &Routing, holders: &[Vec<u32>], workers: usize) -> Result<Vec<WorkerBatch>, String> {
-    let mut batches = vec![WorkerBatch::default(); workers];
+/// Splits `routing` over the workers `live[w]` marks up: `holders[e]` are the workers holding
+/// logical expert `e` (never empty for a valid placement; an expert without a live holder is
+/// an error, never a dropped route).
+pub fn plan(routing: &Routing, holders: &[Vec<u32>], live: &[bool]) -> Result<Vec<WorkerBatch>, String> {
+    let mut batches = vec![WorkerBatch::default(); live.len()];
     let k = routing.top_k;
     for (token, (ids, weights)) in routing.ids.chunks(k).zip(routing.weights.chunks(k)).enumerate() {
         for (&e, &w) in ids.iter().zip(weights) {
@@ -56,12 +60,17 @@ pub fn plan(routing: &Routing, holders: &[Vec<u32>], workers: usize) -> Result<V
                 .get(e as usize)
                 .into_iter()
                 .flatten()
-                .filter(|&&h| (h as usize) < workers)
+                .filter(|&&h| live.get(h as usize) == Some(&true))
                 .min_by_key(|&&h| {
                     let b = &batches[h as usize];
                     (b.routes.len(), b.rows.last() != Some(&token), h)
                 })
-                .ok_or_else(|| format!("no worker of the placement holds expert {e}"))?;
+                .ok_or_else(|| match holders.get(e as usize) {
+                    Some(down) if !down.is_empty() => {
+                        format!("every worker holding expert {e} is down ({down:?})")
+                    }
+                    _ => format!("no worker of the placement holds expert {e}"),
+                })?;
             let b = &mut batches[*chosen as usize];
             if b.rows.last() != Some(&token) {
                 b.rows.push(token);
@@ -81,7 +90,7 @@ mod tests {
         // 4 experts, experts 0,1 on worker 0 and 2,3 on worker 1; top-2.
         let routing =
             Routing { top_k: 2, ids: vec![0, 1, 1, 3, 2, 3], weights: vec![0.1, 0.2, 0.3, 0.4, 0.5, 0.6] };
-        let b = plan(&routing, &[vec![0], vec![0], vec![1], vec![1]], 2).unwrap();
+        let b = plan(&routing, &[vec![0], vec![0], vec![1], vec![1]], &[true; 2]).unwrap();
         assert_eq!(b[0].rows, vec![0, 1]);
         assert_eq!(b[0].routes, vec![(0, 0, 0.1), (0, 1, 0.2), (1, 1, 0.3)]);
         assert_eq!(b[1].rows, vec![1, 2]);
@@ -93,7 +102,7 @@ mod tests {
         // Expert 0 on workers 0 and 1, expert 1 on worker 0 only; top-1, four tokens.
         let holders = [vec![0, 1], vec![0]];
         let routing = Routing { top_k: 1, ids: vec![1, 0, 0, 0], weights: vec![1.0; 4] };
-        let b = plan(&routing, &holders, 2).unwrap();
+        let b = plan(&routing, &holders, &[true; 2]).unwrap();
         // Token 0 loads worker 0, so token 1 goes to worker 1, token 2 back to worker 0 (tie,
         // lower rank), token 3 to worker 1.
         assert_eq!(b[0].rows, vec![0, 2]);
@@ -103,19 +112,31 @@ mod tests {
         // joins it on worker 1 rather than going to the lower rank.
         let holders = [vec![0, 1], vec![1], vec![0]];
         let routing = Routing { top_k: 3, ids: vec![2, 2, 1, 1, 0, 2], weights: vec![1.0; 6] };
-        let b = plan(&routing, &holders, 2).unwrap();
+        let b = plan(&routing, &holders, &[true; 2]).unwrap();
         assert_eq!(b[1].rows, vec![0, 1]);
         assert_eq!(b[1].routes, vec![(0, 1, 1.0), (1, 1, 1.0), (1, 0, 1.0)]);
         assert_eq!(b[0].routes, vec![(0, 2, 1.0), (0, 2, 1.0), (1, 2, 1.0)]);
         // Every route is planned exactly once, whatever the replication.
         let routing = Routing { top_k: 2, ids: (0..64).map(|i| i % 3).collect(), weights: vec![1.0; 64] };
         let holders = [vec![0, 1, 2], vec![1], vec![0, 2]];
-        let b = plan(&routing, &holders, 3).unwrap();
-        assert!(plan(&routing, &holders[..2], 3).unwrap_err().contains("expert 2"));
+        let b = plan(&routing, &holders, &[true; 3]).unwrap();
+        assert!(plan(&routing, &holders[..2], &[true; 3]).unwrap_err().contains("expert 2"));
         assert_eq!(b.iter().map(|b| b.routes.len()).sum::<usize>(), 64);
         for (w, batch) in b.iter().enumerate() {
             assert!(batch.routes.iter().all(|(_, e, _)| holders[*e as usize].contains(&(w as u32))));
         }
+    }
+
+    #[test]
+    fn workers_down_are_routed_around_through_the_replicas() {
+        // Expert 0 on workers 0 and 1, expert 1 on worker 1 only; worker 1 down.
+        let holders = [vec![0, 1], vec![1]];
+        let routing = Routing { top_k: 1, ids: vec![0, 0, 0], weights: vec![1.0; 3] };
+        let b = plan(&routing, &holders, &[true, false]).unwrap();
+        assert_eq!((b[0].rows.clone(), b[1].rows.clone()), (vec![0, 1, 2], vec![]));
+        let routing = Routing { top_k: 1, ids: vec![0, 1], weights: vec![1.0; 2] };
+        let err = plan(&routing, &holders, &[true, false]).unwrap_err();
+        assert_eq!(err, "every worker holding expert 1 is down ([1])");
     }
 
     #[test]

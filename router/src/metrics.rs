@@ -65,6 +65,13 @@ pub fn render(experts: &RemoteExperts) -> String {
         let _ =
             writeln!(out, "kubemoe_router_expert_imbalance {}", 1.0 / balance.overall.max(f64::MIN_POSITIVE));
     }
+    family(
+        &mut out,
+        "workers_down",
+        "gauge",
+        "Workers this router routes around (failed a dispatch, not back yet)",
+    );
+    let _ = writeln!(out, "kubemoe_router_workers_down {}", experts.down().len());
     family(&mut out, "dispatch_bytes_total", "counter", "Bytes moved between this router and the workers");
     let b = &experts.bytes;
     for (kind, v) in [("activations", &b.activations), ("routes", &b.routes), ("received", &b.received)] {

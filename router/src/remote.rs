@@ -3,15 +3,25 @@
 //! little-endian f32 bytes; every byte sent and received is counted, and every routed token
 //! is counted per (layer, expert) in the load window.
 //!
+//! A worker that fails a dispatch for a reason of its own (refused or reset connection,
+//! deadline passed: `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `CANCELLED`, `UNKNOWN`) is marked down
+//! at once and the layer is dispatched again without it: workers keep no state between
+//! dispatches, so the replicas of its experts on live workers give the same sums. An expert
+//! all of whose holders are down fails its step with `UNAVAILABLE` naming them, at once rather
+//! than after a deadline each time. A task asks each down worker for its `Info` every
+//! [`PROBE_EVERY`] and marks it live when it answers as the same rank holding what the plan in
+//! force places on it. Refusals that are the request's fault (`INVALID_ARGUMENT`, ...) never
+//! mark a worker down.
+//!
 //! Placement switches happen between two steps: a step routes every layer by the
 //! plan committed when its first MoE layer ran, and [`RemoteExperts::commit`] answers only once
 //! no step routes by an older plan, so that workers may then drop the experts it used.
 
-use crate::dispatch::plan;
+use crate::dispatch::{plan, WorkerBatch};
 use crate::load::LoadWindow;
 use crate::{Error, Result};
 use kubemoe_api::expert::expert_client::ExpertClient;
-use kubemoe_api::expert::{DispatchRequest, InfoRequest};
+use kubemoe_api::expert::{DispatchRequest, InfoRequest, InfoResponse};
 use kubemoe_model::layers::{RoutedExperts, Routing};
 use kubemoe_model::Config;
 use kubemoe_placement::PlacementPlan;
@@ -41,11 +51,23 @@ pub struct RemoteExperts {
     moe_layers: Vec<u32>,
     deadline: Duration,
     runtime: tokio::runtime::Handle,
-    switch: Mutex<Switch>,
+    /// Shared with the probe task, which checks a returning worker against the plan in force.
+    switch: Arc<Mutex<Switch>>,
     load: Mutex<LoadWindow>,
     /// The requests of the step in progress, named in every dispatch's metadata.
     requests: Mutex<Arc<str>>,
+    /// Per worker, whether it is taking dispatches (shared with the probe task).
+    live: Arc<Mutex<Vec<bool>>>,
     pub bytes: ByteCounters,
+}
+
+/// How often a down worker is asked whether it is back, and how long it has to answer.
+pub const PROBE_EVERY: Duration = Duration::from_millis(250);
+
+/// Whether a failed call says the worker (not the request) is the problem.
+fn worker_down(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown)
 }
 
 /// A plan and, per MoE layer and logical expert, the workers holding it.
@@ -101,6 +123,9 @@ impl RemoteExperts {
         let workers = clients.len() as u32;
         let plan = plan.unwrap_or_else(|| PlacementPlan::minimal(experts, &moe_layers, workers));
         plan.validate_for(experts, &moe_layers, workers)?;
+        let live = Arc::new(Mutex::new(vec![true; clients.len()]));
+        let switch = Arc::new(Mutex::new(Switch { committed: Routes::new(plan), step: None }));
+        runtime.spawn(probe(Arc::downgrade(&live), Arc::downgrade(&switch), clients.clone()));
         Ok(Self {
             clients,
             hidden: config.hidden_size,
@@ -109,10 +134,16 @@ impl RemoteExperts {
             moe_layers,
             deadline,
             runtime,
-            switch: Mutex::new(Switch { committed: Routes::new(plan), step: None }),
+            switch,
             requests: Mutex::new(Arc::from("")),
+            live,
             bytes: ByteCounters::default(),
         })
+    }
+
+    /// Ranks of the workers marked down.
+    pub fn down(&self) -> Vec<usize> {
+        lock(&self.live).iter().enumerate().filter(|(_, up)| !**up).map(|(w, _)| w).collect()
     }
 
     /// Routes by `plan` from the next step on; returns once no step routes by an older plan.
@@ -183,17 +214,12 @@ impl RemoteExperts {
                     )))
                 }
             };
-            let held: std::collections::BTreeMap<u32, Vec<u32>> =
-                info.experts.into_iter().map(|l| (l.layer, l.experts)).collect();
-            for (layer, wanted) in plan.held(rank as u32) {
-                let has = held.get(&layer).map_or(&[][..], Vec::as_slice);
-                if let Some(missing) = wanted.iter().find(|e| !has.contains(e)) {
-                    return Err(Error::Epoch(format!(
-                        "worker {rank} does not hold expert {missing} of layer {layer}, which plan epoch {} \
-                         places on it: prepare the plan on every worker before committing it",
-                        plan.epoch
-                    )));
-                }
+            if let Some((layer, missing)) = first_missing(plan, rank as u32, &info) {
+                return Err(Error::Epoch(format!(
+                    "worker {rank} does not hold expert {missing} of layer {layer}, which plan epoch {} \
+                     places on it: prepare the plan on every worker before committing it",
+                    plan.epoch
+                )));
             }
         }
         Ok(())
@@ -264,7 +290,8 @@ impl RoutedExperts for RemoteExperts {
 }
 
 impl RemoteExperts {
-    /// One layer's dispatch and combine, routed by `holders`.
+    /// One layer's dispatch and combine, routed by `holders` over the live workers; a worker
+    /// that fails as down is marked so and the layer is dispatched again without it.
     fn call(
         &self,
         layer: usize,
@@ -272,9 +299,54 @@ impl RemoteExperts {
         routing: &Routing,
         holders: &[Vec<u32>],
     ) -> kubemoe_model::Result<Vec<f32>> {
+        // Workers this call found down: excluded here even if the probe revives them meanwhile,
+        // so that each round excludes one more worker and the loop ends.
+        let mut failed_here = vec![false; self.clients.len()];
+        loop {
+            let live: Vec<bool> =
+                lock(&self.live).iter().zip(&failed_here).map(|(up, failed)| *up && !failed).collect();
+            let batches = plan(routing, holders, &live)
+                .map_err(|m| unavailable(layer, tonic::Status::unavailable(m)))?;
+            let results = self.dispatch(layer, x, routing, &batches);
+            let mut out = vec![0f32; x.len()];
+            let mut failed = None;
+            for r in results {
+                match r {
+                    Ok((w, partial)) => {
+                        self.bytes.received.fetch_add(partial.len() as u64, Ordering::Relaxed);
+                        batches[w].combine(&partial, self.hidden, &mut out).map_err(|m| {
+                            unavailable(layer, tonic::Status::internal(format!("worker {w}: {m}")))
+                        })?;
+                    }
+                    Err((w, status)) if worker_down(&status) => {
+                        tracing::warn!(worker = w, error = %status.message(), "worker down; routing around it");
+                        lock(&self.live)[w] = false;
+                        failed_here[w] = true;
+                        failed = Some(status);
+                    }
+                    Err((_, status)) => return Err(unavailable(layer, status)),
+                }
+            }
+            match failed {
+                None => return Ok(out),
+                // The next round plans without the failed workers: at most one round per worker.
+                Some(status) => {
+                    tracing::debug!(layer, error = %status.message(), "dispatching the layer again")
+                }
+            }
+        }
+    }
+
+    /// Sends each worker its batch, all at once, each under the deadline; the partial sums or
+    /// each failure with its worker.
+    fn dispatch(
+        &self,
+        layer: usize,
+        x: &[f32],
+        routing: &Routing,
+        batches: &[WorkerBatch],
+    ) -> Vec<Result<(usize, bytes::Bytes), (usize, tonic::Status)>> {
         let hidden = self.hidden;
-        let batches = plan(routing, holders, self.clients.len())
-            .map_err(|m| unavailable(layer, tonic::Status::internal(m)))?;
         let requests = lock(&self.requests).clone();
         let tokens = routing.ids.len() / routing.top_k.max(1);
         // Span fields are evaluated only when the span is enabled: no list is built otherwise.
@@ -310,22 +382,51 @@ impl RemoteExperts {
                     .await
                     .map_err(|_| {
                         tonic::Status::deadline_exceeded(format!("worker {w} did not answer in {deadline:?}"))
-                    })?
-                    .map_err(|s| tonic::Status::new(s.code(), format!("worker {w}: {}", s.message())))?;
-                Ok::<_, tonic::Status>((w, reply.into_inner().partial))
+                    })
+                    .and_then(|reply| reply)
+                    .map_err(|s| (w, tonic::Status::new(s.code(), format!("worker {w}: {}", s.message()))))?;
+                Ok((w, reply.into_inner().partial))
             };
             calls.spawn(tracing::Instrument::instrument(call, span.clone()));
         }
-        let results = self.runtime.block_on(calls.join_all());
-        let mut out = vec![0f32; x.len()];
-        for r in results {
-            let (w, partial) = r.map_err(|s| unavailable(layer, s))?;
-            self.bytes.received.fetch_add(partial.len() as u64, Ordering::Relaxed);
-            batches[w]
-                .combine(&partial, hidden, &mut out)
-                .map_err(|m| unavailable(layer, tonic::Status::internal(format!("worker {w}: {m}"))))?;
+        self.runtime.block_on(calls.join_all())
+    }
+}
+
+/// The first (layer, expert) `plan` places on worker `rank` that `info` does not report.
+fn first_missing(plan: &PlacementPlan, rank: u32, info: &InfoResponse) -> Option<(u32, u32)> {
+    plan.held(rank).into_iter().find_map(|(layer, wanted)| {
+        let has = info.experts.iter().find(|l| l.layer == layer).map_or(&[][..], |l| l.experts.as_slice());
+        wanted.iter().find(|e| !has.contains(e)).map(|e| (layer, *e))
+    })
+}
+
+/// Asks each worker marked down for its `Info` every [`PROBE_EVERY`]; marks it live once it
+/// answers as its rank holding every expert the plan in force places on it (a worker that
+/// restarted on another placement stays down: it would compute the wrong experts). Ends when
+/// the router drops its experts.
+async fn probe(
+    live: std::sync::Weak<Mutex<Vec<bool>>>,
+    switch: std::sync::Weak<Mutex<Switch>>,
+    clients: Vec<ExpertClient<kubemoe_api::auth::Internal>>,
+) {
+    loop {
+        tokio::time::sleep(PROBE_EVERY).await;
+        let (Some(live), Some(switch)) = (live.upgrade(), switch.upgrade()) else { return };
+        let down: Vec<usize> =
+            lock(&live).iter().enumerate().filter(|(_, up)| !**up).map(|(w, _)| w).collect();
+        for w in down {
+            let mut client = clients[w].clone();
+            let Ok(Ok(info)) = tokio::time::timeout(PROBE_EVERY, client.info(InfoRequest {})).await else {
+                continue;
+            };
+            let info = info.into_inner();
+            let plan = lock(&switch).committed.plan.clone();
+            if info.rank as usize == w && first_missing(&plan, w as u32, &info).is_none() {
+                tracing::info!(worker = w, epoch = plan.epoch, "worker back; routing to it again");
+                lock(&live)[w] = true;
+            }
         }
-        Ok(out)
     }
 }
 
