@@ -9,7 +9,10 @@
 //! Children announce their address on their first stdout line (`... listening on ADDR`); the
 //! parent waits for that, prints where to call the router, relays every later line of theirs
 //! (stdout and logs) on its stderr prefixed with the child's name, and on Ctrl-C or SIGTERM
-//! stops them all (they turn NOT_SERVING and drain) before exiting.
+//! stops them all (they turn NOT_SERVING and drain) before exiting. Meanwhile it supervises
+//! them as kubelet does a pod's containers ([`Supervised`]): one that exits is started again
+//! on its ports, from the placement file, which holds the plan of record. A child stops by
+//! itself once `up` is gone (`PARENT_ENV`), even when `up` was killed outright.
 //!
 //! The expert layout and the rebalance loop are the operator's (`kubemoe_operator::spec`,
 //! `kubemoe_placement::rebalance`): the manifest's `experts.redundant` and `balancing` mean the
@@ -22,6 +25,9 @@ use kubemoe_placement::{Layout, ModelConfig};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// What `kubemoe up` may override in the manifest.
 pub struct Overrides {
@@ -108,8 +114,9 @@ pub fn up(file: Option<&Path>, overrides: Overrides, mut router_args: Vec<String
         }
     }
     args.extend(router_args);
-    let (router, addrs) = start("router", &args, cores(), 3)?;
+    let (router, addrs) = start("router", args, cores(), &["--port", "--http-port", "--internal-port"])?;
     children.push(router);
+    let children = Supervised::new(children);
     let (addr, http, internal) = (&addrs[0], &addrs[1], &addrs[2]);
     println!("kubemoe up: workers at {} ({} expert slots each)", urls.join(","), layout.slots_per_worker);
     if let Some(file) = &api_keys {
@@ -135,8 +142,9 @@ pub fn up(file: Option<&Path>, overrides: Overrides, mut router_args: Vec<String
                 &credential,
                 None,
             )?;
-            let record =
-                kubemoe_placement::rebalance::Printed::new(plan, |line| println!("kubemoe up: {line}"));
+            let record = kubemoe_placement::rebalance::Printed::new(plan, placement.clone(), |line| {
+                println!("kubemoe up: {line}")
+            });
             let rebalancing =
                 kubemoe_placement::rebalance::run(&record, &servers, &layout, &policy, stop.cancelled());
             rebalancing.await;
@@ -229,21 +237,34 @@ pub fn start_workers(model: &str, workers: usize, extra: &[String]) -> Result<(V
             .chain(["--rank".into(), rank.to_string(), "--world-size".into(), workers.to_string()])
             .chain(extra.iter().cloned())
             .collect();
-        let (child, addrs) = start(&format!("worker {rank}"), &args, (cores() / workers).max(1), 1)?;
+        let (child, addrs) = start(&format!("worker {rank}"), args, (cores() / workers).max(1), &["--port"])?;
         children.push(child);
         urls.push(format!("http://{}", addrs[0]));
     }
     Ok((children, urls))
 }
 
-/// A child process that is stopped when dropped.
+/// The environment variable naming the `kubemoe up` process a child serves: a child whose parent
+/// is no longer that process stops (`up` killed outright has no chance to stop it).
+pub const PARENT_ENV: &str = "KUBEMOE_PARENT_PID";
+
+/// A child process that is stopped when dropped. `args` pin the ports it listens on, so that it
+/// can be started again where the others reach it.
 pub struct Managed {
     name: String,
+    args: Vec<String>,
+    threads: usize,
+    /// How many `listening on` lines it prints, the flags of those ports in order.
+    port_flags: &'static [&'static str],
     child: Child,
 }
 
 impl Drop for Managed {
     fn drop(&mut self) {
+        // One that exited was reaped: its pid may belong to another process by now.
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
         let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while std::time::Instant::now() < deadline {
@@ -258,26 +279,33 @@ impl Drop for Managed {
     }
 }
 
-/// Starts `kubemoe <args>` with `threads` compute threads and waits for its `listeners`
-/// `listening on ADDR` lines; returns the addresses in order.
-fn start(name: &str, args: &[String], threads: usize, listeners: usize) -> Result<(Managed, Vec<String>)> {
+/// Starts `kubemoe <args>` with `threads` compute threads and waits for one `listening on ADDR`
+/// line per flag of `port_flags`; returns the addresses in order, with the ports the child got
+/// written into its `args` for a restart.
+fn start(
+    name: &str,
+    mut args: Vec<String>,
+    threads: usize,
+    port_flags: &'static [&'static str],
+) -> Result<(Managed, Vec<String>)> {
     let exe = std::env::current_exe().context("locating the kubemoe binary")?;
     let mut child = Command::new(exe)
-        .args(args)
+        .args(&args)
         .env("RAYON_NUM_THREADS", threads.to_string())
         .env("KUBEMOE_LOG_FORMAT", crate::logging::format().as_str())
+        .env(PARENT_ENV, std::process::id().to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {name}"))?;
     let stdout = child.stdout.take().context("child stdout")?;
     let stderr = child.stderr.take().context("child stderr")?;
-    let managed = Managed { name: name.into(), child };
     // Its logs, prefixed, from the start: they say why a child that never listens failed.
     relay(name, BufReader::new(stderr).lines());
     let mut lines = BufReader::new(stdout).lines();
-    let mut addrs = Vec::with_capacity(listeners);
-    while addrs.len() < listeners {
+    let mut addrs = Vec::with_capacity(port_flags.len());
+    let mut managed = Managed { name: name.into(), args: Vec::new(), threads, port_flags, child };
+    while addrs.len() < port_flags.len() {
         match lines.next() {
             Some(Ok(line)) => {
                 if let Some(addr) = line.split("listening on ").nth(1) {
@@ -287,6 +315,14 @@ fn start(name: &str, args: &[String], threads: usize, listeners: usize) -> Resul
             _ => bail!("{name} exited before it listened (see its errors above)"),
         }
     }
+    for (flag, addr) in port_flags.iter().zip(&addrs) {
+        let port = addr.rsplit(':').next().unwrap_or_default().to_string();
+        match args.iter().position(|a| a == flag) {
+            Some(i) if i + 1 < args.len() => args[i + 1] = port,
+            _ => args.extend([flag.to_string(), port]),
+        }
+    }
+    managed.args = args;
     // Keep draining the child's stdout too (so it never blocks on a full pipe), where what it
     // says later (the router's metrics address) reaches the user.
     relay(name, lines);
@@ -297,4 +333,80 @@ fn start(name: &str, args: &[String], threads: usize, listeners: usize) -> Resul
 fn relay(name: &str, lines: impl Iterator<Item = std::io::Result<String>> + Send + 'static) {
     let prefix = name.to_string();
     std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| eprintln!("[{prefix}] {l}")));
+}
+
+/// Children that are started again when they exit, as kubelet restarts a pod's container: on
+/// the same ports, with the same flags, so with the placement file `up` keeps at the plan of
+/// record. A child that keeps failing is retried after a delay that doubles up to
+/// [`MAX_BACKOFF`]; dropping this stops the supervision, then the children.
+pub struct Supervised {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    children: Arc<Mutex<Vec<Managed>>>,
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+impl Supervised {
+    pub fn new(children: Vec<Managed>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let children = Arc::new(Mutex::new(children));
+        let (s, c) = (stop.clone(), children.clone());
+        let thread = std::thread::spawn(move || supervise(&s, &c));
+        Supervised { stop, thread: Some(thread), children }
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        lock(&self.children).clear();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every writer replaces whole children: the data is consistent after a panic elsewhere.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn supervise(stop: &AtomicBool, children: &Mutex<Vec<Managed>>) {
+    let n = lock(children).len();
+    // Per child: when it may be tried again, and the delay after a failed start.
+    let mut retry = vec![(Instant::now(), Duration::ZERO); n];
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+        for (i, (at, backoff)) in retry.iter_mut().enumerate() {
+            let exited = {
+                let mut list = lock(children);
+                let Some(c) = list.get_mut(i) else { continue };
+                match c.child.try_wait() {
+                    Ok(Some(status)) if Instant::now() >= *at => {
+                        Some((c.name.clone(), c.args.clone(), c.threads, c.port_flags, status))
+                    }
+                    _ => None,
+                }
+            };
+            let Some((name, args, threads, port_flags, status)) = exited else { continue };
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            println!("kubemoe up: {name} exited ({status}); starting it again on its ports");
+            // Started without the lock: a worker loads its experts meanwhile.
+            match start(&name, args, threads, port_flags) {
+                Ok((managed, addrs)) => {
+                    println!("kubemoe up: {name} is back at {}", addrs.join(", "));
+                    *backoff = Duration::ZERO;
+                    lock(children)[i] = managed;
+                }
+                Err(e) => {
+                    *backoff = (*backoff * 2).clamp(Duration::from_secs(1), MAX_BACKOFF);
+                    *at = Instant::now() + *backoff;
+                    eprintln!("kubemoe up: {e:#}; trying again in {backoff:?}");
+                }
+            }
+        }
+    }
 }

@@ -432,7 +432,6 @@ impl RouterLimits {
             max_concurrent: self.max_concurrent.unwrap_or(64),
             max_context: self.max_context.unwrap_or(kubemoe_placement::DEFAULT_MAX_CONTEXT as usize),
             worker_deadline: Duration::from_millis(self.worker_deadline_ms),
-            startup_timeout: Duration::from_secs(120),
             placement: None,
             load_window: Duration::from_secs(300),
             api_keys_file: None,
@@ -445,19 +444,32 @@ impl RouterLimits {
     }
 }
 
-/// A token cancelled on Ctrl-C or SIGTERM: the one shutdown signal of a server process.
+/// A token cancelled on Ctrl-C or SIGTERM, or for a child of `kubemoe up` when `up` is gone: the
+/// one shutdown signal of a server process.
 fn shutdown_on_signal() -> Result<CancellationToken> {
     let token = CancellationToken::new();
     let t = token.clone();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let parent = std::env::var(local::PARENT_ENV).ok().and_then(|pid| pid.parse::<u32>().ok());
     tokio::spawn(async move {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
+            // Nothing said: the pipe to `up` is gone, and printing to it would fail.
+            () = orphaned(parent) => {}
         }
         t.cancel();
     });
     Ok(token)
+}
+
+/// Completes once this process's parent is no longer `parent` (never when `None`). A child is
+/// re-parented when its parent dies, even by SIGKILL, which leaves it no chance to stop us.
+async fn orphaned(parent: Option<u32>) {
+    let Some(parent) = parent else { return std::future::pending().await };
+    while std::os::unix::process::parent_id() == parent {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 async fn bind(host: &str, port: u16, role: &str) -> Result<TcpListener> {

@@ -27,6 +27,9 @@ pub struct PlanArgs {
     groups: usize,
     #[arg(long)]
     slots_per_worker: usize,
+    /// Distinct workers every expert must be on (a ModelDeployment's experts.minReplicas).
+    #[arg(long, default_value_t = 1)]
+    min_replicas: usize,
     /// The placement in force: a placement.json (the ConfigMap's), a plan's output, or a bare
     /// array of per-layer slot arrays. With it the planner moves as few experts as it can.
     #[arg(long)]
@@ -57,6 +60,7 @@ pub fn run(args: &PlanArgs) -> Result<String> {
         nodes: args.nodes,
         groups: args.groups,
         slots_per_worker: args.slots_per_worker,
+        min_replicas: args.min_replicas,
     };
     let experts = loads.first().map_or(0, Vec::len);
     let (current, next) = match &args.current {

@@ -612,6 +612,34 @@ fn up_serves_the_builtin_manifest_and_stops_its_children_on_sigterm() {
     assert!(with_id("[worker 0]") || with_id("[worker 1]"), "{logs:#?}");
 }
 
+/// Three clients sending `prompts` round-robin until `stop`, each output checked against
+/// `expected`; each task returns how many requests it was served (a failed one panics it).
+fn looping_clients(
+    addr: &str,
+    prompts: &[Vec<u32>],
+    expected: &[Vec<u32>],
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<usize>> {
+    (0..3)
+        .map(|c| {
+            let (addr, prompts, expected, stop) =
+                (addr.to_string(), prompts.to_vec(), expected.to_vec(), stop.clone());
+            tokio::spawn(async move {
+                let mut client = InferenceClient::connect(format!("http://{addr}")).await.unwrap();
+                let mut served = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let i = (served + c) % prompts.len();
+                    let got = client.generate(ids_request(&prompts[i], 8)).await;
+                    let got = got.unwrap_or_else(|e| panic!("request {served} of client {c} failed: {e:?}"));
+                    assert_eq!(got.into_inner().token_ids, expected[i], "prompt {i} changed its output");
+                    served += 1;
+                }
+                served
+            })
+        })
+        .collect()
+}
+
 /// Tokens each worker's experts processed, per MoE layer: [worker][layer].
 async fn worker_tokens(urls: &[String], token: &str) -> Vec<Vec<u64>> {
     let mut out = Vec::new();
@@ -635,6 +663,48 @@ fn measured_balance(a: &[Vec<u64>], b: &[Vec<u64>]) -> f64 {
     mean / max
 }
 
+/// `kubemoe up -f <manifest>` and what it printed: its workers, its router's gRPC, HTTP and
+/// internal addresses, the internal token, and every later stdout line.
+struct Up {
+    up: Child,
+    urls: Vec<String>,
+    addr: String,
+    http: String,
+    internal: String,
+    token: String,
+    log: std::sync::mpsc::Receiver<String>,
+}
+
+impl Up {
+    fn start(manifest: &std::path::Path, extra: &[&str]) -> Up {
+        let mut up = Command::new(env!("CARGO_BIN_EXE_kubemoe"))
+            .args(["up", "-f", manifest.to_str().unwrap(), "--grpc-port", "0", "--http-port", "0"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = BufReader::new(up.stderr.take().unwrap());
+        std::thread::spawn(move || stderr.lines().for_each(drop));
+        let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+        let mut next_line = || lines.next().expect("up exited early").unwrap();
+        let word_after = |line: &str, marker: &str| {
+            line.split(marker).nth(1).unwrap().split_whitespace().next().unwrap().to_string()
+        };
+        let urls = word_after(&next_line(), "workers at ").split(',').map(String::from).collect();
+        let serving = next_line();
+        let (addr, http) = (word_after(&serving, "gRPC at "), word_after(&serving, "HTTP at "));
+        // The internal port and the token `up` made for its processes.
+        let internal = next_line();
+        let internal_addr =
+            internal.split("Balancer at ").nth(1).unwrap().split(')').next().unwrap().to_string();
+        let token = std::fs::read_to_string(internal.split("token in ").nth(1).unwrap().trim()).unwrap();
+        let (log_tx, log) = std::sync::mpsc::channel();
+        std::thread::spawn(move || lines.for_each(|l| drop(log_tx.send(l.unwrap_or_default()))));
+        Up { up, urls, addr, http, internal: internal_addr, token, log }
+    }
+}
+
 #[test]
 fn skewed_load_is_rebalanced_live_without_failing_or_changing_a_request() {
     let dir = std::env::temp_dir().join(format!("kubemoe-skewed-{}", std::process::id()));
@@ -656,36 +726,8 @@ fn skewed_load_is_rebalanced_live_without_failing_or_changing_a_request() {
         ),
     )
     .unwrap();
-    let mut up = Command::new(env!("CARGO_BIN_EXE_kubemoe"))
-        .args(["up", "-f", manifest.to_str().unwrap(), "--grpc-port", "0", "--http-port", "0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = BufReader::new(up.stderr.take().unwrap());
-    std::thread::spawn(move || stderr.lines().for_each(drop));
-    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
-    let mut next_line = || lines.next().expect("up exited early").unwrap();
-    let urls: Vec<String> = next_line()
-        .split("workers at ")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .split(',')
-        .map(String::from)
-        .collect();
-    let serving = next_line();
-    let addr = serving.split("gRPC at ").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
-    let metrics_addr =
-        serving.split("HTTP at ").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
-    // The internal port and the token `up` made for its processes.
-    let internal = next_line();
-    let internal_addr = internal.split("Balancer at ").nth(1).unwrap().split(')').next().unwrap().to_string();
-    let token = std::fs::read_to_string(internal.split("token in ").nth(1).unwrap().trim()).unwrap();
-    let (log_tx, log_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || lines.for_each(|l| drop(log_tx.send(l.unwrap_or_default()))));
+    let Up { mut up, urls, addr, http: metrics_addr, internal: internal_addr, token, log: log_rx } =
+        Up::start(&manifest, &[]);
     let local = source::open(dir.to_str().unwrap(), Experts::All).unwrap();
     let prompts: Vec<Vec<u32>> =
         (0..6u32).map(|i| (0..5 + 3 * i).map(|j| (i * 37 + j * 11) % 500 + 2).collect()).collect();
@@ -703,23 +745,7 @@ fn skewed_load_is_rebalanced_live_without_failing_or_changing_a_request() {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     rt().block_on(async {
         let before = worker_tokens(&urls, &token).await;
-        let clients: Vec<_> = (0..3)
-            .map(|c| {
-                let (addr, prompts, expected, stop) =
-                    (addr.clone(), prompts.clone(), expected.clone(), stop.clone());
-                tokio::spawn(async move {
-                    let mut client = InferenceClient::connect(format!("http://{addr}")).await.unwrap();
-                    let mut served = 0;
-                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        let i = (served + c) % prompts.len();
-                        let got = client.generate(ids_request(&prompts[i], 8)).await.unwrap().into_inner();
-                        assert_eq!(got.token_ids, expected[i], "prompt {i} changed its output");
-                        served += 1;
-                    }
-                    served
-                })
-            })
-            .collect();
+        let clients = looping_clients(&addr, &prompts, &expected, &stop);
         let channel = kubemoe_api::channel(&internal_addr, None).unwrap();
         let mut balancer = BalancerClient::with_interceptor(channel, bearer(Some(&token)));
         let started = Instant::now();
@@ -766,10 +792,77 @@ fn skewed_load_is_rebalanced_live_without_failing_or_changing_a_request() {
         .parse()
         .unwrap();
     assert!(imbalance >= 1.0, "{imbalance}");
-    // SIGTERM: up stops its children before exiting.
-    Command::new("kill").args(["-TERM", &up.id().to_string()]).status().unwrap();
+    // A worker killed after the rebalance comes back on its port, from the placement file `up`
+    // rewrote: epoch 1, whose experts the router sends it.
+    let children = children_of(up.id());
+    assert_eq!(children.len(), 5, "{children:?}");
+    let killed = worker_pid(up.id(), 1).unwrap();
+    Command::new("kill").args(["-KILL", &killed.to_string()]).status().unwrap();
+    let started = Instant::now();
+    rt().block_on(async {
+        loop {
+            let back = worker_pid(up.id(), 1).is_some_and(|pid| pid != killed);
+            if back {
+                let mut c = expert_client(&urls[1], Some(&token));
+                if let Ok(info) = c.info(kubemoe_api::expert::InfoRequest {}).await {
+                    assert_eq!(
+                        info.into_inner().epoch,
+                        1,
+                        "the restarted worker is not at the epoch in force"
+                    );
+                    break;
+                }
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "the killed worker did not come back");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        eprintln!("worker 1 back on its port at epoch 1 {:?} after SIGKILL", started.elapsed());
+        let mut client = InferenceClient::connect(format!("http://{addr}")).await.unwrap();
+        // The router takes it back within a probe interval.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for (p, e) in prompts.iter().zip(&expected) {
+            assert_eq!(&client.generate(ids_request(p, 8)).await.unwrap().into_inner().token_ids, e);
+        }
+    });
+    let log: Vec<String> = log_rx.try_iter().collect();
+    assert!(log.iter().any(|l| l.contains("worker 1 exited")), "{log:?}");
+    // SIGKILL: `up` cannot stop its children, which stop by themselves.
+    let pids: Vec<u32> = children_of(up.id()).iter().map(|(pid, _)| *pid).collect();
+    assert_eq!(pids.len(), 5);
+    Command::new("kill").args(["-KILL", &up.id().to_string()]).status().unwrap();
     up.wait().unwrap();
+    let started = Instant::now();
+    while pids.iter().any(|&pid| alive(pid)) {
+        assert!(started.elapsed() < Duration::from_secs(15), "children outlived up: {pids:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for url in &urls {
+        assert!(std::net::TcpStream::connect(url.trim_start_matches("http://")).is_err(), "{url} still open");
+    }
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The processes whose parent is `parent`, with their command lines (arguments NUL-separated).
+fn children_of(parent: u32) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // `pid (comm) state ppid ...`: comm may hold spaces, so split after its `)`.
+        let ppid = stat.rsplit(')').next().unwrap().split_whitespace().nth(1).unwrap().parse::<u32>();
+        if ppid == Ok(parent) {
+            let cmd = std::fs::read_to_string(entry.path().join("cmdline")).unwrap_or_default();
+            out.push((pid, cmd));
+        }
+    }
+    out
+}
+
+/// Whether `pid` runs (a zombie left for a parent that does not reap it counts as gone).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !matches!(stat.rsplit(')').next().unwrap().split_whitespace().next(), Some("Z" | "X"))
+    })
 }
 
 /// One HTTP/1.0 exchange (the server closes the connection after the body): status and body.
@@ -1793,6 +1886,16 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A router (with an HTTP port) of the workers on loopback `ports`, in rank order.
+fn router_on(model: &str, ports: &[u16], extra: &[&str]) -> Proc {
+    let urls: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+    let urls = urls.join(",");
+    let mut args = vec!["router", "--model", model, "--workers", &urls, "--host", "127.0.0.1"];
+    args.extend(["--port", "0", "--http-port", "0"]);
+    args.extend(extra);
+    spawn(&args)
+}
+
 /// `kubemoe_router_workers_down` of a router's `/metrics`.
 fn workers_down(http_addr: &str) -> u32 {
     let (_, text) = http(http_addr, "GET", "/metrics", None);
@@ -1819,24 +1922,7 @@ fn a_dead_worker_is_routed_around_through_replicas_and_rejoins_when_back() {
     let ports = [free_port(), free_port()];
     let start = |rank: usize| worker_with(model, rank, 2, ports[rank], &["--placement", placement]);
     let mut workers: Vec<Option<Proc>> = vec![Some(start(0)), Some(start(1))];
-    let urls = format!("http://127.0.0.1:{},http://127.0.0.1:{}", ports[0], ports[1]);
-    let router = spawn(&[
-        "router",
-        "--model",
-        model,
-        "--workers",
-        &urls,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--http-port",
-        "0",
-        "--placement",
-        placement,
-        "--worker-deadline-ms",
-        "3000",
-    ]);
+    let router = router_on(model, &ports, &["--placement", placement, "--worker-deadline-ms", "3000"]);
     let http_addr = router.http.clone().unwrap();
     let prompts: [&[u32]; 3] = [&[1, 2, 3], &[4, 5, 6, 7], &[9]];
     rt().block_on(async {
@@ -1891,20 +1977,7 @@ fn requests_needing_an_expert_whose_only_worker_is_down_fail_at_once() {
     let ports = [free_port(), free_port()];
     let mut workers: Vec<Option<Proc>> =
         (0..2).map(|rank| Some(worker_with("builtin:tiny", rank, 2, ports[rank], &[]))).collect();
-    let urls = format!("http://127.0.0.1:{},http://127.0.0.1:{}", ports[0], ports[1]);
-    let router = spawn(&[
-        "router",
-        "--model",
-        "builtin:tiny",
-        "--workers",
-        &urls,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--worker-deadline-ms",
-        "5000",
-    ]);
+    let router = router_on("builtin:tiny", &ports, &["--worker-deadline-ms", "5000"]);
     // Enough tokens that some route reaches worker 1's experts.
     let prompt: Vec<u32> = (1..=24).collect();
     rt().block_on(async {
@@ -1922,4 +1995,194 @@ fn requests_needing_an_expert_whose_only_worker_is_down_fail_at_once() {
             }
         }
     });
+}
+
+#[test]
+fn a_router_started_before_its_workers_answers_at_once_and_serves_once_they_are_up() {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let model = "builtin:tiny";
+    let ports = [free_port(), free_port()];
+    let router = router_on(model, &ports, &[]);
+    let http_addr = router.http.clone().unwrap();
+    // grpc.health.v1 status of `service` (1 SERVING, 2 NOT_SERVING).
+    let serving = |service: &str| {
+        let request = HealthCheckRequest { service: service.into() };
+        let mut health = HealthClient::new(kubemoe_api::channel(&router.addr, None).unwrap());
+        async move { health.check(request).await.unwrap().into_inner().status }
+    };
+    rt().block_on(async {
+        let mut client = InferenceClient::connect(format!("http://{}", router.addr)).await.unwrap();
+        let ask = Instant::now();
+        // Alive, not ready; a request is refused at once, saying what the router waits for.
+        assert_eq!(serving("liveness").await, 1);
+        assert_eq!(serving("").await, 2);
+        let refused = client.generate(ids_request(&[5, 6], 2)).await.unwrap_err();
+        assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+        assert!(refused.message().contains("waiting for the workers: worker 0"), "{}", refused.message());
+        assert_eq!(http(&http_addr, "GET", "/health", None).0, 503);
+        assert!(ask.elapsed() < Duration::from_secs(2), "answers took {:?}", ask.elapsed());
+
+        // A worker of the wrong rank is named as soon as it answers.
+        let wrong = worker(model, 1, 2, ports[0]);
+        let started = Instant::now();
+        loop {
+            let e = client.generate(ids_request(&[5, 6], 2)).await.unwrap_err();
+            if e.message().contains("worker 0 reports rank 1 of 2") {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "{}", e.message());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(wrong);
+
+        // The right workers: serving within a second of the last one listening.
+        let _w0 = worker(model, 0, 2, ports[0]);
+        let _w1 = worker(model, 1, 2, ports[1]);
+        let up = Instant::now();
+        while serving("").await != 1 {
+            assert!(up.elapsed() < Duration::from_secs(10), "not serving");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let took = up.elapsed();
+        eprintln!("serving {took:?} after the last worker listened");
+        assert!(took < Duration::from_secs(1), "{took:?}");
+        assert_eq!(http(&http_addr, "GET", "/health", None).0, 200);
+        let local = source::open(model, Experts::All).unwrap();
+        let request = Request { prompt: vec![5, 6], max_new_tokens: 4, sampling: SamplingParams::default() };
+        let expected = generate(&local, &[request]).unwrap().remove(0);
+        let got = client.generate(ids_request(&[5, 6], 4)).await.unwrap().into_inner().token_ids;
+        assert_eq!(got, expected);
+    });
+}
+
+/// A `tiny` manifest for `up` on 4 workers with the given `experts` fields; load-driven
+/// rebalancing is kept out of the way (threshold 100), so only recovery epochs move experts.
+fn failover_manifest(name: &str, experts: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kubemoe-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let manifest = dir.join("md.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: kubemoe.io/v1alpha1\nkind: ModelDeployment\nmetadata: {{name: {name}}}\nspec:\n  \
+             model: {{source: 'builtin:tiny'}}\n  workers: {{replicas: 4}}\n  experts: {{{experts}}}\n  \
+             balancing: {{interval: 1s, window: 30s, imbalanceThreshold: 100, cooldown: 1h}}\n"
+        ),
+    )
+    .unwrap();
+    manifest
+}
+
+/// Prompts and what the single-process engine answers to each (8 new tokens).
+fn tiny_prompts() -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+    let local = source::open("builtin:tiny", Experts::All).unwrap();
+    let prompts: Vec<Vec<u32>> =
+        (0..8u32).map(|i| (0..4 + 3 * i).map(|j| (i * 41 + j * 13) % 500 + 2).collect()).collect();
+    let expected = prompts
+        .iter()
+        .map(|p| {
+            let request =
+                Request { prompt: p.clone(), max_new_tokens: 8, sampling: SamplingParams::default() };
+            generate(&local, &[request]).unwrap().remove(0)
+        })
+        .collect();
+    (prompts, expected)
+}
+
+/// The pid of `up`'s worker of `rank`, while it has one.
+fn worker_pid(up: u32, rank: usize) -> Option<u32> {
+    let flag = format!("--rank\0{rank}\0");
+    children_of(up)
+        .into_iter()
+        .find(|(_, cmd)| cmd.contains("worker") && cmd.contains(&flag))
+        .map(|(pid, _)| pid)
+}
+
+#[test]
+fn with_min_replicas_2_a_worker_killed_mid_stream_fails_no_request() {
+    let manifest = failover_manifest("replicated", "redundant: 16, minReplicas: 2");
+    let Up { mut up, addr, http, log, .. } = Up::start(&manifest, &["--worker-deadline-ms", "2000"]);
+    let (prompts, expected) = tiny_prompts();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (served, back_after) = rt().block_on(async {
+        let clients = looping_clients(&addr, &prompts, &expected, &stop);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        Command::new("kill").args(["-KILL", &worker_pid(up.id(), 1).unwrap().to_string()]).status().unwrap();
+        let killed = Instant::now();
+        // The router routes around it, `up` starts it again, the router takes it back.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        while workers_down(&http) != 0 {
+            assert!(killed.elapsed() < Duration::from_secs(60), "worker 1 never came back");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let back_after = killed.elapsed();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut served = 0;
+        for c in clients {
+            served += c.await.expect("a request failed or changed its output");
+        }
+        (served, back_after)
+    });
+    eprintln!(
+        "{served} requests, none failed; worker 1 SIGKILLed, back in the routing within {back_after:?}"
+    );
+    let log: Vec<String> = log.try_iter().collect();
+    assert!(log.iter().any(|l| l.contains("worker 1 exited")), "{log:?}");
+    Command::new("kill").args(["-TERM", &up.id().to_string()]).status().unwrap();
+    up.wait().unwrap();
+}
+
+#[test]
+fn a_frozen_workers_lost_experts_are_placed_on_live_ones_by_a_recovery_epoch() {
+    // 24 slots, 6 per worker: 0-5, 6-11, 12-15 0 1, 2-7. Worker 1 alone holds 8-11.
+    let manifest = failover_manifest("recovering", "redundant: 8");
+    let Up { mut up, addr, http, log, .. } = Up::start(&manifest, &["--worker-deadline-ms", "1000"]);
+    let (prompts, expected) = tiny_prompts();
+    let frozen = worker_pid(up.id(), 1).unwrap().to_string();
+    Command::new("kill").args(["-STOP", &frozen]).status().unwrap();
+    let stopped = Instant::now();
+    let (mut failed, mut last_failure, mut clean_rounds) = (0, None, 0);
+    rt().block_on(async {
+        let mut client = InferenceClient::connect(format!("http://{addr}")).await.unwrap();
+        // Requests needing experts 8-11 fail (after one deadline, then at once) until the
+        // recovery epoch is committed; then none fail.
+        while clean_rounds < 3 {
+            assert!(stopped.elapsed() < Duration::from_secs(60), "no recovery: {failed} failures");
+            let mut clean = true;
+            for (p, e) in prompts.iter().zip(&expected) {
+                match client.generate(ids_request(p, 8)).await {
+                    Ok(got) => assert_eq!(&got.into_inner().token_ids, e),
+                    Err(status) => {
+                        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                        (failed, last_failure, clean) = (failed + 1, Some(stopped.elapsed()), false);
+                    }
+                }
+            }
+            clean_rounds = if clean { clean_rounds + 1 } else { 0 };
+        }
+    });
+    let log: Vec<String> = log.try_iter().collect();
+    let recovery = log.iter().find(|l| l.contains("recovery epoch 1: workers 1 down"));
+    assert!(recovery.is_some(), "{log:?}");
+    assert!(
+        log.iter().any(|l| l.contains("workers down: 1; every expert has a copy on a live worker")),
+        "{log:?}"
+    );
+    eprintln!("SIGSTOP worker 1: {failed} requests failed, the last {last_failure:?} after; none since");
+    // Resumed: holds what epoch 1 places on it (its slots did not change), so it is taken back.
+    Command::new("kill").args(["-CONT", &frozen]).status().unwrap();
+    let resumed = Instant::now();
+    while workers_down(&http) != 0 {
+        assert!(resumed.elapsed() < Duration::from_secs(10), "worker 1 not taken back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    rt().block_on(async {
+        let mut client = InferenceClient::connect(format!("http://{addr}")).await.unwrap();
+        for (p, e) in prompts.iter().zip(&expected) {
+            assert_eq!(&client.generate(ids_request(p, 8)).await.unwrap().into_inner().token_ids, e);
+        }
+    });
+    Command::new("kill").args(["-TERM", &up.id().to_string()]).status().unwrap();
+    up.wait().unwrap();
 }

@@ -65,6 +65,13 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// The workers whose rank is not in `down`.
+    fn live<'a>(&'a self, down: &'a [u32]) -> impl Iterator<Item = &'a (String, ExpertClient<Internal>)> {
+        self.workers.iter().enumerate().filter(|(rank, _)| !down.contains(&(*rank as u32))).map(|(_, w)| w)
+    }
+}
+
 impl Servers for Cluster {
     async fn loads(&self) -> Result<Vec<RouterLoad>> {
         let mut loads = Vec::with_capacity(self.routers.len());
@@ -75,14 +82,14 @@ impl Servers for Cluster {
                 .ok_or_else(|| Error::Routers(format!("router {url} reported no plan")))
                 .and_then(PlacementPlan::try_from)?;
             let tokens = reply.layers.iter().map(|l| l.tokens.iter().map(|&t| t as f64).collect()).collect();
-            loads.push(RouterLoad { router: url.clone(), plan, tokens });
+            loads.push(RouterLoad { router: url.clone(), plan, tokens, down: reply.workers_down });
         }
         Ok(loads)
     }
 
-    async fn prepare(&self, plan: &PlacementPlan) -> Result<()> {
+    async fn prepare(&self, plan: &PlacementPlan, down: &[u32]) -> Result<()> {
         let wire = crate::expert::Plan::from(plan);
-        let prepares = self.workers.iter().map(|(url, c)| {
+        let prepares = self.live(down).map(|(url, c)| {
             let (request, mut c) = (PrepareRequest { plan: Some(wire.clone()) }, c.clone());
             async move { call("prepare", url, PREPARE_DEADLINE, c.prepare(request)).await }
         });
@@ -98,8 +105,8 @@ impl Servers for Cluster {
         Ok(())
     }
 
-    async fn release(&self, epoch: u64) -> Result<()> {
-        let releases = self.workers.iter().map(|(url, c)| {
+    async fn release(&self, epoch: u64, down: &[u32]) -> Result<()> {
+        let releases = self.live(down).map(|(url, c)| {
             let mut c = c.clone();
             async move { call("release", url, RELEASE_DEADLINE, c.release(ReleaseRequest { epoch })).await }
         });

@@ -138,6 +138,14 @@ pub mod health {
     use tonic_health::server::HealthReporter;
     use tonic_health::ServingStatus;
 
+    /// Alive but not taking requests yet (a router waiting for its workers).
+    pub async fn starting(reporter: &HealthReporter, service: &str) {
+        reporter.set_service_status("liveness", ServingStatus::Serving).await;
+        for name in ["", service] {
+            reporter.set_service_status(name, ServingStatus::NotServing).await;
+        }
+    }
+
     pub async fn serving(reporter: &HealthReporter, service: &str) {
         for name in ["liveness", "", service] {
             reporter.set_service_status(name, ServingStatus::Serving).await;

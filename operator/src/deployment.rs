@@ -277,7 +277,7 @@ pub struct WorkersSpec {
 }
 
 /// Expert layout.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ExpertsSpec {
     /// Extra physical expert slots per MoE layer beyond the model's `n_routed_experts`; they
@@ -285,11 +285,24 @@ pub struct ExpertsSpec {
     #[serde(default)]
     #[schemars(range(min = 0, max = 4096))]
     pub redundant: i32,
+    /// Distinct workers every logical expert is on, in the initial placement and after every
+    /// rebalance: 2 lets any one worker die without a failed request (routers route around it
+    /// through the other copies). Needs `minReplicas × n_routed_experts` expert slots
+    /// (`experts.redundant`) and as many workers, refused with a reason otherwise.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 64))]
+    pub min_replicas: i32,
     /// `global` balances expert load over all workers at once. `hierarchical` (each expert
     /// group's replicas kept on one node, as DeepSeek's hierarchical EPLB does) needs workers
     /// pinned to nodes, which is not built yet: it is refused with reason NotBuilt.
     #[serde(default)]
     pub placement: PlacementPolicy,
+}
+
+impl Default for ExpertsSpec {
+    fn default() -> Self {
+        ExpertsSpec { redundant: 0, min_replicas: 1, placement: PlacementPolicy::default() }
+    }
 }
 
 /// Expert placement algorithm.
@@ -495,6 +508,14 @@ pub struct PlacementStatus {
     /// Expert copies moved by the last rebalance.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub experts_moved: Option<i64>,
+    /// Ranks of the workers the routers route around (they stopped answering), at the last poll.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workers_down: Vec<i32>,
+    /// Logical experts, summed over the MoE layers, that only workers down hold: requests
+    /// needing them fail until a recovery epoch places them on live workers (the `Degraded`
+    /// condition names them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_experts: Option<i64>,
 }
 
 fn one() -> i32 {

@@ -909,7 +909,11 @@ mod tests {
         let model = ModelConfig::preset("tiny").unwrap().unwrap();
         // The placement's layout alone: these tests build pods for settings `spec::layout` refuses
         // until they are built (GPU workers).
-        let experts = LayoutSpec { workers: md.spec.workers.replicas, redundant: md.spec.experts.redundant };
+        let experts = LayoutSpec {
+            workers: md.spec.workers.replicas,
+            redundant: md.spec.experts.redundant,
+            min_replicas: md.spec.experts.min_replicas,
+        };
         let layout = kubemoe_placement::layout::layout(&experts, &model).unwrap();
         let params = BuildParams {
             image: "img".into(),

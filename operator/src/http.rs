@@ -45,12 +45,15 @@ pub struct Metrics {
     pub applies: Family<KindLabel, Counter>,
     /// 1 while this replica holds the lease.
     pub leader: Gauge,
-    /// Rebalances by outcome: `rebalanced`, `failed` (then settled back or forward), `settled`
-    /// (a migration an earlier poll or operator left unfinished, converged).
+    /// Rebalances by outcome: `rebalanced`, `recovered` (a recovery epoch: experts of workers
+    /// down placed on live ones), `failed` (then settled back or forward), `settled` (a
+    /// migration an earlier poll or operator left unfinished, converged).
     pub rebalances: Family<ResultLabel, Counter>,
     /// Max over mean tokens per worker at the last poll of each deployment (after a rebalance:
     /// what the new placement gives on the load that triggered it).
     pub imbalance: Family<DeploymentLabel, Gauge<f64, AtomicU64>>,
+    /// Workers the routers of each deployment route around, at its last poll.
+    pub workers_down: Family<DeploymentLabel, Gauge>,
     /// Set once the Kubernetes API answered.
     pub api_reachable: AtomicBool,
 }
@@ -63,6 +66,7 @@ impl Default for Metrics {
         let leader = Gauge::default();
         let rebalances = Family::<ResultLabel, Counter>::default();
         let imbalance = Family::<DeploymentLabel, Gauge<f64, AtomicU64>>::default();
+        let workers_down = Family::<DeploymentLabel, Gauge>::default();
         let mut registry = Registry::with_prefix("kubemoe_operator");
         registry.register("reconciles", "ModelDeployment reconciles by result", reconciles.clone());
         registry.register("reconcile_duration_seconds", "Time of one reconcile", reconcile_seconds.clone());
@@ -74,6 +78,11 @@ impl Default for Metrics {
             "Max over mean tokens per worker of a ModelDeployment at its last load poll",
             imbalance.clone(),
         );
+        registry.register(
+            "workers_down",
+            "Workers the routers of a ModelDeployment route around, at its last load poll",
+            workers_down.clone(),
+        );
         Metrics {
             registry,
             reconciles,
@@ -82,6 +91,7 @@ impl Default for Metrics {
             leader,
             rebalances,
             imbalance,
+            workers_down,
             api_reachable: AtomicBool::new(false),
         }
     }

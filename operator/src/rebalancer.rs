@@ -27,7 +27,7 @@ use kube::runtime::reflector::Store;
 use kube::{Api, ResourceExt};
 use kubemoe_api::auth::{Bearer, Keys};
 use kubemoe_api::cluster::Cluster;
-use kubemoe_placement::rebalance::{self, Policy, Proposal, Record};
+use kubemoe_placement::rebalance::{self, Degraded, Policy, Proposal, Record};
 use kubemoe_placement::{error_chain, parse_duration, Layout, ModelConfig, PlacementPlan};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -310,7 +310,7 @@ impl Record for Apiserver<'_> {
     }
 
     async fn rebalanced(&self, proposal: &Proposal) -> Result<()> {
-        count(&self.context.metrics, "rebalanced");
+        count(&self.context.metrics, if proposal.recovering.is_empty() { "rebalanced" } else { "recovered" });
         gauge(&self.context.metrics, &self.md(), proposal.imbalance_after);
         let now = Time(Timestamp::now());
         self.status(|md| status::rebalanced(md, proposal, &now)).await?;
@@ -329,6 +329,30 @@ impl Record for Apiserver<'_> {
     async fn settled(&self, plan: &PlacementPlan) -> Result<()> {
         let now = Time(Timestamp::now());
         self.status(|md| status::settled(md, plan.epoch, &now)).await
+    }
+
+    async fn degraded(&self, state: &Degraded) -> Result<()> {
+        let md = self.md();
+        self.context.metrics.workers_down.get_or_create(&label(&md)).set(state.down.len() as i64);
+        let before = md.status.as_ref().and_then(|s| s.placement.as_ref());
+        let was = before.map(|p| (p.workers_down.clone(), p.lost_experts));
+        let now_down: Vec<i32> = state.down.iter().map(|&w| w as i32).collect();
+        let lost = (!state.down.is_empty()).then_some(state.lost_experts() as i64);
+        if was.unwrap_or_default() == (now_down.clone(), lost) {
+            return Ok(());
+        }
+        let now = Time(Timestamp::now());
+        self.status(|md| status::degraded(md, state, &now)).await?;
+        // An event per change: which workers went or came back, and what that leaves lost.
+        let (type_, reason) = if state.down.is_empty() {
+            (EventType::Normal, "WorkersBack")
+        } else {
+            (EventType::Warning, "WorkersDown")
+        };
+        // An event's note holds at most 1 KiB; the condition keeps the whole list.
+        let note = status::clip(&state.to_string(), 1000);
+        controller::publish(self.context, &self.md(), type_, reason, "Route", note).await;
+        Ok(())
     }
 }
 

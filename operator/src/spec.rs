@@ -78,7 +78,11 @@ impl ModelSource {
 pub fn layout(spec: &ModelDeploymentSpec, model: &ModelConfig) -> Result<Layout, Invalid> {
     not_built(spec)?;
     kv_cache(spec, model)?;
-    let experts = LayoutSpec { workers: spec.workers.replicas, redundant: spec.experts.redundant };
+    let experts = LayoutSpec {
+        workers: spec.workers.replicas,
+        redundant: spec.experts.redundant,
+        min_replicas: spec.experts.min_replicas,
+    };
     kubemoe_placement::layout::layout(&experts, model)
 }
 

@@ -15,7 +15,7 @@ use crate::deployment::{ModelDeploymentStatus, Phase, PlacementStatus, ReplicaCo
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
-use kubemoe_placement::rebalance::Proposal;
+use kubemoe_placement::rebalance::{Degraded, Proposal};
 use kubemoe_placement::{Invalid, Layout};
 
 pub const READY: &str = "Ready";
@@ -70,6 +70,9 @@ pub fn valid(
     let previous = md.status.as_ref();
     let generation = md.metadata.generation;
     let spec = &md.spec;
+    let earlier = previous.and_then(|s| s.placement.as_ref());
+    // The rebalancer's finding, kept until its next poll: routers route around workers.
+    let routed_around = earlier.is_some_and(|p| !p.workers_down.is_empty());
 
     let workers = workload_counts(observed.workers.map(sts_counts));
     let routers = workload_counts(observed.router.map(deployment_counts));
@@ -83,8 +86,9 @@ pub fn valid(
     let was_ready = previous.is_some_and(|s| {
         s.conditions.iter().any(|c| (c.type_ == READY || c.type_ == DEGRADED) && c.status == "True")
     });
-    // Degraded: the rollout is done and the deployment served before, yet pods are missing now.
-    let degraded = rolled_out && !ready && was_ready;
+    // Degraded: the rollout is done and the deployment served before, yet pods are missing now;
+    // or routers route around workers that stopped answering.
+    let degraded = (rolled_out && !ready && was_ready) || routed_around;
 
     let counts = format!(
         "{}/{want_routers} routers and {}/{want_workers} workers ready",
@@ -110,9 +114,20 @@ pub fn valid(
         ("WaitingForPods", counts.clone())
     };
     let progressing = !ready && !degraded;
-    let degraded_message =
-        if degraded { counts.clone() } else { "all pods that served are serving".to_string() };
-    let degraded_reason = if !degraded {
+    let degraded_message = if routed_around {
+        // The rebalancer's message names the workers and the experts lost.
+        find(previous, DEGRADED).filter(|c| c.reason == WORKERS_DOWN).map_or_else(
+            || "routers route around workers that stopped answering".into(),
+            |c| c.message.clone(),
+        )
+    } else if degraded {
+        counts.clone()
+    } else {
+        ALL_SERVING.to_string()
+    };
+    let degraded_reason = if routed_around {
+        WORKERS_DOWN
+    } else if !degraded {
         "AsExpected"
     } else if !workers_ready {
         "WorkersUnavailable"
@@ -134,14 +149,13 @@ pub fn valid(
         condition(previous, DEGRADED, degraded, degraded_reason, &degraded_message, generation, now),
     ];
     conditions.extend(find(previous, REBALANCING).cloned());
-    let phase = if ready {
+    let phase = if ready && !routed_around {
         Phase::Ready
     } else if degraded {
         Phase::Degraded
     } else {
         Phase::Progressing
     };
-    let earlier = previous.and_then(|s| s.placement.as_ref());
     let same_epoch = earlier.filter(|p| p.epoch == observed.epoch as i64);
     let placement = PlacementStatus {
         epoch: observed.epoch as i64,
@@ -153,6 +167,8 @@ pub fn valid(
         imbalance: same_epoch.and_then(|p| p.imbalance),
         last_rebalance_time: earlier.and_then(|p| p.last_rebalance_time.clone()),
         experts_moved: earlier.and_then(|p| p.experts_moved),
+        workers_down: earlier.map(|p| p.workers_down.clone()).unwrap_or_default(),
+        lost_experts: earlier.and_then(|p| p.lost_experts),
     };
     let names = crate::desired::Names::of(&md.name_any());
     let namespace = md.namespace().unwrap_or_else(|| "default".into());
@@ -176,11 +192,67 @@ pub fn rounded(imbalance: f64) -> f64 {
 
 /// Status while `md` migrates to `proposal`: `Rebalancing=True`.
 pub fn rebalancing(md: &ModelDeployment, proposal: &Proposal, now: &Time) -> ModelDeploymentStatus {
+    if !proposal.recovering.is_empty() {
+        return with_rebalancing(md, true, "Recovering", &proposal.to_string(), now);
+    }
     let message = format!(
         "moving {} expert copies to placement epoch {}: imbalance {:.2} -> {:.2}",
         proposal.moved, proposal.plan.epoch, proposal.imbalance_before, proposal.imbalance_after
     );
     with_rebalancing(md, true, "Migrating", &message, now)
+}
+
+/// `Degraded`'s reason while routers route around workers.
+pub const WORKERS_DOWN: &str = "WorkersDown";
+const ALL_SERVING: &str = "all pods that served are serving";
+
+/// Status after a poll found the routers routing around `state.down` (none: all back):
+/// `placement.workersDown` and `lostExperts`, and `Degraded=True` naming the workers and the
+/// experts lost, which the controller keeps while `workersDown` is set ([`valid`]). Once they
+/// are back, a `Degraded` of this reason clears (one the controller set from pods stays its).
+pub fn degraded(md: &ModelDeployment, state: &Degraded, now: &Time) -> ModelDeploymentStatus {
+    let previous = md.status.as_ref();
+    let mut next = previous.cloned().unwrap_or_default();
+    let down = !state.down.is_empty();
+    if let Some(placement) = &mut next.placement {
+        placement.workers_down = state.down.iter().map(|&w| w as i32).collect();
+        placement.lost_experts = down.then_some(state.lost_experts() as i64);
+    }
+    let ours = find(previous, DEGRADED).is_some_and(|c| c.reason == WORKERS_DOWN);
+    if !down && !ours {
+        return next;
+    }
+    let (reason, message) = if down {
+        (WORKERS_DOWN, clip(&state.to_string(), MAX_MESSAGE))
+    } else {
+        ("AsExpected", ALL_SERVING.to_string())
+    };
+    let condition = condition(previous, DEGRADED, down, reason, &message, md.metadata.generation, now);
+    match next.conditions.iter_mut().find(|c| c.type_ == DEGRADED) {
+        Some(existing) => *existing = condition,
+        None => next.conditions.push(condition),
+    }
+    let ready = find(previous, READY).is_some_and(|c| c.status == "True");
+    next.phase = Some(if down {
+        Phase::Degraded
+    } else if ready {
+        Phase::Ready
+    } else {
+        Phase::Progressing
+    });
+    next
+}
+
+/// Longest condition message the API server takes (32 KiB), with room to spare.
+const MAX_MESSAGE: usize = 32_000;
+
+/// `text` cut to at most `max` bytes on a character boundary, marked with ` …` when cut.
+pub fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let cut = (0..=max).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+    format!("{} …", &text[..cut])
 }
 
 /// Status once every router routes by `proposal` and every worker serves it.
@@ -198,9 +270,15 @@ pub fn rebalanced(md: &ModelDeployment, proposal: &Proposal, now: &Time) -> Mode
             imbalance: Some(rounded(proposal.imbalance_after)),
             last_rebalance_time: Some(now.clone()),
             experts_moved: Some(proposal.moved as i64),
+            // The rebalancer's next finding replaces these.
+            ..previous_placement(md)
         }),
         ..with_rebalancing(md, false, "Rebalanced", &message, now)
     }
+}
+
+fn previous_placement(md: &ModelDeployment) -> PlacementStatus {
+    md.status.as_ref().and_then(|s| s.placement.clone()).unwrap_or_default()
 }
 
 /// Status after the migration to `epoch` failed with `error` (its whole chain); the placement
@@ -358,6 +436,7 @@ mod tests {
             imbalance_before: 1.8712,
             imbalance_after: 1.0449,
             moved: 6,
+            recovering: vec![],
         }
     }
 
@@ -394,6 +473,7 @@ mod tests {
                 imbalance: Some(1.04),
                 last_rebalance_time: Some(t2),
                 experts_moved: Some(6),
+                ..PlacementStatus::default()
             }
         );
         assert_eq!(done.phase, before.phase);

@@ -17,7 +17,7 @@ use kubemoe_operator::deployment::ModelDeployment;
 use kubemoe_operator::desired::{self, HASH_ANNOTATION};
 use kubemoe_operator::rebalancer::{poll, Polled, Target};
 use kubemoe_operator::status;
-use kubemoe_placement::rebalance::Proposal;
+use kubemoe_placement::rebalance::{self, Proposal};
 use kubemoe_placement::ModelConfig;
 use kubemoe_placement::{self as placement, PlacementPlan};
 use serde_json::json;
@@ -45,6 +45,8 @@ struct RouterState {
     refuse: Option<u64>,
     commits: Mutex<Vec<Commit>>,
     api: FakeApi,
+    /// Workers it routes around.
+    down: Mutex<Vec<u32>>,
 }
 
 #[derive(Clone)]
@@ -57,7 +59,13 @@ impl Balancer for Router {
         let tokens = self.0.load.lock().unwrap().clone();
         let layers =
             plan.layers.iter().map(|l| LayerCounts { layer: l.layer, tokens: tokens.clone() }).collect();
-        Ok(Response::new(LoadResponse { layers, window_seconds: 60.0, plan: Some((&plan).into()) }))
+        let workers_down = self.0.down.lock().unwrap().clone();
+        Ok(Response::new(LoadResponse {
+            layers,
+            window_seconds: 60.0,
+            plan: Some((&plan).into()),
+            workers_down,
+        }))
     }
 
     async fn commit(&self, request: Request<CommitRequest>) -> Result<Response<CommitResponse>, Status> {
@@ -173,6 +181,7 @@ impl Fleet {
                     refuse,
                     commits: Mutex::default(),
                     api: api.clone(),
+                    down: Mutex::default(),
                 })
             })
             .collect();
@@ -218,10 +227,16 @@ const SKEWED: [u64; 16] = [100, 100, 100, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10
 
 /// `tiny` on 2 workers, reconciled, and Ready.
 async fn ready() -> (World, Target) {
-    let world = World::new(json!({
+    ready_with(json!({
         "model": {"source": "builtin:tiny"}, "workers": {"replicas": 2},
         "balancing": {"imbalanceThreshold": 1.1, "cooldown": "1m"},
-    }));
+    }))
+    .await
+}
+
+/// A ModelDeployment of `spec`, reconciled, and Ready.
+async fn ready_with(spec: serde_json::Value) -> (World, Target) {
+    let world = World::new(spec);
     world.reconcile().await;
     world.api.mark_ready("ml", "tiny");
     world.reconcile().await;
@@ -360,7 +375,13 @@ async fn stopped_mid_migration(world: &World, fleet: &Fleet) -> PlacementPlan {
         layer.swap(1, 9);
     }
     let next = current.with_slots(1, slots);
-    let proposal = Proposal { plan: next.clone(), imbalance_before: 1.6, imbalance_after: 1.2, moved: 2 };
+    let proposal = Proposal {
+        plan: next.clone(),
+        imbalance_before: 1.6,
+        imbalance_after: 1.2,
+        moved: 2,
+        recovering: vec![],
+    };
     let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
     world.api.set_status(MD, serde_json::to_value(status::rebalancing(&md, &proposal, &now)).unwrap());
     world
@@ -437,4 +458,85 @@ async fn a_kept_placement_writes_the_imbalance_once_and_keeps_a_concurrent_contr
     let status = world.md().status.unwrap();
     assert_eq!(status.routers.unwrap().replicas, 2);
     assert_eq!(status.placement.unwrap().imbalance, Some(1.01));
+}
+
+#[tokio::test]
+async fn a_worker_down_gets_a_recovery_epoch_and_is_named_in_status_events_and_metrics() {
+    // 16 experts in 20 slots on 4 workers: 0-4, 5-9, 10-14 and 15, 0-3 (so 0-3 twice).
+    let (world, target) = ready_with(json!({
+        "model": {"source": "builtin:tiny"}, "workers": {"replicas": 4}, "experts": {"redundant": 4},
+        "balancing": {"imbalanceThreshold": 1.1, "cooldown": "1m"},
+    }))
+    .await;
+    let fleet = Fleet::start(&world.api, 1, &[10; 16], None, None).await;
+    fleet.routers[0].down.lock().unwrap().push(1);
+    let before = stored(&world.api);
+
+    let polled = poll(&world.context, &world.md(), &target, &fleet.cluster, false).await.unwrap();
+    assert_eq!(polled, Polled::Rebalanced { epoch: 1 });
+    assert_eq!(
+        world.writes(),
+        [
+            status_write(),
+            EVENT.into(),
+            patch(PLACEMENT),
+            status_write(),
+            EVENT.into(),
+            status_write(),
+            EVENT.into()
+        ],
+        "Rebalancing=True, the recovery plan, its outcome, then Degraded"
+    );
+    // The worker down was never called; its slots did not change.
+    assert!(fleet.worker_calls()[1].is_empty());
+    assert_eq!(fleet.worker_epochs(), [(1, None), (0, None), (1, None), (1, None)]);
+    let plan = stored(&world.api);
+    assert_eq!(plan.held(1), before.held(1));
+    // Worker 1's experts 5-8 took the second copies of 0-3 on worker 3; 4 slots for 5 experts
+    // leave one lost in each MoE layer.
+    let lost = rebalance::Degraded::of(&plan, vec![1]);
+    assert_eq!(lost.lost, vec![(1, vec![9]), (2, vec![9])]);
+    let md = world.md();
+    let status = md.status.as_ref().unwrap();
+    let placement = status.placement.as_ref().unwrap();
+    assert_eq!((placement.workers_down.as_slice(), placement.lost_experts), (&[1][..], Some(2)));
+    let degraded = status::find(Some(status), status::DEGRADED).unwrap();
+    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", status::WORKERS_DOWN));
+    assert_eq!(
+        degraded.message,
+        "workers down: 1; experts with no live copy (requests needing them fail): layer 1: 9; layer 2: 9"
+    );
+    assert_eq!(status.phase, Some(kubemoe_operator::deployment::Phase::Degraded));
+    let (_, reason, message) = rebalancing(&md);
+    assert_eq!(reason, "Rebalanced");
+    assert!(message.contains("placement epoch 1 in force"), "{message}");
+    assert_eq!(
+        world.events()[2..],
+        [
+            ("Normal".into(), "Rebalancing".into()),
+            ("Normal".into(), "Rebalanced".into()),
+            ("Warning".into(), "WorkersDown".into())
+        ]
+    );
+    assert!(metric(&world, r#"kubemoe_operator_rebalances_total{result="recovered"} 1"#));
+    assert!(metric(&world, r#"kubemoe_operator_workers_down{namespace="ml",name="tiny"} 1"#));
+    // The controller keeps what the rebalancer found: a reconcile writes nothing.
+    assert_eq!(world.reconcile().await, Vec::<String>::new());
+    // Still down, nothing spare: nothing moves, nothing is written.
+    let polled = poll(&world.context, &world.md(), &target, &fleet.cluster, false).await.unwrap();
+    assert!(matches!(polled, Polled::Kept { imbalance: None, .. }), "{polled:?}");
+    assert_eq!(world.writes(), Vec::<String>::new());
+
+    // Back: Degraded clears, the event says so.
+    fleet.routers[0].down.lock().unwrap().clear();
+    poll(&world.context, &world.md(), &target, &fleet.cluster, false).await.unwrap();
+    assert_eq!(world.events().last().unwrap(), &("Normal".to_string(), "WorkersBack".to_string()));
+    let md = world.md();
+    let status = md.status.as_ref().unwrap();
+    assert!(status.placement.as_ref().unwrap().workers_down.is_empty());
+    assert_eq!(status::find(Some(status), status::DEGRADED).unwrap().status, "False");
+    assert_eq!(status.phase, Some(kubemoe_operator::deployment::Phase::Ready));
+    assert!(metric(&world, r#"kubemoe_operator_workers_down{namespace="ml",name="tiny"} 0"#));
+    world.writes();
+    assert_eq!(world.reconcile().await, Vec::<String>::new());
 }

@@ -43,7 +43,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn main() -> Result<(), kubemoe_placement::Error> {
-    let p = Problem { workers: 32, nodes: 4, groups: 8, slots_per_worker: 9 };
+    let p = Problem { workers: 32, nodes: 4, groups: 8, slots_per_worker: 9, min_replicas: 1 };
     let s = p.slots_per_worker;
     let mut rng = Rng::new(0x6b75_6265_6d6f_6521);
     let loads = zipf_loads(&mut rng);

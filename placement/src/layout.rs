@@ -28,6 +28,10 @@ pub struct Layout {
     pub redundant: u32,
     pub workers: u32,
     pub slots_per_worker: u32,
+    /// Distinct workers every logical expert is on (`experts.minReplicas`): the initial plan
+    /// and every rebalance keep it, so that `min_replicas − 1` workers may die without an
+    /// expert losing its last live copy.
+    pub min_replicas: u32,
     pub moe_layers: Vec<u32>,
 }
 
@@ -44,7 +48,10 @@ impl Layout {
             && plan.layers.iter().map(|l| l.layer).eq(self.moe_layers.iter().copied())
     }
 
-    /// The placement before any load is known ([`PlacementPlan::initial`]).
+    /// The placement before any load is known ([`PlacementPlan::initial`]). Expert `e`'s copies
+    /// sit `logical` slots apart, never fewer than `slots_per_worker` (redundant slots are at
+    /// most `logical × (workers − 1)`), so each is on a worker of its own, and every expert has
+    /// at least `physical / logical ≥ min_replicas` of them.
     pub fn initial_plan(&self) -> PlacementPlan {
         PlacementPlan::initial(self.workers, self.slots_per_worker, self.logical, &self.moe_layers)
     }
@@ -56,6 +63,7 @@ impl Layout {
 pub struct LayoutSpec {
     pub workers: i32,
     pub redundant: i32,
+    pub min_replicas: i32,
 }
 
 /// Most decoder layers a model may have: DeepSeek-V3 has 61; a plan holds one entry list per
@@ -135,7 +143,29 @@ pub fn layout(spec: &LayoutSpec, model: &ModelConfig) -> Result<Layout, Invalid>
             ),
         ));
     }
-    Ok(Layout { logical, redundant, workers, slots_per_worker: physical / workers, moe_layers })
+    let min_replicas = u32::try_from(spec.min_replicas)
+        .ok()
+        .filter(|m| *m > 0)
+        .ok_or_else(|| Invalid::new("InvalidExperts", "experts.minReplicas must be 1 or more"))?;
+    if min_replicas > workers {
+        return Err(Invalid::new(
+            "TooFewWorkers",
+            format!(
+                "experts.minReplicas ({min_replicas}) asks for each expert on that many distinct workers,                  but workers.replicas is {workers}: raise workers.replicas or lower experts.minReplicas"
+            ),
+        ));
+    }
+    let need = u64::from(logical) * u64::from(min_replicas);
+    if need > u64::from(physical) {
+        return Err(Invalid::new(
+            "TooFewExpertSlots",
+            format!(
+                "experts.minReplicas ({min_replicas}) copies of n_routed_experts ({logical}) need {need} expert                  slots per MoE layer, the layout has {physical}: set experts.redundant to at least {}                  (and a multiple that divides over the workers), or lower experts.minReplicas",
+                need - u64::from(logical)
+            ),
+        ));
+    }
+    Ok(Layout { logical, redundant, workers, slots_per_worker: physical / workers, min_replicas, moe_layers })
 }
 
 /// The divisors of `n` closest to `w` from below and from above (excluding `w`).
@@ -151,7 +181,7 @@ mod tests {
     use super::*;
 
     fn spec(workers: i32, redundant: i32) -> LayoutSpec {
-        LayoutSpec { workers, redundant }
+        LayoutSpec { workers, redundant, min_replicas: 1 }
     }
 
     fn tiny() -> ModelConfig {
@@ -202,5 +232,36 @@ mod tests {
         )
         .unwrap();
         assert_eq!(layout(&spec(1, 0), &dense).unwrap_err().reason, "NoExperts");
+    }
+
+    #[test]
+    fn min_replicas_needs_workers_and_slots_and_the_initial_plan_keeps_it() {
+        let two = |workers, redundant| LayoutSpec { workers, redundant, min_replicas: 2 };
+        assert_eq!(layout(&two(1, 0), &tiny()).unwrap_err().reason, "TooFewWorkers");
+        let err = layout(&two(4, 8), &tiny()).unwrap_err();
+        assert_eq!(err.reason, "TooFewExpertSlots");
+        assert!(err.message.contains("set experts.redundant to at least 16"), "{}", err.message);
+        assert_eq!(
+            layout(&LayoutSpec { min_replicas: 0, ..spec(2, 0) }, &tiny()).unwrap_err().reason,
+            "InvalidExperts"
+        );
+        for (workers, redundant, m) in [(2, 16, 2), (4, 16, 2), (4, 32, 3), (8, 48, 4), (3, 32, 3)] {
+            let l = layout(&LayoutSpec { workers, redundant, min_replicas: m }, &tiny()).unwrap();
+            let plan = l.initial_plan();
+            for layer in plan.phy_to_log() {
+                for e in 0..16 {
+                    let mut on: Vec<usize> = (0..layer.len())
+                        .filter(|&p| layer[p] == e)
+                        .map(|p| p / l.slots_per_worker as usize)
+                        .collect();
+                    let copies = on.len();
+                    on.dedup();
+                    assert!(
+                        on.len() == copies && copies >= m as usize,
+                        "{workers} {redundant} {m}: {layer:?}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -33,6 +33,12 @@ pub enum Error {
     },
     #[error("{0}")]
     Routers(String),
+    #[error("writing {path}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the planning task failed")]
     Planner(#[source] tokio::task::JoinError),
     /// One call of a migration or load poll to one server failed.

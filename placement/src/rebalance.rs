@@ -38,6 +38,17 @@
 //! put back and workers drop what they prepared; one behind them catches up; workers not yet
 //! released are released), the record's N+1 when only some routers committed it (they cannot go
 //! back). A failed migration is settled the same way at once, rather than an interval later.
+//!
+//! Workers down. Routers route around a worker that fails its dispatches (the replicas of its
+//! experts on live workers serve them) and report it in their load. While any worker is down
+//! the loop does not judge load; it makes a recovery epoch ([`recover`]) when some logical
+//! expert has no copy on a live worker: each lost expert takes a live slot from an expert that
+//! keeps another live copy, and the epoch goes through the same prepare, record, commit and
+//! release, skipping the workers down (their slots do not change, so a worker that returns
+//! holds what the new epoch places on it, whether it restarted from the record or only
+//! stalled). What is still lost for want of spare slots, and which workers are down, is
+//! reported with every poll ([`Record::degraded`]); a worker that is back rejoins the routing
+//! at once and the load-driven rebalance evens the placement out again.
 
 use crate::layout::Layout;
 use crate::plan::PlacementPlan;
@@ -85,6 +96,30 @@ pub struct Proposal {
     pub imbalance_before: f64,
     pub imbalance_after: f64,
     pub moved: usize,
+    /// For a recovery epoch, the workers down whose experts it places on live ones; empty for
+    /// a rebalance of load.
+    pub recovering: Vec<u32>,
+}
+
+/// The line local mode prints and the operator's `Rebalancing` condition says.
+impl std::fmt::Display for Proposal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let epoch = self.plan.epoch;
+        if self.recovering.is_empty() {
+            return write!(
+                f,
+                "rebalancing to epoch {epoch}: imbalance {:.3} -> {:.3}, moving {} experts",
+                self.imbalance_before, self.imbalance_after, self.moved
+            );
+        }
+        let down: Vec<String> = self.recovering.iter().map(u32::to_string).collect();
+        write!(
+            f,
+            "recovery epoch {epoch}: workers {} down; loading {} experts they alone held on live workers",
+            down.join(", "),
+            self.moved
+        )
+    }
 }
 
 /// Max over mean tokens per worker of `phy_to_log` under `loads` (1.0 is perfect).
@@ -93,18 +128,46 @@ pub fn imbalance(loads: &[Vec<f64>], phy_to_log: &[Vec<u32>], slots_per_worker: 
 }
 
 /// Whether and how to rebalance `plan` under `loads` (tokens per logical expert of each of the
-/// plan's layers), `since_last` after the previous rebalance or failed migration (`None`: never).
+/// plan's layers), `since_last` after the previous rebalance or failed migration (`None`: never),
+/// with the workers in `down` routed around (module docs: only a recovery epoch then), every
+/// expert kept on `min_replicas` distinct workers.
 pub fn decide(
     policy: &Policy,
     plan: &PlacementPlan,
     loads: &[Vec<f64>],
     since_last: Option<Duration>,
+    down: &[u32],
+    min_replicas: u32,
 ) -> Result<Decision> {
-    if loads.iter().flatten().sum::<f64>() <= 0.0 {
-        return Ok(Decision::Keep { imbalance: None, reason: "no load measured yet" });
+    if !down.is_empty() {
+        return Ok(recover(plan, loads, down));
     }
     let s = plan.slots_per_worker as usize;
     let current = plan.phy_to_log();
+    // One node and no group packing: worker ranks are not pinned to nodes, so there is no node
+    // level to keep groups on.
+    let problem = Problem {
+        workers: plan.workers as usize,
+        nodes: 1,
+        groups: 1,
+        slots_per_worker: s,
+        min_replicas: min_replicas as usize,
+    };
+    // A plan that keeps some expert on fewer workers (minReplicas was raised) is spread at
+    // once, whatever the load says.
+    let experts = planner::check_problem(loads, &problem)?;
+    planner::check_current(&current, loads.len(), experts, &problem)?;
+    let spread = current
+        .iter()
+        .zip(loads)
+        .map(|(layer, load)| planner::spread(layer.clone(), load, &problem))
+        .collect::<Result<Vec<_>>>()?;
+    if spread != current {
+        return Ok(Decision::Rebalance(proposal(plan, loads, spread, Vec::new())));
+    }
+    if loads.iter().flatten().sum::<f64>() <= 0.0 {
+        return Ok(Decision::Keep { imbalance: None, reason: "no load measured yet" });
+    }
     let before = imbalance(loads, &current, s);
     if before <= policy.threshold {
         return Ok(Decision::Keep { imbalance: Some(before), reason: "balanced" });
@@ -112,24 +175,68 @@ pub fn decide(
     if since_last.is_some_and(|t| t < policy.cooldown) {
         return Ok(Decision::Keep { imbalance: Some(before), reason: "cooling down" });
     }
-    // One node and no group packing: worker ranks are not pinned to nodes, so there is no node
-    // level to keep groups on.
-    let problem = Problem { workers: plan.workers as usize, nodes: 1, groups: 1, slots_per_worker: s };
     let next = planner::incremental(loads, &current, &problem, policy.max_moves)?;
-    let after = imbalance(loads, &next, s);
-    let moved = planner::moved(&current, &next);
-    if moved == 0 || after >= before {
+    let proposal = proposal(plan, loads, next, Vec::new());
+    if proposal.moved == 0 || proposal.imbalance_after >= before {
         return Ok(Decision::Keep {
             imbalance: Some(before),
             reason: "no better placement within the move budget",
         });
     }
-    Ok(Decision::Rebalance(Proposal {
+    Ok(Decision::Rebalance(proposal))
+}
+
+/// `next` as the epoch after `plan`, with what it does to the balance under `loads`.
+fn proposal(plan: &PlacementPlan, loads: &[Vec<f64>], next: Vec<Vec<u32>>, recovering: Vec<u32>) -> Proposal {
+    let (s, current) = (plan.slots_per_worker as usize, plan.phy_to_log());
+    Proposal {
+        imbalance_before: imbalance(loads, &current, s),
+        imbalance_after: imbalance(loads, &next, s),
+        moved: planner::moved(&current, &next),
         plan: plan.with_slots(plan.epoch + 1, next),
-        imbalance_before: before,
-        imbalance_after: after,
-        moved,
-    }))
+        recovering,
+    }
+}
+
+/// The recovery epoch for `plan` with the workers in `down` lost, when some logical expert has
+/// no copy on a live worker and a live slot can take it. Per layer, the lost experts go
+/// heaviest first (by `loads`, then id), each into a live slot of the expert that serves the
+/// fewest tokens per live copy once it has one copy less (then lowest id), taking that
+/// expert's highest live slot; an expert with one live copy is never taken from. Slots of the
+/// workers down keep their experts. Pure and deterministic.
+pub fn recover(plan: &PlacementPlan, loads: &[Vec<f64>], down: &[u32]) -> Decision {
+    let s = plan.slots_per_worker.max(1) as usize;
+    let current = plan.phy_to_log();
+    let mut next = current.clone();
+    for (l, slots) in next.iter_mut().enumerate() {
+        let load = |e: u32| loads.get(l).and_then(|x| x.get(e as usize)).copied().unwrap_or(0.0);
+        let live: Vec<usize> = (0..slots.len()).filter(|p| !down.contains(&((p / s) as u32))).collect();
+        let mut copies = vec![0usize; plan.logical_experts as usize];
+        live.iter().for_each(|&p| copies[slots[p] as usize] += 1);
+        let mut lost: Vec<u32> = (0..copies.len() as u32).filter(|&e| copies[e as usize] == 0).collect();
+        lost.sort_by(|a, b| load(*b).total_cmp(&load(*a)).then(a.cmp(b)));
+        for e in lost {
+            let donor = (0..copies.len() as u32).filter(|&x| copies[x as usize] >= 2).min_by(|a, b| {
+                let per_copy = |x: u32| load(x) / (copies[x as usize] - 1) as f64;
+                per_copy(*a).total_cmp(&per_copy(*b)).then(a.cmp(b))
+            });
+            let Some(donor) = donor else { break };
+            let Some(&p) = live.iter().rev().find(|&&p| slots[p] == donor) else { break };
+            slots[p] = e;
+            copies[donor as usize] -= 1;
+            copies[e as usize] = 1;
+        }
+    }
+    let moved = planner::moved(&current, &next);
+    if moved == 0 {
+        let reason = if Degraded::of(plan, down.to_vec()).lost.is_empty() {
+            "workers down: every expert has a live copy; load is judged again once they are back"
+        } else {
+            "workers down: no live slot is spare for the experts only they hold"
+        };
+        return Decision::Keep { imbalance: None, reason };
+    }
+    Decision::Rebalance(proposal(plan, loads, next, down.to_vec()))
 }
 
 /// One router's answer to a load poll.
@@ -141,6 +248,8 @@ pub struct RouterLoad {
     pub plan: PlacementPlan,
     /// Tokens per logical expert of each layer of `plan`, over its load window.
     pub tokens: Vec<Vec<f64>>,
+    /// Ranks of the workers it routes around.
+    pub down: Vec<u32>,
 }
 
 /// The routers and workers of one deployment, as the rebalance loop reaches them. Each call
@@ -148,14 +257,14 @@ pub struct RouterLoad {
 pub trait Servers: Sync {
     /// Every router's load and plan.
     fn loads(&self) -> impl Future<Output = Result<Vec<RouterLoad>>> + Send;
-    /// Every worker loads what `plan` places on it next to what it serves (a no-op where it is
-    /// prepared or in force already).
-    fn prepare(&self, plan: &PlacementPlan) -> impl Future<Output = Result<()>> + Send;
+    /// Every worker but those in `down` loads what `plan` places on it next to what it serves
+    /// (a no-op where it is prepared or in force already).
+    fn prepare(&self, plan: &PlacementPlan, down: &[u32]) -> impl Future<Output = Result<()>> + Send;
     /// Every router routes by `plan` from its next step; answers once none routes by the old one.
     fn commit(&self, plan: &PlacementPlan) -> impl Future<Output = Result<()>> + Send;
-    /// Every worker puts `epoch` in force, dropping what it does not place there; goes on past
-    /// a worker that fails.
-    fn release(&self, epoch: u64) -> impl Future<Output = Result<()>> + Send;
+    /// Every worker but those in `down` puts `epoch` in force, dropping what it does not place
+    /// there; goes on past a worker that fails.
+    fn release(&self, epoch: u64, down: &[u32]) -> impl Future<Output = Result<()>> + Send;
 }
 
 /// Where the plan of record lives and how a rebalance is reported: the only part of [`poll`] that
@@ -181,6 +290,61 @@ pub trait Record: Sync {
     fn failed(&self, epoch: u64, error: &str) -> impl Future<Output = Result<(), Self::Error>> + Send;
     /// What an unfinished migration left was converged on `plan`.
     fn settled(&self, plan: &PlacementPlan) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    /// Which workers are down and which experts have no live copy, after every poll that
+    /// reached the routers (empty once every worker is back).
+    fn degraded(&self, state: &Degraded) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
+
+/// Workers the routers route around, and the experts that leaves without a live copy.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Degraded {
+    /// Ranks of the workers some router marked down, ascending.
+    pub down: Vec<u32>,
+    /// Per MoE layer with a loss (its decoder layer id), the logical experts that only workers
+    /// down hold, ascending.
+    pub lost: Vec<(u32, Vec<u32>)>,
+}
+
+impl Degraded {
+    /// What `down` costs under `plan`.
+    pub fn of(plan: &PlacementPlan, down: Vec<u32>) -> Self {
+        let s = plan.slots_per_worker.max(1) as usize;
+        let lost = plan
+            .layers
+            .iter()
+            .filter_map(|l| {
+                let mut live = vec![false; plan.logical_experts as usize];
+                for (p, &e) in l.slots.iter().enumerate() {
+                    if !down.contains(&((p / s) as u32)) {
+                        live[e as usize] = true;
+                    }
+                }
+                let lost: Vec<u32> = (0..live.len() as u32).filter(|&e| !live[e as usize]).collect();
+                (!lost.is_empty()).then_some((l.layer, lost))
+            })
+            .collect();
+        Degraded { down, lost }
+    }
+
+    /// Experts without a live copy, over all layers.
+    pub fn lost_experts(&self) -> usize {
+        self.lost.iter().map(|(_, e)| e.len()).sum()
+    }
+}
+
+impl std::fmt::Display for Degraded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |ids: &[u32]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
+        if self.down.is_empty() {
+            return write!(f, "every worker is up");
+        }
+        write!(f, "workers down: {}; ", list(&self.down))?;
+        if self.lost.is_empty() {
+            return write!(f, "every expert has a copy on a live worker");
+        }
+        let layers: Vec<String> = self.lost.iter().map(|(l, e)| format!("layer {l}: {}", list(e))).collect();
+        write!(f, "experts with no live copy (requests needing them fail): {}", layers.join("; "))
+    }
 }
 
 /// What the routers route by, as one load poll found it.
@@ -274,13 +438,13 @@ pub enum Polled {
     },
 }
 
-/// Has every worker load what `plan` places on it; on failure, the workers that did drop it
-/// again (back to epoch `from`) and the prepare's error is returned.
-pub async fn prepare(servers: &impl Servers, plan: &PlacementPlan, from: u64) -> Result<()> {
-    if let Err(err) = servers.prepare(plan).await {
+/// Has every worker but those `down` load what `plan` places on it; on failure, the workers
+/// that did drop it again (back to epoch `from`) and the prepare's error is returned.
+pub async fn prepare(servers: &impl Servers, plan: &PlacementPlan, from: u64, down: &[u32]) -> Result<()> {
+    if let Err(err) = servers.prepare(plan, down).await {
         // Nothing routes to the new experts yet. The prepare's error is the one to report; a
         // failed release shows at the next settle.
-        if let Err(release) = servers.release(from).await {
+        if let Err(release) = servers.release(from, down).await {
             tracing::warn!(error = %error_chain(&release), "releasing after a failed prepare");
         }
         return Err(err);
@@ -288,18 +452,19 @@ pub async fn prepare(servers: &impl Servers, plan: &PlacementPlan, from: u64) ->
     Ok(())
 }
 
-/// Makes sure every worker holds `plan` (a catch-up for a worker that restarted meanwhile),
-/// routes every router by it, then puts it in force on every worker. Idempotent.
-pub async fn finish(servers: &impl Servers, plan: &PlacementPlan) -> Result<()> {
-    servers.prepare(plan).await?;
+/// Makes sure every worker but those `down` holds `plan` (a catch-up for a worker that
+/// restarted meanwhile), routes every router by it, then puts it in force on those workers.
+/// Idempotent.
+pub async fn finish(servers: &impl Servers, plan: &PlacementPlan, down: &[u32]) -> Result<()> {
+    servers.prepare(plan, down).await?;
     servers.commit(plan).await?;
-    servers.release(plan.epoch).await
+    servers.release(plan.epoch, down).await
 }
 
 /// One poll of a deployment whose expert layout is `layout`: settles what an earlier migration
-/// left over, or judges the load and rebalances when [`decide`] says so. `unsettled`: the caller
-/// saw a migration fail and not settle. Record and load poll failures are errors; a failed
-/// migration is recorded and settled.
+/// left over, or judges the load and rebalances when [`decide`] says so; then reports the
+/// workers down ([`Record::degraded`]). `unsettled`: the caller saw a migration fail and not
+/// settle. Record and load poll failures are errors; a failed migration is recorded and settled.
 pub async fn poll<R: Record>(
     record: &R,
     servers: &impl Servers,
@@ -308,7 +473,7 @@ pub async fn poll<R: Record>(
     unsettled: bool,
 ) -> Result<Polled, R::Error> {
     let unsettled = unsettled || record.unfinished();
-    let Some((stored, next)) = survey(record, servers, layout, unsettled).await? else {
+    let Some(Survey { stored, next, down }) = survey(record, servers, layout, unsettled).await? else {
         return Ok(Polled::Waiting);
     };
     // A layout change (workers, experts.redundant) is rolled out by restarting pods onto a new
@@ -321,7 +486,8 @@ pub async fn poll<R: Record>(
     }
     let (current, loads) = match next {
         Next::Settle(plan) => {
-            settle(record, servers, layout, &stored, &plan).await?;
+            settle(record, servers, layout, &stored, &plan, &down).await?;
+            record.degraded(&Degraded::of(&plan, down)).await?;
             return Ok(Polled::Settled { epoch: plan.epoch });
         }
         Next::Judge { plan, loads } => (plan, loads),
@@ -329,19 +495,26 @@ pub async fn poll<R: Record>(
     let since_last = record.since_last();
     // The planner takes up to a second on V3-sized problems: off the async threads that also
     // serve health, renew leases and run the controller.
-    let (p, plan) = (policy.clone(), current.clone());
-    let decision = tokio::task::spawn_blocking(move || decide(&p, &plan, &loads, since_last))
+    let (p, plan, d, m) = (policy.clone(), current.clone(), down.clone(), layout.min_replicas);
+    let decision = tokio::task::spawn_blocking(move || decide(&p, &plan, &loads, since_last, &d, m))
         .await
         .map_err(Error::Planner)??;
-    match decision {
+    let (polled, in_force) = match decision {
         Decision::Keep { imbalance, reason } => {
             if let Some(imbalance) = imbalance {
                 record.measured(imbalance).await?;
             }
-            Ok(Polled::Kept { imbalance, reason })
+            (Polled::Kept { imbalance, reason }, current)
         }
-        Decision::Rebalance(proposal) => rebalance(record, servers, layout, current.epoch, proposal).await,
-    }
+        Decision::Rebalance(proposal) => {
+            let next = proposal.plan.clone();
+            let polled = rebalance(record, servers, layout, current.epoch, proposal, &down).await?;
+            let in_force = if matches!(polled, Polled::Rebalanced { .. }) { next } else { current };
+            (polled, in_force)
+        }
+    };
+    record.degraded(&Degraded::of(&in_force, down)).await?;
+    Ok(polled)
 }
 
 /// Polls every `policy.interval` until `stop` completes, remembering a migration that failed
@@ -370,28 +543,41 @@ pub async fn run<R: Record>(
     }
 }
 
+/// What a look at the record and the routers found.
+struct Survey {
+    /// The plan of record.
+    stored: PlacementPlan,
+    next: Next,
+    /// Workers some router routes around, ascending.
+    down: Vec<u32>,
+}
+
 /// The plan of record of `layout` and what to do next; `None` while there is none.
 async fn survey<R: Record>(
     record: &R,
     servers: &impl Servers,
     layout: &Layout,
     unsettled: bool,
-) -> Result<Option<(PlacementPlan, Next)>, R::Error> {
+) -> Result<Option<Survey>, R::Error> {
     let Some(stored) = record.stored().await?.filter(|plan| layout.fits(plan)) else {
         return Ok(None);
     };
-    let routing = Routing::of(servers.loads().await?)?;
-    let next = triage(&stored, routing, unsettled)?;
-    Ok(Some((stored, next)))
+    let loads = servers.loads().await?;
+    let mut down: Vec<u32> = loads.iter().flat_map(|l| l.down.iter().copied()).collect();
+    down.sort_unstable();
+    down.dedup();
+    let next = triage(&stored, Routing::of(loads)?, unsettled)?;
+    Ok(Some(Survey { stored, next, down }))
 }
 
-/// Converges the record (now holding `stored`), routers and workers on `plan`.
+/// Converges the record (now holding `stored`), routers and workers but those `down` on `plan`.
 async fn settle<R: Record>(
     record: &R,
     servers: &impl Servers,
     layout: &Layout,
     stored: &PlacementPlan,
     plan: &PlacementPlan,
+    down: &[u32],
 ) -> Result<(), R::Error> {
     plan.validate_for(layout.logical, &layout.moe_layers, layout.workers).map_err(|e| {
         Error::Routers(format!("the routers route by a placement that does not fit the spec: {e}"))
@@ -399,24 +585,26 @@ async fn settle<R: Record>(
     if plan != stored {
         record.store(plan).await?;
     }
-    finish(servers, plan).await?;
+    finish(servers, plan, down).await?;
     record.settled(plan).await
 }
 
-/// Migrates from epoch `from` to `proposal` in the order the module docs argue for.
+/// Migrates from epoch `from` to `proposal` in the order the module docs argue for, skipping
+/// the workers `down`.
 async fn rebalance<R: Record>(
     record: &R,
     servers: &impl Servers,
     layout: &Layout,
     from: u64,
     proposal: Proposal,
+    down: &[u32],
 ) -> Result<Polled, R::Error> {
     let plan = &proposal.plan;
     record.rebalancing(&proposal).await?;
     let migrated = async {
-        prepare(servers, plan, from).await?;
+        prepare(servers, plan, from, down).await?;
         record.store(plan).await?;
-        finish(servers, plan).await.map_err(R::Error::from)
+        finish(servers, plan, down).await.map_err(R::Error::from)
     }
     .await;
     match migrated {
@@ -429,8 +617,10 @@ async fn rebalance<R: Record>(
             // At once rather than at the next poll: until then, a pod that restarts may read a
             // plan the routers do not route by.
             let settled = async {
-                if let Some((stored, Next::Settle(back))) = survey(record, servers, layout, true).await? {
-                    settle(record, servers, layout, &stored, &back).await?;
+                if let Some(Survey { stored, next: Next::Settle(back), down }) =
+                    survey(record, servers, layout, true).await?
+                {
+                    settle(record, servers, layout, &stored, &back, &down).await?;
                 }
                 Ok::<_, R::Error>(())
             }
@@ -443,23 +633,35 @@ async fn rebalance<R: Record>(
     }
 }
 
-/// Local mode's record (`kubemoe up`): the plan of record in memory (the placement file the
-/// processes started from is not rewritten: a child that restarts is restarted by hand, with
-/// the epoch printed last), and each step said as one line, as the operator records events.
+/// Local mode's record (`kubemoe up`): the plan of record in memory and in the placement file
+/// the processes start from (rewritten whole and renamed into place, so that a child `up`
+/// restarts reads one plan or the other, never a mix), and each step said as one line, as the
+/// operator records events.
 pub struct Printed<F> {
     state: std::sync::Mutex<PrintedState>,
+    file: std::path::PathBuf,
     say: F,
 }
 
 struct PrintedState {
     stored: PlacementPlan,
     last: Option<std::time::Instant>,
+    degraded: Degraded,
 }
 
 impl<F: Fn(String) + Sync> Printed<F> {
-    /// Starts from `plan` (what the processes started from); `say` prints a line.
-    pub fn new(plan: PlacementPlan, say: F) -> Self {
-        Printed { state: std::sync::Mutex::new(PrintedState { stored: plan, last: None }), say }
+    /// Starts from `plan`, which `file` holds (what the processes started from); `say` prints a
+    /// line.
+    pub fn new(plan: PlacementPlan, file: std::path::PathBuf, say: F) -> Self {
+        Printed {
+            state: std::sync::Mutex::new(PrintedState {
+                stored: plan,
+                last: None,
+                degraded: Degraded::default(),
+            }),
+            file,
+            say,
+        }
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut PrintedState) -> T) -> T {
@@ -476,6 +678,12 @@ impl<F: Fn(String) + Sync> Record for Printed<F> {
     }
 
     async fn store(&self, plan: &PlacementPlan) -> Result<()> {
+        let written = serde_json::to_vec(plan).map_err(std::io::Error::from).and_then(|json| {
+            let next = self.file.with_extension("next");
+            std::fs::write(&next, json)?;
+            std::fs::rename(&next, &self.file)
+        });
+        written.map_err(|source| Error::Write { path: self.file.display().to_string(), source })?;
         self.with(|s| s.stored = plan.clone());
         Ok(())
     }
@@ -494,10 +702,7 @@ impl<F: Fn(String) + Sync> Record for Printed<F> {
     }
 
     async fn rebalancing(&self, p: &Proposal) -> Result<()> {
-        (self.say)(format!(
-            "rebalancing to epoch {}: imbalance {:.3} -> {:.3}, moving {} experts",
-            p.plan.epoch, p.imbalance_before, p.imbalance_after, p.moved
-        ));
+        (self.say)(p.to_string());
         Ok(())
     }
 
@@ -515,6 +720,14 @@ impl<F: Fn(String) + Sync> Record for Printed<F> {
 
     async fn settled(&self, plan: &PlacementPlan) -> Result<()> {
         (self.say)(format!("placement settled at epoch {}", plan.epoch));
+        Ok(())
+    }
+
+    async fn degraded(&self, state: &Degraded) -> Result<()> {
+        // Said when it changes, as the operator's condition changes.
+        if self.with(|s| std::mem::replace(&mut s.degraded, state.clone())) != *state {
+            (self.say)(state.to_string());
+        }
         Ok(())
     }
 }

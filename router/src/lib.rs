@@ -96,8 +96,6 @@ pub struct Options {
     pub max_context: usize,
     /// Deadline of every worker call.
     pub worker_deadline: std::time::Duration,
-    /// How long to wait for the workers at start.
-    pub startup_timeout: std::time::Duration,
     /// The placement to start from (default: the minimal initial placement).
     pub placement: Option<kubemoe_placement::PlacementPlan>,
     /// Sliding window of the expert load counts.
@@ -192,12 +190,12 @@ pub async fn run(
         opts.load_window,
         tokio::runtime::Handle::current(),
     )?);
-    let started = std::time::Instant::now();
-    while let Err(e) = experts.check_workers(&opts.model).await {
-        if started.elapsed() > opts.startup_timeout || shutdown.is_cancelled() {
-            return Err(Error::Workers(e));
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // Workers that are up already are ready now; otherwise serve at once, not ready, until they
+    // are (clients and probes get an answer meanwhile, saying what is awaited).
+    let (ready, waiting) = tokio::sync::watch::channel(experts.check_workers(&opts.model).await.err());
+    if let Some(why) = waiting.borrow().as_deref() {
+        tracing::warn!(waiting_for = why, "not serving until every worker answers as it should");
+        tokio::spawn(await_workers(experts.clone(), opts.model.clone(), ready, shutdown.clone()));
     }
     let text = text::TextCodec::load(&opts.model, config.vocab_size)?.map(std::sync::Arc::new);
     let stats = std::sync::Arc::new(stats::Stats::default());
@@ -221,6 +219,7 @@ pub async fn run(
         active: Default::default(),
         received: Default::default(),
         stats: stats.clone(),
+        waiting,
     });
     if let Some(http) = listeners.http {
         let started =
@@ -263,4 +262,34 @@ pub async fn run(
     shutdown.cancel();
     let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     served
+}
+
+/// Asks the workers every [`remote::PROBE_EVERY`] until each answers as it should (or
+/// `shutdown`), publishing what is awaited on `ready` (`None`: serving), and logging each new
+/// reason once: a mismatch (a wrong rank, model or placement) shows as soon as it is seen.
+async fn await_workers(
+    experts: std::sync::Arc<remote::RemoteExperts>,
+    model: String,
+    ready: tokio::sync::watch::Sender<Option<String>>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(remote::PROBE_EVERY) => {}
+        }
+        let checked = experts.check_workers(&model).await;
+        if let Err(why) = &checked {
+            if ready.borrow().as_ref() != Some(why) {
+                tracing::warn!(waiting_for = why.as_str(), "not serving yet");
+            }
+        } else {
+            tracing::info!("every worker answers: serving");
+        }
+        let done = checked.is_ok();
+        ready.send_replace(checked.err());
+        if done {
+            return;
+        }
+    }
 }

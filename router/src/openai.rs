@@ -191,7 +191,7 @@ fn json_response(value: &Value) -> Response {
 }
 
 async fn health(State(api): State<Arc<Api>>) -> StatusCode {
-    if api.shutdown.is_cancelled() {
+    if api.shutdown.is_cancelled() || api.service.waiting.borrow().is_some() {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
         StatusCode::OK

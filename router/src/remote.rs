@@ -189,10 +189,13 @@ impl RemoteExperts {
         Ok(())
     }
 
-    /// Fails unless every worker holds every expert `plan` places on it.
+    /// Fails unless every live worker holds every expert `plan` places on it. A worker marked
+    /// down is not asked (a recovery epoch is committed while it is): the probe checks it
+    /// against the plan in force when it answers again.
     async fn check_held(&self, plan: &PlacementPlan) -> Result<()> {
         let mut calls = tokio::task::JoinSet::new();
-        for (rank, client) in self.clients.iter().enumerate() {
+        let live = lock(&self.live).clone();
+        for (rank, client) in self.clients.iter().enumerate().filter(|(rank, _)| live[*rank]) {
             let mut client = client.clone();
             let deadline = self.deadline;
             calls.spawn(async move {
@@ -237,13 +240,16 @@ impl RemoteExperts {
         (self.moe_layers.iter().copied().zip(counts).collect(), covered, plan)
     }
 
-    /// Asks every worker what it holds; fails unless worker `i` reports rank `i` of this world.
+    /// Asks every worker what it holds; fails, saying what is wrong, unless worker `i` answers
+    /// within the deadline as rank `i` of this world, serving `model`, and holding what the
+    /// committed plan places on it.
     pub async fn check_workers(&self, model: &str) -> Result<(), String> {
+        let plan = lock(&self.switch).committed.plan.clone();
         for (i, c) in self.clients.iter().enumerate() {
             let mut c = c.clone();
-            let info = c
-                .info(InfoRequest {})
+            let info = tokio::time::timeout(self.deadline, c.info(InfoRequest {}))
                 .await
+                .map_err(|_| format!("worker {i}: no answer within {:?}", self.deadline))?
                 .map_err(|s| format!("worker {i}: {}", s.message()))?
                 .into_inner();
             if info.rank as usize != i || info.world_size as usize != self.clients.len() {
@@ -254,6 +260,13 @@ impl RemoteExperts {
             }
             if info.model != model {
                 return Err(format!("worker {i} serves model {}, this router {model}", info.model));
+            }
+            if let Some((layer, missing)) = first_missing(&plan, i as u32, &info) {
+                return Err(format!(
+                    "worker {i} (placement epoch {}) does not hold expert {missing} of layer {layer}, which \
+                     this router's placement epoch {} places on it: start both from the same placement",
+                    info.epoch, plan.epoch
+                ));
             }
         }
         Ok(())

@@ -70,6 +70,8 @@ pub struct InferenceService {
     /// Requests received, for the ids of those that bring none.
     pub received: AtomicU64,
     pub stats: Arc<crate::stats::Stats>,
+    /// What the router waits for before it serves (its workers); `None` once serving.
+    pub waiting: tokio::sync::watch::Receiver<Option<String>>,
 }
 
 /// Counts a request as active until dropped.
@@ -229,6 +231,9 @@ impl InferenceService {
     /// responses.
     pub(crate) fn start(&self, id: Arc<str>, r: GenerateRequest, unset: Unset) -> Result<Started, Status> {
         let arrived = Instant::now();
+        if let Some(why) = self.waiting.borrow().as_deref() {
+            return Err(Status::unavailable(format!("not serving yet, waiting for the workers: {why}")));
+        }
         let p = self
             .admission
             .prepare(r, unset)
@@ -474,6 +479,7 @@ impl Balancer for BalancerService {
             layers: layers.into_iter().map(|(layer, tokens)| LayerCounts { layer, tokens }).collect(),
             window_seconds: covered.as_secs_f64(),
             plan: Some((&plan).into()),
+            workers_down: self.experts.down().into_iter().map(|w| w as u32).collect(),
         }))
     }
 
@@ -508,6 +514,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> crate::Result<()> {
     let Public { guard, max_connection_age, tls, listener, health: health_listener } = public;
+    let mut waiting = service.waiting.clone();
     let inference = InterceptedService::new(InferenceServer::from_arc(service), guard);
     let (reporter, health) = tonic_health::server::health_reporter();
     // Up until the server has drained, so that probes see it draining.
@@ -516,7 +523,7 @@ pub async fn serve(
     if let Some(listener) = health_listener {
         tokio::spawn(kubemoe_api::health::serve(listener, health.clone(), health_stop));
     }
-    kubemoe_api::health::serving(&reporter, INFERENCE).await;
+    kubemoe_api::health::starting(&reporter, INFERENCE).await;
     tonic::transport::Server::builder()
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         // Every connection, idle ones included, is asked to go (GOAWAY: clients reconnect for
@@ -532,7 +539,18 @@ pub async fn serve(
         .add_service(kubemoe_api::reflection::v1alpha(&[INFERENCE])?)
         .add_service(inference)
         .serve_with_incoming_shutdown(kubemoe_api::conn::incoming(listener, tls), async move {
-            shutdown.cancelled().await;
+            // Ready once the workers are, then draining at shutdown: in this order, one after
+            // the other, so that a shutdown never leaves health SERVING.
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => {}
+                ready = async { waiting.wait_for(Option::is_none).await.is_ok() } => {
+                    if ready {
+                        kubemoe_api::health::serving(&reporter, INFERENCE).await;
+                    }
+                    shutdown.cancelled().await;
+                }
+            }
             kubemoe_api::health::draining(&reporter, INFERENCE).await;
         })
         .await?;

@@ -2,7 +2,7 @@
 //! <https://github.com/deepseek-ai/EPLB>, step for step, in `f32` like the reference.
 
 use super::matching::align_layer;
-use super::{check_current, check_problem, Problem};
+use super::{check_current, check_problem, spread, Problem};
 use crate::Result;
 use std::cmp::Ordering;
 
@@ -13,7 +13,8 @@ use std::cmp::Ordering;
 /// `eplb.py` does, with one group and one node.
 pub fn eplb(loads: &[Vec<f64>], p: &Problem) -> Result<Vec<Vec<u32>>> {
     check_problem(loads, p)?;
-    Ok(loads.iter().map(|load| eplb_layer(load, p)).collect())
+    // EPLB's packing may put two replicas of an expert on one worker: spread them.
+    loads.iter().map(|load| spread(eplb_layer(load, p), load, p)).collect()
 }
 
 /// [`eplb`]'s plan with its workers relabelled onto `current`'s (and slots reordered within each
@@ -23,11 +24,14 @@ pub fn eplb_aligned(loads: &[Vec<f64>], current: &[Vec<u32>], p: &Problem) -> Re
     let experts = check_problem(loads, p)?;
     check_current(current, loads.len(), experts, p)?;
     let nodes = policy(experts, p).1;
-    Ok(loads
+    loads
         .iter()
         .zip(current)
-        .map(|(load, cur)| align_layer(&eplb_layer(load, p), cur, p.slots_per_worker, nodes))
-        .collect())
+        .map(|(load, cur)| {
+            let planned = spread(eplb_layer(load, p), load, p)?;
+            Ok(align_layer(&planned, cur, p.slots_per_worker, nodes))
+        })
+        .collect()
 }
 
 /// `(groups, nodes)` that EPLB plans with: `eplb.py` goes global (one group, one node) unless

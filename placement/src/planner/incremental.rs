@@ -4,7 +4,7 @@
 use super::eplb::eplb_layer;
 use super::matching::align_layer;
 use super::search::{Point, Search, Step, NOISE};
-use super::{check_current, check_problem, max_of, par_map, worker_loads, Problem};
+use super::{check_current, check_problem, max_of, par_map, spread, worker_loads, Problem};
 use crate::Result;
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -57,7 +57,13 @@ pub fn incremental(
         target,
         max_moves,
     );
-    Ok(plans.iter().zip(at).map(|((_, _, plan), k)| plan.placement(k)).collect())
+    // The moves that put experts back on `min_replicas` workers come on top of the budget.
+    plans
+        .iter()
+        .zip(at)
+        .zip(loads)
+        .map(|(((_, _, plan), k), load)| spread(plan.placement(k), load, p))
+        .collect()
 }
 
 /// How far above the best sum of layer maxima found [`incremental`] may stop (a fraction of it):

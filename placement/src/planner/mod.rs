@@ -33,11 +33,13 @@ mod eplb;
 mod incremental;
 mod matching;
 mod search;
+mod spread;
 #[cfg(test)]
 mod tests;
 
 pub use eplb::{eplb, eplb_aligned};
 pub use incremental::incremental;
+pub(crate) use spread::spread;
 
 use crate::{Error, Result};
 
@@ -52,6 +54,8 @@ pub struct Problem {
     pub groups: usize,
     /// Expert slots on every worker.
     pub slots_per_worker: usize,
+    /// Distinct workers every logical expert must be on (`experts.minReplicas`; 1: anywhere).
+    pub min_replicas: usize,
 }
 
 impl Problem {
@@ -118,6 +122,7 @@ pub(crate) fn check_problem(loads: &[Vec<f64>], p: &Problem) -> Result<usize> {
         ("slots_per_worker", p.slots_per_worker),
         ("nodes", p.nodes),
         ("groups", p.groups),
+        ("min_replicas", p.min_replicas),
     ] {
         if value == 0 {
             return Err(invalid(format!("{name} is 0: it must be at least 1")));
@@ -159,6 +164,16 @@ pub(crate) fn check_problem(loads: &[Vec<f64>], p: &Problem) -> Result<usize> {
         return Err(invalid(format!(
             "slots (workers × slots_per_worker = {}) are fewer than experts ({experts}): \
              add workers or slots_per_worker",
+            p.slots()
+        )));
+    }
+    if p.min_replicas > p.workers || p.slots() < experts.saturating_mul(p.min_replicas) {
+        return Err(invalid(format!(
+            "min_replicas ({}) copies of {experts} experts on distinct workers need at least that \
+             many workers ({}) and min_replicas × experts slots ({}): lower min_replicas or add \
+             workers or slots_per_worker",
+            p.min_replicas,
+            p.workers,
             p.slots()
         )));
     }

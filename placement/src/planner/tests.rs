@@ -15,7 +15,7 @@ fn shape(rng: &mut Rng, hierarchical: bool) -> (Problem, usize, usize) {
     let experts = groups * (1 + rng.below(64 / groups));
     let slots_per_worker = experts.div_ceil(workers) + rng.below(3);
     let layers = 1 + rng.below(6);
-    (Problem { workers, nodes, groups, slots_per_worker }, experts, layers)
+    (Problem { workers, nodes, groups, slots_per_worker, min_replicas: 1 }, experts, layers)
 }
 
 /// Zipf-like skew over a random permutation: a few hot experts, a long cold tail, some zeros.
@@ -57,7 +57,7 @@ fn eplb_reproduces_the_published_vector() {
         vec![90.0, 132.0, 40.0, 61.0, 104.0, 165.0, 39.0, 4.0, 73.0, 56.0, 183.0, 86.0],
         vec![20.0, 107.0, 104.0, 64.0, 19.0, 197.0, 187.0, 157.0, 172.0, 86.0, 16.0, 27.0],
     ];
-    let p = Problem { workers: 8, nodes: 2, groups: 4, slots_per_worker: 2 };
+    let p = Problem { workers: 8, nodes: 2, groups: 4, slots_per_worker: 2, min_replicas: 1 };
     let plan = eplb(&loads, &p).unwrap();
     assert_eq!(
         plan,
@@ -227,7 +227,7 @@ fn moved_counts_changed_slots() {
 
 #[test]
 fn invalid_inputs_say_what_to_change() {
-    let p = Problem { workers: 2, nodes: 1, groups: 1, slots_per_worker: 2 };
+    let p = Problem { workers: 2, nodes: 1, groups: 1, slots_per_worker: 2, min_replicas: 1 };
     let loads = vec![vec![1.0, 2.0, 3.0]];
     let current = vec![vec![0, 1, 2, 0]];
     let msg = |r: Result<Vec<Vec<u32>>>| match r {
@@ -259,4 +259,63 @@ fn invalid_inputs_say_what_to_change() {
         assert!(msg(incremental(&loads, &bad, &p, 4)).contains(what), "{what}");
         assert!(msg(eplb_aligned(&loads, &bad, &p)).contains(what), "{what}");
     }
+}
+
+/// Distinct workers of each expert in `layer`.
+fn workers_of(layer: &[u32], experts: usize, s: usize) -> Vec<usize> {
+    (0..experts as u32)
+        .map(|e| {
+            let mut on: Vec<usize> = (0..layer.len()).filter(|&p| layer[p] == e).map(|p| p / s).collect();
+            on.dedup();
+            on.len()
+        })
+        .collect()
+}
+
+#[test]
+fn both_planners_keep_every_expert_on_min_replicas_workers() {
+    let mut rng = Rng::new(11);
+    for case in 0..30 {
+        let m = 2 + rng.below(2);
+        let workers = m + rng.below(4);
+        let experts = 4 + rng.below(20);
+        // At least m copies of every expert, some spare.
+        let slots_per_worker = (experts * m).div_ceil(workers) + rng.below(3);
+        let p = Problem { workers, nodes: 1, groups: 1, slots_per_worker, min_replicas: m };
+        let loads = skewed(&mut rng, experts, 2);
+        let full = eplb(&loads, &p).unwrap();
+        assert_valid(&full, experts, &p);
+        // The initial plan's spacing holds when a worker has no more slots than experts.
+        let current: Vec<Vec<u32>> =
+            (0..2).map(|_| (0..p.slots()).map(|q| (q % experts) as u32).collect()).collect();
+        let from_current = incremental(&loads, &current, &p, usize::MAX).unwrap();
+        for (name, plan) in [("eplb", &full), ("incremental", &from_current)] {
+            for layer in plan {
+                let spread = workers_of(layer, experts, slots_per_worker);
+                assert!(
+                    spread.iter().all(|&w| w >= m),
+                    "case {case} {name} m={m} {p:?}: {spread:?} {layer:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn spread_swaps_duplicates_apart_keeping_the_loads_even() {
+    // Two workers of four slots, each holding two copies of two experts.
+    let p = Problem { workers: 2, nodes: 1, groups: 1, slots_per_worker: 4, min_replicas: 2 };
+    let load = [10.0, 10.0, 10.0, 10.0];
+    let layer = spread(vec![0, 0, 1, 1, 2, 2, 3, 3], &load, &p).unwrap();
+    assert_eq!(workers_of(&layer, 4, 4), [2, 2, 2, 2], "{layer:?}");
+    // Swaps only: every expert keeps its two copies, every worker its 20 tokens.
+    let mut sorted = layer.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, [0, 0, 1, 1, 2, 2, 3, 3]);
+    assert_eq!(worker_loads(&load, &layer, 4), [20.0, 20.0]);
+    // Already spread: unchanged.
+    assert_eq!(spread(layer.clone(), &load, &p).unwrap(), layer);
+    // More than the workers can hold apart is refused by the problem check.
+    let three = Problem { min_replicas: 3, ..p };
+    assert!(eplb(&[load.to_vec()], &three).unwrap_err().to_string().contains("min_replicas (3)"));
 }

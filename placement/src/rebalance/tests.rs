@@ -13,6 +13,8 @@ struct Fake {
     workers: Mutex<Vec<(u64, Option<u64>)>>,
     tokens: Vec<Vec<f64>>,
     fail_prepare: AtomicBool,
+    /// Workers that answer nothing, and the routers' view of them.
+    dead: Mutex<Vec<u32>>,
 }
 
 impl Fake {
@@ -24,6 +26,7 @@ impl Fake {
             workers: Mutex::new(vec![(plan.epoch, None); plan.workers as usize]),
             tokens: vec![hot; plan.layers.len()],
             fail_prepare: AtomicBool::new(false),
+            dead: Mutex::new(Vec::new()),
         }
     }
 
@@ -42,13 +45,22 @@ impl Servers for Fake {
         Ok(routers
             .into_iter()
             .enumerate()
-            .map(|(i, plan)| RouterLoad { router: format!("router {i}"), plan, tokens: self.tokens.clone() })
+            .map(|(i, plan)| RouterLoad {
+                router: format!("router {i}"),
+                plan,
+                tokens: self.tokens.clone(),
+                down: self.dead.lock().unwrap().clone(),
+            })
             .collect())
     }
 
-    async fn prepare(&self, plan: &PlacementPlan) -> Result<()> {
+    async fn prepare(&self, plan: &PlacementPlan, down: &[u32]) -> Result<()> {
         let mut workers = self.workers.lock().unwrap();
         for (rank, w) in workers.iter_mut().enumerate() {
+            if down.contains(&(rank as u32)) {
+                continue;
+            }
+            self.answers(rank, "prepare")?;
             if self.fail_prepare.load(Ordering::SeqCst) && rank == 1 {
                 return Err(Error::Call {
                     step: "prepare",
@@ -68,9 +80,26 @@ impl Servers for Fake {
         Ok(())
     }
 
-    async fn release(&self, epoch: u64) -> Result<()> {
-        for w in self.workers.lock().unwrap().iter_mut() {
-            *w = (epoch, None);
+    async fn release(&self, epoch: u64, down: &[u32]) -> Result<()> {
+        for (rank, w) in self.workers.lock().unwrap().iter_mut().enumerate() {
+            if !down.contains(&(rank as u32)) {
+                self.answers(rank, "release")?;
+                *w = (epoch, None);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Fake {
+    /// Fails as a call to a dead worker would.
+    fn answers(&self, rank: usize, step: &'static str) -> Result<()> {
+        if self.dead.lock().unwrap().contains(&(rank as u32)) {
+            return Err(Error::Call {
+                step,
+                target: format!("worker {rank}"),
+                source: "connection refused".into(),
+            });
         }
         Ok(())
     }
@@ -112,7 +141,7 @@ impl Record for Ledger {
     }
     async fn rebalancing(&self, p: &Proposal) -> Result<()> {
         self.rebalancing.store(true, Ordering::SeqCst);
-        self.event(format!("rebalancing to epoch {}", p.plan.epoch));
+        self.event(p.to_string());
         Ok(())
     }
     async fn rebalanced(&self, p: &Proposal) -> Result<()> {
@@ -132,10 +161,23 @@ impl Record for Ledger {
         self.event(format!("placement settled at epoch {}", plan.epoch));
         Ok(())
     }
+    async fn degraded(&self, state: &Degraded) -> Result<()> {
+        if !state.down.is_empty() {
+            self.event(state.to_string());
+        }
+        Ok(())
+    }
 }
 
 fn layout() -> Layout {
-    Layout { logical: 8, redundant: 0, workers: 4, slots_per_worker: 2, moe_layers: vec![1, 2] }
+    Layout {
+        logical: 8,
+        redundant: 0,
+        workers: 4,
+        slots_per_worker: 2,
+        min_replicas: 1,
+        moe_layers: vec![1, 2],
+    }
 }
 
 fn policy() -> Policy {
@@ -165,14 +207,27 @@ impl Kind for Ledger {
 
 type Sink = Box<dyn Fn(String) + Send + Sync>;
 
+/// Numbers the placement files of the records the tests make.
+static NEXT_FILE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 impl Kind for Printed<Sink> {
     fn make(plan: PlacementPlan) -> (Self, Arc<Mutex<Vec<String>>>) {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = lines.clone();
-        (Printed::new(plan, Box::new(move |l| sink.lock().unwrap().push(l)) as Sink), lines)
+        let file = std::env::temp_dir().join(format!(
+            "kubemoe-printed-{}-{}.json",
+            std::process::id(),
+            NEXT_FILE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::write(&file, serde_json::to_string(&plan).unwrap()).unwrap();
+        (Printed::new(plan, file, Box::new(move |l| sink.lock().unwrap().push(l)) as Sink), lines)
     }
+    /// What a process that restarts would read: the file, which must agree with memory.
     fn stored_epoch(&self) -> u64 {
-        self.with(|s| s.stored.epoch)
+        let text = std::fs::read_to_string(&self.file).unwrap();
+        let file: PlacementPlan = serde_json::from_str(&text).unwrap();
+        assert_eq!(file, self.with(|s| s.stored.clone()));
+        file.epoch
     }
 }
 
@@ -301,7 +356,12 @@ fn triage_judges_only_when_nothing_is_left_over() {
 #[test]
 fn routing_sums_agreeing_routers_and_names_a_split() {
     let plan = |epoch| PlacementPlan { epoch, ..PlacementPlan::initial(2, 8, 16, &[1]) };
-    let load = |epoch, t| RouterLoad { router: "r".into(), plan: plan(epoch), tokens: vec![vec![t; 16]] };
+    let load = |epoch, t| RouterLoad {
+        router: "r".into(),
+        plan: plan(epoch),
+        tokens: vec![vec![t; 16]],
+        down: vec![],
+    };
     assert_eq!(
         Routing::of(vec![load(2, 1.0), load(2, 2.0)]).unwrap(),
         Routing::Agreed { plan: plan(2), loads: vec![vec![3.0; 16]] }
@@ -317,7 +377,7 @@ fn routing_sums_agreeing_routers_and_names_a_split() {
 fn skewed_load_gives_a_better_plan_at_the_next_epoch_within_the_move_budget() {
     let plan = PlacementPlan { epoch: 3, ..PlacementPlan::initial(4, 2, 8, &[1, 2]) };
     let loads = vec![vec![400.0, 300.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0]; 2];
-    let Decision::Rebalance(p) = decide(&policy(), &plan, &loads, None).unwrap() else { panic!() };
+    let Decision::Rebalance(p) = decide(&policy(), &plan, &loads, None, &[], 1).unwrap() else { panic!() };
     assert_eq!(p.plan.epoch, 4);
     p.plan.validate_for(8, &[1, 2], 4).unwrap();
     assert!(p.imbalance_before > 2.5 && p.imbalance_after < p.imbalance_before, "{p:?}");
@@ -329,16 +389,17 @@ fn skewed_load_gives_a_better_plan_at_the_next_epoch_within_the_move_budget() {
 #[test]
 fn balanced_idle_or_cooling_down_keeps_the_plan() {
     let plan = PlacementPlan::initial(4, 2, 8, &[1]);
-    let keep = |loads: &[Vec<f64>], since: Option<Duration>| match decide(&policy(), &plan, loads, since) {
-        Ok(Decision::Keep { reason, .. }) => reason,
-        other => panic!("{other:?}"),
-    };
+    let keep =
+        |loads: &[Vec<f64>], since: Option<Duration>| match decide(&policy(), &plan, loads, since, &[], 1) {
+            Ok(Decision::Keep { reason, .. }) => reason,
+            other => panic!("{other:?}"),
+        };
     assert_eq!(keep(&[vec![10.0; 8]], None), "balanced");
     assert_eq!(keep(&[vec![0.0; 8]], None), "no load measured yet");
     let hot = vec![vec![400.0, 300.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0]];
     assert_eq!(keep(&hot, Some(Duration::from_secs(5))), "cooling down");
     assert!(matches!(
-        decide(&policy(), &plan, &hot, Some(Duration::from_secs(61))),
+        decide(&policy(), &plan, &hot, Some(Duration::from_secs(61)), &[], 1),
         Ok(Decision::Rebalance(_))
     ));
 }
@@ -349,4 +410,98 @@ fn bad_durations_name_the_field() {
     assert!(e.contains("balancing.interval"), "{e}");
     let e = Policy::parse("30s", "later", 1.1, 16).unwrap_err().to_string();
     assert!(e.contains("balancing.cooldown"), "{e}");
+}
+
+/// 2 layers of 8 experts on 4 workers of 3 slots: experts 0 and 1 on workers 0 and 2, 2 and 3
+/// on workers 1 and 3, the others once.
+fn replicated() -> PlacementPlan {
+    let layer = vec![0, 1, 4, 2, 3, 5, 0, 1, 6, 2, 3, 7];
+    PlacementPlan::initial(4, 3, 8, &[1, 2]).with_slots(5, vec![layer.clone(), layer])
+}
+
+#[test]
+fn a_recovery_epoch_places_the_lost_experts_on_live_slots_of_replicated_ones() {
+    let plan = replicated();
+    // Worker 2 (slots 6..9: experts 0, 1, 6) is down: expert 6 has no live copy; 0 and 1 do.
+    let loads = vec![vec![50.0, 5.0, 3.0, 1.0, 1.0, 1.0, 9.0, 1.0]; 2];
+    assert_eq!(Degraded::of(&plan, vec![2]).lost, vec![(1, vec![6]), (2, vec![6])]);
+    let Decision::Rebalance(p) = decide(&policy(), &plan, &loads, None, &[2], 1).unwrap() else { panic!() };
+    assert_eq!((p.plan.epoch, p.recovering.as_slice(), p.moved), (6, &[2][..], 2));
+    // Expert 6 takes the highest live slot of the expert with the least load per remaining
+    // copy: 3 (1 token) rather than 2 (3 tokens); 0 and 1 have one live copy left and keep it.
+    for slots in p.plan.phy_to_log() {
+        assert_eq!(slots, vec![0, 1, 4, 2, 3, 5, 0, 1, 6, 2, 6, 7]);
+    }
+    // The down worker's slots are unchanged: when it returns it holds what the epoch places on it.
+    assert_eq!(p.plan.held(2), plan.held(2));
+    assert!(Degraded::of(&p.plan, vec![2]).lost.is_empty());
+    assert!(p.to_string().starts_with("recovery epoch 6: workers 2 down"), "{p}");
+    // Nothing lost: kept, and load is not judged while a worker is down.
+    let Decision::Keep { reason, .. } = decide(&policy(), &p.plan, &loads, None, &[2], 1).unwrap() else {
+        panic!()
+    };
+    assert!(reason.contains("every expert has a live copy"), "{reason}");
+}
+
+#[test]
+fn without_spare_slots_the_loss_stays_and_is_named() {
+    // Two workers of 4 slots, each expert once: nothing can be re-placed.
+    let plan = PlacementPlan::initial(2, 4, 8, &[1]);
+    let Decision::Keep { reason, imbalance: None } = recover(&plan, &[vec![1.0; 8]], &[1]) else { panic!() };
+    assert!(reason.contains("no live slot is spare"), "{reason}");
+    let degraded = Degraded::of(&plan, vec![1]);
+    assert_eq!(degraded.lost_experts(), 4);
+    assert_eq!(
+        degraded.to_string(),
+        "workers down: 1; experts with no live copy (requests needing them fail): layer 1: 4, 5, 6, 7"
+    );
+    // As many as the spare slots allow: one replicated expert gives one slot.
+    let plan = PlacementPlan::initial(2, 5, 8, &[1]).with_slots(1, vec![vec![0, 1, 2, 3, 0, 4, 5, 6, 7, 1]]);
+    let Decision::Rebalance(p) = recover(&plan, &[vec![1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 1.0, 1.0]], &[1]) else {
+        panic!()
+    };
+    // Expert 5, the heaviest lost one, got the slot; 4, 6 and 7 stay lost.
+    assert_eq!(p.plan.phy_to_log(), vec![vec![0, 1, 2, 3, 5, 4, 5, 6, 7, 1]]);
+    assert_eq!(Degraded::of(&p.plan, vec![1]).lost, vec![(1, vec![4, 6, 7])]);
+}
+
+#[test]
+fn a_dead_worker_is_recovered_around_then_rejoins_with_each_record() {
+    fn check<R: Kind>() {
+        let layout = Layout {
+            logical: 8,
+            redundant: 4,
+            workers: 4,
+            slots_per_worker: 3,
+            min_replicas: 1,
+            moe_layers: vec![1, 2],
+        };
+        let plan = replicated();
+        let servers = Fake::new(&plan, 2);
+        servers.dead.lock().unwrap().push(2);
+        let (record, lines) = R::make(plan);
+        // The recovery epoch skips the dead worker; the routers route by it.
+        let polled = block_on(poll(&record, &servers, &layout, &policy(), false)).unwrap();
+        assert_eq!(polled, Polled::Rebalanced { epoch: 6 });
+        assert_eq!(servers.router_epochs(), [6, 6]);
+        assert_eq!(servers.workers(), vec![(6, None), (6, None), (5, None), (6, None)]);
+        assert_eq!(record.stored_epoch(), 6);
+        let said = said(&lines);
+        assert!(said.iter().any(|l| l.starts_with("recovery epoch 6: workers 2 down")), "{said:?}");
+        assert!(
+            said.iter().any(|l| l == "workers down: 2; every expert has a copy on a live worker"),
+            "{said:?}"
+        );
+        // Still down: nothing to do. Back: load is judged again (the record says so once).
+        let kept = block_on(poll(&record, &servers, &layout, &policy(), false)).unwrap();
+        assert!(matches!(kept, Polled::Kept { imbalance: None, .. }), "{kept:?}");
+        servers.dead.lock().unwrap().clear();
+        let judged = block_on(poll(&record, &servers, &layout, &policy(), false)).unwrap();
+        assert!(
+            matches!(judged, Polled::Kept { imbalance: Some(_), .. } | Polled::Rebalanced { .. }),
+            "{judged:?}"
+        );
+    }
+    check::<Ledger>();
+    check::<Printed<Sink>>();
 }
