@@ -184,7 +184,8 @@ async fn reconcile_inner(md: &ModelDeployment, context: &Context) -> Result<Outc
     let keep_placement = in_force.as_ref().is_some_and(|plan| layout.fits(plan));
     let epoch = match &in_force {
         Some(plan) if keep_placement => plan.epoch,
-        Some(plan) => plan.epoch + 1,
+        // A new layout's plan is numbered above every epoch proposed so far.
+        Some(plan) => plan.epoch.max(status::highest_epoch(md.status.as_ref())) + 1,
         None => 0,
     };
     let params = BuildParams {

@@ -511,6 +511,11 @@ pub struct PlacementStatus {
     /// Ranks of the workers the routers route around (they stopped answering), at the last poll.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub workers_down: Vec<i32>,
+    /// The highest placement epoch ever proposed (the rebalancer's and the controller's next one
+    /// is numbered above it): an epoch number never names two plans, even after a migration
+    /// that was put back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub highest_epoch: Option<i64>,
     /// Logical experts, summed over the MoE layers, that only workers down hold: requests
     /// needing them fail until a recovery epoch places them on live workers (the `Degraded`
     /// condition names them).

@@ -293,6 +293,10 @@ impl Record for Apiserver<'_> {
         status::is_rebalancing(self.md().status.as_ref())
     }
 
+    fn highest_epoch(&self) -> u64 {
+        status::highest_epoch(self.md().status.as_ref())
+    }
+
     fn since_last(&self) -> Option<Duration> {
         since_last_rebalance(self.md().status.as_ref(), Timestamp::now())
     }

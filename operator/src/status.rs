@@ -168,6 +168,7 @@ pub fn valid(
         last_rebalance_time: earlier.and_then(|p| p.last_rebalance_time.clone()),
         experts_moved: earlier.and_then(|p| p.experts_moved),
         workers_down: earlier.map(|p| p.workers_down.clone()).unwrap_or_default(),
+        highest_epoch: earlier.and_then(|p| p.highest_epoch),
         lost_experts: earlier.and_then(|p| p.lost_experts),
     };
     let names = crate::desired::Names::of(&md.name_any());
@@ -190,16 +191,29 @@ pub fn rounded(imbalance: f64) -> f64 {
     (imbalance * 100.0).round() / 100.0
 }
 
-/// Status while `md` migrates to `proposal`: `Rebalancing=True`.
+/// Status while `md` migrates to `proposal`: `Rebalancing=True`, and its epoch the highest
+/// given.
 pub fn rebalancing(md: &ModelDeployment, proposal: &Proposal, now: &Time) -> ModelDeploymentStatus {
-    if !proposal.recovering.is_empty() {
-        return with_rebalancing(md, true, "Recovering", &proposal.to_string(), now);
+    let mut status = if proposal.recovering.is_empty() {
+        let message = format!(
+            "moving {} expert copies to placement epoch {}: imbalance {:.2} -> {:.2}",
+            proposal.moved, proposal.plan.epoch, proposal.imbalance_before, proposal.imbalance_after
+        );
+        with_rebalancing(md, true, "Migrating", &message, now)
+    } else {
+        with_rebalancing(md, true, "Recovering", &proposal.to_string(), now)
+    };
+    if let Some(placement) = &mut status.placement {
+        let epoch = proposal.plan.epoch as i64;
+        placement.highest_epoch = Some(placement.highest_epoch.map_or(epoch, |h| h.max(epoch)));
     }
-    let message = format!(
-        "moving {} expert copies to placement epoch {}: imbalance {:.2} -> {:.2}",
-        proposal.moved, proposal.plan.epoch, proposal.imbalance_before, proposal.imbalance_after
-    );
-    with_rebalancing(md, true, "Migrating", &message, now)
+    status
+}
+
+/// The highest placement epoch `status` says was ever proposed.
+pub fn highest_epoch(status: Option<&ModelDeploymentStatus>) -> u64 {
+    let placement = status.and_then(|s| s.placement.as_ref());
+    placement.and_then(|p| p.highest_epoch).map_or(0, |h| h.max(0) as u64)
 }
 
 /// `Degraded`'s reason while routers route around workers.
@@ -456,7 +470,9 @@ mod tests {
         assert!(
             message.contains("epoch 1") && message.contains("1.87 -> 1.04") && message.contains("6 expert")
         );
-        assert_eq!(migrating.placement, before.placement, "nothing recorded before the migration");
+        // Only the epoch taken, so that no later plan gets it.
+        let expected = PlacementStatus { highest_epoch: Some(1), ..before.placement.clone().unwrap() };
+        assert_eq!(migrating.placement, Some(expected), "nothing else recorded before the migration");
         assert_eq!(migrating.conditions[..3], before.conditions[..], "the controller's conditions stay");
 
         md.status = Some(migrating);
@@ -473,6 +489,8 @@ mod tests {
                 imbalance: Some(1.04),
                 last_rebalance_time: Some(t2),
                 experts_moved: Some(6),
+                // Recorded when the migration started.
+                highest_epoch: Some(1),
                 ..PlacementStatus::default()
             }
         );

@@ -343,6 +343,8 @@ async fn a_failed_commit_puts_the_config_map_back_and_says_why() {
     );
     let placement = md.status.unwrap().placement.unwrap();
     assert_eq!((placement.epoch, placement.last_rebalance_time), (0, None));
+    // Epoch 1 is spent: the next plan will be epoch 2 (the reconcile below keeps this).
+    assert_eq!(placement.highest_epoch, Some(1));
     assert_eq!(world.events().last().unwrap(), &("Warning".to_string(), "MigrationFailed".to_string()));
     assert!(metric(&world, r#"kubemoe_operator_rebalances_total{result="failed"} 1"#));
     assert!(!metric(&world, r#"result="settled""#), "the settle after a failure is part of the failure");

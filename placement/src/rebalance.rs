@@ -280,6 +280,10 @@ pub trait Record: Sync {
     /// Time since the last rebalance or failed migration (the cooldown runs from both: a
     /// migration failing for a lasting reason is not retried, reloading experts, every interval).
     fn since_last(&self) -> Option<Duration>;
+    /// The highest epoch [`Record::rebalancing`] was ever given: a new one is numbered above
+    /// it, so that no epoch number names two plans (a migration put back leaves its epoch
+    /// behind, prepared by some workers perhaps, but never reused).
+    fn highest_epoch(&self) -> u64;
     /// The load was judged and the placement kept.
     fn measured(&self, imbalance: f64) -> impl Future<Output = Result<(), Self::Error>> + Send;
     /// A migration to `proposal` starts.
@@ -506,7 +510,8 @@ pub async fn poll<R: Record>(
             }
             (Polled::Kept { imbalance, reason }, current)
         }
-        Decision::Rebalance(proposal) => {
+        Decision::Rebalance(mut proposal) => {
+            proposal.plan.epoch = proposal.plan.epoch.max(record.highest_epoch() + 1);
             let next = proposal.plan.clone();
             let polled = rebalance(record, servers, layout, current.epoch, proposal, &down).await?;
             let in_force = if matches!(polled, Polled::Rebalanced { .. }) { next } else { current };
@@ -647,6 +652,7 @@ struct PrintedState {
     stored: PlacementPlan,
     last: Option<std::time::Instant>,
     degraded: Degraded,
+    highest: u64,
 }
 
 impl<F: Fn(String) + Sync> Printed<F> {
@@ -655,6 +661,7 @@ impl<F: Fn(String) + Sync> Printed<F> {
     pub fn new(plan: PlacementPlan, file: std::path::PathBuf, say: F) -> Self {
         Printed {
             state: std::sync::Mutex::new(PrintedState {
+                highest: plan.epoch,
                 stored: plan,
                 last: None,
                 degraded: Degraded::default(),
@@ -696,12 +703,17 @@ impl<F: Fn(String) + Sync> Record for Printed<F> {
         self.with(|s| s.last.map(|t| t.elapsed()))
     }
 
+    fn highest_epoch(&self) -> u64 {
+        self.with(|s| s.highest)
+    }
+
     async fn measured(&self, imbalance: f64) -> Result<()> {
         tracing::debug!(imbalance, "expert load measured, placement kept");
         Ok(())
     }
 
     async fn rebalancing(&self, p: &Proposal) -> Result<()> {
+        self.with(|s| s.highest = s.highest.max(p.plan.epoch));
         (self.say)(p.to_string());
         Ok(())
     }

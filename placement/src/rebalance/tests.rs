@@ -112,6 +112,7 @@ struct Ledger {
     rebalancing: AtomicBool,
     since_last: Mutex<Option<Duration>>,
     events: Arc<Mutex<Vec<String>>>,
+    highest: Mutex<u64>,
 }
 
 impl Ledger {
@@ -136,10 +137,16 @@ impl Record for Ledger {
     fn since_last(&self) -> Option<Duration> {
         *self.since_last.lock().unwrap()
     }
+    fn highest_epoch(&self) -> u64 {
+        *self.highest.lock().unwrap()
+    }
     async fn measured(&self, _: f64) -> Result<()> {
         Ok(())
     }
     async fn rebalancing(&self, p: &Proposal) -> Result<()> {
+        let mut highest = self.highest.lock().unwrap();
+        *highest = (*highest).max(p.plan.epoch);
+        drop(highest);
         self.rebalancing.store(true, Ordering::SeqCst);
         self.event(p.to_string());
         Ok(())
@@ -504,4 +511,22 @@ fn a_dead_worker_is_recovered_around_then_rejoins_with_each_record() {
     }
     check::<Ledger>();
     check::<Printed<Sink>>();
+}
+
+#[test]
+fn an_epoch_a_failed_migration_used_is_never_given_to_another_plan() {
+    let initial = layout().initial_plan();
+    let servers = Fake::new(&initial, 1);
+    servers.fail_prepare.store(true, Ordering::SeqCst);
+    let (ledger, _) = Ledger::make(initial);
+    let polled = block_on(poll(&ledger, &servers, &layout(), &policy(), false)).unwrap();
+    assert_eq!(polled, Polled::Failed { epoch: 1, settled: false });
+    // Back at epoch 0 everywhere; some workers may have held epoch 1's plan for a while.
+    servers.fail_prepare.store(false, Ordering::SeqCst);
+    block_on(poll(&ledger, &servers, &layout(), &policy(), true)).unwrap();
+    assert_eq!((ledger.stored_epoch(), servers.router_epochs()), (0, vec![0]));
+    *ledger.since_last.lock().unwrap() = None;
+    let polled = block_on(poll(&ledger, &servers, &layout(), &policy(), false)).unwrap();
+    assert_eq!(polled, Polled::Rebalanced { epoch: 2 });
+    assert_eq!((ledger.stored_epoch(), servers.router_epochs()), (2, vec![2]));
 }
