@@ -59,11 +59,14 @@ impl Target {
     }
 }
 
-/// Whether the rebalancer looks at `md` at all: balancing enabled, Ready, not being deleted.
+/// Whether the rebalancer looks at `md` at all: balancing enabled, not being deleted, and Ready
+/// or Degraded (rolled out and served, some pods missing now: when a worker pod is gone is when
+/// a recovery epoch is needed), not while it rolls out or fails.
 pub fn eligible(md: &ModelDeployment) -> bool {
-    md.spec.balancing.enabled
-        && md.metadata.deletion_timestamp.is_none()
-        && status::find(md.status.as_ref(), status::READY).is_some_and(|c| c.status == "True")
+    let serving = [status::READY, status::DEGRADED]
+        .iter()
+        .any(|kind| status::find(md.status.as_ref(), kind).is_some_and(|c| c.status == "True"));
+    md.spec.balancing.enabled && md.metadata.deletion_timestamp.is_none() && serving
 }
 
 /// gRPC URLs of the router pods that may route a step: every Running pod with an IP, ready or
@@ -421,7 +424,7 @@ mod tests {
     use k8s_openapi::api::core::v1::PodStatus;
 
     #[test]
-    fn eligible_needs_balancing_ready_and_no_deletion() {
+    fn eligible_needs_balancing_ready_or_degraded_and_no_deletion() {
         let mut md = ModelDeployment::new(
             "m",
             serde_json::from_value(
@@ -445,6 +448,17 @@ mod tests {
         md.spec.balancing.enabled = false;
         assert!(!eligible(&md));
         md.spec.balancing.enabled = true;
+        // A worker pod gone: Ready=False, Degraded=True. Still polled, for the recovery epoch.
+        let conditions = &mut md.status.as_mut().unwrap().conditions;
+        conditions[0].status = "False".into();
+        let mut degraded = conditions[0].clone();
+        (degraded.type_, degraded.status) = (status::DEGRADED.into(), "True".into());
+        conditions.push(degraded);
+        assert!(eligible(&md));
+        // Rolling out (neither): not polled.
+        md.status.as_mut().unwrap().conditions[1].status = "False".into();
+        assert!(!eligible(&md));
+        md.status.as_mut().unwrap().conditions[1].status = "True".into();
         md.metadata.deletion_timestamp = Some(Time(Timestamp::UNIX_EPOCH));
         assert!(!eligible(&md));
     }
