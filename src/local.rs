@@ -75,6 +75,8 @@ pub fn up(file: Option<&Path>, overrides: Overrides, mut router_args: Vec<String
 
     let plan = layout.initial_plan();
     let dir = std::env::temp_dir().join(format!("kubemoe-up-{}", std::process::id()));
+    // One there was left by an `up` that had this pid and was killed outright: stale.
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let placement = dir.join(kubemoe_placement::KEY);
     std::fs::write(&placement, serde_json::to_string(&plan)?)

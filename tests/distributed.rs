@@ -672,6 +672,8 @@ struct Up {
     http: String,
     internal: String,
     token: String,
+    /// The directory of `up`'s files (token, placement), which only `up` removes.
+    files: PathBuf,
     log: std::sync::mpsc::Receiver<String>,
 }
 
@@ -698,10 +700,12 @@ impl Up {
         let internal = next_line();
         let internal_addr =
             internal.split("Balancer at ").nth(1).unwrap().split(')').next().unwrap().to_string();
-        let token = std::fs::read_to_string(internal.split("token in ").nth(1).unwrap().trim()).unwrap();
+        let token_file = PathBuf::from(internal.split("token in ").nth(1).unwrap().trim());
+        let token = std::fs::read_to_string(&token_file).unwrap();
+        let files = token_file.parent().unwrap().to_path_buf();
         let (log_tx, log) = std::sync::mpsc::channel();
         std::thread::spawn(move || lines.for_each(|l| drop(log_tx.send(l.unwrap_or_default()))));
-        Up { up, urls, addr, http, internal: internal_addr, token, log }
+        Up { up, urls, addr, http, internal: internal_addr, token, files, log }
     }
 }
 
@@ -726,7 +730,7 @@ fn skewed_load_is_rebalanced_live_without_failing_or_changing_a_request() {
         ),
     )
     .unwrap();
-    let Up { mut up, urls, addr, http: metrics_addr, internal: internal_addr, token, log: log_rx } =
+    let Up { mut up, urls, addr, http: metrics_addr, internal: internal_addr, token, files, log: log_rx } =
         Up::start(&manifest, &[]);
     let local = source::open(dir.to_str().unwrap(), Experts::All).unwrap();
     let prompts: Vec<Vec<u32>> =
@@ -839,6 +843,8 @@ fn skewed_load_is_rebalanced_live_without_failing_or_changing_a_request() {
     for url in &urls {
         assert!(std::net::TcpStream::connect(url.trim_start_matches("http://")).is_err(), "{url} still open");
     }
+    // What `up` killed outright could not remove.
+    std::fs::remove_dir_all(&files).unwrap();
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -1893,6 +1899,17 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A placement file (in a new directory named after `test`) where both of two `tiny` workers
+/// hold all 16 experts of both MoE layers (16 slots each); the directory and the file's path.
+fn replicated_placement(test: &str) -> (PathBuf, String) {
+    let plan = kubemoe_placement::PlacementPlan::initial(2, 16, 16, &[1, 2]);
+    let dir = std::env::temp_dir().join(format!("kubemoe-{test}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let placement = dir.join("placement.json");
+    std::fs::write(&placement, serde_json::to_string(&plan).unwrap()).unwrap();
+    (dir, placement.to_str().unwrap().to_string())
+}
+
 /// A router (with an HTTP port) of the workers on loopback `ports`, in rank order.
 fn router_on(model: &str, ports: &[u16], extra: &[&str]) -> Proc {
     let urls: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
@@ -1919,13 +1936,8 @@ fn a_dead_worker_is_routed_around_through_replicas_and_rejoins_when_back() {
             Request { prompt: prompt.to_vec(), max_new_tokens: 8, sampling: SamplingParams::default() };
         generate(&local, &[request]).unwrap().remove(0)
     };
-    // Both workers hold all 16 experts of both MoE layers (16 slots each).
-    let plan = kubemoe_placement::PlacementPlan::initial(2, 16, 16, &[1, 2]);
-    let dir = std::env::temp_dir().join(format!("kubemoe-replicated-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let placement = dir.join("placement.json");
-    std::fs::write(&placement, serde_json::to_string(&plan).unwrap()).unwrap();
-    let placement = placement.to_str().unwrap();
+    let (dir, placement) = replicated_placement("replicated");
+    let placement = placement.as_str();
     let ports = [free_port(), free_port()];
     let start = |rank: usize| worker_with(model, rank, 2, ports[rank], &["--placement", placement]);
     let mut workers: Vec<Option<Proc>> = vec![Some(start(0)), Some(start(1))];
@@ -2194,4 +2206,32 @@ fn a_frozen_workers_lost_experts_are_placed_on_live_ones_by_a_recovery_epoch() {
     });
     Command::new("kill").args(["-TERM", &up.id().to_string()]).status().unwrap();
     up.wait().unwrap();
+}
+
+#[test]
+fn a_router_started_while_a_replicated_worker_is_dead_serves_around_it() {
+    let model = "builtin:tiny";
+    // Worker 0 alone can serve.
+    let (dir, placement) = replicated_placement("dead-at-start");
+    let placement = placement.as_str();
+    let ports = [free_port(), free_port()];
+    let _w0 = worker_with(model, 0, 2, ports[0], &["--placement", placement]);
+    let router = router_on(model, &ports, &["--placement", placement]);
+    let http_addr = router.http.clone().unwrap();
+    let (prompts, expected) = tiny_prompts();
+    rt().block_on(async {
+        let mut client = InferenceClient::connect(format!("http://{}", router.addr)).await.unwrap();
+        for (p, e) in prompts.iter().zip(&expected) {
+            assert_eq!(&client.generate(ids_request(p, 8)).await.unwrap().into_inner().token_ids, e);
+        }
+    });
+    assert_eq!(workers_down(&http_addr), 1);
+    // Worker 1 starts: taken back at the next probe.
+    let _w1 = worker_with(model, 1, 2, ports[1], &["--placement", placement]);
+    let started = Instant::now();
+    while workers_down(&http_addr) != 0 {
+        assert!(started.elapsed() < Duration::from_secs(10), "worker 1 not taken back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

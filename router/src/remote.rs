@@ -241,17 +241,27 @@ impl RemoteExperts {
     }
 
     /// Asks every worker what it holds; fails, saying what is wrong, unless worker `i` answers
-    /// within the deadline as rank `i` of this world, serving `model`, and holding what the
-    /// committed plan places on it.
+    /// as rank `i` of this world, serving `model`, and holding what the committed plan places
+    /// on it. A worker that does not answer (down, as a dispatch judges it) is no mismatch:
+    /// when every expert has a holder among the others, it is marked down and routed around
+    /// (the probe takes it back), so a router that starts while a worker is dead still serves.
     pub async fn check_workers(&self, model: &str) -> Result<(), String> {
         let plan = lock(&self.switch).committed.plan.clone();
+        let mut silent: Vec<(u32, String)> = Vec::new();
         for (i, c) in self.clients.iter().enumerate() {
             let mut c = c.clone();
-            let info = tokio::time::timeout(self.deadline, c.info(InfoRequest {}))
-                .await
-                .map_err(|_| format!("worker {i}: no answer within {:?}", self.deadline))?
-                .map_err(|s| format!("worker {i}: {}", s.message()))?
-                .into_inner();
+            let info = match tokio::time::timeout(self.deadline, c.info(InfoRequest {})).await {
+                Ok(Ok(info)) => info.into_inner(),
+                Ok(Err(status)) if worker_down(&status) => {
+                    silent.push((i as u32, format!("worker {i}: {}", status.message())));
+                    continue;
+                }
+                Ok(Err(status)) => return Err(format!("worker {i}: {}", status.message())),
+                Err(_) => {
+                    silent.push((i as u32, format!("worker {i}: no answer within {:?}", self.deadline)));
+                    continue;
+                }
+            };
             if info.rank as usize != i || info.world_size as usize != self.clients.len() {
                 return Err(format!(
                     "worker {i} reports rank {} of {}; list workers in rank order",
@@ -269,6 +279,18 @@ impl RemoteExperts {
                 ));
             }
         }
+        let Some((_, first)) = silent.first() else { return Ok(()) };
+        let down: Vec<u32> = silent.iter().map(|(w, _)| *w).collect();
+        let uncovered = plan.layers.iter().zip(plan.holders()).find_map(|(l, experts)| {
+            let e = experts.iter().position(|holders| holders.iter().all(|w| down.contains(w)))?;
+            Some((l.layer, e))
+        });
+        if let Some((layer, expert)) = uncovered {
+            return Err(format!("{first}; expert {expert} of layer {layer} has no other holder"));
+        }
+        tracing::warn!(workers = ?down, "serving without workers that do not answer: their experts have replicas");
+        let mut live = lock(&self.live);
+        down.iter().for_each(|&w| live[w as usize] = false);
         Ok(())
     }
 }
