@@ -339,8 +339,9 @@ fn relay(name: &str, lines: impl Iterator<Item = std::io::Result<String>> + Send
 
 /// Children that are started again when they exit, as kubelet restarts a pod's container: on
 /// the same ports, with the same flags, so with the placement file `up` keeps at the plan of
-/// record. A child that keeps failing is retried after a delay that doubles up to
-/// [`MAX_BACKOFF`]; dropping this stops the supervision, then the children.
+/// record. The first restart is immediate; a child that keeps exiting within [`STABLE`] of its
+/// start waits 1 s, 2 s, … up to [`MAX_BACKOFF`] before each further one, and one that ran
+/// longer starts again at once. Dropping this stops the supervision, then the children.
 pub struct Supervised {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -348,6 +349,17 @@ pub struct Supervised {
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How long a child must have run for its next exit to be restarted at once.
+const STABLE: Duration = Duration::from_secs(10);
+
+/// One child's restarts.
+struct Restarts {
+    started: Instant,
+    /// When it is to be started again, once it exited.
+    due: Option<Instant>,
+    /// The delay before the next restart of a child that exits young.
+    backoff: Duration,
+}
 
 impl Supervised {
     pub fn new(children: Vec<Managed>) -> Self {
@@ -374,41 +386,74 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// How long to wait before starting again a child that exited after running `lived`, and the
+/// backoff after that: at once after a stable run or a first quick exit, then doubling.
+fn restart_delay(lived: Duration, backoff: Duration) -> (Duration, Duration) {
+    let delay = if lived >= STABLE { Duration::ZERO } else { backoff };
+    (delay, (delay * 2).clamp(Duration::from_secs(1), MAX_BACKOFF))
+}
+
 fn supervise(stop: &AtomicBool, children: &Mutex<Vec<Managed>>) {
     let n = lock(children).len();
-    // Per child: when it may be tried again, and the delay after a failed start.
-    let mut retry = vec![(Instant::now(), Duration::ZERO); n];
+    let now = Instant::now();
+    let mut restarts: Vec<Restarts> =
+        (0..n).map(|_| Restarts { started: now, due: None, backoff: Duration::ZERO }).collect();
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
-        for (i, (at, backoff)) in retry.iter_mut().enumerate() {
-            let exited = {
+        for (i, r) in restarts.iter_mut().enumerate() {
+            let child = {
                 let mut list = lock(children);
                 let Some(c) = list.get_mut(i) else { continue };
-                match c.child.try_wait() {
-                    Ok(Some(status)) if Instant::now() >= *at => {
-                        Some((c.name.clone(), c.args.clone(), c.threads, c.port_flags, status))
+                if r.due.is_none() {
+                    if let Ok(Some(status)) = c.child.try_wait() {
+                        let delay;
+                        (delay, r.backoff) = restart_delay(r.started.elapsed(), r.backoff);
+                        r.due = Some(Instant::now() + delay);
+                        println!(
+                            "kubemoe up: {} exited ({status}); starting it again on its ports in {delay:?}",
+                            c.name
+                        );
                     }
-                    _ => None,
                 }
+                if r.due.is_none_or(|due| Instant::now() < due) || stop.load(Ordering::Relaxed) {
+                    continue;
+                }
+                (c.name.clone(), c.args.clone(), c.threads, c.port_flags)
             };
-            let Some((name, args, threads, port_flags, status)) = exited else { continue };
-            if stop.load(Ordering::Relaxed) {
-                return;
-            }
-            println!("kubemoe up: {name} exited ({status}); starting it again on its ports");
+            let (name, args, threads, port_flags) = child;
             // Started without the lock: a worker loads its experts meanwhile.
             match start(&name, args, threads, port_flags) {
                 Ok((managed, addrs)) => {
                     println!("kubemoe up: {name} is back at {}", addrs.join(", "));
-                    *backoff = Duration::ZERO;
+                    (r.started, r.due) = (Instant::now(), None);
                     lock(children)[i] = managed;
                 }
                 Err(e) => {
-                    *backoff = (*backoff * 2).clamp(Duration::from_secs(1), MAX_BACKOFF);
-                    *at = Instant::now() + *backoff;
-                    eprintln!("kubemoe up: {e:#}; trying again in {backoff:?}");
+                    r.due = Some(Instant::now() + r.backoff);
+                    eprintln!("kubemoe up: {e:#}; trying again in {:?}", r.backoff);
+                    r.backoff = (r.backoff * 2).clamp(Duration::from_secs(1), MAX_BACKOFF);
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_that_keeps_exiting_young_waits_longer_each_time_and_a_stable_one_not_at_all() {
+        let young = Duration::from_secs(1);
+        let mut backoff = Duration::ZERO;
+        let mut delays = Vec::new();
+        for _ in 0..7 {
+            let delay;
+            (delay, backoff) = restart_delay(young, backoff);
+            delays.push(delay.as_secs());
+        }
+        assert_eq!(delays, [0, 1, 2, 4, 8, 10, 10]);
+        // A run past STABLE: at once, and the next quick exit starts the doubling afresh.
+        assert_eq!(restart_delay(STABLE, backoff), (Duration::ZERO, Duration::from_secs(1)));
     }
 }
