@@ -293,6 +293,10 @@ struct GenerateArgs {
     seed: Option<u64>,
     #[arg(long)]
     stop: Vec<String>,
+    /// Also print, after the text, each new token's log-probability and this many most likely
+    /// alternatives (0 to 20).
+    #[arg(long)]
+    logprobs: Option<u32>,
     /// The router's API key, when it has keys.
     #[arg(long, env = "KUBEMOE_API_KEY")]
     api_key: Option<String>,
@@ -320,7 +324,7 @@ impl GenerateArgs {
             top_k: self.top_k,
             seed: self.seed,
             stop: self.stop,
-            logprobs: None,
+            logprobs: self.logprobs,
         })
     }
 }

@@ -1069,6 +1069,34 @@ fn logprobs_are_the_models_log_softmax_over_grpc_and_both_openai_endpoints() {
         let ids: Vec<u32> = got.top.iter().map(|t| t.token_id).collect();
         assert_eq!(ids, want.top.iter().map(|t| t.0).collect::<Vec<_>>());
     }
+    // The CLI prints the same, a line per token after its summary.
+    let cli = Command::new(env!("CARGO_BIN_EXE_kubemoe"))
+        .args(["generate", "--endpoint", &format!("http://{}", c.router.addr), "--input-ids", "5,6,7"])
+        .args(["--max-tokens", "4", "--logprobs", "3"])
+        .output()
+        .unwrap();
+    assert!(cli.status.success(), "{cli:?}");
+    let lines: Vec<String> = String::from_utf8(cli.stderr).unwrap().lines().map(String::from).collect();
+    let printed: Vec<&String> = lines.iter().filter(|l| l.starts_with("  token ")).collect();
+    assert_eq!(printed.len(), 4, "{lines:?}");
+    for (line, want) in printed.iter().zip(&want) {
+        // `  token ID logprob LP; top: ID LP, ID LP, …`, log-probabilities to four decimals.
+        let (head, top) = line.trim().split_once("; top: ").unwrap();
+        let pairs: Vec<(u32, f64)> =
+            std::iter::once(head.trim_start_matches("token ").replace(" logprob", ""))
+                .chain(top.split(", ").map(String::from))
+                .map(|pair| {
+                    let (id, lp) = pair.split_once(' ').unwrap();
+                    (id.parse().unwrap(), lp.parse().unwrap())
+                })
+                .collect();
+        let expected = std::iter::once((want.token, want.logprob)).chain(want.top.iter().copied());
+        for ((id, lp), (want_id, want_lp)) in pairs.iter().zip(expected) {
+            assert_eq!(*id, want_id, "{line}");
+            assert!((lp - f64::from(want_lp)).abs() < 1e-3, "{line}: {want_lp}");
+        }
+        assert_eq!(pairs.len(), 1 + want.top.len(), "{line}");
+    }
 
     // Completions: `logprobs: N`, the alternatives and the chosen token by text.
     let request = serde_json::json!({"model": "builtin:tiny", "prompt": prompt, "max_tokens": 4,

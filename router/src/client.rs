@@ -19,7 +19,8 @@ pub fn authorized<T>(request: T, api_key: Option<&str>) -> Result<tonic::Request
 
 /// Streams one completion from the router at `endpoint` (over TLS when `tls` is given),
 /// writing its text to `out` as it arrives; returns a summary line (finish reason, token
-/// counts and ids).
+/// counts and ids), then one line per token with its log-probability and alternatives when
+/// the request asked for them.
 pub async fn stream(
     endpoint: &str,
     tls: Option<&kubemoe_api::tls::Client>,
@@ -34,8 +35,18 @@ pub async fn stream(
     let mut stream = client.generate_stream(request).await.map_err(Error::Call)?.into_inner();
     let mut ids: Vec<u32> = Vec::new();
     let mut summary = String::new();
+    let mut logprobs = String::new();
     while let Some(m) = stream.message().await.map_err(Error::Call)? {
         ids.extend(&m.token_ids);
+        for t in &m.logprobs {
+            let top: Vec<String> = t.top.iter().map(|a| format!("{} {:.4}", a.token_id, a.logprob)).collect();
+            logprobs.push_str(&format!(
+                "\n  token {} logprob {:.4}; top: {}",
+                t.token_id,
+                t.logprob,
+                top.join(", ")
+            ));
+        }
         write!(out, "{}", m.text).and_then(|()| out.flush()).map_err(Error::Output)?;
         if let Some(u) = m.usage {
             let reason = FinishReason::try_from(m.finish_reason).map(|r| r.as_str_name()).unwrap_or("?");
@@ -45,5 +56,5 @@ pub async fn stream(
             );
         }
     }
-    Ok(summary)
+    Ok(summary + &logprobs)
 }
