@@ -429,9 +429,11 @@ fn supervise(stop: &AtomicBool, children: &Mutex<Vec<Managed>>) {
                     lock(children)[i] = managed;
                 }
                 Err(e) => {
-                    r.due = Some(Instant::now() + r.backoff);
-                    eprintln!("kubemoe up: {e:#}; trying again in {:?}", r.backoff);
-                    r.backoff = (r.backoff * 2).clamp(Duration::from_secs(1), MAX_BACKOFF);
+                    // As a child that exited at once.
+                    let delay;
+                    (delay, r.backoff) = restart_delay(Duration::ZERO, r.backoff);
+                    r.due = Some(Instant::now() + delay);
+                    eprintln!("kubemoe up: {e:#}; trying again in {delay:?}");
                 }
             }
         }

@@ -63,9 +63,7 @@ impl Cluster {
                 .collect::<Result<_>>()?,
         })
     }
-}
 
-impl Cluster {
     /// The workers whose rank is not in `down`.
     fn live<'a>(&'a self, down: &'a [u32]) -> impl Iterator<Item = &'a (String, ExpertClient<Internal>)> {
         self.workers.iter().enumerate().filter(|(rank, _)| !down.contains(&(*rank as u32))).map(|(_, w)| w)

@@ -151,7 +151,8 @@ pub fn layout(spec: &LayoutSpec, model: &ModelConfig) -> Result<Layout, Invalid>
         return Err(Invalid::new(
             "TooFewWorkers",
             format!(
-                "experts.minReplicas ({min_replicas}) asks for each expert on that many distinct workers,                  but workers.replicas is {workers}: raise workers.replicas or lower experts.minReplicas"
+                "experts.minReplicas ({min_replicas}) asks for each expert on that many distinct workers, \
+                 but workers.replicas is {workers}: raise workers.replicas or lower experts.minReplicas"
             ),
         ));
     }
@@ -160,7 +161,9 @@ pub fn layout(spec: &LayoutSpec, model: &ModelConfig) -> Result<Layout, Invalid>
         return Err(Invalid::new(
             "TooFewExpertSlots",
             format!(
-                "experts.minReplicas ({min_replicas}) copies of n_routed_experts ({logical}) need {need} expert                  slots per MoE layer, the layout has {physical}: set experts.redundant to at least {}                  (and a multiple that divides over the workers), or lower experts.minReplicas",
+                "experts.minReplicas ({min_replicas}) copies of n_routed_experts ({logical}) need {need} expert \
+                 slots per MoE layer, the layout has {physical}: set experts.redundant to at least {} \
+                 (and a multiple that divides over the workers), or lower experts.minReplicas",
                 need - u64::from(logical)
             ),
         ));

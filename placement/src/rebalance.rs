@@ -155,15 +155,17 @@ pub fn decide(
     };
     // A plan that keeps some expert on fewer workers (minReplicas was raised) is spread at
     // once, whatever the load says.
-    let experts = planner::check_problem(loads, &problem)?;
-    planner::check_current(&current, loads.len(), experts, &problem)?;
-    let spread = current
-        .iter()
-        .zip(loads)
-        .map(|(layer, load)| planner::spread(layer.clone(), load, &problem))
-        .collect::<Result<Vec<_>>>()?;
-    if spread != current {
-        return Ok(Decision::Rebalance(proposal(plan, loads, spread, Vec::new())));
+    if min_replicas > 1 {
+        let experts = planner::check_problem(loads, &problem)?;
+        planner::check_current(&current, loads.len(), experts, &problem)?;
+        let spread = current
+            .iter()
+            .zip(loads)
+            .map(|(layer, load)| planner::spread(layer.clone(), load, &problem))
+            .collect::<Result<Vec<_>>>()?;
+        if spread != current {
+            return Ok(Decision::Rebalance(proposal(plan, loads, spread, Vec::new())));
+        }
     }
     if loads.iter().flatten().sum::<f64>() <= 0.0 {
         return Ok(Decision::Keep { imbalance: None, reason: "no load measured yet" });
@@ -208,12 +210,14 @@ pub fn recover(plan: &PlacementPlan, loads: &[Vec<f64>], down: &[u32]) -> Decisi
     let s = plan.slots_per_worker.max(1) as usize;
     let current = plan.phy_to_log();
     let mut next = current.clone();
+    let mut any_lost = false;
     for (l, slots) in next.iter_mut().enumerate() {
         let load = |e: u32| loads.get(l).and_then(|x| x.get(e as usize)).copied().unwrap_or(0.0);
         let live: Vec<usize> = (0..slots.len()).filter(|p| !down.contains(&((p / s) as u32))).collect();
         let mut copies = vec![0usize; plan.logical_experts as usize];
         live.iter().for_each(|&p| copies[slots[p] as usize] += 1);
         let mut lost: Vec<u32> = (0..copies.len() as u32).filter(|&e| copies[e as usize] == 0).collect();
+        any_lost |= !lost.is_empty();
         lost.sort_by(|a, b| load(*b).total_cmp(&load(*a)).then(a.cmp(b)));
         for e in lost {
             let donor = (0..copies.len() as u32).filter(|&x| copies[x as usize] >= 2).min_by(|a, b| {
@@ -229,10 +233,10 @@ pub fn recover(plan: &PlacementPlan, loads: &[Vec<f64>], down: &[u32]) -> Decisi
     }
     let moved = planner::moved(&current, &next);
     if moved == 0 {
-        let reason = if Degraded::of(plan, down.to_vec()).lost.is_empty() {
-            "workers down: every expert has a live copy; load is judged again once they are back"
-        } else {
+        let reason = if any_lost {
             "workers down: no live slot is spare for the experts only they hold"
+        } else {
+            "workers down: every expert has a live copy; load is judged again once they are back"
         };
         return Decision::Keep { imbalance: None, reason };
     }
@@ -568,7 +572,9 @@ async fn survey<R: Record>(
         return Ok(None);
     };
     let loads = servers.loads().await?;
-    let mut down: Vec<u32> = loads.iter().flat_map(|l| l.down.iter().copied()).collect();
+    // Ranks past the plan's workers name no worker: dropped, so a router cannot grow the list.
+    let mut down: Vec<u32> =
+        loads.iter().flat_map(|l| l.down.iter().copied()).filter(|&w| w < stored.workers).collect();
     down.sort_unstable();
     down.dedup();
     let next = triage(&stored, Routing::of(loads)?, unsettled)?;

@@ -143,7 +143,7 @@ impl RemoteExperts {
 
     /// Ranks of the workers marked down.
     pub fn down(&self) -> Vec<usize> {
-        lock(&self.live).iter().enumerate().filter(|(_, up)| !**up).map(|(w, _)| w).collect()
+        down_of(&lock(&self.live))
     }
 
     /// Routes by `plan` from the next step on; returns once no step routes by an older plan.
@@ -246,7 +246,8 @@ impl RemoteExperts {
     /// when every expert has a holder among the others, it is marked down and routed around
     /// (the probe takes it back), so a router that starts while a worker is dead still serves.
     pub async fn check_workers(&self, model: &str) -> Result<(), String> {
-        let plan = lock(&self.switch).committed.plan.clone();
+        let routes = lock(&self.switch).committed.clone();
+        let plan = &routes.plan;
         let mut silent: Vec<(u32, String)> = Vec::new();
         for (i, c) in self.clients.iter().enumerate() {
             let mut c = c.clone();
@@ -271,7 +272,7 @@ impl RemoteExperts {
             if info.model != model {
                 return Err(format!("worker {i} serves model {}, this router {model}", info.model));
             }
-            if let Some((layer, missing)) = first_missing(&plan, i as u32, &info) {
+            if let Some((layer, missing)) = first_missing(plan, i as u32, &info) {
                 return Err(format!(
                     "worker {i} (placement epoch {}) does not hold expert {missing} of layer {layer}, which \
                      this router's placement epoch {} places on it: start both from the same placement",
@@ -281,7 +282,7 @@ impl RemoteExperts {
         }
         let Some((_, first)) = silent.first() else { return Ok(()) };
         let down: Vec<u32> = silent.iter().map(|(w, _)| *w).collect();
-        let uncovered = plan.layers.iter().zip(plan.holders()).find_map(|(l, experts)| {
+        let uncovered = plan.layers.iter().zip(&routes.holders).find_map(|(l, experts)| {
             let e = experts.iter().position(|holders| holders.iter().all(|w| down.contains(w)))?;
             Some((l.layer, e))
         });
@@ -428,6 +429,11 @@ impl RemoteExperts {
     }
 }
 
+/// Ranks whose `live` flag is off.
+fn down_of(live: &[bool]) -> Vec<usize> {
+    live.iter().enumerate().filter(|(_, up)| !**up).map(|(w, _)| w).collect()
+}
+
 /// The first (layer, expert) `plan` places on worker `rank` that `info` does not report.
 fn first_missing(plan: &PlacementPlan, rank: u32, info: &InfoResponse) -> Option<(u32, u32)> {
     plan.held(rank).into_iter().find_map(|(layer, wanted)| {
@@ -448,17 +454,16 @@ async fn probe(
     loop {
         tokio::time::sleep(PROBE_EVERY).await;
         let (Some(live), Some(switch)) = (live.upgrade(), switch.upgrade()) else { return };
-        let down: Vec<usize> =
-            lock(&live).iter().enumerate().filter(|(_, up)| !**up).map(|(w, _)| w).collect();
+        let down = down_of(&lock(&live));
         for w in down {
             let mut client = clients[w].clone();
             let Ok(Ok(info)) = tokio::time::timeout(PROBE_EVERY, client.info(InfoRequest {})).await else {
                 continue;
             };
             let info = info.into_inner();
-            let plan = lock(&switch).committed.plan.clone();
-            if info.rank as usize == w && first_missing(&plan, w as u32, &info).is_none() {
-                tracing::info!(worker = w, epoch = plan.epoch, "worker back; routing to it again");
+            let routes = lock(&switch).committed.clone();
+            if info.rank as usize == w && first_missing(&routes.plan, w as u32, &info).is_none() {
+                tracing::info!(worker = w, epoch = routes.plan.epoch, "worker back; routing to it again");
                 lock(&live)[w] = true;
             }
         }

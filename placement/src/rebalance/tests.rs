@@ -485,7 +485,8 @@ fn a_dead_worker_is_recovered_around_then_rejoins_with_each_record() {
         };
         let plan = replicated();
         let servers = Fake::new(&plan, 2);
-        servers.dead.lock().unwrap().push(2);
+        // Rank 99 names no worker of the plan: ignored.
+        servers.dead.lock().unwrap().extend([2, 99]);
         let (record, lines) = R::make(plan);
         // The recovery epoch skips the dead worker; the routers route by it.
         let polled = block_on(poll(&record, &servers, &layout, &policy(), false)).unwrap();
