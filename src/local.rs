@@ -17,6 +17,10 @@
 //! The expert layout and the rebalance loop are the operator's (`kubemoe_operator::spec`,
 //! `kubemoe_placement::rebalance`): the manifest's `experts.redundant` and `balancing` mean the
 //! same here as on a cluster, and each rebalance is printed where the operator records an event.
+//! Edits of the manifest's `workers.replicas`, `experts.redundant` and `balancing` apply live,
+//! as `kubectl apply` would on a cluster: a resize starts the workers it adds (holding nothing),
+//! migrates the experts (`rebalance::reshape`), then stops the workers it removes, and the router
+//! is told the new workers' URLs with the plan, so no process restarts.
 
 use anyhow::{bail, Context, Result};
 use kubemoe_operator::spec::{self, ModelSource};
@@ -40,8 +44,9 @@ pub struct Overrides {
 }
 
 /// `kubemoe up`: the workers, then the router, as child processes, both starting from the
-/// layout's initial placement, and the rebalancer when `balancing.enabled`; serves until
-/// interrupted. `router_args` are the router's limits as flags.
+/// layout's initial placement, and the rebalance loop (load judged when `balancing.enabled`,
+/// manifest edits resized live); serves until interrupted. `router_args` are the router's
+/// limits as flags.
 pub fn up(file: Option<&Path>, overrides: Overrides, mut router_args: Vec<String>) -> Result<()> {
     let origin = file.map_or("examples/tiny.yaml (built in)".into(), |f| f.display().to_string());
     let mut md = deployment(file)?;
@@ -133,31 +138,172 @@ pub fn up(file: Option<&Path>, overrides: Overrides, mut router_args: Vec<String
         token.display()
     );
     println!("try: kubemoe generate --endpoint http://{addr} --prompt 'Hello'    (Ctrl-C stops everything)");
+    if file.is_some() && overrides.workers.is_some() {
+        println!(
+            "kubemoe up: --workers overrides the manifest: edits of its workers.replicas are not applied"
+        );
+    }
+    let credential = kubemoe_api::auth::Keys::load(&token, "--internal-token-file")?;
+    let mut local = Local {
+        manifest: file
+            .filter(|_| overrides.workers.is_none())
+            .map(|f| (f.to_path_buf(), modified(f), md.spec)),
+        model,
+        layout,
+        urls,
+        worker_args,
+        router: format!("http://{internal}"),
+        credential: kubemoe_api::auth::Bearer(Some(std::sync::Arc::new(credential))),
+        children: &children,
+    };
+    let record = kubemoe_placement::rebalance::Printed::new(plan, placement.clone(), |line| {
+        println!("kubemoe up: {line}")
+    });
     crate::runtime()?.block_on(async {
         let stop = crate::shutdown_on_signal()?;
-        if md.spec.balancing.enabled {
-            let credential = kubemoe_api::auth::Keys::load(&token, "--internal-token-file")?;
-            let credential = kubemoe_api::auth::Bearer(Some(std::sync::Arc::new(credential)));
-            let servers = kubemoe_api::cluster::Cluster::new(
-                &urls,
-                &[format!("http://{internal}")],
-                &credential,
-                None,
-            )?;
-            let record = kubemoe_placement::rebalance::Printed::new(plan, placement.clone(), |line| {
-                println!("kubemoe up: {line}")
-            });
-            let rebalancing =
-                kubemoe_placement::rebalance::run(&record, &servers, &layout, &policy, stop.cancelled());
-            rebalancing.await;
-        }
-        stop.cancelled().await;
+        local.run(&record, policy, stop).await;
         Ok::<_, anyhow::Error>(())
     })?;
     eprintln!("kubemoe up: stopping");
     drop(children);
     std::fs::remove_dir_all(&dir).ok();
     Ok(())
+}
+
+/// How often `up` looks at its manifest and, while a resize is due, polls.
+const TICK: Duration = Duration::from_secs(1);
+
+/// What `up`'s loop keeps: the layout in force or wanted, the workers it runs, and how to
+/// reach them and the router.
+struct Local<'a> {
+    /// The manifest file, when its `workers.replicas` and `experts.redundant` are applied
+    /// live: its path, when it was last changed, and the spec read then.
+    manifest:
+        Option<(PathBuf, Option<std::time::SystemTime>, kubemoe_operator::deployment::ModelDeploymentSpec)>,
+    model: String,
+    /// The layout the manifest asks for: the plan of record is migrated to it.
+    layout: Layout,
+    /// URLs of the running workers, in rank order (during a resize, those of both plans).
+    urls: Vec<String>,
+    worker_args: Vec<String>,
+    router: String,
+    credential: kubemoe_api::auth::Bearer,
+    children: &'a Supervised,
+}
+
+impl Local<'_> {
+    /// Until `stop`: applies manifest edits and runs the rebalance loop (`policy.interval`
+    /// apart, or every [`TICK`] while the plan of record is not of the layout wanted), as the
+    /// operator's controller and rebalancer do for a cluster.
+    async fn run<F: Fn(String) + Sync>(
+        &mut self,
+        record: &kubemoe_placement::rebalance::Printed<F>,
+        mut policy: kubemoe_placement::rebalance::Policy,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        use kubemoe_placement::rebalance::{self, Polled, Record};
+        let (mut unsettled, mut last) = (false, Instant::now());
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(TICK) => {}
+            }
+            if let Err(e) = self.reread(&mut policy) {
+                println!("kubemoe up: {e:#}");
+            }
+            let in_force = record.stored().await.ok().flatten();
+            let resizing = in_force.as_ref().is_some_and(|p| !self.layout.fits(p));
+            if !resizing && (!policy.enabled || last.elapsed() < policy.interval) {
+                continue;
+            }
+            last = Instant::now();
+            let polled = async {
+                self.start_added()?;
+                let servers = kubemoe_api::cluster::Cluster::new(
+                    &self.urls,
+                    std::slice::from_ref(&self.router),
+                    &self.credential,
+                    None,
+                )?;
+                Ok::<_, anyhow::Error>(
+                    rebalance::poll(record, &servers, &self.layout, &policy, unsettled).await?,
+                )
+            }
+            .await;
+            match polled {
+                Ok(polled) => unsettled = matches!(polled, Polled::Failed { settled: false, .. }),
+                Err(e) => eprintln!("kubemoe up: rebalancer poll failed: {e:#}"),
+            }
+            if let Some(plan) = record.stored().await.ok().flatten() {
+                self.stop_removed(plan.workers as usize);
+            }
+        }
+    }
+
+    /// Takes a changed `workers.replicas` or `experts.redundant` of the manifest as the layout
+    /// wanted; says that other changes need a restart.
+    fn reread(&mut self, policy: &mut kubemoe_placement::rebalance::Policy) -> Result<()> {
+        let Some((file, seen, spec)) = &mut self.manifest else { return Ok(()) };
+        let now = modified(file);
+        if now == *seen {
+            return Ok(());
+        }
+        *seen = now;
+        let origin = file.display().to_string();
+        let md = deployment(Some(file))?;
+        let mut rest = md.spec.clone();
+        (rest.workers.replicas, rest.experts.redundant, rest.balancing) =
+            (spec.workers.replicas, spec.experts.redundant, spec.balancing.clone());
+        if rest != *spec {
+            println!("kubemoe up: {origin} changed; workers.replicas, experts.redundant and balancing apply live, restart `up` for the rest");
+        }
+        let layout = layout(&md, &self.model, &origin)?;
+        *policy = spec::policy(&md.spec).with_context(|| format!("{origin}: balancing"))?;
+        if layout != self.layout {
+            println!(
+                "kubemoe up: {origin}: resizing to {} workers of {} expert slots each, live",
+                layout.workers, layout.slots_per_worker
+            );
+            self.layout = layout;
+        }
+        (spec.workers.replicas, spec.experts.redundant, spec.balancing) =
+            (md.spec.workers.replicas, md.spec.experts.redundant, md.spec.balancing);
+        Ok(())
+    }
+
+    /// Starts the workers the layout wanted has and `up` does not run yet (from the plan of
+    /// record, which gives them nothing until the resize's epoch).
+    fn start_added(&mut self) -> Result<()> {
+        let wanted = self.layout.workers as usize;
+        while self.urls.len() < wanted {
+            let rank = self.urls.len();
+            let (child, url) = start_worker(&self.model, rank, wanted, &self.worker_args)?;
+            println!("kubemoe up: worker {rank} at {url}");
+            self.children.add(child);
+            self.urls.push(url);
+        }
+        Ok(())
+    }
+
+    /// Once the plan of record names `workers` workers, stops those past it; the router is
+    /// restarted, if it ever is, with the workers in force.
+    fn stop_removed(&mut self, workers: usize) {
+        if self.layout.workers as usize != workers {
+            return;
+        }
+        while self.urls.len() > workers {
+            let rank = self.urls.len() - 1;
+            self.children.remove(&worker_name(rank));
+            self.urls.pop();
+            println!("kubemoe up: worker {rank} stopped: the placement in force no longer uses it");
+        }
+        self.children.set_arg("router", "--workers", &self.urls.join(","));
+    }
+}
+
+/// When `file` was last changed (`None`: unreadable).
+fn modified(file: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(file).and_then(|m| m.modified()).ok()
 }
 
 /// Writes `text` to a new file at `path` that only this user may read.
@@ -230,20 +376,26 @@ fn cores() -> usize {
 /// their URLs in rank order.
 pub fn start_workers(model: &str, workers: usize, extra: &[String]) -> Result<(Vec<Managed>, Vec<String>)> {
     anyhow::ensure!(workers > 0, "--workers must be at least 1");
-    let mut children = Vec::new();
-    let mut urls = Vec::new();
-    for rank in 0..workers {
-        let args: Vec<String> = ["worker", "--model", model, "--host", "127.0.0.1", "--port", "0"]
-            .iter()
-            .map(|s| s.to_string())
-            .chain(["--rank".into(), rank.to_string(), "--world-size".into(), workers.to_string()])
-            .chain(extra.iter().cloned())
-            .collect();
-        let (child, addrs) = start(&format!("worker {rank}"), args, (cores() / workers).max(1), &["--port"])?;
-        children.push(child);
-        urls.push(format!("http://{}", addrs[0]));
-    }
-    Ok((children, urls))
+    (0..workers)
+        .map(|rank| start_worker(model, rank, workers, extra))
+        .collect::<Result<Vec<_>>>()
+        .map(|started| started.into_iter().unzip())
+}
+
+/// Starts worker `rank` of `workers` on loopback with `extra` flags; returns it and its URL.
+fn start_worker(model: &str, rank: usize, workers: usize, extra: &[String]) -> Result<(Managed, String)> {
+    let args: Vec<String> = ["worker", "--model", model, "--host", "127.0.0.1", "--port", "0"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--rank".into(), rank.to_string()])
+        .chain(extra.iter().cloned())
+        .collect();
+    let (child, addrs) = start(&worker_name(rank), args, (cores() / workers).max(1), &["--port"])?;
+    Ok((child, format!("http://{}", addrs[0])))
+}
+
+fn worker_name(rank: usize) -> String {
+    format!("worker {rank}")
 }
 
 /// The environment variable naming the `kubemoe up` process a child serves: a child whose parent
@@ -259,6 +411,7 @@ pub struct Managed {
     /// How many `listening on` lines it prints, the flags of those ports in order.
     port_flags: &'static [&'static str],
     child: Child,
+    restarts: Restarts,
 }
 
 impl Drop for Managed {
@@ -306,7 +459,8 @@ fn start(
     relay(name, BufReader::new(stderr).lines());
     let mut lines = BufReader::new(stdout).lines();
     let mut addrs = Vec::with_capacity(port_flags.len());
-    let mut managed = Managed { name: name.into(), args: Vec::new(), threads, port_flags, child };
+    let restarts = Restarts { started: Instant::now(), due: None, backoff: Duration::ZERO };
+    let mut managed = Managed { name: name.into(), args: Vec::new(), threads, port_flags, child, restarts };
     while addrs.len() < port_flags.len() {
         match lines.next() {
             Some(Ok(line)) => {
@@ -353,6 +507,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 const STABLE: Duration = Duration::from_secs(10);
 
 /// One child's restarts.
+#[derive(Clone, Copy)]
 struct Restarts {
     started: Instant,
     /// When it is to be started again, once it exited.
@@ -368,6 +523,32 @@ impl Supervised {
         let (s, c) = (stop.clone(), children.clone());
         let thread = std::thread::spawn(move || supervise(&s, &c));
         Supervised { stop, thread: Some(thread), children }
+    }
+
+    /// Supervises one more child.
+    fn add(&self, child: Managed) {
+        lock(&self.children).push(child);
+    }
+
+    /// Stops the child named `name` (and its supervision).
+    fn remove(&self, name: &str) {
+        let gone: Vec<Managed> = {
+            let mut children = lock(&self.children);
+            let (gone, kept) = std::mem::take(&mut *children).into_iter().partition(|c| c.name == name);
+            *children = kept;
+            gone
+        };
+        drop(gone);
+    }
+
+    /// Sets `flag`'s value in the arguments `name` is started again with.
+    fn set_arg(&self, name: &str, flag: &str, value: &str) {
+        if let Some(c) = lock(&self.children).iter_mut().find(|c| c.name == name) {
+            match c.args.iter().position(|a| a == flag) {
+                Some(i) if i + 1 < c.args.len() => c.args[i + 1] = value.to_string(),
+                _ => c.args.extend([flag.to_string(), value.to_string()]),
+            }
+        }
     }
 }
 
@@ -394,45 +575,54 @@ fn restart_delay(lived: Duration, backoff: Duration) -> (Duration, Duration) {
 }
 
 fn supervise(stop: &AtomicBool, children: &Mutex<Vec<Managed>>) {
-    let n = lock(children).len();
-    let now = Instant::now();
-    let mut restarts: Vec<Restarts> =
-        (0..n).map(|_| Restarts { started: now, due: None, backoff: Duration::ZERO }).collect();
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
-        for (i, r) in restarts.iter_mut().enumerate() {
-            let child = {
-                let mut list = lock(children);
-                let Some(c) = list.get_mut(i) else { continue };
-                if r.due.is_none() {
-                    if let Ok(Some(status)) = c.child.try_wait() {
-                        let delay;
-                        (delay, r.backoff) = restart_delay(r.started.elapsed(), r.backoff);
-                        r.due = Some(Instant::now() + delay);
-                        println!(
-                            "kubemoe up: {} exited ({status}); starting it again on its ports in {delay:?}",
-                            c.name
-                        );
-                    }
+        let due: Vec<String> = {
+            let mut list = lock(children);
+            for c in list.iter_mut().filter(|c| c.restarts.due.is_none()) {
+                if let Ok(Some(status)) = c.child.try_wait() {
+                    let r = &mut c.restarts;
+                    let delay;
+                    (delay, r.backoff) = restart_delay(r.started.elapsed(), r.backoff);
+                    r.due = Some(Instant::now() + delay);
+                    println!(
+                        "kubemoe up: {} exited ({status}); starting it again on its ports in {delay:?}",
+                        c.name
+                    );
                 }
-                if r.due.is_none_or(|due| Instant::now() < due) || stop.load(Ordering::Relaxed) {
-                    continue;
-                }
-                (c.name.clone(), c.args.clone(), c.threads, c.port_flags)
+            }
+            list.iter()
+                .filter(|c| c.restarts.due.is_some_and(|due| Instant::now() >= due))
+                .map(|c| c.name.clone())
+                .collect()
+        };
+        for name in due {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let Some((args, threads, port_flags, mut r)) = lock(children)
+                .iter()
+                .find(|c| c.name == name)
+                .map(|c| (c.args.clone(), c.threads, c.port_flags, c.restarts))
+            else {
+                continue;
             };
-            let (name, args, threads, port_flags) = child;
-            // Started without the lock: a worker loads its experts meanwhile.
-            match start(&name, args, threads, port_flags) {
-                Ok((managed, addrs)) => {
+            // Started without the lock: a worker loads its experts meanwhile. One removed
+            // meanwhile (a resize let it go) is not put back.
+            let started = start(&name, args, threads, port_flags);
+            let mut list = lock(children);
+            let Some(slot) = list.iter_mut().find(|c| c.name == name) else { continue };
+            match started {
+                Ok((mut managed, addrs)) => {
                     println!("kubemoe up: {name} is back at {}", addrs.join(", "));
-                    (r.started, r.due) = (Instant::now(), None);
-                    lock(children)[i] = managed;
+                    managed.restarts = Restarts { started: Instant::now(), due: None, backoff: r.backoff };
+                    *slot = managed;
                 }
                 Err(e) => {
                     // As a child that exited at once.
                     let delay;
                     (delay, r.backoff) = restart_delay(Duration::ZERO, r.backoff);
-                    r.due = Some(Instant::now() + delay);
+                    slot.restarts = Restarts { due: Some(Instant::now() + delay), ..r };
                     eprintln!("kubemoe up: {e:#}; trying again in {delay:?}");
                 }
             }

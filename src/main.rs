@@ -75,15 +75,18 @@ enum Command {
         #[arg(long)]
         logits_out: Option<PathBuf>,
     },
-    /// Host a shard of the routed experts (rank `rank` of `world-size` workers).
+    /// Host a shard of the routed experts: those the placement gives rank `rank`.
     Worker {
         /// A model directory, or builtin:<preset>.
         #[arg(long, env = "KUBEMOE_MODEL")]
         model: String,
         #[arg(long, env = "KUBEMOE_RANK")]
         rank: usize,
+        /// Workers sharing the experts, without --placement (a placement names its workers,
+        /// and a live resize changes them; a rank past them holds nothing until an epoch
+        /// places experts on it).
         #[arg(long, env = "KUBEMOE_WORLD_SIZE")]
-        world_size: usize,
+        world_size: Option<usize>,
         /// The placement to start from (the placement ConfigMap's placement.json); default:
         /// experts in order, spare slots holding replicas.
         #[arg(long, env = "KUBEMOE_PLACEMENT")]
@@ -622,7 +625,8 @@ fn run(command: Command) -> Result<()> {
             eprintln!("{summary}");
         }
         Command::BenchServing { model, workers, batch, steps } => {
-            let (_children, urls) = local::start_workers(&model, workers, &[])?;
+            let world = ["--world-size".to_string(), workers.to_string()];
+            let (_children, urls) = local::start_workers(&model, workers, &world)?;
             let report = kubemoe_router::bench::run(&model, &urls, batch, steps)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
@@ -657,6 +661,7 @@ fn run(command: Command) -> Result<()> {
             let params = kubemoe_operator::desired::BuildParams {
                 image,
                 epoch: 0,
+                placed_workers: 0,
                 operator_namespace,
                 token: kubemoe_api::auth::generate_token,
             };

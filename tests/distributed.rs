@@ -205,13 +205,11 @@ fn distributed_logits_equal_single_process_logits() {
     let _entered = runtime.enter();
     for n in [2, 4] {
         let workers: Vec<Proc> = (0..n).map(|r| worker(&model, r, n, 0)).collect();
-        let channels = workers
-            .iter()
-            .map(|w| kubemoe_api::channel(&format!("http://{}", w.addr), None).unwrap())
-            .collect();
+        let urls: Vec<String> = workers.iter().map(|w| format!("http://{}", w.addr)).collect();
         let remote = kubemoe_router::remote::RemoteExperts::new(
             &dense.config,
-            channels,
+            &urls,
+            Box::new(|u: &str| kubemoe_api::channel(u, None)),
             kubemoe_api::auth::Bearer(None),
             None,
             Duration::from_secs(10),
@@ -1284,6 +1282,7 @@ fn a_router_commits_only_plans_its_workers_hold() {
         }
         let commit = |plan: &kubemoe_placement::PlacementPlan| kubemoe_api::expert::CommitRequest {
             plan: Some(plan.into()),
+            workers: Vec::new(),
         };
         let status = balancer.commit(commit(&swapped)).await.unwrap_err();
         assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
@@ -1292,6 +1291,15 @@ fn a_router_commits_only_plans_its_workers_hold() {
         let mut forged = current.clone();
         forged.epoch = u64::MAX;
         assert_eq!(balancer.commit(commit(&forged)).await.unwrap_err().code(), Code::InvalidArgument);
+        // Worker URLs that do not fit the plan (one per rank), or that are no URLs, are refused.
+        let mut one_url = commit(&current);
+        one_url.workers = vec!["http://127.0.0.1:1".into()];
+        let status = balancer.commit(one_url).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("send one per rank"), "{}", status.message());
+        let mut bad = commit(&current);
+        bad.workers = vec!["http://[::1".into(); current.workers as usize];
+        assert_eq!(balancer.commit(bad).await.unwrap_err().code(), Code::InvalidArgument);
         // Nothing changed: the plan in force and the output.
         let load = balancer.load(kubemoe_api::expert::LoadRequest {}).await.unwrap().into_inner();
         assert_eq!(load.plan.unwrap().epoch, current.epoch);
@@ -1332,7 +1340,10 @@ fn internal_calls_without_the_deployments_token_are_refused_and_change_nothing()
                     .map(drop),
                 worker.info(InfoRequest {}).await.map(drop),
                 worker.stats(StatsRequest {}).await.map(drop),
-                c.balancer(token).commit(CommitRequest { plan: Some(moved.clone()) }).await.map(drop),
+                c.balancer(token)
+                    .commit(CommitRequest { plan: Some(moved.clone()), workers: Vec::new() })
+                    .await
+                    .map(drop),
                 c.balancer(token).load(LoadRequest {}).await.map(drop),
             ];
             for (call, result) in refused.into_iter().enumerate() {
@@ -1864,7 +1875,10 @@ fn with_tls_every_port_is_encrypted_internal_calls_need_the_token_and_a_rotation
                     .dispatch(DispatchRequest { layer: 1, tokens: 0, ..Default::default() })
                     .await
                     .map(drop),
-                balancer.commit(CommitRequest { plan: Some(moved.clone()) }).await.map(drop),
+                balancer
+                    .commit(CommitRequest { plan: Some(moved.clone()), workers: Vec::new() })
+                    .await
+                    .map(drop),
             ];
             for (call, result) in refused.into_iter().enumerate() {
                 let status = result.expect_err("an internal call without the token was served");
@@ -2074,7 +2088,7 @@ fn a_router_started_before_its_workers_answers_at_once_and_serves_once_they_are_
         let started = Instant::now();
         loop {
             let e = client.generate(ids_request(&[5, 6], 2)).await.unwrap_err();
-            if e.message().contains("worker 0 reports rank 1 of 2") {
+            if e.message().contains("worker 0 reports rank 1;") {
                 break;
             }
             assert!(started.elapsed() < Duration::from_secs(10), "{}", e.message());
@@ -2262,4 +2276,71 @@ fn a_router_started_while_a_replicated_worker_is_dead_serves_around_it() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Waits for a line of `up`'s containing `text`, keeping what it read in `seen`.
+fn await_line(log: &std::sync::mpsc::Receiver<String>, seen: &mut Vec<String>, text: &str) -> Duration {
+    let started = Instant::now();
+    while !seen.iter().any(|l| l.contains(text)) {
+        let left = Duration::from_secs(90).saturating_sub(started.elapsed());
+        match log.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("no line with {text:?} in 90 s: {seen:?}"),
+        }
+    }
+    started.elapsed()
+}
+
+#[test]
+fn resizing_2_4_3_workers_under_load_fails_no_request_and_restarts_no_worker() {
+    // 16 experts + 8 redundant slots: 12, 6, then 8 per worker.
+    let manifest = failover_manifest("resized", "redundant: 8");
+    let write = |replicas: u32| {
+        let text = std::fs::read_to_string(&manifest).unwrap();
+        let old = text.split("replicas: ").nth(1).unwrap().split('}').next().unwrap().to_string();
+        std::fs::write(
+            &manifest,
+            text.replace(&format!("replicas: {old}}}"), &format!("replicas: {replicas}}}")),
+        )
+        .unwrap();
+    };
+    write(2);
+    let Up { mut up, addr, log, .. } = Up::start(&manifest, &["--worker-deadline-ms", "10000"]);
+    let pids = |ranks: std::ops::Range<usize>| ranks.map(|r| worker_pid(up.id(), r)).collect::<Vec<_>>();
+    let first = pids(0..2);
+    let (prompts, expected) = tiny_prompts();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut seen = Vec::new();
+    let (served, times, workers) = rt().block_on(async {
+        let clients = looping_clients(&addr, &prompts, &expected, &stop);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        write(4);
+        let up4 = await_line(&log, &mut seen, "placement epoch 1 in force");
+        let added = pids(2..4);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        write(3);
+        let down3 = await_line(&log, &mut seen, "placement epoch 2 in force");
+        await_line(&log, &mut seen, "worker 3 stopped");
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut served = 0;
+        for c in clients {
+            served += c.await.expect("a request failed or changed its output");
+        }
+        let mut client = InferenceClient::connect(format!("http://{addr}")).await.unwrap();
+        let info = client.model_info(ModelInfoRequest {}).await.unwrap().into_inner();
+        assert_eq!(pids(0..3), [&first[..], &added[..1]].concat(), "a worker that stays was restarted");
+        assert_eq!(pids(3..4), [None]);
+        (served, (up4, down3), info.workers)
+    });
+    assert_eq!(workers, 3);
+    assert!(seen.iter().any(|l| l.contains("resizing to epoch 1: 2 -> 4 workers, 6 slots each")), "{seen:?}");
+    assert!(seen.iter().any(|l| l.contains("resizing to epoch 2: 4 -> 3 workers, 8 slots each")), "{seen:?}");
+    eprintln!(
+        "resized 2 -> 4 -> 3 workers under 3 looping clients: {served} requests, none failed; \
+         in force {:?} and {:?} after each edit",
+        times.0, times.1
+    );
+    Command::new("kill").args(["-TERM", &up.id().to_string()]).status().unwrap();
+    up.wait().unwrap();
 }

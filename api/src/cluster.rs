@@ -96,8 +96,19 @@ impl Servers for Cluster {
 
     async fn commit(&self, plan: &PlacementPlan) -> Result<()> {
         let wire = crate::expert::Plan::from(plan);
+        // The plan's workers, so that routers reach ranks a resize added.
+        let workers: Vec<String> =
+            self.workers.iter().take(plan.workers as usize).map(|(u, _)| u.clone()).collect();
+        if workers.len() < plan.workers as usize {
+            return Err(Error::Routers(format!(
+                "plan epoch {} names {} workers, this deployment reaches {}",
+                plan.epoch,
+                plan.workers,
+                workers.len()
+            )));
+        }
         for (url, c) in &self.routers {
-            let request = CommitRequest { plan: Some(wire.clone()) };
+            let request = CommitRequest { plan: Some(wire.clone()), workers: workers.clone() };
             call("commit", url, COMMIT_DEADLINE, c.clone().commit(request)).await?;
         }
         Ok(())

@@ -16,6 +16,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let params = BuildParams {
         image: "kubemoe:fuzz".into(),
         epoch: 0,
+        placed_workers: 0,
         operator_namespace: "kubemoe-system".into(),
         token: || Ok("fuzz".into()),
     };

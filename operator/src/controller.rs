@@ -181,16 +181,20 @@ async fn reconcile_inner(md: &ModelDeployment, context: &Context) -> Result<Outc
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
     let existing_placement = get(&config_maps, &names.placement).await?;
     let in_force = existing_placement.as_ref().and_then(plan_of);
-    let keep_placement = in_force.as_ref().is_some_and(|plan| layout.fits(plan));
+    // A plan of the same model is kept whatever its workers and slots: the rebalancer migrates
+    // it to a new layout live (`rebalance::reshape`). Another model's is replaced, and the pods
+    // restart on the new model anyway.
+    let keep_placement = in_force.as_ref().is_some_and(|plan| layout.same_model(plan));
     let epoch = match &in_force {
         Some(plan) if keep_placement => plan.epoch,
-        // A new layout's plan is numbered above every epoch proposed so far.
+        // A new model's plan is numbered above every epoch proposed so far.
         Some(plan) => plan.epoch.max(status::highest_epoch(md.status.as_ref())) + 1,
         None => 0,
     };
     let params = BuildParams {
         image: context.image.clone(),
         epoch,
+        placed_workers: in_force.as_ref().filter(|_| keep_placement).map_or(0, |p| p.workers),
         operator_namespace: context.namespace.clone(),
         token: kubemoe_api::auth::generate_token,
     };
@@ -221,8 +225,10 @@ async fn reconcile_inner(md: &ModelDeployment, context: &Context) -> Result<Outc
         publish(context, md, EventType::Normal, "Applied", "Apply", note).await;
     }
 
-    let observed = Observed { workers: Some(&workers), router: Some(&router), epoch };
-    let new_status = status::valid(md, &layout, observed, &now);
+    let initial = PlacementPlan { epoch, ..layout.initial_plan() };
+    let plan = in_force.as_ref().filter(|_| keep_placement).unwrap_or(&initial);
+    let observed = Observed { workers: Some(&workers), router: Some(&router), plan };
+    let new_status = status::valid(md, observed, &now);
     let became_ready = new_status.phase == Some(crate::deployment::Phase::Ready)
         && md.status.as_ref().and_then(|s| s.phase) != Some(crate::deployment::Phase::Ready);
     write_status(md, client, &namespace, new_status).await?;

@@ -36,9 +36,9 @@ const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
     doc = "A DeepSeek-family Mixture-of-Experts model served by router pods and expert-parallel worker pods.",
     status = "ModelDeploymentStatus",
     scale(
-        spec_replicas_path = ".spec.router.replicas",
-        status_replicas_path = ".status.routers.replicas",
-        label_selector_path = ".status.routerSelector"
+        spec_replicas_path = ".spec.workers.replicas",
+        status_replicas_path = ".status.workers.replicas",
+        label_selector_path = ".status.workerSelector"
     ),
     printcolumn(
         name = "Ready",
@@ -457,9 +457,13 @@ pub struct ModelDeploymentStatus {
     /// Worker pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers: Option<ReplicaCounts>,
-    /// Label selector of the router pods, for the scale subresource.
+    /// Label selector of the router pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub router_selector: Option<String>,
+    /// Label selector of the worker pods, for the scale subresource (`kubectl scale md/<name>
+    /// --replicas N` resizes the workers live).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_selector: Option<String>,
     /// The expert placement in force.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<PlacementStatus>,
@@ -499,6 +503,10 @@ pub struct PlacementStatus {
     pub logical_experts: i32,
     /// Expert slots per MoE layer over all workers (logical + redundant).
     pub physical_experts: i32,
+    /// Workers the placement in force spreads the experts over: `workers.replicas` once a
+    /// resize is done (until then the StatefulSet keeps the workers of both).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<i32>,
     /// Max over mean tokens per worker over the balancing window (1.0 is perfect balance).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imbalance: Option<f64>,
@@ -598,7 +606,7 @@ mod tests {
         assert_eq!(crd["spec"]["names"]["shortNames"][0], "md");
         let version = &crd["spec"]["versions"][0];
         assert_eq!(version["name"], "v1alpha1");
-        assert_eq!(version["subresources"]["scale"]["specReplicasPath"], ".spec.router.replicas");
+        assert_eq!(version["subresources"]["scale"]["specReplicasPath"], ".spec.workers.replicas");
         assert!(version["subresources"]["status"].is_object());
         let columns: Vec<&str> = version["additionalPrinterColumns"]
             .as_array()

@@ -65,6 +65,9 @@ pub struct BuildParams {
     pub image: String,
     /// Placement epoch to write into a new placement ConfigMap.
     pub epoch: u64,
+    /// Workers of the plan in force (0: none yet). The StatefulSet keeps them until a resize
+    /// has moved their experts off: its replicas are the larger of this and the spec's.
+    pub placed_workers: u32,
     /// Namespace of the operator's pods, the one place besides the routers that calls workers.
     pub operator_namespace: String,
     /// Makes the internal token of a deployment that has none
@@ -158,9 +161,10 @@ pub fn selector_labels(instance: &str, component: &str) -> BTreeMap<String, Stri
     ])
 }
 
-/// The label selector string of the router pods (status.routerSelector, for `kubectl scale`).
-pub fn router_selector(instance: &str) -> String {
-    selector_labels(instance, "router").iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+/// The label selector string of the pods of `component` (status.routerSelector and
+/// status.workerSelector, the latter for `kubectl scale`).
+pub fn selector(instance: &str, component: &str) -> String {
+    selector_labels(instance, component).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }
 
 /// Builds every child of `md` for a layout already checked by [`crate::spec::layout`].
@@ -219,24 +223,22 @@ pub fn internal_token_secret(md: &ModelDeployment, token: &str) -> Result<Secret
     })
 }
 
-/// `host:port` of every worker rank of `md`, in rank order: the headless Service's per-pod DNS
-/// names, which routers dispatch to and the rebalancer migrates through.
 /// The model name of the OpenAI API: `spec.model.servedName`, else the ModelDeployment's name.
 pub fn served_name(md: &ModelDeployment) -> String {
     md.spec.model.served_name.clone().unwrap_or_else(|| md.name_any())
 }
 
+/// `host:port` of every worker rank of `md`, in rank order: the headless Service's per-pod DNS
+/// names, which routers dispatch to and the rebalancer migrates through.
 pub fn worker_addresses(md: &ModelDeployment, workers: u32) -> Vec<String> {
+    (0..workers).map(|rank| worker_address(md, &rank.to_string())).collect()
+}
+
+/// `host:port` of worker `rank` of `md` (`{rank}`: the routers' template for every rank).
+fn worker_address(md: &ModelDeployment, rank: &str) -> String {
     let names = Names::of(&md.name_any());
     let namespace = namespace_of(md);
-    (0..workers)
-        .map(|rank| {
-            format!(
-                "{}-{rank}.{}.{namespace}.svc:{}",
-                names.workers, names.worker_service, md.spec.workers.port
-            )
-        })
-        .collect()
+    format!("{}-{rank}.{}.{namespace}.svc:{}", names.workers, names.worker_service, md.spec.workers.port)
 }
 
 /// The name every internal TLS call of `md` checks: its router Service's, which the one
@@ -468,10 +470,9 @@ impl<'a> Ctx<'a> {
         args.extend(self.common_args(model));
         args.extend([
             "--rank".into(),
-            // The StatefulSet controller labels each pod with its ordinal.
+            // The StatefulSet controller labels each pod with its ordinal. No world size: the
+            // placement says it, so that a resize changes no pod template (`rebalance::reshape`).
             "$(POD_INDEX)".into(),
-            "--world-size".into(),
-            self.layout.workers.to_string(),
             "--port".into(),
             workers.port.to_string(),
             "--http-port".into(),
@@ -514,7 +515,7 @@ impl<'a> Ctx<'a> {
 
         let labels = selector_labels(&self.name, "worker");
         let mut pod_labels = labels.clone();
-        let mut pod_annotations = self.layout_annotations();
+        let mut pod_annotations = BTreeMap::new();
         if spec.scheduling.gang {
             pod_labels.insert(COSCHEDULING_GROUP_LABEL.into(), names.pod_group.clone());
             pod_annotations.insert(VOLCANO_GROUP_ANNOTATION.into(), names.pod_group.clone());
@@ -541,9 +542,12 @@ impl<'a> Ctx<'a> {
             ..self.pod_spec()
         };
         StatefulSet {
-            metadata: self.meta(&names.workers, "worker"),
+            metadata: ObjectMeta {
+                annotations: Some(self.layout_annotations()),
+                ..self.meta(&names.workers, "worker")
+            },
             spec: Some(StatefulSetSpec {
-                replicas: Some(spec.workers.replicas),
+                replicas: Some(spec.workers.replicas.max(self.params.placed_workers as i32)),
                 service_name: Some(names.worker_service.clone()),
                 // Ranks are independent processes; start them all at once.
                 pod_management_policy: Some("Parallel".into()),
@@ -575,8 +579,10 @@ impl<'a> Ctx<'a> {
             router.http_port.to_string(),
             "--internal-port".into(),
             router.internal_port.to_string(),
+            // Every rank a plan may name, by its per-pod DNS name: no pod template names the
+            // worker count, so that a resize restarts no router.
             "--workers".into(),
-            worker_addresses(self.md, self.layout.workers).join(","),
+            worker_address(self.md, "{rank}"),
             "--max-batch-tokens".into(),
             router.max_batch_tokens.to_string(),
             "--max-concurrent".into(),
@@ -646,11 +652,7 @@ impl<'a> Ctx<'a> {
                 replicas: Some(router.replicas),
                 selector: LabelSelector { match_labels: Some(labels.clone()), ..LabelSelector::default() },
                 template: PodTemplateSpec {
-                    metadata: Some(ObjectMeta {
-                        labels: Some(labels),
-                        annotations: Some(self.layout_annotations()),
-                        ..ObjectMeta::default()
-                    }),
+                    metadata: Some(ObjectMeta { labels: Some(labels), ..ObjectMeta::default() }),
                     spec: Some(PodSpec {
                         containers: vec![container],
                         volumes: Some(volumes),
@@ -918,6 +920,7 @@ mod tests {
         let params = BuildParams {
             image: "img".into(),
             epoch: 3,
+            placed_workers: 0,
             operator_namespace: "kubemoe-system".into(),
             token: kubemoe_api::auth::generate_token,
         };

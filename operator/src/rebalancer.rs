@@ -59,14 +59,21 @@ impl Target {
     }
 }
 
-/// Whether the rebalancer looks at `md` at all: balancing enabled, not being deleted, and Ready
-/// or Degraded (rolled out and served, some pods missing now: when a worker pod is gone is when
-/// a recovery epoch is needed), not while it rolls out or fails.
+/// Whether the rebalancer looks at `md` at all: not being deleted, Ready or Degraded (rolled
+/// out and served, some pods missing now: when a worker pod is gone is when a recovery epoch is
+/// needed), not while it rolls out or fails; and balancing enabled or a resize due (the
+/// placement in force has other workers or slots than the spec asks for, which the rebalancer
+/// migrates live whether or not it balances load).
 pub fn eligible(md: &ModelDeployment) -> bool {
     let serving = [status::READY, status::DEGRADED]
         .iter()
         .any(|kind| status::find(md.status.as_ref(), kind).is_some_and(|c| c.status == "True"));
-    md.spec.balancing.enabled && md.metadata.deletion_timestamp.is_none() && serving
+    let placement = md.status.as_ref().and_then(|s| s.placement.as_ref());
+    let resizing = placement.is_some_and(|p| {
+        p.workers.is_some_and(|w| w != md.spec.workers.replicas)
+            || p.physical_experts != p.logical_experts + md.spec.experts.redundant
+    });
+    (md.spec.balancing.enabled || resizing) && md.metadata.deletion_timestamp.is_none() && serving
 }
 
 /// gRPC URLs of the router pods that may route a step: every Running pod with an IP, ready or
@@ -188,11 +195,14 @@ async fn turn(context: &Context, md: &ModelDeployment, unsettled: bool) -> Resul
     };
     let Some(target) = Target::of(&md.spec, &model)? else { return Ok(Polled::Waiting) };
     let pods: Api<Pod> = Api::namespaced(context.client.clone(), &namespace);
-    let selector = desired::router_selector(&md.name_any());
+    let selector = desired::selector(&md.name_any(), "router");
     let routers = pods.list(&ListParams::default().labels(&selector)).await.map_err(|source| {
         Error::Kube { action: format!("listing the router pods of {}", controller::key(md)), source }
     })?;
-    let workers = desired::worker_addresses(md, target.layout.workers);
+    // During a resize, the workers of both plans: new ones prepare their experts, those going
+    // drop theirs.
+    let placed = md.status.as_ref().and_then(|s| s.placement.as_ref()).and_then(|p| p.workers);
+    let workers = desired::worker_addresses(md, target.layout.workers.max(placed.unwrap_or(0).max(0) as u32));
     let routers = router_urls(&routers.items, md.spec.router.internal_port);
     // The deployment's internal token, which the controller made before its pods.
     let name = Names::of(&md.name_any()).internal_token;

@@ -117,7 +117,7 @@ fn render_one(
     };
     spec::check_name(&md.name_any()).map_err(refused)?;
     let layout = spec::layout(&md.spec, &model).map_err(refused)?;
-    let params = BuildParams { epoch: 0, ..params.clone() };
+    let params = BuildParams { epoch: 0, placed_workers: 0, ..params.clone() };
     let token = (params.token)().map_err(|e| Error::Token {
         name: desired::Names::of(&md.name_any()).internal_token,
         reason: e.to_string(),
@@ -137,6 +137,7 @@ mod tests {
         BuildParams {
             image: image.into(),
             epoch: 0,
+            placed_workers: 0,
             operator_namespace: "kubemoe-system".into(),
             token: || Ok("test-token".into()),
         }

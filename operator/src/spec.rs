@@ -112,7 +112,13 @@ fn kv_cache(spec: &ModelDeploymentSpec, model: &ModelConfig) -> Result<(), Inval
 /// `spec.balancing` as the rebalance loop takes it; a bad duration names its field.
 pub fn policy(spec: &ModelDeploymentSpec) -> kubemoe_placement::Result<Policy> {
     let b = &spec.balancing;
-    Policy::parse(&b.interval, &b.cooldown, b.imbalance_threshold, b.max_experts_moved_per_rebalance)
+    Policy::parse(
+        b.enabled,
+        &b.interval,
+        &b.cooldown,
+        b.imbalance_threshold,
+        b.max_experts_moved_per_rebalance,
+    )
 }
 
 /// Settings the schema accepts for what is planned but not built: refused (reason `NotBuilt`)

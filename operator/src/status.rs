@@ -16,7 +16,7 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 use kubemoe_placement::rebalance::{Degraded, Proposal};
-use kubemoe_placement::{Invalid, Layout};
+use kubemoe_placement::{Invalid, PlacementPlan};
 
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
@@ -24,12 +24,13 @@ pub const DEGRADED: &str = "Degraded";
 pub const REBALANCING: &str = "Rebalancing";
 
 /// What the controller saw of the workloads after applying them.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct Observed<'a> {
     pub workers: Option<&'a StatefulSet>,
     pub router: Option<&'a Deployment>,
-    /// Epoch of the placement ConfigMap in force.
-    pub epoch: u64,
+    /// The plan of record (the placement ConfigMap's), whose workers may differ from the
+    /// spec's while a resize is due.
+    pub plan: &'a PlacementPlan,
 }
 
 /// Status for a spec that cannot be served: `Ready=False` with the reason, nothing else claimed.
@@ -61,12 +62,7 @@ pub fn invalid(md: &ModelDeployment, invalid: &Invalid, now: &Time) -> ModelDepl
 }
 
 /// Status for a valid spec whose children are applied.
-pub fn valid(
-    md: &ModelDeployment,
-    layout: &Layout,
-    observed: Observed<'_>,
-    now: &Time,
-) -> ModelDeploymentStatus {
+pub fn valid(md: &ModelDeployment, observed: Observed<'_>, now: &Time) -> ModelDeploymentStatus {
     let previous = md.status.as_ref();
     let generation = md.metadata.generation;
     let spec = &md.spec;
@@ -156,11 +152,13 @@ pub fn valid(
     } else {
         Phase::Progressing
     };
-    let same_epoch = earlier.filter(|p| p.epoch == observed.epoch as i64);
+    let plan = observed.plan;
+    let same_epoch = earlier.filter(|p| p.epoch == plan.epoch as i64);
     let placement = PlacementStatus {
-        epoch: observed.epoch as i64,
-        logical_experts: layout.logical as i32,
-        physical_experts: layout.physical() as i32,
+        epoch: plan.epoch as i64,
+        logical_experts: plan.logical_experts as i32,
+        physical_experts: (plan.workers * plan.slots_per_worker) as i32,
+        workers: Some(plan.workers as i32),
         // The rebalancer's. An imbalance was measured on its epoch's placement, so a new epoch
         // starts without one; the last rebalance stays the last one (and its time is the
         // cooldown's start, also for an epoch the rebalancer wrote and has not reported yet).
@@ -179,7 +177,8 @@ pub fn valid(
         conditions,
         routers: Some(routers),
         workers: Some(workers),
-        router_selector: Some(crate::desired::router_selector(&md.name_any())),
+        router_selector: Some(crate::desired::selector(&md.name_any(), "router")),
+        worker_selector: Some(crate::desired::selector(&md.name_any(), "worker")),
         placement: Some(placement),
         endpoint: Some(format!("{}.{namespace}.svc:{}", names.router_service, spec.router.grpc_port)),
     }
@@ -194,7 +193,9 @@ pub fn rounded(imbalance: f64) -> f64 {
 /// Status while `md` migrates to `proposal`: `Rebalancing=True`, and its epoch the highest
 /// given.
 pub fn rebalancing(md: &ModelDeployment, proposal: &Proposal, now: &Time) -> ModelDeploymentStatus {
-    let mut status = if proposal.recovering.is_empty() {
+    let mut status = if proposal.resized_from.is_some() {
+        with_rebalancing(md, true, "Resizing", &proposal.to_string(), now)
+    } else if proposal.recovering.is_empty() {
         let message = format!(
             "moving {} expert copies to placement epoch {}: imbalance {:.2} -> {:.2}",
             proposal.moved, proposal.plan.epoch, proposal.imbalance_before, proposal.imbalance_after
@@ -281,6 +282,7 @@ pub fn rebalanced(md: &ModelDeployment, proposal: &Proposal, now: &Time) -> Mode
             epoch: plan.epoch as i64,
             logical_experts: plan.logical_experts as i32,
             physical_experts: (plan.workers * plan.slots_per_worker) as i32,
+            workers: Some(plan.workers as i32),
             imbalance: Some(rounded(proposal.imbalance_after)),
             last_rebalance_time: Some(now.clone()),
             experts_moved: Some(proposal.moved as i64),
@@ -421,14 +423,13 @@ pub fn find<'a>(status: Option<&'a ModelDeploymentStatus>, type_: &str) -> Optio
 mod tests {
     use super::*;
     use kubemoe_placement::ModelConfig;
-    use kubemoe_placement::PlacementPlan;
 
     fn time(text: &str) -> Time {
         Time(text.parse().unwrap())
     }
 
     /// A ready deployment of the tiny model on 2 workers, reconciled at epoch 0.
-    fn ready() -> (ModelDeployment, Layout) {
+    fn ready() -> (ModelDeployment, kubemoe_placement::Layout) {
         let mut md = ModelDeployment::new(
             "m",
             serde_json::from_value(
@@ -439,8 +440,9 @@ mod tests {
         md.metadata.generation = Some(1);
         let layout = crate::spec::layout(&md.spec, &ModelConfig::preset("tiny").unwrap().unwrap()).unwrap();
         let (workers, router) = workloads();
-        let observed = Observed { workers: Some(&workers), router: Some(&router), epoch: 0 };
-        md.status = Some(valid(&md, &layout, observed, &time("2025-01-01T00:00:00Z")));
+        let observed =
+            Observed { workers: Some(&workers), router: Some(&router), plan: &layout.initial_plan() };
+        md.status = Some(valid(&md, observed, &time("2025-01-01T00:00:00Z")));
         (md, layout)
     }
 
@@ -451,6 +453,7 @@ mod tests {
             imbalance_after: 1.0449,
             moved: 6,
             recovering: vec![],
+            resized_from: None,
         }
     }
 
@@ -486,6 +489,7 @@ mod tests {
                 epoch: 1,
                 logical_experts: 16,
                 physical_experts: 16,
+                workers: Some(2),
                 imbalance: Some(1.04),
                 last_rebalance_time: Some(t2),
                 experts_moved: Some(6),
@@ -554,11 +558,13 @@ mod tests {
         let later = time("2025-01-01T01:00:00Z");
         // The controller reconciles with the epoch now in the ConfigMap: nothing changes.
         let (workers, router) = workloads();
-        let observed = Observed { workers: Some(&workers), router: Some(&router), epoch: 1 };
-        assert_eq!(&valid(&md, &layout, observed, &later), md.status.as_ref().unwrap());
-        // A new epoch from a layout change drops the imbalance, not when the last rebalance was.
-        let observed = Observed { epoch: 2, ..observed };
-        let placement = valid(&md, &layout, observed, &later).placement.unwrap();
+        let one = PlacementPlan { epoch: 1, ..layout.initial_plan() };
+        let observed = Observed { workers: Some(&workers), router: Some(&router), plan: &one };
+        assert_eq!(&valid(&md, observed, &later), md.status.as_ref().unwrap());
+        // A new epoch from a model change drops the imbalance, not when the last rebalance was.
+        let two = PlacementPlan { epoch: 2, ..layout.initial_plan() };
+        let observed = Observed { plan: &two, ..observed };
+        let placement = valid(&md, observed, &later).placement.unwrap();
         assert_eq!((placement.epoch, placement.imbalance), (2, None));
         assert_eq!(placement.last_rebalance_time, Some(time("2025-01-01T00:05:07Z")));
         assert_eq!(placement.experts_moved, Some(6));

@@ -29,6 +29,7 @@ fn every_example_renders_as_its_golden_file() {
     let params = kubemoe_operator::desired::BuildParams {
         image: IMAGE.into(),
         epoch: 0,
+        placed_workers: 0,
         operator_namespace: "kubemoe-system".into(),
         token: || Ok("golden-token".into()),
     };

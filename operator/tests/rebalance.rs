@@ -172,6 +172,18 @@ impl Fleet {
         refuse: Option<u64>,
         failing_worker: Option<usize>,
     ) -> Self {
+        Self::with_workers(api, routers, load, refuse, failing_worker, stored(api).workers as usize).await
+    }
+
+    /// With `workers` workers, however many the placement names (a resize adds or removes some).
+    async fn with_workers(
+        api: &FakeApi,
+        routers: usize,
+        load: &[u64],
+        refuse: Option<u64>,
+        failing_worker: Option<usize>,
+        workers: usize,
+    ) -> Self {
         let plan = stored(api);
         let routers: Vec<Arc<RouterState>> = (0..routers)
             .map(|_| {
@@ -185,7 +197,7 @@ impl Fleet {
                 })
             })
             .collect();
-        let workers: Vec<Arc<WorkerState>> = (0..plan.workers as usize)
+        let workers: Vec<Arc<WorkerState>> = (0..workers)
             .map(|rank| {
                 let state =
                     WorkerState { fail_prepare: failing_worker == Some(rank), ..WorkerState::default() };
@@ -383,6 +395,7 @@ async fn stopped_mid_migration(world: &World, fleet: &Fleet) -> PlacementPlan {
         imbalance_after: 1.2,
         moved: 2,
         recovering: vec![],
+        resized_from: None,
     };
     let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
     world.api.set_status(MD, serde_json::to_value(status::rebalancing(&md, &proposal, &now)).unwrap());
@@ -540,5 +553,44 @@ async fn a_worker_down_gets_a_recovery_epoch_and_is_named_in_status_events_and_m
     assert_eq!(status.phase, Some(kubemoe_operator::deployment::Phase::Ready));
     assert!(metric(&world, r#"kubemoe_operator_workers_down{namespace="ml",name="tiny"} 0"#));
     world.writes();
+    assert_eq!(world.reconcile().await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_resize_is_migrated_live_with_balancing_disabled_and_recorded() {
+    let (world, _) = ready_with(json!({
+        "model": {"source": "builtin:tiny"}, "workers": {"replicas": 2}, "balancing": {"enabled": false},
+    }))
+    .await;
+    world.edit(|spec| spec["workers"]["replicas"] = 4.into());
+    world.reconcile().await;
+    world.api.mark_ready("ml", "tiny");
+    world.reconcile().await;
+    world.writes();
+    let md = world.md();
+    assert!(kubemoe_operator::rebalancer::eligible(&md));
+    let target = Target::of(&md.spec, &ModelConfig::preset("tiny").unwrap().unwrap()).unwrap().unwrap();
+    // The two new workers are up, holding nothing yet.
+    let fleet = Fleet::with_workers(&world.api, 1, &SKEWED, None, None, 4).await;
+
+    let polled = poll(&world.context, &md, &target, &fleet.cluster, false).await.unwrap();
+    assert_eq!(polled, Polled::Rebalanced { epoch: 1 });
+    assert_eq!(
+        world.writes(),
+        [status_write(), EVENT.into(), patch(PLACEMENT), status_write(), EVENT.into()]
+    );
+    let plan = stored(&world.api);
+    assert_eq!((plan.epoch, plan.workers, plan.slots_per_worker), (1, 4, 4));
+    assert_eq!(*fleet.routers[0].plan.lock().unwrap(), plan);
+    assert_eq!(fleet.worker_epochs(), [(1, None); 4]);
+    let md = world.md();
+    let placement = md.status.as_ref().unwrap().placement.clone().unwrap();
+    assert_eq!((placement.epoch, placement.workers), (1, Some(4)));
+    assert_eq!(
+        world.events()[world.events().len() - 2..],
+        [("Normal".into(), "Rebalancing".into()), ("Normal".into(), "Rebalanced".into())]
+    );
+    // Done: nothing is due, and the controller keeps what the rebalancer wrote.
+    assert!(!kubemoe_operator::rebalancer::eligible(&md));
     assert_eq!(world.reconcile().await, Vec::<String>::new());
 }

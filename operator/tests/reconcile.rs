@@ -130,31 +130,84 @@ async fn a_spec_change_updates_exactly_the_children_it_affects() {
     world.reconcile().await;
     world.api.mark_ready("ml", "tiny");
     world.reconcile().await;
+    let template = |sts: &StatefulSet| serde_json::to_value(&sts.spec.as_ref().unwrap().template).unwrap();
+    let first: StatefulSet = world.api.object(STS);
+    let router_before: Deployment = world.api.object(DEPLOYMENT);
 
+    // Resize 2 -> 4: the StatefulSet grows, and nothing else is written: no pod template
+    // changes (no pod restarts), the placement stays for the rebalancer to migrate live.
     world.edit(|spec| spec["workers"]["replicas"] = 4.into());
     let writes = world.reconcile().await;
-    // New layout: a new placement epoch, four ranks, and routers that dispatch to four workers.
-    assert_eq!(
-        writes,
-        [patch(PLACEMENT), patch(STS), patch(DEPLOYMENT), EVENT.to_string(), patch(&format!("{MD}/status"))]
-    );
+    assert_eq!(writes, [patch(STS), EVENT.to_string(), patch(&format!("{MD}/status"))]);
     let sts: StatefulSet = world.api.object(STS);
-    assert_eq!(sts.spec.unwrap().replicas, Some(4));
+    assert_eq!(sts.spec.as_ref().unwrap().replicas, Some(4));
+    assert_eq!(template(&sts), template(&first));
     let router: Deployment = world.api.object(DEPLOYMENT);
+    assert_eq!(router.spec, router_before.spec);
     let args = router.spec.unwrap().template.spec.unwrap().containers[0].args.clone().unwrap();
     let workers = &args[args.iter().position(|a| a == "--workers").unwrap() + 1];
-    assert_eq!(workers.split(',').count(), 4);
-    assert!(workers.ends_with("tiny-worker-3.tiny-workers.ml.svc:50052"), "{workers}");
+    assert_eq!(workers, "tiny-worker-{rank}.tiny-workers.ml.svc:50052");
+    let placement = world.md().status.unwrap().placement.unwrap();
+    assert_eq!((placement.epoch, placement.workers), (0, Some(2)));
+    // Once the new workers are ready (holding nothing yet), the rebalancer takes it, balancing
+    // enabled or not.
+    assert!(!kubemoe_operator::rebalancer::eligible(&world.md()), "new workers not ready yet");
+    world.api.mark_ready("ml", "tiny");
+    world.reconcile().await;
+    world.edit(|spec| spec["balancing"] = json!({"enabled": false}));
+    world.reconcile().await;
+    assert!(kubemoe_operator::rebalancer::eligible(&world.md()), "a resize is due");
+
+    // The rebalancer's migration to 4 workers (what it writes: the ConfigMap) is reported.
     let md = world.md();
-    assert_eq!(md.status.as_ref().unwrap().placement.as_ref().unwrap().epoch, 1);
-    assert_eq!(condition(&md, "Progressing").0, "True");
-    assert_eq!(md.status.unwrap().observed_generation, md.metadata.generation);
+    let model = kubemoe_placement::ModelConfig::preset("tiny").unwrap().unwrap();
+    let layout = |md: &ModelDeployment| kubemoe_operator::spec::layout(&md.spec, &model).unwrap();
+    let migrated = |epoch, md: &ModelDeployment| {
+        let plan = kubemoe_placement::PlacementPlan { epoch, ..layout(md).initial_plan() };
+        let config_map = kubemoe_operator::desired::placement_config_map(md, &plan).unwrap();
+        world.api.insert(PLACEMENT, serde_json::to_value(config_map).unwrap());
+    };
+    migrated(1, &md);
+    world.api.mark_ready("ml", "tiny");
+    world.reconcile().await;
+    let placement = world.md().status.unwrap().placement.unwrap();
+    assert_eq!((placement.epoch, placement.workers, placement.physical_experts), (1, Some(4), 16));
+
+    // Down to 3 (with 8 redundant slots, 24 = 3 × 8): the StatefulSet keeps the 4 workers
+    // until the placement in force spreads the experts over 3.
+    world.edit(|spec| {
+        spec["workers"]["replicas"] = 3.into();
+        spec["experts"] = json!({"redundant": 8});
+    });
+    let writes = world.reconcile().await;
+    // The StatefulSet's layout annotation says what is asked for; its replicas and pods stay.
+    assert_eq!(writes, [patch(STS), EVENT.to_string(), patch(&format!("{MD}/status"))]);
+    let sts: StatefulSet = world.api.object(STS);
+    let annotations = sts.metadata.annotations.as_ref().unwrap();
+    assert_eq!(annotations["kubemoe.io/expert-layout"], "16 experts in 3 workers x 8 slots");
+    assert_eq!(sts.spec.as_ref().unwrap().replicas, Some(4), "the workers stay");
+    assert_eq!(template(&sts), template(&first));
+    migrated(2, &world.md());
+    let writes = world.reconcile().await;
+    assert_eq!(writes, [patch(STS), EVENT.to_string(), patch(&format!("{MD}/status"))]);
+    let sts: StatefulSet = world.api.object(STS);
+    assert_eq!(sts.spec.as_ref().unwrap().replicas, Some(3));
+    assert_eq!(template(&sts), template(&first), "no worker restarts");
+    let placement = world.md().status.unwrap().placement.unwrap();
+    assert_eq!((placement.epoch, placement.workers, placement.physical_experts), (2, Some(3), 24));
+    assert_eq!(world.api.object::<Deployment>(DEPLOYMENT).spec, router_before.spec, "no router restarts");
+
+    // Another model restarts the pods on a new plan of record, at a new epoch.
+    world.edit(|spec| spec["model"]["source"] = "builtin:small".into());
+    let writes = world.reconcile().await;
+    assert!(writes.contains(&patch(PLACEMENT)) && writes.contains(&patch(DEPLOYMENT)), "{writes:?}");
+    assert_eq!(world.md().status.unwrap().placement.unwrap().epoch, 3);
 
     // A change that keeps the layout keeps the placement epoch.
     world.edit(|spec| spec["router"] = json!({"replicas": 3}));
     let writes = world.reconcile().await;
     assert_eq!(writes, [patch(DEPLOYMENT), EVENT.to_string(), patch(&format!("{MD}/status"))]);
-    assert_eq!(world.md().status.unwrap().placement.unwrap().epoch, 1);
+    assert_eq!(world.md().status.unwrap().placement.unwrap().epoch, 3);
 }
 
 #[tokio::test]

@@ -40,11 +40,19 @@ impl Layout {
         self.logical + self.redundant
     }
 
-    /// Whether `plan` is a placement of this layout (rebalancing changes epochs, never the layout).
+    /// Whether `plan` is a placement of this layout (a rebalance of load changes epochs, never
+    /// the layout).
     pub fn fits(&self, plan: &PlacementPlan) -> bool {
         plan.workers == self.workers
             && plan.slots_per_worker == self.slots_per_worker
-            && plan.logical_experts == self.logical
+            && self.same_model(plan)
+    }
+
+    /// Whether `plan` places this layout's model (its routed experts and MoE layers), on however
+    /// many workers and slots: such a plan can be migrated to this layout live
+    /// ([`crate::rebalance::reshape`]), with no pod restarted.
+    pub fn same_model(&self, plan: &PlacementPlan) -> bool {
+        plan.logical_experts == self.logical
             && plan.layers.iter().map(|l| l.layer).eq(self.moe_layers.iter().copied())
     }
 

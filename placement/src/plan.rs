@@ -20,6 +20,10 @@ pub const KEY: &str = "placement.json";
 /// would make the next epoch wrap.
 pub const MAX_EPOCH: u64 = (1 << 53) - 1;
 
+/// The most workers a plan may name: routers keep a connection per rank, so a forged plan must
+/// not make them open millions (wide expert parallelism spans hundreds of ranks).
+pub const MAX_WORKERS: u32 = 4096;
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PlacementPlan {
@@ -62,17 +66,15 @@ impl PlacementPlan {
     }
 
     /// Checks the invariants, and that the plan fits a model with `logical_experts` routed
-    /// experts in `moe_layers` served by `workers` workers.
-    pub fn validate_for(&self, logical_experts: u32, moe_layers: &[u32], workers: u32) -> Result<()> {
+    /// experts in `moe_layers`. How many workers serve is the plan's to say: a live resize
+    /// commits a plan over more or fewer workers than the one before.
+    pub fn validate_for(&self, logical_experts: u32, moe_layers: &[u32]) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidPlacement(m));
         if self.logical_experts != logical_experts {
             return bad(format!(
                 "the placement is for {} logical experts, the model has {logical_experts}",
                 self.logical_experts
             ));
-        }
-        if self.workers != workers {
-            return bad(format!("the placement is for {} workers, {workers} serve", self.workers));
         }
         let layers: Vec<u32> = self.layers.iter().map(|l| l.layer).collect();
         if layers != moe_layers {
@@ -89,6 +91,12 @@ impl PlacementPlan {
             return Err(Error::InvalidPlacement(format!(
                 "epoch {} is past the largest epoch {MAX_EPOCH}: epochs count placements from 1",
                 self.epoch
+            )));
+        }
+        if self.workers == 0 || self.workers > MAX_WORKERS {
+            return Err(Error::InvalidPlacement(format!(
+                "the placement names {} workers; a placement needs 1 to {MAX_WORKERS}",
+                self.workers
             )));
         }
         let slots = self.workers as u64 * self.slots_per_worker as u64;
@@ -189,7 +197,7 @@ mod tests {
     #[test]
     fn initial_plan_covers_every_expert_and_fills_every_slot() {
         let plan = PlacementPlan::initial(3, 6, 16, &[1, 2]);
-        plan.validate_for(16, &[1, 2], 3).unwrap();
+        plan.validate_for(16, &[1, 2]).unwrap();
         assert_eq!(plan.layers.len(), 2);
         // The replicas of experts 0 and 1 are on the last worker, the originals on the first.
         assert_eq!(&plan.layers[0].slots[16..], &[0, 1]);
@@ -208,7 +216,7 @@ mod tests {
     #[test]
     fn broken_plans_say_what_is_wrong() {
         let plan = PlacementPlan::initial(2, 8, 16, &[1]);
-        let msg = |p: &PlacementPlan| p.validate_for(16, &[1], 2).unwrap_err().to_string();
+        let msg = |p: &PlacementPlan| p.validate_for(16, &[1]).unwrap_err().to_string();
         let mut lost = plan.clone();
         lost.layers[0].slots[3] = 4;
         assert!(msg(&lost).contains("expert 3 no slot"), "{}", msg(&lost));
@@ -218,8 +226,10 @@ mod tests {
         let mut short = plan.clone();
         short.layers[0].slots.pop();
         assert!(msg(&short).contains("15 slots"));
-        assert!(plan.validate_for(16, &[1], 4).unwrap_err().to_string().contains("2 workers"));
-        assert!(plan.validate_for(16, &[1, 2], 2).unwrap_err().to_string().contains("MoE layers"));
-        assert!(plan.validate_for(32, &[1], 2).unwrap_err().to_string().contains("32"));
+        let mut wide = plan.clone();
+        wide.workers = MAX_WORKERS + 1;
+        assert!(msg(&wide).contains("1 to 4096"), "{}", msg(&wide));
+        assert!(plan.validate_for(16, &[1, 2]).unwrap_err().to_string().contains("MoE layers"));
+        assert!(plan.validate_for(32, &[1]).unwrap_err().to_string().contains("32"));
     }
 }

@@ -49,6 +49,16 @@
 //! stalled). What is still lost for want of spare slots, and which workers are down, is
 //! reported with every poll ([`Record::degraded`]); a worker that is back rejoins the routing
 //! at once and the load-driven rebalance evens the placement out again.
+//!
+//! Resize. The worker count (and the slot count) is the plan's, not the processes': workers
+//! serve whatever rank the plan gives them (none past its workers), routers dispatch to every
+//! rank the committed plan names (a commit carries the workers' URLs). So a changed
+//! `workers.replicas` or `experts.redundant` is one more migration through the same steps,
+//! to the plan [`reshape`] makes for the new layout, and no pod restarts: on a scale-up the
+//! new workers are started first (holding nothing) and prepare their experts like the others;
+//! on a scale-down the workers past the new count are prepared with nothing, so that after the
+//! commit nothing routes to them and they can go. The caller (the operator's StatefulSet, `up`'s
+//! children) keeps every worker of both plans until the new one is in force.
 
 use crate::layout::Layout;
 use crate::plan::PlacementPlan;
@@ -60,6 +70,9 @@ use std::time::Duration;
 /// `balancing` of a deployment, parsed.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Policy {
+    /// `balancing.enabled`: whether load is judged and lost experts recovered. A resize
+    /// ([`reshape`]) and the settling of an unfinished migration happen either way.
+    pub enabled: bool,
     pub interval: Duration,
     pub threshold: f64,
     pub cooldown: Duration,
@@ -68,8 +81,15 @@ pub struct Policy {
 
 impl Policy {
     /// From the manifest's `balancing` fields; a bad duration names its field.
-    pub fn parse(interval: &str, cooldown: &str, threshold: f64, max_moves: i32) -> Result<Self> {
+    pub fn parse(
+        enabled: bool,
+        interval: &str,
+        cooldown: &str,
+        threshold: f64,
+        max_moves: i32,
+    ) -> Result<Self> {
         Ok(Policy {
+            enabled,
             interval: crate::parse_duration("balancing.interval", interval)?,
             cooldown: crate::parse_duration("balancing.cooldown", cooldown)?,
             threshold,
@@ -99,12 +119,26 @@ pub struct Proposal {
     /// For a recovery epoch, the workers down whose experts it places on live ones; empty for
     /// a rebalance of load.
     pub recovering: Vec<u32>,
+    /// For a resize ([`reshape`]), the workers of the plan before.
+    pub resized_from: Option<u32>,
 }
 
 /// The line local mode prints and the operator's `Rebalancing` condition says.
 impl std::fmt::Display for Proposal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let epoch = self.plan.epoch;
+        if let Some(from) = self.resized_from {
+            return write!(
+                f,
+                "resizing to epoch {epoch}: {from} -> {} workers, {} slots each, loading {} experts; \
+                 imbalance {:.3} -> {:.3}",
+                self.plan.workers,
+                self.plan.slots_per_worker,
+                self.moved,
+                self.imbalance_before,
+                self.imbalance_after
+            );
+        }
         if self.recovering.is_empty() {
             return write!(
                 f,
@@ -197,7 +231,71 @@ fn proposal(plan: &PlacementPlan, loads: &[Vec<f64>], next: Vec<Vec<u32>>, recov
         moved: planner::moved(&current, &next),
         plan: plan.with_slots(plan.epoch + 1, next),
         recovering,
+        resized_from: None,
     }
+}
+
+/// The plan of `layout` (another worker count or slot count than `plan`'s, for the same
+/// model) that a live resize migrates to, at the epoch after `plan`'s. It starts from `plan`
+/// cut to the new shape ([`seed`]: each rank that stays keeps its first slots, the experts
+/// that lost their last slot fill the free ones, spare slots replicate the heaviest experts)
+/// and balances that under `loads` (uniform while none was measured) with the incremental
+/// planner, unbounded: as balanced as a fresh plan, moving few experts, every expert on
+/// `layout.min_replicas` workers. New ranks start empty; ranks past the new count lose every
+/// expert, so a scale-down moves their experts off before their pods go. Pure and
+/// deterministic.
+pub fn reshape(plan: &PlacementPlan, layout: &Layout, loads: &[Vec<f64>]) -> Result<Proposal> {
+    let problem = Problem {
+        workers: layout.workers as usize,
+        nodes: 1,
+        groups: 1,
+        slots_per_worker: layout.slots_per_worker as usize,
+        min_replicas: layout.min_replicas as usize,
+    };
+    let uniform;
+    let loads = if loads.iter().flatten().sum::<f64>() > 0.0 {
+        loads
+    } else {
+        uniform = vec![vec![1.0; plan.logical_experts as usize]; plan.layers.len()];
+        &uniform
+    };
+    let (old_s, new_s) = (plan.slots_per_worker as usize, problem.slots_per_worker);
+    let current: Vec<Vec<u32>> =
+        plan.phy_to_log().iter().zip(loads).map(|(layer, load)| seed(layer, old_s, load, &problem)).collect();
+    let next = planner::incremental(loads, &current, &problem, usize::MAX)?;
+    // Copies each rank must load: its new experts it held no copy of before.
+    let moved = plan
+        .phy_to_log()
+        .iter()
+        .zip(&next)
+        .map(|(old, new)| {
+            new.chunks(new_s)
+                .enumerate()
+                .map(|(w, slots)| {
+                    let had = old.get(w * old_s..(w + 1) * old_s).unwrap_or_default();
+                    let mut wanted: Vec<u32> = slots.to_vec();
+                    wanted.sort_unstable();
+                    wanted.dedup();
+                    wanted.iter().filter(|e| !had.contains(e)).count()
+                })
+                .sum::<usize>()
+        })
+        .sum();
+    let reshaped = PlacementPlan {
+        epoch: plan.epoch + 1,
+        workers: layout.workers,
+        slots_per_worker: layout.slots_per_worker,
+        ..plan.with_slots(plan.epoch + 1, next.clone())
+    };
+    reshaped.validate_for(layout.logical, &layout.moe_layers)?;
+    Ok(Proposal {
+        imbalance_before: imbalance(loads, &plan.phy_to_log(), old_s),
+        imbalance_after: imbalance(loads, &next, new_s),
+        moved,
+        plan: reshaped,
+        recovering: Vec::new(),
+        resized_from: Some(plan.workers),
+    })
 }
 
 /// The recovery epoch for `plan` with the workers in `down` lost, when some logical expert has
@@ -241,6 +339,32 @@ pub fn recover(plan: &PlacementPlan, loads: &[Vec<f64>], down: &[u32]) -> Decisi
         return Decision::Keep { imbalance: None, reason };
     }
     Decision::Rebalance(proposal(plan, loads, next, down.to_vec()))
+}
+
+/// `layer` (slots of `old_s` per worker) cut to `p`'s shape as a valid placement: rank `w`'s
+/// first slots kept where both shapes have them (a second copy of an expert counts as free),
+/// then the experts left without a slot, then replicas of the heaviest experts (by `load`, then
+/// id) in the slots still free.
+fn seed(layer: &[u32], old_s: usize, load: &[f64], p: &Problem) -> Vec<u32> {
+    const FREE: u32 = u32::MAX;
+    let mut placed = vec![false; load.len()];
+    let mut out = vec![FREE; p.slots()];
+    for w in 0..p.workers {
+        let old = layer.get(w * old_s..(w + 1) * old_s).unwrap_or_default();
+        for (k, &e) in old.iter().take(p.slots_per_worker).enumerate() {
+            if !std::mem::replace(&mut placed[e as usize], true) {
+                out[w * p.slots_per_worker + k] = e;
+            }
+        }
+    }
+    let mut heaviest: Vec<u32> = (0..load.len() as u32).collect();
+    heaviest.sort_by(|a, b| load[*b as usize].total_cmp(&load[*a as usize]).then(a.cmp(b)));
+    let homeless = (0..load.len() as u32).filter(|&e| !placed[e as usize]);
+    let mut fill = homeless.chain(heaviest.into_iter().cycle());
+    for slot in out.iter_mut().filter(|s| **s == FREE) {
+        *slot = fill.next().unwrap_or(0);
+    }
+    out
 }
 
 /// One router's answer to a load poll.
@@ -425,8 +549,7 @@ pub fn triage(stored: &PlacementPlan, routing: Routing, unsettled: bool) -> Resu
 /// What one poll did.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Polled {
-    /// Nothing to poll yet: no plan of record of the layout, or the routers do not route by the
-    /// layout yet (a layout change is being rolled out).
+    /// Nothing to poll yet: no plan of record of the layout's model.
     Waiting,
     Kept {
         imbalance: Option<f64>,
@@ -484,14 +607,6 @@ pub async fn poll<R: Record>(
     let Some(Survey { stored, next, down }) = survey(record, servers, layout, unsettled).await? else {
         return Ok(Polled::Waiting);
     };
-    // A layout change (workers, experts.redundant) is rolled out by restarting pods onto a new
-    // plan of record. Nothing to judge or settle until the routers have it.
-    let routed = match &next {
-        Next::Settle(plan) | Next::Judge { plan, .. } => plan,
-    };
-    if !layout.fits(routed) {
-        return Ok(Polled::Waiting);
-    }
     let (current, loads) = match next {
         Next::Settle(plan) => {
             settle(record, servers, layout, &stored, &plan, &down).await?;
@@ -500,6 +615,25 @@ pub async fn poll<R: Record>(
         }
         Next::Judge { plan, loads } => (plan, loads),
     };
+    // A resize (workers.replicas or experts.redundant changed): migrated live like a rebalance,
+    // once no worker that stays is down (those going may be: their experts move off).
+    if !layout.fits(&current) && down.iter().all(|&w| w >= layout.workers) {
+        let (plan, l, loads) = (current.clone(), layout.clone(), loads);
+        let mut proposal = tokio::task::spawn_blocking(move || reshape(&plan, &l, &loads))
+            .await
+            .map_err(Error::Planner)??;
+        proposal.plan.epoch = proposal.plan.epoch.max(record.highest_epoch() + 1);
+        let next = proposal.plan.clone();
+        let polled = rebalance(record, servers, layout, current.epoch, proposal, &down).await?;
+        let in_force = if matches!(polled, Polled::Rebalanced { .. }) { next } else { current };
+        let down = down.into_iter().filter(|&w| w < in_force.workers).collect();
+        record.degraded(&Degraded::of(&in_force, down)).await?;
+        return Ok(polled);
+    }
+    if !policy.enabled {
+        record.degraded(&Degraded::of(&current, down)).await?;
+        return Ok(Polled::Kept { imbalance: None, reason: "balancing is disabled" });
+    }
     let since_last = record.since_last();
     // The planner takes up to a second on V3-sized problems: off the async threads that also
     // serve health, renew leases and run the controller.
@@ -526,32 +660,6 @@ pub async fn poll<R: Record>(
     Ok(polled)
 }
 
-/// Polls every `policy.interval` until `stop` completes, remembering a migration that failed
-/// and did not settle: `kubemoe up`'s loop (the operator's polls many deployments).
-pub async fn run<R: Record>(
-    record: &R,
-    servers: &impl Servers,
-    layout: &Layout,
-    policy: &Policy,
-    stop: impl Future<Output = ()>,
-) {
-    let mut stop = std::pin::pin!(stop);
-    let mut unsettled = false;
-    loop {
-        tokio::select! {
-            () = &mut stop => return,
-            () = tokio::time::sleep(policy.interval) => {}
-        }
-        match poll(record, servers, layout, policy, unsettled).await {
-            Ok(polled) => {
-                tracing::debug!(?polled, "polled expert load");
-                unsettled = matches!(polled, Polled::Failed { settled: false, .. });
-            }
-            Err(e) => tracing::warn!(error = %error_chain(&e), "rebalancer poll failed"),
-        }
-    }
-}
-
 /// What a look at the record and the routers found.
 struct Survey {
     /// The plan of record.
@@ -568,7 +676,7 @@ async fn survey<R: Record>(
     layout: &Layout,
     unsettled: bool,
 ) -> Result<Option<Survey>, R::Error> {
-    let Some(stored) = record.stored().await?.filter(|plan| layout.fits(plan)) else {
+    let Some(stored) = record.stored().await?.filter(|plan| layout.same_model(plan)) else {
         return Ok(None);
     };
     let loads = servers.loads().await?;
@@ -590,7 +698,7 @@ async fn settle<R: Record>(
     plan: &PlacementPlan,
     down: &[u32],
 ) -> Result<(), R::Error> {
-    plan.validate_for(layout.logical, &layout.moe_layers, layout.workers).map_err(|e| {
+    plan.validate_for(layout.logical, &layout.moe_layers).map_err(|e| {
         Error::Routers(format!("the routers route by a placement that does not fit the spec: {e}"))
     })?;
     if plan != stored {

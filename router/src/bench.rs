@@ -113,10 +113,10 @@ pub fn run(model: &str, urls: &[String], batch: usize, steps: usize) -> Result<R
     let _entered = runtime.enter();
     let dense = source::open(model, Experts::None)?;
     let c = dense.config.clone();
-    let channels = urls.iter().map(|u| channel(u, None)).collect::<Result<Vec<_>, _>>()?;
     let minute = Duration::from_secs(60);
+    let connect = Box::new(|u: &str| channel(u, None));
     let remote =
-        RemoteExperts::new(&c, channels, Bearer(None), None, minute, minute, runtime.handle().clone())?;
+        RemoteExperts::new(&c, urls, connect, Bearer(None), None, minute, minute, runtime.handle().clone())?;
     runtime.block_on(async {
         let started = Instant::now();
         while let Err(e) = remote.check_workers(model).await {

@@ -32,6 +32,9 @@ pub enum Error {
     Text(String),
     #[error("workers: {0}")]
     Workers(String),
+    /// Worker URLs a commit brought that do not fit its plan.
+    #[error("worker URLs: {0}")]
+    WorkerUrls(String),
     #[error("serving gRPC")]
     Transport(#[from] tonic::transport::Error),
     #[error("gRPC reflection")]
@@ -67,7 +70,7 @@ impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
         let message = kubemoe_placement::error_chain(&e);
         match e {
-            Error::Placement(_) => tonic::Status::invalid_argument(message),
+            Error::Placement(_) | Error::WorkerUrls(_) => tonic::Status::invalid_argument(message),
             Error::Epoch(_) => tonic::Status::failed_precondition(message),
             Error::Workers(_) => tonic::Status::unavailable(message),
             _ => tonic::Status::internal(message),
@@ -82,7 +85,7 @@ pub struct Options {
     pub model: String,
     /// The model name of the OpenAI API (default: `model`).
     pub served_model_name: Option<String>,
-    /// Worker gRPC URLs in rank order.
+    /// Worker gRPC URLs in rank order, or one with `{rank}` in it ([`remote::Members`]).
     pub workers: Vec<String>,
     /// New tokens in one step.
     pub max_batch_tokens: usize,
@@ -172,18 +175,10 @@ pub async fn run(
             config.kv_bytes_per_token()
         )));
     }
-    if opts.workers.is_empty() {
-        return Err(Error::Workers("no workers given; pass their gRPC URLs in rank order".into()));
-    }
-    let channels = opts
-        .workers
-        .iter()
-        .map(|w| kubemoe_api::channel(w, client_tls.as_ref()))
-        .collect::<Result<Vec<_>, tonic::transport::Error>>()?;
-    let n = channels.len();
     let experts = std::sync::Arc::new(remote::RemoteExperts::new(
         &config,
-        channels,
+        &opts.workers,
+        Box::new(move |url| kubemoe_api::channel(url, client_tls.as_ref())),
         Bearer(token.clone()),
         opts.placement,
         opts.worker_deadline,
@@ -214,7 +209,7 @@ pub async fn run(
         admission,
         config,
         engine,
-        workers: n,
+        experts: experts.clone(),
         max_concurrent: opts.max_concurrent,
         active: Default::default(),
         received: Default::default(),

@@ -16,6 +16,12 @@
 //! Placement switches happen between two steps: a step routes every layer by the
 //! plan committed when its first MoE layer ran, and [`RemoteExperts::commit`] answers only once
 //! no step routes by an older plan, so that workers may then drop the experts it used.
+//!
+//! Membership is the committed plan's: it names how many workers there are, and a commit may
+//! bring their URLs (else they come from the `{rank}` template or the list the router started
+//! with). A live resize commits a plan over more or fewer workers; ranks only ever get added to
+//! what the router knows (a step on the old plan may still dispatch to a rank the new one
+//! drops), and a rank whose URL changed gets a new connection.
 
 use crate::dispatch::{plan, WorkerBatch};
 use crate::load::LoadWindow;
@@ -43,8 +49,60 @@ pub struct ByteCounters {
     pub minimum: AtomicU64,
 }
 
+type Client = ExpertClient<kubemoe_api::auth::Internal>;
+
+/// Opens a (lazy) channel to a worker URL, with the router's TLS settings.
+pub type Connect = Box<dyn Fn(&str) -> Result<Channel, tonic::transport::Error> + Send + Sync>;
+
+/// What the router was told about where the workers are: their URLs in rank order, or one URL
+/// with `{rank}` in it (the operator's per-pod DNS names), which reaches any rank a plan names.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Members {
+    List(Vec<String>),
+    Template(String),
+}
+
+impl Members {
+    pub const RANK: &str = "{rank}";
+
+    /// `--workers`: one template, or URLs none of which is one.
+    pub fn parse(workers: &[String]) -> Result<Self> {
+        match workers {
+            [] => Err(Error::Workers("no workers given; pass their gRPC URLs in rank order".into())),
+            [one] if one.contains(Self::RANK) => Ok(Members::Template(one.clone())),
+            many if many.iter().any(|w| w.contains(Self::RANK)) => Err(Error::Workers(format!(
+                "a URL with {} stands for every rank: give it alone, not among other URLs",
+                Self::RANK
+            ))),
+            many => Ok(Members::List(many.to_vec())),
+        }
+    }
+
+    /// The URL of each rank below `workers`, when known.
+    fn urls(&self, workers: u32) -> Option<Vec<String>> {
+        match self {
+            Members::List(urls) => urls.get(..workers as usize).map(<[String]>::to_vec),
+            Members::Template(t) => {
+                Some((0..workers).map(|r| t.replace(Self::RANK, &r.to_string())).collect())
+            }
+        }
+    }
+}
+
+/// The workers a router knows, by rank (shared with the probe task). Entries are added or
+/// replaced, never removed: a step routing by an older plan may still reach any of them.
+struct Workers {
+    urls: Vec<String>,
+    clients: Vec<Client>,
+    /// Whether each takes dispatches.
+    live: Vec<bool>,
+}
+
 pub struct RemoteExperts {
-    clients: Vec<ExpertClient<kubemoe_api::auth::Internal>>,
+    workers: Arc<Mutex<Workers>>,
+    members: Mutex<Members>,
+    connect: Connect,
+    credential: kubemoe_api::auth::Bearer,
     hidden: usize,
     experts: u32,
     /// Decoder layer ids of the MoE layers, ascending.
@@ -56,8 +114,6 @@ pub struct RemoteExperts {
     load: Mutex<LoadWindow>,
     /// The requests of the step in progress, named in every dispatch's metadata.
     requests: Mutex<Arc<str>>,
-    /// Per worker, whether it is taking dispatches (shared with the probe task).
-    live: Arc<Mutex<Vec<bool>>>,
     pub bytes: ByteCounters,
 }
 
@@ -98,36 +154,53 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl RemoteExperts {
-    /// Workers in rank order, called with `credential`, routed by `plan` (default: the minimal
-    /// initial placement), with load counted over `window`.
+    /// The workers of `workers` (URLs in rank order, or a `{rank}` template: [`Members`]),
+    /// reached through `connect` with `credential`, routed by `plan` (default: the minimal
+    /// initial placement over the listed workers), with load counted over `window`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: &Config,
-        channels: Vec<Channel>,
+        workers: &[String],
+        connect: Connect,
         credential: kubemoe_api::auth::Bearer,
         plan: Option<PlacementPlan>,
         deadline: Duration,
         window: Duration,
         runtime: tokio::runtime::Handle,
     ) -> Result<Self> {
-        let max = kubemoe_api::MAX_MESSAGE_BYTES;
-        let clients: Vec<_> = channels
-            .into_iter()
-            .map(|c| {
-                ExpertClient::with_interceptor(c, credential.clone())
-                    .max_decoding_message_size(max)
-                    .max_encoding_message_size(max)
-            })
-            .collect();
+        let members = Members::parse(workers)?;
         let experts = config.n_routed_experts as u32;
         let moe_layers: Vec<u32> = config.moe_layers().map(|l| l as u32).collect();
-        let workers = clients.len() as u32;
-        let plan = plan.unwrap_or_else(|| PlacementPlan::minimal(experts, &moe_layers, workers));
-        plan.validate_for(experts, &moe_layers, workers)?;
-        let live = Arc::new(Mutex::new(vec![true; clients.len()]));
+        let plan = match (plan, &members) {
+            (Some(plan), _) => plan,
+            (None, Members::List(urls)) => PlacementPlan::minimal(experts, &moe_layers, urls.len() as u32),
+            (None, Members::Template(_)) => {
+                return Err(Error::Workers(format!(
+                    "a {} template in --workers needs --placement, which says how many workers there are",
+                    Members::RANK
+                )))
+            }
+        };
+        plan.validate_for(experts, &moe_layers)?;
+        let urls = match &members {
+            Members::List(urls) if urls.len() != plan.workers as usize => {
+                return Err(Error::Workers(format!(
+                    "--workers lists {} URLs, the placement names {} workers: give one URL per rank",
+                    urls.len(),
+                    plan.workers
+                )))
+            }
+            m => m.urls(plan.workers).unwrap_or_default(),
+        };
+        let clients = urls.iter().map(|u| client(&connect, &credential, u)).collect::<Result<Vec<_>>>()?;
+        let workers = Arc::new(Mutex::new(Workers { live: vec![true; urls.len()], urls, clients }));
         let switch = Arc::new(Mutex::new(Switch { committed: Routes::new(plan), step: None }));
-        runtime.spawn(probe(Arc::downgrade(&live), Arc::downgrade(&switch), clients.clone()));
+        runtime.spawn(probe(Arc::downgrade(&workers), Arc::downgrade(&switch)));
         Ok(Self {
-            clients,
+            workers,
+            members: Mutex::new(members),
+            connect,
+            credential,
             hidden: config.hidden_size,
             experts,
             load: Mutex::new(LoadWindow::new(window, moe_layers.len(), experts as usize, Instant::now())),
@@ -136,22 +209,63 @@ impl RemoteExperts {
             runtime,
             switch,
             requests: Mutex::new(Arc::from("")),
-            live,
             bytes: ByteCounters::default(),
         })
     }
 
-    /// Ranks of the workers marked down.
+    /// Ranks of the committed plan's workers marked down.
     pub fn down(&self) -> Vec<usize> {
-        down_of(&lock(&self.live))
+        let workers = self.committed().workers as usize;
+        down_of(&lock(&self.workers).live).into_iter().filter(|&w| w < workers).collect()
     }
 
-    /// Routes by `plan` from the next step on; returns once no step routes by an older plan.
-    /// A plan is committed only when its epoch does not go back and every worker reports
-    /// holding every expert the plan places on it (a plan the workers were not prepared for
-    /// would fail every request); otherwise nothing changes.
-    pub async fn commit(&self, plan: PlacementPlan) -> Result<()> {
-        plan.validate_for(self.experts, &self.moe_layers, self.clients.len() as u32)?;
+    /// How many workers the committed plan spreads the experts over.
+    pub fn workers(&self) -> usize {
+        self.committed().workers as usize
+    }
+
+    fn committed(&self) -> PlacementPlan {
+        lock(&self.switch).committed.plan.clone()
+    }
+
+    /// Routes by `plan` from the next step on, over the workers at `urls` (one per rank of the
+    /// plan; none: the ones the router knows or its template gives); returns once no step
+    /// routes by an older plan. A plan is committed only when its epoch does not go back and
+    /// every worker reports holding every expert the plan places on it (a plan the workers were
+    /// not prepared for would fail every request); otherwise nothing changes.
+    pub async fn commit(&self, plan: PlacementPlan, urls: Vec<String>) -> Result<()> {
+        plan.validate_for(self.experts, &self.moe_layers)?;
+        let n = plan.workers as usize;
+        let urls = if urls.is_empty() {
+            let known = lock(&self.workers).urls.clone();
+            let members = lock(&self.members).clone();
+            match members {
+                Members::Template(_) => members.urls(plan.workers),
+                Members::List(_) => known.get(..n).map(<[String]>::to_vec),
+            }
+            .ok_or_else(|| {
+                Error::WorkerUrls(format!(
+                    "plan epoch {} names {n} workers and this router knows the URLs of {}: send them with it",
+                    plan.epoch,
+                    known.len()
+                ))
+            })?
+        } else if urls.len() != n {
+            return Err(Error::WorkerUrls(format!(
+                "{} worker URLs for a plan of {n} workers: send one per rank",
+                urls.len()
+            )));
+        } else {
+            urls
+        };
+        // Ranks with a new URL get a new connection, checked before anything routes to it.
+        let known = lock(&self.workers).urls.clone();
+        let mut fresh = Vec::new();
+        for (rank, url) in urls.iter().enumerate() {
+            if known.get(rank) != Some(url) {
+                fresh.push((rank, client(&self.connect, &self.credential, url)?));
+            }
+        }
         let epoch = plan.epoch;
         let older = |committed: &PlacementPlan| {
             (epoch < committed.epoch).then(|| {
@@ -164,12 +278,26 @@ impl RemoteExperts {
         if let Some(e) = older(&lock(&self.switch).committed.plan) {
             return Err(e);
         }
-        self.check_held(&plan).await?;
+        self.check_held(&plan, &fresh).await?;
         {
             let mut s = lock(&self.switch);
             // Another commit may have gone first while the workers answered.
             if let Some(e) = older(&s.committed.plan) {
                 return Err(e);
+            }
+            let mut w = lock(&self.workers);
+            for (rank, client) in fresh {
+                if rank >= w.urls.len() {
+                    w.urls.resize(rank + 1, String::new());
+                    w.clients.resize(rank + 1, client.clone());
+                    w.live.resize(rank + 1, true);
+                }
+                (w.urls[rank], w.clients[rank], w.live[rank]) = (urls[rank].clone(), client, true);
+            }
+            if let Members::List(list) = &mut *lock(&self.members) {
+                if list.len() <= urls.len() {
+                    *list = urls;
+                }
             }
             s.committed = Routes::new(plan);
         }
@@ -189,14 +317,22 @@ impl RemoteExperts {
         Ok(())
     }
 
-    /// Fails unless every live worker holds every expert `plan` places on it. A worker marked
-    /// down is not asked (a recovery epoch is committed while it is): the probe checks it
-    /// against the plan in force when it answers again.
-    async fn check_held(&self, plan: &PlacementPlan) -> Result<()> {
+    /// Fails unless every live worker of `plan` holds every expert `plan` places on it, the
+    /// ranks in `fresh` asked through their new client. A worker marked down is not asked (a
+    /// recovery epoch is committed while it is): the probe checks it against the plan in force
+    /// when it answers again.
+    async fn check_held(&self, plan: &PlacementPlan, fresh: &[(usize, Client)]) -> Result<()> {
         let mut calls = tokio::task::JoinSet::new();
-        let live = lock(&self.live).clone();
-        for (rank, client) in self.clients.iter().enumerate().filter(|(rank, _)| live[*rank]) {
-            let mut client = client.clone();
+        let asked: Vec<(usize, Client)> = {
+            let w = lock(&self.workers);
+            (0..plan.workers as usize)
+                .filter_map(|rank| match fresh.iter().find(|(r, _)| *r == rank) {
+                    Some((_, c)) => Some((rank, c.clone())),
+                    None => w.live.get(rank).filter(|up| **up).map(|_| (rank, w.clients[rank].clone())),
+                })
+                .collect()
+        };
+        for (rank, mut client) in asked {
             let deadline = self.deadline;
             calls.spawn(async move {
                 let info = tokio::time::timeout(deadline, client.info(InfoRequest {})).await;
@@ -248,9 +384,9 @@ impl RemoteExperts {
     pub async fn check_workers(&self, model: &str) -> Result<(), String> {
         let routes = lock(&self.switch).committed.clone();
         let plan = &routes.plan;
+        let clients = lock(&self.workers).clients[..plan.workers as usize].to_vec();
         let mut silent: Vec<(u32, String)> = Vec::new();
-        for (i, c) in self.clients.iter().enumerate() {
-            let mut c = c.clone();
+        for (i, mut c) in clients.into_iter().enumerate() {
             let info = match tokio::time::timeout(self.deadline, c.info(InfoRequest {})).await {
                 Ok(Ok(info)) => info.into_inner(),
                 Ok(Err(status)) if worker_down(&status) => {
@@ -263,11 +399,8 @@ impl RemoteExperts {
                     continue;
                 }
             };
-            if info.rank as usize != i || info.world_size as usize != self.clients.len() {
-                return Err(format!(
-                    "worker {i} reports rank {} of {}; list workers in rank order",
-                    info.rank, info.world_size
-                ));
+            if info.rank as usize != i {
+                return Err(format!("worker {i} reports rank {}; list workers in rank order", info.rank));
             }
             if info.model != model {
                 return Err(format!("worker {i} serves model {}, this router {model}", info.model));
@@ -290,8 +423,8 @@ impl RemoteExperts {
             return Err(format!("{first}; expert {expert} of layer {layer} has no other holder"));
         }
         tracing::warn!(workers = ?down, "serving without workers that do not answer: their experts have replicas");
-        let mut live = lock(&self.live);
-        down.iter().for_each(|&w| live[w as usize] = false);
+        let mut workers = lock(&self.workers);
+        down.iter().for_each(|&w| workers.live[w as usize] = false);
         Ok(())
     }
 }
@@ -337,13 +470,20 @@ impl RemoteExperts {
     ) -> kubemoe_model::Result<Vec<f32>> {
         // Workers this call found down: excluded here even if the probe revives them meanwhile,
         // so that each round excludes one more worker and the loop ends.
-        let mut failed_here = vec![false; self.clients.len()];
+        let (clients, mut failed_here) = {
+            let w = lock(&self.workers);
+            (w.clients.clone(), vec![false; w.live.len()])
+        };
         loop {
-            let live: Vec<bool> =
-                lock(&self.live).iter().zip(&failed_here).map(|(up, failed)| *up && !failed).collect();
+            let live: Vec<bool> = lock(&self.workers)
+                .live
+                .iter()
+                .zip(&failed_here)
+                .map(|(up, failed)| *up && !failed)
+                .collect();
             let batches = plan(routing, holders, &live)
                 .map_err(|m| unavailable(layer, tonic::Status::unavailable(m)))?;
-            let results = self.dispatch(layer, x, routing, &batches);
+            let results = self.dispatch(layer, x, routing, &batches, &clients);
             let mut out = vec![0f32; x.len()];
             let mut failed = None;
             for r in results {
@@ -356,7 +496,7 @@ impl RemoteExperts {
                     }
                     Err((w, status)) if worker_down(&status) => {
                         tracing::warn!(worker = w, error = %status.message(), "worker down; routing around it");
-                        lock(&self.live)[w] = false;
+                        lock(&self.workers).live[w] = false;
                         failed_here[w] = true;
                         failed = Some(status);
                     }
@@ -381,6 +521,7 @@ impl RemoteExperts {
         x: &[f32],
         routing: &Routing,
         batches: &[WorkerBatch],
+        clients: &[Client],
     ) -> Vec<Result<(usize, bytes::Bytes), (usize, tonic::Status)>> {
         let hidden = self.hidden;
         let requests = lock(&self.requests).clone();
@@ -401,7 +542,7 @@ impl RemoteExperts {
             self.bytes.activations.fetch_add(activations.len() as u64, Ordering::Relaxed);
             self.bytes.routes.fetch_add(routes.len() as u64, Ordering::Relaxed);
             self.bytes.minimum.fetch_add((b.rows.len() * hidden * 4) as u64, Ordering::Relaxed);
-            let mut client = self.clients[w].clone();
+            let mut client = clients[w].clone();
             let request = DispatchRequest {
                 layer: layer as u32,
                 tokens: b.rows.len() as u32,
@@ -446,15 +587,14 @@ fn first_missing(plan: &PlacementPlan, rank: u32, info: &InfoResponse) -> Option
 /// answers as its rank holding every expert the plan in force places on it (a worker that
 /// restarted on another placement stays down: it would compute the wrong experts). Ends when
 /// the router drops its experts.
-async fn probe(
-    live: std::sync::Weak<Mutex<Vec<bool>>>,
-    switch: std::sync::Weak<Mutex<Switch>>,
-    clients: Vec<ExpertClient<kubemoe_api::auth::Internal>>,
-) {
+async fn probe(workers: std::sync::Weak<Mutex<Workers>>, switch: std::sync::Weak<Mutex<Switch>>) {
     loop {
         tokio::time::sleep(PROBE_EVERY).await;
-        let (Some(live), Some(switch)) = (live.upgrade(), switch.upgrade()) else { return };
-        let down = down_of(&lock(&live));
+        let (Some(workers), Some(switch)) = (workers.upgrade(), switch.upgrade()) else { return };
+        let (down, clients) = {
+            let w = lock(&workers);
+            (down_of(&w.live), w.clients.clone())
+        };
         for w in down {
             let mut client = clients[w].clone();
             let Ok(Ok(info)) = tokio::time::timeout(PROBE_EVERY, client.info(InfoRequest {})).await else {
@@ -464,12 +604,44 @@ async fn probe(
             let routes = lock(&switch).committed.clone();
             if info.rank as usize == w && first_missing(&routes.plan, w as u32, &info).is_none() {
                 tracing::info!(worker = w, epoch = routes.plan.epoch, "worker back; routing to it again");
-                lock(&live)[w] = true;
+                lock(&workers).live[w] = true;
             }
         }
     }
 }
 
+/// A client of the worker at `url`.
+fn client(connect: &Connect, credential: &kubemoe_api::auth::Bearer, url: &str) -> Result<Client> {
+    let channel = connect(url).map_err(|e| {
+        Error::WorkerUrls(format!("{url} is not a worker URL: {}", kubemoe_placement::error_chain(&e)))
+    })?;
+    let max = kubemoe_api::MAX_MESSAGE_BYTES;
+    Ok(ExpertClient::with_interceptor(channel, credential.clone())
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max))
+}
+
 fn unavailable(layer: usize, status: tonic::Status) -> kubemoe_model::Error {
     kubemoe_model::Error::ExpertsUnavailable { layer, source: Box::new(status) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_are_a_list_or_one_rank_template() {
+        let list = |urls: &[&str]| urls.iter().map(|u| u.to_string()).collect::<Vec<_>>();
+        let template = Members::parse(&list(&["http://w-{rank}.svc:50052"])).unwrap();
+        assert_eq!(
+            template.urls(3).unwrap(),
+            list(&["http://w-0.svc:50052", "http://w-1.svc:50052", "http://w-2.svc:50052"])
+        );
+        let two = Members::parse(&list(&["http://a:1", "http://b:2"])).unwrap();
+        assert_eq!(two.urls(1).unwrap(), list(&["http://a:1"]));
+        assert_eq!(two.urls(3), None, "a list reaches only the ranks it names");
+        let mixed = Members::parse(&list(&["http://a:1", "http://w-{rank}:2"])).unwrap_err();
+        assert!(mixed.to_string().contains("give it alone"), "{mixed}");
+        assert!(Members::parse(&[]).unwrap_err().to_string().contains("no workers given"));
+    }
 }

@@ -64,7 +64,7 @@ pub struct InferenceService {
     pub admission: Admission,
     pub config: Config,
     pub engine: EngineHandle,
-    pub workers: usize,
+    pub experts: Arc<crate::remote::RemoteExperts>,
     pub max_concurrent: usize,
     pub active: Arc<AtomicUsize>,
     /// Requests received, for the ids of those that bring none.
@@ -459,7 +459,7 @@ impl Inference for InferenceService {
             num_hidden_layers: c.num_hidden_layers as u32,
             n_routed_experts: c.n_routed_experts as u32,
             num_experts_per_tok: c.gate.top_k as u32,
-            workers: self.workers as u32,
+            workers: self.experts.workers() as u32,
             has_tokenizer: self.admission.text.is_some(),
             has_chat_template: self.admission.text.as_ref().is_some_and(|t| t.has_chat_template()),
         }))
@@ -484,9 +484,10 @@ impl Balancer for BalancerService {
     }
 
     async fn commit(&self, request: Request<CommitRequest>) -> Result<Response<CommitResponse>, Status> {
-        let plan = request.into_inner().plan.ok_or_else(|| Status::invalid_argument("plan is missing"))?;
+        let CommitRequest { plan, workers: request_workers } = request.into_inner();
+        let plan = plan.ok_or_else(|| Status::invalid_argument("plan is missing"))?;
         let plan = PlacementPlan::try_from(plan).map_err(crate::Error::from)?;
-        self.experts.commit(plan).await?;
+        self.experts.commit(plan, request_workers).await?;
         Ok(Response::new(CommitResponse {}))
     }
 }

@@ -57,7 +57,8 @@ pub struct Options {
     /// A model directory or `builtin:<preset>`.
     pub model: String,
     pub rank: usize,
-    pub world_size: usize,
+    /// Workers sharing the experts when there is no `plan` (a plan says it itself).
+    pub world_size: Option<usize>,
     /// The placement to start from (default: the initial placement).
     pub plan: Option<kubemoe_placement::PlacementPlan>,
     /// The deployment's internal token ([`kubemoe_api::auth`]): every `Expert` call must carry

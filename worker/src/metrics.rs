@@ -71,7 +71,7 @@ pub fn render(store: &ExpertStore, stats: &Stats) -> crate::Result<String> {
         "kubemoe_worker_info{{model=\"{}\",rank=\"{}\",world_size=\"{}\"}} 1",
         label_value(&store.model),
         store.rank,
-        store.world_size
+        store.world_size()?
     );
     family(&mut out, "placement_epoch", "gauge", "Epoch of the placement in force on this worker");
     let _ = writeln!(out, "kubemoe_worker_placement_epoch {}", store.epoch()?);

@@ -69,7 +69,7 @@ impl Expert for ExpertService {
         Ok(Response::new(InfoResponse {
             model: s.model.clone(),
             rank: s.rank as u32,
-            world_size: s.world_size as u32,
+            world_size: s.world_size()? as u32,
             experts,
             epoch: s.epoch()?,
         }))

@@ -18,7 +18,6 @@ pub struct ExpertStore {
     pub model: String,
     pub config: Config,
     pub rank: usize,
-    pub world_size: usize,
     state: RwLock<State>,
     counts: BTreeMap<usize, Vec<AtomicU64>>,
     /// One `prepare` at a time: a second waits rather than loading the same experts twice.
@@ -32,24 +31,50 @@ struct State {
 }
 
 impl ExpertStore {
-    /// Loads what `plan` (default: [`PlacementPlan::initial`] over `world_size` workers) places
-    /// on rank `rank` from `model` (a directory or `builtin:<preset>`), reading no other
-    /// expert's bytes.
-    pub fn load(model: &str, rank: usize, world_size: usize, plan: Option<PlacementPlan>) -> Result<Self> {
-        if world_size == 0 || rank >= world_size {
-            return Err(Error::Invalid(format!("rank {rank} outside world size {world_size}")));
-        }
+    /// Loads what `plan` (default: [`PlacementPlan::minimal`] over `world_size` workers)
+    /// places on rank `rank` from `model` (a directory or `builtin:<preset>`), reading no other
+    /// expert's bytes. The world size is the plan's: a rank past it (a worker a resize is
+    /// adding) holds nothing until an epoch places experts on it.
+    pub fn load(
+        model: &str,
+        rank: usize,
+        world_size: Option<usize>,
+        plan: Option<PlacementPlan>,
+    ) -> Result<Self> {
         let (config, _) = source::open_tensors(model, &|_| false)?;
         let (n, layers) = shape(&config);
-        let plan = plan.unwrap_or_else(|| PlacementPlan::minimal(n, &layers, world_size as u32));
-        plan.validate_for(n, &layers, world_size as u32)?;
+        let plan = match (plan, world_size) {
+            (Some(plan), Some(w)) if w != plan.workers as usize => {
+                return Err(Error::Invalid(format!(
+                    "--world-size {w} but the placement names {} workers: drop --world-size, the placement says it",
+                    plan.workers
+                )))
+            }
+            (Some(plan), _) => plan,
+            (None, Some(w)) if w == 0 || rank >= w => {
+                return Err(Error::Invalid(format!("rank {rank} outside world size {w}")))
+            }
+            (None, Some(w)) => PlacementPlan::minimal(n, &layers, w as u32),
+            (None, None) => {
+                return Err(Error::Invalid(
+                    "give --placement (the plan says how many workers there are) or --world-size".into(),
+                ))
+            }
+        };
+        plan.validate_for(n, &layers)?;
+        if rank >= plan.workers as usize {
+            tracing::info!(
+                rank,
+                workers = plan.workers,
+                "rank past the placement's workers: holding nothing until an epoch places experts here"
+            );
+        }
         let counts =
             layers.iter().map(|&l| (l as usize, (0..n).map(|_| AtomicU64::new(0)).collect())).collect();
         let mut store = Self {
             model: model.into(),
             config,
             rank,
-            world_size,
             state: RwLock::new(State { plan: plan.clone(), prepared: None, experts: BTreeMap::new() }),
             counts,
             preparing: Mutex::new(()),
@@ -64,7 +89,7 @@ impl ExpertStore {
     /// rebalancer can make sure every worker holds a plan before routers use it.
     pub fn prepare(&self, plan: PlacementPlan) -> Result<usize> {
         let (n, layers) = shape(&self.config);
-        plan.validate_for(n, &layers, self.world_size as u32)?;
+        plan.validate_for(n, &layers)?;
         let _one = self.preparing.lock().map_err(|_| Error::Poisoned)?;
         let missing: BTreeSet<(usize, usize)> = {
             let state = self.state.read().map_err(|_| Error::Poisoned)?;
@@ -115,6 +140,11 @@ impl ExpertStore {
     /// Epoch of the plan in force.
     pub fn epoch(&self) -> Result<u64> {
         Ok(self.state.read().map_err(|_| Error::Poisoned)?.plan.epoch)
+    }
+
+    /// Workers of the plan in force (this rank may be past them: it then holds nothing).
+    pub fn world_size(&self) -> Result<usize> {
+        Ok(self.state.read().map_err(|_| Error::Poisoned)?.plan.workers as usize)
     }
 
     /// (layer, expert) pairs `plan` places on this rank.
@@ -229,7 +259,7 @@ mod tests {
 
     #[test]
     fn partial_sums_equal_the_single_process_experts_and_counts_grow() {
-        let store = ExpertStore::load("builtin:tiny", 1, 2, None).unwrap();
+        let store = ExpertStore::load("builtin:tiny", 1, Some(2), None).unwrap();
         assert_eq!(store.held().unwrap(), vec![(1, (8..16).collect()), (2, (8..16).collect())]);
         let model = source::open("builtin:tiny", Experts::All).unwrap();
         let h = model.config.hidden_size;
@@ -253,23 +283,41 @@ mod tests {
 
     #[test]
     fn bad_dispatches_are_refused() {
-        let store = ExpertStore::load("builtin:tiny", 0, 2, None).unwrap();
+        let store = ExpertStore::load("builtin:tiny", 0, Some(2), None).unwrap();
         let x = f32_to_le(&[0.0; 64]);
         let err = store.dispatch(1, 1, &x, &routes(&[(0, 9, 1.0)])).unwrap_err();
         assert!(tonic::Status::from(err).message().to_string().contains("expert 9"));
         assert!(store.dispatch(0, 1, &x, &routes(&[(0, 1, 1.0)])).is_err());
         assert!(store.dispatch(1, 2, &x, &[]).is_err());
         assert!(store.dispatch(1, 1, &x, &routes(&[(3, 1, 1.0)])).is_err());
-        assert!(ExpertStore::load("builtin:tiny", 2, 2, None).is_err());
+        assert!(ExpertStore::load("builtin:tiny", 2, Some(2), None).is_err());
         let mut lost = PlacementPlan::initial(2, 8, 16, &[1, 2]);
         lost.layers[1].slots[0] = 1;
-        let err = ExpertStore::load("builtin:tiny", 0, 2, Some(lost)).err().unwrap();
+        let err = ExpertStore::load("builtin:tiny", 0, None, Some(lost)).err().unwrap();
         assert!(tonic::Status::from(err).message().contains("layer 2 gives expert 0 no slot"));
     }
 
     #[test]
+    fn a_rank_past_the_plan_holds_nothing_until_a_resize_places_experts_on_it() {
+        let two = PlacementPlan::initial(2, 8, 16, &[1, 2]);
+        let store = ExpertStore::load("builtin:tiny", 2, None, Some(two.clone())).unwrap();
+        assert_eq!((store.held().unwrap(), store.world_size().unwrap()), (vec![], 2));
+        let err = ExpertStore::load("builtin:tiny", 0, Some(3), Some(two)).err().unwrap();
+        assert!(tonic::Status::from(err).message().contains("drop --world-size"));
+        let mut three = PlacementPlan::initial(3, 6, 16, &[1, 2]);
+        three.epoch = 1;
+        let placed: usize = three.held(2).iter().map(|(_, e)| e.len()).sum();
+        assert_eq!(store.prepare(three.clone()).unwrap(), placed);
+        store.release(1).unwrap();
+        let held =
+            three.held(2).into_iter().map(|(l, e)| (l as usize, e.into_iter().map(|x| x as usize).collect()));
+        assert_eq!(store.held().unwrap(), held.collect::<Vec<_>>());
+        assert_eq!(store.world_size().unwrap(), 3);
+    }
+
+    #[test]
     fn migration_serves_both_epochs_until_release_then_only_the_new_one() {
-        let store = ExpertStore::load("builtin:tiny", 0, 2, None).unwrap();
+        let store = ExpertStore::load("builtin:tiny", 0, Some(2), None).unwrap();
         let h = store.config.hidden_size;
         let x = f32_to_le(&vec![0.5; h]);
         let run = |e: u32| store.dispatch(1, 1, &x, &routes(&[(0, e, 1.0)]));

@@ -188,7 +188,7 @@ fn layout() -> Layout {
 }
 
 fn policy() -> Policy {
-    Policy::parse("30s", "1m", 1.1, 16).unwrap()
+    Policy::parse(true, "30s", "1m", 1.1, 16).unwrap()
 }
 
 fn block_on<T>(f: impl Future<Output = T>) -> T {
@@ -386,7 +386,8 @@ fn skewed_load_gives_a_better_plan_at_the_next_epoch_within_the_move_budget() {
     let loads = vec![vec![400.0, 300.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0]; 2];
     let Decision::Rebalance(p) = decide(&policy(), &plan, &loads, None, &[], 1).unwrap() else { panic!() };
     assert_eq!(p.plan.epoch, 4);
-    p.plan.validate_for(8, &[1, 2], 4).unwrap();
+    p.plan.validate_for(8, &[1, 2]).unwrap();
+    assert_eq!(p.plan.workers, 4);
     assert!(p.imbalance_before > 2.5 && p.imbalance_after < p.imbalance_before, "{p:?}");
     assert!(p.moved > 0 && p.moved <= policy().max_moves);
     assert_eq!(p.moved, planner::moved(&plan.phy_to_log(), &p.plan.phy_to_log()));
@@ -413,9 +414,9 @@ fn balanced_idle_or_cooling_down_keeps_the_plan() {
 
 #[test]
 fn bad_durations_name_the_field() {
-    let e = Policy::parse("soon", "1m", 1.1, 16).unwrap_err().to_string();
+    let e = Policy::parse(true, "soon", "1m", 1.1, 16).unwrap_err().to_string();
     assert!(e.contains("balancing.interval"), "{e}");
-    let e = Policy::parse("30s", "later", 1.1, 16).unwrap_err().to_string();
+    let e = Policy::parse(true, "30s", "later", 1.1, 16).unwrap_err().to_string();
     assert!(e.contains("balancing.cooldown"), "{e}");
 }
 
@@ -530,4 +531,89 @@ fn an_epoch_a_failed_migration_used_is_never_given_to_another_plan() {
     let polled = block_on(poll(&ledger, &servers, &layout(), &policy(), false)).unwrap();
     assert_eq!(polled, Polled::Rebalanced { epoch: 2 });
     assert_eq!((ledger.stored_epoch(), servers.router_epochs()), (2, vec![2]));
+}
+
+fn resized(workers: u32, redundant: u32, min_replicas: u32) -> Layout {
+    Layout { workers, redundant, slots_per_worker: (8 + redundant) / workers, min_replicas, ..layout() }
+}
+
+/// Distinct experts rank `w` holds in the first layer of `plan`.
+fn on(plan: &PlacementPlan, w: u32) -> Vec<u32> {
+    plan.held(w)[0].1.clone()
+}
+
+#[test]
+fn a_resize_keeps_what_each_rank_holds_where_it_can() {
+    let two = resized(2, 0, 1).initial_plan();
+    // Up to 4 workers: ranks 0 and 1 keep two of their four experts, ranks 2 and 3 load two each.
+    let up = reshape(&two, &layout(), &[]).unwrap();
+    assert_eq!((up.plan.epoch, up.plan.workers, up.plan.slots_per_worker), (1, 4, 2));
+    up.plan.validate_for(8, &[1, 2]).unwrap();
+    assert!(on(&up.plan, 0).iter().all(|e| on(&two, 0).contains(e)), "{:?}", up.plan);
+    assert!(on(&up.plan, 1).iter().all(|e| on(&two, 1).contains(e)), "{:?}", up.plan);
+    assert_eq!(up.moved, 2 * 2 * 2, "two new ranks, two experts each, two layers");
+    assert_eq!(up.resized_from, Some(2));
+    assert!(up
+        .to_string()
+        .starts_with("resizing to epoch 1: 2 -> 4 workers, 2 slots each, loading 8 experts"));
+    // Down to 2 again: the survivors keep theirs and take the leavers' experts.
+    let down = reshape(&up.plan, &resized(2, 0, 1), &[]).unwrap();
+    assert_eq!((down.plan.workers, down.plan.slots_per_worker, down.moved), (2, 4, 8));
+    assert!(on(&up.plan, 0).iter().all(|e| on(&down.plan, 0).contains(e)));
+    // To 3 workers with 10 redundant slots (18 = 3 × 6) under a skewed load, every expert on two
+    // workers: hot experts get the replicas.
+    let mut hot = vec![vec![1.0; 8]; 2];
+    hot.iter_mut().for_each(|l| l[5] = 50.0);
+    let three = reshape(&two, &resized(3, 10, 2), &hot).unwrap();
+    assert_eq!((three.plan.workers, three.plan.slots_per_worker), (3, 6));
+    for holders in three.plan.holders().iter().flatten() {
+        assert!(holders.len() >= 2, "{:?}", three.plan);
+    }
+    assert!(three.imbalance_after < three.imbalance_before, "{three:?}");
+}
+
+fn a_resize_migrates_live_both_ways<R: Kind>() {
+    let two = resized(2, 0, 1).initial_plan();
+    let servers = Fake::new(&two, 2);
+    // The new workers are up (holding nothing) before the resize starts.
+    servers.workers.lock().unwrap().resize(4, (0, None));
+    let (record, lines) = R::make(two);
+    let disabled = Policy { enabled: false, ..policy() };
+    let polled = block_on(poll(&record, &servers, &layout(), &disabled, false)).unwrap();
+    assert_eq!(polled, Polled::Rebalanced { epoch: 1 });
+    assert_eq!(servers.router_epochs(), [1, 1]);
+    assert_eq!(servers.routers.lock().unwrap()[0].workers, 4);
+    assert_eq!(servers.workers(), vec![(1, None); 4]);
+    assert_eq!(record.stored_epoch(), 1);
+    assert!(said(&lines)[0].starts_with("resizing to epoch 1: 2 -> 4 workers"), "{:?}", said(&lines));
+    // With balancing disabled nothing else happens, whatever the load.
+    let kept = block_on(poll(&record, &servers, &layout(), &disabled, false)).unwrap();
+    assert_eq!(kept, Polled::Kept { imbalance: None, reason: "balancing is disabled" });
+    // Down to 2, with worker 3 dead already: the survivors take everything, the rest are let go.
+    servers.dead.lock().unwrap().push(3);
+    let polled = block_on(poll(&record, &servers, &resized(2, 0, 1), &disabled, false)).unwrap();
+    assert_eq!(polled, Polled::Rebalanced { epoch: 2 });
+    let routed = servers.routers.lock().unwrap()[0].clone();
+    assert_eq!((routed.epoch, routed.workers), (2, 2));
+    assert_eq!(servers.workers()[..3], [(2, None); 3]);
+    assert_eq!(record.stored_epoch(), 2);
+}
+
+#[test]
+fn a_resize_migrates_live_both_ways_with_each_record() {
+    a_resize_migrates_live_both_ways::<Ledger>();
+    a_resize_migrates_live_both_ways::<Printed<Sink>>();
+}
+
+#[test]
+fn a_worker_that_stays_and_is_down_holds_the_resize_back() {
+    let two = resized(2, 0, 1).initial_plan();
+    let servers = Fake::new(&two, 1);
+    servers.workers.lock().unwrap().resize(4, (0, None));
+    servers.dead.lock().unwrap().push(1);
+    let (record, _) = Ledger::make(two);
+    let polled = block_on(poll(&record, &servers, &layout(), &policy(), false)).unwrap();
+    // Worker 1 alone held its experts: no live slot takes them, nothing moves.
+    assert!(matches!(polled, Polled::Kept { .. }), "{polled:?}");
+    assert_eq!(servers.router_epochs(), [0]);
 }
