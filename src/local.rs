@@ -193,7 +193,8 @@ struct Local<'a> {
 
 impl Local<'_> {
     /// Until `stop`: applies manifest edits and runs the rebalance loop (`policy.interval`
-    /// apart, or every [`TICK`] while the plan of record is not of the layout wanted), as the
+    /// apart, or every [`TICK`] while the plan of record is not of the layout wanted and the
+    /// last attempt did not fail: a failing resize reloads experts each time), as the
     /// operator's controller and rebalancer do for a cluster.
     async fn run<F: Fn(String) + Sync>(
         &mut self,
@@ -202,7 +203,7 @@ impl Local<'_> {
         stop: tokio_util::sync::CancellationToken,
     ) {
         use kubemoe_placement::rebalance::{self, Polled, Record};
-        let (mut unsettled, mut last) = (false, Instant::now());
+        let (mut unsettled, mut failed, mut last) = (false, false, Instant::now());
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
@@ -211,14 +212,16 @@ impl Local<'_> {
             if let Err(e) = self.reread(&mut policy) {
                 println!("kubemoe up: {e:#}");
             }
-            let in_force = record.stored().await.ok().flatten();
-            let resizing = in_force.as_ref().is_some_and(|p| !self.layout.fits(p));
-            if !resizing && (!policy.enabled || last.elapsed() < policy.interval) {
+            let stored = record.stored().await.ok().flatten();
+            let resizing = stored.as_ref().is_some_and(|p| !self.layout.fits(p));
+            let wait = if resizing && !failed { Duration::ZERO } else { policy.interval };
+            if !(resizing || policy.enabled) || last.elapsed() < wait {
                 continue;
             }
             last = Instant::now();
+            let placed = stored.map_or(0, |p| p.workers as usize);
             let polled = async {
-                self.start_added()?;
+                self.start_added(placed)?;
                 let servers = kubemoe_api::cluster::Cluster::new(
                     &self.urls,
                     std::slice::from_ref(&self.router),
@@ -231,17 +234,28 @@ impl Local<'_> {
             }
             .await;
             match polled {
-                Ok(polled) => unsettled = matches!(polled, Polled::Failed { settled: false, .. }),
-                Err(e) => eprintln!("kubemoe up: rebalancer poll failed: {e:#}"),
+                Ok(polled) => {
+                    unsettled = matches!(polled, Polled::Failed { settled: false, .. });
+                    failed = matches!(polled, Polled::Failed { .. });
+                }
+                Err(e) => {
+                    failed = true;
+                    eprintln!("kubemoe up: rebalancer poll failed: {e:#}");
+                }
             }
-            if let Some(plan) = record.stored().await.ok().flatten() {
-                self.stop_removed(plan.workers as usize);
+            // After a poll that did not fail, the record is what the router routes by: the
+            // workers past it may go (not after a failed one, whose record may be ahead).
+            if !failed {
+                if let Some(plan) = record.stored().await.ok().flatten() {
+                    self.stop_removed(plan.workers as usize);
+                }
             }
         }
     }
 
-    /// Takes a changed `workers.replicas` or `experts.redundant` of the manifest as the layout
-    /// wanted; says that other changes need a restart.
+    /// Takes a changed `workers.replicas` or `experts` of the manifest as the layout wanted,
+    /// and `balancing` but its `window` (a router flag) as the policy; says that other changes
+    /// need a restart.
     fn reread(&mut self, policy: &mut kubemoe_placement::rebalance::Policy) -> Result<()> {
         let Some((file, seen, spec)) = &mut self.manifest else { return Ok(()) };
         let now = modified(file);
@@ -252,29 +266,41 @@ impl Local<'_> {
         let origin = file.display().to_string();
         let md = deployment(Some(file))?;
         let mut rest = md.spec.clone();
-        (rest.workers.replicas, rest.experts.redundant, rest.balancing) =
-            (spec.workers.replicas, spec.experts.redundant, spec.balancing.clone());
+        rest.workers.replicas = spec.workers.replicas;
+        rest.experts = spec.experts.clone();
+        rest.balancing = kubemoe_operator::deployment::BalancingSpec {
+            window: rest.balancing.window.clone(),
+            ..spec.balancing.clone()
+        };
         if rest != *spec {
-            println!("kubemoe up: {origin} changed; workers.replicas, experts.redundant and balancing apply live, restart `up` for the rest");
+            println!(
+                "kubemoe up: {origin} changed; workers.replicas, experts and balancing (but its window) \
+                 apply live, restart `up` for the rest"
+            );
         }
         let layout = layout(&md, &self.model, &origin)?;
         *policy = spec::policy(&md.spec).with_context(|| format!("{origin}: balancing"))?;
-        if layout != self.layout {
+        if (layout.workers, layout.slots_per_worker) != (self.layout.workers, self.layout.slots_per_worker) {
             println!(
                 "kubemoe up: {origin}: resizing to {} workers of {} expert slots each, live",
                 layout.workers, layout.slots_per_worker
             );
-            self.layout = layout;
         }
-        (spec.workers.replicas, spec.experts.redundant, spec.balancing) =
-            (md.spec.workers.replicas, md.spec.experts.redundant, md.spec.balancing);
+        self.layout = layout;
+        spec.workers.replicas = md.spec.workers.replicas;
+        spec.experts = md.spec.experts;
+        spec.balancing = kubemoe_operator::deployment::BalancingSpec {
+            window: spec.balancing.window.clone(),
+            ..md.spec.balancing
+        };
         Ok(())
     }
 
-    /// Starts the workers the layout wanted has and `up` does not run yet (from the plan of
-    /// record, which gives them nothing until the resize's epoch).
-    fn start_added(&mut self) -> Result<()> {
-        let wanted = self.layout.workers as usize;
+    /// Starts the workers the layout wanted or the plan of record (`placed` workers) has and
+    /// `up` does not run (a new one from the plan of record, which gives it nothing until the
+    /// resize's epoch).
+    fn start_added(&mut self, placed: usize) -> Result<()> {
+        let wanted = placed.max(self.layout.workers as usize);
         while self.urls.len() < wanted {
             let rank = self.urls.len();
             let (child, url) = start_worker(&self.model, rank, wanted, &self.worker_args)?;
@@ -405,6 +431,9 @@ pub const PARENT_ENV: &str = "KUBEMOE_PARENT_PID";
 /// A child process that is stopped when dropped. `args` pin the ports it listens on, so that it
 /// can be started again where the others reach it.
 pub struct Managed {
+    /// Unique among the children `up` ever started: a worker removed and added again has the
+    /// same name, and a restart of the old one must not take the new one's place.
+    id: u64,
     name: String,
     args: Vec<String>,
     threads: usize,
@@ -459,8 +488,11 @@ fn start(
     relay(name, BufReader::new(stderr).lines());
     let mut lines = BufReader::new(stdout).lines();
     let mut addrs = Vec::with_capacity(port_flags.len());
+    static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     let restarts = Restarts { started: Instant::now(), due: None, backoff: Duration::ZERO };
-    let mut managed = Managed { name: name.into(), args: Vec::new(), threads, port_flags, child, restarts };
+    let mut managed =
+        Managed { id, name: name.into(), args: Vec::new(), threads, port_flags, child, restarts };
     while addrs.len() < port_flags.len() {
         match lines.next() {
             Some(Ok(line)) => {
@@ -577,7 +609,7 @@ fn restart_delay(lived: Duration, backoff: Duration) -> (Duration, Duration) {
 fn supervise(stop: &AtomicBool, children: &Mutex<Vec<Managed>>) {
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
-        let due: Vec<String> = {
+        let due: Vec<u64> = {
             let mut list = lock(children);
             for c in list.iter_mut().filter(|c| c.restarts.due.is_none()) {
                 if let Ok(Some(status)) = c.child.try_wait() {
@@ -593,17 +625,17 @@ fn supervise(stop: &AtomicBool, children: &Mutex<Vec<Managed>>) {
             }
             list.iter()
                 .filter(|c| c.restarts.due.is_some_and(|due| Instant::now() >= due))
-                .map(|c| c.name.clone())
+                .map(|c| c.id)
                 .collect()
         };
-        for name in due {
+        for id in due {
             if stop.load(Ordering::Relaxed) {
                 return;
             }
-            let Some((args, threads, port_flags, mut r)) = lock(children)
+            let Some((name, args, threads, port_flags, mut r)) = lock(children)
                 .iter()
-                .find(|c| c.name == name)
-                .map(|c| (c.args.clone(), c.threads, c.port_flags, c.restarts))
+                .find(|c| c.id == id)
+                .map(|c| (c.name.clone(), c.args.clone(), c.threads, c.port_flags, c.restarts))
             else {
                 continue;
             };
@@ -611,7 +643,7 @@ fn supervise(stop: &AtomicBool, children: &Mutex<Vec<Managed>>) {
             // meanwhile (a resize let it go) is not put back.
             let started = start(&name, args, threads, port_flags);
             let mut list = lock(children);
-            let Some(slot) = list.iter_mut().find(|c| c.name == name) else { continue };
+            let Some(slot) = list.iter_mut().find(|c| c.id == id) else { continue };
             match started {
                 Ok((mut managed, addrs)) => {
                     println!("kubemoe up: {name} is back at {}", addrs.join(", "));

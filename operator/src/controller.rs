@@ -191,10 +191,19 @@ async fn reconcile_inner(md: &ModelDeployment, context: &Context) -> Result<Outc
         Some(plan) => plan.epoch.max(status::highest_epoch(md.status.as_ref())) + 1,
         None => 0,
     };
+    // What the routers route by: the rebalancer's last report while the plan is kept (it writes
+    // the ConfigMap before the routers commit, so a scale-down must not shrink the StatefulSet
+    // on the ConfigMap alone), else the new plan's.
+    let reported = md.status.as_ref().and_then(|s| s.placement.as_ref()).and_then(|p| p.workers);
+    let routed_workers = match &in_force {
+        Some(plan) if keep_placement => reported.map_or(plan.workers, |w| w.max(0) as u32),
+        _ => layout.workers,
+    };
     let params = BuildParams {
         image: context.image.clone(),
         epoch,
-        placed_workers: in_force.as_ref().filter(|_| keep_placement).map_or(0, |p| p.workers),
+        placed_workers: routed_workers
+            .max(in_force.as_ref().filter(|_| keep_placement).map_or(0, |p| p.workers)),
         operator_namespace: context.namespace.clone(),
         token: kubemoe_api::auth::generate_token,
     };
@@ -227,7 +236,7 @@ async fn reconcile_inner(md: &ModelDeployment, context: &Context) -> Result<Outc
 
     let initial = PlacementPlan { epoch, ..layout.initial_plan() };
     let plan = in_force.as_ref().filter(|_| keep_placement).unwrap_or(&initial);
-    let observed = Observed { workers: Some(&workers), router: Some(&router), plan };
+    let observed = Observed { workers: Some(&workers), router: Some(&router), plan, routed_workers };
     let new_status = status::valid(md, observed, &now);
     let became_ready = new_status.phase == Some(crate::deployment::Phase::Ready)
         && md.status.as_ref().and_then(|s| s.phase) != Some(crate::deployment::Phase::Ready);

@@ -38,9 +38,13 @@ use std::collections::BTreeMap;
 pub const HASH_ANNOTATION: &str = "kubemoe.io/desired-hash";
 /// Pod annotation Volcano reads to find a pod's PodGroup.
 pub const VOLCANO_GROUP_ANNOTATION: &str = "scheduling.k8s.io/group-name";
-/// Pod-template annotation naming the expert layout: pods read their placement once, at start,
-/// so a layout change (say, `experts.redundant`) must roll them onto the new ConfigMap.
+/// Annotation of the worker StatefulSet naming the expert layout the spec asks for (the
+/// placement in force reaches it by a live resize, with no pod restarted).
 pub const LAYOUT_ANNOTATION: &str = "kubemoe.io/expert-layout";
+/// Pod-template annotation naming the model's routed experts and MoE layers: pods read their
+/// placement once, at start, and a new model gets a new plan of record, so a model whose shape
+/// changed (even under the same source) must roll them onto it.
+pub const MODEL_ANNOTATION: &str = "kubemoe.io/model-shape";
 /// Pod label scheduler-plugins' coscheduling reads to find a pod's PodGroup.
 pub const COSCHEDULING_GROUP_LABEL: &str = "scheduling.x-k8s.io/pod-group";
 /// Where the placement ConfigMap is mounted in router and worker pods.
@@ -65,8 +69,9 @@ pub struct BuildParams {
     pub image: String,
     /// Placement epoch to write into a new placement ConfigMap.
     pub epoch: u64,
-    /// Workers of the plan in force (0: none yet). The StatefulSet keeps them until a resize
-    /// has moved their experts off: its replicas are the larger of this and the spec's.
+    /// Workers a plan in force or being migrated to uses (0: none yet). The StatefulSet keeps
+    /// them until a resize has moved their experts off: its replicas are the larger of this and
+    /// the spec's.
     pub placed_workers: u32,
     /// Namespace of the operator's pods, the one place besides the routers that calls workers.
     pub operator_namespace: String,
@@ -452,6 +457,15 @@ impl<'a> Ctx<'a> {
         ports
     }
 
+    fn model_annotations(&self) -> BTreeMap<String, String> {
+        let l = self.layout;
+        let layers = match (l.moe_layers.first(), l.moe_layers.last()) {
+            (Some(first), Some(last)) => format!("{} MoE layers, {first} to {last}", l.moe_layers.len()),
+            _ => "no MoE layers".into(),
+        };
+        BTreeMap::from([(MODEL_ANNOTATION.to_string(), format!("{} routed experts, {layers}", l.logical))])
+    }
+
     fn layout_annotations(&self) -> BTreeMap<String, String> {
         let l = self.layout;
         let value = format!("{} experts in {} workers x {} slots", l.logical, l.workers, l.slots_per_worker);
@@ -515,7 +529,7 @@ impl<'a> Ctx<'a> {
 
         let labels = selector_labels(&self.name, "worker");
         let mut pod_labels = labels.clone();
-        let mut pod_annotations = BTreeMap::new();
+        let mut pod_annotations = self.model_annotations();
         if spec.scheduling.gang {
             pod_labels.insert(COSCHEDULING_GROUP_LABEL.into(), names.pod_group.clone());
             pod_annotations.insert(VOLCANO_GROUP_ANNOTATION.into(), names.pod_group.clone());
@@ -555,7 +569,7 @@ impl<'a> Ctx<'a> {
                 template: PodTemplateSpec {
                     metadata: Some(ObjectMeta {
                         labels: Some(pod_labels),
-                        annotations: Some(pod_annotations).filter(|a| !a.is_empty()),
+                        annotations: Some(pod_annotations),
                         ..ObjectMeta::default()
                     }),
                     spec: Some(pod),
@@ -652,7 +666,11 @@ impl<'a> Ctx<'a> {
                 replicas: Some(router.replicas),
                 selector: LabelSelector { match_labels: Some(labels.clone()), ..LabelSelector::default() },
                 template: PodTemplateSpec {
-                    metadata: Some(ObjectMeta { labels: Some(labels), ..ObjectMeta::default() }),
+                    metadata: Some(ObjectMeta {
+                        labels: Some(labels),
+                        annotations: Some(self.model_annotations()),
+                        ..ObjectMeta::default()
+                    }),
                     spec: Some(PodSpec {
                         containers: vec![container],
                         volumes: Some(volumes),

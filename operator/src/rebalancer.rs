@@ -345,7 +345,7 @@ impl Record for Apiserver<'_> {
 
     async fn settled(&self, plan: &PlacementPlan) -> Result<()> {
         let now = Time(Timestamp::now());
-        self.status(|md| status::settled(md, plan.epoch, &now)).await
+        self.status(|md| status::settled(md, plan.epoch, plan.workers, &now)).await
     }
 
     async fn degraded(&self, state: &Degraded) -> Result<()> {

@@ -28,9 +28,11 @@ pub const REBALANCING: &str = "Rebalancing";
 pub struct Observed<'a> {
     pub workers: Option<&'a StatefulSet>,
     pub router: Option<&'a Deployment>,
-    /// The plan of record (the placement ConfigMap's), whose workers may differ from the
-    /// spec's while a resize is due.
+    /// The plan of record (the placement ConfigMap's).
     pub plan: &'a PlacementPlan,
+    /// Workers the routers route by: the plan of record's, except during a resize, where the
+    /// record is written before the routers commit, so the rebalancer's last report counts.
+    pub routed_workers: u32,
 }
 
 /// Status for a spec that cannot be served: `Ready=False` with the reason, nothing else claimed.
@@ -158,7 +160,7 @@ pub fn valid(md: &ModelDeployment, observed: Observed<'_>, now: &Time) -> ModelD
         epoch: plan.epoch as i64,
         logical_experts: plan.logical_experts as i32,
         physical_experts: (plan.workers * plan.slots_per_worker) as i32,
-        workers: Some(plan.workers as i32),
+        workers: Some(observed.routed_workers as i32),
         // The rebalancer's. An imbalance was measured on its epoch's placement, so a new epoch
         // starts without one; the last rebalance stays the last one (and its time is the
         // cooldown's start, also for an epoch the rebalancer wrote and has not reported yet).
@@ -307,7 +309,12 @@ pub fn rebalance_failed(md: &ModelDeployment, epoch: u64, error: &str, now: &Tim
 /// Status once routers, workers and the placement ConfigMap agree on `epoch` again after a
 /// migration did not finish: a `Rebalancing=True` left by a stopped operator becomes `False`;
 /// anything else (a failure already reported) stays as it is.
-pub fn settled(md: &ModelDeployment, epoch: u64, now: &Time) -> ModelDeploymentStatus {
+pub fn settled(md: &ModelDeployment, epoch: u64, workers: u32, now: &Time) -> ModelDeploymentStatus {
+    let mut md = md.clone();
+    if let Some(placement) = md.status.as_mut().and_then(|s| s.placement.as_mut()) {
+        placement.workers = Some(workers as i32);
+    }
+    let md = &md;
     if !is_rebalancing(md.status.as_ref()) {
         return md.status.clone().unwrap_or_default();
     }
@@ -440,8 +447,12 @@ mod tests {
         md.metadata.generation = Some(1);
         let layout = crate::spec::layout(&md.spec, &ModelConfig::preset("tiny").unwrap().unwrap()).unwrap();
         let (workers, router) = workloads();
-        let observed =
-            Observed { workers: Some(&workers), router: Some(&router), plan: &layout.initial_plan() };
+        let observed = Observed {
+            workers: Some(&workers),
+            router: Some(&router),
+            plan: &layout.initial_plan(),
+            routed_workers: 2,
+        };
         md.status = Some(valid(&md, observed, &time("2025-01-01T00:00:00Z")));
         (md, layout)
     }
@@ -522,20 +533,20 @@ mod tests {
         assert_eq!(failed.placement, md.status.as_ref().unwrap().placement);
         md.status = Some(failed.clone());
         // Settling afterwards leaves the reported failure alone.
-        assert_eq!(settled(&md, 0, &time("2025-01-01T00:05:04Z")), failed);
+        assert_eq!(settled(&md, 0, 2, &time("2025-01-01T00:05:04Z")), failed);
     }
 
     #[test]
     fn settling_clears_only_a_rebalance_a_stopped_operator_left() {
         let (mut md, _) = ready();
         assert_eq!(
-            settled(&md, 0, &time("2025-01-01T00:06:00Z")),
+            settled(&md, 0, 2, &time("2025-01-01T00:06:00Z")),
             md.status.clone().unwrap(),
             "nothing to clear"
         );
         md.status = Some(rebalancing(&md, &proposal(), &time("2025-01-01T00:05:00Z")));
         let t = time("2025-01-01T00:06:00Z");
-        let after = settled(&md, 0, &t);
+        let after = settled(&md, 0, 2, &t);
         assert_eq!(rebalancing_condition(&after), ("False".into(), "Interrupted".into(), t));
         assert!(find(Some(&after), REBALANCING).unwrap().message.contains("epoch 0"));
     }
@@ -559,7 +570,8 @@ mod tests {
         // The controller reconciles with the epoch now in the ConfigMap: nothing changes.
         let (workers, router) = workloads();
         let one = PlacementPlan { epoch: 1, ..layout.initial_plan() };
-        let observed = Observed { workers: Some(&workers), router: Some(&router), plan: &one };
+        let observed =
+            Observed { workers: Some(&workers), router: Some(&router), plan: &one, routed_workers: 2 };
         assert_eq!(&valid(&md, observed, &later), md.status.as_ref().unwrap());
         // A new epoch from a model change drops the imbalance, not when the last rebalance was.
         let two = PlacementPlan { epoch: 2, ..layout.initial_plan() };

@@ -167,7 +167,14 @@ async fn a_spec_change_updates_exactly_the_children_it_affects() {
         let config_map = kubemoe_operator::desired::placement_config_map(md, &plan).unwrap();
         world.api.insert(PLACEMENT, serde_json::to_value(config_map).unwrap());
     };
+    // What the rebalancer reports once the routers route by it (`status::rebalanced`).
+    let reported = |workers: i32| {
+        let mut status = world.md().status.unwrap();
+        status.placement.as_mut().unwrap().workers = Some(workers);
+        world.api.set_status(MD, serde_json::to_value(status).unwrap());
+    };
     migrated(1, &md);
+    reported(4);
     world.api.mark_ready("ml", "tiny");
     world.reconcile().await;
     let placement = world.md().status.unwrap().placement.unwrap();
@@ -187,7 +194,11 @@ async fn a_spec_change_updates_exactly_the_children_it_affects() {
     assert_eq!(annotations["kubemoe.io/expert-layout"], "16 experts in 3 workers x 8 slots");
     assert_eq!(sts.spec.as_ref().unwrap().replicas, Some(4), "the workers stay");
     assert_eq!(template(&sts), template(&first));
+    // The rebalancer writes the ConfigMap before the routers commit: that alone shrinks nothing.
     migrated(2, &world.md());
+    world.reconcile().await;
+    assert_eq!(world.api.object::<StatefulSet>(STS).spec.unwrap().replicas, Some(4));
+    reported(3);
     let writes = world.reconcile().await;
     assert_eq!(writes, [patch(STS), EVENT.to_string(), patch(&format!("{MD}/status"))]);
     let sts: StatefulSet = world.api.object(STS);

@@ -353,6 +353,13 @@ impl RemoteExperts {
                     )))
                 }
             };
+            // URLs a commit brought may be out of order: the rank must answer as itself.
+            if info.rank as usize != rank {
+                return Err(Error::WorkerUrls(format!(
+                    "the worker given for rank {rank} reports rank {}: send the URLs in rank order",
+                    info.rank
+                )));
+            }
             if let Some((layer, missing)) = first_missing(plan, rank as u32, &info) {
                 return Err(Error::Epoch(format!(
                     "worker {rank} does not hold expert {missing} of layer {layer}, which plan epoch {} \
@@ -591,9 +598,11 @@ async fn probe(workers: std::sync::Weak<Mutex<Workers>>, switch: std::sync::Weak
     loop {
         tokio::time::sleep(PROBE_EVERY).await;
         let (Some(workers), Some(switch)) = (workers.upgrade(), switch.upgrade()) else { return };
+        // Ranks past the plan in force are left alone: a resize removed them.
+        let placed = lock(&switch).committed.plan.workers as usize;
         let (down, clients) = {
             let w = lock(&workers);
-            (down_of(&w.live), w.clients.clone())
+            (down_of(&w.live).into_iter().filter(|&r| r < placed).collect::<Vec<_>>(), w.clients.clone())
         };
         for w in down {
             let mut client = clients[w].clone();
