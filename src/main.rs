@@ -226,6 +226,19 @@ enum Command {
         #[arg(long, env = "KUBEMOE_API_KEY")]
         api_key: Option<String>,
     },
+    /// Inter-token gaps of decoding streams while a long prompt is prefilled, whole and in
+    /// chunks (one run per --max-batch-tokens), against their median; prints JSON.
+    BenchPrefill {
+        #[arg(long, default_value = "builtin:small")]
+        model: String,
+        #[arg(long, default_value_t = 16)]
+        streams: usize,
+        #[arg(long, default_value_t = 4000)]
+        prompt_len: usize,
+        /// Step token budgets to compare (the first, larger than the prompt, does not chunk).
+        #[arg(long, value_delimiter = ',', default_value = "8192,256,128,64")]
+        max_batch_tokens: Vec<usize>,
+    },
     /// Measure the engine's hot paths against the GEMM rate of this machine.
     Bench {
         #[arg(long, default_value = "builtin:small")]
@@ -390,8 +403,9 @@ struct RouterLimits {
     /// Sequences in one step.
     #[arg(long, default_value_t = 64)]
     max_running: usize,
-    /// New tokens in one step (prompt tokens of joining sequences plus one per decoding one)
-    /// [default: 4096].
+    /// New tokens in one step: one per decoding sequence, then chunks of the prompts being
+    /// prefilled (a longer prompt is prefilled over several steps, between decode steps of the
+    /// others) [default: 4096].
     #[arg(long)]
     max_batch_tokens: Option<usize>,
     /// KV cache budget in MiB; a request reserves its prompt plus max_tokens. It must hold
@@ -629,6 +643,16 @@ fn run(command: Command) -> Result<()> {
             let (_children, urls) = local::start_workers(&model, workers, &world)?;
             let report = kubemoe_router::bench::run(&model, &urls, batch, steps)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Command::BenchPrefill { model, streams, prompt_len, max_batch_tokens } => {
+            let m = source::open(&model, Experts::All).with_context(|| format!("loading model {model}"))?;
+            let runs = kubemoe_router::bench_prefill::run(
+                std::sync::Arc::new(m),
+                streams,
+                prompt_len,
+                &max_batch_tokens,
+            )?;
+            println!("{}", serde_json::to_string_pretty(&runs)?);
         }
         Command::BenchApi { http, grpc, model, clients, requests, max_tokens, api_key } => {
             let run = kubemoe_router::bench_api::run(

@@ -240,9 +240,17 @@ fn distributed_logits_equal_single_process_logits() {
 
 #[test]
 fn sixteen_concurrent_streams_finish_with_what_they_would_alone() {
+    // Also with steps of 7 tokens: prompts of up to 46 tokens are prefilled in chunks between
+    // the decode steps of the others, and give the same tokens.
+    for args in [&[][..], &["--max-batch-tokens", "7"]] {
+        sixteen_concurrent_streams(args);
+    }
+}
+
+fn sixteen_concurrent_streams(router_args: &[&str]) {
     let model = "builtin:tiny";
     let local = source::open(model, Experts::All).unwrap();
-    let cluster = Cluster::start(model, 2, &[]);
+    let cluster = Cluster::start(model, 2, router_args);
     let requests: Vec<(Vec<u32>, u32, f32, u64)> = (0..16u32)
         .map(|i| {
             let prompt = (0..1 + i * 3).map(|j| (j * 37 + i * 11) % 500 + 2).collect();
@@ -277,7 +285,7 @@ fn sixteen_concurrent_streams_finish_with_what_they_would_alone() {
         let sampling = SamplingParams { temperature, top_k: 0, top_p: 1.0, seed };
         let alone =
             generate(&local, &[Request { prompt, max_new_tokens: max_tokens as usize, sampling }]).unwrap();
-        assert_eq!(ids, alone[0]);
+        assert_eq!(ids, alone[0], "{router_args:?}");
         assert_ne!(finish, FinishReason::Unspecified as i32);
     }
 }

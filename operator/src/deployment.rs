@@ -182,7 +182,9 @@ pub struct RouterSpec {
     /// CPU, memory (and accelerator) requests and limits of each router container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
-    /// Most tokens (prefill and decode together) in one forward step of a router's batch.
+    /// Most tokens (prefill and decode together) in one forward step of a router's batch; a
+    /// longer prompt is prefilled in chunks over several steps, between decode steps of the
+    /// requests already running.
     #[serde(default = "default_max_batch_tokens")]
     #[schemars(range(min = 1, max = 1048576))]
     pub max_batch_tokens: i32,

@@ -1,13 +1,16 @@
 //! The batch loop: one thread owns the dense model, every sequence's KV cache and sampler,
-//! and runs the running batch one step at a time (prefill of joining sequences and one decode
-//! token of the others together), dispatching routed experts through [`RoutedExperts`].
+//! and runs the running batch one step at a time (one decode token of each decoding sequence
+//! and chunks of the prompts being prefilled together, [`crate::scheduler::chunks`]),
+//! dispatching routed experts through [`RoutedExperts`]. A sequence samples once its whole
+//! prompt is in its cache; a chunk computes exactly what the whole prompt would (the cache
+//! holds the positions before it), so outputs do not depend on the chunking.
 //!
 //! Requests arrive over a bounded channel; each sequence's events leave over its own bounded
 //! channel sized so that a step never blocks on a slow client. A closed event channel means
 //! the client went away: the sequence leaves the batch and its cache is freed. A failed step
 //! fails every sequence in it (with the transport's status) and the loop goes on.
 
-use crate::scheduler::{admit, Limits, Usage, Waiting};
+use crate::scheduler::{admit, chunks, Limits, Usage};
 use crate::stats::Stats;
 use kubemoe_model::layers::RoutedExperts;
 use kubemoe_model::{KvCache, Logprobs, Model, Sampler, SamplingParams};
@@ -121,19 +124,9 @@ fn run(
         }
         waiting.extend(rx.try_iter());
         waiting.retain(|s| !s.events.is_closed());
-        let usage = Usage {
-            running: running.len(),
-            step_tokens: running.len(),
-            reserved_tokens: running.iter().map(|s| s.reserve).sum(),
-        };
-        let joining = admit(
-            &limits,
-            usage,
-            waiting.iter().map(|s| Waiting {
-                prompt_len: s.prompt.len(),
-                reserve_tokens: s.prompt.len() + s.max_tokens,
-            }),
-        );
+        let usage =
+            Usage { running: running.len(), reserved_tokens: running.iter().map(|s| s.reserve).sum() };
+        let joining = admit(&limits, usage, waiting.iter().map(|s| s.prompt.len() + s.max_tokens));
         for s in waiting.drain(..joining) {
             match Sampler::new(s.sampling) {
                 Ok(sampler) => running.push(Sequence {
@@ -156,7 +149,7 @@ fn run(
         if running.is_empty() {
             continue;
         }
-        step(model, experts, &mut running);
+        step(model, experts, limits.max_batch_tokens, &mut running);
     }
     for s in running.iter().map(|s| &s.events).chain(waiting.iter().map(|s| &s.events)) {
         let _ = s.try_send(Event::Failed(tonic::Status::unavailable("the router is shutting down")));
@@ -170,14 +163,22 @@ fn publish(stats: &Stats, running: &[Sequence], waiting: &VecDeque<Submission>) 
     stats.kv_reserved.store(running.iter().map(|s| s.reserve).sum(), Ordering::Relaxed);
 }
 
-/// One step of the whole running batch; removes the sequences that finished or failed.
-fn step(model: &Model, experts: &dyn RoutedExperts, running: &mut Vec<Sequence>) {
-    let requests = running.iter().map(|s| &*s.id).collect::<Vec<_>>().join(",");
-    let tokens: usize = running.iter().map(|s| s.feed.len()).sum();
+/// One step of the running batch (at most `max_batch_tokens` new tokens, but at least one
+/// per decoding sequence and one of the first prompt being prefilled); removes the sequences
+/// that finished or failed.
+fn step(model: &Model, experts: &dyn RoutedExperts, max_batch_tokens: usize, running: &mut Vec<Sequence>) {
+    let fed = chunks(max_batch_tokens, &running.iter().map(|s| s.feed.len()).collect::<Vec<_>>());
+    let in_step = || running.iter().zip(&fed).filter(|(_, n)| **n > 0);
+    let requests = in_step().map(|(s, _)| &*s.id).collect::<Vec<_>>().join(",");
+    let tokens: usize = fed.iter().sum();
     let _span = tracing::debug_span!("step", requests = %requests, tokens).entered();
     experts.begin_step(&requests);
-    let mut batch: Vec<(&mut KvCache, &[u32])> =
-        running.iter_mut().map(|s| (&mut s.cache, s.feed.as_slice())).collect();
+    let mut batch: Vec<(&mut KvCache, &[u32])> = running
+        .iter_mut()
+        .zip(&fed)
+        .filter(|(_, n)| **n > 0)
+        .map(|(s, &n)| (&mut s.cache, &s.feed[..n]))
+        .collect();
     let result = model.forward_step_with(&mut batch, experts);
     experts.end_step();
     let logits = match result {
@@ -185,15 +186,29 @@ fn step(model: &Model, experts: &dyn RoutedExperts, running: &mut Vec<Sequence>)
         Err(e) => {
             let status = status_of(&e);
             tracing::warn!(error = %status.message(), "step failed; its requests fail");
-            for s in running.drain(..) {
+            let (failed, waited): (Vec<_>, Vec<_>) = running.drain(..).zip(&fed).partition(|(_, n)| **n > 0);
+            for (s, _) in failed {
                 let _ = s.events.try_send(Event::Failed(status.clone()));
             }
+            *running = waited.into_iter().map(|(s, _)| s).collect();
             return;
         }
     };
     let vocab = model.config.vocab_size;
     let mut keep = Vec::with_capacity(running.len());
-    for (mut s, row) in running.drain(..).zip(logits.chunks(vocab)) {
+    let mut rows = logits.chunks(vocab);
+    for (mut s, &n) in running.drain(..).zip(&fed) {
+        if n == 0 {
+            keep.push(s);
+            continue;
+        }
+        let Some(row) = rows.next() else { break };
+        if n < s.feed.len() {
+            // Part of its prompt is still to come: nothing to sample yet.
+            s.feed.drain(..n);
+            keep.push(s);
+            continue;
+        }
         let token = match s.sampler.sample(row) {
             Ok(token) => token,
             Err(e) => {

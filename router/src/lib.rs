@@ -10,6 +10,7 @@
 
 pub mod bench;
 pub mod bench_api;
+pub mod bench_prefill;
 pub mod client;
 pub mod dispatch;
 pub mod engine;

@@ -1,0 +1,151 @@
+//! `kubemoe bench-prefill`: what a long prompt does to the streams already decoding (issue
+//! 13's chunked prefill). `streams` requests decode in the batch loop (the single-process
+//! engine, experts local); a `prompt_len`-token prompt arrives; the streams' inter-token gaps
+//! while it is prefilled are compared with their median gap outside it, for each step
+//! token budget (`--max-batch-tokens`): one that holds the whole prompt (no chunking, the
+//! stall), and smaller ones that prefill it in chunks between decode steps. The limit is the
+//! run's own median gap while no prompt is prefilled: p99 during the prefill ≤ 3× the median
+//! is the goal. Smaller chunks stall the streams less and make the prompt's first token later
+//! (each chunk re-reads the weights); both are reported.
+
+use crate::engine::{self, Event, Submission};
+use crate::scheduler::Limits;
+use crate::stats::Stats;
+use crate::{Error, Result};
+use kubemoe_model::{Model, SamplingParams};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+#[derive(Debug, serde::Serialize)]
+pub struct Run {
+    pub max_batch_tokens: usize,
+    pub streams: usize,
+    pub prompt_len: usize,
+    /// From the prompt's arrival to its first token.
+    pub prefill_ms: f64,
+    /// Median gap between two tokens of a stream before the prompt arrived and after its
+    /// first token.
+    pub median_gap_ms: f64,
+    /// 99th percentile of the gaps that ended while the prompt was prefilled.
+    pub p99_gap_during_prefill_ms: f64,
+    /// p99 during the prefill / median (goal ≤ 3).
+    pub ratio: f64,
+}
+
+/// Gaps decoded before and after the prompt, per stream, on top of those during it.
+const AROUND: usize = 12;
+
+/// One run per budget of `budgets`, on `model`.
+pub fn run(model: Arc<Model>, streams: usize, prompt_len: usize, budgets: &[usize]) -> Result<Vec<Run>> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    budgets.iter().map(|&budget| runtime.block_on(one(model.clone(), streams, prompt_len, budget))).collect()
+}
+
+async fn one(model: Arc<Model>, streams: usize, prompt_len: usize, budget: usize) -> Result<Run> {
+    let context = model.config.max_position_embeddings;
+    if prompt_len + 1 > context {
+        return Err(Error::Config(format!(
+            "--prompt-len {prompt_len} does not fit the model's context of {context} tokens"
+        )));
+    }
+    let max_tokens = (context - 8).min(4 * AROUND + 64 + prompt_len);
+    let limits = Limits {
+        max_batch_tokens: budget,
+        max_running: streams + 1,
+        kv_budget_tokens: (streams + 1) * context,
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let experts: Arc<dyn kubemoe_model::layers::RoutedExperts + Send> = model.clone();
+    let (engine, thread) = engine::spawn(
+        model.clone(),
+        experts,
+        limits,
+        streams + 1,
+        Arc::new(Stats::default()),
+        shutdown.clone(),
+    )?;
+    let submit = |id: usize, prompt: Vec<u32>, max_tokens: usize| {
+        let (events, rx) = mpsc::channel(max_tokens + 2);
+        let s = Submission {
+            id: Arc::from(format!("bench-{id}")),
+            prompt,
+            max_tokens,
+            sampling: SamplingParams::default(),
+            logprobs: None,
+            events,
+        };
+        engine.submit(s).map_err(|e| Error::Workers(format!("the batch loop refused a request: {e:?}")))?;
+        Ok::<_, Error>(rx)
+    };
+    let vocab = model.config.vocab_size as u32;
+    // Every stream's token times, collected as they come.
+    let times: Arc<Mutex<Vec<Vec<Instant>>>> = Arc::new(Mutex::new(vec![Vec::new(); streams]));
+    let mut tasks = Vec::new();
+    for i in 0..streams {
+        let prompt = (0..8).map(|j| (i as u32 * 31 + j * 7) % vocab).collect();
+        let mut rx = submit(i, prompt, max_tokens)?;
+        let times = times.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(Event::Token(..)) = rx.recv().await {
+                times.lock().unwrap_or_else(std::sync::PoisonError::into_inner)[i].push(Instant::now());
+            }
+        }));
+    }
+    let decoded = |n: usize| times.lock().is_ok_and(|t| t.iter().all(|s| s.len() >= n));
+    let wait_for = |n: usize| async move {
+        let started = Instant::now();
+        while !decoded(n) {
+            if started.elapsed() > Duration::from_secs(600) {
+                return Err(Error::Workers("the streams stopped decoding".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Ok(())
+    };
+    wait_for(AROUND + 1).await?;
+    let arrived = Instant::now();
+    let prompt = (0..prompt_len as u32).map(|j| (j * 13 + 5) % vocab).collect();
+    let mut long = submit(streams, prompt, 1)?;
+    match long.recv().await {
+        Some(Event::Token(..)) => {}
+        other => return Err(Error::Workers(format!("the long prompt ended with {other:?}"))),
+    }
+    let first_token = Instant::now();
+    let after = times.lock().map_or(0, |t| t.iter().map(Vec::len).min().unwrap_or(0));
+    wait_for(after + AROUND).await?;
+    shutdown.cancel();
+    tasks.iter().for_each(tokio::task::JoinHandle::abort);
+    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+
+    let times = times.lock().map_err(|_| Error::Workers("a stream's collector panicked".into()))?.clone();
+    let (mut outside, mut during) = (Vec::new(), Vec::new());
+    for stream in &times {
+        for pair in stream.windows(2) {
+            let gap = pair[1].duration_since(pair[0]).as_secs_f64() * 1e3;
+            if pair[1] > arrived && pair[0] < first_token {
+                during.push(gap);
+            } else {
+                outside.push(gap);
+            }
+        }
+    }
+    let median_gap_ms = quantile(&mut outside, 0.5);
+    let p99_gap_during_prefill_ms = quantile(&mut during, 0.99);
+    Ok(Run {
+        max_batch_tokens: budget,
+        streams,
+        prompt_len,
+        prefill_ms: first_token.duration_since(arrived).as_secs_f64() * 1e3,
+        median_gap_ms,
+        p99_gap_during_prefill_ms,
+        ratio: p99_gap_during_prefill_ms / median_gap_ms.max(f64::MIN_POSITIVE),
+    })
+}
+
+/// The `q` quantile of `xs` (nearest rank; 0 for none).
+fn quantile(xs: &mut [f64], q: f64) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let rank = ((xs.len() as f64 * q).ceil() as usize).clamp(1, xs.len().max(1)) - 1;
+    xs.get(rank).copied().unwrap_or(0.0)
+}
