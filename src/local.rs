@@ -17,7 +17,8 @@
 //! The expert layout and the rebalance loop are the operator's (`kubemoe_operator::spec`,
 //! `kubemoe_placement::rebalance`): the manifest's `experts.redundant` and `balancing` mean the
 //! same here as on a cluster, and each rebalance is printed where the operator records an event.
-//! Edits of the manifest's `workers.replicas`, `experts.redundant` and `balancing` apply live,
+//! Edits of the manifest's `workers.replicas`, `experts` and `balancing` (but its `window`, a
+//! router flag) apply live,
 //! as `kubectl apply` would on a cluster: a resize starts the workers it adds (holding nothing),
 //! migrates the experts (`rebalance::reshape`), then stops the workers it removes, and the router
 //! is told the new workers' URLs with the plan, so no process restarts.
@@ -176,8 +177,8 @@ const TICK: Duration = Duration::from_secs(1);
 /// What `up`'s loop keeps: the layout in force or wanted, the workers it runs, and how to
 /// reach them and the router.
 struct Local<'a> {
-    /// The manifest file, when its `workers.replicas` and `experts.redundant` are applied
-    /// live: its path, when it was last changed, and the spec read then.
+    /// The manifest file, when its edits are applied live: its path, when it was last changed,
+    /// and the spec applied (what applies live, [`with_live_fields`], from its last read).
     manifest:
         Option<(PathBuf, Option<std::time::SystemTime>, kubemoe_operator::deployment::ModelDeploymentSpec)>,
     model: String,
@@ -265,14 +266,8 @@ impl Local<'_> {
         *seen = now;
         let origin = file.display().to_string();
         let md = deployment(Some(file))?;
-        let mut rest = md.spec.clone();
-        rest.workers.replicas = spec.workers.replicas;
-        rest.experts = spec.experts.clone();
-        rest.balancing = kubemoe_operator::deployment::BalancingSpec {
-            window: rest.balancing.window.clone(),
-            ..spec.balancing.clone()
-        };
-        if rest != *spec {
+        let applied = with_live_fields(spec, &md.spec);
+        if applied != md.spec {
             println!(
                 "kubemoe up: {origin} changed; workers.replicas, experts and balancing (but its window) \
                  apply live, restart `up` for the rest"
@@ -287,12 +282,7 @@ impl Local<'_> {
             );
         }
         self.layout = layout;
-        spec.workers.replicas = md.spec.workers.replicas;
-        spec.experts = md.spec.experts;
-        spec.balancing = kubemoe_operator::deployment::BalancingSpec {
-            window: spec.balancing.window.clone(),
-            ..md.spec.balancing
-        };
+        *spec = applied;
         Ok(())
     }
 
@@ -325,6 +315,22 @@ impl Local<'_> {
         }
         self.children.set_arg("router", "--workers", &self.urls.join(","));
     }
+}
+
+/// `spec` with what `up` applies live taken from `edited`: `workers.replicas`, `experts` and
+/// `balancing` but its `window` (the router's `--load-window`).
+fn with_live_fields(
+    spec: &kubemoe_operator::deployment::ModelDeploymentSpec,
+    edited: &kubemoe_operator::deployment::ModelDeploymentSpec,
+) -> kubemoe_operator::deployment::ModelDeploymentSpec {
+    let mut applied = spec.clone();
+    applied.workers.replicas = edited.workers.replicas;
+    applied.experts = edited.experts.clone();
+    applied.balancing = kubemoe_operator::deployment::BalancingSpec {
+        window: spec.balancing.window.clone(),
+        ..edited.balancing.clone()
+    };
+    applied
 }
 
 /// When `file` was last changed (`None`: unreadable).
@@ -504,17 +510,21 @@ fn start(
         }
     }
     for (flag, addr) in port_flags.iter().zip(&addrs) {
-        let port = addr.rsplit(':').next().unwrap_or_default().to_string();
-        match args.iter().position(|a| a == flag) {
-            Some(i) if i + 1 < args.len() => args[i + 1] = port,
-            _ => args.extend([flag.to_string(), port]),
-        }
+        set_flag(&mut args, flag, addr.rsplit(':').next().unwrap_or_default());
     }
     managed.args = args;
     // Keep draining the child's stdout too (so it never blocks on a full pipe), where what it
     // says later (the router's metrics address) reaches the user.
     relay(name, lines);
     Ok((managed, addrs))
+}
+
+/// Sets `flag`'s value in `args` (appends the flag when it is not there).
+fn set_flag(args: &mut Vec<String>, flag: &str, value: &str) {
+    match args.iter().position(|a| a == flag) {
+        Some(i) if i + 1 < args.len() => args[i + 1] = value.to_string(),
+        _ => args.extend([flag.to_string(), value.to_string()]),
+    }
 }
 
 /// Copies every line of `lines` to stderr as `[name] line`, on a thread of its own.
@@ -576,10 +586,7 @@ impl Supervised {
     /// Sets `flag`'s value in the arguments `name` is started again with.
     fn set_arg(&self, name: &str, flag: &str, value: &str) {
         if let Some(c) = lock(&self.children).iter_mut().find(|c| c.name == name) {
-            match c.args.iter().position(|a| a == flag) {
-                Some(i) if i + 1 < c.args.len() => c.args[i + 1] = value.to_string(),
-                _ => c.args.extend([flag.to_string(), value.to_string()]),
-            }
+            set_flag(&mut c.args, flag, value);
         }
     }
 }

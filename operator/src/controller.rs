@@ -194,9 +194,8 @@ async fn reconcile_inner(md: &ModelDeployment, context: &Context) -> Result<Outc
     // What the routers route by: the rebalancer's last report while the plan is kept (it writes
     // the ConfigMap before the routers commit, so a scale-down must not shrink the StatefulSet
     // on the ConfigMap alone), else the new plan's.
-    let reported = md.status.as_ref().and_then(|s| s.placement.as_ref()).and_then(|p| p.workers);
     let routed_workers = match &in_force {
-        Some(plan) if keep_placement => reported.map_or(plan.workers, |w| w.max(0) as u32),
+        Some(plan) if keep_placement => status::routed_workers(md.status.as_ref()).unwrap_or(plan.workers),
         _ => layout.workers,
     };
     let params = BuildParams {

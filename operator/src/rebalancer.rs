@@ -69,10 +69,9 @@ pub fn eligible(md: &ModelDeployment) -> bool {
         .iter()
         .any(|kind| status::find(md.status.as_ref(), kind).is_some_and(|c| c.status == "True"));
     let placement = md.status.as_ref().and_then(|s| s.placement.as_ref());
-    let resizing = placement.is_some_and(|p| {
-        p.workers.is_some_and(|w| w != md.spec.workers.replicas)
-            || p.physical_experts != p.logical_experts + md.spec.experts.redundant
-    });
+    let resizing = status::routed_workers(md.status.as_ref())
+        .is_some_and(|w| w as i32 != md.spec.workers.replicas)
+        || placement.is_some_and(|p| p.physical_experts != p.logical_experts + md.spec.experts.redundant);
     (md.spec.balancing.enabled || resizing) && md.metadata.deletion_timestamp.is_none() && serving
 }
 
@@ -201,8 +200,8 @@ async fn turn(context: &Context, md: &ModelDeployment, unsettled: bool) -> Resul
     })?;
     // During a resize, the workers of both plans: new ones prepare their experts, those going
     // drop theirs.
-    let placed = md.status.as_ref().and_then(|s| s.placement.as_ref()).and_then(|p| p.workers);
-    let workers = desired::worker_addresses(md, target.layout.workers.max(placed.unwrap_or(0).max(0) as u32));
+    let routed = status::routed_workers(md.status.as_ref()).unwrap_or(0);
+    let workers = desired::worker_addresses(md, target.layout.workers.max(routed));
     let routers = router_urls(&routers.items, md.spec.router.internal_port);
     // The deployment's internal token, which the controller made before its pods.
     let name = Names::of(&md.name_any()).internal_token;

@@ -219,6 +219,12 @@ pub fn highest_epoch(status: Option<&ModelDeploymentStatus>) -> u64 {
     placement.and_then(|p| p.highest_epoch).map_or(0, |h| h.max(0) as u64)
 }
 
+/// The workers the rebalancer last reported the routers route by (`status.placement.workers`).
+pub fn routed_workers(status: Option<&ModelDeploymentStatus>) -> Option<u32> {
+    let placement = status.and_then(|s| s.placement.as_ref());
+    placement.and_then(|p| p.workers).map(|w| w.max(0) as u32)
+}
+
 /// `Degraded`'s reason while routers route around workers.
 pub const WORKERS_DOWN: &str = "WorkersDown";
 const ALL_SERVING: &str = "all pods that served are serving";
@@ -306,23 +312,23 @@ pub fn rebalance_failed(md: &ModelDeployment, epoch: u64, error: &str, now: &Tim
     with_rebalancing(md, false, "MigrationFailed", &message, now)
 }
 
-/// Status once routers, workers and the placement ConfigMap agree on `epoch` again after a
-/// migration did not finish: a `Rebalancing=True` left by a stopped operator becomes `False`;
-/// anything else (a failure already reported) stays as it is.
+/// Status once routers, workers and the placement ConfigMap agree on `epoch`, over `workers`
+/// workers, again after a migration did not finish: a `Rebalancing=True` left by a stopped
+/// operator becomes `False`; anything else (a failure already reported) stays as it is.
 pub fn settled(md: &ModelDeployment, epoch: u64, workers: u32, now: &Time) -> ModelDeploymentStatus {
-    let mut md = md.clone();
-    if let Some(placement) = md.status.as_mut().and_then(|s| s.placement.as_mut()) {
+    let mut next = if is_rebalancing(md.status.as_ref()) {
+        let message = format!(
+            "a migration was interrupted (the operator stopped); routers, workers and the placement \
+             ConfigMap now agree on epoch {epoch}"
+        );
+        with_rebalancing(md, false, "Interrupted", &message, now)
+    } else {
+        md.status.clone().unwrap_or_default()
+    };
+    if let Some(placement) = &mut next.placement {
         placement.workers = Some(workers as i32);
     }
-    let md = &md;
-    if !is_rebalancing(md.status.as_ref()) {
-        return md.status.clone().unwrap_or_default();
-    }
-    let message = format!(
-        "a migration was interrupted (the operator stopped); routers, workers and the placement \
-         ConfigMap now agree on epoch {epoch}"
-    );
-    with_rebalancing(md, false, "Interrupted", &message, now)
+    next
 }
 
 /// Status after a poll measured `imbalance` and kept the placement.

@@ -615,32 +615,24 @@ pub async fn poll<R: Record>(
         }
         Next::Judge { plan, loads } => (plan, loads),
     };
-    // A resize (workers.replicas or experts.redundant changed): migrated live like a rebalance,
-    // once no worker that stays is down (those going may be: their experts move off).
-    if !layout.fits(&current) && down.iter().all(|&w| w >= layout.workers) {
-        let (plan, l, loads) = (current.clone(), layout.clone(), loads);
-        let mut proposal = tokio::task::spawn_blocking(move || reshape(&plan, &l, &loads))
-            .await
-            .map_err(Error::Planner)??;
-        proposal.plan.epoch = proposal.plan.epoch.max(record.highest_epoch() + 1);
-        let next = proposal.plan.clone();
-        let polled = rebalance(record, servers, layout, current.epoch, proposal, &down).await?;
-        let in_force = if matches!(polled, Polled::Rebalanced { .. }) { next } else { current };
-        let down = down.into_iter().filter(|&w| w < in_force.workers).collect();
-        record.degraded(&Degraded::of(&in_force, down)).await?;
-        return Ok(polled);
-    }
-    if !policy.enabled {
-        record.degraded(&Degraded::of(&current, down)).await?;
-        return Ok(Polled::Kept { imbalance: None, reason: "balancing is disabled" });
-    }
-    let since_last = record.since_last();
-    // The planner takes up to a second on V3-sized problems: off the async threads that also
+    // A resize (workers.replicas or experts.redundant changed) is migrated live like a
+    // rebalance, once no worker that stays is down (those going may be: their experts move off).
+    // The planners take up to a second on V3-sized problems: off the async threads that also
     // serve health, renew leases and run the controller.
-    let (p, plan, d, m) = (policy.clone(), current.clone(), down.clone(), layout.min_replicas);
-    let decision = tokio::task::spawn_blocking(move || decide(&p, &plan, &loads, since_last, &d, m))
-        .await
-        .map_err(Error::Planner)??;
+    let resize = !layout.fits(&current) && down.iter().all(|&w| w >= layout.workers);
+    let decision = if resize {
+        let (plan, l) = (current.clone(), layout.clone());
+        let reshaped = tokio::task::spawn_blocking(move || reshape(&plan, &l, &loads));
+        Decision::Rebalance(reshaped.await.map_err(Error::Planner)??)
+    } else if !policy.enabled {
+        Decision::Keep { imbalance: None, reason: "balancing is disabled" }
+    } else {
+        let since_last = record.since_last();
+        let (p, plan, d, m) = (policy.clone(), current.clone(), down.clone(), layout.min_replicas);
+        tokio::task::spawn_blocking(move || decide(&p, &plan, &loads, since_last, &d, m))
+            .await
+            .map_err(Error::Planner)??
+    };
     let (polled, in_force) = match decision {
         Decision::Keep { imbalance, reason } => {
             if let Some(imbalance) = imbalance {
@@ -656,6 +648,8 @@ pub async fn poll<R: Record>(
             (polled, in_force)
         }
     };
+    // After a scale-down, the workers past the plan in force are none of its.
+    let down = down.into_iter().filter(|&w| w < in_force.workers).collect();
     record.degraded(&Degraded::of(&in_force, down)).await?;
     Ok(polled)
 }

@@ -124,7 +124,8 @@ where
     })
 }
 
-fn percentile(xs: &mut [f64], p: f64) -> f64 {
+/// The `p` quantile of `xs` (0 for none).
+pub(crate) fn percentile(xs: &mut [f64], p: f64) -> f64 {
     if xs.is_empty() {
         return 0.0;
     }

@@ -5,9 +5,10 @@
 //! token budget (`--max-batch-tokens`): one that holds the whole prompt (no chunking, the
 //! stall), and smaller ones that prefill it in chunks between decode steps. The limit is the
 //! run's own median gap while no prompt is prefilled: p99 during the prefill ≤ 3× the median
-//! is the goal. Smaller chunks stall the streams less and make the prompt's first token later
-//! (each chunk re-reads the weights); both are reported.
+//! is the goal. Smaller chunks stall the streams less and make the prompt's first token later;
+//! both are reported.
 
+use crate::bench_api::percentile;
 use crate::engine::{self, Event, Submission};
 use crate::scheduler::Limits;
 use crate::stats::Stats;
@@ -43,10 +44,14 @@ pub fn run(model: Arc<Model>, streams: usize, prompt_len: usize, budgets: &[usiz
 }
 
 async fn one(model: Arc<Model>, streams: usize, prompt_len: usize, budget: usize) -> Result<Run> {
+    if streams == 0 {
+        return Err(Error::Config("--streams 0: give at least one decoding stream to measure".into()));
+    }
     let context = model.config.max_position_embeddings;
-    if prompt_len + 1 > context {
+    if prompt_len == 0 || prompt_len + 1 > context {
         return Err(Error::Config(format!(
-            "--prompt-len {prompt_len} does not fit the model's context of {context} tokens"
+            "--prompt-len {prompt_len}: give 1 to {} tokens, the model's context is {context}",
+            context - 1
         )));
     }
     let max_tokens = (context - 8).min(4 * AROUND + 64 + prompt_len);
@@ -130,8 +135,8 @@ async fn one(model: Arc<Model>, streams: usize, prompt_len: usize, budget: usize
             }
         }
     }
-    let median_gap_ms = quantile(&mut outside, 0.5);
-    let p99_gap_during_prefill_ms = quantile(&mut during, 0.99);
+    let median_gap_ms = percentile(&mut outside, 0.5);
+    let p99_gap_during_prefill_ms = percentile(&mut during, 0.99);
     Ok(Run {
         max_batch_tokens: budget,
         streams,
@@ -141,11 +146,4 @@ async fn one(model: Arc<Model>, streams: usize, prompt_len: usize, budget: usize
         p99_gap_during_prefill_ms,
         ratio: p99_gap_during_prefill_ms / median_gap_ms.max(f64::MIN_POSITIVE),
     })
-}
-
-/// The `q` quantile of `xs` (nearest rank; 0 for none).
-fn quantile(xs: &mut [f64], q: f64) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    let rank = ((xs.len() as f64 * q).ceil() as usize).clamp(1, xs.len().max(1)) - 1;
-    xs.get(rank).copied().unwrap_or(0.0)
 }

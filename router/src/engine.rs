@@ -168,8 +168,8 @@ fn publish(stats: &Stats, running: &[Sequence], waiting: &VecDeque<Submission>) 
 /// that finished or failed.
 fn step(model: &Model, experts: &dyn RoutedExperts, max_batch_tokens: usize, running: &mut Vec<Sequence>) {
     let fed = chunks(max_batch_tokens, &running.iter().map(|s| s.feed.len()).collect::<Vec<_>>());
-    let in_step = || running.iter().zip(&fed).filter(|(_, n)| **n > 0);
-    let requests = in_step().map(|(s, _)| &*s.id).collect::<Vec<_>>().join(",");
+    let requests =
+        running.iter().zip(&fed).filter(|(_, n)| **n > 0).map(|(s, _)| &*s.id).collect::<Vec<_>>().join(",");
     let tokens: usize = fed.iter().sum();
     let _span = tracing::debug_span!("step", requests = %requests, tokens).entered();
     experts.begin_step(&requests);

@@ -56,7 +56,7 @@ pub type Connect = Box<dyn Fn(&str) -> Result<Channel, tonic::transport::Error> 
 
 /// What the router was told about where the workers are: their URLs in rank order, or one URL
 /// with `{rank}` in it (the operator's per-pod DNS names), which reaches any rank a plan names.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug)]
 pub enum Members {
     List(Vec<String>),
     Template(String),
@@ -100,7 +100,8 @@ struct Workers {
 
 pub struct RemoteExperts {
     workers: Arc<Mutex<Workers>>,
-    members: Mutex<Members>,
+    /// What the router was started with; a list is kept up to date in `workers`.
+    members: Members,
     connect: Connect,
     credential: kubemoe_api::auth::Bearer,
     hidden: usize,
@@ -198,7 +199,7 @@ impl RemoteExperts {
         runtime.spawn(probe(Arc::downgrade(&workers), Arc::downgrade(&switch)));
         Ok(Self {
             workers,
-            members: Mutex::new(members),
+            members,
             connect,
             credential,
             hidden: config.hidden_size,
@@ -235,12 +236,23 @@ impl RemoteExperts {
     /// not prepared for would fail every request); otherwise nothing changes.
     pub async fn commit(&self, plan: PlacementPlan, urls: Vec<String>) -> Result<()> {
         plan.validate_for(self.experts, &self.moe_layers)?;
+        let epoch = plan.epoch;
+        let older = |committed: &PlacementPlan| {
+            (epoch < committed.epoch).then(|| {
+                Error::Epoch(format!(
+                    "plan epoch {epoch} is older than the committed epoch {}",
+                    committed.epoch
+                ))
+            })
+        };
+        if let Some(e) = older(&lock(&self.switch).committed.plan) {
+            return Err(e);
+        }
         let n = plan.workers as usize;
+        let known = lock(&self.workers).urls.clone();
         let urls = if urls.is_empty() {
-            let known = lock(&self.workers).urls.clone();
-            let members = lock(&self.members).clone();
-            match members {
-                Members::Template(_) => members.urls(plan.workers),
+            match &self.members {
+                Members::Template(_) => self.members.urls(plan.workers),
                 Members::List(_) => known.get(..n).map(<[String]>::to_vec),
             }
             .ok_or_else(|| {
@@ -259,24 +271,11 @@ impl RemoteExperts {
             urls
         };
         // Ranks with a new URL get a new connection, checked before anything routes to it.
-        let known = lock(&self.workers).urls.clone();
         let mut fresh = Vec::new();
         for (rank, url) in urls.iter().enumerate() {
             if known.get(rank) != Some(url) {
                 fresh.push((rank, client(&self.connect, &self.credential, url)?));
             }
-        }
-        let epoch = plan.epoch;
-        let older = |committed: &PlacementPlan| {
-            (epoch < committed.epoch).then(|| {
-                Error::Epoch(format!(
-                    "plan epoch {epoch} is older than the committed epoch {}",
-                    committed.epoch
-                ))
-            })
-        };
-        if let Some(e) = older(&lock(&self.switch).committed.plan) {
-            return Err(e);
         }
         self.check_held(&plan, &fresh).await?;
         {
@@ -285,18 +284,17 @@ impl RemoteExperts {
             if let Some(e) = older(&s.committed.plan) {
                 return Err(e);
             }
+            // `fresh` ascends and holds every rank past those known, which only ever grow: each
+            // is one already known or the next.
             let mut w = lock(&self.workers);
             for (rank, client) in fresh {
-                if rank >= w.urls.len() {
-                    w.urls.resize(rank + 1, String::new());
-                    w.clients.resize(rank + 1, client.clone());
-                    w.live.resize(rank + 1, true);
-                }
-                (w.urls[rank], w.clients[rank], w.live[rank]) = (urls[rank].clone(), client, true);
-            }
-            if let Members::List(list) = &mut *lock(&self.members) {
-                if list.len() <= urls.len() {
-                    *list = urls;
+                let url = urls[rank].clone();
+                if rank < w.urls.len() {
+                    (w.urls[rank], w.clients[rank], w.live[rank]) = (url, client, true);
+                } else {
+                    w.urls.push(url);
+                    w.clients.push(client);
+                    w.live.push(true);
                 }
             }
             s.committed = Routes::new(plan);
@@ -477,10 +475,7 @@ impl RemoteExperts {
     ) -> kubemoe_model::Result<Vec<f32>> {
         // Workers this call found down: excluded here even if the probe revives them meanwhile,
         // so that each round excludes one more worker and the loop ends.
-        let (clients, mut failed_here) = {
-            let w = lock(&self.workers);
-            (w.clients.clone(), vec![false; w.live.len()])
-        };
+        let mut failed_here = vec![false; lock(&self.workers).live.len()];
         loop {
             let live: Vec<bool> = lock(&self.workers)
                 .live
@@ -490,7 +485,7 @@ impl RemoteExperts {
                 .collect();
             let batches = plan(routing, holders, &live)
                 .map_err(|m| unavailable(layer, tonic::Status::unavailable(m)))?;
-            let results = self.dispatch(layer, x, routing, &batches, &clients);
+            let results = self.dispatch(layer, x, routing, &batches);
             let mut out = vec![0f32; x.len()];
             let mut failed = None;
             for r in results {
@@ -528,7 +523,6 @@ impl RemoteExperts {
         x: &[f32],
         routing: &Routing,
         batches: &[WorkerBatch],
-        clients: &[Client],
     ) -> Vec<Result<(usize, bytes::Bytes), (usize, tonic::Status)>> {
         let hidden = self.hidden;
         let requests = lock(&self.requests).clone();
@@ -549,7 +543,7 @@ impl RemoteExperts {
             self.bytes.activations.fetch_add(activations.len() as u64, Ordering::Relaxed);
             self.bytes.routes.fetch_add(routes.len() as u64, Ordering::Relaxed);
             self.bytes.minimum.fetch_add((b.rows.len() * hidden * 4) as u64, Ordering::Relaxed);
-            let mut client = clients[w].clone();
+            let mut client = lock(&self.workers).clients[w].clone();
             let request = DispatchRequest {
                 layer: layer as u32,
                 tokens: b.rows.len() as u32,
