@@ -35,12 +35,29 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// What `kubemoe up` may override in the manifest.
+#[derive(clap::Args)]
 pub struct Overrides {
+    /// Overrides the manifest's model (a directory or builtin:<preset>).
+    #[arg(long)]
     pub model: Option<String>,
+    /// Overrides the manifest's workers.replicas.
+    #[arg(long)]
     pub workers: Option<usize>,
+    /// Overrides the manifest's model.dtype (auto, bf16, fp8, f32).
+    #[arg(long)]
+    pub dtype: Option<kubemoe_model::Precision>,
+    /// Overrides the manifest's router.grpcPort.
+    #[arg(long)]
     pub grpc_port: Option<u16>,
+    /// Overrides the manifest's router.httpPort (OpenAI API, /metrics); 0 picks a free one.
+    #[arg(long)]
     pub http_port: Option<u16>,
+    /// Overrides the manifest's model.servedName (default: the ModelDeployment's name).
+    #[arg(long)]
     pub served_model_name: Option<String>,
+    /// API keys for the router's public APIs, one per line (what the manifest's
+    /// auth.apiKeysSecret holds in a cluster).
+    #[arg(long)]
     pub api_keys_file: Option<PathBuf>,
 }
 
@@ -92,7 +109,10 @@ pub fn up(file: Option<&Path>, overrides: Overrides, mut router_args: Vec<String
     write_private(&token, &kubemoe_api::auth::generate_token().context("reading /dev/urandom")?)?;
     let token_args = ["--internal-token-file".to_string(), token.display().to_string()];
     let placement_args = ["--placement".to_string(), placement.display().to_string()];
-    let worker_args = [placement_args.clone(), token_args.clone()].concat();
+    let dtype = overrides.dtype.map_or(md.spec.model.dtype.as_str(), |d| d.as_str());
+    // `auto` is the processes' default.
+    let dtype_args: Vec<String> = if dtype == "auto" { vec![] } else { vec!["--dtype".into(), dtype.into()] };
+    let worker_args = [&placement_args[..], &token_args, &dtype_args].concat();
     let (mut children, urls) = start_workers(&model, layout.workers as usize, &worker_args)?;
     let mut args: Vec<String> =
         ["router", "--model", &model, "--host", "127.0.0.1"].iter().map(|s| s.to_string()).collect();
@@ -100,6 +120,7 @@ pub fn up(file: Option<&Path>, overrides: Overrides, mut router_args: Vec<String
     args.extend(["--http-port".into(), http_port.to_string()]);
     args.extend(placement_args);
     args.extend(token_args);
+    args.extend(dtype_args);
     args.extend(["--internal-port".into(), "0".into()]);
     args.extend(["--load-window".into(), md.spec.balancing.window.clone()]);
     let served_name =

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use kubemoe_model::generate::{generate, Request};
 use kubemoe_model::synth::{self, StorageDtype};
-use kubemoe_model::{source, Experts, SamplingParams};
+use kubemoe_model::{source, Experts, Precision, SamplingParams};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -35,6 +35,10 @@ enum Command {
         /// One of: tiny, small, v2-lite-shape, v3-shape.
         #[arg(long)]
         preset: String,
+        /// Replace a key of the preset's config.json (repeatable), e.g. `--set hidden_size=2048`;
+        /// the value is JSON (a number, `null`, a string in quotes).
+        #[arg(long = "set", value_parser = config_override)]
+        set: Vec<(String, serde_json::Value)>,
         /// Storage dtype: f32, bf16 or fp8 (e4m3 with 128×128 weight_scale_inv blocks).
         #[arg(long, default_value = "f32")]
         dtype: StorageDtype,
@@ -55,6 +59,10 @@ enum Command {
         /// A model directory, or builtin:<preset>.
         #[arg(long)]
         model: String,
+        /// Precision of the weight matrices in memory: auto (the checkpoint's), bf16, fp8
+        /// (DeepSeek-V3's layout: `*_proj` weights e4m3 with 128×128 block scales) or f32.
+        #[arg(long, env = "KUBEMOE_DTYPE", default_value = "auto")]
+        dtype: Precision,
         /// Comma-separated prompt token ids.
         #[arg(long, value_delimiter = ',', required = true)]
         input_ids: Vec<u32>,
@@ -80,6 +88,10 @@ enum Command {
         /// A model directory, or builtin:<preset>.
         #[arg(long, env = "KUBEMOE_MODEL")]
         model: String,
+        /// Precision of the weight matrices in memory: auto (the checkpoint's), bf16, fp8
+        /// (DeepSeek-V3's layout: `*_proj` weights e4m3 with 128×128 block scales) or f32.
+        #[arg(long, env = "KUBEMOE_DTYPE", default_value = "auto")]
+        dtype: Precision,
         #[arg(long, env = "KUBEMOE_RANK")]
         rank: usize,
         /// Workers sharing the experts, without --placement (a placement names its workers,
@@ -112,6 +124,10 @@ enum Command {
     Router {
         #[arg(long, env = "KUBEMOE_MODEL")]
         model: String,
+        /// Precision of the weight matrices in memory: auto (the checkpoint's), bf16, fp8
+        /// (DeepSeek-V3's layout: `*_proj` weights e4m3 with 128×128 block scales) or f32.
+        #[arg(long, env = "KUBEMOE_DTYPE", default_value = "auto")]
+        dtype: Precision,
         /// Worker gRPC URLs in rank order, comma-separated.
         #[arg(long, env = "KUBEMOE_WORKERS", value_delimiter = ',', required = true)]
         workers: Vec<String>,
@@ -169,25 +185,8 @@ enum Command {
         /// (default: examples/tiny.yaml, built in).
         #[arg(short = 'f', long)]
         file: Option<PathBuf>,
-        /// Overrides the manifest's model (a directory or builtin:<preset>).
-        #[arg(long)]
-        model: Option<String>,
-        /// Overrides the manifest's workers.replicas.
-        #[arg(long)]
-        workers: Option<usize>,
-        /// Overrides the manifest's router.grpcPort.
-        #[arg(long)]
-        grpc_port: Option<u16>,
-        /// Overrides the manifest's router.httpPort (OpenAI API, /metrics); 0 picks a free one.
-        #[arg(long)]
-        http_port: Option<u16>,
-        /// Overrides the manifest's model.servedName (default: the ModelDeployment's name).
-        #[arg(long)]
-        served_model_name: Option<String>,
-        /// API keys for the router's public APIs, one per line (what the manifest's
-        /// auth.apiKeysSecret holds in a cluster).
-        #[arg(long)]
-        api_keys_file: Option<PathBuf>,
+        #[command(flatten)]
+        overrides: local::Overrides,
         #[command(flatten)]
         limits: RouterLimits,
     },
@@ -243,6 +242,9 @@ enum Command {
     Bench {
         #[arg(long, default_value = "builtin:small")]
         model: String,
+        /// Precisions to measure, comma-separated (auto, bf16, fp8, f32): one report each.
+        #[arg(long, value_delimiter = ',', default_value = "auto")]
+        dtype: Vec<Precision>,
         #[arg(long, default_value_t = 1024)]
         gemm_size: usize,
         #[arg(long, default_value_t = 32)]
@@ -445,6 +447,7 @@ impl RouterLimits {
     fn options(&self, model: String, workers: Vec<String>) -> kubemoe_router::Options {
         kubemoe_router::Options {
             model,
+            precision: Precision::Auto,
             served_model_name: None,
             workers,
             max_batch_tokens: self.max_batch_tokens.unwrap_or(4096),
@@ -493,6 +496,13 @@ async fn orphaned(parent: Option<u32>) {
     }
 }
 
+/// `key=value` of `gen-model --set`, the value JSON.
+fn config_override(arg: &str) -> Result<(String, serde_json::Value), String> {
+    let (key, value) = arg.split_once('=').ok_or_else(|| format!("`{arg}`: give key=value"))?;
+    let value = serde_json::from_str(value).map_err(|e| format!("`{arg}`: the value is not JSON: {e}"))?;
+    Ok((key.to_string(), value))
+}
+
 async fn bind(host: &str, port: u16, role: &str) -> Result<TcpListener> {
     let listener = TcpListener::bind((host, port)).await.with_context(|| format!("binding {host}:{port}"))?;
     // The first stdout line tells a parent (kubemoe up, tests) where to connect.
@@ -518,13 +528,26 @@ fn main() -> std::process::ExitCode {
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::GenModel { preset, dtype, seed, out, shard_mib, skew } => {
-            synth::write_model_dir(&out, &preset, dtype, seed, skew, shard_mib << 20)
+        Command::GenModel { preset, set, dtype, seed, out, shard_mib, skew } => {
+            synth::write_model_dir(&out, &preset, &set, dtype, seed, skew, shard_mib << 20)
                 .with_context(|| format!("generating preset {preset} into {}", out.display()))?;
             println!("{}", out.display());
         }
-        Command::Run { model, input_ids, max_new_tokens, temperature, top_k, top_p, seed, logits_out } => {
-            let m = source::open(&model, Experts::All).with_context(|| format!("loading model {model}"))?;
+        Command::Run {
+            model,
+            dtype,
+            input_ids,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            logits_out,
+        } => {
+            let m = kubemoe_model::progress::reported("run", || source::open_as(&model, Experts::All, dtype))
+                .with_context(|| format!("loading model {model}"))?;
+            let (dtypes, bytes) = kubemoe_model::memory::summary(m.matrices());
+            kubemoe_model::memory::log_loaded("run", &dtypes, bytes);
             if let Some(path) = logits_out {
                 m.write_logits(&input_ids, &path)?;
             }
@@ -535,6 +558,7 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Worker {
             model,
+            dtype,
             rank,
             world_size,
             placement,
@@ -546,8 +570,15 @@ fn run(command: Command) -> Result<()> {
         } => {
             let plan = placement.as_deref().map(plan::read_placement).transpose()?;
             let tls_dir = tls.tls_dir;
-            let options =
-                kubemoe_worker::Options { model, rank, world_size, plan, internal_token_file, tls_dir };
+            let options = kubemoe_worker::Options {
+                model,
+                precision: dtype,
+                rank,
+                world_size,
+                plan,
+                internal_token_file,
+                tls_dir,
+            };
             runtime()?.block_on(async {
                 let listeners = kubemoe_worker::Listeners {
                     grpc: bind(&host, port, "worker").await?,
@@ -560,6 +591,7 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Router {
             model,
+            dtype,
             workers,
             placement,
             load_window,
@@ -577,6 +609,7 @@ fn run(command: Command) -> Result<()> {
             limits,
         } => {
             let mut options = limits.options(model, workers);
+            options.precision = dtype;
             options.served_model_name = served_model_name;
             options.api_keys_file = api_keys_file;
             options.internal_token_file = internal_token_file;
@@ -607,20 +640,7 @@ fn run(command: Command) -> Result<()> {
                 Ok::<_, anyhow::Error>(())
             })?
         }
-        Command::Up {
-            file,
-            model,
-            workers,
-            grpc_port,
-            http_port,
-            served_model_name,
-            api_keys_file,
-            limits,
-        } => {
-            let overrides =
-                local::Overrides { model, workers, grpc_port, http_port, served_model_name, api_keys_file };
-            local::up(file.as_deref(), overrides, limits.args())?
-        }
+        Command::Up { file, overrides, limits } => local::up(file.as_deref(), overrides, limits.args())?,
         Command::Generate(args) => {
             let (endpoint, api_key) = (args.endpoint.clone(), args.api_key.clone());
             let tls = match &args.ca_file {
@@ -667,11 +687,16 @@ fn run(command: Command) -> Result<()> {
             let report = runtime()?.block_on(run)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
-        Command::Bench { model, gemm_size, tokens_per_expert, prompt_len, decode_steps } => {
-            let m = source::open(&model, Experts::All).with_context(|| format!("loading model {model}"))?;
-            let report =
-                kubemoe_model::bench::run(&m, gemm_size, tokens_per_expert, prompt_len, decode_steps)?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
+        Command::Bench { model, dtype, gemm_size, tokens_per_expert, prompt_len, decode_steps } => {
+            let mut reports = Vec::new();
+            for precision in dtype {
+                let m = source::open_as(&model, Experts::All, precision)
+                    .with_context(|| format!("loading model {model} as {}", precision.as_str()))?;
+                let params =
+                    kubemoe_model::bench::Params { gemm_size, tokens_per_expert, prompt_len, decode_steps };
+                reports.push(kubemoe_model::bench::run(&m, precision, &params)?);
+            }
+            println!("{}", serde_json::to_string_pretty(&reports)?);
         }
         Command::Operator(OperatorArgs {
             command: Some(OperatorCommand::Render { file, model_config, image, operator_namespace }),

@@ -18,10 +18,14 @@ use std::time::{Duration, Instant};
 use tonic::Code;
 
 fn fixture() -> String {
+    fixture_variant("deepseek-v3-tiny")
+}
+
+fn fixture_variant(name: &str) -> String {
     let base = std::env::var_os("KUBEMOE_FIXTURES")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"));
-    base.join("deepseek-v3-tiny").to_str().unwrap().to_string()
+    base.join(name).to_str().unwrap().to_string()
 }
 
 /// A `kubemoe` child process, killed when dropped.
@@ -194,6 +198,47 @@ fn greedy_tokens_on_1_2_and_4_workers_equal_the_fixture_and_the_engine() {
             }
         }
     });
+}
+
+/// Routers and workers holding their weights in bf16 and FP8 (the stored fixtures kept as
+/// stored, and the f32 fixture converted at load) serve what one process holding them so
+/// does, and the stored fixtures' greedy tokens are transformers'.
+#[test]
+fn workers_and_routers_in_bf16_and_fp8_equal_the_engine_in_the_same_precision() {
+    let runs = [
+        ("deepseek-v3-tiny-bf16", "auto", true),
+        ("deepseek-v3-tiny-fp8", "auto", true),
+        ("deepseek-v3-tiny", "bf16", false),
+        ("deepseek-v3-tiny", "fp8", false),
+    ];
+    for (variant, dtype, stored) in runs {
+        let model = fixture_variant(variant);
+        // transformers' greedy tokens on the stored values, for the stored variants.
+        let reference: Option<Vec<Vec<u32>>> = stored.then(|| {
+            let text = std::fs::read_to_string(PathBuf::from(&model).join("reference.json")).unwrap();
+            let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let seqs = json["sequences"].as_array().unwrap();
+            seqs.iter().map(|s| serde_json::from_value(s["greedy"].clone()).unwrap()).collect()
+        });
+        let precision: kubemoe_model::Precision = dtype.parse().unwrap();
+        let local = source::open_as(&model, Experts::All, precision).unwrap();
+        let cluster = Cluster::start_with(&model, 2, &[], &["--dtype", dtype]);
+        rt().block_on(async {
+            let mut client = cluster.client().await;
+            for (i, (prompt, _)) in FIXTURE_SEQS.iter().enumerate() {
+                let got = client.generate(ids_request(prompt, 8)).await.unwrap().into_inner();
+                let request = Request {
+                    prompt: prompt.to_vec(),
+                    max_new_tokens: 8,
+                    sampling: SamplingParams::default(),
+                };
+                assert_eq!(got.token_ids, generate(&local, &[request]).unwrap()[0], "{variant} as {dtype}");
+                if let Some(reference) = &reference {
+                    assert_eq!(got.token_ids, reference[i], "{variant}: transformers' greedy tokens");
+                }
+            }
+        });
+    }
 }
 
 #[test]

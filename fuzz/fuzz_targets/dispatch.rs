@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 fn store() -> &'static kubemoe_worker::ExpertStore {
     static STORE: OnceLock<kubemoe_worker::ExpertStore> = OnceLock::new();
-    STORE.get_or_init(|| kubemoe_worker::ExpertStore::load("builtin:tiny", 0, Some(1), None).expect("builtin:tiny"))
+    STORE.get_or_init(|| kubemoe_worker::ExpertStore::load("builtin:tiny", kubemoe_model::Precision::Auto, 0, Some(1), None).expect("builtin:tiny"))
 }
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {

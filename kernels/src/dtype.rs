@@ -75,19 +75,25 @@ pub fn f32_to_fp8_e4m3(x: f32) -> u8 {
     }
     let sign = if x.is_sign_negative() { 0x80 } else { 0 };
     let a = x.abs().min(448.0);
-    // Codes 0..=0x7E are the finite non-negative values in increasing order.
-    let (mut lo, mut hi) = (0u8, 0x7Eu8);
-    while hi - lo > 1 {
-        let mid = (lo + hi) / 2;
-        if fp8_e4m3_to_f32(mid) <= a {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
+    if a < 2f32.powi(-6) {
+        // Subnormal codes 0..=7 are multiples of 2^-9, and code 8 is 2^-6: one rounding of
+        // a · 2^9 (exact) gives the code.
+        return sign | (a * 512.0).round_ties_even() as u8;
     }
-    let (dl, dh) = (a - fp8_e4m3_to_f32(lo), fp8_e4m3_to_f32(hi) - a);
-    let code = if dl < dh || (dl == dh && lo % 2 == 0) { lo } else { hi };
-    sign | code
+    // Normal: the f32 exponent re-biased (127 → 7) and the mantissa rounded to 3 bits.
+    let bits = a.to_bits();
+    let mut exp = (bits >> 23) as i32 - 127 + 7;
+    let man = bits & 0x7F_FFFF;
+    let (mut q, rest) = (man >> 20, man & 0xF_FFFF);
+    if rest > 0x8_0000 || (rest == 0x8_0000 && q & 1 == 1) {
+        q += 1;
+    }
+    if q == 8 {
+        q = 0;
+        exp += 1;
+    }
+    // 448 is the largest finite code (0x7E); `a` was clamped to it.
+    sign | ((exp as u32) << 3 | q).min(0x7E) as u8
 }
 
 fn block_grid(rows: usize, cols: usize, block: [usize; 2]) -> Result<(usize, usize)> {
@@ -184,6 +190,18 @@ mod tests {
         // 1.0625 is halfway between 1.0 (0x38, even) and 1.125 (0x39): ties to even.
         assert_eq!(f32_to_fp8_e4m3(1.0625), 0x38);
         assert_eq!(f32_to_fp8_e4m3(1.07), 0x39);
+        // Every midpoint between neighbouring codes rounds to the even one; just off it, to
+        // the nearer one (subnormals, the subnormal/normal edge, and the top of the range).
+        for b in 0..0x7Eu8 {
+            let (lo, hi) = (fp8_e4m3_to_f32(b), fp8_e4m3_to_f32(b + 1));
+            let mid = (lo + hi) / 2.0;
+            let even = if b % 2 == 0 { b } else { b + 1 };
+            assert_eq!(f32_to_fp8_e4m3(mid), even, "midpoint of {b:#x}");
+            assert_eq!(f32_to_fp8_e4m3(mid * (1.0 - 1e-6)), b, "below the midpoint of {b:#x}");
+            assert_eq!(f32_to_fp8_e4m3(mid * (1.0 + 1e-6)), b + 1, "above the midpoint of {b:#x}");
+        }
+        assert_eq!(f32_to_fp8_e4m3(460.0), 0x7E);
+        assert_eq!(f32_to_fp8_e4m3(-1e-12), 0x80);
     }
 
     #[test]

@@ -16,8 +16,10 @@ pub mod moe;
 pub mod norm;
 pub mod rng;
 pub mod rope;
+pub mod weight;
 
 pub use matmul::{linear, matmul, View};
+pub use weight::Weight;
 
 /// What went wrong inside a kernel call.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +30,9 @@ pub enum Error {
     /// Parameters that cannot describe a valid computation.
     #[error("{op}: invalid parameter: {detail}")]
     Param { op: &'static str, detail: String },
+    /// A stored value that is NaN or infinite, or widens to one.
+    #[error("{what} value at index {index} is {value}: the checkpoint is corrupt or was saved after a diverged step")]
+    NonFinite { what: &'static str, index: usize, value: f32 },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -6,16 +6,17 @@
 //! Results are summed per token in expert order, so the output does not depend on threads.
 
 use crate::activation::swiglu_inplace;
-use crate::{check_len, linear, Error, Result};
+use crate::weight::Weight;
+use crate::{check_len, Error, Result, View};
 use rayon::prelude::*;
 
 /// One expert's SwiGLU weights in the PyTorch layout: `gate_proj`, `up_proj` [inter, hidden],
-/// `down_proj` [hidden, inter].
+/// `down_proj` [hidden, inter], each in the precision it is held in.
 #[derive(Clone, Copy, Debug)]
 pub struct ExpertRef<'a> {
-    pub gate_proj: &'a [f32],
-    pub up_proj: &'a [f32],
-    pub down_proj: &'a [f32],
+    pub gate_proj: &'a Weight,
+    pub up_proj: &'a Weight,
+    pub down_proj: &'a Weight,
 }
 
 /// Token `token` (a row of the input) goes to `expert` (an index into the expert list) with
@@ -41,9 +42,16 @@ pub fn grouped_expert_ffn(
     let tokens = x.len() / hidden.max(1);
     check_len("expert_ffn", "output", out.len(), tokens * hidden)?;
     for (i, e) in experts.iter().enumerate() {
-        let what = format!("expert {i} weights");
-        check_len("expert_ffn", &what, e.gate_proj.len().min(e.up_proj.len()), inter * hidden)?;
-        check_len("expert_ffn", &what, e.down_proj.len(), inter * hidden)?;
+        let shapes = [&e.gate_proj, &e.up_proj, &e.down_proj].map(|w| [w.rows(), w.cols()]);
+        if shapes != [[inter, hidden], [inter, hidden], [hidden, inter]] {
+            return Err(Error::Shape {
+                op: "expert_ffn",
+                detail: format!(
+                    "expert {i} weights are {shapes:?}, an expert of hidden size {hidden} and \
+                     intermediate size {inter} needs [[{inter}, {hidden}], [{inter}, {hidden}], [{hidden}, {inter}]]"
+                ),
+            });
+        }
     }
     // Counting sort of the assignments by expert.
     let mut counts = vec![0usize; experts.len()];
@@ -96,10 +104,10 @@ pub fn grouped_expert_ffn(
         let w = &experts[e];
         let mut g = vec![0f32; c * inter];
         let mut u = vec![0f32; c * inter];
-        linear(&xs, w.gate_proj, c, hidden, inter, &mut g)?; // [c, inter]
-        linear(&xs, w.up_proj, c, hidden, inter, &mut u)?; // [c, inter]
+        w.gate_proj.view().linear(View::new(&xs, c, hidden)?, &mut g, inter)?; // [c, inter]
+        w.up_proj.view().linear(View::new(&xs, c, hidden)?, &mut u, inter)?; // [c, inter]
         swiglu_inplace(&mut g, &u);
-        linear(&g, w.down_proj, c, inter, hidden, ye) // [c, hidden]
+        w.down_proj.view().linear(View::new(&g, c, inter)?, ye, hidden) // [c, hidden]
     })?;
     for (row, &ai) in y.chunks(hidden).zip(&order) {
         let a = assignments[ai];
@@ -124,8 +132,15 @@ mod tests {
         let weights: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..n_exp)
             .map(|_| (rng.vec(inter * hidden), rng.vec(inter * hidden), rng.vec(hidden * inter)))
             .collect();
+        let held: Vec<[Weight; 3]> = weights
+            .iter()
+            .map(|(g, u, d)| {
+                [(g, inter, hidden), (u, inter, hidden), (d, hidden, inter)]
+                    .map(|(w, r, c)| Weight::from_f32(w.clone(), r, c).unwrap())
+            })
+            .collect();
         let experts: Vec<ExpertRef> =
-            weights.iter().map(|(g, u, d)| ExpertRef { gate_proj: g, up_proj: u, down_proj: d }).collect();
+            held.iter().map(|[g, u, d]| ExpertRef { gate_proj: g, up_proj: u, down_proj: d }).collect();
         let x = rng.vec(tokens * hidden);
         let mut assignments = Vec::new();
         for t in 0..tokens {
@@ -157,7 +172,7 @@ mod tests {
 
     #[test]
     fn out_of_range_assignment_is_refused() {
-        let w = vec![0f32; 4];
+        let w = Weight::from_f32(vec![0f32; 4], 2, 2).unwrap();
         let e = [ExpertRef { gate_proj: &w, up_proj: &w, down_proj: &w }];
         let a = [Assignment { token: 0, expert: 1, weight: 1.0 }];
         let err = grouped_expert_ffn(&[0.0; 2], 2, 2, &e, &a, &mut [0.0; 2]).unwrap_err();

@@ -6,10 +6,14 @@
 //!   shapes, as a fraction of that rate.
 //! - Prefill and decode tokens/s at batch 1 and 32, with the model FLOP rate those imply as
 //!   a fraction of the GEMM rate.
+//! - Memory: the machine's read bandwidth (every core summing one buffer far larger than the
+//!   caches), the bytes of weights a decode token (B=1) and a decode step (B=32) read in the
+//!   precision the model is held in, and decode tokens/s as a fraction of the limit those two
+//!   give (decode reads each weight once per step: it is bound by memory, not by FLOPs).
 
 use crate::generate::{generate, Request};
-use crate::layers::FeedForward;
-use crate::{KvCache, Model, Result, SamplingParams};
+use crate::layers::{FeedForward, Mlp};
+use crate::{KvCache, Model, Precision, Result, SamplingParams};
 use kubemoe_kernels::moe::{grouped_expert_ffn, Assignment};
 use kubemoe_kernels::{matmul, View};
 use std::time::Instant;
@@ -27,10 +31,33 @@ fn median_secs(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(times[times.len() / 2])
 }
 
+/// What `kubemoe bench` runs.
+pub struct Params {
+    /// Side of the square GEMM that measures the machine's rate.
+    pub gemm_size: usize,
+    pub tokens_per_expert: usize,
+    pub prompt_len: usize,
+    pub decode_steps: usize,
+}
+
 /// What one `kubemoe bench` run measured.
 #[derive(Debug, serde::Serialize)]
 pub struct Report {
+    /// `--dtype` the model was loaded with, and what its matrices are held in.
+    pub dtype: &'static str,
+    pub held: Vec<&'static str>,
+    /// The instruction set of the 16-bit and FP8 decode kernels.
+    pub isa: &'static str,
     pub threads: usize,
+    /// Bytes of weight matrices held.
+    pub weight_bytes: usize,
+    /// Read bandwidth of this machine, measured in the same run (GB/s).
+    pub read_gb_per_s: f64,
+    /// Weight bytes one decode token reads at B=1 (dense layers, shared and top-k experts,
+    /// LM head), and one decode step at B=32 (each expert counted once if any of the 32
+    /// tokens is expected to use it under uniform routing).
+    pub decode_bytes_b1: f64,
+    pub decode_bytes_b32: f64,
     pub gemm_size: usize,
     pub gemm_gflops: f64,
     pub expert_ffn: ExpertFfn,
@@ -56,6 +83,55 @@ pub struct Throughput {
     /// Tokens/s × 2 × active parameters per token / GEMM rate (prefill counts the LM head
     /// once per sequence, as it runs only on the last token).
     pub flop_ratio_to_gemm: f64,
+    /// Decode: tokens/s / (read bandwidth / weight bytes per token). Goal ≥ 0.8 at B=1, 0.7
+    /// at B=32.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio_to_memory_limit: Option<f64>,
+}
+
+/// Weight bytes one decode token reads at batch `batch`: everything but the routed experts
+/// once, and each routed expert with the probability that one of `batch` tokens picks it
+/// (`1 − (1 − k/E)^batch`: uniform routing, which generated models' gates approach).
+fn decode_bytes(m: &Model, batch: usize) -> f64 {
+    let c = &m.config;
+    let p = c.gate.top_k as f64 / c.n_routed_experts.max(1) as f64;
+    let unused = (1.0 - p).powi(batch as i32);
+    let sum =
+        |ws: &mut dyn Iterator<Item = &kubemoe_kernels::Weight>| ws.map(|w| w.bytes() as f64).sum::<f64>();
+    let mut bytes = m.lm_head.weight.bytes() as f64;
+    for l in &m.layers {
+        let routed = match &l.mlp {
+            FeedForward::Moe(moe) => sum(&mut moe.experts.iter().flatten().flat_map(Mlp::matrices)),
+            FeedForward::Dense(_) => 0.0,
+        };
+        bytes += sum(&mut l.matrices().into_iter()) - routed * unused;
+    }
+    bytes
+}
+
+/// Read bandwidth in GB/s: every thread of the pool sums its part of a 512 MiB buffer (16
+/// lanes, so that the sum vectorises), median of 5.
+fn read_bandwidth() -> Result<f64> {
+    use rayon::prelude::*;
+    let data = vec![1f32; 128 << 20];
+    let mut total = 0f32;
+    let secs = median_secs(5, || {
+        total += data
+            .par_chunks(1 << 16)
+            .map(|c| {
+                let mut acc = [0f32; 16];
+                for ch in c.chunks_exact(16) {
+                    for l in 0..16 {
+                        acc[l] += ch[l];
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum::<f32>();
+        Ok(())
+    })?;
+    std::hint::black_box(total);
+    Ok((data.len() * 4) as f64 / secs / 1e9)
 }
 
 /// Parameters one token multiplies by in the decoder layers (attention, dense or shared +
@@ -85,14 +161,9 @@ fn active_layer_params(m: &Model) -> f64 {
     p as f64
 }
 
-/// Runs every measurement on `model`.
-pub fn run(
-    model: &Model,
-    gemm_size: usize,
-    tokens_per_expert: usize,
-    prompt_len: usize,
-    decode_steps: usize,
-) -> Result<Report> {
+/// Runs every measurement on `model`, loaded with `precision`.
+pub fn run(model: &Model, precision: Precision, params: &Params) -> Result<Report> {
+    let &Params { gemm_size, tokens_per_expert, prompt_len, decode_steps } = params;
     let mut rng = kubemoe_kernels::rng::Rng::new(1);
     let mut random = |n: usize| (0..n).map(|_| rng.normal()).collect::<Vec<f32>>();
     let n = gemm_size;
@@ -126,6 +197,8 @@ pub fn run(
     let ffn_flops = (assignments.len() * 6 * hidden * inter) as f64;
     let ffn_gflops = ffn_flops / ffn_s / 1e9;
 
+    let read_gb_per_s = read_bandwidth()?;
+    let (decode_bytes_b1, decode_bytes_b32) = (decode_bytes(model, 1), decode_bytes(model, 32));
     let layer_flops = 2.0 * active_layer_params(model);
     let head_flops = 2.0 * model.lm_head.weight.len() as f64;
     let mut results = Vec::new();
@@ -154,6 +227,8 @@ pub fn run(
         let total_s = median_secs(3, || generate(&eos_free, &requests).map(drop))?;
         let decode_tps = (batch * decode_steps) as f64 / (total_s - prefill_s).max(1e-9);
         let prefill_flops = layer_flops + head_flops / prompt_len as f64;
+        let step_bytes = if batch == 1 { decode_bytes_b1 } else { decode_bytes_b32 };
+        let memory_limit = read_gb_per_s * 1e9 / step_bytes * batch as f64;
         for (phase, tps, flops) in
             [("prefill", prefill_tps, prefill_flops), ("decode", decode_tps, layer_flops + head_flops)]
         {
@@ -162,10 +237,19 @@ pub fn run(
                 batch,
                 tokens_per_s: tps,
                 flop_ratio_to_gemm: tps * flops / (gemm_gflops * 1e9),
+                ratio_to_memory_limit: (phase == "decode").then(|| tps / memory_limit),
             });
         }
     }
+    let (held, weight_bytes) = crate::memory::summary(model.matrices());
     Ok(Report {
+        dtype: precision.as_str(),
+        held,
+        isa: kubemoe_kernels::weight::isa_name(),
+        weight_bytes,
+        read_gb_per_s,
+        decode_bytes_b1,
+        decode_bytes_b32,
         threads: rayon::current_num_threads(),
         gemm_size,
         gemm_gflops,

@@ -6,12 +6,15 @@
 //! so a worker loading its own experts never reads the others' bytes (nor opens shards that
 //! hold only other experts).
 //!
-//! Weights come out as f32: BF16/F16 widen exactly; `F8_E4M3` weights are dequantised with
-//! their `<name>_scale_inv` blocks (DeepSeek-V3's layout). Files are untrusted: shards named
-//! by the index stay inside the directory, and NaN or infinite weights are refused at load.
+//! Matrices load as [`Weight`]s in the precision [`Precision`] asks for: by default the
+//! checkpoint's own (BF16/F16 stay 16-bit, `F8_E4M3` stays one byte a value with its
+//! `<name>_scale_inv` blocks, DeepSeek-V3's layout). Vectors (norms, the gate's bias) load as
+//! f32. Files are untrusted: shards named by the index stay inside the directory, and NaN or
+//! infinite weights are refused at load.
 
 use crate::{Error, Result};
 use kubemoe_kernels::dtype;
+use kubemoe_kernels::weight::{Dtype as WeightDtype, Weight};
 use safetensors::tensor::{Dtype, Metadata, TensorView};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -31,6 +34,16 @@ pub trait TensorSource: Sync {
     fn raw(&self, name: &str) -> Result<Option<RawTensor<'_>>>;
     /// Names this source in error messages.
     fn describe(&self) -> String;
+    /// Every tensor's name.
+    fn names(&self) -> Vec<&str>;
+    /// The bytes of `name` shared rather than copied (a slice of a memory-mapped file that
+    /// stays mapped while the slice lives), where the source can.
+    fn shared(&self, _name: &str) -> Option<bytes::Bytes> {
+        None
+    }
+    /// Says that `name` was converted into memory of its own: its stored bytes will not be
+    /// read again, and a mapped source may drop their pages.
+    fn release(&self, _name: &str) {}
 }
 
 /// Loads `name` as f32 and checks its shape. `fp8_block` is the checkpoint's FP8 block size.
@@ -40,22 +53,9 @@ pub fn load_f32(
     shape: &[usize],
     fp8_block: Option<[usize; 2]>,
 ) -> Result<Vec<f32>> {
-    let t = src
-        .raw(name)?
-        .ok_or_else(|| Error::MissingTensor { name: name.into(), checkpoint: src.describe() })?;
-    if t.shape != shape {
-        return Err(Error::Shape {
-            name: name.into(),
-            checkpoint: src.describe(),
-            actual: t.shape.to_vec(),
-            expected: shape.to_vec(),
-        });
-    }
-    let unsupported = || Error::UnsupportedDtype {
-        name: name.into(),
-        checkpoint: src.describe(),
-        dtype: format!("{:?}", t.dtype),
-    };
+    let t = checked(src, name, shape)?;
+    crate::progress::load().advance(t.data.len() as u64);
+    let unsupported = || unsupported(src, name, t.dtype);
     let values = match t.dtype {
         Dtype::F32 => dtype::f32_from_le(t.data),
         Dtype::BF16 => dtype::bf16_from_le(t.data),
@@ -82,15 +82,150 @@ pub fn load_f32(
     Ok(values)
 }
 
+/// The precision weight matrices are held in (`--dtype`, `spec.model.dtype`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// The checkpoint's own.
+    #[default]
+    Auto,
+    /// 16-bit: f32 matrices round to bf16 (nearest even); BF16 and F16 ones stay as stored.
+    Bf16,
+    /// DeepSeek-V3's FP8 layout: every `*_proj.weight` in e4m3 with 128×128 block scales
+    /// (quantised at load when stored wider); the other matrices (router gate, embeddings,
+    /// LM head) 16-bit as for `Bf16`.
+    Fp8,
+    /// Every matrix widened to f32 (exact).
+    F32,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "bf16" => Ok(Self::Bf16),
+            "fp8" => Ok(Self::Fp8),
+            "f32" => Ok(Self::F32),
+            other => Err(format!("unknown dtype `{other}`: use auto, bf16, fp8 or f32")),
+        }
+    }
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Bf16 => "bf16",
+            Self::Fp8 => "fp8",
+            Self::F32 => "f32",
+        }
+    }
+
+    /// What a matrix `name` stored as `stored` is held in; refuses widening FP8 to 16 bits
+    /// (that would round the checkpoint's values).
+    fn target(self, name: &str, stored: WeightDtype) -> Result<WeightDtype> {
+        let sixteen = if stored == WeightDtype::F32 { WeightDtype::Bf16 } else { stored };
+        Ok(match self {
+            Self::Auto => stored,
+            Self::F32 => WeightDtype::F32,
+            Self::Bf16 if stored == WeightDtype::Fp8 => {
+                return Err(Error::Checkpoint(format!(
+                    "dtype bf16: `{name}` is stored in FP8, and holding it in bf16 would round its \
+                     values; use dtype auto (FP8 kept) or f32"
+                )))
+            }
+            Self::Bf16 => sixteen,
+            Self::Fp8 if stored == WeightDtype::Fp8 || name.ends_with("_proj.weight") => WeightDtype::Fp8,
+            Self::Fp8 => sixteen,
+        })
+    }
+}
+
+/// Loads the matrix `name` [rows, cols] in the precision `precision` asks for, borrowing
+/// nothing from `src` (the caller may drop it). `fp8_block` is the checkpoint's FP8 block.
+pub fn load_weight(
+    src: &dyn TensorSource,
+    name: &str,
+    [rows, cols]: [usize; 2],
+    fp8_block: Option<[usize; 2]>,
+    precision: Precision,
+) -> Result<Weight> {
+    let t = checked(src, name, &[rows, cols])?;
+    crate::progress::load().advance(t.data.len() as u64);
+    let block = fp8_block.unwrap_or([128, 128]);
+    let stored_dtype = match t.dtype {
+        Dtype::F32 => WeightDtype::F32,
+        Dtype::BF16 => WeightDtype::Bf16,
+        Dtype::F16 => WeightDtype::F16,
+        Dtype::F8_E4M3 => WeightDtype::Fp8,
+        _ => return Err(unsupported(src, name, t.dtype)),
+    };
+    let scales = if stored_dtype == WeightDtype::Fp8 {
+        let scale_shape = [rows.div_ceil(block[0].max(1)), cols.div_ceil(block[1].max(1))];
+        Some((load_f32(src, &format!("{name}_scale_inv"), &scale_shape, None)?, block))
+    } else {
+        None
+    };
+    let target = precision.target(name, stored_dtype)?;
+    // Kept in place when held as stored (a memory map then backs the weight: no copy, and a
+    // restarted process maps the page cache instead of reading the file).
+    let shared = src.shared(name);
+    let in_place = shared.is_some() && target == stored_dtype;
+    let bytes = shared.unwrap_or_else(|| bytes::Bytes::copy_from_slice(t.data));
+    let named = |e: kubemoe_kernels::Error| match e {
+        kubemoe_kernels::Error::NonFinite { index, value, .. } => {
+            Error::NonFinite { name: name.into(), checkpoint: src.describe(), index, value }
+        }
+        other => Error::Checkpoint(format!("tensor `{name}` in {}: {other}", src.describe())),
+    };
+    let stored = Weight::stored(stored_dtype, bytes, rows, cols, scales).map_err(named)?;
+    let held = stored.to(target, block).map_err(named)?;
+    if !in_place {
+        drop(stored);
+        src.release(name);
+    }
+    Ok(held)
+}
+
+fn checked<'a>(src: &'a dyn TensorSource, name: &str, shape: &[usize]) -> Result<RawTensor<'a>> {
+    let t = src
+        .raw(name)?
+        .ok_or_else(|| Error::MissingTensor { name: name.into(), checkpoint: src.describe() })?;
+    if t.shape != shape {
+        return Err(Error::Shape {
+            name: name.into(),
+            checkpoint: src.describe(),
+            actual: t.shape.to_vec(),
+            expected: shape.to_vec(),
+        });
+    }
+    Ok(t)
+}
+
+fn unsupported(src: &dyn TensorSource, name: &str, dtype: Dtype) -> Error {
+    Error::UnsupportedDtype { name: name.into(), checkpoint: src.describe(), dtype: format!("{dtype:?}") }
+}
+
 struct Shard {
     path: PathBuf,
     mapped: OnceLock<Mapped>,
 }
 
 struct Mapped {
-    mmap: memmap2::Mmap,
+    mmap: std::sync::Arc<memmap2::Mmap>,
+    /// The same map, for slices that keep it alive.
+    bytes: bytes::Bytes,
     data_start: usize,
     meta: Metadata,
+}
+
+/// A shared map as the owner of [`bytes::Bytes`].
+struct SharedMap(std::sync::Arc<memmap2::Mmap>);
+
+impl AsRef<[u8]> for SharedMap {
+    fn as_ref(&self) -> &[u8] {
+        &self.0[..]
+    }
 }
 
 /// A checkpoint directory in the Hugging Face layout.
@@ -162,10 +297,20 @@ impl Shard {
         if let Some(m) = self.mapped.get() {
             return Ok(m);
         }
-        let mmap = crate::mmap::map(&self.path)?;
-        let (n, meta) = safetensors::SafeTensors::read_metadata(&mmap)
+        let mmap = std::sync::Arc::new(crate::mmap::map(&self.path)?);
+        let (n, meta) = safetensors::SafeTensors::read_metadata(&mmap[..])
             .map_err(|source| Error::Safetensors { path: self.path.clone(), source })?;
-        Ok(self.mapped.get_or_init(|| Mapped { mmap, data_start: 8 + n, meta }))
+        let bytes = bytes::Bytes::from_owner(SharedMap(mmap.clone()));
+        Ok(self.mapped.get_or_init(|| Mapped { mmap, bytes, data_start: 8 + n, meta }))
+    }
+}
+
+impl Checkpoint {
+    /// The shard map of `name` and the byte range of its data there (checked by `raw`).
+    fn located(&self, name: &str) -> Option<(&Mapped, std::ops::Range<usize>)> {
+        let m = self.shards[*self.names.get(name)?].mapped.get()?;
+        let (a, b) = m.meta.info(name)?.data_offsets;
+        Some((m, m.data_start + a..m.data_start + b))
     }
 }
 
@@ -181,15 +326,30 @@ impl TensorSource for Checkpoint {
             )));
         };
         let (a, b) = info.data_offsets;
+        // `read_metadata` checked that every tensor's offsets lie inside the file.
         Ok(Some(RawTensor {
             dtype: info.dtype,
             shape: &info.shape,
-            data: &m.mmap[m.data_start + a..m.data_start + b],
+            data: &m.bytes[m.data_start + a..m.data_start + b],
         }))
     }
 
     fn describe(&self) -> String {
         self.dir.display().to_string()
+    }
+
+    fn names(&self) -> Vec<&str> {
+        self.names.keys().map(String::as_str).collect()
+    }
+
+    fn shared(&self, name: &str) -> Option<bytes::Bytes> {
+        self.located(name).map(|(m, range)| m.bytes.slice(range))
+    }
+
+    fn release(&self, name: &str) {
+        if let Some((m, range)) = self.located(name) {
+            crate::mmap::release(&m.mmap, range.start, range.len());
+        }
     }
 }
 
@@ -215,6 +375,10 @@ impl TensorSource for TensorMap {
 
     fn describe(&self) -> String {
         self.label.clone()
+    }
+
+    fn names(&self) -> Vec<&str> {
+        self.tensors.keys().map(String::as_str).collect()
     }
 }
 

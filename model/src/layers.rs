@@ -1,11 +1,11 @@
 //! DeepSeek-V2/V3 layers. Struct and field names mirror the checkpoint's tensor names
 //! (`model.layers.N.self_attn.kv_b_proj.weight` is `layers[N].self_attn.kv_b_proj`).
 
-use crate::checkpoint::{load_f32, TensorSource};
+use crate::checkpoint::{load_f32, load_weight, Precision, TensorSource};
 use crate::config::Config;
 use crate::{Error, Result};
 use kubemoe_kernels::moe::{grouped_expert_ffn, Assignment, ExpertRef};
-use kubemoe_kernels::{gate, linear, norm};
+use kubemoe_kernels::{gate, norm, Weight};
 
 /// Which routed experts a process loads.
 #[derive(Clone, Copy)]
@@ -30,14 +30,18 @@ impl Experts<'_> {
 pub(crate) struct Loader<'a> {
     pub src: &'a dyn TensorSource,
     pub fp8_block: Option<[usize; 2]>,
+    pub precision: Precision,
 }
 
 impl Loader<'_> {
     pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         load_f32(self.src, name, shape, self.fp8_block)
     }
+    pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Weight> {
+        load_weight(self.src, name, [rows, cols], self.fp8_block, self.precision)
+    }
     pub fn linear(&self, prefix: &str, out_features: usize, in_features: usize) -> Result<Linear> {
-        let weight = self.tensor(&format!("{prefix}.weight"), &[out_features, in_features])?;
+        let weight = self.matrix(&format!("{prefix}.weight"), out_features, in_features)?;
         Ok(Linear { weight, out_features, in_features })
     }
     pub fn norm(&self, prefix: &str, dim: usize, eps: f32) -> Result<RmsNorm> {
@@ -52,10 +56,10 @@ impl Loader<'_> {
     }
 }
 
-/// `y = x · Wᵀ` with `weight` [out_features, in_features].
+/// `y = x · Wᵀ` with `weight` [out_features, in_features], held in its load precision.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    pub weight: Vec<f32>,
+    pub weight: Weight,
     pub out_features: usize,
     pub in_features: usize,
 }
@@ -63,10 +67,7 @@ pub struct Linear {
 impl Linear {
     /// `x` [rows, in_features] → [rows, out_features].
     pub fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
-        let rows = x.len() / self.in_features;
-        let mut y = vec![0f32; rows * self.out_features];
-        linear(x, &self.weight, rows, self.in_features, self.out_features, &mut y)?;
-        Ok(y)
+        Ok(self.weight.linear(x)?)
     }
 }
 
@@ -93,6 +94,10 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    pub fn matrices(&self) -> [&Weight; 3] {
+        [&self.gate_proj.weight, &self.up_proj.weight, &self.down_proj.weight]
+    }
+
     pub fn as_expert(&self) -> ExpertRef<'_> {
         ExpertRef {
             gate_proj: &self.gate_proj.weight,
@@ -237,9 +242,15 @@ pub trait RoutedExperts: Sync {
     fn end_step(&self) {}
 }
 
-/// Loads routed expert `expert` of decoder layer `layer` from `src`.
-pub fn load_expert(src: &dyn TensorSource, c: &Config, layer: usize, expert: usize) -> Result<Mlp> {
-    let l = Loader { src, fp8_block: c.fp8_block };
+/// Loads routed expert `expert` of decoder layer `layer` from `src`, in `precision`.
+pub fn load_expert(
+    src: &dyn TensorSource,
+    c: &Config,
+    layer: usize,
+    expert: usize,
+    precision: Precision,
+) -> Result<Mlp> {
+    let l = Loader { src, fp8_block: c.fp8_block, precision };
     l.mlp(&format!("model.layers.{layer}.mlp.experts.{expert}"), c.hidden_size, c.moe_intermediate_size)
 }
 
@@ -316,6 +327,27 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    /// The layer's weight matrices: attention, then the dense MLP or the gate, the experts
+    /// loaded here and the shared experts.
+    pub fn matrices(&self) -> Vec<&Weight> {
+        let a = &self.self_attn;
+        let mut all = match &a.q {
+            QueryProj::LowRank { q_a_proj, q_b_proj, .. } => vec![&q_a_proj.weight, &q_b_proj.weight],
+            QueryProj::Plain { q_proj } => vec![&q_proj.weight],
+        };
+        all.extend([&a.kv_a_proj_with_mqa.weight, &a.kv_b_proj.weight, &a.o_proj.weight]);
+        match &self.mlp {
+            FeedForward::Dense(d) => all.extend(d.matrices()),
+            FeedForward::Moe(moe) => {
+                all.push(&moe.gate.weight.weight);
+                for m in moe.experts.iter().flatten().chain(&moe.shared_experts) {
+                    all.extend(m.matrices());
+                }
+            }
+        }
+        all
+    }
+
     pub(crate) fn load(l: &Loader, c: &Config, i: usize, which: Experts) -> Result<Self> {
         let p = format!("model.layers.{i}");
         let (h, eps) = (c.hidden_size, c.rms_norm_eps);

@@ -8,12 +8,15 @@ pub mod config;
 mod error;
 pub mod generate;
 pub mod layers;
+pub mod memory;
 mod mmap;
 pub mod model;
+pub mod progress;
 pub mod sampling;
 pub mod source;
 pub mod synth;
 
+pub use checkpoint::Precision;
 pub use config::Config;
 pub use error::{Error, Result};
 pub use layers::Experts;

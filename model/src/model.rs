@@ -10,7 +10,7 @@
 //!
 //! Both share every projection, the gate and the experts; tests hold them equal.
 
-use crate::checkpoint::TensorSource;
+use crate::checkpoint::{Precision, TensorSource};
 use crate::config::Config;
 use crate::layers::{
     Attention, DecoderLayer, Experts, FeedForward, Linear, Loader, RmsNorm, RoutedExperts, Routing,
@@ -18,7 +18,7 @@ use crate::layers::{
 use crate::{Error, Result};
 use kubemoe_kernels::attention::{causal_attention, causal_softmax};
 use kubemoe_kernels::rope::Rope;
-use kubemoe_kernels::{matmul, View};
+use kubemoe_kernels::{matmul, View, Weight};
 use std::collections::BTreeMap;
 
 /// The multi-token-prediction module of DeepSeek-V3 (report §2.2), stored as decoder layer
@@ -38,7 +38,7 @@ pub struct MtpLayer {
 pub struct Model {
     pub config: Config,
     /// [vocab_size, hidden_size]
-    pub embed_tokens: Vec<f32>,
+    pub embed_tokens: Weight,
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
     pub lm_head: Linear,
@@ -89,6 +89,20 @@ impl KvCache {
 }
 
 impl Model {
+    /// Every weight matrix this process holds, each once (a tied LM head is the embedding).
+    pub fn matrices(&self) -> Vec<&Weight> {
+        let mut all = vec![&self.embed_tokens];
+        if self.lm_head.weight.raw().0.as_ptr() != self.embed_tokens.raw().0.as_ptr() {
+            all.push(&self.lm_head.weight);
+        }
+        let blocks = self.layers.iter().chain(self.mtp.iter().map(|m| &m.block));
+        for l in blocks {
+            all.extend(l.matrices());
+        }
+        all.extend(self.mtp.iter().map(|m| &m.eh_proj.weight));
+        all
+    }
+
     /// Writes the full-sequence logits of `ids` to the safetensors file `path`: `logits`
     /// (f32 [T, vocab]) and, with an MTP module, `mtp_logits` (f32 [T-1, vocab]).
     pub fn write_logits(&self, ids: &[u32], path: &std::path::Path) -> Result<()> {
@@ -109,12 +123,23 @@ impl Model {
         map.save(path)
     }
 
-    /// Builds the model from `src`, loading the routed experts `experts` selects.
+    /// Builds the model from `src`, loading the routed experts `experts` selects, with the
+    /// checkpoint's precision.
     pub fn load(config: Config, src: &dyn TensorSource, experts: Experts) -> Result<Self> {
-        let l = Loader { src, fp8_block: config.fp8_block };
+        Self::load_as(config, src, experts, Precision::Auto)
+    }
+
+    /// [`Model::load`] with the weight matrices held in `precision`.
+    pub fn load_as(
+        config: Config,
+        src: &dyn TensorSource,
+        experts: Experts,
+        precision: Precision,
+    ) -> Result<Self> {
+        let l = Loader { src, fp8_block: config.fp8_block, precision };
         let c = &config;
         let (v, h) = (c.vocab_size, c.hidden_size);
-        let embed_tokens = l.tensor("model.embed_tokens.weight", &[v, h])?;
+        let embed_tokens = l.matrix("model.embed_tokens.weight", v, h)?;
         let layers = (0..c.num_hidden_layers)
             .map(|i| DecoderLayer::load(&l, c, i, experts))
             .collect::<Result<Vec<_>>>()?;
@@ -153,12 +178,12 @@ impl Model {
 
     fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
         let h = self.config.hidden_size;
-        let mut out = Vec::with_capacity(ids.len() * h);
-        for (position, &id) in ids.iter().enumerate() {
+        let mut out = vec![0f32; ids.len() * h];
+        for ((position, &id), row) in ids.iter().enumerate().zip(out.chunks_mut(h)) {
             if id as usize >= self.config.vocab_size {
                 return Err(Error::TokenOutOfVocab { id, position, vocab_size: self.config.vocab_size });
             }
-            out.extend_from_slice(&self.embed_tokens[id as usize * h..][..h]);
+            self.embed_tokens.row_into(id as usize, row)?;
         }
         Ok(out)
     }
@@ -310,8 +335,7 @@ impl Model {
         let mut qa = vec![0f32; n * heads * w];
         for h in 0..heads {
             let q_nope = View::strided(&q[h * dq..], n, dn, heads * dq)?;
-            let w_k = View::new(&kv_b[h * (dn + dv) * r..], dn, r)?;
-            matmul(q_nope, w_k, false, &mut qa[h * w..], heads * w, false)?;
+            kv_b.rows_view(h * (dn + dv), dn)?.left(q_nope, &mut qa[h * w..], heads * w)?;
             for i in 0..n {
                 let row = (i * heads + h) * w;
                 qa[row + r..row + w].copy_from_slice(&q[(i * heads + h) * dq + dn..][..dr]);
@@ -326,8 +350,7 @@ impl Model {
         matmul(View::new(&scores, n * heads, s)?, View::strided(cache, s, r, w)?, false, &mut lat, r, false)?;
         for h in 0..heads {
             let l = View::strided(&lat[h * r..], n, r, heads * r)?;
-            let w_v = View::new(&kv_b[(h * (dn + dv) + dn) * r..], dv, r)?;
-            matmul(l, w_v, true, &mut out[h * dv..], heads * dv, false)?;
+            kv_b.rows_view(h * (dn + dv) + dn, dv)?.linear(l, &mut out[h * dv..], heads * dv)?;
         }
         Ok(())
     }

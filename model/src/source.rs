@@ -1,20 +1,31 @@
 //! Opening a model by the name a user gives it: a checkpoint directory or `builtin:<preset>`.
 
-use crate::checkpoint::{Checkpoint, TensorSource};
+use crate::checkpoint::{Checkpoint, Precision, TensorSource};
 use crate::{synth, Config, Experts, Model, Result};
 use std::path::Path;
 
 /// The config and tensors of `spec` (a Hugging Face model directory, or `builtin:<preset>`).
 /// A directory is mapped lazily whatever `wants` says; a builtin model generates only the
 /// tensors `wants` accepts (a worker, its experts; a router, everything else).
+/// The stored bytes of the tensors `wants` accepts count as to be loaded
+/// ([`crate::progress`]); reading a shard's header to size them touches none of its data.
 pub fn open_tensors(spec: &str, wants: &dyn Fn(&str) -> bool) -> Result<(Config, Box<dyn TensorSource>)> {
-    if let Some(preset) = spec.strip_prefix("builtin:") {
-        let (config, tensors) = synth::builtin(preset, wants)?;
-        return Ok((config, Box::new(tensors)));
+    let (config, src): (Config, Box<dyn TensorSource>) = match spec.strip_prefix("builtin:") {
+        Some(preset) => {
+            let (config, tensors) = synth::builtin(preset, wants)?;
+            (config, Box::new(tensors))
+        }
+        None => {
+            let dir = Path::new(spec);
+            (Config::from_file(&dir.join("config.json"))?, Box::new(Checkpoint::open(dir)?))
+        }
+    };
+    let mut bytes = 0;
+    for name in src.names().into_iter().filter(|n| wants(n)) {
+        bytes += src.raw(name)?.map_or(0, |t| t.data.len() as u64);
     }
-    let dir = Path::new(spec);
-    let config = Config::from_file(&dir.join("config.json"))?;
-    Ok((config, Box::new(Checkpoint::open(dir)?)))
+    crate::progress::load().expect(bytes);
+    Ok((config, src))
 }
 
 /// Whether `name` is a routed expert's tensor.
@@ -22,9 +33,15 @@ pub fn is_routed_expert(name: &str) -> bool {
     name.contains(".mlp.experts.")
 }
 
-/// Loads the model `spec` names with the routed experts `experts` selects.
+/// Loads the model `spec` names with the routed experts `experts` selects, in the
+/// checkpoint's precision.
 pub fn open(spec: &str, experts: Experts) -> Result<Model> {
+    open_as(spec, experts, Precision::Auto)
+}
+
+/// [`open`] with the weight matrices held in `precision`.
+pub fn open_as(spec: &str, experts: Experts, precision: Precision) -> Result<Model> {
     let wants = |name: &str| !is_routed_expert(name) || !matches!(experts, Experts::None);
     let (config, src) = open_tensors(spec, &wants)?;
-    Model::load(config, src.as_ref(), experts)
+    Model::load_as(config, src.as_ref(), experts, precision)
 }

@@ -199,12 +199,18 @@ pub fn builtin(preset: &str, wants: &dyn Fn(&str) -> bool) -> Result<(Config, Te
 pub fn write_model_dir(
     dir: &Path,
     preset: &str,
+    overrides: &[(String, Value)],
     storage: StorageDtype,
     seed: u64,
     skew: f32,
     shard_bytes: usize,
 ) -> Result<()> {
     let mut raw = preset_config(preset)?;
+    // Other shapes from a preset's: `config.json` keys replaced before anything is made (a
+    // value `Config` then refuses says which key).
+    for (key, value) in overrides {
+        raw[key.as_str()] = value.clone();
+    }
     if storage == StorageDtype::Fp8 {
         raw["quantization_config"] = json!({"activation_scheme": "dynamic", "fmt": "e4m3",
             "quant_method": "fp8", "weight_block_size": [128, 128]});

@@ -3,17 +3,23 @@
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
 use kubemoe_kernels::rel_err;
-use kubemoe_model::checkpoint::Checkpoint;
+use kubemoe_kernels::weight::Dtype as Held;
+use kubemoe_model::checkpoint::{Checkpoint, OwnedTensor, RawTensor, TensorMap, TensorSource};
 use kubemoe_model::generate::{generate, Request};
-use kubemoe_model::{Config, Experts, KvCache, Model, SamplingParams, Trace};
+use kubemoe_model::layers::FeedForward;
+use kubemoe_model::{Config, Experts, KvCache, Model, Precision, SamplingParams, Trace};
 use safetensors::{Dtype, SafeTensors};
 use std::path::PathBuf;
 
 fn fixture_dir() -> PathBuf {
+    variant_dir("deepseek-v3-tiny")
+}
+
+fn variant_dir(name: &str) -> PathBuf {
     let base = std::env::var_os("KUBEMOE_FIXTURES")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"));
-    let dir = base.join("deepseek-v3-tiny");
+    let dir = base.join(name);
     assert!(
         dir.join("config.json").exists(),
         "fixtures not found at {}; set KUBEMOE_FIXTURES",
@@ -23,9 +29,13 @@ fn fixture_dir() -> PathBuf {
 }
 
 fn load() -> Model {
-    let dir = fixture_dir();
+    load_as("deepseek-v3-tiny", Precision::Auto)
+}
+
+fn load_as(variant: &str, precision: Precision) -> Model {
+    let dir = variant_dir(variant);
     let config = Config::from_file(&dir.join("config.json")).unwrap();
-    Model::load(config, &Checkpoint::open(&dir).unwrap(), Experts::All).unwrap()
+    Model::load_as(config, &Checkpoint::open(&dir).unwrap(), Experts::All, precision).unwrap()
 }
 
 struct Reference {
@@ -34,7 +44,10 @@ struct Reference {
 
 impl Reference {
     fn open() -> Self {
-        Self { bytes: std::fs::read(fixture_dir().join("reference.safetensors")).unwrap() }
+        Self::of("deepseek-v3-tiny")
+    }
+    fn of(variant: &str) -> Self {
+        Self { bytes: std::fs::read(variant_dir(variant).join("reference.safetensors")).unwrap() }
     }
     fn f32(&self, name: &str) -> Vec<f32> {
         let st = SafeTensors::deserialize(&self.bytes).unwrap();
@@ -51,6 +64,17 @@ impl Reference {
 }
 
 const SEQS: [&str; 2] = ["s0", "s1"];
+
+/// The reference's sequences as greedy requests of 8 new tokens.
+fn greedy_requests(r: &Reference) -> Vec<Request> {
+    SEQS.iter()
+        .map(|s| Request {
+            prompt: r.ids(&format!("{s}.input_ids")),
+            max_new_tokens: 8,
+            sampling: SamplingParams::default(),
+        })
+        .collect()
+}
 
 #[test]
 fn full_forward_matches_reference_logits_layers_and_routing() {
@@ -83,14 +107,7 @@ fn full_forward_matches_reference_logits_layers_and_routing() {
 fn greedy_generation_with_kv_cache_matches_reference() {
     let model = load();
     let r = Reference::open();
-    let requests: Vec<Request> = SEQS
-        .iter()
-        .map(|s| Request {
-            prompt: r.ids(&format!("{s}.input_ids")),
-            max_new_tokens: 8,
-            sampling: SamplingParams::default(),
-        })
-        .collect();
+    let requests = greedy_requests(&r);
     // Together in one batch of different lengths, and each alone.
     let together = generate(&model, &requests).unwrap();
     for (i, s) in SEQS.iter().enumerate() {
@@ -152,4 +169,115 @@ fn out_of_vocabulary_id_is_refused_and_cache_left_intact() {
     assert_eq!((cache.len(), cache.bytes()), (3, bytes));
     let err = model.forward_full(&[600], None).unwrap_err();
     assert!(err.to_string().contains("vocab_size 512"), "{err}");
+}
+
+/// Greedy continuations from a variant's `reference.json`, by sequence.
+fn reference_greedy(variant: &str) -> Vec<(Vec<u32>, Vec<u32>)> {
+    let text = std::fs::read_to_string(variant_dir(variant).join("reference.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let ids =
+        |v: &serde_json::Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    json["sequences"].as_array().unwrap().iter().map(|s| (ids(&s["input_ids"]), ids(&s["greedy"]))).collect()
+}
+
+#[test]
+fn stored_bf16_and_fp8_fixtures_match_their_references_kept_in_their_precision() {
+    for (variant, held) in [("deepseek-v3-tiny-bf16", Held::Bf16), ("deepseek-v3-tiny-fp8", Held::Fp8)] {
+        let model = load_as(variant, Precision::Auto);
+        let FeedForward::Moe(moe) = &model.layers[1].mlp else { panic!("layer 1 is MoE") };
+        let expert = moe.experts[0].as_ref().unwrap();
+        assert_eq!(expert.gate_proj.weight.dtype(), held, "{variant}: experts held as stored");
+        assert_eq!(
+            model.layers[0].self_attn.kv_b_proj.weight.dtype(),
+            held,
+            "{variant}: attention held as stored"
+        );
+        assert_eq!(model.lm_head.weight.dtype(), Held::Bf16, "{variant}: LM head is bf16 in both");
+        let r = Reference::of(variant);
+        let greedy = reference_greedy(variant);
+        for (s, (ids, _)) in SEQS.iter().zip(&greedy) {
+            let logits = model.forward_full(ids, None).unwrap();
+            let err = rel_err(&logits, &r.f32(&format!("{s}.logits")));
+            assert!(err < 1e-4, "{variant} {s}: logits relative error {err}");
+        }
+        let requests: Vec<Request> = greedy
+            .iter()
+            .map(|(prompt, _)| Request {
+                prompt: prompt.clone(),
+                max_new_tokens: 8,
+                sampling: SamplingParams::default(),
+            })
+            .collect();
+        let out = generate(&model, &requests).unwrap();
+        for (got, (_, want)) in out.iter().zip(&greedy) {
+            assert_eq!(got, want, "{variant}: greedy tokens");
+        }
+    }
+}
+
+/// The f32 fixture with every matrix rounded as `precision` holds it (the kernels' own
+/// conversion), stored back as f32: what the f32 engine runs on the same rounded values.
+fn rounded_as_f32(precision: Precision) -> TensorMap {
+    let dir = fixture_dir();
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let st_bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&st_bytes).unwrap();
+    let mut map = TensorMap { label: format!("fixture rounded as {precision:?}"), ..Default::default() };
+    for name in st.names() {
+        let RawTensor { dtype, shape, data } = ckpt.raw(name).unwrap().unwrap();
+        let mut data = data.to_vec();
+        if shape.len() == 2 {
+            let w = kubemoe_kernels::Weight::stored(Held::F32, data.clone().into(), shape[0], shape[1], None)
+                .unwrap();
+            let to = match precision {
+                Precision::Fp8 if name.ends_with("_proj.weight") => Held::Fp8,
+                _ => Held::Bf16,
+            };
+            data = kubemoe_kernels::dtype::f32_to_le(&w.to(to, [128, 128]).unwrap().widen_all());
+        }
+        map.tensors.insert(name.to_string(), OwnedTensor { dtype, shape: shape.to_vec(), data });
+    }
+    map
+}
+
+#[test]
+fn bf16_and_fp8_residency_compute_the_f32_function_of_the_rounded_weights() {
+    let r = Reference::open();
+    for precision in [Precision::Bf16, Precision::Fp8] {
+        let held = load_as("deepseek-v3-tiny", precision);
+        let config = Config::from_file(&fixture_dir().join("config.json")).unwrap();
+        let widened =
+            Model::load_as(config, &rounded_as_f32(precision), Experts::All, Precision::F32).unwrap();
+        for s in SEQS {
+            let ids = r.ids(&format!("{s}.input_ids"));
+            let (mut t_held, mut t_wide) = (Trace::default(), Trace::default());
+            let a = held.forward_full(&ids, Some(&mut t_held)).unwrap();
+            let b = widened.forward_full(&ids, Some(&mut t_wide)).unwrap();
+            let err = rel_err(&a, &b);
+            assert!(
+                err < 1e-5,
+                "{precision:?} {s}: logits relative error {err} against f32 on the rounded weights"
+            );
+            for (layer, routing) in &t_wide.routing {
+                assert_eq!(
+                    t_held.routing[layer].ids, routing.ids,
+                    "{precision:?} {s}: experts of layer {layer}"
+                );
+            }
+        }
+        let prompts = greedy_requests(&r);
+        assert_eq!(
+            generate(&held, &prompts).unwrap(),
+            generate(&widened, &prompts).unwrap(),
+            "{precision:?}: greedy"
+        );
+        // bf16 on an FP8 checkpoint would round its values: refused, naming the way out.
+        if precision == Precision::Bf16 {
+            let dir = variant_dir("deepseek-v3-tiny-fp8");
+            let config = Config::from_file(&dir.join("config.json")).unwrap();
+            let err = Model::load_as(config, &Checkpoint::open(&dir).unwrap(), Experts::All, precision)
+                .unwrap_err();
+            assert!(err.to_string().contains("use dtype auto (FP8 kept) or f32"), "{err}");
+        }
+    }
 }

@@ -18,7 +18,7 @@ fn scratch(name: &str) -> PathBuf {
 
 fn gen(preset: &str, dtype: StorageDtype, name: &str) -> PathBuf {
     let dir = scratch(name);
-    synth::write_model_dir(&dir, preset, dtype, 7, 0.0, 1 << 20).unwrap();
+    synth::write_model_dir(&dir, preset, &[], dtype, 7, 0.0, 1 << 20).unwrap();
     dir
 }
 
@@ -115,7 +115,7 @@ fn v2_lite_shape_with_yarn_runs_end_to_end_and_decode_matches_full_forward() {
 #[test]
 fn builtin_equals_generated_directory_with_seed_zero() {
     let dir = scratch("builtin");
-    synth::write_model_dir(&dir, "tiny", StorageDtype::F32, 0, 0.0, 1 << 20).unwrap();
+    synth::write_model_dir(&dir, "tiny", &[], StorageDtype::F32, 0, 0.0, 1 << 20).unwrap();
     let a = open(&dir).forward_full(&PROMPT, None).unwrap();
     let b = source::open("builtin:tiny", Experts::All).unwrap().forward_full(&PROMPT, None).unwrap();
     assert_eq!(a, b);

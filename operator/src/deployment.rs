@@ -5,7 +5,7 @@
 //! that need the model's `config.json` (is `n_routed_experts + experts.redundant` divisible by
 //! `workers.replicas`?) are checked by the operator, which then reports `Ready=False` with the
 //! reason instead of creating anything. So are values the schema accepts for what is not built
-//! yet (`transport: nccl`, `model.dtype: bf16|fp8`, `workers.gpusPerWorker > 0`,
+//! yet (`transport: nccl`, `workers.gpusPerWorker > 0`,
 //! `experts.placement: hierarchical`): refused with
 //! reason `NotBuilt` and what to set instead, never served some other way.
 
@@ -124,9 +124,12 @@ pub struct ModelSpec {
         pattern = r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|hostPath:///.*|builtin:[a-z0-9][-a-z0-9]*)$"
     ))]
     pub source: String,
-    /// Precision of the weights in memory. `auto` (the default) and `f32` compute in f32: 16-bit
-    /// and FP8 checkpoints are widened at load. `bf16` and `fp8` (weights kept in that precision)
-    /// are not built yet and are refused with reason NotBuilt.
+    /// Precision of the weight matrices in memory (every product accumulates in f32).
+    /// `auto` (the default): the checkpoint's own (bf16 stays 16-bit, FP8 stays one byte a value
+    /// with its block scales). `bf16`: f32 checkpoints rounded to bf16 at load. `fp8`:
+    /// DeepSeek-V3's layout, `*_proj` weights quantised to e4m3 in 128×128 blocks at load when
+    /// stored wider. `f32`: everything widened (four bytes a value). `bf16` on an FP8
+    /// checkpoint is refused by the pods (it would round the stored values).
     #[serde(default)]
     pub dtype: Dtype,
     /// The model name clients of the OpenAI-compatible API send (`model`) and see in

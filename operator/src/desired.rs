@@ -10,7 +10,7 @@
 //! - worker `i` of the StatefulSet has rank `i`; the placement ConfigMap is mounted into every
 //!   pod, so a restarted pod starts from the placement in force.
 
-use crate::deployment::ModelDeployment;
+use crate::deployment::{Dtype, ModelDeployment};
 use crate::spec::ModelSource;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
@@ -384,6 +384,10 @@ impl<'a> Ctx<'a> {
             "--internal-token-file".into(),
             format!("{INTERNAL_DIR}/{INTERNAL_TOKEN_KEY}"),
         ];
+        // `auto` is the processes' default: pods of such deployments name no dtype.
+        if self.md.spec.model.dtype != Dtype::Auto {
+            args.extend(["--dtype".into(), self.md.spec.model.dtype.as_str().into()]);
+        }
         if let Some(tls) = &self.md.spec.tls {
             args.extend([
                 "--tls-dir".into(),
@@ -966,6 +970,22 @@ mod tests {
         assert_eq!(limits["memory"], Quantity("8Gi".into()));
         let cpu_only = tiny();
         assert!(worker_pod(&cpu_only).containers[0].resources.is_none());
+    }
+
+    #[test]
+    fn both_roles_get_the_dtype_unless_it_is_auto() {
+        let args = |dtype: &str| {
+            let spec = serde_json::json!({"model": {"source": "builtin:tiny", "dtype": dtype}, "workers": {"replicas": 2}});
+            let d = build_for(spec, None);
+            let router =
+                d.router.spec.clone().unwrap().template.spec.unwrap().containers[0].args.clone().unwrap();
+            [worker_pod(&d).containers[0].args.clone().unwrap(), router]
+                .map(|a| a.iter().skip_while(|a| *a != "--dtype").nth(1).cloned())
+        };
+        assert_eq!(args("auto"), [None, None]);
+        for dtype in ["bf16", "fp8", "f32"] {
+            assert_eq!(args(dtype), [Some(dtype.to_string()), Some(dtype.to_string())]);
+        }
     }
 
     #[test]

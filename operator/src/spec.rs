@@ -4,7 +4,7 @@
 //! way. Pure functions; the controller turns an [`Invalid`] into `Ready=False` with its reason
 //! and message, `render` and `kubemoe up` into an error.
 
-use crate::deployment::{Dtype, ModelDeploymentSpec, PlacementPolicy, Transport};
+use crate::deployment::{ModelDeploymentSpec, PlacementPolicy, Transport};
 use kubemoe_placement::rebalance::Policy;
 use kubemoe_placement::{Invalid, Layout, LayoutSpec, ModelConfig};
 
@@ -140,7 +140,9 @@ pub fn check_name(name: &str) -> Result<(), Invalid> {
     Err(Invalid::new(
         "InvalidName",
         format!(
-            "metadata.name {name:?}: the router Service and the worker StatefulSet take this name, so it              must be at most {MAX_NAME} characters of a-z, 0-9 and '-', starting with a letter and not              ending with '-'"
+            "metadata.name {name:?}: the router Service and the worker StatefulSet take this name, so it \
+             must be at most {MAX_NAME} characters of a-z, 0-9 and '-', starting with a letter and \
+             not ending with '-'"
         ),
     ))
 }
@@ -167,14 +169,6 @@ fn not_built(spec: &ModelDeploymentSpec) -> Result<(), Invalid> {
              needs workers pinned to nodes and is not built yet; set experts.placement to global"
                 .into(),
         );
-    }
-    if matches!(spec.model.dtype, Dtype::Bf16 | Dtype::Fp8) {
-        return refuse(format!(
-            "model.dtype {}: weights are computed in f32 today (16-bit and FP8 checkpoints are \
-             widened at load; keeping them in their own precision is not built yet); set \
-             model.dtype to auto or f32",
-            spec.model.dtype.as_str()
-        ));
     }
     Ok(())
 }
@@ -264,19 +258,11 @@ mod tests {
             layout(&spec(serde_json::json!({"workers": {"replicas": 2, "gpusPerWorker": 1}})), &tiny())
                 .unwrap_err();
         assert!(gpus.message.contains("set workers.gpusPerWorker to 0"), "{}", gpus.message);
-        for dtype in ["bf16", "fp8"] {
-            let refused = layout(
-                &spec(serde_json::json!({"model": {"source": "builtin:tiny", "dtype": dtype}})),
-                &tiny(),
-            )
-            .unwrap_err();
-            assert!(refused.message.contains(&format!("model.dtype {dtype}")), "{}", refused.message);
-        }
         let hierarchical =
             layout(&spec(serde_json::json!({"experts": {"placement": "hierarchical"}})), &tiny())
                 .unwrap_err();
         assert!(hierarchical.message.contains("set experts.placement to global"), "{}", hierarchical.message);
-        for dtype in ["auto", "f32"] {
+        for dtype in ["auto", "f32", "bf16", "fp8"] {
             assert!(layout(
                 &spec(serde_json::json!({"model": {"source": "builtin:tiny", "dtype": dtype}})),
                 &tiny()

@@ -237,14 +237,14 @@ async fn an_invalid_spec_gets_a_reason_and_no_children() {
 
 #[tokio::test]
 async fn a_setting_not_built_yet_gets_not_built_and_no_children() {
-    let world = World::new(json!({"model": {"source": "builtin:tiny", "dtype": "fp8"},
-        "workers": {"replicas": 2}}));
+    let world = World::new(json!({"model": {"source": "builtin:tiny"}, "transport": "nccl",
+        "workers": {"replicas": 2, "gpusPerWorker": 1}}));
     let writes = world.reconcile().await;
     assert_eq!(writes, [patch(&format!("{MD}/status")), EVENT.to_string()]);
     let md = world.md();
     let ready = status::find(md.status.as_ref(), "Ready").unwrap();
     assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "NotBuilt"));
-    assert!(ready.message.contains("set model.dtype to auto or f32"), "{}", ready.message);
+    assert!(ready.message.contains("set transport to tcp"), "{}", ready.message);
     assert!(world.api.get(STS).is_none() && world.api.get(PLACEMENT).is_none());
 }
 

@@ -84,6 +84,8 @@ impl From<Error> for tonic::Status {
 pub struct Options {
     /// A model directory or `builtin:<preset>`.
     pub model: String,
+    /// What the dense half's matrices are held in (`--dtype`).
+    pub precision: kubemoe_model::Precision,
     /// The model name of the OpenAI API (default: `model`).
     pub served_model_name: Option<String>,
     /// Worker gRPC URLs in rank order, or one with `{rank}` in it ([`remote::Members`]).
@@ -153,9 +155,13 @@ pub async fn run(
     let server_tls = |alpn| tls.as_ref().map(|t| t.server(alpn)).transpose();
     let client_tls = tls.as_ref().map(|t| t.client(opts.tls_server_name.as_deref())).transpose()?;
     let model_spec = opts.model.clone();
-    let model = tokio::task::spawn_blocking(move || source::open(&model_spec, Experts::None))
+    let precision = opts.precision;
+    let load = move || source::open_as(&model_spec, Experts::None, precision);
+    let model = tokio::task::spawn_blocking(move || kubemoe_model::progress::reported("router", load))
         .await
         .map_err(|e| Error::Workers(format!("model loading task: {e}")))??;
+    let (dtypes, bytes) = kubemoe_model::memory::summary(model.matrices());
+    kubemoe_model::memory::log_loaded("router", &dtypes, bytes);
     let config = model.config.clone();
     let max_context = opts.max_context.min(config.max_position_embeddings);
     let limits = scheduler::Limits {

@@ -57,6 +57,8 @@ pub struct Options {
     /// A model directory or `builtin:<preset>`.
     pub model: String,
     pub rank: usize,
+    /// What the experts' matrices are held in (`--dtype`).
+    pub precision: kubemoe_model::Precision,
     /// Workers sharing the experts when there is no `plan` (a plan says it itself).
     pub world_size: Option<usize>,
     /// The placement to start from (default: the initial placement).
@@ -95,10 +97,13 @@ pub async fn run(
         }
     };
     let tls = opts.tls_dir.as_deref().map(kubemoe_api::tls::Tls::load).transpose()?;
-    let Options { model, rank, world_size, plan, .. } = opts;
-    let store = tokio::task::spawn_blocking(move || ExpertStore::load(&model, rank, world_size, plan))
+    let Options { model, precision, rank, world_size, plan, .. } = opts;
+    let load = move || ExpertStore::load(&model, precision, rank, world_size, plan);
+    let store = tokio::task::spawn_blocking(move || kubemoe_model::progress::reported("worker", load))
         .await
         .map_err(|e| Error::Invalid(format!("expert loading task: {e}")))??;
+    let (dtypes, bytes) = store.held_weights()?;
+    kubemoe_model::memory::log_loaded("worker", &dtypes, bytes);
     let store = std::sync::Arc::new(store);
     let stats = std::sync::Arc::new(metrics::Stats::default());
     if let Some(http) = listeners.http {

@@ -8,7 +8,7 @@
 use crate::{Error, Result};
 use kubemoe_kernels::dtype::{f32_from_le, f32_to_le};
 use kubemoe_model::layers::{load_expert, run_experts, Mlp};
-use kubemoe_model::{source, Config};
+use kubemoe_model::{source, Config, Precision};
 use kubemoe_placement::PlacementPlan;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +16,8 @@ use std::sync::{Arc, Mutex, RwLock};
 
 pub struct ExpertStore {
     pub model: String,
+    /// What the experts' matrices are held in.
+    pub precision: Precision,
     pub config: Config,
     pub rank: usize,
     state: RwLock<State>,
@@ -37,6 +39,7 @@ impl ExpertStore {
     /// adding) holds nothing until an epoch places experts on it.
     pub fn load(
         model: &str,
+        precision: Precision,
         rank: usize,
         world_size: Option<usize>,
         plan: Option<PlacementPlan>,
@@ -73,6 +76,7 @@ impl ExpertStore {
             layers.iter().map(|&l| (l as usize, (0..n).map(|_| AtomicU64::new(0)).collect())).collect();
         let mut store = Self {
             model: model.into(),
+            precision,
             config,
             rank,
             state: RwLock::new(State { plan: plan.clone(), prepared: None, experts: BTreeMap::new() }),
@@ -147,6 +151,12 @@ impl ExpertStore {
         Ok(self.state.read().map_err(|_| Error::Poisoned)?.plan.workers as usize)
     }
 
+    /// The precisions of the experts held, and their bytes.
+    pub fn held_weights(&self) -> Result<(Vec<&'static str>, usize)> {
+        let state = self.state.read().map_err(|_| Error::Poisoned)?;
+        Ok(kubemoe_model::memory::summary(state.experts.values().flat_map(|m| m.matrices())))
+    }
+
     /// (layer, expert) pairs `plan` places on this rank.
     fn wanted(&self, plan: &PlacementPlan) -> BTreeSet<(usize, usize)> {
         plan.held(self.rank as u32)
@@ -171,7 +181,7 @@ impl ExpertStore {
         let (config, src) = source::open_tensors(&self.model, &wants)?;
         wanted
             .iter()
-            .map(|&(l, e)| Ok(((l, e), Arc::new(load_expert(src.as_ref(), &config, l, e)?))))
+            .map(|&(l, e)| Ok(((l, e), Arc::new(load_expert(src.as_ref(), &config, l, e, self.precision)?))))
             .collect()
     }
 
@@ -259,7 +269,7 @@ mod tests {
 
     #[test]
     fn partial_sums_equal_the_single_process_experts_and_counts_grow() {
-        let store = ExpertStore::load("builtin:tiny", 1, Some(2), None).unwrap();
+        let store = ExpertStore::load("builtin:tiny", Precision::Auto, 1, Some(2), None).unwrap();
         assert_eq!(store.held().unwrap(), vec![(1, (8..16).collect()), (2, (8..16).collect())]);
         let model = source::open("builtin:tiny", Experts::All).unwrap();
         let h = model.config.hidden_size;
@@ -283,26 +293,26 @@ mod tests {
 
     #[test]
     fn bad_dispatches_are_refused() {
-        let store = ExpertStore::load("builtin:tiny", 0, Some(2), None).unwrap();
+        let store = ExpertStore::load("builtin:tiny", Precision::Auto, 0, Some(2), None).unwrap();
         let x = f32_to_le(&[0.0; 64]);
         let err = store.dispatch(1, 1, &x, &routes(&[(0, 9, 1.0)])).unwrap_err();
         assert!(tonic::Status::from(err).message().to_string().contains("expert 9"));
         assert!(store.dispatch(0, 1, &x, &routes(&[(0, 1, 1.0)])).is_err());
         assert!(store.dispatch(1, 2, &x, &[]).is_err());
         assert!(store.dispatch(1, 1, &x, &routes(&[(3, 1, 1.0)])).is_err());
-        assert!(ExpertStore::load("builtin:tiny", 2, Some(2), None).is_err());
+        assert!(ExpertStore::load("builtin:tiny", Precision::Auto, 2, Some(2), None).is_err());
         let mut lost = PlacementPlan::initial(2, 8, 16, &[1, 2]);
         lost.layers[1].slots[0] = 1;
-        let err = ExpertStore::load("builtin:tiny", 0, None, Some(lost)).err().unwrap();
+        let err = ExpertStore::load("builtin:tiny", Precision::Auto, 0, None, Some(lost)).err().unwrap();
         assert!(tonic::Status::from(err).message().contains("layer 2 gives expert 0 no slot"));
     }
 
     #[test]
     fn a_rank_past_the_plan_holds_nothing_until_a_resize_places_experts_on_it() {
         let two = PlacementPlan::initial(2, 8, 16, &[1, 2]);
-        let store = ExpertStore::load("builtin:tiny", 2, None, Some(two.clone())).unwrap();
+        let store = ExpertStore::load("builtin:tiny", Precision::Auto, 2, None, Some(two.clone())).unwrap();
         assert_eq!((store.held().unwrap(), store.world_size().unwrap()), (vec![], 2));
-        let err = ExpertStore::load("builtin:tiny", 0, Some(3), Some(two)).err().unwrap();
+        let err = ExpertStore::load("builtin:tiny", Precision::Auto, 0, Some(3), Some(two)).err().unwrap();
         assert!(tonic::Status::from(err).message().contains("drop --world-size"));
         let mut three = PlacementPlan::initial(3, 6, 16, &[1, 2]);
         three.epoch = 1;
@@ -317,7 +327,7 @@ mod tests {
 
     #[test]
     fn migration_serves_both_epochs_until_release_then_only_the_new_one() {
-        let store = ExpertStore::load("builtin:tiny", 0, Some(2), None).unwrap();
+        let store = ExpertStore::load("builtin:tiny", Precision::Auto, 0, Some(2), None).unwrap();
         let h = store.config.hidden_size;
         let x = f32_to_le(&vec![0.5; h]);
         let run = |e: u32| store.dispatch(1, 1, &x, &routes(&[(0, e, 1.0)]));

@@ -1,0 +1,1074 @@
+//! Weight matrices resident in the precision of their checkpoint, and the products that read
+//! them: f32, bf16 and f16 (two bytes a value), and FP8 e4m3 (one byte a value) with one f32
+//! scale per `block` (DeepSeek-V3's 128×128 `weight_scale_inv`, report §3.3.2).
+//!
+//! Invariants:
+//! - Every value is widened to f32 exactly before it is multiplied (bf16 and f16 are subsets
+//!   of f32; an FP8 value times its block scale is the one f32 rounding the checkpoint
+//!   defines), and products and sums are f32. A bf16 or FP8 weight therefore computes the
+//!   same function as the f32 engine on the widened values, to f32 summation order. This is
+//!   why the decode kernels widen instead of using AVX-512 BF16 (`vdpbf16ps`) or AMX: both
+//!   round the activations to bf16 as well (8 significant bits), which changes the function.
+//! - Decode is bound by reading the weights (a value is used once per row of `x`), so for a
+//!   few rows ([`SMALL`]) each weight row is widened 16 values at a time in registers and
+//!   multiplied into every row of `x` at once; for more rows a panel of weight rows is widened
+//!   to f32 in cache and handed to the f32 GEMM, whose cost then dwarfs the widening.
+//! - The decode kernels sum each output in 16 lanes (two accumulators, alternating by block)
+//!   in an order fixed by the column index only: a row's result does not depend on how many
+//!   rows are batched with it. AVX-512F and AVX2+FMA (chosen at run time, explicit vectors:
+//!   LLVM's auto-vectoriser kept several rows' accumulators in memory) fuse multiply and add
+//!   and agree exactly; the portable code rounds twice.
+//! - Stored values are checked once, at construction: no NaN or infinity can come out.
+#![allow(unsafe_code)]
+
+use crate::matmul::{matmul, View};
+use crate::{check_len, Error, Result};
+use bytes::Bytes;
+use half::{bf16, f16};
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// The precision a weight is held in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    F32,
+    Bf16,
+    F16,
+    /// `float8_e4m3fn` with block scales.
+    Fp8,
+}
+
+impl Dtype {
+    /// Bytes per value (FP8's scales not counted).
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::Bf16 | Dtype::F16 => 2,
+            Dtype::Fp8 => 1,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+            Dtype::Fp8 => "fp8",
+        }
+    }
+}
+
+/// Rows of `x` up to which products run the decode kernels.
+pub const SMALL: usize = 4;
+const LANES: usize = 16;
+/// 2^120, the step from FP8's exponent bias (7) to f32's (127).
+const TWO_120: f32 = f32::from_bits(0x7B80_0000);
+/// FP8 block scales must stay below this, so that `2^120 ·` a scale is finite.
+const MAX_FP8_SCALE: f32 = 128.0;
+
+/// A row-major `rows × cols` weight matrix in PyTorch's `Linear` layout ([out, in]).
+#[derive(Clone)]
+pub struct Weight {
+    rows: usize,
+    cols: usize,
+    dtype: Dtype,
+    /// `rows · cols` little-endian values; borrowed from a memory map or owned.
+    data: Bytes,
+    /// FP8 only: `[⌈rows/block[0]⌉, ⌈cols/block[1]⌉]` scales, row-major.
+    scales: Vec<f32>,
+    block: [usize; 2],
+}
+
+impl std::fmt::Debug for Weight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Weight({} [{}, {}])", self.dtype.as_str(), self.rows, self.cols)
+    }
+}
+
+/// Owns f32 values as bytes, keeping their 4-byte alignment.
+struct F32s(Vec<f32>);
+
+impl AsRef<[u8]> for F32s {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
+    }
+}
+
+impl Weight {
+    /// An f32 weight holding `values` [rows, cols].
+    pub fn from_f32(values: Vec<f32>, rows: usize, cols: usize) -> Result<Self> {
+        Self::stored(Dtype::F32, Bytes::from_owner(F32s(values)), rows, cols, None)
+    }
+
+    /// A weight over stored little-endian values (`data`, borrowed or owned); FP8 needs its
+    /// block scales `[⌈rows/b0⌉, ⌈cols/b1⌉]` and `block` size. Refuses data of the wrong size
+    /// and any value that is NaN or infinite, or would widen to one.
+    pub fn stored(
+        dtype: Dtype,
+        data: Bytes,
+        rows: usize,
+        cols: usize,
+        fp8: Option<(Vec<f32>, [usize; 2])>,
+    ) -> Result<Self> {
+        let need = rows * cols * dtype.size();
+        if data.len() != need {
+            return Err(Error::Shape {
+                op: "weight",
+                detail: format!(
+                    "{} bytes for a {} [{rows}, {cols}] weight, which needs {need}",
+                    data.len(),
+                    dtype.as_str()
+                ),
+            });
+        }
+        // f32 values are read in place: a misaligned slice (possible in a memory map) is copied.
+        let data = if dtype == Dtype::F32 && bytemuck::try_cast_slice::<u8, f32>(&data).is_err() {
+            Bytes::from_owner(F32s(crate::dtype::f32_from_le(&data)))
+        } else {
+            data
+        };
+        let (scales, block) = match (dtype, fp8) {
+            (Dtype::Fp8, Some((scales, block))) => {
+                let grid = fp8_grid(rows, cols, block)?;
+                if scales.len() != grid.0 * grid.1 {
+                    return Err(Error::Shape {
+                        op: "weight",
+                        detail: format!(
+                            "weight_scale_inv holds {} scales, a [{rows}, {cols}] weight in {block:?} blocks \
+                             needs [{}, {}]",
+                            scales.len(),
+                            grid.0,
+                            grid.1
+                        ),
+                    });
+                }
+                if let Some(i) = scales.iter().position(|s| !s.is_finite()) {
+                    return Err(Error::NonFinite { what: "weight_scale_inv", index: i, value: scales[i] });
+                }
+                // Scales are a block's largest magnitude / 448: real weights are far below
+                // 448 · 128. The kernels fold 2^120 into the scale, which needs this bound.
+                if let Some(i) = scales.iter().position(|s| s.abs() >= MAX_FP8_SCALE) {
+                    return Err(Error::Param {
+                        op: "weight",
+                        detail: format!(
+                            "weight_scale_inv value at index {i} is {}: FP8 block scales must be below \
+                             {MAX_FP8_SCALE} (weights under {} in magnitude)",
+                            scales[i],
+                            448.0 * MAX_FP8_SCALE
+                        ),
+                    });
+                }
+                (scales, block)
+            }
+            (Dtype::Fp8, None) => {
+                return Err(Error::Param {
+                    op: "weight",
+                    detail: "an FP8 weight needs its block scales".into(),
+                })
+            }
+            (_, _) => (Vec::new(), [1, 1]),
+        };
+        let w = Self { rows, cols, dtype, data, scales, block };
+        if let Some((index, value)) = w.first_non_finite() {
+            return Err(Error::NonFinite { what: "weight", index, value });
+        }
+        Ok(w)
+    }
+
+    fn first_non_finite(&self) -> Option<(usize, f32)> {
+        let d = &self.data[..];
+        let at = |i: usize| {
+            let mut one = [0f32; 1];
+            self.widen_part(i / self.cols.max(1), i % self.cols.max(1), &mut one);
+            (i, one[0])
+        };
+        match self.dtype {
+            Dtype::F32 => self.f32s().iter().position(|v| !v.is_finite()).map(|i| (i, self.f32s()[i])),
+            Dtype::Bf16 => d.chunks_exact(2).position(|b| b[1] & 0x7F == 0x7F && b[0] & 0x80 != 0).map(at),
+            Dtype::F16 => d.chunks_exact(2).position(|b| b[1] & 0x7C == 0x7C).map(at),
+            Dtype::Fp8 => d.iter().position(|b| b & 0x7F == 0x7F).map(|i| (i, f32::NAN)),
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    /// Values held (`rows · cols`).
+    pub fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes held: the values, and FP8's scales.
+    pub fn bytes(&self) -> usize {
+        self.data.len() + self.scales.len() * 4
+    }
+
+    /// The stored values and, for FP8, the scales and block size.
+    pub fn raw(&self) -> (&[u8], &[f32], [usize; 2]) {
+        (&self.data, &self.scales, self.block)
+    }
+
+    fn f32s(&self) -> &[f32] {
+        // `stored` keeps f32 data 4-byte aligned (it copies a misaligned slice).
+        bytemuck::try_cast_slice(&self.data).unwrap_or(&[])
+    }
+
+    /// The same weight in `dtype`: exact when widening, rounded to nearest even when
+    /// narrowing; FP8 is quantised in `block`s scaled so that a block's largest magnitude maps
+    /// to 448 (DeepSeek-V3's recipe).
+    pub fn to(&self, dtype: Dtype, block: [usize; 2]) -> Result<Self> {
+        if dtype == self.dtype {
+            return Ok(self.clone());
+        }
+        let values = self.widen_all();
+        let (rows, cols) = (self.rows, self.cols);
+        match dtype {
+            Dtype::F32 => Self::from_f32(values, rows, cols),
+            Dtype::Bf16 => {
+                let data: Vec<u8> = values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect();
+                Self::stored(dtype, data.into(), rows, cols, None)
+            }
+            Dtype::F16 => {
+                let data: Vec<u8> = values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect();
+                Self::stored(dtype, data.into(), rows, cols, None)
+            }
+            Dtype::Fp8 => {
+                let (q, scales) = crate::dtype::quant_fp8_blocks(&values, rows, cols, block)?;
+                Self::stored(dtype, q.into(), rows, cols, Some((scales, block)))
+            }
+        }
+    }
+
+    /// Every value as f32 [rows, cols].
+    pub fn widen_all(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.len()];
+        self.view().widen(&mut out);
+        out
+    }
+
+    /// Row `i` as f32 into `out` [cols] (an embedding lookup).
+    pub fn row_into(&self, i: usize, out: &mut [f32]) -> Result<()> {
+        self.rows_view(i, 1)?.widen(out);
+        Ok(())
+    }
+
+    /// The whole matrix as a [`Rows`] view.
+    pub fn view(&self) -> Rows<'_> {
+        Rows { w: self, row0: 0, rows: self.rows }
+    }
+
+    /// Rows `row0 .. row0 + rows` (a head's slice of `kv_b_proj`).
+    pub fn rows_view(&self, row0: usize, rows: usize) -> Result<Rows<'_>> {
+        if row0 + rows > self.rows {
+            return Err(Error::Param {
+                op: "weight",
+                detail: format!("rows {row0}..{} of a weight with {} rows", row0 + rows, self.rows),
+            });
+        }
+        Ok(Rows { w: self, row0, rows })
+    }
+
+    /// `x [m, cols] · Wᵀ` → [m, rows] (PyTorch `Linear` without bias).
+    pub fn linear(&self, x: &[f32]) -> Result<Vec<f32>> {
+        let m = x.len() / self.cols.max(1);
+        let mut y = vec![0f32; m * self.rows];
+        self.view().linear(View::new(x, m, self.cols)?, &mut y, self.rows)?;
+        Ok(y)
+    }
+
+    /// Widens `out.len()` values of row `row` from column `col`, staying inside one FP8
+    /// block's columns when FP8.
+    #[inline(always)]
+    fn widen_part(&self, row: usize, col: usize, out: &mut [f32]) {
+        let start = row * self.cols + col;
+        let n = out.len();
+        match self.dtype {
+            Dtype::F32 => out.copy_from_slice(&self.f32s()[start..start + n]),
+            Dtype::Bf16 => {
+                for (o, b) in out.iter_mut().zip(self.data[2 * start..2 * (start + n)].chunks_exact(2)) {
+                    *o = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
+                }
+            }
+            Dtype::F16 => {
+                for (o, b) in out.iter_mut().zip(self.data[2 * start..2 * (start + n)].chunks_exact(2)) {
+                    *o = f16_bits_to_f32(u16::from_le_bytes([b[0], b[1]]));
+                }
+            }
+            Dtype::Fp8 => {
+                let bc = self.cols.div_ceil(self.block[1]);
+                let scale = self.scales[row / self.block[0] * bc + col / self.block[1]];
+                for (o, &b) in out.iter_mut().zip(&self.data[start..start + n]) {
+                    *o = fp8_bits_to_f32(b) * scale;
+                }
+            }
+        }
+    }
+
+    /// Values from `col` that [`Weight::widen_part`] may widen at once, at most `max`.
+    #[inline(always)]
+    fn run_len(&self, col: usize, max: usize) -> usize {
+        let n = max.min(self.cols - col);
+        if self.dtype == Dtype::Fp8 {
+            n.min(self.block[1] - col % self.block[1])
+        } else {
+            n
+        }
+    }
+}
+
+fn fp8_grid(rows: usize, cols: usize, block: [usize; 2]) -> Result<(usize, usize)> {
+    if block[0] == 0 || block[1] == 0 {
+        return Err(Error::Param { op: "weight", detail: format!("FP8 block size {block:?}") });
+    }
+    Ok((rows.div_ceil(block[0]), cols.div_ceil(block[1])))
+}
+
+/// f16 bits → f32 without branches (so that loops of it vectorise): the exponent and mantissa
+/// shifted into f32's fields read as `2^(e-127)·1.m` (a subnormal f32 when `e = 0`), and
+/// `2^112` moves the bias from 127 to 15. Exact for every finite f16; `stored` refuses the rest.
+#[inline(always)]
+fn f16_bits_to_f32(h: u16) -> f32 {
+    let h = u32::from(h);
+    let magnitude = f32::from_bits((h & 0x7FFF) << 13) * f32::from_bits(0x7780_0000); // 2^112
+    f32::from_bits(magnitude.to_bits() | ((h & 0x8000) << 16))
+}
+
+/// `float8_e4m3fn` bits → f32, as [`f16_bits_to_f32`]: bias 7, so the factor is `2^120`.
+#[inline(always)]
+fn fp8_bits_to_f32(b: u8) -> f32 {
+    let b = u32::from(b);
+    let magnitude = f32::from_bits((b & 0x7F) << 20) * TWO_120;
+    f32::from_bits(magnitude.to_bits() | ((b & 0x80) << 24))
+}
+
+/// Rows `row0 .. row0 + rows` of a [`Weight`].
+#[derive(Clone, Copy)]
+pub struct Rows<'a> {
+    w: &'a Weight,
+    row0: usize,
+    rows: usize,
+}
+
+impl Rows<'_> {
+    /// Every value as f32 into `out` [rows, cols].
+    pub fn widen(&self, out: &mut [f32]) {
+        let cols = self.w.cols;
+        for (r, orow) in out.chunks_mut(cols.max(1)).take(self.rows).enumerate() {
+            let mut c = 0;
+            while c < cols {
+                let n = self.w.run_len(c, cols);
+                self.w.widen_part(self.row0 + r, c, &mut orow[c..c + n]);
+                c += n;
+            }
+        }
+    }
+
+    fn f32_view(&self) -> Result<View<'_>> {
+        let cols = self.w.cols;
+        View::new(&self.w.f32s()[self.row0 * cols..(self.row0 + self.rows) * cols], self.rows, cols)
+    }
+
+    /// `out[m, rows] = x[m, cols] · Wᵀ`, rows of `out` `out_ld` apart.
+    pub fn linear(&self, x: View<'_>, out: &mut [f32], out_ld: usize) -> Result<()> {
+        let (m, k, n) = (x.rows, self.w.cols, self.rows);
+        if x.cols != k {
+            return Err(Error::Shape {
+                op: "linear",
+                detail: format!("input rows hold {} values, the weight takes {k}", x.cols),
+            });
+        }
+        check_len("linear", "output", out.len(), if m == 0 { 0 } else { (m - 1) * out_ld + n })?;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        if m > SMALL {
+            return if self.w.dtype == Dtype::F32 {
+                matmul(x, self.f32_view()?, true, out, out_ld, false)
+            } else {
+                self.linear_panels(x, out, out_ld)
+            };
+        }
+        // Decode: [n, m] results, in parallel over weight rows when the matrix is large and
+        // this is not already a task of the pool.
+        let mut t = vec![0f32; n * m];
+        let per_task = (1 << 16) / k.max(1) + 1;
+        let run = |j0: usize, part: &mut [f32]| dot(self, j0, x, part);
+        if n * k >= 1 << 18 && rayon::current_thread_index().is_none() {
+            t.par_chunks_mut(per_task * m).enumerate().for_each(|(i, part)| run(i * per_task, part));
+        } else {
+            run(0, &mut t);
+        }
+        for (j, col) in t.chunks(m).enumerate() {
+            for (i, v) in col.iter().enumerate() {
+                out[i * out_ld + j] = *v;
+            }
+        }
+        Ok(())
+    }
+
+    /// Batches: panels of weight rows widened to f32 (a few hundred KiB, cache-resident), each
+    /// multiplied by the GEMM; panels in parallel unless already on the pool.
+    fn linear_panels(&self, x: View<'_>, out: &mut [f32], out_ld: usize) -> Result<()> {
+        let (m, k, n) = (x.rows, self.w.cols, self.rows);
+        let p = ((1 << 16) / k.max(1)).clamp(16, 256);
+        let panel = |j: usize| -> Result<Vec<f32>> {
+            let len = p.min(n - j);
+            let mut buf = vec![0f32; len * k];
+            Rows { w: self.w, row0: self.row0 + j, rows: len }.widen(&mut buf);
+            let mut o = vec![0f32; m * len];
+            matmul(x, View::new(&buf, len, k)?, true, &mut o, len, false)?;
+            Ok(o)
+        };
+        let starts: Vec<usize> = (0..n).step_by(p).collect();
+        let results: Vec<Vec<f32>> = if rayon::current_thread_index().is_none() && starts.len() > 1 {
+            starts.par_iter().map(|&j| panel(j)).collect::<Result<_>>()?
+        } else {
+            starts.iter().map(|&j| panel(j)).collect::<Result<_>>()?
+        };
+        for (&j, o) in starts.iter().zip(&results) {
+            let len = p.min(n - j);
+            for (i, row) in o.chunks(len).enumerate() {
+                out[i * out_ld + j..][..len].copy_from_slice(row);
+            }
+        }
+        Ok(())
+    }
+
+    /// `out[m, cols] = x[m, rows] · W` (the weight not transposed: MLA's absorbed `q_nopeᵀ W_k`).
+    pub fn left(&self, x: View<'_>, out: &mut [f32], out_ld: usize) -> Result<()> {
+        let (m, k, n) = (x.rows, self.rows, self.w.cols);
+        if x.cols != k {
+            return Err(Error::Shape {
+                op: "left",
+                detail: format!("input rows hold {} values, the weight has {k} rows", x.cols),
+            });
+        }
+        check_len("left", "output", out.len(), if m == 0 { 0 } else { (m - 1) * out_ld + n })?;
+        if self.w.dtype == Dtype::F32 {
+            return matmul(x, self.f32_view()?, false, out, out_ld, false);
+        }
+        if m > SMALL {
+            let mut buf = vec![0f32; k * n];
+            self.widen(&mut buf);
+            return matmul(x, View::new(&buf, k, n)?, false, out, out_ld, false);
+        }
+        for i in 0..m {
+            out[i * out_ld..][..n].fill(0.0);
+        }
+        axpy(self, x, out, out_ld);
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    })
+}
+
+/// The instruction set the decode kernels run on here: `avx512f`, `avx2` or `portable`.
+pub fn isa_name() -> &'static str {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => "avx512f",
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => "avx2",
+        Isa::Portable => "portable",
+    }
+}
+
+/// How the kernels read one dtype: `LANES` values at a time into f32, exactly.
+trait Widen {
+    /// Bytes per value.
+    const SIZE: usize;
+    /// Whether values are multiplied by a block scale (FP8: [`Widen::one`] and
+    /// [`Widen::lanes`] give `2^-120 ·` the value, and the scale carries `2^120`).
+    const SCALED: bool;
+    /// The value at the start of `b`.
+    fn one(b: &[u8]) -> f32;
+    /// The `LANES` values at the start of `b`.
+    fn lanes(b: &[u8]) -> [f32; LANES];
+}
+
+/// The first `N` elements of `b` read as `[T; N]` (one unaligned vector load).
+#[inline(always)]
+fn load<T: bytemuck::Pod, const N: usize>(b: &[u8]) -> [T; N] {
+    let b = &b[..N * std::mem::size_of::<T>()];
+    // SAFETY: `b` holds exactly the bytes of `[T; N]` (checked by the slice above), `T` is
+    // plain old data (every bit pattern valid), and the read makes no alignment assumption.
+    unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<[T; N]>()) }
+}
+
+struct F32Le;
+struct Bf16Le;
+struct F16Le;
+struct Fp8E4m3;
+
+impl Widen for F32Le {
+    const SIZE: usize = 4;
+    const SCALED: bool = false;
+    #[inline(always)]
+    fn one(b: &[u8]) -> f32 {
+        f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+    #[inline(always)]
+    fn lanes(b: &[u8]) -> [f32; LANES] {
+        let raw = load::<u32, LANES>(b);
+        let mut v = [0f32; LANES];
+        for l in 0..LANES {
+            v[l] = f32::from_bits(u32::from_le(raw[l]));
+        }
+        v
+    }
+}
+
+impl Widen for Bf16Le {
+    const SIZE: usize = 2;
+    const SCALED: bool = false;
+    #[inline(always)]
+    fn one(b: &[u8]) -> f32 {
+        f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)
+    }
+    #[inline(always)]
+    fn lanes(b: &[u8]) -> [f32; LANES] {
+        let raw = load::<u16, LANES>(b);
+        let mut v = [0f32; LANES];
+        for l in 0..LANES {
+            v[l] = f32::from_bits(u32::from(u16::from_le(raw[l])) << 16);
+        }
+        v
+    }
+}
+
+impl Widen for F16Le {
+    const SIZE: usize = 2;
+    const SCALED: bool = false;
+    #[inline(always)]
+    fn one(b: &[u8]) -> f32 {
+        f16_bits_to_f32(u16::from_le_bytes([b[0], b[1]]))
+    }
+    #[inline(always)]
+    fn lanes(b: &[u8]) -> [f32; LANES] {
+        let raw = load::<u16, LANES>(b);
+        let mut v = [0f32; LANES];
+        for l in 0..LANES {
+            v[l] = f16_bits_to_f32(u16::from_le(raw[l]));
+        }
+        v
+    }
+}
+
+impl Widen for Fp8E4m3 {
+    const SIZE: usize = 1;
+    const SCALED: bool = true;
+    #[inline(always)]
+    fn one(b: &[u8]) -> f32 {
+        f32::from_bits((i32::from(b[0] as i8) << 20) as u32 & 0x87F0_0000)
+    }
+    #[inline(always)]
+    fn lanes(b: &[u8]) -> [f32; LANES] {
+        let raw = load::<i8, LANES>(b);
+        let mut v = [0f32; LANES];
+        for l in 0..LANES {
+            // `2^-120 ·` the value: sign-extended and shifted, bit 31 is the sign and bits
+            // 26..20 the exponent and mantissa (see `fp8_bits_to_f32`).
+            v[l] = f32::from_bits((i32::from(raw[l]) << 20) as u32 & 0x87F0_0000);
+        }
+        v
+    }
+}
+
+/// Column segments of a row that share one scale: FP8's blocks, or the whole row. Plain
+/// loops over these, not closures: a closure would be compiled without the kernel's target
+/// features.
+#[derive(Clone, Copy)]
+struct Segments<'a> {
+    cols: usize,
+    width: usize,
+    /// FP8: the scales of the row's blocks; empty otherwise.
+    scales: &'a [f32],
+}
+
+impl<'a> Segments<'a> {
+    #[inline(always)]
+    fn of(w: &'a Weight, row: usize) -> Self {
+        if w.dtype != Dtype::Fp8 {
+            return Self { cols: w.cols, width: w.cols.max(1), scales: &[] };
+        }
+        let bc = w.cols.div_ceil(w.block[1]);
+        Self { cols: w.cols, width: w.block[1], scales: &w.scales[row / w.block[0] * bc..][..bc] }
+    }
+
+    #[inline(always)]
+    fn count(&self) -> usize {
+        self.cols.div_ceil(self.width)
+    }
+
+    /// Columns `c0..c1` of segment `i` and their scale.
+    #[inline(always)]
+    fn get(&self, i: usize) -> (usize, usize, f32) {
+        let c0 = i * self.width;
+        // 2^120 · scale is exact (`stored` keeps scales below 2^7), and one rounding of
+        // 2^-120·v · (2^120·scale) equals that of v · scale.
+        (c0, (c0 + self.width).min(self.cols), self.scales.get(i).map_or(1.0, |s| s * TWO_120))
+    }
+}
+
+/// Runs `$body` with `$d` the [`Widen`] type of `$dtype`, `$m` the const row count of `$rows`
+/// (≤ [`SMALL`]), and the instruction set `isa()` chose.
+macro_rules! dispatch {
+    ($dtype:expr, $call:ident, ($($arg:expr),*)) => {
+        match $dtype {
+            Dtype::F32 => dispatch!(@isa F32Le, $call, ($($arg),*)),
+            Dtype::Bf16 => dispatch!(@isa Bf16Le, $call, ($($arg),*)),
+            Dtype::F16 => dispatch!(@isa F16Le, $call, ($($arg),*)),
+            Dtype::Fp8 => dispatch!(@isa Fp8E4m3, $call, ($($arg),*)),
+        }
+    };
+    (@isa $d:ty, $call:ident, ($($arg:expr),*)) => {
+        match isa() {
+            // SAFETY: `isa()` chose AVX-512F only where the CPU reports it.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { $call::avx512::<$d>($($arg),*) },
+            // SAFETY: `isa()` chose AVX2 only where the CPU reports it.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { $call::avx2::<$d>($($arg),*) },
+            Isa::Portable => $call::portable::<$d>($($arg),*),
+        }
+    };
+}
+
+/// Wraps a generic kernel `$imp` into `avx512`, `avx2` and `portable` entry points: the same
+/// code compiled for each instruction set, chosen at run time.
+macro_rules! versions {
+    ($name:ident, $imp:ident, ($($a:ident: $t:ty),*)) => {
+        mod $name {
+            use super::*;
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f")]
+            pub(super) fn avx512<D: Widen>($($a: $t),*) {
+                $imp::<D, x86::Avx512>($($a),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            pub(super) fn avx2<D: Widen>($($a: $t),*) {
+                $imp::<D, x86::Avx2>($($a),*)
+            }
+            pub(super) fn portable<D: Widen>($($a: $t),*) {
+                $imp::<D, Portable>($($a),*)
+            }
+        }
+    };
+}
+
+versions!(dot_k, dot_rows, (w: &Rows<'_>, j0: usize, x: View<'_>, out: &mut [f32]));
+versions!(axpy_k, axpy_impl, (w: &Rows<'_>, x: View<'_>, out: &mut [f32], out_ld: usize));
+
+/// `out[(j - j0)·m + i] = Σ_c x[i, c] · W[j, c]` for the rows `j` of `w` from `j0` that `out`
+/// has room for (`x` has `m ≤ SMALL` rows).
+fn dot(w: &Rows<'_>, j0: usize, x: View<'_>, out: &mut [f32]) {
+    dispatch!(w.w.dtype, dot_k, (w, j0, x, out))
+}
+
+#[inline(always)]
+fn dot_rows<D: Widen, S: Lanes>(w: &Rows<'_>, j0: usize, x: View<'_>, out: &mut [f32]) {
+    match x.rows {
+        1 => dot_impl::<D, S, 1>(w, j0, x, out),
+        2 => dot_impl::<D, S, 2>(w, j0, x, out),
+        3 => dot_impl::<D, S, 3>(w, j0, x, out),
+        _ => dot_impl::<D, S, 4>(w, j0, x, out),
+    }
+}
+
+/// 16 f32 accumulators in registers. Explicit vectors: LLVM's auto-vectoriser kept the
+/// accumulators of several rows in memory, one lane at a time.
+trait Lanes: Copy {
+    fn zero() -> Self;
+    /// 16 values from the start of `x`.
+    fn load(x: &[f32]) -> Self;
+    fn from_array(a: &[f32; LANES]) -> Self;
+    /// `self + a · b`: fused (one rounding) on AVX-512F and AVX2+FMA, two roundings in the
+    /// portable code.
+    fn add_mul(self, a: Self, b: Self) -> Self;
+    fn to_array(self) -> [f32; LANES];
+    #[inline(always)]
+    fn splat(v: f32) -> Self {
+        Self::from_array(&[v; LANES])
+    }
+    /// Writes the 16 values to the start of `out`.
+    #[inline(always)]
+    fn store(self, out: &mut [f32]) {
+        out[..LANES].copy_from_slice(&self.to_array());
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Portable([f32; LANES]);
+
+impl Lanes for Portable {
+    #[inline(always)]
+    fn zero() -> Self {
+        Self([0.0; LANES])
+    }
+    #[inline(always)]
+    fn load(x: &[f32]) -> Self {
+        let mut a = [0f32; LANES];
+        a.copy_from_slice(&x[..LANES]);
+        Self(a)
+    }
+    #[inline(always)]
+    fn from_array(a: &[f32; LANES]) -> Self {
+        Self(*a)
+    }
+    #[inline(always)]
+    fn add_mul(mut self, a: Self, b: Self) -> Self {
+        for l in 0..LANES {
+            self.0[l] += a.0[l] * b.0[l];
+        }
+        self
+    }
+    #[inline(always)]
+    fn to_array(self) -> [f32; LANES] {
+        self.0
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! The [`Lanes`] of AVX-512F (one register) and AVX2 with FMA (two). Their functions are inlined
+    //! only into kernels compiled with the matching `target_feature`, which `isa()` runs
+    //! only on CPUs that report it.
+    use super::{Lanes, LANES};
+    use std::arch::x86_64::*;
+
+    #[derive(Clone, Copy)]
+    pub(super) struct Avx512(__m512);
+
+    impl Lanes for Avx512 {
+        #[inline(always)]
+        fn zero() -> Self {
+            // SAFETY: only reached from `avx512f` kernels (see the module doc).
+            Self(unsafe { _mm512_setzero_ps() })
+        }
+        #[inline(always)]
+        fn load(x: &[f32]) -> Self {
+            let x = &x[..LANES];
+            // SAFETY: `x` holds 16 values; an unaligned load; `avx512f` as above.
+            Self(unsafe { _mm512_loadu_ps(x.as_ptr()) })
+        }
+        #[inline(always)]
+        fn from_array(a: &[f32; LANES]) -> Self {
+            Self::load(a)
+        }
+        #[inline(always)]
+        fn add_mul(self, a: Self, b: Self) -> Self {
+            // SAFETY: `avx512f` as above.
+            Self(unsafe { _mm512_fmadd_ps(a.0, b.0, self.0) })
+        }
+        #[inline(always)]
+        fn to_array(self) -> [f32; LANES] {
+            let mut a = [0f32; LANES];
+            // SAFETY: `a` holds 16 values; `avx512f` as above.
+            unsafe { _mm512_storeu_ps(a.as_mut_ptr(), self.0) };
+            a
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    pub(super) struct Avx2(__m256, __m256);
+
+    impl Lanes for Avx2 {
+        #[inline(always)]
+        fn zero() -> Self {
+            // SAFETY: only reached from `avx2` kernels (see the module doc).
+            unsafe { Self(_mm256_setzero_ps(), _mm256_setzero_ps()) }
+        }
+        #[inline(always)]
+        fn load(x: &[f32]) -> Self {
+            let x = &x[..LANES];
+            // SAFETY: `x` holds 16 values; unaligned loads; `avx2` as above.
+            unsafe { Self(_mm256_loadu_ps(x.as_ptr()), _mm256_loadu_ps(x[8..].as_ptr())) }
+        }
+        #[inline(always)]
+        fn from_array(a: &[f32; LANES]) -> Self {
+            Self::load(a)
+        }
+        #[inline(always)]
+        fn add_mul(self, a: Self, b: Self) -> Self {
+            // SAFETY: `avx2,fma` as above.
+            unsafe { Self(_mm256_fmadd_ps(a.0, b.0, self.0), _mm256_fmadd_ps(a.1, b.1, self.1)) }
+        }
+        #[inline(always)]
+        fn to_array(self) -> [f32; LANES] {
+            let mut a = [0f32; LANES];
+            // SAFETY: `a` holds 16 values; `avx2` as above.
+            unsafe {
+                _mm256_storeu_ps(a.as_mut_ptr(), self.0);
+                _mm256_storeu_ps(a[8..].as_mut_ptr(), self.1);
+            }
+            a
+        }
+    }
+}
+
+#[inline(always)]
+fn dot_impl<D: Widen, S: Lanes, const M: usize>(w: &Rows<'_>, j0: usize, x: View<'_>, out: &mut [f32]) {
+    let k = w.w.cols;
+    let xs: [&[f32]; M] = std::array::from_fn(|i| &x.data[i * x.ld..][..k]);
+    for (jj, o) in out.chunks_exact_mut(M).enumerate().take(w.rows.saturating_sub(j0)) {
+        let row = w.row0 + j0 + jj;
+        let bytes = &w.w.data[row * k * D::SIZE..][..k * D::SIZE];
+        // Two accumulators a row, alternating by block of 16: one would make every block wait
+        // for the previous block's addition.
+        let mut acc = [[S::zero(); 2]; M];
+        let mut tail = [[0f32; LANES]; M];
+        let segments = Segments::of(w.w, row);
+        for seg in 0..segments.count() {
+            let (c0, c1, scale) = segments.get(seg);
+            let full = c0 + (c1 - c0) / LANES * LANES;
+            let mut c = c0;
+            while c + 2 * LANES <= full {
+                let (v0, v1) = (widen::<D, S>(bytes, c, scale), widen::<D, S>(bytes, c + LANES, scale));
+                for (acc, xr) in acc.iter_mut().zip(&xs) {
+                    acc[0] = acc[0].add_mul(v0, S::load(&xr[c..]));
+                    acc[1] = acc[1].add_mul(v1, S::load(&xr[c + LANES..]));
+                }
+                c += 2 * LANES;
+            }
+            if c < full {
+                let v0 = widen::<D, S>(bytes, c, scale);
+                for (acc, xr) in acc.iter_mut().zip(&xs) {
+                    acc[0] = acc[0].add_mul(v0, S::load(&xr[c..]));
+                }
+            }
+            for c in full..c1 {
+                let v = if D::SCALED {
+                    D::one(&bytes[c * D::SIZE..]) * scale
+                } else {
+                    D::one(&bytes[c * D::SIZE..])
+                };
+                for (tail, xr) in tail.iter_mut().zip(&xs) {
+                    tail[c - full] += v * xr[c];
+                }
+            }
+        }
+        for ((o, [a0, a1]), t) in o.iter_mut().zip(&acc).zip(&tail) {
+            let (mut a, a1) = (a0.to_array(), a1.to_array());
+            for l in 0..LANES {
+                a[l] += a1[l] + t[l];
+            }
+            *o = sum_lanes(&a);
+        }
+    }
+}
+
+/// The 16 values of `bytes` from column `c`, scaled (FP8). A function, not a closure: a
+/// closure would be compiled without the kernel's target features.
+#[inline(always)]
+fn widen<D: Widen, S: Lanes>(bytes: &[u8], c: usize, scale: f32) -> S {
+    let mut v = D::lanes(&bytes[c * D::SIZE..]);
+    if D::SCALED {
+        for v in &mut v {
+            *v *= scale;
+        }
+    }
+    S::from_array(&v)
+}
+
+/// A fixed-order sum of 16 lanes (pairwise, as a vector reduction would).
+#[inline(always)]
+fn sum_lanes(a: &[f32; LANES]) -> f32 {
+    let mut v = *a;
+    let mut width = LANES / 2;
+    while width > 0 {
+        for l in 0..width {
+            v[l] += v[l + width];
+        }
+        width /= 2;
+    }
+    v[0]
+}
+
+/// `out[i, :] += Σ_d x[i, d] · W[d, :]` for the (few) rows `i` of `x`.
+fn axpy(w: &Rows<'_>, x: View<'_>, out: &mut [f32], out_ld: usize) {
+    dispatch!(w.w.dtype, axpy_k, (w, x, out, out_ld))
+}
+
+#[inline(always)]
+fn axpy_impl<D: Widen, S: Lanes>(w: &Rows<'_>, x: View<'_>, out: &mut [f32], out_ld: usize) {
+    let n = w.w.cols;
+    for d in 0..w.rows {
+        let row = w.row0 + d;
+        let bytes = &w.w.data[row * n * D::SIZE..][..n * D::SIZE];
+        let segments = Segments::of(w.w, row);
+        for seg in 0..segments.count() {
+            let (c0, c1, scale) = segments.get(seg);
+            for i in 0..x.rows {
+                let coef = x.data[i * x.ld + d];
+                let o = &mut out[i * out_ld..][..n];
+                let full = c0 + (c1 - c0) / LANES * LANES;
+                let mut c = c0;
+                while c < full {
+                    let mut v = D::lanes(&bytes[c * D::SIZE..]);
+                    if D::SCALED {
+                        // The widened value first (v · scale), as the f32 engine has it.
+                        for v in &mut v {
+                            *v *= scale;
+                        }
+                    }
+                    S::load(&o[c..]).add_mul(S::splat(coef), S::from_array(&v)).store(&mut o[c..]);
+                    c += LANES;
+                }
+                for c in full..c1 {
+                    let v = D::one(&bytes[c * D::SIZE..]);
+                    o[c] += coef * if D::SCALED { v * scale } else { v };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rel_err;
+    use crate::rng::Rng;
+
+    fn reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut y = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                y[i * n + j] = (0..k).map(|c| f64::from(x[i * k + c]) * f64::from(w[j * k + c])).sum();
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn widening_is_exact_for_every_code() {
+        for b in 0..=255u8 {
+            let (want, got) = (crate::dtype::fp8_e4m3_to_f32(b), fp8_bits_to_f32(b));
+            assert!(want.to_bits() == got.to_bits() || (b & 0x7F == 0x7F), "fp8 {b:#x}: {want} {got}");
+        }
+        for h in 0..=u16::MAX {
+            if h & 0x7C00 != 0x7C00 {
+                assert_eq!(f16::from_bits(h).to_f32().to_bits(), f16_bits_to_f32(h).to_bits(), "f16 {h:#x}");
+            }
+        }
+    }
+
+    /// Every dtype, both products, decode and batch sizes, odd shapes and FP8 blocks that
+    /// do not divide them: the f64 product of the widened values.
+    #[test]
+    fn products_equal_the_widened_weights_product() {
+        let mut rng = Rng::new(11);
+        for &(k, n) in &[(1, 1), (37, 19), (300, 70), (1024, 513)] {
+            let base = Weight::from_f32(rng.vec(n * k), n, k).unwrap();
+            for dtype in [Dtype::F32, Dtype::Bf16, Dtype::F16, Dtype::Fp8] {
+                let w = base.to(dtype, [128, 64]).unwrap();
+                let wide = w.widen_all();
+                for m in [1, 2, 3, 4, 5, 40] {
+                    let x = rng.vec(m * k);
+                    let y = w.linear(&x).unwrap();
+                    let err = rel_err(&y, &reference(&x, &wide, m, k, n));
+                    assert!(err < 1e-6, "{dtype:?} linear m={m} {k}x{n}: {err}");
+                    // x [m, n] · W [n, k] through rows 0..n.
+                    let x = rng.vec(m * n);
+                    let mut out = vec![0f32; m * k];
+                    w.view().left(View::new(&x, m, n).unwrap(), &mut out, k).unwrap();
+                    let wt: Vec<f32> = (0..k * n).map(|i| wide[(i % n) * k + i / n]).collect();
+                    let err = rel_err(&out, &reference(&x, &wt, m, n, k));
+                    assert!(err < 1e-6, "{dtype:?} left m={m} {n}x{k}: {err}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_range_reads_its_own_rows_and_fp8_blocks() {
+        let mut rng = Rng::new(5);
+        let (n, k) = (200, 96);
+        let w = Weight::from_f32(rng.vec(n * k), n, k).unwrap().to(Dtype::Fp8, [64, 32]).unwrap();
+        let wide = w.widen_all();
+        let x = rng.vec(3 * k);
+        let (r0, len) = (70, 50);
+        let mut out = vec![0f32; 3 * len];
+        w.rows_view(r0, len).unwrap().linear(View::new(&x, 3, k).unwrap(), &mut out, len).unwrap();
+        let want = reference(&x, &wide[r0 * k..(r0 + len) * k], 3, k, len);
+        assert!(rel_err(&out, &want) < 1e-6);
+        assert!(w.rows_view(190, 11).is_err());
+    }
+
+    #[test]
+    fn decode_results_do_not_depend_on_the_batch() {
+        let mut rng = Rng::new(3);
+        let (n, k) = (33, 500);
+        let w = Weight::from_f32(rng.vec(n * k), n, k).unwrap().to(Dtype::Bf16, [1, 1]).unwrap();
+        let x = rng.vec(4 * k);
+        let all = w.linear(&x).unwrap();
+        for i in 0..4 {
+            let one = w.linear(&x[i * k..(i + 1) * k]).unwrap();
+            assert_eq!(one, all[i * n..(i + 1) * n], "row {i}");
+        }
+    }
+
+    #[test]
+    fn bad_stored_weights_are_refused() {
+        let err = Weight::stored(Dtype::Bf16, vec![0u8; 5].into(), 1, 3, None).unwrap_err();
+        assert!(err.to_string().contains("needs 6"), "{err}");
+        let nan = bf16::NAN.to_le_bytes();
+        let err =
+            Weight::stored(Dtype::Bf16, [0, 0, nan[0], nan[1]].to_vec().into(), 1, 2, None).unwrap_err();
+        assert!(err.to_string().contains("index 1"), "{err}");
+        let inf = f16::INFINITY.to_le_bytes().to_vec();
+        assert!(Weight::stored(Dtype::F16, inf.into(), 1, 1, None).is_err());
+        let fp8 =
+            |b: u8, s: f32| Weight::stored(Dtype::Fp8, vec![b].into(), 1, 1, Some((vec![s], [128, 128])));
+        assert!(fp8(0x7F, 1.0).is_err());
+        assert!(fp8(0x38, 1e38).is_err());
+        assert!(fp8(0x38, f32::NAN).is_err());
+        assert!(fp8(0x38, 2.0).is_ok());
+        let err =
+            Weight::stored(Dtype::Fp8, vec![0x38; 4].into(), 2, 2, Some((vec![], [128, 128]))).unwrap_err();
+        assert!(err.to_string().contains("weight_scale_inv"), "{err}");
+    }
+
+    #[test]
+    fn misaligned_f32_bytes_are_copied_not_refused() {
+        let raw = Bytes::from(vec![0u8; 13]);
+        let w = Weight::stored(Dtype::F32, raw.slice(1..13), 1, 3, None).unwrap();
+        assert_eq!(w.widen_all(), [0.0; 3]);
+    }
+}
