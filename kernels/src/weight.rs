@@ -15,7 +15,8 @@
 //!   to f32 in cache and handed to the f32 GEMM, whose cost then dwarfs the widening.
 //! - The decode kernels sum each output in 16 lanes (two accumulators, alternating by block)
 //!   in an order fixed by the column index only: a row's result does not depend on how many
-//!   rows are batched with it. AVX-512F and AVX2+FMA (chosen at run time, explicit vectors:
+//!   rows (up to [`SMALL`]) are batched with it; from `SMALL + 1` rows the GEMM sums in its
+//!   own order. AVX-512F and AVX2+FMA (chosen at run time, explicit vectors:
 //!   LLVM's auto-vectoriser kept several rows' accumulators in memory) fuse multiply and add
 //!   and agree exactly; the portable code rounds twice.
 //! - Stored values are checked once, at construction: no NaN or infinity can come out.
@@ -110,8 +111,9 @@ impl Weight {
         cols: usize,
         fp8: Option<(Vec<f32>, [usize; 2])>,
     ) -> Result<Self> {
-        let need = rows * cols * dtype.size();
-        if data.len() != need {
+        let need = rows.checked_mul(cols).and_then(|v| v.checked_mul(dtype.size()));
+        if need != Some(data.len()) {
+            let need = need.map_or("more than fits in memory".into(), |n| n.to_string());
             return Err(Error::Shape {
                 op: "weight",
                 detail: format!(
@@ -261,6 +263,7 @@ impl Weight {
 
     /// Row `i` as f32 into `out` [cols] (an embedding lookup).
     pub fn row_into(&self, i: usize, out: &mut [f32]) -> Result<()> {
+        check_len("row", "output", out.len(), self.cols)?;
         self.rows_view(i, 1)?.widen(out);
         Ok(())
     }
@@ -283,7 +286,17 @@ impl Weight {
 
     /// `x [m, cols] · Wᵀ` → [m, rows] (PyTorch `Linear` without bias).
     pub fn linear(&self, x: &[f32]) -> Result<Vec<f32>> {
-        let m = x.len() / self.cols.max(1);
+        if self.cols == 0 || !x.len().is_multiple_of(self.cols) {
+            return Err(Error::Shape {
+                op: "linear",
+                detail: format!(
+                    "{} input values are not rows of the weight's {} columns",
+                    x.len(),
+                    self.cols
+                ),
+            });
+        }
+        let m = x.len() / self.cols;
         let mut y = vec![0f32; m * self.rows];
         self.view().linear(View::new(x, m, self.cols)?, &mut y, self.rows)?;
         Ok(y)
@@ -327,6 +340,17 @@ impl Weight {
             n
         }
     }
+}
+
+/// Fails unless `out` holds `m` rows of `n` values `out_ld` apart, rows not overlapping.
+fn check_out(op: &'static str, out: &[f32], m: usize, n: usize, out_ld: usize) -> Result<()> {
+    if out_ld < n {
+        return Err(Error::Param {
+            op,
+            detail: format!("output row stride {out_ld} is smaller than its {n} columns"),
+        });
+    }
+    check_len(op, "output", out.len(), if m == 0 { 0 } else { (m - 1) * out_ld + n })
 }
 
 fn fp8_grid(rows: usize, cols: usize, block: [usize; 2]) -> Result<(usize, usize)> {
@@ -390,7 +414,7 @@ impl Rows<'_> {
                 detail: format!("input rows hold {} values, the weight takes {k}", x.cols),
             });
         }
-        check_len("linear", "output", out.len(), if m == 0 { 0 } else { (m - 1) * out_ld + n })?;
+        check_out("linear", out, m, n, out_ld)?;
         if m == 0 || n == 0 {
             return Ok(());
         }
@@ -456,7 +480,7 @@ impl Rows<'_> {
                 detail: format!("input rows hold {} values, the weight has {k} rows", x.cols),
             });
         }
-        check_len("left", "output", out.len(), if m == 0 { 0 } else { (m - 1) * out_ld + n })?;
+        check_out("left", out, m, n, out_ld)?;
         if self.w.dtype == Dtype::F32 {
             return matmul(x, self.f32_view()?, false, out, out_ld, false);
         }
@@ -714,6 +738,10 @@ fn dot_rows<D: Widen, S: Lanes>(w: &Rows<'_>, j0: usize, x: View<'_>, out: &mut 
 
 /// 16 f32 accumulators in registers. Explicit vectors: LLVM's auto-vectoriser kept the
 /// accumulators of several rows in memory, one lane at a time.
+///
+/// The x86 implementations run AVX instructions from safe methods: they may be named only
+/// by the `versions!` entry points compiled with the matching `target_feature`, which
+/// `dispatch!` calls only where `isa()` found the features (`x86` is private to this module).
 trait Lanes: Copy {
     fn zero() -> Self;
     /// 16 values from the start of `x`.
@@ -1063,6 +1091,17 @@ mod tests {
         let err =
             Weight::stored(Dtype::Fp8, vec![0x38; 4].into(), 2, 2, Some((vec![], [128, 128]))).unwrap_err();
         assert!(err.to_string().contains("weight_scale_inv"), "{err}");
+    }
+
+    #[test]
+    fn outputs_that_overlap_or_inputs_that_are_not_rows_are_refused() {
+        let w = Weight::from_f32(vec![1.0; 6], 3, 2).unwrap().to(Dtype::Bf16, [1, 1]).unwrap();
+        let x = [1.0f32; 4];
+        let mut out = vec![0f32; 6];
+        let err = w.view().linear(View::new(&x, 2, 2).unwrap(), &mut out, 2).unwrap_err();
+        assert!(err.to_string().contains("stride 2 is smaller than its 3 columns"), "{err}");
+        assert!(w.linear(&[1.0; 3]).unwrap_err().to_string().contains("not rows"));
+        assert!(w.row_into(0, &mut [0.0; 1]).is_err());
     }
 
     #[test]

@@ -90,9 +90,10 @@ pub enum Precision {
     Auto,
     /// 16-bit: f32 matrices round to bf16 (nearest even); BF16 and F16 ones stay as stored.
     Bf16,
-    /// DeepSeek-V3's FP8 layout: every `*_proj.weight` in e4m3 with 128×128 block scales
-    /// (quantised at load when stored wider); the other matrices (router gate, embeddings,
-    /// LM head) 16-bit as for `Bf16`.
+    /// FP8 as DeepSeek-V3's FP8 checkpoints store it (and the shared fixture): every
+    /// `*_proj.weight` in e4m3 with 128×128 block scales (quantised at load when stored
+    /// wider); the other matrices (router gate, `kv_a_proj_with_mqa`, embeddings, LM head)
+    /// 16-bit as for `Bf16`.
     Fp8,
     /// Every matrix widened to f32 (exact).
     F32,
@@ -130,8 +131,8 @@ impl Precision {
             Self::F32 => WeightDtype::F32,
             Self::Bf16 if stored == WeightDtype::Fp8 => {
                 return Err(Error::Checkpoint(format!(
-                    "dtype bf16: `{name}` is stored in FP8, and holding it in bf16 would round its \
-                     values; use dtype auto (FP8 kept) or f32"
+                    "dtype bf16 (--dtype, spec.model.dtype): `{name}` is stored in FP8, and holding \
+                     it in bf16 would round its values; use dtype auto (FP8 kept) or f32"
                 )))
             }
             Self::Bf16 => sixteen,
@@ -167,6 +168,11 @@ pub fn load_weight(
         None
     };
     let target = precision.target(name, stored_dtype)?;
+    if target == WeightDtype::F32 && stored_dtype == WeightDtype::Fp8 {
+        // Dequantised as before FP8 could be held: any finite scale will do in f32.
+        return Weight::from_f32(load_f32(src, name, &[rows, cols], fp8_block)?, rows, cols)
+            .map_err(Error::from);
+    }
     // Kept in place when held as stored (a memory map then backs the weight: no copy, and a
     // restarted process maps the page cache instead of reading the file).
     let shared = src.shared(name);
@@ -176,7 +182,11 @@ pub fn load_weight(
         kubemoe_kernels::Error::NonFinite { index, value, .. } => {
             Error::NonFinite { name: name.into(), checkpoint: src.describe(), index, value }
         }
-        other => Error::Checkpoint(format!("tensor `{name}` in {}: {other}", src.describe())),
+        other => Error::Checkpoint(format!(
+            "tensor `{name}` in {}: {other}{}",
+            src.describe(),
+            if target == WeightDtype::Fp8 { "; hold it in f32 instead with --dtype f32" } else { "" }
+        )),
     };
     let stored = Weight::stored(stored_dtype, bytes, rows, cols, scales).map_err(named)?;
     let held = stored.to(target, block).map_err(named)?;

@@ -40,6 +40,15 @@ impl Progress {
 pub fn reported<T>(role: &str, f: impl FnOnce() -> T) -> T {
     let done = AtomicBool::new(false);
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    /// Stops the reporter when `f` returns or unwinds (a scope joins its threads first, so a
+    /// panicking load would otherwise wait for the reporter forever).
+    struct Stop<'a>(&'a AtomicBool, std::thread::Thread);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+            self.1.unpark();
+        }
+    }
     std::thread::scope(|s| {
         let reporter = s.spawn(|| {
             let start = Instant::now();
@@ -68,9 +77,7 @@ pub fn reported<T>(role: &str, f: impl FnOnce() -> T) -> T {
                 eprint!("\r{:70}\r", "");
             }
         });
-        let out = f();
-        done.store(true, Ordering::Relaxed);
-        reporter.thread().unpark();
-        out
+        let _stop = Stop(&done, reporter.thread().clone());
+        f()
     })
 }

@@ -28,6 +28,14 @@ pub fn open_tensors(spec: &str, wants: &dyn Fn(&str) -> bool) -> Result<(Config,
     Ok((config, src))
 }
 
+/// Whether `name` is a copy the engine never loads: DeepSeek-V3 stores the embedding and the
+/// output head again in its MTP layers (`model.layers.61.embed_tokens`, `…shared_head.head`),
+/// identical to the main model's.
+fn is_unused_copy(name: &str) -> bool {
+    (name.ends_with(".embed_tokens.weight") && name != "model.embed_tokens.weight")
+        || name.ends_with(".shared_head.head.weight")
+}
+
 /// Whether `name` is a routed expert's tensor.
 pub fn is_routed_expert(name: &str) -> bool {
     name.contains(".mlp.experts.")
@@ -41,7 +49,8 @@ pub fn open(spec: &str, experts: Experts) -> Result<Model> {
 
 /// [`open`] with the weight matrices held in `precision`.
 pub fn open_as(spec: &str, experts: Experts, precision: Precision) -> Result<Model> {
-    let wants = |name: &str| !is_routed_expert(name) || !matches!(experts, Experts::None);
+    let wants =
+        |name: &str| (!is_routed_expert(name) || !matches!(experts, Experts::None)) && !is_unused_copy(name);
     let (config, src) = open_tensors(spec, &wants)?;
     Model::load_as(config, src.as_ref(), experts, precision)
 }

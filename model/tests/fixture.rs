@@ -212,6 +212,12 @@ fn stored_bf16_and_fp8_fixtures_match_their_references_kept_in_their_precision()
         for (got, (_, want)) in out.iter().zip(&greedy) {
             assert_eq!(got, want, "{variant}: greedy tokens");
         }
+        // Widened to f32 (dequantised at load, as before FP8 could be held): the same function.
+        let wide = load_as(variant, Precision::F32);
+        for (s, (ids, _)) in SEQS.iter().zip(&greedy) {
+            let err = rel_err(&wide.forward_full(ids, None).unwrap(), &r.f32(&format!("{s}.logits")));
+            assert!(err < 1e-4, "{variant} {s} as f32: logits relative error {err}");
+        }
     }
 }
 

@@ -126,10 +126,10 @@ pub struct ModelSpec {
     pub source: String,
     /// Precision of the weight matrices in memory (every product accumulates in f32).
     /// `auto` (the default): the checkpoint's own (bf16 stays 16-bit, FP8 stays one byte a value
-    /// with its block scales). `bf16`: f32 checkpoints rounded to bf16 at load. `fp8`:
-    /// DeepSeek-V3's layout, `*_proj` weights quantised to e4m3 in 128×128 blocks at load when
-    /// stored wider. `f32`: everything widened (four bytes a value). `bf16` on an FP8
-    /// checkpoint is refused by the pods (it would round the stored values).
+    /// with its block scales). `bf16`: f32 checkpoints rounded to bf16 at load. `fp8`: every
+    /// `*_proj.weight` in e4m3 with 128×128 block scales (quantised at load when stored
+    /// wider), the other matrices 16-bit. `f32`: everything widened (four bytes a value).
+    /// `bf16` on an FP8 checkpoint is refused by the pods (it would round the stored values).
     #[serde(default)]
     pub dtype: Dtype,
     /// The model name clients of the OpenAI-compatible API send (`model`) and see in
