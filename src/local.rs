@@ -159,7 +159,6 @@ pub fn up(file: Option<&Path>, overrides: Overrides, mut router_args: Vec<String
         "kubemoe up: internal calls (workers, kubemoe.expert.v1.Balancer at {internal}) need the token in {}",
         token.display()
     );
-    println!("try: kubemoe generate --endpoint http://{addr} --prompt 'Hello'    (Ctrl-C stops everything)");
     if file.is_some() && overrides.workers.is_some() {
         println!(
             "kubemoe up: --workers overrides the manifest: edits of its workers.replicas are not applied"
@@ -183,7 +182,15 @@ pub fn up(file: Option<&Path>, overrides: Overrides, mut router_args: Vec<String
     });
     crate::runtime()?.block_on(async {
         let stop = crate::shutdown_on_signal()?;
-        local.run(&record, policy, stop).await;
+        // The router answers at once; `try` once it serves (weights loaded, workers answering).
+        tokio::select! {
+            () = stop.cancelled() => {}
+            ready = kubemoe_api::health::until_serving(addr) => {
+                ready.context("the router's address")?;
+                println!("try: kubemoe generate --endpoint http://{addr} --prompt 'Hello'    (Ctrl-C stops everything)");
+                local.run(&record, policy, stop).await;
+            }
+        }
         Ok::<_, anyhow::Error>(())
     })?;
     eprintln!("kubemoe up: stopping");
@@ -243,7 +250,10 @@ impl Local<'_> {
             last = Instant::now();
             let placed = stored.map_or(0, |p| p.workers as usize);
             let polled = async {
-                self.start_added(placed)?;
+                // New workers answer at once; they take part once they have loaded.
+                for url in self.start_added(placed)? {
+                    kubemoe_api::health::until_serving(&url).await?;
+                }
                 let servers = kubemoe_api::cluster::Cluster::new(
                     &self.urls,
                     std::slice::from_ref(&self.router),
@@ -253,8 +263,11 @@ impl Local<'_> {
                 Ok::<_, anyhow::Error>(
                     rebalance::poll(record, &servers, &self.layout, &policy, unsettled).await?,
                 )
-            }
-            .await;
+            };
+            let polled = tokio::select! {
+                () = stop.cancelled() => return,
+                polled = polled => polled,
+            };
             match polled {
                 Ok(polled) => {
                     unsettled = matches!(polled, Polled::Failed { settled: false, .. });
@@ -309,17 +322,19 @@ impl Local<'_> {
 
     /// Starts the workers the layout wanted or the plan of record (`placed` workers) has and
     /// `up` does not run (a new one from the plan of record, which gives it nothing until the
-    /// resize's epoch).
-    fn start_added(&mut self, placed: usize) -> Result<()> {
+    /// resize's epoch); returns their URLs.
+    fn start_added(&mut self, placed: usize) -> Result<Vec<String>> {
         let wanted = placed.max(self.layout.workers as usize);
+        let mut added = Vec::new();
         while self.urls.len() < wanted {
             let rank = self.urls.len();
             let (child, url) = start_worker(&self.model, rank, wanted, &self.worker_args)?;
             println!("kubemoe up: worker {rank} at {url}");
             self.children.add(child);
-            self.urls.push(url);
+            self.urls.push(url.clone());
+            added.push(url);
         }
-        Ok(())
+        Ok(added)
     }
 
     /// Once the plan of record names `workers` workers, stops those past it; the router is

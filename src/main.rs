@@ -514,6 +514,15 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
+/// Runs a server (`worker`, `router`) until it returns. One stopped while it loads returns at
+/// once; its load, still running on a blocking thread, is abandoned rather than waited for.
+fn serve(server: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+    let runtime = runtime()?;
+    let served = runtime.block_on(server);
+    runtime.shutdown_background();
+    served
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
@@ -579,7 +588,7 @@ fn run(command: Command) -> Result<()> {
                 internal_token_file,
                 tls_dir,
             };
-            runtime()?.block_on(async {
+            serve(async {
                 let listeners = kubemoe_worker::Listeners {
                     grpc: bind(&host, port, "worker").await?,
                     http: bind_optional(&host, http_port, "worker http").await?,
@@ -629,7 +638,7 @@ fn run(command: Command) -> Result<()> {
             );
             options.placement = placement.as_deref().map(plan::read_placement).transpose()?;
             options.load_window = kubemoe_placement::parse_duration("--load-window", &load_window)?;
-            runtime()?.block_on(async {
+            serve(async {
                 let listeners = kubemoe_router::Listeners {
                     grpc: bind(&host, port, "router").await?,
                     http: bind_optional(&host, http_port, "router http").await?,

@@ -68,6 +68,20 @@ fn spawn(args: &[&str]) -> Proc {
     Proc { child, addr, http, internal, health }
 }
 
+/// Waits until `proc` is ready (its gRPC health SERVING: weights loaded, and for a router every
+/// worker answering), asking its plaintext health port when it has one.
+fn ready(proc: &Proc) {
+    let addr = proc.health.as_ref().unwrap_or(&proc.addr).clone();
+    // A runtime of its own, on a thread of its own: callers may be inside one.
+    let wait = move || {
+        let ready = async {
+            tokio::time::timeout(Duration::from_secs(60), kubemoe_api::health::until_serving(&addr)).await
+        };
+        rt().block_on(ready).unwrap_or_else(|_| panic!("{addr} not ready after a minute")).unwrap()
+    };
+    std::thread::spawn(wait).join().unwrap()
+}
+
 fn worker(model: &str, rank: usize, n: usize, port: u16) -> Proc {
     worker_with(model, rank, n, port, &[])
 }
@@ -88,7 +102,9 @@ fn worker_with(model: &str, rank: usize, n: usize, port: u16, extra: &[&str]) ->
         &port,
     ];
     args.extend_from_slice(extra);
-    spawn(&args)
+    let worker = spawn(&args);
+    ready(&worker);
+    worker
 }
 
 /// Workers and a router sharing an internal token, as a deployment's pods do.
@@ -125,6 +141,7 @@ impl Cluster {
         args.extend_from_slice(&internal);
         args.extend_from_slice(&["--internal-port", "0"]);
         let router = spawn(&args);
+        ready(&router);
         Self { workers, router, token_file, token }
     }
 
@@ -754,6 +771,8 @@ impl Up {
         let token_file = PathBuf::from(internal.split("token in ").nth(1).unwrap().trim());
         let token = std::fs::read_to_string(&token_file).unwrap();
         let files = token_file.parent().unwrap().to_path_buf();
+        // `try: …` once the router serves.
+        while !next_line().starts_with("try: ") {}
         let (log_tx, log) = std::sync::mpsc::channel();
         std::thread::spawn(move || lines.for_each(|l| drop(log_tx.send(l.unwrap_or_default()))));
         Up { up, urls, addr, http, internal: internal_addr, token, files, log }
@@ -1674,6 +1693,7 @@ fn worker_metrics_add_up_to_the_load_the_router_measured() {
         "--http-port",
         "0",
     ]);
+    ready(&router);
     let router_http = router.http.clone().unwrap();
     for n in [2, 5] {
         let request = serde_json::json!({"model": model, "prompt": [1, 2, 3, n], "max_tokens": n});
@@ -2037,6 +2057,7 @@ fn a_dead_worker_is_routed_around_through_replicas_and_rejoins_when_back() {
     let start = |rank: usize| worker_with(model, rank, 2, ports[rank], &["--placement", placement]);
     let mut workers: Vec<Option<Proc>> = vec![Some(start(0)), Some(start(1))];
     let router = router_on(model, &ports, &["--placement", placement, "--worker-deadline-ms", "3000"]);
+    ready(&router);
     let http_addr = router.http.clone().unwrap();
     let prompts: [&[u32]; 3] = [&[1, 2, 3], &[4, 5, 6, 7], &[9]];
     rt().block_on(async {
@@ -2092,6 +2113,7 @@ fn requests_needing_an_expert_whose_only_worker_is_down_fail_at_once() {
     let mut workers: Vec<Option<Proc>> =
         (0..2).map(|rank| Some(worker_with("builtin:tiny", rank, 2, ports[rank], &[]))).collect();
     let router = router_on("builtin:tiny", &ports, &["--worker-deadline-ms", "5000"]);
+    ready(&router);
     // Enough tokens that some route reaches worker 1's experts.
     let prompt: Vec<u32> = (1..=24).collect();
     rt().block_on(async {
@@ -2127,11 +2149,18 @@ fn a_router_started_before_its_workers_answers_at_once_and_serves_once_they_are_
     rt().block_on(async {
         let mut client = InferenceClient::connect(format!("http://{}", router.addr)).await.unwrap();
         let ask = Instant::now();
-        // Alive, not ready; a request is refused at once, saying what the router waits for.
+        // Alive, not ready; a request is refused at once, saying what the router waits for:
+        // its weights to load, then the workers.
         assert_eq!(serving("liveness").await, 1);
         assert_eq!(serving("").await, 2);
-        let refused = client.generate(ids_request(&[5, 6], 2)).await.unwrap_err();
-        assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+        let refused = loop {
+            let refused = client.generate(ids_request(&[5, 6], 2)).await.unwrap_err();
+            assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+            if !refused.message().starts_with("loading weights: ") {
+                break refused;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
         assert!(refused.message().contains("waiting for the workers: worker 0"), "{}", refused.message());
         assert_eq!(http(&http_addr, "GET", "/health", None).0, 503);
         assert!(ask.elapsed() < Duration::from_secs(2), "answers took {:?}", ask.elapsed());
@@ -2312,6 +2341,7 @@ fn a_router_started_while_a_replicated_worker_is_dead_serves_around_it() {
     let ports = [free_port(), free_port()];
     let _w0 = worker_with(model, 0, 2, ports[0], &["--placement", placement]);
     let router = router_on(model, &ports, &["--placement", placement]);
+    ready(&router);
     let http_addr = router.http.clone().unwrap();
     let (prompts, expected) = tiny_prompts();
     rt().block_on(async {

@@ -4,7 +4,7 @@
 use crate::auth::{Bearer, Internal};
 use crate::expert::balancer_client::BalancerClient;
 use crate::expert::expert_client::ExpertClient;
-use crate::expert::{CommitRequest, LoadRequest, PrepareRequest, ReleaseRequest};
+use crate::expert::{CommitRequest, InfoRequest, LoadProgress, LoadRequest, PrepareRequest, ReleaseRequest};
 use kubemoe_placement::rebalance::{RouterLoad, Servers};
 use kubemoe_placement::{Error, PlacementPlan, Result};
 use std::time::Duration;
@@ -62,6 +62,21 @@ impl Cluster {
                 })
                 .collect::<Result<_>>()?,
         })
+    }
+
+    /// How far each worker that is loading its weights has got (`Info`), in rank order; a worker
+    /// that serves, does not answer within `deadline` or fails is left out (not loading, or
+    /// nothing to say).
+    pub async fn loading(&self, deadline: Duration) -> Vec<LoadProgress> {
+        let asked = self.workers.iter().map(|(_, client)| {
+            let mut client = client.clone();
+            async move { tokio::time::timeout(deadline, client.info(InfoRequest {})).await }
+        });
+        futures::future::join_all(asked)
+            .await
+            .into_iter()
+            .filter_map(|answer| answer.ok()?.ok()?.into_inner().loading)
+            .collect()
     }
 
     /// The workers whose rank is not in `down`.

@@ -3,13 +3,15 @@
 //! limit, the conversion of placements to and from the wire, the gRPC client the rebalance
 //! loop reaches servers with ([`cluster`]), and what every server shares: credentials
 //! ([`auth`]), TLS ([`tls`]) and accepted connections ([`conn`]), the codec ([`codec`]), the
-//! HTTP server ([`http`]). No Kubernetes here: routers and workers link this.
+//! HTTP server ([`http`]), serving while weights load ([`loading`]). No Kubernetes here:
+//! routers and workers link this.
 
 pub mod auth;
 pub mod cluster;
 pub mod codec;
 pub mod conn;
 pub mod http;
+pub mod loading;
 pub mod metrics;
 pub mod route;
 pub mod tls;
@@ -156,6 +158,25 @@ pub mod health {
     pub async fn draining(reporter: &HealthReporter, service: &str) {
         for name in ["", service] {
             reporter.set_service_status(name, ServingStatus::NotServing).await;
+        }
+    }
+
+    /// Returns once the server at `addr` (`host:port` or a URL, in plaintext: a health port or
+    /// a server without TLS) is ready, its health `""` SERVING; asks every 50 ms meanwhile
+    /// (a server still loading, or not yet listening).
+    pub async fn until_serving(addr: &str) -> Result<(), tonic::transport::Error> {
+        use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};
+        let mut health = HealthClient::new(crate::channel(addr, None)?);
+        loop {
+            let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+            if health
+                .check(request)
+                .await
+                .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     }
 

@@ -179,10 +179,11 @@ impl Weight {
 
     fn first_non_finite(&self) -> Option<(usize, f32)> {
         let d = &self.data[..];
+        // Only on the way to an error: the whole row, for the one value.
         let at = |i: usize| {
-            let mut one = [0f32; 1];
-            self.widen_part(i / self.cols.max(1), i % self.cols.max(1), &mut one);
-            (i, one[0])
+            let mut row = vec![0f32; self.cols];
+            Rows { w: self, row0: i / self.cols.max(1), rows: 1 }.widen(&mut row);
+            (i, row[i % self.cols.max(1)])
         };
         match self.dtype {
             Dtype::F32 => self.f32s().iter().position(|v| !v.is_finite()).map(|i| (i, self.f32s()[i])),
@@ -301,45 +302,6 @@ impl Weight {
         self.view().linear(View::new(x, m, self.cols)?, &mut y, self.rows)?;
         Ok(y)
     }
-
-    /// Widens `out.len()` values of row `row` from column `col`, staying inside one FP8
-    /// block's columns when FP8.
-    #[inline(always)]
-    fn widen_part(&self, row: usize, col: usize, out: &mut [f32]) {
-        let start = row * self.cols + col;
-        let n = out.len();
-        match self.dtype {
-            Dtype::F32 => out.copy_from_slice(&self.f32s()[start..start + n]),
-            Dtype::Bf16 => {
-                for (o, b) in out.iter_mut().zip(self.data[2 * start..2 * (start + n)].chunks_exact(2)) {
-                    *o = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
-                }
-            }
-            Dtype::F16 => {
-                for (o, b) in out.iter_mut().zip(self.data[2 * start..2 * (start + n)].chunks_exact(2)) {
-                    *o = f16_bits_to_f32(u16::from_le_bytes([b[0], b[1]]));
-                }
-            }
-            Dtype::Fp8 => {
-                let bc = self.cols.div_ceil(self.block[1]);
-                let scale = self.scales[row / self.block[0] * bc + col / self.block[1]];
-                for (o, &b) in out.iter_mut().zip(&self.data[start..start + n]) {
-                    *o = fp8_bits_to_f32(b) * scale;
-                }
-            }
-        }
-    }
-
-    /// Values from `col` that [`Weight::widen_part`] may widen at once, at most `max`.
-    #[inline(always)]
-    fn run_len(&self, col: usize, max: usize) -> usize {
-        let n = max.min(self.cols - col);
-        if self.dtype == Dtype::Fp8 {
-            n.min(self.block[1] - col % self.block[1])
-        } else {
-            n
-        }
-    }
 }
 
 /// Fails unless `out` holds `m` rows of `n` values `out_ld` apart, rows not overlapping.
@@ -370,14 +332,6 @@ fn f16_bits_to_f32(h: u16) -> f32 {
     f32::from_bits(magnitude.to_bits() | ((h & 0x8000) << 16))
 }
 
-/// `float8_e4m3fn` bits → f32, as [`f16_bits_to_f32`]: bias 7, so the factor is `2^120`.
-#[inline(always)]
-fn fp8_bits_to_f32(b: u8) -> f32 {
-    let b = u32::from(b);
-    let magnitude = f32::from_bits((b & 0x7F) << 20) * TWO_120;
-    f32::from_bits(magnitude.to_bits() | ((b & 0x80) << 24))
-}
-
 /// Rows `row0 .. row0 + rows` of a [`Weight`].
 #[derive(Clone, Copy)]
 pub struct Rows<'a> {
@@ -389,13 +343,28 @@ pub struct Rows<'a> {
 impl Rows<'_> {
     /// Every value as f32 into `out` [rows, cols].
     pub fn widen(&self, out: &mut [f32]) {
+        match self.w.dtype {
+            Dtype::F32 => self.widen_as::<F32Le>(out),
+            Dtype::Bf16 => self.widen_as::<Bf16Le>(out),
+            Dtype::F16 => self.widen_as::<F16Le>(out),
+            Dtype::Fp8 => self.widen_as::<Fp8E4m3>(out),
+        }
+    }
+
+    /// [`Rows::widen`] for values read as `D`.
+    fn widen_as<D: Widen>(&self, out: &mut [f32]) {
         let cols = self.w.cols;
         for (r, orow) in out.chunks_mut(cols.max(1)).take(self.rows).enumerate() {
-            let mut c = 0;
-            while c < cols {
-                let n = self.w.run_len(c, cols);
-                self.w.widen_part(self.row0 + r, c, &mut orow[c..c + n]);
-                c += n;
+            let row = self.row0 + r;
+            let bytes = &self.w.data[row * cols * D::SIZE..][..cols * D::SIZE];
+            let segments = Segments::of(self.w, row);
+            for i in 0..segments.count() {
+                let (c0, c1, scale) = segments.get(i);
+                let values = bytes[c0 * D::SIZE..c1 * D::SIZE].chunks_exact(D::SIZE);
+                // `scale` is 1 but for FP8, where it carries the block's (see `Segments::get`).
+                for (o, b) in orow[c0..c1].iter_mut().zip(values) {
+                    *o = D::one(b) * scale;
+                }
             }
         }
     }
@@ -626,8 +595,8 @@ impl Widen for Fp8E4m3 {
         let raw = load::<i8, LANES>(b);
         let mut v = [0f32; LANES];
         for l in 0..LANES {
-            // `2^-120 ·` the value: sign-extended and shifted, bit 31 is the sign and bits
-            // 26..20 the exponent and mantissa (see `fp8_bits_to_f32`).
+            // Sign-extended and shifted, bit 31 is the sign and bits 26..20 the exponent and
+            // mantissa: `2^-120 ·` the value (bias 7, not 127; as `f16_bits_to_f32` does).
             v[l] = f32::from_bits((i32::from(raw[l]) << 20) as u32 & 0x87F0_0000);
         }
         v
@@ -1007,7 +976,7 @@ mod tests {
     #[test]
     fn widening_is_exact_for_every_code() {
         for b in 0..=255u8 {
-            let (want, got) = (crate::dtype::fp8_e4m3_to_f32(b), fp8_bits_to_f32(b));
+            let (want, got) = (crate::dtype::fp8_e4m3_to_f32(b), Fp8E4m3::one(&[b]) * TWO_120);
             assert!(want.to_bits() == got.to_bits() || (b & 0x7F == 0x7F), "fp8 {b:#x}: {want} {got}");
         }
         for h in 0..=u16::MAX {

@@ -89,24 +89,33 @@ pub struct Throughput {
     pub ratio_to_memory_limit: Option<f64>,
 }
 
+/// Per decoder layer, `size` summed over its matrices: (all but the routed experts, the routed
+/// experts, one routed expert).
+fn layer_sums(m: &Model, size: impl Fn(&kubemoe_kernels::Weight) -> f64) -> Vec<(f64, f64, f64)> {
+    let sum = |ws: &mut dyn Iterator<Item = &kubemoe_kernels::Weight>| ws.map(&size).sum::<f64>();
+    m.layers
+        .iter()
+        .map(|l| {
+            let experts: Vec<&Mlp> = match &l.mlp {
+                FeedForward::Moe(moe) => moe.experts.iter().flatten().collect(),
+                FeedForward::Dense(_) => Vec::new(),
+            };
+            let routed = sum(&mut experts.iter().flat_map(|e| e.matrices()));
+            let one = experts.first().map_or(0.0, |e| sum(&mut e.matrices().into_iter()));
+            (sum(&mut l.matrices().into_iter()) - routed, routed, one)
+        })
+        .collect()
+}
+
 /// Weight bytes one decode token reads at batch `batch`: everything but the routed experts
 /// once, and each routed expert with the probability that one of `batch` tokens picks it
 /// (`1 − (1 − k/E)^batch`: uniform routing, which generated models' gates approach).
 fn decode_bytes(m: &Model, batch: usize) -> f64 {
     let c = &m.config;
     let p = c.gate.top_k as f64 / c.n_routed_experts.max(1) as f64;
-    let unused = (1.0 - p).powi(batch as i32);
-    let sum =
-        |ws: &mut dyn Iterator<Item = &kubemoe_kernels::Weight>| ws.map(|w| w.bytes() as f64).sum::<f64>();
-    let mut bytes = m.lm_head.weight.bytes() as f64;
-    for l in &m.layers {
-        let routed = match &l.mlp {
-            FeedForward::Moe(moe) => sum(&mut moe.experts.iter().flatten().flat_map(Mlp::matrices)),
-            FeedForward::Dense(_) => 0.0,
-        };
-        bytes += sum(&mut l.matrices().into_iter()) - routed * unused;
-    }
-    bytes
+    let used = 1.0 - (1.0 - p).powi(batch as i32);
+    let layers = layer_sums(m, |w| w.bytes() as f64);
+    m.lm_head.weight.bytes() as f64 + layers.iter().map(|(rest, routed, _)| rest + routed * used).sum::<f64>()
 }
 
 /// Read bandwidth in GB/s: every thread of the pool sums its part of a 512 MiB buffer (16
@@ -137,28 +146,8 @@ fn read_bandwidth() -> Result<f64> {
 /// Parameters one token multiplies by in the decoder layers (attention, dense or shared +
 /// top-k experts), without the LM head.
 fn active_layer_params(m: &Model) -> f64 {
-    let mut p = 0;
-    for l in &m.layers {
-        let a = &l.self_attn;
-        p += a.kv_a_proj_with_mqa.weight.len() + a.kv_b_proj.weight.len() + a.o_proj.weight.len();
-        p += match &a.q {
-            crate::layers::QueryProj::LowRank { q_a_proj, q_b_proj, .. } => {
-                q_a_proj.weight.len() + q_b_proj.weight.len()
-            }
-            crate::layers::QueryProj::Plain { q_proj } => q_proj.weight.len(),
-        };
-        let mlp_len = |x: &crate::layers::Mlp| x.gate_proj.weight.len() * 3;
-        p += match &l.mlp {
-            FeedForward::Dense(d) => mlp_len(d),
-            FeedForward::Moe(moe) => {
-                let e = moe.experts.iter().flatten().next().map_or(0, mlp_len);
-                moe.gate.weight.weight.len()
-                    + moe.shared_experts.as_ref().map_or(0, mlp_len)
-                    + e * m.config.gate.top_k
-            }
-        };
-    }
-    p as f64
+    let top_k = m.config.gate.top_k as f64;
+    layer_sums(m, |w| w.len() as f64).iter().map(|(rest, _, one)| rest + one * top_k).sum()
 }
 
 /// Runs every measurement on `model`, loaded with `precision`.

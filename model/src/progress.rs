@@ -18,6 +18,11 @@ pub fn load() -> &'static Progress {
     &LOAD
 }
 
+/// (bytes loaded, bytes to load) of the process: what servers report while they load.
+pub fn loaded() -> (u64, u64) {
+    LOAD.get()
+}
+
 impl Progress {
     /// `bytes` more will be loaded.
     pub fn expect(&self, bytes: u64) {

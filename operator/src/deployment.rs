@@ -64,6 +64,12 @@ const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
         description = "Max over mean tokens per worker over the balancing window"
     ),
     printcolumn(name = "Epoch", type_ = "integer", json_path = ".status.placement.epoch"),
+    printcolumn(
+        name = "Loading",
+        type_ = "string",
+        json_path = ".status.loading.progress",
+        description = "Weights loaded by the worker pods still loading, of theirs in all"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[x_kube(
@@ -475,6 +481,24 @@ pub struct ModelDeploymentStatus {
     /// Where clients connect: `<service>.<namespace>.svc:<grpcPort>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// Worker pods loading their weights, while any does (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loading: Option<LoadingStatus>,
+}
+
+/// How far the worker pods that are loading their weights have got, summed over them (as each
+/// reports it in `Info`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadingStatus {
+    /// Worker pods loading.
+    pub workers: i32,
+    /// Bytes of weights they have read.
+    pub loaded_bytes: i64,
+    /// Bytes of weights they read in all.
+    pub total_bytes: i64,
+    /// `loaded_bytes` of `total_bytes` in percent, whole (`37%`).
+    pub progress: String,
 }
 
 /// One-word summary of a ModelDeployment's state: `Failed` (the spec cannot be served as
@@ -619,7 +643,7 @@ mod tests {
             .iter()
             .map(|c| c["name"].as_str().unwrap())
             .collect();
-        assert_eq!(columns, ["Ready", "Workers", "Experts", "Imbalance", "Epoch", "Age"]);
+        assert_eq!(columns, ["Ready", "Workers", "Experts", "Imbalance", "Epoch", "Loading", "Age"]);
         let spec = &version["schema"]["openAPIV3Schema"]["properties"]["spec"];
         let rules: Vec<&str> = spec["x-kubernetes-validations"]
             .as_array()

@@ -14,6 +14,7 @@ pub mod deployment;
 pub mod desired;
 pub mod http;
 pub mod leader;
+pub mod loading;
 pub mod rebalancer;
 pub mod render;
 pub mod schema;
@@ -148,7 +149,8 @@ async fn run_until(options: RunOptions, shutdown: CancellationToken) -> Result<(
     let work = async {
         tokio::join!(
             controller::run(controller, context.clone(), shutdown.clone()),
-            rebalancer::run(context, deployments, shutdown.clone()),
+            rebalancer::run(context.clone(), deployments.clone(), shutdown.clone()),
+            loading::run(context, deployments, shutdown.clone()),
         )
     };
     let result = tokio::select! {

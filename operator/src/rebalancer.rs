@@ -203,10 +203,23 @@ async fn turn(context: &Context, md: &ModelDeployment, unsettled: bool) -> Resul
     let routed = status::routed_workers(md.status.as_ref()).unwrap_or(0);
     let workers = desired::worker_addresses(md, target.layout.workers.max(routed));
     let routers = router_urls(&routers.items, md.spec.router.internal_port);
+    let Some(cluster) = cluster(context, md, &workers, &routers).await? else { return Ok(Polled::Waiting) };
+    poll(context, md, &target, &cluster, unsettled).await
+}
+
+/// Clients of `md`'s `workers` and `routers` holding the deployment's internal token (and its
+/// CA, with TLS); `None` while the controller has not made the Secrets yet.
+pub(crate) async fn cluster(
+    context: &Context,
+    md: &ModelDeployment,
+    workers: &[String],
+    routers: &[String],
+) -> Result<Option<Cluster>> {
+    let namespace = namespace(md);
     // The deployment's internal token, which the controller made before its pods.
     let name = Names::of(&md.name_any()).internal_token;
     let secrets: Api<Secret> = Api::namespaced(context.client.clone(), &namespace);
-    let Some(secret) = controller::get(&secrets, &name).await? else { return Ok(Polled::Waiting) };
+    let Some(secret) = controller::get(&secrets, &name).await? else { return Ok(None) };
     let token = secret
         .data
         .as_ref()
@@ -220,7 +233,7 @@ async fn turn(context: &Context, md: &ModelDeployment, unsettled: bool) -> Resul
     let tls = match &md.spec.tls {
         Some(tls) => {
             let Some(secret) = controller::get(&secrets, &tls.secret_name).await? else {
-                return Ok(Polled::Waiting);
+                return Ok(None);
             };
             let invalid = |reason: String| Error::Tls { name: tls.secret_name.clone(), reason };
             let ca =
@@ -235,8 +248,7 @@ async fn turn(context: &Context, md: &ModelDeployment, unsettled: bool) -> Resul
         }
         None => None,
     };
-    let cluster = Cluster::new(&workers, &routers, &Bearer(Some(Arc::new(token))), tls.as_ref())?;
-    poll(context, md, &target, &cluster, unsettled).await
+    Ok(Some(Cluster::new(workers, routers, &Bearer(Some(Arc::new(token))), tls.as_ref())?))
 }
 
 /// One poll of `md`, whose workers and routers `servers` reaches, recorded in the apiserver.
@@ -387,7 +399,7 @@ async fn write_placement(context: &Context, md: &ModelDeployment, plan: &Placeme
 /// Writes `compute(md)` as `md`'s status; when the controller wrote in between (the write is
 /// refused as outdated), reads the ModelDeployment again and recomputes, so that neither
 /// writer's change is lost. Returns the ModelDeployment as stored after.
-async fn update_status(
+pub(crate) async fn update_status(
     context: &Context,
     md: &ModelDeployment,
     compute: impl Fn(&ModelDeployment) -> ModelDeploymentStatus,

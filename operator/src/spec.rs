@@ -4,7 +4,7 @@
 //! way. Pure functions; the controller turns an [`Invalid`] into `Ready=False` with its reason
 //! and message, `render` and `kubemoe up` into an error.
 
-use crate::deployment::{ModelDeploymentSpec, PlacementPolicy, Transport};
+use crate::deployment::{Dtype, ModelDeploymentSpec, PlacementPolicy, Transport};
 use kubemoe_placement::rebalance::Policy;
 use kubemoe_placement::{Invalid, Layout, LayoutSpec, ModelConfig};
 
@@ -78,12 +78,27 @@ impl ModelSource {
 pub fn layout(spec: &ModelDeploymentSpec, model: &ModelConfig) -> Result<Layout, Invalid> {
     not_built(spec)?;
     kv_cache(spec, model)?;
+    dtype(spec, model)?;
     let experts = LayoutSpec {
         workers: spec.workers.replicas,
         redundant: spec.experts.redundant,
         min_replicas: spec.experts.min_replicas,
     };
     kubemoe_placement::layout::layout(&experts, model)
+}
+
+/// `model.dtype: bf16` on an FP8 checkpoint would round its values again; every pod would
+/// refuse it at load (crash-looping), so it is refused here, before any pod is made.
+fn dtype(spec: &ModelDeploymentSpec, model: &ModelConfig) -> Result<(), Invalid> {
+    if spec.model.dtype != Dtype::Bf16 || !model.is_fp8() {
+        return Ok(());
+    }
+    Err(Invalid::new(
+        "DtypeNotSupported",
+        "model.dtype bf16: the checkpoint stores its weights in FP8 (its config.json's \
+         quantization_config.quant_method is fp8), and holding them in bf16 would round their \
+         values; set model.dtype to auto (FP8 kept, one byte a value) or f32 (dequantised)",
+    ))
 }
 
 /// The routers' KV cache must hold one request of the whole context, as a router checks at
@@ -262,6 +277,16 @@ mod tests {
             layout(&spec(serde_json::json!({"experts": {"placement": "hierarchical"}})), &tiny())
                 .unwrap_err();
         assert!(hierarchical.message.contains("set experts.placement to global"), "{}", hierarchical.message);
+        let mut fp8 = tiny();
+        fp8.quantization = serde_json::from_value(serde_json::json!({"quant_method": "fp8"})).unwrap();
+        let bf16 = spec(serde_json::json!({"model": {"source": "builtin:tiny", "dtype": "bf16"}}));
+        let refused = layout(&bf16, &fp8).unwrap_err();
+        assert_eq!(refused.reason, "DtypeNotSupported");
+        assert!(refused.message.contains("set model.dtype to auto"), "{}", refused.message);
+        for dtype in ["auto", "f32", "fp8"] {
+            let kept = spec(serde_json::json!({"model": {"source": "builtin:tiny", "dtype": dtype}}));
+            assert!(layout(&kept, &fp8).is_ok(), "{dtype}");
+        }
         for dtype in ["auto", "f32", "bf16", "fp8"] {
             assert!(layout(
                 &spec(serde_json::json!({"model": {"source": "builtin:tiny", "dtype": dtype}})),

@@ -5,13 +5,15 @@
 //! Conditions keep their `lastTransitionTime` while their status stays the same, so recomputing
 //! with a later clock changes nothing.
 //!
-//! Two writers share the status: the controller (everything but what follows) and the
+//! Three writers share the status: the controller (everything but what follows), the
 //! [`crate::rebalancer`], which owns the `Rebalancing` condition and what `placement` says of
-//! load and rebalances. Each computes its part from the current status and carries the other's
-//! over unchanged, so neither undoes the other and an unchanged world still writes nothing.
+//! load and rebalances, and the [`crate::loading`] poll, which owns `loading` (the controller
+//! clears it once every worker is ready). Each computes its part from the current status and
+//! carries the others' over unchanged, so none undoes another and an unchanged world still
+//! writes nothing.
 
 use crate::deployment::ModelDeployment;
-use crate::deployment::{ModelDeploymentStatus, Phase, PlacementStatus, ReplicaCounts};
+use crate::deployment::{LoadingStatus, ModelDeploymentStatus, Phase, PlacementStatus, ReplicaCounts};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
@@ -183,7 +185,15 @@ pub fn valid(md: &ModelDeployment, observed: Observed<'_>, now: &Time) -> ModelD
         worker_selector: Some(crate::desired::selector(&md.name_any(), "worker")),
         placement: Some(placement),
         endpoint: Some(format!("{}.{namespace}.svc:{}", names.router_service, spec.router.grpc_port)),
+        // The loading poll's ([`crate::loading`]), until every worker is ready.
+        loading: if workers_ready { None } else { previous.and_then(|s| s.loading.clone()) },
     }
+}
+
+/// Status with `loading` as the loading poll found it (`None`: no worker loading), the rest as
+/// it was.
+pub fn loading(md: &ModelDeployment, loading: Option<LoadingStatus>) -> ModelDeploymentStatus {
+    ModelDeploymentStatus { loading, ..md.status.clone().unwrap_or_default() }
 }
 
 /// An imbalance as status reports it: two decimals, so that a poll whose measurement moved

@@ -13,6 +13,7 @@ use kubemoe_api::cluster::Cluster;
 use kubemoe_api::expert::balancer_server::{Balancer, BalancerServer};
 use kubemoe_api::expert::expert_server::{Expert, ExpertServer};
 use kubemoe_api::expert::*;
+use kubemoe_operator::deployment::LoadingStatus;
 use kubemoe_operator::deployment::ModelDeployment;
 use kubemoe_operator::desired::{self, HASH_ANNOTATION};
 use kubemoe_operator::rebalancer::{poll, Polled, Target};
@@ -92,6 +93,8 @@ struct WorkerState {
     prepared: Mutex<Option<u64>>,
     fail_prepare: bool,
     calls: Mutex<Vec<String>>,
+    /// (bytes loaded, bytes to load) while loading its weights.
+    loading: Mutex<Option<(u64, u64)>>,
 }
 
 #[derive(Clone)]
@@ -108,7 +111,13 @@ impl Expert for Worker {
     }
 
     async fn info(&self, _: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
-        Err(Status::unimplemented("not a data-plane test"))
+        let loading = self
+            .0
+            .loading
+            .lock()
+            .unwrap()
+            .map(|(loaded_bytes, total_bytes)| LoadProgress { loaded_bytes, total_bytes });
+        Ok(Response::new(InfoResponse { loading, ..InfoResponse::default() }))
     }
 
     async fn prepare(&self, request: Request<PrepareRequest>) -> Result<Response<PrepareResponse>, Status> {
@@ -593,4 +602,56 @@ async fn a_resize_is_migrated_live_with_balancing_disabled_and_recorded() {
     // Done: nothing is due, and the controller keeps what the rebalancer wrote.
     assert!(!kubemoe_operator::rebalancer::eligible(&md));
     assert_eq!(world.reconcile().await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn workers_loading_their_weights_show_in_the_status_until_they_are_ready() {
+    use kubemoe_operator::loading::{due, record};
+    let world = World::new(json!({"model": {"source": "builtin:tiny"}, "workers": {"replicas": 2}}));
+    world.reconcile().await;
+    world.writes();
+    assert!(due(&world.md()), "workers not ready");
+    let fleet = Fleet::start(&world.api, 1, &SKEWED, None, None).await;
+    let set =
+        |rank: usize, loading: Option<(u64, u64)>| *fleet.workers[rank].loading.lock().unwrap() = loading;
+    set(0, Some((1 << 30, 4 << 30)));
+    set(1, Some((2 << 30, 4 << 30)));
+
+    let found = record(&world.context, &world.md(), &fleet.cluster).await.unwrap();
+    let expected =
+        LoadingStatus { workers: 2, loaded_bytes: 3 << 30, total_bytes: 8 << 30, progress: "37%".into() };
+    assert_eq!(found.as_ref(), Some(&expected));
+    assert_eq!(world.writes(), [status_write()]);
+    let md = world.md();
+    assert_eq!(md.status.as_ref().unwrap().loading.as_ref(), Some(&expected));
+    // The rest of the status is the controller's, unchanged.
+    assert_eq!(status::find(md.status.as_ref(), status::READY).unwrap().reason, "WorkersNotReady");
+    // The same answers again: nothing written. The controller keeps it while workers load.
+    record(&world.context, &world.md(), &fleet.cluster).await.unwrap();
+    assert!(world.reconcile().await.is_empty());
+    assert_eq!(world.md().status.unwrap().loading, Some(expected));
+
+    // One worker done (it serves), the other further on.
+    set(0, None);
+    set(1, Some((3 << 30, 4 << 30)));
+    record(&world.context, &world.md(), &fleet.cluster).await.unwrap();
+    let loading = world.md().status.unwrap().loading.unwrap();
+    assert_eq!((loading.workers, loading.progress.as_str()), (1, "75%"));
+
+    // Both ready: the controller clears it, and the poll is no longer due.
+    set(1, None);
+    world.api.mark_ready("ml", "tiny");
+    world.reconcile().await;
+    let md = world.md();
+    assert_eq!(md.status.as_ref().unwrap().loading, None);
+    assert_eq!(status::find(md.status.as_ref(), status::READY).unwrap().status, "True");
+    assert!(!due(&md));
+    // A poll finding none loading clears a leftover too.
+    world.writes();
+    let mut leftover = serde_json::to_value(md.status.unwrap()).unwrap();
+    leftover["loading"] = json!({"workers": 1, "loadedBytes": 1, "totalBytes": 2, "progress": "50%"});
+    world.api.set_status(MD, leftover);
+    assert!(due(&world.md()));
+    assert_eq!(record(&world.context, &world.md(), &fleet.cluster).await.unwrap(), None);
+    assert_eq!(world.md().status.unwrap().loading, None);
 }

@@ -35,6 +35,23 @@ pub struct ModelConfig {
     /// The longest context the model was made for (0: not given).
     #[serde(default, deserialize_with = "zero_if_null")]
     pub max_position_embeddings: u32,
+    /// How the checkpoint's weights are quantised (DeepSeek-V3's: `fp8`); absent: not at all.
+    #[serde(default, rename = "quantization_config")]
+    pub quantization: Option<Quantization>,
+}
+
+/// `quantization_config` of a `config.json`, as far as the layout needs it.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct Quantization {
+    #[serde(default)]
+    pub quant_method: String,
+}
+
+impl ModelConfig {
+    /// Whether the checkpoint stores its weights in FP8 (`quant_method: fp8`).
+    pub fn is_fp8(&self) -> bool {
+        self.quantization.as_ref().is_some_and(|q| q.quant_method == "fp8")
+    }
 }
 
 /// A router's context length (prompt plus new tokens) when none is asked for.

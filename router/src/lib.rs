@@ -154,114 +154,158 @@ pub async fn run(
     let tls = opts.tls_dir.as_deref().map(kubemoe_api::tls::Tls::load).transpose()?;
     let server_tls = |alpn| tls.as_ref().map(|t| t.server(alpn)).transpose();
     let client_tls = tls.as_ref().map(|t| t.client(opts.tls_server_name.as_deref())).transpose()?;
-    let model_spec = opts.model.clone();
-    let precision = opts.precision;
-    let load = move || source::open_as(&model_spec, Experts::None, precision);
-    let model = tokio::task::spawn_blocking(move || kubemoe_model::progress::reported("router", load))
-        .await
-        .map_err(|e| Error::Workers(format!("model loading task: {e}")))??;
-    let (dtypes, bytes) = kubemoe_model::memory::summary(model.matrices());
-    kubemoe_model::memory::log_loaded("router", &dtypes, bytes);
-    let config = model.config.clone();
-    let max_context = opts.max_context.min(config.max_position_embeddings);
-    let limits = scheduler::Limits {
-        max_batch_tokens: opts.max_batch_tokens,
-        max_running: opts.max_running,
-        kv_budget_tokens: opts.kv_budget_bytes / config.kv_bytes_per_token().max(1),
-    };
-    // One request of the whole context must fit an empty cache: admission then never waits
-    // for room that cannot come, and the context check refuses every request that would.
-    if limits.kv_budget_tokens < max_context {
-        let need = (max_context * config.kv_bytes_per_token()).div_ceil(1 << 20);
-        return Err(Error::Config(format!(
-            "--kv-budget-mib {} holds {} tokens of this model's KV cache ({} bytes each), fewer than \
-             one request of --max-context {max_context}: raise --kv-budget-mib to at least {need} or \
-             lower --max-context",
-            opts.kv_budget_bytes >> 20,
-            limits.kv_budget_tokens,
-            config.kv_bytes_per_token()
-        )));
-    }
-    let experts = std::sync::Arc::new(remote::RemoteExperts::new(
-        &config,
-        &opts.workers,
-        Box::new(move |url| kubemoe_api::channel(url, client_tls.as_ref())),
-        Bearer(token.clone()),
-        opts.placement,
-        opts.worker_deadline,
-        opts.load_window,
-        tokio::runtime::Handle::current(),
-    )?);
-    // Workers that are up already are ready now; otherwise serve at once, not ready, until they
-    // are (clients and probes get an answer meanwhile, saying what is awaited).
-    let (ready, waiting) = tokio::sync::watch::channel(experts.check_workers(&opts.model).await.err());
-    if let Some(why) = waiting.borrow().as_deref() {
-        tracing::warn!(waiting_for = why, "not serving until every worker answers as it should");
-        tokio::spawn(await_workers(experts.clone(), opts.model.clone(), ready, shutdown.clone()));
-    }
-    let text = text::TextCodec::load(&opts.model, config.vocab_size)?.map(std::sync::Arc::new);
-    let stats = std::sync::Arc::new(stats::Stats::default());
-    let (engine, thread) = engine::spawn(
-        std::sync::Arc::new(model),
-        experts.clone(),
-        limits,
-        opts.max_concurrent,
-        stats.clone(),
-        shutdown.clone(),
-    )?;
-    let served_name = opts.served_model_name.unwrap_or_else(|| opts.model.clone());
-    let admission =
-        service::Admission { model_name: opts.model, vocab_size: config.vocab_size, text, max_context };
-    let service = std::sync::Arc::new(service::InferenceService {
-        admission,
-        config,
-        engine,
-        experts: experts.clone(),
-        max_concurrent: opts.max_concurrent,
-        active: Default::default(),
-        received: Default::default(),
-        stats: stats.clone(),
-        waiting,
-    });
+    // Every port answers while the model loads: health (alive, not ready), and how far loading
+    // got. `stop` ends them early if loading fails.
+    let stop = shutdown.child_token();
+    let progress = kubemoe_model::progress::loaded;
+    let http_app = kubemoe_api::loading::http(progress);
     if let Some(http) = listeners.http {
+        let (app, timeout) = (http_app.router(), opts.http_header_timeout);
+        let tls = server_tls(kubemoe_api::tls::ALPN_HTTP)?;
+        tokio::spawn(kubemoe_api::http::serve(http, tls, app, timeout, stop.clone()));
+    }
+    let balancer = kubemoe_api::loading::grpc(progress);
+    if let Some(internal) = listeners.internal {
+        if token.is_none() {
+            tracing::warn!("no --internal-token-file: anyone who reaches the internal port can read the load and commit placements");
+        }
+        let (balancer, guard, stop) = (balancer.clone(), Guard(token.clone()), stop.clone());
+        let tls = server_tls(kubemoe_api::tls::ALPN_GRPC)?;
+        tokio::spawn(async move {
+            let served = service::serve_internal(balancer, guard, tls, internal, stop).await;
+            if let Err(e) = served {
+                tracing::error!(error = %kubemoe_placement::error_chain(&e), "the internal gRPC server stopped");
+            }
+        });
+    }
+    let inference = kubemoe_api::loading::grpc(progress);
+    // What readiness waits for (`None`: serving): the weights (a placeholder: the services are
+    // not set until they load), then every worker.
+    let (ready, waiting) = tokio::sync::watch::channel(Some("the model's weights to load".to_string()));
+    let public = service::Public {
+        guard: Guard(keys.clone()),
+        max_connection_age: opts.grpc_max_connection_age,
+        tls: server_tls(kubemoe_api::tls::ALPN_GRPC)?,
+        listener: listeners.grpc,
+        health: listeners.health,
+    };
+    let server = tokio::spawn(service::serve(inference.clone(), waiting.clone(), public, stop.clone()));
+
+    // Loading and what can fail after it; a failure stops the servers before it returns.
+    let starting = async {
+        let model_spec = opts.model.clone();
+        let precision = opts.precision;
+        let load = move || source::open_as(&model_spec, Experts::None, precision);
+        let model = tokio::task::spawn_blocking(move || kubemoe_model::progress::reported("router", load))
+            .await
+            .map_err(|e| Error::Workers(format!("model loading task: {e}")))??;
+        let (dtypes, bytes) = kubemoe_model::memory::summary(model.matrices());
+        kubemoe_model::memory::log_loaded("router", &dtypes, bytes);
+        let config = model.config.clone();
+        let max_context = opts.max_context.min(config.max_position_embeddings);
+        let limits = scheduler::Limits {
+            max_batch_tokens: opts.max_batch_tokens,
+            max_running: opts.max_running,
+            kv_budget_tokens: opts.kv_budget_bytes / config.kv_bytes_per_token().max(1),
+        };
+        // One request of the whole context must fit an empty cache: admission then never waits
+        // for room that cannot come, and the context check refuses every request that would.
+        if limits.kv_budget_tokens < max_context {
+            let need = (max_context * config.kv_bytes_per_token()).div_ceil(1 << 20);
+            return Err(Error::Config(format!(
+                "--kv-budget-mib {} holds {} tokens of this model's KV cache ({} bytes each), fewer \
+                 than one request of --max-context {max_context}: raise --kv-budget-mib to at least \
+                 {need} or lower --max-context",
+                opts.kv_budget_bytes >> 20,
+                limits.kv_budget_tokens,
+                config.kv_bytes_per_token()
+            )));
+        }
+        let experts = std::sync::Arc::new(remote::RemoteExperts::new(
+            &config,
+            &opts.workers,
+            Box::new(move |url| kubemoe_api::channel(url, client_tls.as_ref())),
+            Bearer(token.clone()),
+            opts.placement,
+            opts.worker_deadline,
+            opts.load_window,
+            tokio::runtime::Handle::current(),
+        )?);
+        let text = text::TextCodec::load(&opts.model, config.vocab_size)?.map(std::sync::Arc::new);
+        let stats = std::sync::Arc::new(stats::Stats::default());
+        let (engine, thread) = engine::spawn(
+            std::sync::Arc::new(model),
+            experts.clone(),
+            limits,
+            opts.max_concurrent,
+            stats.clone(),
+            stop.clone(),
+        )?;
+        let served_name = opts.served_model_name.unwrap_or_else(|| opts.model.clone());
+        let admission = service::Admission {
+            model_name: opts.model.clone(),
+            vocab_size: config.vocab_size,
+            text,
+            max_context,
+        };
+        let service = std::sync::Arc::new(service::InferenceService {
+            admission,
+            config,
+            engine,
+            experts: experts.clone(),
+            max_concurrent: opts.max_concurrent,
+            active: Default::default(),
+            received: Default::default(),
+            stats: stats.clone(),
+            waiting: waiting.clone(),
+        });
         let started =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let metrics = metrics::Sources { experts: experts.clone(), stats, model_name: served_name.clone() };
         let api = openai::Api {
             service: service.clone(),
             served_name,
-            shutdown: shutdown.clone(),
+            shutdown: stop.clone(),
             started,
-            keys: keys.clone(),
+            keys,
             body_timeout: opts.http_header_timeout,
         };
-
-        let app = metrics::routes(metrics).merge(openai::routes(std::sync::Arc::new(api)));
-        let tls = server_tls(kubemoe_api::tls::ALPN_HTTP)?;
-        tokio::spawn(kubemoe_api::http::serve(http, tls, app, opts.http_header_timeout, shutdown.clone()));
-    }
-    if let Some(internal) = listeners.internal {
-        if token.is_none() {
-            tracing::warn!("no --internal-token-file: anyone who reaches the internal port can read the load and commit placements");
+        // Checked before the services are set: a request never sees the placeholder below.
+        let checked = experts.check_workers(&opts.model).await;
+        if let Err(why) = &checked {
+            tracing::warn!(waiting_for = why.as_str(), "not serving until every worker answers as it should");
         }
-        let balancer = service::BalancerService { experts };
-        let (shutdown, tls) = (shutdown.clone(), server_tls(kubemoe_api::tls::ALPN_GRPC)?);
-        tokio::spawn(async move {
-            let served = service::serve_internal(balancer, Guard(token), tls, internal, shutdown).await;
-            if let Err(e) = served {
-                tracing::error!(error = %kubemoe_placement::error_chain(&e), "the internal gRPC server stopped");
-            }
-        });
-    }
-    let public = service::Public {
-        guard: Guard(keys),
-        max_connection_age: opts.grpc_max_connection_age,
-        tls: server_tls(kubemoe_api::tls::ALPN_GRPC)?,
-        listener: listeners.grpc,
-        health: listeners.health,
+        ready.send_replace(checked.err());
+        http_app.set(metrics::routes(metrics).merge(openai::routes(std::sync::Arc::new(api))));
+        balancer.set(kubemoe_api::expert::balancer_server::BalancerServer::new(service::BalancerService {
+            experts: experts.clone(),
+        }));
+        inference.set(kubemoe_api::inference::inference_server::InferenceServer::from_arc(service));
+        Ok((experts, thread))
     };
-    let served = service::serve(service, public, shutdown.clone()).await;
-    shutdown.cancel();
+    let started = tokio::select! {
+        started = starting => started,
+        // Stopped while loading: the servers drain, the load is abandoned with the process.
+        () = shutdown.cancelled() => {
+            let _ = server.await;
+            return Ok(());
+        }
+    };
+    let (experts, thread) = match started {
+        Ok(started) => started,
+        Err(e) => {
+            stop.cancel();
+            let _ = server.await;
+            return Err(e);
+        }
+    };
+    // Workers that are up already are ready now; otherwise serve, not ready, until they are
+    // (clients and probes get an answer meanwhile, saying what is awaited).
+    if ready.borrow().is_some() {
+        tokio::spawn(await_workers(experts, opts.model, ready, stop.clone()));
+    }
+    let served = server.await.map_err(|e| Error::Workers(format!("public gRPC server task: {e}")))?;
+    stop.cancel();
     let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     served
 }

@@ -31,6 +31,7 @@ pub fn routes(sources: Sources) -> axum::Router {
 async fn metrics(State(sources): State<Arc<Sources>>) -> impl IntoResponse {
     let mut text = render(&sources.experts);
     sources.stats.render(&mut text, &sources.model_name);
+    kubemoe_api::loading::gauges(&mut text, kubemoe_model::progress::loaded);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
 }
 

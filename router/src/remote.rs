@@ -358,6 +358,9 @@ impl RemoteExperts {
                     info.rank
                 )));
             }
+            if let Some(loading) = still_loading(rank, &info) {
+                return Err(Error::Workers(loading));
+            }
             if let Some((layer, missing)) = first_missing(plan, rank as u32, &info) {
                 return Err(Error::Epoch(format!(
                     "worker {rank} does not hold expert {missing} of layer {layer}, which plan epoch {} \
@@ -406,6 +409,11 @@ impl RemoteExperts {
             };
             if info.rank as usize != i {
                 return Err(format!("worker {i} reports rank {}; list workers in rank order", info.rank));
+            }
+            // Loading is being down for a while: routed around if others hold its experts.
+            if let Some(loading) = still_loading(i, &info) {
+                silent.push((i as u32, loading));
+                continue;
             }
             if info.model != model {
                 return Err(format!("worker {i} serves model {}, this router {model}", info.model));
@@ -605,7 +613,8 @@ async fn probe(workers: std::sync::Weak<Mutex<Workers>>, switch: std::sync::Weak
             };
             let info = info.into_inner();
             let routes = lock(&switch).committed.clone();
-            if info.rank as usize == w && first_missing(&routes.plan, w as u32, &info).is_none() {
+            let holds = info.loading.is_none() && first_missing(&routes.plan, w as u32, &info).is_none();
+            if info.rank as usize == w && holds {
                 tracing::info!(worker = w, epoch = routes.plan.epoch, "worker back; routing to it again");
                 lock(&workers).live[w] = true;
             }
@@ -622,6 +631,13 @@ fn client(connect: &Connect, credential: &kubemoe_api::auth::Bearer, url: &str) 
     Ok(ExpertClient::with_interceptor(channel, credential.clone())
         .max_decoding_message_size(max)
         .max_encoding_message_size(max))
+}
+
+/// `worker {rank}: loading weights: …` while the worker of `info` loads (it holds nothing yet).
+fn still_loading(rank: usize, info: &InfoResponse) -> Option<String> {
+    let progress = info.loading.as_ref()?;
+    let described = kubemoe_api::loading::describe((progress.loaded_bytes, progress.total_bytes));
+    Some(format!("worker {rank}: {described}"))
 }
 
 fn unavailable(layer: usize, status: tonic::Status) -> kubemoe_model::Error {

@@ -12,6 +12,7 @@ use kubemoe_api::expert::{CommitRequest, CommitResponse, LayerCounts, LoadReques
 use kubemoe_api::inference::generate_request::Input;
 use kubemoe_api::inference::inference_server::{Inference, InferenceServer};
 use kubemoe_api::inference::*;
+use kubemoe_api::loading::{Pending, Unavailable};
 use kubemoe_model::{Config, SamplingParams};
 use kubemoe_placement::PlacementPlan;
 use std::pin::Pin;
@@ -508,15 +509,22 @@ pub struct Public {
     pub health: Option<TcpListener>,
 }
 
-/// Serves `service` until `shutdown` fires; health turns NOT_SERVING first.
+/// The public API as served: UNAVAILABLE, saying how far loading got, until the model is loaded
+/// and the service set.
+pub type PendingInference = Pending<InferenceServer<InferenceService>, Unavailable>;
+/// The `Balancer` as served, likewise.
+pub type PendingBalancer = Pending<BalancerServer<BalancerService>, Unavailable>;
+
+/// Serves `inference` until `shutdown` fires: alive at once, ready once `waiting` is `None`
+/// (weights loaded, workers answering), and NOT_SERVING first when shutting down.
 pub async fn serve(
-    service: Arc<InferenceService>,
+    inference: PendingInference,
+    mut waiting: tokio::sync::watch::Receiver<Option<String>>,
     public: Public,
     shutdown: CancellationToken,
 ) -> crate::Result<()> {
     let Public { guard, max_connection_age, tls, listener, health: health_listener } = public;
-    let mut waiting = service.waiting.clone();
-    let inference = InterceptedService::new(InferenceServer::from_arc(service), guard);
+    let inference = InterceptedService::new(inference, guard);
     let (reporter, health) = tonic_health::server::health_reporter();
     // Up until the server has drained, so that probes see it draining.
     let health_stop = CancellationToken::new();
@@ -562,14 +570,14 @@ pub async fn serve(
 /// (the deployment's internal token) first. Off the public port and its Service, so that no
 /// client of the API can switch or read the placement.
 pub async fn serve_internal(
-    balancer: BalancerService,
+    balancer: PendingBalancer,
     guard: Guard,
     tls: Option<Arc<kubemoe_api::tls::ServerConfig>>,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> crate::Result<()> {
     tonic::transport::Server::builder()
-        .add_service(InterceptedService::new(BalancerServer::new(balancer), guard))
+        .add_service(InterceptedService::new(balancer, guard))
         .add_service(kubemoe_api::reflection::v1(&[BALANCER])?)
         .add_service(kubemoe_api::reflection::v1alpha(&[BALANCER])?)
         .serve_with_incoming_shutdown(kubemoe_api::conn::incoming(listener, tls), shutdown.cancelled_owned())

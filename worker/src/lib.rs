@@ -24,6 +24,9 @@ pub enum Error {
     /// A migration step out of order.
     #[error("migration out of order: {0}")]
     Epoch(String),
+    /// A task of the worker's panicked or was cancelled.
+    #[error("the {0} task failed: {1}")]
+    Task(&'static str, String),
     /// A thread panicked while holding the experts.
     #[error("expert state poisoned by a panic")]
     Poisoned,
@@ -98,30 +101,55 @@ pub async fn run(
     };
     let tls = opts.tls_dir.as_deref().map(kubemoe_api::tls::Tls::load).transpose()?;
     let Options { model, precision, rank, world_size, plan, .. } = opts;
-    let load = move || ExpertStore::load(&model, precision, rank, world_size, plan);
-    let store = tokio::task::spawn_blocking(move || kubemoe_model::progress::reported("worker", load))
-        .await
-        .map_err(|e| Error::Invalid(format!("expert loading task: {e}")))??;
-    let (dtypes, bytes) = store.held_weights()?;
-    kubemoe_model::memory::log_loaded("worker", &dtypes, bytes);
-    let store = std::sync::Arc::new(store);
+    // Both ports answer while the experts load (liveness, how far loading got); the server
+    // stops early if loading fails.
     let stats = std::sync::Arc::new(metrics::Stats::default());
+    let stop = shutdown.child_token();
+    let http_app = kubemoe_api::loading::http(kubemoe_model::progress::loaded);
     if let Some(http) = listeners.http {
-        let app = metrics::routes(store.clone(), stats.clone());
         let tls = tls.as_ref().map(|t| t.server(kubemoe_api::tls::ALPN_HTTP)).transpose()?;
-        tokio::spawn(kubemoe_api::http::serve(
-            http,
-            tls,
-            app,
-            kubemoe_api::http::HEADER_TIMEOUT,
-            shutdown.clone(),
-        ));
+        let timeout = kubemoe_api::http::HEADER_TIMEOUT;
+        tokio::spawn(kubemoe_api::http::serve(http, tls, http_app.router(), timeout, stop.clone()));
     }
+    let service = service::ExpertService::loading(
+        model.clone(),
+        rank,
+        world_size.or(plan.as_ref().map(|p| p.workers as usize)),
+        stats.clone(),
+    );
     let served = service::Served {
         guard: kubemoe_api::auth::Guard(internal),
         tls: tls.as_ref().map(|t| t.server(kubemoe_api::tls::ALPN_GRPC)).transpose()?,
         listener: listeners.grpc,
         health: listeners.health,
     };
-    service::serve(store, stats, served, shutdown).await
+    let (loaded, ready) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(service::serve(service.clone(), served, ready, stop.clone()));
+    let load = move || ExpertStore::load(&model, precision, rank, world_size, plan);
+    let loading = tokio::task::spawn_blocking(move || kubemoe_model::progress::reported("worker", load));
+    let store = tokio::select! {
+        loaded = loading => match loaded {
+            Ok(store) => store,
+            Err(e) => Err(Error::Task("expert loading", e.to_string())),
+        },
+        // Stopped while loading: the servers drain, the load is abandoned with the process.
+        () = shutdown.cancelled() => {
+            let _ = server.await;
+            return Ok(());
+        }
+    };
+    let store = match store {
+        Ok(store) => std::sync::Arc::new(store),
+        Err(e) => {
+            stop.cancel();
+            let _ = server.await;
+            return Err(e);
+        }
+    };
+    let (dtypes, bytes) = store.held_weights()?;
+    kubemoe_model::memory::log_loaded("worker", &dtypes, bytes);
+    http_app.set(metrics::routes(store.clone(), stats));
+    service.set(store);
+    let _ = loaded.send(true);
+    server.await.map_err(|e| Error::Task("gRPC server", e.to_string()))?
 }

@@ -1,13 +1,14 @@
-//! The worker's HTTP port: `/metrics` in the Prometheus text format and `/health` (200 once
-//! the experts are loaded: the server starts after loading, so a connection refused means
-//! "not yet"). What a router already reports (the load per logical expert, summed over
+//! The worker's HTTP port once its experts are loaded: `/metrics` in the Prometheus text format
+//! and `/health` (200). While they load, [`kubemoe_api::loading::app`] answers (503, with the
+//! bytes loaded). What a router already reports (the load per logical expert, summed over
 //! workers) is here per worker, with the time dispatches take, so a slow or overloaded rank
 //! shows itself.
 //!
 //! Series: `kubemoe_worker_info{model,rank,world_size}`, `kubemoe_worker_placement_epoch`,
 //! `kubemoe_worker_experts_held`, `kubemoe_worker_expert_tokens_total{layer,expert}` (experts
 //! held or ever served), `kubemoe_worker_dispatch_duration_seconds` (histogram, from the
-//! request's arrival to its answer being ready), `kubemoe_worker_dispatch_refused_total`.
+//! request's arrival to its answer being ready), `kubemoe_worker_dispatch_refused_total`, and
+//! [`kubemoe_api::loading::gauges`].
 
 use crate::ExpertStore;
 use axum::extract::State;
@@ -105,5 +106,6 @@ pub fn render(store: &ExpertStore, stats: &Stats) -> crate::Result<String> {
         "kubemoe_worker_dispatch_refused_total {}",
         stats.dispatch_refused.load(Ordering::Relaxed)
     );
+    kubemoe_api::loading::gauges(&mut out, kubemoe_model::progress::loaded);
     Ok(out)
 }

@@ -4,14 +4,47 @@ use crate::{ExpertStore, Result};
 use kubemoe_api::expert::expert_server::{Expert, ExpertServer};
 use kubemoe_api::expert::*;
 use kubemoe_placement::PlacementPlan;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+/// The service's name, as health and reflection know it.
+const EXPERT: &str = "kubemoe.expert.v1.Expert";
+
+/// The `Expert` service. It answers from the process's start: `Info` says how far loading got
+/// until the experts are [`ExpertService::set`], every other call is UNAVAILABLE until then.
+#[derive(Clone)]
 pub struct ExpertService {
-    store: Arc<ExpertStore>,
+    store: Arc<OnceLock<Arc<ExpertStore>>>,
     stats: Arc<crate::metrics::Stats>,
+    /// What `Info` says while loading.
+    model: String,
+    rank: usize,
+    world_size: Option<usize>,
+}
+
+impl ExpertService {
+    /// A service whose experts are still loading.
+    pub fn loading(
+        model: String,
+        rank: usize,
+        world_size: Option<usize>,
+        stats: Arc<crate::metrics::Stats>,
+    ) -> Self {
+        ExpertService { store: Arc::new(OnceLock::new()), stats, model, rank, world_size }
+    }
+
+    /// Serves `store` from now on, in every clone.
+    pub fn set(&self, store: Arc<ExpertStore>) {
+        let _ = self.store.set(store);
+    }
+
+    fn store(&self) -> Result<&Arc<ExpertStore>, Status> {
+        self.store.get().ok_or_else(|| {
+            Status::unavailable(kubemoe_api::loading::describe(kubemoe_model::progress::loaded()))
+        })
+    }
 }
 
 #[tonic::async_trait]
@@ -24,7 +57,7 @@ impl Expert for ExpertService {
         let requests = kubemoe_api::trace::requests(request.metadata()).to_string();
         let r = request.into_inner();
         let span = tracing::debug_span!("dispatch", layer = r.layer, tokens = r.tokens, requests = %requests);
-        let (store, stats) = (self.store.clone(), self.stats.clone());
+        let (store, stats) = (self.store()?.clone(), self.stats.clone());
         // The FFN is CPU-bound: off the async threads, in the dispatch's span.
         let partial = tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
@@ -48,7 +81,7 @@ impl Expert for ExpertService {
 
     async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
         let layers = self
-            .store
+            .store()?
             .stats()
             .into_iter()
             .map(|(layer, tokens)| LayerCounts { layer: layer as u32, tokens })
@@ -57,7 +90,16 @@ impl Expert for ExpertService {
     }
 
     async fn info(&self, _: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
-        let s = &self.store;
+        let Ok(s) = self.store() else {
+            let (loaded_bytes, total_bytes) = kubemoe_model::progress::loaded();
+            return Ok(Response::new(InfoResponse {
+                model: self.model.clone(),
+                rank: self.rank as u32,
+                world_size: self.world_size.unwrap_or(0) as u32,
+                loading: Some(LoadProgress { loaded_bytes, total_bytes }),
+                ..InfoResponse::default()
+            }));
+        };
         let experts = s
             .held()?
             .into_iter()
@@ -72,13 +114,14 @@ impl Expert for ExpertService {
             world_size: s.world_size()? as u32,
             experts,
             epoch: s.epoch()?,
+            loading: None,
         }))
     }
 
     async fn prepare(&self, request: Request<PrepareRequest>) -> Result<Response<PrepareResponse>, Status> {
         let plan = request.into_inner().plan.ok_or_else(|| Status::invalid_argument("plan is missing"))?;
         let plan = PlacementPlan::try_from(plan).map_err(crate::Error::from)?;
-        let (store, epoch) = (self.store.clone(), plan.epoch);
+        let (store, epoch) = (self.store()?.clone(), plan.epoch);
         // Reading weights is blocking I/O (and generation, for builtin models).
         let loaded = tokio::task::spawn_blocking(move || store.prepare(plan))
             .await
@@ -88,7 +131,7 @@ impl Expert for ExpertService {
     }
 
     async fn release(&self, request: Request<ReleaseRequest>) -> Result<Response<ReleaseResponse>, Status> {
-        let (store, epoch) = (self.store.clone(), request.into_inner().epoch);
+        let (store, epoch) = (self.store()?.clone(), request.into_inner().epoch);
         // It waits for dispatches in progress to let go of the experts: off the async threads.
         let released = tokio::task::spawn_blocking(move || store.release(epoch))
             .await
@@ -108,11 +151,12 @@ pub struct Served {
     pub health: Option<TcpListener>,
 }
 
-/// Serves `store` until `shutdown` fires; health turns NOT_SERVING first.
+/// Serves `service` until `shutdown` fires: alive at once, ready once `loaded` turns true, and
+/// NOT_SERVING first when shutting down.
 pub async fn serve(
-    store: Arc<ExpertStore>,
-    stats: Arc<crate::metrics::Stats>,
+    service: ExpertService,
     served: Served,
+    mut loaded: tokio::sync::watch::Receiver<bool>,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let Served { guard, tls, listener, health: health_listener } = served;
@@ -123,8 +167,8 @@ pub async fn serve(
     if let Some(listener) = health_listener {
         tokio::spawn(kubemoe_api::health::serve(listener, health.clone(), health_stop));
     }
-    kubemoe_api::health::serving(&reporter, "kubemoe.expert.v1.Expert").await;
-    let expert = ExpertServer::new(ExpertService { store, stats })
+    kubemoe_api::health::starting(&reporter, EXPERT).await;
+    let expert = ExpertServer::new(service)
         .max_decoding_message_size(kubemoe_api::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(kubemoe_api::MAX_MESSAGE_BYTES);
     let expert = tonic::service::interceptor::InterceptedService::new(expert, guard);
@@ -133,13 +177,65 @@ pub async fn serve(
         .initial_connection_window_size(Some(32 << 20))
         .max_frame_size(Some((1 << 24) - 1))
         .add_service(health)
-        .add_service(kubemoe_api::reflection::v1(&["kubemoe.expert.v1.Expert"])?)
-        .add_service(kubemoe_api::reflection::v1alpha(&["kubemoe.expert.v1.Expert"])?)
+        .add_service(kubemoe_api::reflection::v1(&[EXPERT])?)
+        .add_service(kubemoe_api::reflection::v1alpha(&[EXPERT])?)
         .add_service(expert)
         .serve_with_incoming_shutdown(kubemoe_api::conn::incoming(listener, tls), async move {
-            shutdown.cancelled().await;
-            kubemoe_api::health::draining(&reporter, "kubemoe.expert.v1.Expert").await;
+            // Ready once loaded, then draining at shutdown, one after the other, so that a
+            // shutdown never leaves health SERVING.
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => {}
+                ready = async { loaded.wait_for(|loaded| *loaded).await.is_ok() } => {
+                    if ready {
+                        kubemoe_api::health::serving(&reporter, EXPERT).await;
+                    }
+                    shutdown.cancelled().await;
+                }
+            }
+            kubemoe_api::health::draining(&reporter, EXPERT).await;
         })
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn service() -> ExpertService {
+        ExpertService::loading("builtin:tiny".into(), 1, Some(2), Arc::default())
+    }
+
+    #[tokio::test]
+    async fn while_loading_info_says_how_far_and_every_other_call_is_unavailable() {
+        kubemoe_model::progress::load().expect(4 << 20);
+        kubemoe_model::progress::load().advance(1 << 20);
+        let service = service();
+        let info = service.info(Request::new(InfoRequest {})).await.unwrap().into_inner();
+        assert_eq!((info.model.as_str(), info.rank, info.world_size), ("builtin:tiny", 1, 2));
+        assert!(info.experts.is_empty());
+        let loading = info.loading.unwrap();
+        assert!(loading.loaded_bytes >= 1 << 20 && loading.total_bytes >= 4 << 20, "{loading:?}");
+        let dispatch = DispatchRequest { layer: 1, tokens: 0, ..Default::default() };
+        let refused = service.dispatch(Request::new(dispatch)).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        assert!(refused.message().starts_with("loading weights: "), "{}", refused.message());
+        let refused = service.release(Request::new(ReleaseRequest { epoch: 1 })).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        assert_eq!(
+            service.stats(Request::new(StatsRequest {})).await.unwrap_err().code(),
+            tonic::Code::Unavailable
+        );
+
+        // Set in one clone, served by all: Info says what is held, and no longer loading.
+        let store =
+            ExpertStore::load("builtin:tiny", kubemoe_model::Precision::Auto, 1, Some(2), None).unwrap();
+        service.clone().set(Arc::new(store));
+        let info = service.info(Request::new(InfoRequest {})).await.unwrap().into_inner();
+        assert_eq!(info.loading, None);
+        assert!(!info.experts.is_empty());
+        service.stats(Request::new(StatsRequest {})).await.unwrap();
+    }
 }
