@@ -239,7 +239,7 @@ fn workers_and_routers_in_bf16_and_fp8_equal_the_engine_in_the_same_precision() 
         });
         let precision: kubemoe_model::Precision = dtype.parse().unwrap();
         let local = source::open_as(&model, Experts::All, precision).unwrap();
-        let cluster = Cluster::start_with(&model, 2, &[], &["--dtype", dtype]);
+        let cluster = Cluster::start_with(&model, 2, &[], &["--dtype", dtype, "--http-port", "0"]);
         rt().block_on(async {
             let mut client = cluster.client().await;
             for (i, (prompt, _)) in FIXTURE_SEQS.iter().enumerate() {
@@ -255,6 +255,23 @@ fn workers_and_routers_in_bf16_and_fp8_equal_the_engine_in_the_same_precision() 
                 }
             }
         });
+        // What each process holds, by its `/metrics`: the experts all in the precision asked
+        // for (or stored), the router the same but for what FP8 keeps in 16 bits (embeddings,
+        // gate, head).
+        let held = |proc: &Proc| -> Vec<String> {
+            let text = http(proc.http.as_ref().unwrap(), "GET", "/metrics", None).1;
+            let prefix = "kubemoe_weights_held_bytes{dtype=\"";
+            text.lines()
+                .filter_map(|l| Some(l.strip_prefix(prefix)?.split('"').next()?.to_string()))
+                .collect()
+        };
+        let fp8 = dtype == "fp8" || variant.ends_with("fp8");
+        let experts = if fp8 { ["fp8"].as_slice() } else { ["bf16"].as_slice() };
+        for worker in &cluster.workers {
+            assert_eq!(held(worker), experts, "{variant} as {dtype}: a worker's experts");
+        }
+        let router = if fp8 { ["bf16", "fp8"].as_slice() } else { ["bf16"].as_slice() };
+        assert_eq!(held(&cluster.router), router, "{variant} as {dtype}: the router's matrices");
     }
 }
 
@@ -2178,7 +2195,7 @@ fn a_router_started_before_its_workers_answers_at_once_and_serves_once_they_are_
         }
         drop(wrong);
 
-        // The right workers: serving within a second of the last one listening.
+        // The right workers: serving within a second of the last one being ready (loaded).
         let _w0 = worker(model, 0, 2, ports[0]);
         let _w1 = worker(model, 1, 2, ports[1]);
         let up = Instant::now();
@@ -2187,7 +2204,7 @@ fn a_router_started_before_its_workers_answers_at_once_and_serves_once_they_are_
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let took = up.elapsed();
-        eprintln!("serving {took:?} after the last worker listened");
+        eprintln!("serving {took:?} after the last worker was ready");
         assert!(took < Duration::from_secs(1), "{took:?}");
         assert_eq!(http(&http_addr, "GET", "/health", None).0, 200);
         let local = source::open(model, Experts::All).unwrap();

@@ -21,24 +21,34 @@ use tower_service::Service;
 /// Bytes of weights loaded and to load, for the whole process (the model crate keeps them).
 pub type Progress = fn() -> (u64, u64);
 
+/// How [`describe`] starts.
+pub const LOADING: &str = "loading weights: ";
+
 /// `loading weights: 1200.0 of 2400.0 MiB (50%)`: whole percent rounded down, so 100% only
 /// once all is read.
 pub fn describe((loaded, total): (u64, u64)) -> String {
     let percent = (u128::from(loaded) * 100 / u128::from(total.max(1))).min(100);
     let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
-    format!("loading weights: {:.1} of {:.1} MiB ({percent}%)", mib(loaded), mib(total))
+    format!("{LOADING}{:.1} of {:.1} MiB ({percent}%)", mib(loaded), mib(total))
 }
 
-/// `kubemoe_weights_loaded_bytes` and `kubemoe_weights_bytes` in the Prometheus text format,
-/// served from a process's start (both equal once it has loaded).
-pub fn gauges(out: &mut String, progress: Progress) {
+/// The weight series in the Prometheus text format, served from a process's start:
+/// `kubemoe_weights_loaded_bytes` and `kubemoe_weights_bytes` (stored bytes read since the start
+/// and set out to read: equal once loaded; a migration's prepare adds to both), and `kubemoe_weights_held_bytes{dtype}`, the bytes of the matrices held
+/// per precision (`held`, once loaded: what memory requests are sized by).
+pub fn gauges(out: &mut String, progress: Progress, held: &[(&str, usize)]) {
     let (loaded, total) = progress();
     out.push_str(&format!(
         "# HELP kubemoe_weights_loaded_bytes Bytes of weights this process has loaded\n\
          # TYPE kubemoe_weights_loaded_bytes gauge\nkubemoe_weights_loaded_bytes {loaded}\n\
          # HELP kubemoe_weights_bytes Bytes of weights this process loads\n\
-         # TYPE kubemoe_weights_bytes gauge\nkubemoe_weights_bytes {total}\n"
+         # TYPE kubemoe_weights_bytes gauge\nkubemoe_weights_bytes {total}\n\
+         # HELP kubemoe_weights_held_bytes Bytes of weight matrices held, per precision\n\
+         # TYPE kubemoe_weights_held_bytes gauge\n"
     ));
+    for (dtype, bytes) in held {
+        out.push_str(&format!("kubemoe_weights_held_bytes{{dtype=\"{dtype}\"}} {bytes}\n"));
+    }
 }
 
 /// A service answered by a stand-in `L` until the real one, `S`, is set.
@@ -150,7 +160,7 @@ pub fn app(progress: Progress) -> axum::Router {
     };
     let metrics = move || async move {
         let mut text = String::new();
-        gauges(&mut text, progress);
+        gauges(&mut text, progress, &[]);
         ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
     };
     let other = move || async move {
@@ -158,7 +168,7 @@ pub fn app(progress: Progress) -> axum::Router {
             "message": describe(progress()),
             "type": "service_unavailable",
             "param": null,
-            "code": 503,
+            "code": null,
         }});
         (StatusCode::SERVICE_UNAVAILABLE, [(header::CONTENT_TYPE, "application/json")], error.to_string())
             .into_response()

@@ -230,10 +230,11 @@ pub fn run(model: &Model, precision: Precision, params: &Params) -> Result<Repor
             });
         }
     }
-    let (held, weight_bytes) = crate::memory::summary(model.matrices());
+    let held = crate::memory::Held::of(model.matrices());
+    let weight_bytes = held.bytes();
     Ok(Report {
         dtype: precision.as_str(),
-        held,
+        held: held.names(),
         isa: kubemoe_kernels::weight::isa_name(),
         weight_bytes,
         read_gb_per_s,

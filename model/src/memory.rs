@@ -9,30 +9,38 @@ pub fn resident_bytes() -> Option<usize> {
     Some(kib * 1024)
 }
 
-/// Logs the bytes of weights `role` holds in `dtypes` beside the process's resident set.
-pub fn log_loaded(role: &str, dtypes: &[&str], weight_bytes: usize) {
+/// Bytes of weight matrices held, per precision (`bf16`, `fp8`, …), sorted by name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Held(pub Vec<(&'static str, usize)>);
+
+impl Held {
+    pub fn of<'a>(weights: impl IntoIterator<Item = &'a kubemoe_kernels::Weight>) -> Held {
+        let mut held = std::collections::BTreeMap::<&'static str, usize>::new();
+        for w in weights {
+            *held.entry(w.dtype().as_str()).or_default() += w.bytes();
+        }
+        Held(held.into_iter().collect())
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.0.iter().map(|(_, b)| b).sum()
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.0.iter().map(|(name, _)| *name).collect()
+    }
+}
+
+/// Logs the bytes of weights `role` holds beside the process's resident set.
+pub fn log_loaded(role: &str, held: &Held) {
     let resident = resident_bytes().unwrap_or(0);
+    let weight_bytes = held.bytes();
     tracing::info!(
         role,
-        held = dtypes.join(","),
+        held = held.names().join(","),
         weight_mib = format!("{:.1}", weight_bytes as f64 / 1048576.0),
         resident_mib = format!("{:.1}", resident as f64 / 1048576.0),
         resident_per_weight_byte = format!("{:.3}", resident as f64 / weight_bytes.max(1) as f64),
         "weights loaded"
     );
-}
-
-/// The distinct precisions of `weights`, and their bytes.
-pub fn summary<'a>(
-    weights: impl IntoIterator<Item = &'a kubemoe_kernels::Weight>,
-) -> (Vec<&'static str>, usize) {
-    let mut names = Vec::new();
-    let mut bytes = 0;
-    for w in weights {
-        names.push(w.dtype().as_str());
-        bytes += w.bytes();
-    }
-    names.sort_unstable();
-    names.dedup();
-    (names, bytes)
 }

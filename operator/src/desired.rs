@@ -649,8 +649,8 @@ impl<'a> Ctx<'a> {
             ])),
             resources: router.resources.clone(),
             volume_mounts: Some(mounts),
-            // Ready once `/health` answers: the HTTP server starts when the model is loaded and
-            // every worker answered, and fails it while the router drains.
+            // Ready once `/health` answers 200: the model loaded and every worker answering (503
+            // while it loads or waits, and while it drains).
             readiness_probe: Some(Probe {
                 http_get: Some(HTTPGetAction {
                     path: Some("/health".into()),

@@ -38,8 +38,9 @@ pub fn summary(loading: &[LoadProgress]) -> Option<LoadingStatus> {
     if loading.is_empty() {
         return None;
     }
-    let loaded: u64 = loading.iter().map(|p| p.loaded_bytes).sum();
-    let total: u64 = loading.iter().map(|p| p.total_bytes).sum();
+    // Saturating: the numbers come from the pods.
+    let loaded = loading.iter().fold(0u64, |sum, p| sum.saturating_add(p.loaded_bytes));
+    let total = loading.iter().fold(0u64, |sum, p| sum.saturating_add(p.total_bytes));
     // Whole percent, rounded down: 100% only once all is read.
     let percent = (u128::from(loaded) * 100 / u128::from(total.max(1))).min(100);
     Some(LoadingStatus {
@@ -82,16 +83,27 @@ async fn poll(context: &Context, md: &ModelDeployment) -> Result<()> {
     Ok(())
 }
 
-/// Asks the workers of `cluster` and writes the [`summary`] as `md`'s `status.loading` (nothing
-/// when it is unchanged); returns it.
+/// Asks the workers of `cluster` and writes the [`summary`] as `md`'s `status.loading` when it
+/// [`moved`] from what the status says; returns it.
 pub async fn record(
     context: &Context,
     md: &ModelDeployment,
     cluster: &kubemoe_api::cluster::Cluster,
 ) -> Result<Option<LoadingStatus>> {
     let found = summary(&cluster.loading(DEADLINE).await);
-    rebalancer::update_status(context, md, |md| status::loading(md, found.clone())).await?;
+    let shown = md.status.as_ref().and_then(|s| s.loading.as_ref());
+    if moved(shown, found.as_ref()) {
+        rebalancer::update_status(context, md, |md| status::loading(md, found.clone())).await?;
+    }
     Ok(found)
+}
+
+/// Whether `found` is worth a status write over `shown`: other workers, another total, or
+/// another whole percent. Bytes alone change at every poll, and each write costs the controller
+/// a reconcile; a percent is what the column shows.
+pub fn moved(shown: Option<&LoadingStatus>, found: Option<&LoadingStatus>) -> bool {
+    let key = |s: Option<&LoadingStatus>| s.map(|s| (s.workers, s.total_bytes, s.progress.clone()));
+    key(shown) != key(found)
 }
 
 #[cfg(test)]
@@ -110,6 +122,18 @@ mod tests {
         assert_eq!(summary(&[p(1000, 1000)]).unwrap().progress, "100%");
         // A worker that has not opened its shards yet (nothing to read so far).
         assert_eq!(summary(&[p(0, 0)]).unwrap().progress, "0%");
-        assert_eq!(summary(&[p(u64::MAX, u64::MAX)]).unwrap().loaded_bytes, i64::MAX);
+        assert_eq!(summary(&[p(u64::MAX, u64::MAX), p(1, 1)]).unwrap().loaded_bytes, i64::MAX);
+    }
+
+    #[test]
+    fn a_write_is_worth_it_for_another_percent_total_or_worker_count_not_for_bytes_alone() {
+        let p = |loaded_bytes, total_bytes| LoadProgress { loaded_bytes, total_bytes };
+        let shown = summary(&[p(300, 1000)]);
+        assert!(!moved(shown.as_ref(), summary(&[p(305, 1000)]).as_ref()));
+        assert!(moved(shown.as_ref(), summary(&[p(310, 1000)]).as_ref()));
+        assert!(moved(shown.as_ref(), summary(&[p(300, 1001)]).as_ref()));
+        assert!(moved(shown.as_ref(), summary(&[p(300, 1000), p(0, 0)]).as_ref()));
+        assert!(moved(shown.as_ref(), None));
+        assert!(!moved(None, None));
     }
 }

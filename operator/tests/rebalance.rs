@@ -626,8 +626,11 @@ async fn workers_loading_their_weights_show_in_the_status_until_they_are_ready()
     assert_eq!(md.status.as_ref().unwrap().loading.as_ref(), Some(&expected));
     // The rest of the status is the controller's, unchanged.
     assert_eq!(status::find(md.status.as_ref(), status::READY).unwrap().reason, "WorkersNotReady");
-    // The same answers again: nothing written. The controller keeps it while workers load.
+    // A few bytes further, the same percent: nothing written. The controller keeps it while
+    // workers load.
+    set(1, Some(((2 << 30) + (1 << 20), 4 << 30)));
     record(&world.context, &world.md(), &fleet.cluster).await.unwrap();
+    assert!(world.writes().is_empty());
     assert!(world.reconcile().await.is_empty());
     assert_eq!(world.md().status.unwrap().loading, Some(expected));
 

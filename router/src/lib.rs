@@ -158,7 +158,7 @@ pub async fn run(
     // got. `stop` ends them early if loading fails.
     let stop = shutdown.child_token();
     let progress = kubemoe_model::progress::loaded;
-    let http_app = kubemoe_api::loading::http(progress);
+    let http_app = kubemoe_api::loading::Pending::new(openai::loading(progress, keys.clone()));
     if let Some(http) = listeners.http {
         let (app, timeout) = (http_app.router(), opts.http_header_timeout);
         let tls = server_tls(kubemoe_api::tls::ALPN_HTTP)?;
@@ -189,9 +189,11 @@ pub async fn run(
         listener: listeners.grpc,
         health: listeners.health,
     };
-    let server = tokio::spawn(service::serve(inference.clone(), waiting.clone(), public, stop.clone()));
+    let mut server = tokio::spawn(service::serve(inference.clone(), waiting.clone(), public, stop.clone()));
+    // Every return from here stops the servers: a failed load, a failed start.
+    let _stop = stop.clone().drop_guard();
 
-    // Loading and what can fail after it; a failure stops the servers before it returns.
+    // Loading and what can fail after it.
     let starting = async {
         let model_spec = opts.model.clone();
         let precision = opts.precision;
@@ -199,8 +201,8 @@ pub async fn run(
         let model = tokio::task::spawn_blocking(move || kubemoe_model::progress::reported("router", load))
             .await
             .map_err(|e| Error::Workers(format!("model loading task: {e}")))??;
-        let (dtypes, bytes) = kubemoe_model::memory::summary(model.matrices());
-        kubemoe_model::memory::log_loaded("router", &dtypes, bytes);
+        let held = kubemoe_model::memory::Held::of(model.matrices());
+        kubemoe_model::memory::log_loaded("router", &held);
         let config = model.config.clone();
         let max_context = opts.max_context.min(config.max_position_embeddings);
         let limits = scheduler::Limits {
@@ -261,7 +263,8 @@ pub async fn run(
         });
         let started =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let metrics = metrics::Sources { experts: experts.clone(), stats, model_name: served_name.clone() };
+        let metrics =
+            metrics::Sources { experts: experts.clone(), stats, model_name: served_name.clone(), held };
         let api = openai::Api {
             service: service.clone(),
             served_name,
@@ -270,33 +273,28 @@ pub async fn run(
             keys,
             body_timeout: opts.http_header_timeout,
         };
-        // Checked before the services are set: a request never sees the placeholder below.
+        // What is awaited is known before the services are set (a request never sees the
+        // placeholder below), and readiness follows them (a probe never sees SERVING before).
         let checked = experts.check_workers(&opts.model).await;
         if let Err(why) = &checked {
             tracing::warn!(waiting_for = why.as_str(), "not serving until every worker answers as it should");
+            ready.send_replace(Some(why.clone()));
         }
-        ready.send_replace(checked.err());
         http_app.set(metrics::routes(metrics).merge(openai::routes(std::sync::Arc::new(api))));
         balancer.set(kubemoe_api::expert::balancer_server::BalancerServer::new(service::BalancerService {
             experts: experts.clone(),
         }));
         inference.set(kubemoe_api::inference::inference_server::InferenceServer::from_arc(service));
+        if checked.is_ok() {
+            ready.send_replace(None);
+        }
         Ok((experts, thread))
     };
-    let started = tokio::select! {
-        started = starting => started,
-        // Stopped while loading: the servers drain, the load is abandoned with the process.
-        () = shutdown.cancelled() => {
-            let _ = server.await;
-            return Ok(());
-        }
-    };
-    let (experts, thread) = match started {
-        Ok(started) => started,
-        Err(e) => {
-            stop.cancel();
-            let _ = server.await;
-            return Err(e);
+    let (experts, thread) = tokio::select! {
+        started = starting => started?,
+        // Stopped while loading (the server drains and ends) or failed: the load is abandoned.
+        served = &mut server => {
+            return served.map_err(|e| Error::Workers(format!("public gRPC server task: {e}")))?;
         }
     };
     // Workers that are up already are ready now; otherwise serve, not ready, until they are
@@ -326,7 +324,9 @@ async fn await_workers(
         }
         let checked = experts.check_workers(&model).await;
         if let Err(why) = &checked {
-            if ready.borrow().as_ref() != Some(why) {
+            // A loading worker's reason changes with every probe (its bytes): logged once.
+            let reason = |why: &str| why.split(kubemoe_api::loading::LOADING).next().map(str::to_string);
+            if ready.borrow().as_deref().and_then(reason) != reason(why) {
                 tracing::warn!(waiting_for = why.as_str(), "not serving yet");
             }
         } else {

@@ -21,6 +21,8 @@ pub struct Sources {
     pub stats: Arc<crate::stats::Stats>,
     /// The `model_name` label of the vLLM-named series.
     pub model_name: String,
+    /// The weights this router holds.
+    pub held: kubemoe_model::memory::Held,
 }
 
 /// The `/metrics` route.
@@ -31,7 +33,7 @@ pub fn routes(sources: Sources) -> axum::Router {
 async fn metrics(State(sources): State<Arc<Sources>>) -> impl IntoResponse {
     let mut text = render(&sources.experts);
     sources.stats.render(&mut text, &sources.model_name);
-    kubemoe_api::loading::gauges(&mut text, kubemoe_model::progress::loaded);
+    kubemoe_api::loading::gauges(&mut text, kubemoe_model::progress::loaded, &sources.held.0);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
 }
 

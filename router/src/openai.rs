@@ -67,17 +67,31 @@ pub fn routes(api: Arc<Api>) -> axum::Router {
         .route("/v1/chat/completions", post(chat_completions))
         // Layers run outside in: the key is checked before the body is read.
         .route_layer(axum::middleware::from_fn_with_state(api.clone(), read_body))
-        .route_layer(axum::middleware::from_fn_with_state(api.clone(), authenticate));
+        .route_layer(axum::middleware::from_fn_with_state(api.keys.clone(), authenticate));
     axum::Router::new().route("/health", get(health)).merge(v1).with_state(api)
+}
+
+/// What the HTTP port serves while the model loads ([`kubemoe_api::loading::app`]), `/v1/*`
+/// behind the same key check as the API: a caller without a key learns nothing, and one with a
+/// wrong key gets its 401 now rather than a 503 to retry.
+pub fn loading(
+    progress: kubemoe_api::loading::Progress,
+    keys: Option<Arc<kubemoe_api::auth::Keys>>,
+) -> axum::Router {
+    let app = kubemoe_api::loading::app(progress);
+    axum::Router::new()
+        .route("/v1/{*path}", axum::routing::any_service(app.clone()))
+        .route_layer(axum::middleware::from_fn_with_state(keys, authenticate))
+        .merge(app)
 }
 
 /// Refuses a `/v1/*` request without a valid API key with OpenAI's 401, before its body is read.
 async fn authenticate(
-    State(api): State<Arc<Api>>,
+    State(keys): State<Option<Arc<kubemoe_api::auth::Keys>>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if let Some(keys) = &api.keys {
+    if let Some(keys) = &keys {
         let header = request.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
         if let Err(denied) = keys.check(header) {
             return ApiError {
@@ -857,5 +871,38 @@ impl Meta {
         };
         json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
                "choices": [], "usage": usage})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use tower_service::Service;
+
+    #[tokio::test]
+    async fn while_loading_the_api_asks_for_a_key_first_and_health_and_metrics_stay_open() {
+        let keys = Some(Arc::new(kubemoe_api::auth::Keys::fixed("sk-test").unwrap()));
+        let mut app = loading(|| (1 << 20, 4 << 20), keys);
+        let mut get = |path: &str, key: Option<&str>| {
+            let mut request = axum::http::Request::get(path);
+            if let Some(key) = key {
+                request = request.header(header::AUTHORIZATION, format!("Bearer {key}"));
+            }
+            app.call(request.body(axum::body::Body::empty()).unwrap())
+        };
+        assert_eq!(get("/v1/models", None).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            get("/v1/chat/completions", Some("sk-other")).await.unwrap().status(),
+            StatusCode::UNAUTHORIZED
+        );
+        let loading = get("/v1/models", Some("sk-test")).await.unwrap();
+        assert_eq!(loading.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = axum::body::to_bytes(loading.into_body(), 1 << 16).await.unwrap();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["message"], "loading weights: 1.0 of 4.0 MiB (25%)");
+        assert_eq!(body["error"]["code"], Value::Null);
+        assert_eq!(get("/health", None).await.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(get("/metrics", None).await.unwrap().status(), StatusCode::OK);
     }
 }

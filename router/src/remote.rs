@@ -410,13 +410,13 @@ impl RemoteExperts {
             if info.rank as usize != i {
                 return Err(format!("worker {i} reports rank {}; list workers in rank order", info.rank));
             }
+            if info.model != model {
+                return Err(format!("worker {i} serves model {}, this router {model}", info.model));
+            }
             // Loading is being down for a while: routed around if others hold its experts.
             if let Some(loading) = still_loading(i, &info) {
                 silent.push((i as u32, loading));
                 continue;
-            }
-            if info.model != model {
-                return Err(format!("worker {i} serves model {}, this router {model}", info.model));
             }
             if let Some((layer, missing)) = first_missing(plan, i as u32, &info) {
                 return Err(format!(

@@ -526,13 +526,14 @@ pub async fn serve(
     let Public { guard, max_connection_age, tls, listener, health: health_listener } = public;
     let inference = InterceptedService::new(inference, guard);
     let (reporter, health) = tonic_health::server::health_reporter();
+    // Alive, not ready, before any probe can ask.
+    kubemoe_api::health::starting(&reporter, INFERENCE).await;
     // Up until the server has drained, so that probes see it draining.
     let health_stop = CancellationToken::new();
     let _stop_health = health_stop.clone().drop_guard();
     if let Some(listener) = health_listener {
         tokio::spawn(kubemoe_api::health::serve(listener, health.clone(), health_stop));
     }
-    kubemoe_api::health::starting(&reporter, INFERENCE).await;
     tonic::transport::Server::builder()
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         // Every connection, idle ones included, is asked to go (GOAWAY: clients reconnect for

@@ -101,8 +101,7 @@ pub async fn run(
     };
     let tls = opts.tls_dir.as_deref().map(kubemoe_api::tls::Tls::load).transpose()?;
     let Options { model, precision, rank, world_size, plan, .. } = opts;
-    // Both ports answer while the experts load (liveness, how far loading got); the server
-    // stops early if loading fails.
+    // Both ports answer while the experts load (liveness, how far loading got).
     let stats = std::sync::Arc::new(metrics::Stats::default());
     let stop = shutdown.child_token();
     let http_app = kubemoe_api::loading::http(kubemoe_model::progress::loaded);
@@ -124,30 +123,20 @@ pub async fn run(
         health: listeners.health,
     };
     let (loaded, ready) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(service::serve(service.clone(), served, ready, stop.clone()));
+    let mut server = tokio::spawn(service::serve(service.clone(), served, ready, stop.clone()));
+    // Every return from here stops the servers: a failed load, a failed start.
+    let _stop = stop.clone().drop_guard();
     let load = move || ExpertStore::load(&model, precision, rank, world_size, plan);
     let loading = tokio::task::spawn_blocking(move || kubemoe_model::progress::reported("worker", load));
     let store = tokio::select! {
         loaded = loading => match loaded {
-            Ok(store) => store,
-            Err(e) => Err(Error::Task("expert loading", e.to_string())),
+            Ok(store) => std::sync::Arc::new(store?),
+            Err(e) => return Err(Error::Task("expert loading", e.to_string())),
         },
-        // Stopped while loading: the servers drain, the load is abandoned with the process.
-        () = shutdown.cancelled() => {
-            let _ = server.await;
-            return Ok(());
-        }
+        // Stopped while loading (the server drains and ends) or failed: the load is abandoned.
+        served = &mut server => return served.map_err(|e| Error::Task("gRPC server", e.to_string()))?,
     };
-    let store = match store {
-        Ok(store) => std::sync::Arc::new(store),
-        Err(e) => {
-            stop.cancel();
-            let _ = server.await;
-            return Err(e);
-        }
-    };
-    let (dtypes, bytes) = store.held_weights()?;
-    kubemoe_model::memory::log_loaded("worker", &dtypes, bytes);
+    kubemoe_model::memory::log_loaded("worker", &store.held_weights()?);
     http_app.set(metrics::routes(store.clone(), stats));
     service.set(store);
     let _ = loaded.send(true);

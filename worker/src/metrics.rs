@@ -106,6 +106,6 @@ pub fn render(store: &ExpertStore, stats: &Stats) -> crate::Result<String> {
         "kubemoe_worker_dispatch_refused_total {}",
         stats.dispatch_refused.load(Ordering::Relaxed)
     );
-    kubemoe_api::loading::gauges(&mut out, kubemoe_model::progress::loaded);
+    kubemoe_api::loading::gauges(&mut out, kubemoe_model::progress::loaded, &store.held_weights()?.0);
     Ok(out)
 }

@@ -161,13 +161,14 @@ pub async fn serve(
 ) -> Result<()> {
     let Served { guard, tls, listener, health: health_listener } = served;
     let (reporter, health) = tonic_health::server::health_reporter();
+    // Alive, not ready, before any probe can ask.
+    kubemoe_api::health::starting(&reporter, EXPERT).await;
     // Up until the server has drained, so that probes see it draining.
     let health_stop = CancellationToken::new();
     let _stop_health = health_stop.clone().drop_guard();
     if let Some(listener) = health_listener {
         tokio::spawn(kubemoe_api::health::serve(listener, health.clone(), health_stop));
     }
-    kubemoe_api::health::starting(&reporter, EXPERT).await;
     let expert = ExpertServer::new(service)
         .max_decoding_message_size(kubemoe_api::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(kubemoe_api::MAX_MESSAGE_BYTES);

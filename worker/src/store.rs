@@ -151,10 +151,10 @@ impl ExpertStore {
         Ok(self.state.read().map_err(|_| Error::Poisoned)?.plan.workers as usize)
     }
 
-    /// The precisions of the experts held, and their bytes.
-    pub fn held_weights(&self) -> Result<(Vec<&'static str>, usize)> {
+    /// The bytes of the experts held, per precision.
+    pub fn held_weights(&self) -> Result<kubemoe_model::memory::Held> {
         let state = self.state.read().map_err(|_| Error::Poisoned)?;
-        Ok(kubemoe_model::memory::summary(state.experts.values().flat_map(|m| m.matrices())))
+        Ok(kubemoe_model::memory::Held::of(state.experts.values().flat_map(|m| m.matrices())))
     }
 
     /// (layer, expert) pairs `plan` places on this rank.
