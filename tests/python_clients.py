@@ -22,18 +22,22 @@ from prometheus_client.parser import text_string_to_metric_families
 
 
 def start_up(kubemoe: str, *args: str):
-    """`kubemoe up` on free ports: the process and its gRPC and HTTP addresses."""
+    """`kubemoe up` on free ports, once it serves (its `try:` line): the process and its gRPC and
+    HTTP addresses."""
     up = subprocess.Popen(
         [kubemoe, "up", "--grpc-port", "0", "--http-port", "0", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
     )
+    addresses = None
     for line in up.stdout:
         if "gRPC at " in line:
-            return up, line.split("gRPC at ")[1].split()[0], line.split("HTTP at ")[1].split()[0]
+            addresses = line.split("gRPC at ")[1].split()[0], line.split("HTTP at ")[1].split()[0]
+        if line.startswith("try: ") and addresses:
+            return up, *addresses
     up.wait(timeout=30)
-    raise AssertionError("kubemoe up printed no addresses")
+    raise AssertionError("kubemoe up printed no addresses or never served")
 
 
 def main(kubemoe: str) -> None:
