@@ -669,6 +669,16 @@ fn run(command: Command) -> Result<()> {
         Command::BenchServing { model, workers, batch, steps } => {
             let world = ["--world-size".to_string(), workers.to_string()];
             let (_children, urls) = local::start_workers(&model, workers, &world)?;
+            // Workers answer at once; the benchmark starts once every one has loaded.
+            runtime()?.block_on(async {
+                for url in &urls {
+                    let ready = kubemoe_api::health::until_serving(url);
+                    tokio::time::timeout(std::time::Duration::from_secs(600), ready)
+                        .await
+                        .with_context(|| format!("worker {url} not ready after 10 minutes"))??;
+                }
+                Ok::<_, anyhow::Error>(())
+            })?;
             let report = kubemoe_router::bench::run(&model, &urls, batch, steps)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
