@@ -105,8 +105,7 @@ pub fn up(file: Option<&Path>, overrides: Overrides, mut router_args: Vec<String
     std::fs::write(&placement, serde_json::to_string(&plan)?)
         .with_context(|| format!("writing {}", placement.display()))?;
     // The internal credential of this deployment: made here, readable by this user only.
-    let token = dir.join("internal-token");
-    write_private(&token, &kubemoe_api::auth::generate_token().context("reading /dev/urandom")?)?;
+    let (token, credential) = internal_token(&dir)?;
     let token_args = ["--internal-token-file".to_string(), token.display().to_string()];
     let placement_args = ["--placement".to_string(), placement.display().to_string()];
     let dtype = overrides.dtype.map_or(md.spec.model.dtype.as_str(), |d| d.as_str());
@@ -164,7 +163,6 @@ pub fn up(file: Option<&Path>, overrides: Overrides, mut router_args: Vec<String
             "kubemoe up: --workers overrides the manifest: edits of its workers.replicas are not applied"
         );
     }
-    let credential = kubemoe_api::auth::Keys::load(&token, "--internal-token-file")?;
     let mut local = Local {
         manifest: file
             .filter(|_| overrides.workers.is_none())
@@ -174,7 +172,7 @@ pub fn up(file: Option<&Path>, overrides: Overrides, mut router_args: Vec<String
         urls,
         worker_args,
         router: format!("http://{internal}"),
-        credential: kubemoe_api::auth::Bearer(Some(std::sync::Arc::new(credential))),
+        credential,
         children: &children,
     };
     let record = kubemoe_placement::rebalance::Printed::new(plan, placement.clone(), |line| {
@@ -375,6 +373,15 @@ fn modified(file: &Path) -> Option<std::time::SystemTime> {
 }
 
 /// Writes `text` to a new file at `path` that only this user may read.
+/// A new internal token for a deployment's processes in `dir`, readable by this user only: its
+/// file (their `--internal-token-file`) and the credential that presents it.
+pub fn internal_token(dir: &Path) -> Result<(std::path::PathBuf, kubemoe_api::auth::Bearer)> {
+    let token = dir.join("internal-token");
+    write_private(&token, &kubemoe_api::auth::generate_token().context("reading /dev/urandom")?)?;
+    let keys = kubemoe_api::auth::Keys::load(&token, "--internal-token-file")?;
+    Ok((token, kubemoe_api::auth::Bearer(Some(std::sync::Arc::new(keys)))))
+}
+
 fn write_private(path: &Path, text: &str) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;

@@ -667,7 +667,17 @@ fn run(command: Command) -> Result<()> {
             eprintln!("{summary}");
         }
         Command::BenchServing { model, workers, batch, steps } => {
-            let world = ["--world-size".to_string(), workers.to_string()];
+            // The workers require an internal token, as a deployment's do.
+            let dir = std::env::temp_dir().join(format!("kubemoe-bench-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let (token, credential) = local::internal_token(&dir)?;
+            let world = [
+                "--world-size".to_string(),
+                workers.to_string(),
+                "--internal-token-file".to_string(),
+                token.display().to_string(),
+            ];
             let (_children, urls) = local::start_workers(&model, workers, &world)?;
             // Workers answer at once; the benchmark starts once every one has loaded.
             runtime()?.block_on(async {
@@ -679,8 +689,9 @@ fn run(command: Command) -> Result<()> {
                 }
                 Ok::<_, anyhow::Error>(())
             })?;
-            let report = kubemoe_router::bench::run(&model, &urls, batch, steps)?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
+            let report = kubemoe_router::bench::run(&model, &urls, &credential, batch, steps);
+            std::fs::remove_dir_all(&dir).ok();
+            println!("{}", serde_json::to_string_pretty(&report?)?);
         }
         Command::BenchPrefill { model, streams, prompt_len, max_batch_tokens } => {
             let m = source::open(&model, Experts::All).with_context(|| format!("loading model {model}"))?;

@@ -89,10 +89,18 @@ async fn raw_tcp_gbps(bytes: usize, rounds: usize) -> std::io::Result<f64> {
 }
 
 /// Payload-only dispatches (no routes: the worker decodes, sums nothing, encodes) to worker 0.
-async fn transport_gbps(url: &str, hidden: usize, layer: u32, tokens: usize, rounds: usize) -> Result<f64> {
+async fn transport_gbps(
+    url: &str,
+    credential: &Bearer,
+    hidden: usize,
+    layer: u32,
+    tokens: usize,
+    rounds: usize,
+) -> Result<f64> {
     let max = kubemoe_api::MAX_MESSAGE_BYTES;
-    let mut client =
-        ExpertClient::new(channel(url, None)?).max_decoding_message_size(max).max_encoding_message_size(max);
+    let mut client = ExpertClient::with_interceptor(channel(url, None)?, credential.clone())
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
     let activations: bytes::Bytes = vec![0u8; tokens * hidden * 4].into();
     let t = Instant::now();
     for _ in 0..rounds {
@@ -107,16 +115,25 @@ async fn transport_gbps(url: &str, hidden: usize, layer: u32, tokens: usize, rou
     Ok((2 * activations.len() * rounds) as f64 / t.elapsed().as_secs_f64() / 1e9)
 }
 
-/// Runs every measurement against the workers at `urls` (rank order) serving `model`.
-pub fn run(model: &str, urls: &[String], batch: usize, steps: usize) -> Result<Report> {
+/// Runs every measurement against the workers at `urls` (rank order) serving `model`, calling
+/// them with `credential` (their internal token).
+pub fn run(model: &str, urls: &[String], credential: &Bearer, batch: usize, steps: usize) -> Result<Report> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let _entered = runtime.enter();
     let dense = source::open(model, Experts::None)?;
     let c = dense.config.clone();
     let minute = Duration::from_secs(60);
     let connect = Box::new(|u: &str| channel(u, None));
-    let remote =
-        RemoteExperts::new(&c, urls, connect, Bearer(None), None, minute, minute, runtime.handle().clone())?;
+    let remote = RemoteExperts::new(
+        &c,
+        urls,
+        connect,
+        credential.clone(),
+        None,
+        minute,
+        minute,
+        runtime.handle().clone(),
+    )?;
     runtime.block_on(async {
         let started = Instant::now();
         while let Err(e) = remote.check_workers(model).await {
@@ -142,7 +159,7 @@ pub fn run(model: &str, urls: &[String], batch: usize, steps: usize) -> Result<R
     let payload = tokens * c.hidden_size * 4;
     let layer = c.moe_layers().next().unwrap_or(0) as u32;
     let (transport, raw) = runtime.block_on(async {
-        let transport = transport_gbps(&urls[0], c.hidden_size, layer, tokens, 40).await?;
+        let transport = transport_gbps(&urls[0], credential, c.hidden_size, layer, tokens, 40).await?;
         let raw = raw_tcp_gbps(payload, 40).await?;
         Ok::<_, crate::Error>((transport, raw))
     })?;
