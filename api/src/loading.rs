@@ -34,8 +34,9 @@ pub fn describe((loaded, total): (u64, u64)) -> String {
 
 /// The weight series in the Prometheus text format, served from a process's start:
 /// `kubemoe_weights_loaded_bytes` and `kubemoe_weights_bytes` (stored bytes read since the start
-/// and set out to read: equal once loaded; a migration's prepare adds to both), and `kubemoe_weights_held_bytes{dtype}`, the bytes of the matrices held
-/// per precision (`held`, once loaded: what memory requests are sized by).
+/// and set out to read: equal once loaded; a migration's prepare adds to both), and
+/// `kubemoe_weights_held_bytes{dtype}`, the bytes of the matrices held per precision (`held`,
+/// once loaded: what memory requests are sized by).
 pub fn gauges(out: &mut String, progress: Progress, held: &[(&str, usize)]) {
     let (loaded, total) = progress();
     out.push_str(&format!(
