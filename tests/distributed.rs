@@ -895,13 +895,13 @@ fn skewed_load_is_rebalanced_live_without_failing_or_changing_a_request() {
             let back = worker_pid(up.id(), 1).is_some_and(|pid| pid != killed);
             if back {
                 let mut c = expert_client(&urls[1], Some(&token));
+                // It answers while it loads (at the epoch it loads); wait until it serves.
                 if let Ok(info) = c.info(kubemoe_api::expert::InfoRequest {}).await {
-                    assert_eq!(
-                        info.into_inner().epoch,
-                        1,
-                        "the restarted worker is not at the epoch in force"
-                    );
-                    break;
+                    let info = info.into_inner();
+                    assert_eq!(info.epoch, 1, "the restarted worker is not at the epoch in force");
+                    if info.loading.is_none() {
+                        break;
+                    }
                 }
             }
             assert!(started.elapsed() < Duration::from_secs(60), "the killed worker did not come back");

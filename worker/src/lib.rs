@@ -114,6 +114,7 @@ pub async fn run(
         model.clone(),
         rank,
         world_size.or(plan.as_ref().map(|p| p.workers as usize)),
+        plan.as_ref().map_or(0, |p| p.epoch),
         stats.clone(),
     );
     let served = service::Served {

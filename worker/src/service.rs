@@ -22,17 +22,20 @@ pub struct ExpertService {
     model: String,
     rank: usize,
     world_size: Option<usize>,
+    /// The epoch of the placement being loaded.
+    epoch: u64,
 }
 
 impl ExpertService {
-    /// A service whose experts are still loading.
+    /// A service whose experts of placement `epoch` are still loading.
     pub fn loading(
         model: String,
         rank: usize,
         world_size: Option<usize>,
+        epoch: u64,
         stats: Arc<crate::metrics::Stats>,
     ) -> Self {
-        ExpertService { store: Arc::new(OnceLock::new()), stats, model, rank, world_size }
+        ExpertService { store: Arc::new(OnceLock::new()), stats, model, rank, world_size, epoch }
     }
 
     /// Serves `store` from now on, in every clone.
@@ -96,6 +99,7 @@ impl Expert for ExpertService {
                 model: self.model.clone(),
                 rank: self.rank as u32,
                 world_size: self.world_size.unwrap_or(0) as u32,
+                epoch: self.epoch,
                 loading: Some(LoadProgress { loaded_bytes, total_bytes }),
                 ..InfoResponse::default()
             }));
@@ -206,7 +210,7 @@ mod tests {
     use super::*;
 
     fn service() -> ExpertService {
-        ExpertService::loading("builtin:tiny".into(), 1, Some(2), Arc::default())
+        ExpertService::loading("builtin:tiny".into(), 1, Some(2), 3, Arc::default())
     }
 
     #[tokio::test]
@@ -215,7 +219,7 @@ mod tests {
         kubemoe_model::progress::load().advance(1 << 20);
         let service = service();
         let info = service.info(Request::new(InfoRequest {})).await.unwrap().into_inner();
-        assert_eq!((info.model.as_str(), info.rank, info.world_size), ("builtin:tiny", 1, 2));
+        assert_eq!((info.model.as_str(), info.rank, info.world_size, info.epoch), ("builtin:tiny", 1, 2, 3));
         assert!(info.experts.is_empty());
         let loading = info.loading.unwrap();
         assert!(loading.loaded_bytes >= 1 << 20 && loading.total_bytes >= 4 << 20, "{loading:?}");
