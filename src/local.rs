@@ -459,13 +459,17 @@ pub fn start_workers(model: &str, workers: usize, extra: &[String]) -> Result<(V
 
 /// Starts worker `rank` of `workers` on loopback with `extra` flags; returns it and its URL.
 fn start_worker(model: &str, rank: usize, workers: usize, extra: &[String]) -> Result<(Managed, String)> {
-    let args: Vec<String> = ["worker", "--model", model, "--host", "127.0.0.1", "--port", "0"]
-        .iter()
-        .map(|s| s.to_string())
-        .chain(["--rank".into(), rank.to_string()])
-        .chain(extra.iter().cloned())
-        .collect();
-    let (child, addrs) = start(&worker_name(rank), args, (cores() / workers).max(1), &["--port"])?;
+    let args: Vec<String> =
+        ["worker", "--model", model, "--host", "127.0.0.1", "--port", "0", "--data-port", "0"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["--rank".into(), rank.to_string()])
+            .chain(extra.iter().cloned())
+            .collect();
+    // Both ports are kept across restarts (the data port is printed after the gRPC one), as a
+    // restarted pod keeps its ports: routers reconnect where they were.
+    let ports = &["--port", "--data-port"];
+    let (child, addrs) = start(&worker_name(rank), args, (cores() / workers).max(1), ports)?;
     Ok((child, format!("http://{}", addrs[0])))
 }
 

@@ -100,6 +100,8 @@ fn worker_with(model: &str, rank: usize, n: usize, port: u16, extra: &[&str]) ->
         "127.0.0.1",
         "--port",
         &port,
+        "--data-port",
+        "0",
     ];
     args.extend_from_slice(extra);
     let worker = spawn(&args);
@@ -288,7 +290,7 @@ fn distributed_logits_equal_single_process_logits() {
         let remote = kubemoe_router::remote::RemoteExperts::new(
             &dense.config,
             &urls,
-            Box::new(|u: &str| kubemoe_api::channel(u, None)),
+            None,
             kubemoe_api::auth::Bearer(None),
             None,
             Duration::from_secs(10),
@@ -296,6 +298,11 @@ fn distributed_logits_equal_single_process_logits() {
             runtime.handle().clone(),
         )
         .unwrap();
+        // Dispatches go over a worker's data path once its Info named it: with 4 workers the
+        // router asks (as it does at its start), with 2 it never does and they go over gRPC.
+        if n == 4 {
+            runtime.block_on(remote.check_workers(&model)).unwrap();
+        }
         let (prompt, greedy) = FIXTURE_SEQS[0];
         let (mut a, mut b) = (KvCache::new(&local.config), KvCache::new(&local.config));
         let mut feed = prompt.to_vec();
@@ -1440,6 +1447,14 @@ fn internal_calls_without_the_deployments_token_are_refused_and_change_nothing()
                 assert_eq!(status.code(), Code::Unauthenticated, "call {call} with {token:?}: {status:?}");
             }
         }
+        // The data path asks for the same token before it reads a call.
+        assert_ne!(held.data_port, 0, "the worker names no data port");
+        for credential in [None, Some(&b"Bearer not-the-token"[..])] {
+            let port = held.data_port as u16;
+            let open = kubemoe_api::data::Connection::open("127.0.0.1", port, None, credential).await;
+            let status = open.err().expect("a data-path client without the token was served");
+            assert_eq!(status.code(), Code::Unauthenticated, "{credential:?}: {status:?}");
+        }
         // The Balancer is not on the public port, even with the token.
         let public = kubemoe_api::channel(&c.router.addr, None).unwrap();
         let mut balancer = BalancerClient::with_interceptor(public, bearer(Some(&c.token)));
@@ -1739,6 +1754,9 @@ fn worker_metrics_add_up_to_the_load_the_router_measured() {
         assert!(series(&text, "kubemoe_worker_experts_held") > 0.0, "{text}");
         assert!(series(&text, "kubemoe_worker_dispatch_duration_seconds_count") > 0.0, "{text}");
         assert_eq!(series(&text, "kubemoe_worker_dispatch_refused_total"), if rank == 0 { 1.0 } else { 0.0 });
+        // The router dispatched over the data path; gRPC computed none (it refused one above).
+        assert_eq!(series(&text, "kubemoe_worker_dispatches_total{transport=\"grpc\"}"), 0.0);
+        assert!(series(&text, "kubemoe_worker_dispatches_total{transport=\"data\"}") > 0.0, "{text}");
         for line in text.lines().filter(|l| l.starts_with("kubemoe_worker_expert_tokens_total{")) {
             let (labels, value) =
                 line.trim_start_matches("kubemoe_worker_expert_tokens_total").rsplit_once(' ').unwrap();

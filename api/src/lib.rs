@@ -1,7 +1,8 @@
 //! The wire contracts between kubemoe processes: the protobuf services (compiled from `proto/`
 //! into `OUT_DIR`), the byte layouts their `bytes` fields carry ([`route`]), the message-size
 //! limit, the conversion of placements to and from the wire, the gRPC client the rebalance
-//! loop reaches servers with ([`cluster`]), and what every server shares: credentials
+//! loop reaches servers with ([`cluster`]), the framed data path of dispatch and combine
+//! ([`data`]), and what every server shares: credentials
 //! ([`auth`]), TLS ([`tls`]) and accepted connections ([`conn`]), the codec ([`codec`]), the
 //! HTTP server ([`http`]), serving while weights load ([`loading`]). No Kubernetes here:
 //! routers and workers link this.
@@ -10,6 +11,7 @@ pub mod auth;
 pub mod cluster;
 pub mod codec;
 pub mod conn;
+pub mod data;
 pub mod http;
 pub mod loading;
 pub mod metrics;

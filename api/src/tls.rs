@@ -38,6 +38,8 @@ const RECHECK: Duration = Duration::from_secs(1);
 /// ALPN of gRPC ports (HTTP/2 only) and of HTTP/1.1 ports.
 pub const ALPN_GRPC: &[&[u8]] = &[b"h2"];
 pub const ALPN_HTTP: &[&[u8]] = &[b"http/1.1"];
+/// ALPN of workers' data-path ports ([`crate::data`]).
+pub const ALPN_DATA: &[&[u8]] = &[b"kubemoe-data/1"];
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -205,7 +207,8 @@ impl Tls {
         Ok(Self { dir: dir.to_owned(), identity: Arc::new(Identity(identity)), roots })
     }
 
-    /// What a server port accepts handshakes with; `alpn` is [`ALPN_GRPC`] or [`ALPN_HTTP`].
+    /// What a server port accepts handshakes with; `alpn` is [`ALPN_GRPC`], [`ALPN_HTTP`] or
+    /// [`ALPN_DATA`].
     pub fn server(&self, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>> {
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
@@ -231,6 +234,8 @@ impl Tls {
 #[derive(Clone)]
 pub struct Client {
     config: Arc<ClientConfig>,
+    /// The same, offering [`ALPN_DATA`].
+    data: Arc<ClientConfig>,
     name: Option<ServerName<'static>>,
 }
 
@@ -244,8 +249,10 @@ impl Client {
             .dangerous()
             .with_custom_certificate_verifier(roots)
             .with_no_client_auth();
+        let mut data = config.clone();
         config.alpn_protocols = ALPN_GRPC.iter().map(|p| p.to_vec()).collect();
-        Ok(Self { config: Arc::new(config), name: name.transpose()? })
+        data.alpn_protocols = ALPN_DATA.iter().map(|p| p.to_vec()).collect();
+        Ok(Self { config: Arc::new(config), data: Arc::new(data), name: name.transpose()? })
     }
 
     /// Trusting the CA certificates of `pem` (what the operator reads from a Secret's
@@ -269,6 +276,24 @@ impl Client {
         host: &str,
         port: u16,
     ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        self.connect_with(&self.config, host, port).await
+    }
+
+    /// [`Client::connect`] to a worker's data-path port.
+    pub async fn connect_data(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        self.connect_with(&self.data, host, port).await
+    }
+
+    async fn connect_with(
+        &self,
+        config: &Arc<ClientConfig>,
+        host: &str,
+        port: u16,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let name = match &self.name {
             Some(name) => name.clone(),
@@ -277,7 +302,7 @@ impl Client {
         };
         let tcp = tokio::net::TcpStream::connect((host, port)).await?;
         tcp.set_nodelay(true)?;
-        tokio_rustls::TlsConnector::from(self.config.clone()).connect(name, tcp).await
+        tokio_rustls::TlsConnector::from(config.clone()).connect(name, tcp).await
     }
 }
 

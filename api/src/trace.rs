@@ -12,21 +12,24 @@ pub const REQUESTS_KEY: &str = "x-kubemoe-requests";
 pub const REQUEST_ID_KEY: &str = "x-request-id";
 
 /// Longest id list a worker logs: a peer that sends more gets it cut, not a log line of megabytes.
-const MAX_LOGGED: usize = 4096;
+pub(crate) const MAX_LOGGED: usize = 4096;
 
 /// Names `ids` in `metadata`, at most [`MAX_LOGGED`] bytes of them (cut at a comma, so that a
 /// large batch of long client ids never makes a header a worker refuses); a list that is not
 /// visible ASCII is left out.
 pub fn set_requests(metadata: &mut MetadataMap, ids: &str) {
-    let ids = if ids.len() <= MAX_LOGGED {
-        ids
-    } else {
-        let cut = ids.get(..=MAX_LOGGED).and_then(|head| head.rfind(',')).unwrap_or(0);
-        &ids[..cut]
-    };
-    if let Ok(value) = MetadataValue::try_from(ids) {
+    if let Ok(value) = MetadataValue::try_from(truncated(ids)) {
         metadata.insert(REQUESTS_KEY, value);
     }
+}
+
+/// `ids` cut to at most [`MAX_LOGGED`] bytes, at a comma.
+pub fn truncated(ids: &str) -> &str {
+    if ids.len() <= MAX_LOGGED {
+        return ids;
+    }
+    let cut = ids.get(..=MAX_LOGGED).and_then(|head| head.rfind(',')).unwrap_or(0);
+    &ids[..cut]
 }
 
 /// The request ids named in `metadata`, at most [`MAX_LOGGED`] bytes of them.

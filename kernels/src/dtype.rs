@@ -8,6 +8,33 @@
 use crate::{Error, Result};
 use half::{bf16, f16};
 
+/// Owns f32 values as their bytes (in the machine's order), keeping their 4-byte alignment.
+pub struct F32s(pub Vec<f32>);
+
+impl AsRef<[u8]> for F32s {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
+    }
+}
+
+/// `values` as little-endian f32 bytes: no copy on a little-endian machine (partial sums leave
+/// a worker this way), swapped in place on a big-endian one.
+pub fn into_le_bytes(mut values: Vec<f32>) -> F32s {
+    if cfg!(target_endian = "big") {
+        values.iter_mut().for_each(|v| *v = f32::from_bits(v.to_bits().swap_bytes()));
+    }
+    F32s(values)
+}
+
+/// Little-endian f32 bytes read where they lie when they can be (a little-endian machine, a
+/// 4-byte aligned buffer: what a received frame is), else copied.
+pub fn f32s_from_le(bytes: &[u8]) -> std::borrow::Cow<'_, [f32]> {
+    match bytemuck::try_cast_slice(bytes) {
+        Ok(values) if cfg!(target_endian = "little") => std::borrow::Cow::Borrowed(values),
+        _ => std::borrow::Cow::Owned(f32_from_le(bytes)),
+    }
+}
+
 /// Little-endian f32 bytes → f32 (a plain copy on little-endian machines: activations cross
 /// the network this way, and a per-value loop runs at a fifth of memcpy speed).
 pub fn f32_from_le(bytes: &[u8]) -> Vec<f32> {
@@ -234,6 +261,13 @@ mod tests {
         let v = [1.0f32, -2.5, 3.140625];
         assert_eq!(bf16_from_le(&bf16_to_le(&v)), v);
         assert_eq!(f32_from_le(&f32_to_le(&v)), v);
+        assert_eq!(into_le_bytes(v.to_vec()).as_ref(), f32_to_le(&v));
+        assert_eq!(*f32s_from_le(into_le_bytes(v.to_vec()).as_ref()), v);
+        // Misaligned or a partial value: copied (whole values only), same numbers.
+        let mut shifted = vec![0u8];
+        shifted.extend_from_slice(&f32_to_le(&v));
+        assert_eq!(*f32s_from_le(&shifted[1..]), v);
+        assert_eq!(*f32s_from_le(&shifted[1..shifted.len() - 1]), v[..v.len() - 1]);
         let h: Vec<u8> = v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect();
         assert_eq!(f16_from_le(&h), v);
     }

@@ -86,19 +86,10 @@ impl std::fmt::Debug for Weight {
     }
 }
 
-/// Owns f32 values as bytes, keeping their 4-byte alignment.
-struct F32s(Vec<f32>);
-
-impl AsRef<[u8]> for F32s {
-    fn as_ref(&self) -> &[u8] {
-        bytemuck::cast_slice(&self.0)
-    }
-}
-
 impl Weight {
     /// An f32 weight holding `values` [rows, cols].
     pub fn from_f32(values: Vec<f32>, rows: usize, cols: usize) -> Result<Self> {
-        Self::stored(Dtype::F32, Bytes::from_owner(F32s(values)), rows, cols, None)
+        Self::stored(Dtype::F32, Bytes::from_owner(crate::dtype::F32s(values)), rows, cols, None)
     }
 
     /// A weight over stored little-endian values (`data`, borrowed or owned); FP8 needs its
@@ -125,7 +116,7 @@ impl Weight {
         }
         // f32 values are read in place: a misaligned slice (possible in a memory map) is copied.
         let data = if dtype == Dtype::F32 && bytemuck::try_cast_slice::<u8, f32>(&data).is_err() {
-            Bytes::from_owner(F32s(crate::dtype::f32_from_le(&data)))
+            Bytes::from_owner(crate::dtype::F32s(crate::dtype::f32_from_le(&data)))
         } else {
             data
         };

@@ -81,7 +81,9 @@ const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
         .message("router.internalPort must differ from router.grpcPort and router.httpPort"),
     validation = Rule::new("self.workers.port != self.workers.httpPort")
         .message("workers.port and workers.httpPort must differ"),
-    validation = Rule::new("!has(self.tls) || !(self.tls.healthPort in [self.router.grpcPort, self.router.httpPort, self.router.internalPort, self.workers.port, self.workers.httpPort])")
+    validation = Rule::new("self.workers.dataPort != self.workers.port && self.workers.dataPort != self.workers.httpPort")
+        .message("workers.dataPort must differ from workers.port and workers.httpPort"),
+    validation = Rule::new("!has(self.tls) || !(self.tls.healthPort in [self.router.grpcPort, self.router.httpPort, self.router.internalPort, self.workers.port, self.workers.httpPort, self.workers.dataPort])")
         .message("tls.healthPort must differ from the router's and the workers' other ports")
 )]
 #[serde(rename_all = "camelCase")]
@@ -269,6 +271,12 @@ pub struct WorkersSpec {
     #[serde(default = "default_http_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub http_port: i32,
+    /// Port of the worker's data path: routers send it each layer's activations in
+    /// length-prefixed frames over persistent connections (the internal token and TLS as on
+    /// `port`), reachable from this deployment's routers only.
+    #[serde(default = "default_worker_data_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub data_port: i32,
     /// CPU and memory requests and limits of each worker container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
@@ -589,6 +597,9 @@ fn default_health_port() -> i32 {
 }
 fn default_worker_port() -> i32 {
     50052
+}
+fn default_worker_data_port() -> i32 {
+    50054
 }
 fn default_interval() -> String {
     "30s".into()

@@ -495,6 +495,8 @@ impl<'a> Ctx<'a> {
             workers.port.to_string(),
             "--http-port".into(),
             workers.http_port.to_string(),
+            "--data-port".into(),
+            workers.data_port.to_string(),
         ]);
         let (mut volumes, mut mounts) = self.volumes(names, model_volume);
         volumes.push(Volume {
@@ -525,6 +527,7 @@ impl<'a> Ctx<'a> {
             ports: Some(self.with_health_port(vec![
                 container_port("grpc", workers.port),
                 container_port("http", workers.http_port),
+                container_port("data", workers.data_port),
             ])),
             resources: Some(resources).filter(|r| *r != ResourceRequirements::default()),
             volume_mounts: Some(mounts),
@@ -726,7 +729,8 @@ impl<'a> Ctx<'a> {
     }
 
     /// Workers' gRPC port (dispatch, prepare, release) only from this deployment's routers and
-    /// the operator; their HTTP port (metrics and health only) from anywhere, for Prometheus.
+    /// the operator, their data port (dispatch) from the routers only; their HTTP port
+    /// (metrics and health only) from anywhere, for Prometheus.
     fn worker_policy(&self, names: &Names) -> NetworkPolicy {
         let workers = &self.md.spec.workers;
         let routers = NetworkPolicyPeer {
@@ -738,8 +742,12 @@ impl<'a> Ctx<'a> {
         };
         let rules = vec![
             NetworkPolicyIngressRule {
-                from: Some(vec![routers, self.operator_peer()]),
+                from: Some(vec![routers.clone(), self.operator_peer()]),
                 ports: Some(vec![policy_port(workers.port)]),
+            },
+            NetworkPolicyIngressRule {
+                from: Some(vec![routers]),
+                ports: Some(vec![policy_port(workers.data_port)]),
             },
             NetworkPolicyIngressRule { from: None, ports: Some(vec![policy_port(workers.http_port)]) },
         ];
@@ -1017,8 +1025,10 @@ mod tests {
         let ports = pod.containers[0].ports.clone().unwrap();
         assert_eq!(
             ports.iter().map(|p| (p.name.as_deref(), p.container_port)).collect::<Vec<_>>(),
-            [(Some("grpc"), 50052), (Some("http"), 8080)]
+            [(Some("grpc"), 50052), (Some("http"), 8080), (Some("data"), 50054)]
         );
+        // Routers dispatch over the data path: its port is passed and declared.
+        assert_eq!(args.iter().skip_while(|a| *a != "--data-port").nth(1).map(String::as_str), Some("50054"));
         let service_ports = desired.worker_service.spec.clone().unwrap().ports.unwrap();
         assert_eq!(service_ports[1].name.as_deref(), Some("http"));
         // A router is ready when its HTTP `/health` answers; alive while gRPC `liveness` does.
@@ -1205,6 +1215,7 @@ mod tests {
             rules(&desired.worker_policy),
             [
                 (vec![50052], vec!["router".to_string(), "operator@kubemoe-system".to_string()]),
+                (vec![50054], vec!["router".to_string()]),
                 (vec![8080], vec!["*".to_string()]),
             ]
         );

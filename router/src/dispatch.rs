@@ -9,7 +9,7 @@
 //! (as DeepSeek-V3's redundant experts are used, arXiv:2412.19437 §3.4): load is the routes already planned for each worker in this layer; ties go to a
 //! worker that already receives the token (no extra activation bytes), then to the lower rank.
 
-use kubemoe_kernels::dtype::{extend_f32_le, f32_from_le};
+use kubemoe_kernels::dtype::{extend_f32_le, f32s_from_le};
 use kubemoe_model::layers::Routing;
 
 /// What one worker receives for one layer.
@@ -40,7 +40,7 @@ impl WorkerBatch {
                 self.rows.len() * hidden * 4
             ));
         }
-        let partial = f32_from_le(partial);
+        let partial = f32s_from_le(partial);
         for (&r, row) in self.rows.iter().zip(partial.chunks_exact(hidden)) {
             out[r * hidden..(r + 1) * hidden].iter_mut().zip(row).for_each(|(o, v)| *o += v);
         }

@@ -226,7 +226,7 @@ pub async fn run(
         let experts = std::sync::Arc::new(remote::RemoteExperts::new(
             &config,
             &opts.workers,
-            Box::new(move |url| kubemoe_api::channel(url, client_tls.as_ref())),
+            client_tls,
             Bearer(token.clone()),
             opts.placement,
             opts.worker_deadline,

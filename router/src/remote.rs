@@ -1,7 +1,9 @@
-//! Routed experts computed by the workers: one gRPC `Dispatch` per destination worker per
-//! MoE layer, all in flight at once, each under a deadline. Activations travel as raw
-//! little-endian f32 bytes; every byte sent and received is counted, and every routed token
-//! is counted per (layer, expert) in the load window.
+//! Routed experts computed by the workers: one dispatch per destination worker per MoE layer,
+//! all in flight at once, each under a deadline, over the worker's data path
+//! ([`kubemoe_api::data`]: framed, on persistent connections kept idle between calls) when its
+//! `Info` names one, else as a gRPC `Dispatch`. Activations travel as raw little-endian f32
+//! bytes; every byte sent and received is counted, and every routed token is counted per
+//! (layer, expert) in the load window.
 //!
 //! A worker that fails a dispatch for a reason of its own (refused or reset connection,
 //! deadline passed: `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `CANCELLED`, `UNKNOWN`) is marked down
@@ -34,7 +36,6 @@ use kubemoe_placement::PlacementPlan;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 
 /// Bytes moved by dispatch and combine, against the physical minimum one way
 /// (tokens × distinct destination workers × hidden × 4).
@@ -51,8 +52,67 @@ pub struct ByteCounters {
 
 type Client = ExpertClient<kubemoe_api::auth::Internal>;
 
-/// Opens a (lazy) channel to a worker URL, with the router's TLS settings.
-pub type Connect = Box<dyn Fn(&str) -> Result<Channel, tonic::transport::Error> + Send + Sync>;
+/// Most idle data-path connections kept per worker (one per call that was in flight at once).
+const IDLE_CONNECTIONS: usize = 8;
+
+/// A worker's data path: where it listens, and connections between calls.
+struct DataPath {
+    host: String,
+    port: u16,
+    idle: Mutex<Vec<kubemoe_api::data::Connection>>,
+}
+
+impl DataPath {
+    /// The data path on `port` of the host of `url` (None for port 0: the worker has none).
+    fn of(url: &str, port: u32) -> Option<Arc<Self>> {
+        let port = u16::try_from(port).ok().filter(|p| *p != 0)?;
+        let uri: tonic::codegen::http::Uri = url.parse().ok()?;
+        let host = uri.host()?.to_string();
+        Some(Arc::new(DataPath { host, port, idle: Mutex::new(Vec::new()) }))
+    }
+
+    /// One dispatch, on an idle connection or a new one; its partial sums are as long as its
+    /// activations. An idle connection that fails as gone (the worker restarted since it was
+    /// last used: a pod's container, on the same port) or refuses its credential (the token
+    /// rotated since it was opened) is replaced by a new one once, as gRPC reconnects and
+    /// presents the current token; a new connection that fails means the worker is down.
+    #[allow(clippy::too_many_arguments)]
+    async fn call(
+        &self,
+        tls: Option<&kubemoe_api::tls::Client>,
+        credential: Option<&[u8]>,
+        layer: u32,
+        tokens: u32,
+        requests: &str,
+        activations: &[u8],
+        routes: &[u8],
+    ) -> Result<Vec<u8>, tonic::Status> {
+        use kubemoe_api::data::Connection;
+        let open = || Connection::open(&self.host, self.port, tls, credential);
+        let idle = lock(&self.idle).pop();
+        let reused = idle.is_some();
+        let mut conn = match idle {
+            Some(conn) => conn,
+            None => open().await?,
+        };
+        let reply = activations.len();
+        let partial = match conn.call(layer, tokens, requests, activations, routes, reply).await {
+            Err(status)
+                if reused
+                    && matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unauthenticated) =>
+            {
+                conn = open().await?;
+                conn.call(layer, tokens, requests, activations, routes, reply).await?
+            }
+            partial => partial?,
+        };
+        let mut idle = lock(&self.idle);
+        if idle.len() < IDLE_CONNECTIONS {
+            idle.push(conn);
+        }
+        Ok(partial)
+    }
+}
 
 /// What the router was told about where the workers are: their URLs in rank order, or one URL
 /// with `{rank}` in it (the operator's per-pod DNS names), which reaches any rank a plan names.
@@ -96,13 +156,29 @@ struct Workers {
     clients: Vec<Client>,
     /// Whether each takes dispatches.
     live: Vec<bool>,
+    /// Each one's data path, as its last `Info` named it (None: gRPC `Dispatch`).
+    data: Vec<Option<Arc<DataPath>>>,
+}
+
+impl Workers {
+    /// Records the data port worker `rank` named in its `Info`; connections to the same port
+    /// are kept.
+    fn learn(&mut self, rank: usize, data_port: u32) {
+        let same = self.data[rank].as_ref().map(|d| u32::from(d.port)) == Some(data_port);
+        if !same {
+            self.data[rank] = DataPath::of(&self.urls[rank], data_port);
+            let path = self.data[rank].as_ref().map(|d| format!("{}:{}", d.host, d.port));
+            tracing::info!(worker = rank, data_path = ?path, "dispatching over the data path when named, else gRPC");
+        }
+    }
 }
 
 pub struct RemoteExperts {
     workers: Arc<Mutex<Workers>>,
     /// What the router was started with; a list is kept up to date in `workers`.
     members: Members,
-    connect: Connect,
+    /// How workers are reached: TLS (checked against the deployment's CA) or plaintext.
+    tls: Option<kubemoe_api::tls::Client>,
     credential: kubemoe_api::auth::Bearer,
     hidden: usize,
     experts: u32,
@@ -156,13 +232,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl RemoteExperts {
     /// The workers of `workers` (URLs in rank order, or a `{rank}` template: [`Members`]),
-    /// reached through `connect` with `credential`, routed by `plan` (default: the minimal
-    /// initial placement over the listed workers), with load counted over `window`.
+    /// reached with `tls` (none: plaintext) and `credential`, routed by `plan` (default: the
+    /// minimal initial placement over the listed workers), with load counted over `window`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: &Config,
         workers: &[String],
-        connect: Connect,
+        tls: Option<kubemoe_api::tls::Client>,
         credential: kubemoe_api::auth::Bearer,
         plan: Option<PlacementPlan>,
         deadline: Duration,
@@ -193,14 +269,16 @@ impl RemoteExperts {
             }
             m => m.urls(plan.workers).unwrap_or_default(),
         };
-        let clients = urls.iter().map(|u| client(&connect, &credential, u)).collect::<Result<Vec<_>>>()?;
-        let workers = Arc::new(Mutex::new(Workers { live: vec![true; urls.len()], urls, clients }));
+        let clients =
+            urls.iter().map(|u| client(tls.as_ref(), &credential, u)).collect::<Result<Vec<_>>>()?;
+        let (live, data) = (vec![true; urls.len()], vec![None; urls.len()]);
+        let workers = Arc::new(Mutex::new(Workers { live, urls, clients, data }));
         let switch = Arc::new(Mutex::new(Switch { committed: Routes::new(plan), step: None }));
         runtime.spawn(probe(Arc::downgrade(&workers), Arc::downgrade(&switch)));
         Ok(Self {
             workers,
             members,
-            connect,
+            tls,
             credential,
             hidden: config.hidden_size,
             experts,
@@ -274,10 +352,10 @@ impl RemoteExperts {
         let mut fresh = Vec::new();
         for (rank, url) in urls.iter().enumerate() {
             if known.get(rank) != Some(url) {
-                fresh.push((rank, client(&self.connect, &self.credential, url)?));
+                fresh.push((rank, client(self.tls.as_ref(), &self.credential, url)?));
             }
         }
-        self.check_held(&plan, &fresh).await?;
+        let data_ports = self.check_held(&plan, &fresh).await?;
         {
             let mut s = lock(&self.switch);
             // Another commit may have gone first while the workers answered.
@@ -290,12 +368,16 @@ impl RemoteExperts {
             for (rank, client) in fresh {
                 let url = urls[rank].clone();
                 if rank < w.urls.len() {
-                    (w.urls[rank], w.clients[rank], w.live[rank]) = (url, client, true);
+                    (w.urls[rank], w.clients[rank], w.live[rank], w.data[rank]) = (url, client, true, None);
                 } else {
                     w.urls.push(url);
                     w.clients.push(client);
                     w.live.push(true);
+                    w.data.push(None);
                 }
+            }
+            for (rank, port) in data_ports {
+                w.learn(rank, port);
             }
             s.committed = Routes::new(plan);
         }
@@ -318,8 +400,8 @@ impl RemoteExperts {
     /// Fails unless every live worker of `plan` holds every expert `plan` places on it, the
     /// ranks in `fresh` asked through their new client. A worker marked down is not asked (a
     /// recovery epoch is committed while it is): the probe checks it against the plan in force
-    /// when it answers again.
-    async fn check_held(&self, plan: &PlacementPlan, fresh: &[(usize, Client)]) -> Result<()> {
+    /// when it answers again. Returns the data port each asked worker named.
+    async fn check_held(&self, plan: &PlacementPlan, fresh: &[(usize, Client)]) -> Result<Vec<(usize, u32)>> {
         let mut calls = tokio::task::JoinSet::new();
         let asked: Vec<(usize, Client)> = {
             let w = lock(&self.workers);
@@ -337,6 +419,7 @@ impl RemoteExperts {
                 (rank, info)
             });
         }
+        let mut data_ports = Vec::new();
         while let Some(done) = calls.join_next().await {
             let (rank, info) = done.map_err(|e| Error::Workers(format!("worker info task: {e}")))?;
             let info = match info {
@@ -368,8 +451,9 @@ impl RemoteExperts {
                     plan.epoch
                 )));
             }
+            data_ports.push((rank, info.data_port));
         }
-        Ok(())
+        Ok(data_ports)
     }
 
     /// Tokens per logical expert of each MoE layer over the load window, the time it covers,
@@ -425,6 +509,7 @@ impl RemoteExperts {
                     info.epoch, plan.epoch
                 ));
             }
+            lock(&self.workers).learn(i, info.data_port);
         }
         let Some((_, first)) = silent.first() else { return Ok(()) };
         let down: Vec<u32> = silent.iter().map(|(w, _)| *w).collect();
@@ -506,7 +591,13 @@ impl RemoteExperts {
                     }
                     Err((w, status)) if worker_down(&status) => {
                         tracing::warn!(worker = w, error = %status.message(), "worker down; routing around it");
-                        lock(&self.workers).live[w] = false;
+                        let mut workers = lock(&self.workers);
+                        workers.live[w] = false;
+                        // Its idle connections lead to what failed: the next ones are new.
+                        if let Some(path) = &workers.data[w] {
+                            lock(&path.idle).clear();
+                        }
+                        drop(workers);
                         failed_here[w] = true;
                         failed = Some(status);
                     }
@@ -551,27 +642,54 @@ impl RemoteExperts {
             self.bytes.activations.fetch_add(activations.len() as u64, Ordering::Relaxed);
             self.bytes.routes.fetch_add(routes.len() as u64, Ordering::Relaxed);
             self.bytes.minimum.fetch_add((b.rows.len() * hidden * 4) as u64, Ordering::Relaxed);
-            let mut client = lock(&self.workers).clients[w].clone();
-            let request = DispatchRequest {
-                layer: layer as u32,
-                tokens: b.rows.len() as u32,
-                activations: activations.into(),
-                routes: routes.into(),
+            let (mut client, data) = {
+                let workers = lock(&self.workers);
+                (workers.clients[w].clone(), workers.data[w].clone())
             };
-            let deadline = self.deadline;
-            let requests = requests.clone();
+            let (layer, tokens) = (layer as u32, b.rows.len() as u32);
+            let (deadline, requests) = (self.deadline, requests.clone());
+            let (tls, credential) = (self.tls.clone(), self.credential.0.as_ref().map(|k| k.header()));
             let call = async move {
-                let mut r = tonic::Request::new(request);
-                r.set_timeout(deadline);
-                kubemoe_api::trace::set_requests(r.metadata_mut(), &requests);
-                let reply = tokio::time::timeout(deadline, client.dispatch(r))
-                    .await
-                    .map_err(|_| {
-                        tonic::Status::deadline_exceeded(format!("worker {w} did not answer in {deadline:?}"))
-                    })
-                    .and_then(|reply| reply)
-                    .map_err(|s| (w, tonic::Status::new(s.code(), format!("worker {w}: {}", s.message()))))?;
-                Ok((w, reply.into_inner().partial))
+                let partial: Result<bytes::Bytes, tonic::Status> = match data {
+                    Some(path) => {
+                        let credential = credential.as_ref().map(|c| c.as_bytes());
+                        let call = path.call(
+                            tls.as_ref(),
+                            credential,
+                            layer,
+                            tokens,
+                            &requests,
+                            &activations,
+                            &routes,
+                        );
+                        match tokio::time::timeout(deadline, call).await {
+                            Ok(partial) => partial.map(bytes::Bytes::from),
+                            Err(_) => {
+                                Err(tonic::Status::deadline_exceeded(format!("no answer in {deadline:?}")))
+                            }
+                        }
+                    }
+                    None => {
+                        let request = DispatchRequest {
+                            layer,
+                            tokens,
+                            activations: activations.into(),
+                            routes: routes.into(),
+                        };
+                        let mut r = tonic::Request::new(request);
+                        r.set_timeout(deadline);
+                        kubemoe_api::trace::set_requests(r.metadata_mut(), &requests);
+                        match tokio::time::timeout(deadline, client.dispatch(r)).await {
+                            Ok(reply) => reply.map(|r| r.into_inner().partial),
+                            Err(_) => {
+                                Err(tonic::Status::deadline_exceeded(format!("no answer in {deadline:?}")))
+                            }
+                        }
+                    }
+                };
+                partial
+                    .map(|p| (w, p))
+                    .map_err(|s| (w, tonic::Status::new(s.code(), format!("worker {w}: {}", s.message()))))
             };
             calls.spawn(tracing::Instrument::instrument(call, span.clone()));
         }
@@ -616,15 +734,21 @@ async fn probe(workers: std::sync::Weak<Mutex<Workers>>, switch: std::sync::Weak
             let holds = info.loading.is_none() && first_missing(&routes.plan, w as u32, &info).is_none();
             if info.rank as usize == w && holds {
                 tracing::info!(worker = w, epoch = routes.plan.epoch, "worker back; routing to it again");
-                lock(&workers).live[w] = true;
+                let mut workers = lock(&workers);
+                workers.learn(w, info.data_port);
+                workers.live[w] = true;
             }
         }
     }
 }
 
 /// A client of the worker at `url`.
-fn client(connect: &Connect, credential: &kubemoe_api::auth::Bearer, url: &str) -> Result<Client> {
-    let channel = connect(url).map_err(|e| {
+fn client(
+    tls: Option<&kubemoe_api::tls::Client>,
+    credential: &kubemoe_api::auth::Bearer,
+    url: &str,
+) -> Result<Client> {
+    let channel = kubemoe_api::channel(url, tls).map_err(|e| {
         Error::WorkerUrls(format!("{url} is not a worker URL: {}", kubemoe_placement::error_chain(&e)))
     })?;
     let max = kubemoe_api::MAX_MESSAGE_BYTES;

@@ -36,6 +36,9 @@ pub enum Error {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error(transparent)]
     Credential(#[from] kubemoe_api::Error),
+    /// A listener's address cannot be read.
+    #[error("reading a listener's address")]
+    Listener(#[from] std::io::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -81,6 +84,8 @@ pub struct Listeners {
     pub http: Option<tokio::net::TcpListener>,
     /// `grpc.health.v1` alone, in plaintext, for kubelet's probes.
     pub health: Option<tokio::net::TcpListener>,
+    /// The data path ([`kubemoe_api::data`], TLS with `--tls-dir`): routers dispatch here.
+    pub data: Option<tokio::net::TcpListener>,
 }
 
 /// Loads what the plan places on this rank and serves it until `shutdown`.
@@ -95,7 +100,7 @@ pub async fn run(
             Some(std::sync::Arc::new(kubemoe_api::auth::Keys::load(path, "--internal-token-file")?))
         }
         None => {
-            tracing::warn!("no --internal-token-file: anyone who reaches the gRPC port can dispatch to and re-place this worker's experts");
+            tracing::warn!("no --internal-token-file: anyone who reaches the gRPC or data port can dispatch to and re-place this worker's experts");
             None
         }
     };
@@ -110,13 +115,19 @@ pub async fn run(
         let timeout = kubemoe_api::http::HEADER_TIMEOUT;
         tokio::spawn(kubemoe_api::http::serve(http, tls, http_app.router(), timeout, stop.clone()));
     }
-    let service = service::ExpertService::loading(
+    let mut service = service::ExpertService::loading(
         model.clone(),
         rank,
         world_size.or(plan.as_ref().map(|p| p.workers as usize)),
         plan.as_ref().map_or(0, |p| p.epoch),
         stats.clone(),
     );
+    if let Some(data) = listeners.data {
+        service = service.with_data_port(data.local_addr()?.port());
+        let tls = tls.as_ref().map(|t| t.server(kubemoe_api::tls::ALPN_DATA)).transpose()?;
+        let handler = std::sync::Arc::new(service.clone());
+        tokio::spawn(kubemoe_api::data::serve(data, tls, internal.clone(), handler, stop.clone()));
+    }
     let served = service::Served {
         guard: kubemoe_api::auth::Guard(internal),
         tls: tls.as_ref().map(|t| t.server(kubemoe_api::tls::ALPN_GRPC)).transpose()?,

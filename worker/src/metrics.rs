@@ -7,7 +7,9 @@
 //! Series: `kubemoe_worker_info{model,rank,world_size}`, `kubemoe_worker_placement_epoch`,
 //! `kubemoe_worker_experts_held`, `kubemoe_worker_expert_tokens_total{layer,expert}` (experts
 //! held or ever served), `kubemoe_worker_dispatch_duration_seconds` (histogram, from the
-//! request's arrival to its answer being ready), `kubemoe_worker_dispatch_refused_total`, and
+//! request's arrival to its answer being ready), `kubemoe_worker_dispatch_refused_total`,
+//! `kubemoe_worker_dispatches_total{transport}` (computed ones, by `grpc` or `data`:
+//! [`kubemoe_api::data`]), and
 //! [`kubemoe_api::loading::gauges`].
 
 use crate::ExpertStore;
@@ -30,11 +32,19 @@ const DISPATCH: &[f64] =
 pub struct Stats {
     pub dispatch_duration: Histogram,
     pub dispatch_refused: AtomicU64,
+    /// Dispatches taken over gRPC and over the data path ([`kubemoe_api::data`]).
+    pub grpc_dispatches: AtomicU64,
+    pub data_dispatches: AtomicU64,
 }
 
 impl Default for Stats {
     fn default() -> Self {
-        Stats { dispatch_duration: Histogram::new(DISPATCH), dispatch_refused: AtomicU64::new(0) }
+        Stats {
+            dispatch_duration: Histogram::new(DISPATCH),
+            dispatch_refused: AtomicU64::new(0),
+            grpc_dispatches: AtomicU64::new(0),
+            data_dispatches: AtomicU64::new(0),
+        }
     }
 }
 
@@ -106,6 +116,11 @@ pub fn render(store: &ExpertStore, stats: &Stats) -> crate::Result<String> {
         "kubemoe_worker_dispatch_refused_total {}",
         stats.dispatch_refused.load(Ordering::Relaxed)
     );
+    family(&mut out, "dispatches_total", "counter", "Dispatches computed, by transport");
+    for (transport, n) in [("grpc", &stats.grpc_dispatches), ("data", &stats.data_dispatches)] {
+        let n = n.load(Ordering::Relaxed);
+        let _ = writeln!(out, "kubemoe_worker_dispatches_total{{transport=\"{transport}\"}} {n}");
+    }
     kubemoe_api::loading::gauges(&mut out, kubemoe_model::progress::loaded, &store.held_weights()?.0);
     Ok(out)
 }

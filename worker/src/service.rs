@@ -3,6 +3,7 @@
 use crate::{ExpertStore, Result};
 use kubemoe_api::expert::expert_server::{Expert, ExpertServer};
 use kubemoe_api::expert::*;
+use kubemoe_kernels::dtype::{into_le_bytes, F32s};
 use kubemoe_placement::PlacementPlan;
 use std::sync::{Arc, OnceLock};
 use tokio::net::TcpListener;
@@ -24,6 +25,8 @@ pub struct ExpertService {
     world_size: Option<usize>,
     /// The epoch of the placement being loaded.
     epoch: u64,
+    /// Where the data path listens (0: nowhere).
+    data_port: u16,
 }
 
 impl ExpertService {
@@ -35,7 +38,20 @@ impl ExpertService {
         epoch: u64,
         stats: Arc<crate::metrics::Stats>,
     ) -> Self {
-        ExpertService { store: Arc::new(OnceLock::new()), stats, model, rank, world_size, epoch }
+        ExpertService {
+            store: Arc::new(OnceLock::new()),
+            stats,
+            model,
+            rank,
+            world_size,
+            epoch,
+            data_port: 0,
+        }
+    }
+
+    /// The same, saying in `Info` that its data path listens on `port`.
+    pub fn with_data_port(self, port: u16) -> Self {
+        ExpertService { data_port: port, ..self }
     }
 
     /// Serves `store` from now on, in every clone.
@@ -50,21 +66,25 @@ impl ExpertService {
     }
 }
 
-#[tonic::async_trait]
-impl Expert for ExpertService {
-    async fn dispatch(
+/// One dispatch as either transport delivers it.
+type Call<B> = kubemoe_api::data::Call<B>;
+
+impl ExpertService {
+    /// Computes one dispatch's partial sums, counted in `served` (its transport's counter).
+    async fn compute<B: AsRef<[u8]> + Send + 'static>(
         &self,
-        request: Request<DispatchRequest>,
-    ) -> Result<Response<DispatchResponse>, Status> {
+        call: Call<B>,
+        served: &std::sync::atomic::AtomicU64,
+    ) -> Result<F32s, Status> {
         let arrived = std::time::Instant::now();
-        let requests = kubemoe_api::trace::requests(request.metadata()).to_string();
-        let r = request.into_inner();
-        let span = tracing::debug_span!("dispatch", layer = r.layer, tokens = r.tokens, requests = %requests);
+        let Call { layer, tokens, activations, routes, requests } = call;
+        let span = tracing::debug_span!("dispatch", layer, tokens, requests = %requests);
         let (store, stats) = (self.store()?.clone(), self.stats.clone());
         // The FFN is CPU-bound: off the async threads, in the dispatch's span.
         let partial = tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
-            let partial = store.dispatch(r.layer as usize, r.tokens as usize, &r.activations, &r.routes);
+            let partial =
+                store.dispatch(layer as usize, tokens as usize, activations.as_ref(), routes.as_ref());
             match &partial {
                 Ok(_) => {
                     stats.dispatch_duration.observe(arrived.elapsed());
@@ -79,7 +99,42 @@ impl Expert for ExpertService {
         })
         .await
         .map_err(|e| Status::internal(format!("expert task failed: {e}")))??;
-        Ok(Response::new(DispatchResponse { partial: partial.into() }))
+        served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(into_le_bytes(partial))
+    }
+}
+
+/// The data path ([`kubemoe_api::data`]): the same dispatches as gRPC's, sizes checked first.
+impl kubemoe_api::data::Handler for ExpertService {
+    type Reply = F32s;
+
+    fn admit(&self, h: &kubemoe_api::data::Header) -> Result<(), Status> {
+        let (layer, tokens) = (h.layer as usize, h.tokens as usize);
+        let admitted =
+            self.store()?.admit(layer, tokens, h.activation_bytes as usize, h.route_bytes as usize);
+        admitted.inspect_err(|_| {
+            self.stats.dispatch_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        })?;
+        Ok(())
+    }
+
+    async fn call(&self, call: kubemoe_api::data::Call) -> Result<F32s, Status> {
+        self.compute(call, &self.stats.data_dispatches).await
+    }
+}
+
+#[tonic::async_trait]
+impl Expert for ExpertService {
+    async fn dispatch(
+        &self,
+        request: Request<DispatchRequest>,
+    ) -> Result<Response<DispatchResponse>, Status> {
+        let requests = kubemoe_api::trace::requests(request.metadata()).to_string();
+        let r = request.into_inner();
+        let call =
+            Call { layer: r.layer, tokens: r.tokens, activations: r.activations, routes: r.routes, requests };
+        let partial = self.compute(call, &self.stats.grpc_dispatches).await?;
+        Ok(Response::new(DispatchResponse { partial: tonic::codegen::Bytes::from_owner(partial) }))
     }
 
     async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
@@ -101,6 +156,7 @@ impl Expert for ExpertService {
                 world_size: self.world_size.unwrap_or(0) as u32,
                 epoch: self.epoch,
                 loading: Some(LoadProgress { loaded_bytes, total_bytes }),
+                data_port: self.data_port.into(),
                 ..InfoResponse::default()
             }));
         };
@@ -119,6 +175,7 @@ impl Expert for ExpertService {
             experts,
             epoch: s.epoch()?,
             loading: None,
+            data_port: self.data_port.into(),
         }))
     }
 

@@ -6,7 +6,7 @@
 //! grows.
 
 use crate::{Error, Result};
-use kubemoe_kernels::dtype::{f32_from_le, f32_to_le};
+use kubemoe_kernels::dtype::f32s_from_le;
 use kubemoe_model::layers::{load_expert, run_experts, Mlp};
 use kubemoe_model::{source, Config, Precision};
 use kubemoe_placement::PlacementPlan;
@@ -185,30 +185,42 @@ impl ExpertStore {
             .collect()
     }
 
-    /// Runs one dispatch: `activations` [tokens, hidden] f32 and packed `routes`; returns the
-    /// [tokens, hidden] f32 partial sums.
+    /// Refuses a dispatch by its sizes alone (what the data path checks before it reads the
+    /// payload): `activations` bytes must be `tokens` rows of the hidden size, `routes` bytes
+    /// whole records, at most one per token and expert, of an MoE layer.
+    pub fn admit(&self, layer: usize, tokens: usize, activations: usize, routes: usize) -> Result<()> {
+        let hidden = self.config.hidden_size;
+        if Some(activations) != tokens.checked_mul(hidden * 4) {
+            return Err(Error::Invalid(format!(
+                "activations hold {activations} bytes, {tokens} tokens of hidden size {hidden} need {}",
+                tokens.saturating_mul(hidden * 4)
+            )));
+        }
+        let record = kubemoe_api::route::ROUTE_BYTES;
+        let most = tokens.saturating_mul(self.config.n_routed_experts);
+        if !routes.is_multiple_of(record) || routes / record > most {
+            return Err(Error::Invalid(format!(
+                "routes hold {routes} bytes: whole {record}-byte records are needed, at most {most} of them"
+            )));
+        }
+        if !self.counts.contains_key(&layer) {
+            return Err(Error::Invalid(format!("layer {layer} is not an MoE layer of {}", self.model)));
+        }
+        Ok(())
+    }
+
+    /// Runs one dispatch: `activations` [tokens, hidden] little-endian f32 and packed `routes`;
+    /// returns the [tokens, hidden] partial sums.
     pub fn dispatch(
         &self,
         layer: usize,
         tokens: usize,
         activations: &[u8],
         routes: &[u8],
-    ) -> Result<Vec<u8>> {
-        let hidden = self.config.hidden_size;
-        if activations.len() != tokens * hidden * 4 {
-            return Err(Error::Invalid(format!(
-                "activations hold {} bytes, {tokens} tokens of hidden size {hidden} need {}",
-                activations.len(),
-                tokens * hidden * 4
-            )));
-        }
-        let routes = kubemoe_api::route::decode(routes).ok_or_else(|| {
-            Error::Invalid(format!(
-                "routes hold {} bytes, not whole {}-byte records",
-                routes.len(),
-                kubemoe_api::route::ROUTE_BYTES
-            ))
-        })?;
+    ) -> Result<Vec<f32>> {
+        self.admit(layer, tokens, activations.len(), routes.len())?;
+        let routes = kubemoe_api::route::decode(routes)
+            .ok_or_else(|| Error::Invalid("routes are not whole records".into()))?;
         let counts = self
             .counts
             .get(&layer)
@@ -221,7 +233,7 @@ impl ExpertStore {
             }
             decoded.push((row, expert, weight));
         }
-        let x = f32_from_le(activations);
+        let x = f32s_from_le(activations);
         let state = self.state.read().map_err(|_| Error::Poisoned)?;
         let out = run_experts(
             |e| state.experts.get(&(layer, e)).map(Arc::as_ref),
@@ -234,7 +246,7 @@ impl ExpertStore {
         for (_, e, _) in &decoded {
             counts[*e].fetch_add(1, Ordering::Relaxed);
         }
-        Ok(f32_to_le(&out))
+        Ok(out)
     }
 
     /// Tokens per logical expert, per MoE layer.
@@ -260,6 +272,7 @@ fn shape(config: &Config) -> (u32, Vec<u32>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kubemoe_kernels::dtype::f32_to_le;
     use kubemoe_model::layers::FeedForward;
     use kubemoe_model::Experts;
 
@@ -275,7 +288,7 @@ mod tests {
         let h = model.config.hidden_size;
         let x: Vec<f32> = (0..2 * h).map(|i| (i as f32 * 0.37).sin()).collect();
         let r = [(0, 9, 0.5), (0, 12, 0.25), (1, 9, 1.5)];
-        let out = f32_from_le(&store.dispatch(1, 2, &f32_to_le(&x), &routes(&r)).unwrap());
+        let out = store.dispatch(1, 2, &f32_to_le(&x), &routes(&r)).unwrap();
         let FeedForward::Moe(moe) = &model.layers[1].mlp else { panic!() };
         let want = run_experts(
             |e| moe.experts[e].as_ref(),
