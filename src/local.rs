@@ -135,6 +135,7 @@ pub fn up(file: Option<&Path>, overrides: Overrides, mut router_args: Vec<String
         ("--max-batch-tokens", Some(router.max_batch_tokens)),
         ("--max-context", md.spec.model.max_context_length),
         ("--kv-budget-mib", Some(router.kv_cache_mib)),
+        ("--prefix-cache-mib", Some(router.prefix_cache_mib)),
     ];
     for (flag, value) in manifest {
         if let Some(value) = value.filter(|_| !router_args.iter().any(|a| a == flag)) {

@@ -209,6 +209,11 @@ enum Command {
         batch: usize,
         #[arg(long, default_value_t = 16)]
         steps: usize,
+        /// One-way delays (µs) to decode through as well, each worker behind a proxy that
+        /// delays every segment both ways (cross-node latency on one machine; 500 is a 1 ms
+        /// round trip); none: no delayed runs.
+        #[arg(long, value_delimiter = ',')]
+        delay_us: Vec<u64>,
     },
     /// Load a running router (`kubemoe up`): N clients × M streamed greedy completions over the
     /// OpenAI HTTP API, then the same over gRPC; throughput, TTFT and inter-token p50/p99.
@@ -244,6 +249,10 @@ enum Command {
         /// Step token budgets to compare (the first, larger than the prompt, does not chunk).
         #[arg(long, value_delimiter = ',', default_value = "8192,256,128,64")]
         max_batch_tokens: Vec<usize>,
+        /// Measure the prefix cache instead: two prompts sharing this many tokens, one after
+        /// the other; the second's time to first token against the first's.
+        #[arg(long, conflicts_with_all = ["streams", "prompt_len", "max_batch_tokens"])]
+        shared_prefix: Option<usize>,
     },
     /// Measure the engine's hot paths against the GEMM rate of this machine.
     Bench {
@@ -421,6 +430,11 @@ struct RouterLimits {
     /// one request of --max-context [default: 1024].
     #[arg(long)]
     kv_budget_mib: Option<usize>,
+    /// Prefix cache in MiB, besides the KV budget: the latent KV rows of prompts already
+    /// prefilled, in blocks of 16 tokens, found again by the prompts that begin with them
+    /// (least recently used go first); 0 turns it off [default: 256].
+    #[arg(long)]
+    prefix_cache_mib: Option<usize>,
     /// Prompt plus new tokens per request (capped by the model's max_position_embeddings)
     /// [default: 8192].
     #[arg(long)]
@@ -438,6 +452,7 @@ impl RouterLimits {
             ("--max-batch-tokens", self.max_batch_tokens),
             ("--max-context", self.max_context),
             ("--kv-budget-mib", self.kv_budget_mib),
+            ("--prefix-cache-mib", self.prefix_cache_mib),
         ];
         let always = [
             ("--max-running", Some(self.max_running)),
@@ -460,6 +475,7 @@ impl RouterLimits {
             max_batch_tokens: self.max_batch_tokens.unwrap_or(4096),
             max_running: self.max_running,
             kv_budget_bytes: self.kv_budget_mib.unwrap_or(1024) << 20,
+            prefix_cache_bytes: self.prefix_cache_mib.unwrap_or(256) << 20,
             max_concurrent: self.max_concurrent.unwrap_or(64),
             max_context: self.max_context.unwrap_or(kubemoe_placement::DEFAULT_MAX_CONTEXT as usize),
             worker_deadline: Duration::from_millis(self.worker_deadline_ms),
@@ -675,7 +691,7 @@ fn run(command: Command) -> Result<()> {
             println!();
             eprintln!("{summary}");
         }
-        Command::BenchServing { model, workers, batch, steps } => {
+        Command::BenchServing { model, workers, batch, steps, delay_us } => {
             // The workers require an internal token, as a deployment's do.
             let dir = std::env::temp_dir().join(format!("kubemoe-bench-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
@@ -698,19 +714,23 @@ fn run(command: Command) -> Result<()> {
                 }
                 Ok::<_, anyhow::Error>(())
             })?;
-            let report = kubemoe_router::bench::run(&model, &urls, &credential, batch, steps);
+            let report = kubemoe_router::bench::run(&model, &urls, &credential, batch, steps, &delay_us);
             std::fs::remove_dir_all(&dir).ok();
             println!("{}", serde_json::to_string_pretty(&report?)?);
         }
-        Command::BenchPrefill { model, streams, prompt_len, max_batch_tokens } => {
+        Command::BenchPrefill { model, streams, prompt_len, max_batch_tokens, shared_prefix } => {
             let m = source::open(&model, Experts::All).with_context(|| format!("loading model {model}"))?;
-            let runs = kubemoe_router::bench_prefill::run(
-                std::sync::Arc::new(m),
-                streams,
-                prompt_len,
-                &max_batch_tokens,
-            )?;
-            println!("{}", serde_json::to_string_pretty(&runs)?);
+            let m = std::sync::Arc::new(m);
+            let report = match shared_prefix {
+                Some(n) => serde_json::to_value(kubemoe_router::bench_prefill::shared_prefix(m, n)?)?,
+                None => serde_json::to_value(kubemoe_router::bench_prefill::run(
+                    m,
+                    streams,
+                    prompt_len,
+                    &max_batch_tokens,
+                )?)?,
+            };
+            println!("{}", serde_json::to_string_pretty(&report)?);
         }
         Command::BenchApi { http, grpc, model, clients, requests, max_tokens, api_key } => {
             let run = kubemoe_router::bench_api::run(

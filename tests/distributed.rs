@@ -377,6 +377,56 @@ fn sixteen_concurrent_streams(router_args: &[&str]) {
 }
 
 #[test]
+fn prompts_sharing_a_prefix_reuse_its_cached_rows_and_answer_what_they_would_without() {
+    let model = "builtin:tiny";
+    let local = source::open(model, Experts::All).unwrap();
+    // Chunked too: a prompt's cached blocks were prefilled over several steps.
+    for router_args in [&["--http-port", "0"][..], &["--http-port", "0", "--max-batch-tokens", "7"]] {
+        let cluster = Cluster::start(model, 2, router_args);
+        let system: Vec<u32> = (0..40).map(|j| (j * 29 + 3) % 500 + 2).collect();
+        let prompt = |i: u32| -> Vec<u32> {
+            system.iter().copied().chain((0..1 + i % 5).map(|j| i * 7 + j + 2)).collect()
+        };
+        let ask = |prompts: Vec<(Vec<u32>, f32, u64)>| {
+            rt().block_on(async {
+                let mut tasks = Vec::new();
+                for (prompt, temperature, seed) in prompts {
+                    let mut client = cluster.client().await;
+                    tasks.push(tokio::spawn(async move {
+                        let mut r = ids_request(&prompt, 6);
+                        (r.temperature, r.seed) = (temperature, Some(seed));
+                        client.generate(r).await.unwrap().into_inner().token_ids
+                    }));
+                }
+                let mut out = Vec::new();
+                for t in tasks {
+                    out.push(t.await.unwrap());
+                }
+                out
+            })
+        };
+        // The first prompt alone fills the cache; then eight at once, greedy and sampled, the
+        // system prompt's two whole blocks found in it.
+        let waves = [
+            vec![(prompt(0), 0.0, 0)],
+            (1..9u32).map(|i| (prompt(i), if i % 2 == 0 { 0.8 } else { 0.0 }, i as u64)).collect(),
+        ];
+        for wave in waves {
+            let got = ask(wave.clone());
+            for ((prompt, temperature, seed), ids) in wave.into_iter().zip(got) {
+                let sampling = SamplingParams { temperature, top_k: 0, top_p: 1.0, seed };
+                let alone = generate(&local, &[Request { prompt, max_new_tokens: 6, sampling }]).unwrap();
+                assert_eq!(ids, alone[0], "{router_args:?}");
+            }
+        }
+        let text = http(cluster.router.http.as_ref().unwrap(), "GET", "/metrics", None).1;
+        let hits = series(&text, &format!("vllm:prefix_cache_hits_total{{model_name=\"{model}\"}}"));
+        assert_eq!(hits, 8.0 * 32.0, "{router_args:?}: {text}");
+        assert!(series(&text, "kubemoe_router_prefix_cache_bytes") > 0.0);
+    }
+}
+
+#[test]
 fn a_killed_worker_fails_its_requests_quickly_and_service_resumes_when_it_returns() {
     let model = "builtin:tiny";
     let mut cluster = Cluster::start(model, 2, &["--worker-deadline-ms", "2000"]);
@@ -1138,7 +1188,9 @@ fn the_openai_api_answers_what_the_grpc_path_answers_whole_and_streamed() {
 
 #[test]
 fn logprobs_are_the_models_log_softmax_over_grpc_and_both_openai_endpoints() {
-    let c = Cluster::start("builtin:tiny", 2, &["--http-port", "0"]);
+    // Requests repeated below are compared bit for bit: no prefix reuse, whose rows come from
+    // another batch shape and give logprobs equal only to float rounding (~1e-7).
+    let c = Cluster::start("builtin:tiny", 2, &["--http-port", "0", "--prefix-cache-mib", "0"]);
     let addr = c.router.http.clone().unwrap();
     // The reference: the single-process model's logits for the prompt, then each greedy token.
     let local = source::open("builtin:tiny", Experts::All).unwrap();

@@ -137,7 +137,10 @@ def check(kubemoe: str, client: openai.OpenAI, grpc: str) -> None:
         model="tiny", messages=messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2, stream=True
     )
     streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
-    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    # The same request again: its prompt's cached blocks are reused (rows computed in another
+    # batch shape), so log-probabilities agree to float rounding, tokens exactly.
+    assert [t.token for t in streamed] == [t.token for t in content]
+    assert all(abs(a.logprob - b.logprob) <= 1e-5 for a, b in zip(streamed, content)), (streamed, content)
     whole = client.completions.create(model="tiny", prompt="Hello", max_tokens=6, temperature=0, logprobs=2)
     lp = whole.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6, lp

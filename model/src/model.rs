@@ -86,6 +86,41 @@ impl KvCache {
             l.truncate(self.len * width);
         }
     }
+
+    /// Every layer's rows of cached tokens `start..start + n` ([n, width] each, layer order).
+    pub fn rows(&self, start: usize, n: usize) -> Result<Vec<Vec<f32>>> {
+        if start + n > self.len {
+            return Err(Error::Invalid(format!(
+                "tokens {start}..{} of a cache holding {}",
+                start + n,
+                self.len
+            )));
+        }
+        let width = |l: &Vec<f32>| l.len() / self.len.max(1);
+        Ok(self.layers.iter().map(|l| l[start * width(l)..(start + n) * width(l)].to_vec()).collect())
+    }
+
+    /// Appends `n` tokens' rows as [`KvCache::rows`] gave them: the cache then holds what
+    /// prefilling those tokens at the next positions leaves in it.
+    pub fn extend_rows(&mut self, rows: &[Vec<f32>], n: usize, config: &Config) -> Result<()> {
+        let width = config.kv_lora_rank + config.qk_rope_head_dim;
+        if rows.len() != self.layers.len() || rows.iter().any(|r| r.len() != n * width) {
+            return Err(Error::Invalid(format!(
+                "rows for {n} tokens need {} layers of {} values",
+                self.layers.len(),
+                n * width
+            )));
+        }
+        let (len, max) = (self.len + n, config.max_position_embeddings);
+        if len > max {
+            return Err(Error::ContextOverflow { len, max });
+        }
+        for (layer, r) in self.layers.iter_mut().zip(rows) {
+            layer.extend_from_slice(r);
+        }
+        self.len += n;
+        Ok(())
+    }
 }
 
 impl Model {

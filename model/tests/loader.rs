@@ -106,6 +106,21 @@ fn v2_lite_shape_with_yarn_runs_end_to_end_and_decode_matches_full_forward() {
         let step = model.forward_step(&mut [(&mut cache, &PROMPT[t..=t])]).unwrap();
         assert!(rel_err(&step, &full[t * vocab..(t + 1) * vocab]) < 1e-5, "position {t}");
     }
+    // Rows copied out of a cache and into a new one continue as the original does (what a
+    // router's prefix cache relies on); rows that do not fit are refused.
+    let mut copy = KvCache::new(c);
+    copy.extend_rows(&cache.rows(0, 3).unwrap(), 3, c).unwrap();
+    copy.extend_rows(&cache.rows(3, 2).unwrap(), 2, c).unwrap();
+    let mut again = KvCache::new(c);
+    model.forward_step(&mut [(&mut again, &PROMPT[..4])]).unwrap();
+    model.forward_step(&mut [(&mut again, &PROMPT[4..5])]).unwrap();
+    let (a, b) = (
+        model.forward_step(&mut [(&mut again, &PROMPT[5..7])]).unwrap(),
+        model.forward_step(&mut [(&mut copy, &PROMPT[5..7])]).unwrap(),
+    );
+    assert_eq!(a, b);
+    assert!(cache.rows(PROMPT.len() - 1, 2).is_err());
+    assert!(copy.extend_rows(&cache.rows(0, 2).unwrap(), 3, c).is_err());
     let request = Request { prompt: PROMPT.to_vec(), max_new_tokens: 6, sampling: SamplingParams::default() };
     let out = generate(&model, &[request]).unwrap();
     assert_eq!(out[0].len(), 6);

@@ -210,6 +210,13 @@ pub struct RouterSpec {
     #[serde(default = "default_kv_cache_mib", rename = "kvCacheMiB")]
     #[schemars(range(min = 1, max = 16777216))]
     pub kv_cache_mib: i32,
+    /// MiB of prefix cache a router holds besides `kvCacheMiB`: the latent KV rows of prompts
+    /// already prefilled, in blocks of 16 tokens, reused by later prompts that begin with them
+    /// (a shared system prompt is prefilled once); least recently used blocks go first. 0
+    /// turns it off. Budget it inside the router's memory request.
+    #[serde(default = "default_prefix_cache_mib", rename = "prefixCacheMiB")]
+    #[schemars(range(min = 0, max = 16777216))]
+    pub prefix_cache_mib: i32,
     /// Port of the gRPC API (Generate) and of the gRPC health service the probes call.
     #[serde(default = "default_grpc_port")]
     #[schemars(range(min = 1, max = 65535))]
@@ -242,6 +249,7 @@ impl Default for RouterSpec {
             max_batch_tokens: default_max_batch_tokens(),
             max_concurrent_requests: default_max_concurrent_requests(),
             kv_cache_mib: default_kv_cache_mib(),
+            prefix_cache_mib: default_prefix_cache_mib(),
             grpc_port: default_grpc_port(),
             http_port: default_http_port(),
             internal_port: default_router_internal_port(),
@@ -582,6 +590,9 @@ fn default_max_concurrent_requests() -> i32 {
 }
 fn default_kv_cache_mib() -> i32 {
     1024
+}
+fn default_prefix_cache_mib() -> i32 {
+    256
 }
 fn default_grpc_port() -> i32 {
     50051

@@ -610,6 +610,8 @@ impl<'a> Ctx<'a> {
             router.max_concurrent_requests.to_string(),
             "--kv-budget-mib".into(),
             router.kv_cache_mib.to_string(),
+            "--prefix-cache-mib".into(),
+            router.prefix_cache_mib.to_string(),
             "--load-window".into(),
             spec.balancing.window.clone(),
             "--served-model-name".into(),

@@ -5,7 +5,9 @@
 //! - the data path's ([`kubemoe_api::data`]) and gRPC `Dispatch`'s throughput on a
 //!   payload-only dispatch against raw loopback TCP moving the same bytes (goal ≥ 0.7×);
 //! - decode tokens/s at batch 32 with the experts on the workers against the single-process
-//!   engine (goal ≥ 0.8×).
+//!   engine (goal ≥ 0.8×);
+//! - the same decode with each worker behind a [`crate::delay`] proxy adding a one-way delay
+//!   to every segment (cross-node latency on one machine), against the run without it.
 
 use crate::remote::RemoteExperts;
 use crate::Result;
@@ -39,6 +41,51 @@ pub struct Report {
     pub single_process_decode_tps: f64,
     pub distributed_decode_tps: f64,
     pub decode_ratio: f64,
+    /// Decode with injected delay, per one-way delay asked for.
+    pub delayed: Vec<Delayed>,
+}
+
+/// Decode through delaying proxies.
+#[derive(Debug, serde::Serialize)]
+pub struct Delayed {
+    pub one_way_us: u64,
+    pub decode_tps: f64,
+    /// Against `distributed_decode_tps` (no delay).
+    pub ratio_to_no_delay: f64,
+}
+
+/// The workers at `urls` (each bound to 127.0.0.1) behind delaying proxies on 127.0.0.2 at
+/// the same ports, gRPC and data path both: the proxies (kept while they serve) and the URLs
+/// reaching the workers through them. The data port the router learns from a worker's `Info`
+/// is then reached on the proxy's host too.
+fn behind_proxies(
+    runtime: &tokio::runtime::Runtime,
+    urls: &[String],
+    credential: &Bearer,
+    delay: Duration,
+) -> Result<(Vec<crate::delay::Proxy>, Vec<String>)> {
+    let proxy_host = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let mut proxies = Vec::new();
+    let mut proxied = Vec::new();
+    for url in urls {
+        let uri: tonic::codegen::http::Uri =
+            url.parse().map_err(|e| crate::Error::Workers(format!("{url}: {e}")))?;
+        let port = uri.port_u16().ok_or_else(|| crate::Error::Workers(format!("{url}: no port")))?;
+        let mut client = ExpertClient::with_interceptor(channel(url, None)?, credential.clone());
+        let info = runtime
+            .block_on(client.info(kubemoe_api::expert::InfoRequest {}))
+            .map_err(|s| crate::Error::Workers(s.to_string()))?
+            .into_inner();
+        for p in [port, info.data_port as u16].into_iter().filter(|p| *p != 0) {
+            let upstream = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, p));
+            let listen = std::net::SocketAddr::from((proxy_host, p));
+            let proxy = crate::delay::start(listen, upstream, delay)
+                .map_err(|e| crate::Error::Workers(format!("a delaying proxy on {listen}: {e}")))?;
+            proxies.push(proxy);
+        }
+        proxied.push(format!("http://{proxy_host}:{port}"));
+    }
+    Ok((proxies, proxied))
 }
 
 /// Decode tokens/s of `batch` sequences for `steps` steps after a short prefill.
@@ -148,35 +195,56 @@ async fn grpc_gbps(
     Ok((2 * activations.len() * rounds) as f64 / t.elapsed().as_secs_f64() / 1e9)
 }
 
-/// Runs every measurement against the workers at `urls` (rank order) serving `model`, calling
-/// them with `credential` (their internal token).
-pub fn run(model: &str, urls: &[String], credential: &Bearer, batch: usize, steps: usize) -> Result<Report> {
+/// Runs every measurement against the workers at `urls` (rank order, each on 127.0.0.1)
+/// serving `model`, calling them with `credential` (their internal token); decode again
+/// behind proxies delaying each way by each of `delays_us`.
+pub fn run(
+    model: &str,
+    urls: &[String],
+    credential: &Bearer,
+    batch: usize,
+    steps: usize,
+    delays_us: &[u64],
+) -> Result<Report> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let _entered = runtime.enter();
     let dense = source::open(model, Experts::None)?;
     let c = dense.config.clone();
     let minute = Duration::from_secs(60);
-    let remote = RemoteExperts::new(
-        &c,
-        urls,
-        None,
-        credential.clone(),
-        None,
-        minute,
-        minute,
-        runtime.handle().clone(),
-    )?;
-    runtime.block_on(async {
-        let started = Instant::now();
-        while let Err(e) = remote.check_workers(model).await {
-            if started.elapsed() > Duration::from_secs(120) {
-                return Err(crate::Error::Workers(e));
+    let remote_experts = |urls: &[String]| {
+        let remote = RemoteExperts::new(
+            &c,
+            urls,
+            None,
+            credential.clone(),
+            None,
+            minute,
+            minute,
+            runtime.handle().clone(),
+        )?;
+        runtime.block_on(async {
+            let started = Instant::now();
+            while let Err(e) = remote.check_workers(model).await {
+                if started.elapsed() > Duration::from_secs(120) {
+                    return Err(crate::Error::Workers(e));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        Ok(())
-    })?;
+            Ok(remote)
+        })
+    };
+    let remote = remote_experts(urls)?;
     let distributed_decode_tps = decode_rate(&dense, &remote, batch, steps)?;
+    let mut delayed = Vec::new();
+    for &us in delays_us {
+        let (_proxies, proxied) = behind_proxies(&runtime, urls, credential, Duration::from_micros(us))?;
+        let decode_tps = decode_rate(&dense, &remote_experts(&proxied)?, batch, steps)?;
+        delayed.push(Delayed {
+            one_way_us: us,
+            decode_tps,
+            ratio_to_no_delay: decode_tps / distributed_decode_tps,
+        });
+    }
     let steps_run = (steps + 1) as f64;
     let b = &remote.bytes;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
@@ -212,5 +280,6 @@ pub fn run(model: &str, urls: &[String], credential: &Bearer, batch: usize, step
         single_process_decode_tps,
         distributed_decode_tps,
         decode_ratio: distributed_decode_tps / single_process_decode_tps,
+        delayed,
     })
 }

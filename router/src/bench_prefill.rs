@@ -7,6 +7,10 @@
 //! run's own median gap while no prompt is prefilled: p99 during the prefill ≤ 3× the median
 //! is the goal. Smaller chunks stall the streams less and make the prompt's first token later;
 //! both are reported.
+//!
+//! With a shared prefix ([`shared_prefix`]): two prompts that begin with the same long prefix
+//! arrive one after the other; the second's time to first token against the first's is the
+//! prefix cache's gain (goal ≥ 5×), the first being the limit measured in the same run.
 
 use crate::bench_api::percentile;
 use crate::engine::{self, Event, Submission};
@@ -37,6 +41,99 @@ pub struct Run {
 /// Gaps decoded before and after the prompt, per stream, on top of those during it.
 const AROUND: usize = 12;
 
+/// What the prefix cache saves a prompt whose prefix was prefilled before.
+#[derive(Debug, serde::Serialize)]
+pub struct PrefixRun {
+    pub prefix_len: usize,
+    /// Time to first token of the first prompt (prefix + 1 token) and of the second (the same
+    /// prefix, another last token).
+    pub first_ttft_ms: f64,
+    pub second_ttft_ms: f64,
+    /// first / second (goal ≥ 5).
+    pub speedup: f64,
+    /// Prompt tokens the second found in the prefix cache.
+    pub reused_tokens: u64,
+    /// Whether both prompts' first tokens equal those of an engine without the cache.
+    pub same_tokens: bool,
+}
+
+/// A request of `prompt` for `max_tokens` to `engine`; its events.
+fn submit(
+    engine: &engine::EngineHandle,
+    id: usize,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+) -> Result<mpsc::Receiver<Event>> {
+    let (events, rx) = mpsc::channel(max_tokens + 2);
+    let s = Submission {
+        id: Arc::from(format!("bench-{id}")),
+        prompt,
+        max_tokens,
+        sampling: SamplingParams::default(),
+        logprobs: None,
+        events,
+    };
+    engine.submit(s).map_err(|e| Error::Workers(format!("the batch loop refused a request: {e:?}")))?;
+    Ok(rx)
+}
+
+/// The first token of `rx`, and how long it took from `since`.
+async fn first_token(rx: &mut mpsc::Receiver<Event>, since: Instant) -> Result<(u32, f64)> {
+    match rx.recv().await {
+        Some(Event::Token(token, _)) => Ok((token, since.elapsed().as_secs_f64() * 1e3)),
+        other => Err(Error::Workers(format!("the prompt ended with {other:?}"))),
+    }
+}
+
+/// Two prompts of `prefix_len` shared tokens and one of their own, one after the other, on
+/// `model` with a prefix cache and without one.
+pub fn shared_prefix(model: Arc<Model>, prefix_len: usize) -> Result<PrefixRun> {
+    let context = model.config.max_position_embeddings;
+    if prefix_len == 0 || prefix_len + 2 > context {
+        return Err(Error::Config(format!(
+            "--shared-prefix {prefix_len}: give 1 to {} tokens, the model's context is {context}",
+            context - 2
+        )));
+    }
+    let vocab = model.config.vocab_size as u32;
+    let prompt = |last: u32| -> Vec<u32> {
+        (0..prefix_len as u32).map(|j| (j * 13 + 5) % vocab).chain([last % vocab]).collect()
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // (first tokens, the two times to first token, tokens reused) with a cache of `bytes`.
+    let serve = |bytes: usize| {
+        runtime.block_on(async {
+            let limits =
+                Limits { max_batch_tokens: prefix_len + 1, max_running: 2, kv_budget_tokens: 2 * context };
+            let experts: Arc<dyn kubemoe_model::layers::RoutedExperts + Send> = model.clone();
+            let stats = Arc::new(Stats::default());
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let (engine, thread) =
+                engine::spawn(model.clone(), experts, limits, bytes, 2, stats.clone(), shutdown.clone())?;
+            let mut out = Vec::new();
+            for (id, last) in [(0, 1), (1, 2)] {
+                let since = Instant::now();
+                let mut rx = submit(&engine, id, prompt(last), 1)?;
+                out.push(first_token(&mut rx, since).await?);
+            }
+            shutdown.cancel();
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+            Ok::<_, Error>((out, stats.prefix_hit_tokens.load(std::sync::atomic::Ordering::Relaxed)))
+        })
+    };
+    let (cached, reused_tokens) = serve(1 << 30)?;
+    let (plain, _) = serve(0)?;
+    let (first_ttft_ms, second_ttft_ms) = (cached[0].1, cached[1].1);
+    Ok(PrefixRun {
+        prefix_len,
+        first_ttft_ms,
+        second_ttft_ms,
+        speedup: first_ttft_ms / second_ttft_ms.max(f64::MIN_POSITIVE),
+        reused_tokens,
+        same_tokens: cached.iter().map(|c| c.0).eq(plain.iter().map(|p| p.0)),
+    })
+}
+
 /// One run per budget of `budgets`, on `model`.
 pub fn run(model: Arc<Model>, streams: usize, prompt_len: usize, budgets: &[usize]) -> Result<Vec<Run>> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -62,27 +159,17 @@ async fn one(model: Arc<Model>, streams: usize, prompt_len: usize, budget: usize
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let experts: Arc<dyn kubemoe_model::layers::RoutedExperts + Send> = model.clone();
+    // No prefix cache: the long prompt is prefilled, whatever came before.
     let (engine, thread) = engine::spawn(
         model.clone(),
         experts,
         limits,
+        0,
         streams + 1,
         Arc::new(Stats::default()),
         shutdown.clone(),
     )?;
-    let submit = |id: usize, prompt: Vec<u32>, max_tokens: usize| {
-        let (events, rx) = mpsc::channel(max_tokens + 2);
-        let s = Submission {
-            id: Arc::from(format!("bench-{id}")),
-            prompt,
-            max_tokens,
-            sampling: SamplingParams::default(),
-            logprobs: None,
-            events,
-        };
-        engine.submit(s).map_err(|e| Error::Workers(format!("the batch loop refused a request: {e:?}")))?;
-        Ok::<_, Error>(rx)
-    };
+    let submit = |id: usize, prompt: Vec<u32>, max_tokens: usize| submit(&engine, id, prompt, max_tokens);
     let vocab = model.config.vocab_size as u32;
     // Every stream's token times, collected as they come.
     let times: Arc<Mutex<Vec<Vec<Instant>>>> = Arc::new(Mutex::new(vec![Vec::new(); streams]));
@@ -112,10 +199,7 @@ async fn one(model: Arc<Model>, streams: usize, prompt_len: usize, budget: usize
     let arrived = Instant::now();
     let prompt = (0..prompt_len as u32).map(|j| (j * 13 + 5) % vocab).collect();
     let mut long = submit(streams, prompt, 1)?;
-    match long.recv().await {
-        Some(Event::Token(..)) => {}
-        other => return Err(Error::Workers(format!("the long prompt ended with {other:?}"))),
-    }
+    first_token(&mut long, arrived).await?;
     let first_token = Instant::now();
     let after = times.lock().map_or(0, |t| t.iter().map(Vec::len).min().unwrap_or(0));
     wait_for(after + AROUND).await?;

@@ -5,11 +5,16 @@
 //! prompt is in its cache; a chunk computes exactly what the whole prompt would (the cache
 //! holds the positions before it), so outputs do not depend on the chunking.
 //!
+//! A prompt starts from the blocks of its prefix already in the prefix cache
+//! ([`crate::prefix`]) and prefills the rest; its whole blocks are stored there once its
+//! prefill completes.
+//!
 //! Requests arrive over a bounded channel; each sequence's events leave over its own bounded
 //! channel sized so that a step never blocks on a slow client. A closed event channel means
 //! the client went away: the sequence leaves the batch and its cache is freed. A failed step
 //! fails every sequence in it (with the transport's status) and the loop goes on.
 
+use crate::prefix::{PrefixCache, BLOCK};
 use crate::scheduler::{admit, chunks, Limits, Usage};
 use crate::stats::Stats;
 use kubemoe_model::layers::RoutedExperts;
@@ -55,6 +60,9 @@ pub struct Submission {
 struct Sequence {
     id: Arc<str>,
     cache: KvCache,
+    /// The whole prompt, until its prefill completes and its blocks are cached (None when the
+    /// prefix cache is off).
+    prompt: Option<Vec<u32>>,
     sampler: Sampler,
     logprobs: Option<usize>,
     feed: Vec<u32>,
@@ -86,20 +94,23 @@ impl EngineHandle {
     }
 }
 
-/// Starts the batch loop on its own thread; it stops when `shutdown` fires.
+/// Starts the batch loop on its own thread, with a prefix cache of `prefix_cache_bytes` (0:
+/// none); it stops when `shutdown` fires.
 pub fn spawn(
     model: Arc<Model>,
     experts: Arc<dyn RoutedExperts + Send>,
     limits: Limits,
+    prefix_cache_bytes: usize,
     queue: usize,
     stats: Arc<Stats>,
     shutdown: CancellationToken,
 ) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
     stats.kv_budget.store(limits.kv_budget_tokens, Ordering::Relaxed);
     let (tx, rx) = std::sync::mpsc::sync_channel(queue);
+    let prefixes = PrefixCache::new(prefix_cache_bytes);
     let thread = std::thread::Builder::new()
         .name("kubemoe-engine".into())
-        .spawn(move || run(&model, experts.as_ref(), limits, rx, &stats, shutdown))?;
+        .spawn(move || run(&model, experts.as_ref(), limits, prefixes, rx, &stats, shutdown))?;
     Ok((EngineHandle { tx }, thread))
 }
 
@@ -107,10 +118,12 @@ fn run(
     model: &Model,
     experts: &dyn RoutedExperts,
     limits: Limits,
+    mut prefixes: PrefixCache,
     rx: Receiver<Submission>,
     stats: &Stats,
     shutdown: CancellationToken,
 ) {
+    let caching = prefixes.budget() > 0;
     let mut waiting: VecDeque<Submission> = VecDeque::new();
     let mut running: Vec<Sequence> = Vec::new();
     while !shutdown.is_cancelled() {
@@ -128,28 +141,44 @@ fn run(
             Usage { running: running.len(), reserved_tokens: running.iter().map(|s| s.reserve).sum() };
         let joining = admit(&limits, usage, waiting.iter().map(|s| s.prompt.len() + s.max_tokens));
         for s in waiting.drain(..joining) {
-            match Sampler::new(s.sampling) {
-                Ok(sampler) => running.push(Sequence {
-                    id: s.id,
-                    cache: KvCache::new(&model.config),
-                    sampler,
-                    logprobs: s.logprobs,
-                    reserve: s.prompt.len() + s.max_tokens,
-                    feed: s.prompt,
-                    generated: 0,
-                    max_tokens: s.max_tokens,
-                    events: s.events,
-                }),
+            let sampler = match Sampler::new(s.sampling) {
+                Ok(sampler) => sampler,
                 Err(e) => {
-                    drop(s.events.try_send(Event::Failed(tonic::Status::invalid_argument(e.to_string()))))
+                    drop(s.events.try_send(Event::Failed(tonic::Status::invalid_argument(e.to_string()))));
+                    continue;
                 }
+            };
+            // The cached blocks its prompt begins with, copied into its own cache.
+            let mut cache = KvCache::new(&model.config);
+            let reused = prefixes.lookup(&s.prompt);
+            if let Err(e) = reused.iter().try_for_each(|rows| cache.extend_rows(rows, BLOCK, &model.config)) {
+                drop(s.events.try_send(Event::Failed(status_of(&e))));
+                continue;
             }
+            let skip = cache.len();
+            if caching {
+                stats.prefix_queried_tokens.fetch_add(s.prompt.len() as u64, Ordering::Relaxed);
+                stats.prefix_hit_tokens.fetch_add(skip as u64, Ordering::Relaxed);
+            }
+            running.push(Sequence {
+                id: s.id,
+                cache,
+                prompt: caching.then(|| s.prompt.clone()),
+                sampler,
+                logprobs: s.logprobs,
+                reserve: s.prompt.len() + s.max_tokens,
+                feed: s.prompt[skip..].to_vec(),
+                generated: 0,
+                max_tokens: s.max_tokens,
+                events: s.events,
+            });
         }
         publish(stats, &running, &waiting);
         if running.is_empty() {
             continue;
         }
-        step(model, experts, limits.max_batch_tokens, &mut running);
+        step(model, experts, limits.max_batch_tokens, &mut running, &mut prefixes);
+        stats.prefix_cache_bytes.store(prefixes.bytes(), Ordering::Relaxed);
     }
     for s in running.iter().map(|s| &s.events).chain(waiting.iter().map(|s| &s.events)) {
         let _ = s.try_send(Event::Failed(tonic::Status::unavailable("the router is shutting down")));
@@ -164,9 +193,15 @@ fn publish(stats: &Stats, running: &[Sequence], waiting: &VecDeque<Submission>) 
 }
 
 /// One step of the running batch (at most `max_batch_tokens` new tokens, but at least one
-/// per decoding sequence and one of the first prompt being prefilled); removes the sequences
-/// that finished or failed.
-fn step(model: &Model, experts: &dyn RoutedExperts, max_batch_tokens: usize, running: &mut Vec<Sequence>) {
+/// per decoding sequence and one of the first prompt being prefilled); caches the blocks of
+/// the prompts it completes; removes the sequences that finished or failed.
+fn step(
+    model: &Model,
+    experts: &dyn RoutedExperts,
+    max_batch_tokens: usize,
+    running: &mut Vec<Sequence>,
+    prefixes: &mut PrefixCache,
+) {
     let fed = chunks(max_batch_tokens, &running.iter().map(|s| s.feed.len()).collect::<Vec<_>>());
     let requests =
         running.iter().zip(&fed).filter(|(_, n)| **n > 0).map(|(s, _)| &*s.id).collect::<Vec<_>>().join(",");
@@ -208,6 +243,11 @@ fn step(model: &Model, experts: &dyn RoutedExperts, max_batch_tokens: usize, run
             s.feed.drain(..n);
             keep.push(s);
             continue;
+        }
+        if let Some(prompt) = s.prompt.take() {
+            if let Err(e) = prefixes.insert(&prompt, &s.cache) {
+                tracing::warn!(request = %s.id, error = %e, "the prompt's blocks were not cached");
+            }
         }
         let token = match s.sampler.sample(row) {
             Ok(token) => token,

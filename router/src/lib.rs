@@ -12,11 +12,13 @@ pub mod bench;
 pub mod bench_api;
 pub mod bench_prefill;
 pub mod client;
+pub mod delay;
 pub mod dispatch;
 pub mod engine;
 pub mod load;
 pub mod metrics;
 pub mod openai;
+pub mod prefix;
 pub mod reasoning;
 pub mod remote;
 pub mod scheduler;
@@ -97,6 +99,8 @@ pub struct Options {
     /// KV cache memory the running sequences may reserve; at least one request of
     /// `max_context`.
     pub kv_budget_bytes: usize,
+    /// Memory of the prefix cache ([`prefix`]; 0: none).
+    pub prefix_cache_bytes: usize,
     pub max_concurrent: usize,
     /// Prompt plus new tokens per request; at most the model's `max_position_embeddings`.
     pub max_context: usize,
@@ -239,6 +243,7 @@ pub async fn run(
             std::sync::Arc::new(model),
             experts.clone(),
             limits,
+            opts.prefix_cache_bytes,
             opts.max_concurrent,
             stats.clone(),
             stop.clone(),

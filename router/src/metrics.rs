@@ -1,7 +1,7 @@
 //! `/metrics` on the router's HTTP port, in the Prometheus text format (0.0.4): the expert
 //! load over the sliding window (what the rebalancer reads over gRPC, for dashboards), the
-//! placement epoch and the imbalance it leaves, the bytes dispatch moves, and the serving
-//! statistics under vLLM's names ([`crate::stats`]).
+//! placement epoch and the imbalance it leaves, the bytes dispatch moves, the bytes the prefix
+//! cache holds, and the serving statistics under vLLM's names ([`crate::stats`]).
 //!
 //! Rendered at scrape time from the live counters, so it never disagrees with the gRPC
 //! `Balancer/Load` answer at the same instant.
@@ -32,6 +32,12 @@ pub fn routes(sources: Sources) -> axum::Router {
 
 async fn metrics(State(sources): State<Arc<Sources>>) -> impl IntoResponse {
     let mut text = render(&sources.experts);
+    let prefix_bytes = sources.stats.prefix_cache_bytes.load(Ordering::Relaxed);
+    let _ = writeln!(
+        text,
+        "# HELP kubemoe_router_prefix_cache_bytes Bytes of latent KV rows the prefix cache holds\n\
+         # TYPE kubemoe_router_prefix_cache_bytes gauge\nkubemoe_router_prefix_cache_bytes {prefix_bytes}"
+    );
     sources.stats.render(&mut text, &sources.model_name);
     kubemoe_api::loading::gauges(&mut text, kubemoe_model::progress::loaded, &sources.held.0);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)

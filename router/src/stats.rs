@@ -36,6 +36,11 @@ pub struct Stats {
     /// Finished requests by reason: `stop`, `length`.
     pub success_stop: AtomicU64,
     pub success_length: AtomicU64,
+    /// Prompt tokens looked up in the prefix cache, and those found there.
+    pub prefix_queried_tokens: AtomicU64,
+    pub prefix_hit_tokens: AtomicU64,
+    /// Bytes of latent rows the prefix cache holds.
+    pub prefix_cache_bytes: AtomicUsize,
 }
 
 impl Default for Stats {
@@ -52,6 +57,9 @@ impl Default for Stats {
             generation_tokens: AtomicU64::new(0),
             success_stop: AtomicU64::new(0),
             success_length: AtomicU64::new(0),
+            prefix_queried_tokens: AtomicU64::new(0),
+            prefix_hit_tokens: AtomicU64::new(0),
+            prefix_cache_bytes: AtomicUsize::new(0),
         }
     }
 }
@@ -89,6 +97,16 @@ impl Stats {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         counter("prompt_tokens_total", "Prompt tokens processed.", &[("", load(&self.prompt_tokens))]);
         counter("generation_tokens_total", "Tokens generated.", &[("", load(&self.generation_tokens))]);
+        counter(
+            "prefix_cache_queries_total",
+            "Prompt tokens looked up in the prefix cache.",
+            &[("", load(&self.prefix_queried_tokens))],
+        );
+        counter(
+            "prefix_cache_hits_total",
+            "Prompt tokens found in the prefix cache (not prefilled again).",
+            &[("", load(&self.prefix_hit_tokens))],
+        );
         counter(
             "request_success_total",
             "Requests finished, by finish reason.",
