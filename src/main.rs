@@ -435,6 +435,13 @@ struct RouterLimits {
     /// (least recently used go first); 0 turns it off [default: 256].
     #[arg(long)]
     prefix_cache_mib: Option<usize>,
+    /// Micro-batches per step, 1 or 2: with 2, a step's sequences are cut in two halves whose
+    /// forward passes take turns on two threads, one's attention and dense layers while the
+    /// other's tokens are on the workers (two-micro-batch overlap: it hides the workers' round
+    /// trips where the router has cores to spare; each half reads the experts' weights again)
+    /// [default: 1].
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
+    micro_batches: Option<u8>,
     /// Prompt plus new tokens per request (capped by the model's max_position_embeddings)
     /// [default: 8192].
     #[arg(long)]
@@ -453,6 +460,7 @@ impl RouterLimits {
             ("--max-context", self.max_context),
             ("--kv-budget-mib", self.kv_budget_mib),
             ("--prefix-cache-mib", self.prefix_cache_mib),
+            ("--micro-batches", self.micro_batches.map(usize::from)),
         ];
         let always = [
             ("--max-running", Some(self.max_running)),
@@ -476,6 +484,7 @@ impl RouterLimits {
             max_running: self.max_running,
             kv_budget_bytes: self.kv_budget_mib.unwrap_or(1024) << 20,
             prefix_cache_bytes: self.prefix_cache_mib.unwrap_or(256) << 20,
+            micro_batches: self.micro_batches.map_or(1, usize::from),
             max_concurrent: self.max_concurrent.unwrap_or(64),
             max_context: self.max_context.unwrap_or(kubemoe_placement::DEFAULT_MAX_CONTEXT as usize),
             worker_deadline: Duration::from_millis(self.worker_deadline_ms),

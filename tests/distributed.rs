@@ -327,8 +327,9 @@ fn distributed_logits_equal_single_process_logits() {
 #[test]
 fn sixteen_concurrent_streams_finish_with_what_they_would_alone() {
     // Also with steps of 7 tokens: prompts of up to 46 tokens are prefilled in chunks between
-    // the decode steps of the others, and give the same tokens.
-    for args in [&[][..], &["--max-batch-tokens", "7"]] {
+    // the decode steps of the others, and give the same tokens; and in two micro-batches.
+    for args in [&[][..], &["--max-batch-tokens", "7"], &["--micro-batches", "2", "--max-batch-tokens", "20"]]
+    {
         sixteen_concurrent_streams(args);
     }
 }
@@ -380,8 +381,11 @@ fn sixteen_concurrent_streams(router_args: &[&str]) {
 fn prompts_sharing_a_prefix_reuse_its_cached_rows_and_answer_what_they_would_without() {
     let model = "builtin:tiny";
     let local = source::open(model, Experts::All).unwrap();
-    // Chunked too: a prompt's cached blocks were prefilled over several steps.
-    for router_args in [&["--http-port", "0"][..], &["--http-port", "0", "--max-batch-tokens", "7"]] {
+    // Chunked too: a prompt's cached blocks were prefilled over several steps; and in two
+    // micro-batches.
+    let variants =
+        [&["--http-port", "0"][..], &["--http-port", "0", "--max-batch-tokens", "7", "--micro-batches", "2"]];
+    for router_args in variants {
         let cluster = Cluster::start(model, 2, router_args);
         let system: Vec<u32> = (0..40).map(|j| (j * 29 + 3) % 500 + 2).collect();
         let prompt = |i: u32| -> Vec<u32> {

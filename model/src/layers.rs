@@ -237,8 +237,9 @@ pub trait RoutedExperts: Sync {
     /// their logs can be matched with the requests.
     fn begin_step(&self, _requests: &str) {}
 
-    /// Called by a batch loop after each forward step, whether it succeeded or not: a transport
-    /// that switches placement between steps learns here that the step is over.
+    /// Called by a batch loop after each forward step, whether it succeeded or not, on each
+    /// thread that ran part of it (a step's micro-batches may run on two): a transport that
+    /// switches placement between steps learns here that the step is over.
     fn end_step(&self) {}
 }
 

@@ -39,19 +39,25 @@ pub struct Report {
     pub grpc_gbps: f64,
     pub grpc_ratio_to_raw_tcp: f64,
     pub single_process_decode_tps: f64,
+    /// One micro-batch per step.
     pub distributed_decode_tps: f64,
     pub decode_ratio: f64,
+    /// Two micro-batches per step ([`crate::engine::forward`]).
+    pub overlapped_decode_tps: f64,
     /// Decode with injected delay, per one-way delay asked for.
     pub delayed: Vec<Delayed>,
 }
 
-/// Decode through delaying proxies.
+/// Decode through delaying proxies, with one and two micro-batches per step.
 #[derive(Debug, serde::Serialize)]
 pub struct Delayed {
     pub one_way_us: u64,
     pub decode_tps: f64,
-    /// Against `distributed_decode_tps` (no delay).
+    /// Against `distributed_decode_tps` (no delay, one micro-batch).
     pub ratio_to_no_delay: f64,
+    pub overlapped_decode_tps: f64,
+    /// Against `overlapped_decode_tps` without delay.
+    pub overlapped_ratio_to_no_delay: f64,
 }
 
 /// The workers at `urls` (each bound to 127.0.0.1) behind delaying proxies on 127.0.0.2 at
@@ -88,8 +94,15 @@ fn behind_proxies(
     Ok((proxies, proxied))
 }
 
-/// Decode tokens/s of `batch` sequences for `steps` steps after a short prefill.
-fn decode_rate(model: &Model, experts: &dyn RoutedExperts, batch: usize, steps: usize) -> Result<f64> {
+/// Decode tokens/s of `batch` sequences for `steps` steps after a short prefill, in
+/// `micro_batches` per step.
+fn decode_rate(
+    model: &Model,
+    experts: &dyn RoutedExperts,
+    batch: usize,
+    steps: usize,
+    micro_batches: usize,
+) -> Result<f64> {
     let vocab = model.config.vocab_size;
     let mut caches: Vec<KvCache> = (0..batch).map(|_| KvCache::new(&model.config)).collect();
     let mut samplers: Vec<Sampler> =
@@ -103,7 +116,8 @@ fn decode_rate(model: &Model, experts: &dyn RoutedExperts, batch: usize, steps: 
         }
         let mut b: Vec<(&mut KvCache, &[u32])> =
             caches.iter_mut().zip(&feed).map(|(c, f)| (c, f.as_slice())).collect();
-        let logits = model.forward_step_with(&mut b, experts)?;
+        let logits = crate::engine::forward(model, &mut b, experts, micro_batches)?;
+        experts.end_step();
         for ((f, row), s) in feed.iter_mut().zip(logits.chunks(vocab)).zip(&mut samplers) {
             *f = vec![s.sample(row)?];
         }
@@ -234,25 +248,30 @@ pub fn run(
         })
     };
     let remote = remote_experts(urls)?;
-    let distributed_decode_tps = decode_rate(&dense, &remote, batch, steps)?;
-    let mut delayed = Vec::new();
-    for &us in delays_us {
-        let (_proxies, proxied) = behind_proxies(&runtime, urls, credential, Duration::from_micros(us))?;
-        let decode_tps = decode_rate(&dense, &remote_experts(&proxied)?, batch, steps)?;
-        delayed.push(Delayed {
-            one_way_us: us,
-            decode_tps,
-            ratio_to_no_delay: decode_tps / distributed_decode_tps,
-        });
-    }
+    let distributed_decode_tps = decode_rate(&dense, &remote, batch, steps, 1)?;
     let steps_run = (steps + 1) as f64;
     let b = &remote.bytes;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
     let (sent, received, minimum) =
         (load(&b.activations) + load(&b.routes), load(&b.received), load(&b.minimum));
+    let overlapped_decode_tps = decode_rate(&dense, &remote, batch, steps, 2)?;
+    let mut delayed = Vec::new();
+    for &us in delays_us {
+        let (_proxies, proxied) = behind_proxies(&runtime, urls, credential, Duration::from_micros(us))?;
+        let remote = remote_experts(&proxied)?;
+        let decode_tps = decode_rate(&dense, &remote, batch, steps, 1)?;
+        let overlapped = decode_rate(&dense, &remote, batch, steps, 2)?;
+        delayed.push(Delayed {
+            one_way_us: us,
+            decode_tps,
+            ratio_to_no_delay: decode_tps / distributed_decode_tps,
+            overlapped_decode_tps: overlapped,
+            overlapped_ratio_to_no_delay: overlapped / overlapped_decode_tps,
+        });
+    }
     drop(dense);
     let local = source::open(model, Experts::All)?;
-    let single_process_decode_tps = decode_rate(&local, &local, batch, steps)?;
+    let single_process_decode_tps = decode_rate(&local, &local, batch, steps, 1)?;
     drop(local);
     // 512 tokens of activations per call: a large decode batch's dispatch to one worker.
     let tokens = 512;
@@ -280,6 +299,7 @@ pub fn run(
         single_process_decode_tps,
         distributed_decode_tps,
         decode_ratio: distributed_decode_tps / single_process_decode_tps,
+        overlapped_decode_tps,
         delayed,
     })
 }

@@ -103,8 +103,12 @@ pub fn shared_prefix(model: Arc<Model>, prefix_len: usize) -> Result<PrefixRun> 
     // (first tokens, the two times to first token, tokens reused) with a cache of `bytes`.
     let serve = |bytes: usize| {
         runtime.block_on(async {
-            let limits =
-                Limits { max_batch_tokens: prefix_len + 1, max_running: 2, kv_budget_tokens: 2 * context };
+            let limits = Limits {
+                max_batch_tokens: prefix_len + 1,
+                max_running: 2,
+                kv_budget_tokens: 2 * context,
+                micro_batches: 1,
+            };
             let experts: Arc<dyn kubemoe_model::layers::RoutedExperts + Send> = model.clone();
             let stats = Arc::new(Stats::default());
             let shutdown = tokio_util::sync::CancellationToken::new();
@@ -156,6 +160,8 @@ async fn one(model: Arc<Model>, streams: usize, prompt_len: usize, budget: usize
         max_batch_tokens: budget,
         max_running: streams + 1,
         kv_budget_tokens: (streams + 1) * context,
+        // Experts in this process: nothing to overlap.
+        micro_batches: 1,
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let experts: Arc<dyn kubemoe_model::layers::RoutedExperts + Send> = model.clone();

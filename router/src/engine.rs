@@ -5,6 +5,9 @@
 //! prompt is in its cache; a chunk computes exactly what the whole prompt would (the cache
 //! holds the positions before it), so outputs do not depend on the chunking.
 //!
+//! A step runs in two micro-batches on two threads when `--micro-batches 2` ([`forward`]), so
+//! that one's dispatch overlaps the other's compute.
+//!
 //! A prompt starts from the blocks of its prefix already in the prefix cache
 //! ([`crate::prefix`]) and prefills the rest; its whole blocks are stored there once its
 //! prefill completes.
@@ -177,7 +180,7 @@ fn run(
         if running.is_empty() {
             continue;
         }
-        step(model, experts, limits.max_batch_tokens, &mut running, &mut prefixes);
+        step(model, experts, (limits.max_batch_tokens, limits.micro_batches), &mut running, &mut prefixes);
         stats.prefix_cache_bytes.store(prefixes.bytes(), Ordering::Relaxed);
     }
     for s in running.iter().map(|s| &s.events).chain(waiting.iter().map(|s| &s.events)) {
@@ -198,7 +201,7 @@ fn publish(stats: &Stats, running: &[Sequence], waiting: &VecDeque<Submission>) 
 fn step(
     model: &Model,
     experts: &dyn RoutedExperts,
-    max_batch_tokens: usize,
+    (max_batch_tokens, micro_batches): (usize, usize),
     running: &mut Vec<Sequence>,
     prefixes: &mut PrefixCache,
 ) {
@@ -214,7 +217,7 @@ fn step(
         .filter(|(_, n)| **n > 0)
         .map(|(s, &n)| (&mut s.cache, &s.feed[..n]))
         .collect();
-    let result = model.forward_step_with(&mut batch, experts);
+    let result = forward(model, &mut batch, experts, micro_batches);
     experts.end_step();
     let logits = match result {
         Ok(l) => l,
@@ -280,6 +283,118 @@ fn step(
     *running = keep;
 }
 
+/// Whose turn it is to compute on the router: the two micro-batches of a step take turns, one
+/// computing while the other's tokens are on the workers (the ping-pong of DeepSeek-V3's
+/// overlap and MegaScale-Infer's). Without turns the two halves share the cores evenly, reach
+/// their dispatches together and wait out their round trips together.
+#[derive(Default)]
+struct Baton {
+    taken: std::sync::Mutex<bool>,
+    given: std::sync::Condvar,
+}
+
+impl Baton {
+    fn take(&self) {
+        let mut taken = self.taken.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while *taken {
+            taken = self.given.wait(taken).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        *taken = true;
+    }
+
+    fn give(&self) {
+        *self.taken.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = false;
+        self.given.notify_one();
+    }
+}
+
+/// The routed experts, with the baton given up while the workers compute.
+struct TakingTurns<'a> {
+    experts: &'a dyn RoutedExperts,
+    baton: &'a Baton,
+}
+
+impl RoutedExperts for TakingTurns<'_> {
+    fn run(
+        &self,
+        layer: usize,
+        x: &[f32],
+        routing: &kubemoe_model::layers::Routing,
+    ) -> kubemoe_model::Result<Vec<f32>> {
+        self.baton.give();
+        let out = self.experts.run(layer, x, routing);
+        self.baton.take();
+        out
+    }
+
+    fn begin_step(&self, requests: &str) {
+        self.experts.begin_step(requests)
+    }
+
+    fn end_step(&self) {
+        self.experts.end_step()
+    }
+}
+
+/// A micro-batch's forward step, computing only while it holds the baton.
+fn in_turn(
+    model: &Model,
+    batch: &mut [(&mut KvCache, &[u32])],
+    experts: &dyn RoutedExperts,
+    baton: &Baton,
+) -> kubemoe_model::Result<Vec<f32>> {
+    /// Gives the baton back however the step ends.
+    struct Holding<'a>(&'a Baton);
+    impl Drop for Holding<'_> {
+        fn drop(&mut self) {
+            self.0.give();
+        }
+    }
+    baton.take();
+    let _holding = Holding(baton);
+    model.forward_step_with(batch, &TakingTurns { experts, baton })
+}
+
+/// One forward step of `batch`, in `micro_batches` (1 or 2): with 2 and at least two
+/// sequences, the batch is cut into two halves of about equal tokens, each a forward step of
+/// its own on its own thread, taking turns on the router's cores ([`Baton`]) so that while one
+/// half's tokens are on the workers the other's attention and dense layers run (DeepSeek-V3's
+/// two-micro-batch overlap, arXiv:2412.19437 §3.4; SGLang's two-batch overlap). Each sequence
+/// computes what it would in one batch (to float rounding: the matrices see fewer rows).
+/// Logits in batch order.
+pub fn forward(
+    model: &Model,
+    batch: &mut [(&mut KvCache, &[u32])],
+    experts: &dyn RoutedExperts,
+    micro_batches: usize,
+) -> kubemoe_model::Result<Vec<f32>> {
+    if micro_batches < 2 || batch.len() < 2 {
+        return model.forward_step_with(batch, experts);
+    }
+    let total: usize = batch.iter().map(|(_, t)| t.len()).sum();
+    let mut seen = 0;
+    let cut = batch.iter().position(|(_, t)| {
+        seen += t.len();
+        2 * seen >= total
+    });
+    let cut = cut.map_or(1, |i| i + 1).clamp(1, batch.len() - 1);
+    let (first, second) = batch.split_at_mut(cut);
+    let baton = Baton::default();
+    let (a, b) = std::thread::scope(|s| {
+        // That thread's part of the step ends with it, whatever happened (the caller ends its own).
+        let other = s.spawn(|| {
+            let logits = in_turn(model, first, experts, &baton);
+            experts.end_step();
+            logits
+        });
+        let b = in_turn(model, second, experts, &baton);
+        (other.join(), b)
+    });
+    let mut logits = a.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+    logits.extend(b?);
+    Ok(logits)
+}
+
 /// The gRPC status a failed step gives each of its sequences.
 fn status_of(e: &kubemoe_model::Error) -> tonic::Status {
     let message = kubemoe_placement::error_chain(e);
@@ -289,5 +404,33 @@ fn status_of(e: &kubemoe_model::Error) -> tonic::Status {
             tonic::Status::invalid_argument(message)
         }
         _ => tonic::Status::internal(message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use kubemoe_model::{source, Experts};
+
+    #[test]
+    fn two_micro_batches_give_each_sequence_what_one_batch_gives_in_batch_order() {
+        let model = source::open("builtin:tiny", Experts::All).unwrap();
+        let prompts: [&[u32]; 4] = [&[1, 2, 3], &[4], &[5, 6, 7, 8, 9, 10], &[11, 12]];
+        let logits = |micro_batches: usize| {
+            let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(&model.config)).collect();
+            let mut batch: Vec<(&mut KvCache, &[u32])> = caches.iter_mut().zip(prompts).collect();
+            let first = forward(&model, &mut batch, &model, micro_batches).unwrap();
+            // The caches advanced as one batch's would: a decode step after agrees too.
+            let mut batch: Vec<(&mut KvCache, &[u32])> =
+                caches.iter_mut().map(|c| (c, &[7u32][..])).collect();
+            (first, forward(&model, &mut batch, &model, micro_batches).unwrap())
+        };
+        let (one, two) = (logits(1), logits(2));
+        for (a, b) in [(&one.0, &two.0), (&one.1, &two.1)] {
+            assert_eq!(a.len(), 4 * model.config.vocab_size);
+            let err = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(err < 1e-4, "{err}");
+        }
     }
 }

@@ -101,6 +101,8 @@ pub struct Options {
     pub kv_budget_bytes: usize,
     /// Memory of the prefix cache ([`prefix`]; 0: none).
     pub prefix_cache_bytes: usize,
+    /// Micro-batches per step (1 or 2: [`engine::forward`]).
+    pub micro_batches: usize,
     pub max_concurrent: usize,
     /// Prompt plus new tokens per request; at most the model's `max_position_embeddings`.
     pub max_context: usize,
@@ -213,6 +215,7 @@ pub async fn run(
             max_batch_tokens: opts.max_batch_tokens,
             max_running: opts.max_running,
             kv_budget_tokens: opts.kv_budget_bytes / config.kv_bytes_per_token().max(1),
+            micro_batches: opts.micro_batches,
         };
         // One request of the whole context must fit an empty cache: admission then never waits
         // for room that cannot come, and the context check refuses every request that would.

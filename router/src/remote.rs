@@ -16,8 +16,9 @@
 //! mark a worker down.
 //!
 //! Placement switches happen between two steps: a step routes every layer by the
-//! plan committed when its first MoE layer ran, and [`RemoteExperts::commit`] answers only once
-//! no step routes by an older plan, so that workers may then drop the experts it used.
+//! plan committed when its first MoE layer ran (both micro-batches of a step, which run on two
+//! threads, by the same one), and [`RemoteExperts::commit`] answers only once no step routes
+//! by an older plan, so that workers may then drop the experts it used.
 //!
 //! Membership is the committed plan's: it names how many workers there are, and a commit may
 //! bring their URLs (else they come from the `{rank}` template or the list the router started
@@ -220,6 +221,9 @@ struct Switch {
     committed: Arc<Routes>,
     /// What the step in progress routes by.
     step: Option<Arc<Routes>>,
+    /// The threads in the step in progress: its two micro-batches run on two
+    /// ([`crate::engine::forward`]), and the step lasts until both are done.
+    stepping: Vec<std::thread::ThreadId>,
 }
 
 /// Longest a commit waits for the step in progress to end.
@@ -273,7 +277,8 @@ impl RemoteExperts {
             urls.iter().map(|u| client(tls.as_ref(), &credential, u)).collect::<Result<Vec<_>>>()?;
         let (live, data) = (vec![true; urls.len()], vec![None; urls.len()]);
         let workers = Arc::new(Mutex::new(Workers { live, urls, clients, data }));
-        let switch = Arc::new(Mutex::new(Switch { committed: Routes::new(plan), step: None }));
+        let switch =
+            Arc::new(Mutex::new(Switch { committed: Routes::new(plan), step: None, stepping: Vec::new() }));
         runtime.spawn(probe(Arc::downgrade(&workers), Arc::downgrade(&switch)));
         Ok(Self {
             workers,
@@ -534,8 +539,14 @@ impl RoutedExperts for RemoteExperts {
         })?;
         let routes = {
             let mut s = lock(&self.switch);
-            if index == 0 || s.step.is_none() {
-                s.step = Some(s.committed.clone());
+            let me = std::thread::current().id();
+            // The first MoE layer of a thread's step: it starts the step, or joins the one
+            // the other micro-batch started (one plan for both).
+            if !s.stepping.contains(&me) {
+                if s.stepping.is_empty() {
+                    s.step = Some(s.committed.clone());
+                }
+                s.stepping.push(me);
             }
             s.step.clone().unwrap_or_else(|| s.committed.clone())
         };
@@ -551,8 +562,14 @@ impl RoutedExperts for RemoteExperts {
         *lock(&self.requests) = Arc::from(requests);
     }
 
+    /// Ends this thread's part of the step; the step ends with its last thread.
     fn end_step(&self) {
-        lock(&self.switch).step = None;
+        let mut s = lock(&self.switch);
+        let me = std::thread::current().id();
+        s.stepping.retain(|t| *t != me);
+        if s.stepping.is_empty() {
+            s.step = None;
+        }
     }
 }
 

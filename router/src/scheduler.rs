@@ -23,6 +23,9 @@ pub struct Limits {
     pub max_running: usize,
     /// Tokens of KV cache all running sequences may reserve together.
     pub kv_budget_tokens: usize,
+    /// Micro-batches a step runs in, overlapping one's dispatch with the other's compute
+    /// ([`crate::engine::forward`]): 1 or 2.
+    pub micro_batches: usize,
 }
 
 /// What the running batch already uses.
@@ -70,7 +73,8 @@ pub fn chunks(max_batch_tokens: usize, pending: &[usize]) -> Vec<usize> {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits { max_batch_tokens: 100, max_running: 3, kv_budget_tokens: 1000 };
+    const LIMITS: Limits =
+        Limits { max_batch_tokens: 100, max_running: 3, kv_budget_tokens: 1000, micro_batches: 1 };
 
     #[test]
     fn joins_in_order_until_a_limit_is_reached() {
