@@ -4,7 +4,8 @@
 //! Each direction of a connection is a reader thread stamping what it read and a writer
 //! thread sending it on once its time has come, so the delay adds latency without limiting
 //! bandwidth; at most [`IN_FLIGHT`] chunks wait per direction. Threads, not tasks: tokio's
-//! timers tick in milliseconds, and the delays measured are hundreds of microseconds.
+//! timers tick in milliseconds, and the delays measured are hundreds of microseconds (a
+//! thread's sleep still wakes some 50–100 µs late: the real delay is a little longer).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -82,6 +83,9 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration) -> std::io::Res
         }
     })?;
     std::thread::Builder::new().name("delay-write".into()).spawn(move || {
+        // Normally the reader's end closes the channel: pass the end on. A failed write ends
+        // both ways, so that the other direction's reader stops too.
+        let mut end = Shutdown::Write;
         for (read, bytes) in rx {
             let due = read + delay;
             let now = Instant::now();
@@ -89,10 +93,11 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration) -> std::io::Res
                 std::thread::sleep(due - now);
             }
             if to.write_all(&bytes).is_err() {
+                end = Shutdown::Both;
                 break;
             }
         }
-        let _ = to.shutdown(Shutdown::Write);
+        let _ = to.shutdown(end);
     })?;
     Ok(())
 }

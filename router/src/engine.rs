@@ -378,16 +378,25 @@ pub fn forward(
         2 * seen >= total
     });
     let cut = cut.map_or(1, |i| i + 1).clamp(1, batch.len() - 1);
+    /// Ends a thread's part of the step however its forward pass ends (a panic too: a part
+    /// left open would hold every placement commit back).
+    struct Ending<'a>(&'a dyn RoutedExperts);
+    impl Drop for Ending<'_> {
+        fn drop(&mut self) {
+            self.0.end_step();
+        }
+    }
     let (first, second) = batch.split_at_mut(cut);
     let baton = Baton::default();
     let (a, b) = std::thread::scope(|s| {
-        // That thread's part of the step ends with it, whatever happened (the caller ends its own).
         let other = s.spawn(|| {
-            let logits = in_turn(model, first, experts, &baton);
-            experts.end_step();
-            logits
+            let _ending = Ending(experts);
+            in_turn(model, first, experts, &baton)
         });
-        let b = in_turn(model, second, experts, &baton);
+        let b = {
+            let _ending = Ending(experts);
+            in_turn(model, second, experts, &baton)
+        };
         (other.join(), b)
     });
     let mut logits = a.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;

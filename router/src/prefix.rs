@@ -6,11 +6,19 @@
 //! when a prompt's prefill completes, its whole blocks are stored. Past the byte budget the
 //! least recently used blocks go first.
 //!
-//! Invariants: a block's rows are what prefilling its whole prefix computed (blocks are stored
-//! only from a cache that prefilled the prompt from its first token); a hit is checked token
-//! by token against the block's own tokens, so a hash collision is a miss, never another
-//! prompt's rows; at least the prompt's last token is prefilled (its logits give the first
-//! output token); the blocks held never exceed the budget (0 turns the cache off).
+//! Invariants: a hit is checked block by block from the prompt's first, against each block's
+//! own tokens and the key of the block before it, and keys are hashed with keys drawn at
+//! random per process, so that another prompt's rows are served only on a 64-bit collision
+//! nobody can search for offline (vLLM's CVE-2025-25183 was predictable hashes); at least the
+//! prompt's last token is prefilled (its logits give the first output token); the blocks held
+//! never exceed the budget (0 turns the cache off). A block's rows are what prefilling its
+//! prefix computed, to float rounding: a prompt that itself started from cached blocks stores
+//! its later blocks too, computed in another batch shape than a whole prefill.
+//!
+//! Eviction goes deepest block first: a prefix's blocks are marked used from its last to its
+//! first, so its first block is evicted last (a block whose parent is gone could never be
+//! found again), and a prompt larger than the budget stores what fits of its beginning rather
+//! than evicting it.
 //!
 //! Rows are copied, not shared: each running sequence owns one contiguous buffer per layer
 //! (what the attention kernels read); pages shared copy-on-write would save the copy and the
@@ -19,7 +27,7 @@
 
 use kubemoe_model::KvCache;
 use std::collections::{BTreeSet, HashMap};
-use std::hash::{Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 /// Tokens per block (vLLM's default block size).
@@ -30,6 +38,8 @@ pub type Rows = Arc<Vec<Vec<f32>>>;
 
 struct Entry {
     tokens: [u32; BLOCK],
+    /// The key of the block before it (0 for a prompt's first).
+    parent: u64,
     rows: Rows,
     bytes: usize,
     /// When it was last looked up or stored (the LRU order's key).
@@ -44,27 +54,21 @@ pub struct PrefixCache {
     /// (last use, key), oldest first.
     order: BTreeSet<(u64, u64)>,
     clock: u64,
-}
-
-/// The key of the block of `tokens` following the prefix whose key is `parent`.
-fn key(parent: u64, tokens: &[u32]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    (parent, tokens).hash(&mut h);
-    h.finish()
-}
-
-/// The key of each whole block of `tokens`, in order.
-fn keys(tokens: &[u32]) -> impl Iterator<Item = (u64, &[u32])> {
-    tokens.chunks_exact(BLOCK).scan(0u64, |parent, block| {
-        *parent = key(*parent, block);
-        Some((*parent, block))
-    })
+    /// SipHash with keys drawn at random for this process.
+    hasher: std::collections::hash_map::RandomState,
 }
 
 impl PrefixCache {
     /// A cache holding at most `budget` bytes of rows (0: off).
     pub fn new(budget: usize) -> Self {
-        PrefixCache { budget, bytes: 0, entries: HashMap::new(), order: BTreeSet::new(), clock: 0 }
+        PrefixCache {
+            budget,
+            bytes: 0,
+            entries: HashMap::new(),
+            order: BTreeSet::new(),
+            clock: 0,
+            hasher: std::collections::hash_map::RandomState::new(),
+        }
     }
 
     /// Bytes of rows held.
@@ -77,68 +81,98 @@ impl PrefixCache {
         self.budget
     }
 
-    fn touch(&mut self, key: u64) {
-        self.clock += 1;
-        if let Some(e) = self.entries.get_mut(&key) {
-            self.order.remove(&(e.used, key));
-            e.used = self.clock;
-            self.order.insert((e.used, key));
+    /// (key, parent key, tokens) of each whole block of `tokens`, in order.
+    fn blocks<'t>(&self, tokens: &'t [u32]) -> Vec<(u64, u64, &'t [u32])> {
+        let mut parent = 0u64;
+        tokens
+            .chunks_exact(BLOCK)
+            .map(|block| {
+                let key = self.hasher.hash_one((parent, block));
+                let out = (key, parent, block);
+                parent = key;
+                out
+            })
+            .collect()
+    }
+
+    /// Whether `key` holds the block `tokens` after the block `parent`.
+    fn holds(&self, key: u64, parent: u64, tokens: &[u32]) -> bool {
+        self.entries.get(&key).is_some_and(|e| e.parent == parent && e.tokens == tokens)
+    }
+
+    /// Marks `keys` used, the last first: the first is then the most recently used.
+    fn touch(&mut self, keys: &[u64]) {
+        for key in keys.iter().rev() {
+            self.clock += 1;
+            if let Some(e) = self.entries.get_mut(key) {
+                self.order.remove(&(e.used, *key));
+                e.used = self.clock;
+                self.order.insert((e.used, *key));
+            }
         }
     }
 
     /// The cached blocks `prompt` begins with, at most all but its last token, in order.
     pub fn lookup(&mut self, prompt: &[u32]) -> Vec<Rows> {
         let usable = &prompt[..prompt.len().saturating_sub(1)];
-        let mut found = Vec::new();
-        for (k, block) in keys(usable) {
-            match self.entries.get(&k) {
-                Some(e) if e.tokens == block => found.push((k, e.rows.clone())),
-                _ => break,
-            }
-        }
-        found
+        let found: Vec<u64> = self
+            .blocks(usable)
             .into_iter()
-            .map(|(k, rows)| {
-                self.touch(k);
-                rows
-            })
-            .collect()
+            .take_while(|(key, parent, block)| self.holds(*key, *parent, block))
+            .map(|(key, _, _)| key)
+            .collect();
+        self.touch(&found);
+        found.iter().filter_map(|k| self.entries.get(k).map(|e| e.rows.clone())).collect()
     }
 
-    /// Stores the whole blocks of `prompt` not cached yet, from `cache`, which prefilled all of
-    /// `prompt` from its first token; evicts the least recently used past the budget.
+    /// Stores the whole blocks of `prompt` not cached yet, from `cache`, which holds all of
+    /// `prompt`; evicts the least recently used past the budget, never a block of `prompt`
+    /// (what does not fit then is not stored).
     pub fn insert(&mut self, prompt: &[u32], cache: &KvCache) -> kubemoe_model::Result<()> {
         if self.budget == 0 {
             return Ok(());
         }
-        for (i, (k, block)) in keys(prompt).enumerate() {
-            match self.entries.get(&k) {
-                Some(e) if e.tokens == block => {
-                    self.touch(k);
-                    continue;
+        let blocks = self.blocks(prompt);
+        let mut stored = Vec::with_capacity(blocks.len());
+        for (i, &(key, parent, block)) in blocks.iter().enumerate() {
+            if self.holds(key, parent, block) {
+                stored.push(key);
+                continue;
+            }
+            if self.entries.contains_key(&key) {
+                break; // another prefix under the same key: keep the one cached
+            }
+            let bytes = cache.bytes() / cache.len().max(1) * BLOCK;
+            if bytes > self.budget {
+                break;
+            }
+            let fits = loop {
+                if self.bytes + bytes <= self.budget {
+                    break true;
                 }
-                // Another prefix under the same key: keep the one cached.
-                Some(_) => return Ok(()),
-                None => {}
+                match self.order.first().copied() {
+                    Some((_, oldest)) if !stored.contains(&oldest) => {
+                        self.order.pop_first();
+                        if let Some(e) = self.entries.remove(&oldest) {
+                            self.bytes -= e.bytes;
+                        }
+                    }
+                    _ => break false,
+                }
+            };
+            if !fits {
+                break;
             }
             let rows = cache.rows(i * BLOCK, BLOCK)?;
-            let bytes = rows.iter().map(|r| r.len() * 4).sum::<usize>();
-            if bytes > self.budget {
-                return Ok(());
-            }
-            while self.bytes + bytes > self.budget {
-                let Some((_, oldest)) = self.order.pop_first() else { break };
-                if let Some(e) = self.entries.remove(&oldest) {
-                    self.bytes -= e.bytes;
-                }
-            }
             let mut tokens = [0u32; BLOCK];
             tokens.copy_from_slice(block);
             self.clock += 1;
-            self.entries.insert(k, Entry { tokens, rows: Arc::new(rows), bytes, used: self.clock });
-            self.order.insert((self.clock, k));
+            self.entries.insert(key, Entry { tokens, parent, rows: Arc::new(rows), bytes, used: self.clock });
+            self.order.insert((self.clock, key));
             self.bytes += bytes;
+            stored.push(key);
         }
+        self.touch(&stored);
         Ok(())
     }
 }
@@ -219,5 +253,33 @@ mod tests {
         let mut small = PrefixCache::new(block - 1);
         small.insert(&a, &cache_a).unwrap();
         assert_eq!(small.bytes(), 0);
+        // A prefix goes deepest block first (its first stays findable), and a prompt larger
+        // than the budget keeps what fits of its beginning rather than evicting it.
+        let long: Vec<u32> = (300..349).collect();
+        let (_, cache_long) = prefilled(&long);
+        let mut three = PrefixCache::new(3 * block);
+        three.insert(&long[..33], &cache_long).unwrap();
+        three.insert(&a, &cache_a).unwrap();
+        three.insert(&b, &cache_b).unwrap();
+        assert_eq!((three.lookup(&long).len(), three.lookup(&a).len(), three.lookup(&b).len()), (1, 1, 1));
+        let mut two = PrefixCache::new(2 * block);
+        two.insert(&long, &cache_long).unwrap();
+        assert_eq!((two.bytes(), two.lookup(&long).len()), (2 * block, 2));
+    }
+
+    #[test]
+    fn a_block_is_found_only_after_the_same_blocks() {
+        // The same 16 tokens after another first block: a miss, though they are cached.
+        let p: Vec<u32> = (0..40).collect();
+        let mut q = p.clone();
+        q[..16].copy_from_slice(&[9; 16]);
+        let (_, cache) = prefilled(&p);
+        let mut prefixes = PrefixCache::new(1 << 30);
+        prefixes.insert(&p, &cache).unwrap();
+        assert!(prefixes.lookup(&q).is_empty());
+        let keys =
+            |c: &PrefixCache, t: &[u32]| c.blocks(t).into_iter().map(|(k, _, _)| k).collect::<Vec<_>>();
+        // Keys are drawn per process (per cache): the same prompt keys differently elsewhere.
+        assert_ne!(keys(&prefixes, &p), keys(&PrefixCache::new(1), &p));
     }
 }

@@ -16,9 +16,10 @@
 //! mark a worker down.
 //!
 //! Placement switches happen between two steps: a step routes every layer by the
-//! plan committed when its first MoE layer ran (both micro-batches of a step, which run on two
-//! threads, by the same one), and [`RemoteExperts::commit`] answers only once no step routes
-//! by an older plan, so that workers may then drop the experts it used.
+//! plan committed when its first MoE layer ran (the second micro-batch of a step, on another
+//! thread, joins that plan when it starts while the first still runs, else starts its own),
+//! and [`RemoteExperts::commit`] answers only once no step routes by an older plan, so that
+//! workers may then drop the experts it used.
 //!
 //! Membership is the committed plan's: it names how many workers there are, and a commit may
 //! bring their URLs (else they come from the `{rank}` template or the list the router started
@@ -222,7 +223,7 @@ struct Switch {
     /// What the step in progress routes by.
     step: Option<Arc<Routes>>,
     /// The threads in the step in progress: its two micro-batches run on two
-    /// ([`crate::engine::forward`]), and the step lasts until both are done.
+    /// ([`crate::engine::forward`]), and the step lasts until the last of them is done.
     stepping: Vec<std::thread::ThreadId>,
 }
 
