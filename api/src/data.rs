@@ -24,7 +24,7 @@
 //! connection and the client drops it, so a frame boundary is never in doubt.
 
 use crate::auth::Keys;
-use crate::conn::{incoming, Conn, HANDSHAKE_TIMEOUT};
+use crate::conn::{incoming, HANDSHAKE_TIMEOUT};
 use futures::StreamExt;
 use std::future::Future;
 use std::io;
@@ -124,7 +124,7 @@ pub async fn serve<H: Handler>(
             Some(Ok(conn)) => {
                 let (keys, handler, stop) = (keys.clone(), handler.clone(), stop.clone());
                 tokio::spawn(async move {
-                    if let Err(error) = connection(conn, keys, handler, stop).await {
+                    if let Err(error) = connection(conn, keys.as_deref(), handler.as_ref(), stop).await {
                         tracing::debug!(%error, "data-path connection ended");
                     }
                 });
@@ -135,10 +135,12 @@ pub async fn serve<H: Handler>(
     }
 }
 
-async fn connection<H: Handler>(
-    mut conn: Conn,
-    keys: Option<Arc<Keys>>,
-    handler: Arc<H>,
+/// Serves one connection (already accepted, its TLS handshake done) until the client closes
+/// it, a refusal, or `stop`.
+pub async fn connection<S: AsyncRead + AsyncWrite + Unpin, H: Handler>(
+    mut conn: S,
+    keys: Option<&Keys>,
+    handler: &H,
     stop: tokio_util::sync::CancellationToken,
 ) -> io::Result<()> {
     let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_hello(&mut conn))
@@ -148,11 +150,11 @@ async fn connection<H: Handler>(
         Ok(credential) => credential,
         Err(status) => return refuse(&mut conn, &status).await,
     };
-    let denied = |keys: &Option<Arc<Keys>>| {
-        let denied = keys.as_ref()?.check(Some(&credential)).err()?;
+    let denied = || {
+        let denied = keys?.check(Some(&credential)).err()?;
         Some(Status::unauthenticated(denied.to_string()))
     };
-    if let Some(status) = denied(&keys) {
+    if let Some(status) = denied() {
         return refuse(&mut conn, &status).await;
     }
     write_reply(&mut conn, Code::Ok, &[]).await?;
@@ -168,7 +170,7 @@ async fn connection<H: Handler>(
             () = stop.cancelled() => return Ok(()),
         }
         let header = Header::decode(&head);
-        if let Some(status) = denied(&keys) {
+        if let Some(status) = denied() {
             return refuse(&mut conn, &status).await;
         }
         if let Err(status) = within_limits(&header).and_then(|()| handler.admit(&header)) {
@@ -220,7 +222,7 @@ fn within_limits(h: &Header) -> Result<(), Status> {
 }
 
 /// The hello's credential, or why the client is refused.
-async fn read_hello(conn: &mut Conn) -> io::Result<Result<Vec<u8>, Status>> {
+async fn read_hello<S: AsyncRead + Unpin>(conn: &mut S) -> io::Result<Result<Vec<u8>, Status>> {
     let mut head = [0u8; 16];
     conn.read_exact(&mut head).await?;
     let word = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
@@ -269,7 +271,7 @@ const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 /// Answers `status` and closes the connection. What the client still sends is read and
 /// dropped (a little at a time, for at most [`LINGER`]): closing with unread bytes would
 /// reset the connection, and the client might lose the refusal with it.
-async fn refuse(conn: &mut Conn, status: &Status) -> io::Result<()> {
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut S, status: &Status) -> io::Result<()> {
     let message = status.message().as_bytes();
     write_reply(conn, status.code(), &message[..message.len().min(MAX_MESSAGE)]).await?;
     conn.shutdown().await?;
