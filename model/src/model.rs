@@ -468,12 +468,16 @@ impl Model {
     /// MTP draft logits [tokens - 1, vocab] for a sequence: row `i` predicts token `i + 2`
     /// from the main model's hidden state at `i` (`hidden`, from [`Model::hidden_full`]) and
     /// the embedding of token `i + 1`. `None` when the checkpoint has no MTP module.
+    ///
+    /// The module sees the hidden state after the main model's final norm, as transformers'
+    /// `MtpModel` and vLLM feed it (the DeepSeek-V3 report leaves it open); the MTP fixture
+    /// holds us to transformers.
     pub fn mtp_logits(&self, ids: &[u32], hidden: &[f32]) -> Result<Option<Vec<f32>>> {
         let Some(mtp) = self.mtp.first() else { return Ok(None) };
         let hid = self.config.hidden_size;
         let t = ids.len().saturating_sub(1);
         let e = mtp.enorm.forward(&self.embed(&ids[1..])?)?;
-        let hn = mtp.hnorm.forward(&hidden[..t * hid])?;
+        let hn = mtp.hnorm.forward(&self.norm.forward(&hidden[..t * hid])?)?;
         let cat: Vec<f32> =
             e.chunks(hid).zip(hn.chunks(hid)).flat_map(|(a, b)| a.iter().chain(b)).copied().collect();
         let mut h = mtp.eh_proj.forward(&cat)?;

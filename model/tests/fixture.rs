@@ -287,3 +287,24 @@ fn bf16_and_fp8_residency_compute_the_f32_function_of_the_rounded_weights() {
         }
     }
 }
+
+/// The project's own fixture with an MTP module (`model/tests/fixtures/mtp-tiny`, made by
+/// `scripts/train-tiny-chat/fixture.py`): transformers' main model and its `MtpModel` on the
+/// same weights.
+#[test]
+fn mtp_draft_logits_match_transformers() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mtp-tiny");
+    let model = kubemoe_model::source::open(dir.to_str().unwrap(), Experts::All).unwrap();
+    assert_eq!(model.mtp.len(), 1);
+    let r = Reference { bytes: std::fs::read(dir.join("reference.safetensors")).unwrap() };
+    for s in ["s0", "s1"] {
+        let ids = r.ids(&format!("{s}.input_ids"));
+        let hidden = model.hidden_full(&ids, None).unwrap();
+        let logits = model.lm_head.forward(&model.norm.forward(&hidden).unwrap()).unwrap();
+        let err = rel_err(&logits, &r.f32(&format!("{s}.logits")));
+        assert!(err < 1e-4, "{s}: logits relative error {err}");
+        let draft = model.mtp_logits(&ids, &hidden).unwrap().unwrap();
+        let err = rel_err(&draft, &r.f32(&format!("{s}.mtp_logits")));
+        assert!(err < 1e-4, "{s}: MTP logits relative error {err}");
+    }
+}
