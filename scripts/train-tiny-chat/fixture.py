@@ -20,7 +20,7 @@ import sys
 
 import torch
 from safetensors.torch import save_file
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers import DeepseekV3ForCausalLM
 from transformers.modeling_layers import MtpModel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -31,17 +31,13 @@ SEQUENCES = [[0, 17, 301, 5, 77, 260, 9, 120, 44, 3], [0, 5, 5, 5, 400, 2, 33, 1
 
 def random_model(out):
     torch.manual_seed(0)
-    cfg = DeepseekV3Config(
-        vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-        num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4,
+    # The `tiny` preset's sizes.
+    cfg = train.config(
+        512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
         q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-        n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
-        routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=256,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rope_interleave=True,
-        num_mtp_layers=1, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False,
-        initializer_range=0.1, attn_implementation="eager")
+        max_position_embeddings=256, initializer_range=0.1, attn_implementation="eager")
     model = DeepseekV3ForCausalLM(cfg)
-    mtp = MtpModel(model, 1)
+    mtp = train.new_mtp(model)
     with torch.no_grad():
         # Norm weights and biases away from their neutral start, so that a swapped norm shows.
         for m in (model, mtp):

@@ -73,8 +73,9 @@ def train_tokenizer(vocab_size, seed):
     return tok
 
 
-def config(vocab_size):
-    return DeepseekV3Config(
+def config(vocab_size, **sizes):
+    """kubemoe-tiny-chat's configuration, or another size of the same design (`sizes`)."""
+    c = dict(
         vocab_size=vocab_size, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
         num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4,
         q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
@@ -83,6 +84,18 @@ def config(vocab_size):
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rope_interleave=True,
         num_mtp_layers=1, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False,
         rms_norm_eps=1e-6, initializer_range=0.02, attn_implementation="sdpa")
+    c.update(sizes)
+    return DeepseekV3Config(**c)
+
+
+def new_mtp(model):
+    """transformers' MTP module for `model`, initialised as the main model's layers are
+    (`MtpModel` itself leaves the routed experts' weights uninitialised: zero experts would
+    never train)."""
+    mtp = MtpModel(model, 1)
+    with torch.no_grad():
+        mtp.layers.apply(model._init_weights)
+    return mtp
 
 
 def batches(tok, seed, batch, seq):
@@ -265,7 +278,7 @@ def main():
     tok = train_tokenizer(args.vocab, seed=1000 + args.seed)
     cfg = config(tok.get_vocab_size())
     model = DeepseekV3ForCausalLM(cfg)
-    mtp = MtpModel(model, 1)
+    mtp = new_mtp(model)
     params = {id(p): p for p in list(model.parameters()) + list(mtp.parameters())}
     log(f"vocab {tok.get_vocab_size()} parameters {sum(p.numel() for p in params.values())}")
     gates = {n: m for n, m in list(model.named_modules()) + [("mtp." + n, m) for n, m in mtp.named_modules()]
