@@ -39,6 +39,11 @@ TIMES = ["Every morning", "In the evening", "At noon", "On Sundays", "After the 
 VARS = ["x", "y", "z", "total", "count", "n", "sum", "size"]
 
 
+def at(home):
+    """`home` with its preposition: on the hill, in the forest."""
+    return ("on the " if home == "hill" else "in the ") + home
+
+
 def an(word):
     """The indefinite article and `word`."""
     return ("an " if word[0] in "aeiou" else "a ") + word
@@ -67,13 +72,14 @@ def story(w, r, a=None):
         f"\"I am going home to the {fa['home']},\" said the {a}.",
     ]
     extra = [
-        f"The {a} lives in the {fa['home']} and eats {fa['food']}.",
+        f"The {a} lives {at(fa['home'])} and eats {fa['food']}.",
         f"{r.choice(TIMES)} the {a} looks for {fa['food']}.",
         f"The {a} is {fa['size']} and {fa['color']}.",
         f"{p} gave the {a} some {fa['food']}, and the {a} was happy.",
-        f"{p} has {an(w.animal[fp['pet']]['color'])} {fp['pet']} at home.",
         f"They walked together to the {fa['home']}.",
     ]
+    if fp["pet"] != a:
+        extra.append(f"{p} has {an(w.animal[fp['pet']]['color'])} {fp['pet']} at home.")
     r.shuffle(extra)
     lines += extra[: r.randint(1, 3)]
     lines.append(r.choice(["Then they said goodbye.", "The end.", f"{p} went back to the {fp['place']}."]))
@@ -117,7 +123,7 @@ def turn(w, r):
     if kind == 0:
         return f"What does the {a} eat?", f"The {a} eats {f['food']}."
     if kind == 1:
-        return f"Where does the {a} live?", f"The {a} lives in the {f['home']}."
+        return f"Where does the {a} live?", f"The {a} lives {at(f['home'])}."
     if kind == 2:
         return f"What color is the {a}?", f"The {a} is {f['color']}."
     if kind == 3:
@@ -142,7 +148,7 @@ def turn(w, r):
     if kind == 9:
         return r.choice(["Thank you!", "Thanks!"]), "You are welcome!"
     return f"Tell me about the {a}.", (f"The {a} is {an(f['size'])} {f['color']} animal. "
-                                       f"It lives in the {f['home']} and eats {f['food']}.")
+                                       f"It lives {at(f['home'])} and eats {f['food']}.")
 
 
 def program_adding(r, x, y):

@@ -83,6 +83,8 @@ def main():
     ap.add_argument("--out", help="where the reference goes (default: the model's folder)")
     args = ap.parse_args()
     model_dir = args.random or args.model
+    if model_dir is None:
+        ap.error("give a model directory, or --random DIR")
     if args.random:
         random_model(args.random)
     reference(model_dir, args.out or model_dir)

@@ -167,7 +167,7 @@ class Balance:
     def report(self):
         """max/mean expert load per gate, with and without the bias, since the last report."""
         out = {}
-        for name in self.gates:
+        for name in self.seen:
             with_bias, without = self.seen[name], self.unbiased[name]
             out[name] = (float(with_bias.max() / with_bias.mean()), float(without.max() / without.mean()))
         self.seen, self.unbiased = {}, {}
@@ -225,7 +225,8 @@ def export(out, cfg, model, mtp, tok, dtype=torch.bfloat16):
     c.update({"architectures": ["DeepseekV3ForCausalLM"], "num_nextn_predict_layers": 1,
               "topk_method": "noaux_tc", "scoring_func": "sigmoid",
               "torch_dtype": str(dtype).removeprefix("torch."), "dtype": str(dtype).removeprefix("torch.")})
-    for k in ("num_mtp_layers", "_attn_implementation_autoset", "attn_implementation"):
+    # head_dim and qk_head_dim are transformers' derived values; DeepSeek-V3's config has neither.
+    for k in ("num_mtp_layers", "_attn_implementation_autoset", "attn_implementation", "head_dim", "qk_head_dim"):
         c.pop(k, None)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(c, f, indent=2, sort_keys=True)
@@ -244,7 +245,7 @@ def export(out, cfg, model, mtp, tok, dtype=torch.bfloat16):
 def sample_text(model, tok, prompt, n=40):
     ids = torch.tensor([tok.encode(prompt).ids])
     for _ in range(n):
-        nxt = model(ids).logits[0, -1].argmax()
+        nxt = model(ids, use_cache=False).logits[0, -1].argmax()
         ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
         if nxt.item() == 1:
             break
@@ -296,12 +297,13 @@ def main():
     seen_tokens = 0
     while time.time() - start < budget:
         progress = (time.time() - start) / budget
-        lr = args.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        # Warm-up over the first 5% of the time, then cosine down to a tenth.
+        lr = args.lr * min(1.0, progress / 0.05 + 0.01) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         for g in opt.param_groups:
             g["lr"] = lr
         rows = next(data)
         ids, labels = rows[:, :-1], rows[:, 1:]
-        out = model.model(input_ids=ids, position_ids=positions)
+        out = model.model(input_ids=ids, position_ids=positions, use_cache=False)
         hidden = out.last_hidden_state  # after the final norm
         main_loss = F.cross_entropy(model.lm_head(hidden).flatten(0, 1), labels.flatten())
         # MTP: position i sees hidden_i and token i+1, predicts token i+2 (labels shifted once more).
@@ -331,14 +333,14 @@ def main():
                                                 + corpus.ASSISTANT)))
             model.train()
     log(f"done: {step} steps, {seen_tokens} tokens, {(time.time() - start) / 60:.1f} min")
+    export(args.out, cfg, model, mtp, tok)
+    log(f"wrote {args.out}")
     for name, (b, nb) in balance.report().items():
         log(f"  load max/mean {name}: with bias {b:.2f}, without bias {nb:.2f}")
     model.eval()
     for prompt in ["It was a", corpus.USER + "Tell me a story about the owl." + corpus.ASSISTANT,
                    corpus.USER + "What is 12 + 7?" + corpus.ASSISTANT, "let x = 3;\n"]:
         log("  sample: " + repr(sample_text(model, tok, corpus.BOS + prompt, 60)))
-    export(args.out, cfg, model, mtp, tok)
-    log(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
