@@ -297,7 +297,7 @@ fn mtp_draft_logits_match_transformers() {
     let model = kubemoe_model::source::open(dir.to_str().unwrap(), Experts::All).unwrap();
     assert_eq!(model.mtp.len(), 1);
     let r = Reference { bytes: std::fs::read(dir.join("reference.safetensors")).unwrap() };
-    for s in ["s0", "s1"] {
+    for s in SEQS {
         let ids = r.ids(&format!("{s}.input_ids"));
         let hidden = model.hidden_full(&ids, None).unwrap();
         let logits = model.lm_head.forward(&model.norm.forward(&hidden).unwrap()).unwrap();
