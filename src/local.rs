@@ -37,7 +37,8 @@ use std::time::{Duration, Instant};
 /// What `kubemoe up` may override in the manifest.
 #[derive(clap::Args)]
 pub struct Overrides {
-    /// Overrides the manifest's model (a directory or builtin:<preset>).
+    /// Overrides the manifest's model (a directory or builtin:<preset>; without a manifest,
+    /// the default is the built-in trained model kubemoe-tiny-chat).
     #[arg(long)]
     pub model: Option<String>,
     /// Overrides the manifest's workers.replicas.
@@ -71,7 +72,12 @@ pub fn up(file: Option<&Path>, overrides: Overrides, mut router_args: Vec<String
     if let Some(w) = overrides.workers {
         md.spec.workers.replicas = i32::try_from(w).context("--workers is too large")?;
     }
-    let model = overrides.model.map_or_else(|| model_path(&md.spec.model.source, &origin), Ok)?;
+    let model = match (overrides.model, file) {
+        (Some(model), _) => model,
+        (None, Some(_)) => model_path(&md.spec.model.source, &origin)?,
+        // No manifest: the built-in trained model, with examples/tiny.yaml's settings.
+        (None, None) => crate::embedded::unpack()?.display().to_string(),
+    };
     let layout = layout(&md, &model, &origin)?;
     let policy = spec::policy(&md.spec).with_context(|| format!("{origin}: balancing"))?;
     // A Secret cannot be read here: its keys come as a file.
@@ -142,6 +148,11 @@ pub fn up(file: Option<&Path>, overrides: Overrides, mut router_args: Vec<String
             router_args.extend([flag.to_string(), value.max(1).to_string()]);
         }
     }
+    if let Some(value) =
+        router.speculative.as_ref().filter(|_| !router_args.iter().any(|a| a == "--speculative"))
+    {
+        router_args.extend(["--speculative".to_string(), value.clone()]);
+    }
     args.extend(router_args);
     let (router, addrs) = start("router", args, cores(), &["--port", "--http-port", "--internal-port"])?;
     children.push(router);
@@ -186,7 +197,7 @@ pub fn up(file: Option<&Path>, overrides: Overrides, mut router_args: Vec<String
             () = stop.cancelled() => {}
             ready = kubemoe_api::health::until_serving(addr) => {
                 ready.context("the router's address")?;
-                println!("try: kubemoe generate --endpoint http://{addr} --prompt 'Hello'    (Ctrl-C stops everything)");
+                println!("try: kubemoe generate --endpoint http://{addr} --chat 'Tell me a story about the fox.' --max-tokens 96    (Ctrl-C stops everything)");
                 local.run(&record, policy, stop).await;
             }
         }
@@ -427,6 +438,49 @@ fn model_path(source: &str, origin: &str) -> Result<String> {
              pass --model <dir> for a copy of the volume"
         ),
     }
+}
+
+/// Worker processes a benchmark started: they stop, and their token goes, when this drops.
+pub struct BenchWorkers {
+    pub urls: Vec<String>,
+    pub credential: kubemoe_api::auth::Bearer,
+    _children: Vec<Managed>,
+    dir: PathBuf,
+}
+
+impl Drop for BenchWorkers {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Starts `workers` local worker processes serving `model`, each with an internal token as a
+/// deployment's are, and waits until every one has loaded.
+pub fn bench_workers(model: &str, workers: usize) -> Result<BenchWorkers> {
+    let dir = std::env::temp_dir().join(format!("kubemoe-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (token, credential) = internal_token(&dir)?;
+    let world = [
+        "--world-size".to_string(),
+        workers.to_string(),
+        "--internal-token-file".to_string(),
+        token.display().to_string(),
+    ];
+    let (children, urls) = start_workers(model, workers, &world)?;
+    let started = BenchWorkers { urls, credential, _children: children, dir };
+    // Workers answer at once; the benchmark starts once every one has loaded.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        for url in &started.urls {
+            let ready = kubemoe_api::health::until_serving(url);
+            tokio::time::timeout(Duration::from_secs(600), ready)
+                .await
+                .with_context(|| format!("worker {url} not ready after 10 minutes"))??;
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(started)
 }
 
 /// The expert layout the manifest asks for with the model at `model` (a directory or builtin:).

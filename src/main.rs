@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+mod embedded;
 mod local;
 mod logging;
 mod plan;
@@ -189,7 +190,8 @@ enum Command {
     /// given on the command line win over the manifest's.
     Up {
         /// A ModelDeployment manifest: its model, worker count, router port and limits
-        /// (default: examples/tiny.yaml, built in).
+        /// (default: examples/tiny.yaml, built in, serving the built-in trained model
+        /// kubemoe-tiny-chat instead of its builtin:tiny).
         #[arg(short = 'f', long)]
         file: Option<PathBuf>,
         #[command(flatten)]
@@ -236,6 +238,30 @@ enum Command {
         /// The router's API key, when it has keys.
         #[arg(long, env = "KUBEMOE_API_KEY")]
         api_key: Option<String>,
+    },
+    /// MTP speculative decoding against decoding without it, in the batch loop, on the same
+    /// greedy requests: decode tokens/s and speedup per batch size and draft count, the
+    /// acceptance rate of each draft position, and whether the tokens are the same; with the
+    /// experts in this process, then on --workers local worker processes; prints JSON.
+    BenchSpeculative {
+        /// A model with an MTP module (default: the built-in kubemoe-tiny-chat).
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, value_delimiter = ',', default_value = "1,8")]
+        batch: Vec<usize>,
+        /// Draft counts to compare with no speculation.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,3",
+              value_parser = clap::value_parser!(u8).range(1..=kubemoe_api::speculative::MAX_DRAFT_TOKENS as i64))]
+        drafts: Vec<u8>,
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        /// Worker processes for the distributed runs (0: none).
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// A file of prompts, one per line (special tokens such as <｜User｜> written out);
+        /// default: stories and questions in kubemoe-tiny-chat's language.
+        #[arg(long)]
+        prompts: Option<PathBuf>,
     },
     /// Inter-token gaps of decoding streams while a long prompt is prefilled, whole and in
     /// chunks (one run per --max-batch-tokens), against their median; prints JSON.
@@ -442,6 +468,12 @@ struct RouterLimits {
     /// [default: 1].
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
     micro_batches: Option<u8>,
+    /// Speculative decoding, `mtp:K`: draft K tokens (1 to 4) per decode step with the model's
+    /// multi-token-prediction module (DeepSeek-V3's MTP) and verify them in the step; greedy
+    /// outputs are unchanged and sampled ones keep their distribution. Needs a checkpoint with
+    /// the MTP module's weights [default: off].
+    #[arg(long, value_parser = kubemoe_api::speculative::parse)]
+    speculative: Option<usize>,
     /// Prompt plus new tokens per request (capped by the model's max_position_embeddings)
     /// [default: 8192].
     #[arg(long)]
@@ -462,6 +494,7 @@ impl RouterLimits {
             ("--prefix-cache-mib", self.prefix_cache_mib),
             ("--micro-batches", self.micro_batches.map(usize::from)),
         ];
+        let speculative = self.speculative.map(|k| ["--speculative".to_string(), format!("mtp:{k}")]);
         let always = [
             ("--max-running", Some(self.max_running)),
             ("--worker-deadline-ms", Some(self.worker_deadline_ms as usize)),
@@ -470,6 +503,7 @@ impl RouterLimits {
             .into_iter()
             .chain(always)
             .filter_map(|(k, v)| v.map(|v| [k.to_string(), v.to_string()]))
+            .chain(speculative)
             .flatten()
             .collect()
     }
@@ -485,6 +519,7 @@ impl RouterLimits {
             kv_budget_bytes: self.kv_budget_mib.unwrap_or(1024) << 20,
             prefix_cache_bytes: self.prefix_cache_mib.unwrap_or(256) << 20,
             micro_batches: self.micro_batches.map_or(1, usize::from),
+            speculative_tokens: self.speculative.unwrap_or(0),
             max_concurrent: self.max_concurrent.unwrap_or(64),
             max_context: self.max_context.unwrap_or(kubemoe_placement::DEFAULT_MAX_CONTEXT as usize),
             worker_deadline: Duration::from_millis(self.worker_deadline_ms),
@@ -701,31 +736,50 @@ fn run(command: Command) -> Result<()> {
             eprintln!("{summary}");
         }
         Command::BenchServing { model, workers, batch, steps, delay_us } => {
-            // The workers require an internal token, as a deployment's do.
-            let dir = std::env::temp_dir().join(format!("kubemoe-bench-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            let (token, credential) = local::internal_token(&dir)?;
-            let world = [
-                "--world-size".to_string(),
-                workers.to_string(),
-                "--internal-token-file".to_string(),
-                token.display().to_string(),
-            ];
-            let (_children, urls) = local::start_workers(&model, workers, &world)?;
-            // Workers answer at once; the benchmark starts once every one has loaded.
-            runtime()?.block_on(async {
-                for url in &urls {
-                    let ready = kubemoe_api::health::until_serving(url);
-                    tokio::time::timeout(std::time::Duration::from_secs(600), ready)
-                        .await
-                        .with_context(|| format!("worker {url} not ready after 10 minutes"))??;
-                }
-                Ok::<_, anyhow::Error>(())
-            })?;
-            let report = kubemoe_router::bench::run(&model, &urls, &credential, batch, steps, &delay_us);
-            std::fs::remove_dir_all(&dir).ok();
+            let workers = local::bench_workers(&model, workers)?;
+            let report = kubemoe_router::bench::run(
+                &model,
+                &workers.urls,
+                &workers.credential,
+                batch,
+                steps,
+                &delay_us,
+            );
             println!("{}", serde_json::to_string_pretty(&report?)?);
+        }
+        Command::BenchSpeculative { model, batch, drafts, max_tokens, workers, prompts } => {
+            let model = match model {
+                Some(model) => model,
+                None => embedded::unpack()?.display().to_string(),
+            };
+            let lines: Vec<String> = match &prompts {
+                Some(file) => std::fs::read_to_string(file)
+                    .with_context(|| format!("reading {}", file.display()))?
+                    .lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(String::from)
+                    .collect(),
+                None => kubemoe_router::bench_spec::PROMPTS.map(String::from).to_vec(),
+            };
+            let config = source::open_tensors(&model, &|_| false)?.0;
+            let codec = kubemoe_router::text::TextCodec::load(&model, config.vocab_size)?
+                .with_context(|| format!("{model} has no tokenizer.json to encode the prompts with"))?;
+            let prompts = lines.iter().map(|l| codec.encode(l)).collect::<Result<Vec<_>, _>>()?;
+            let drafts: Vec<usize> = drafts.into_iter().map(usize::from).collect();
+            let started = (workers > 0).then(|| local::bench_workers(&model, workers)).transpose()?;
+            let (urls, credential) = started
+                .as_ref()
+                .map_or((&[][..], kubemoe_api::auth::Bearer(None)), |w| (&w.urls[..], w.credential.clone()));
+            let report = kubemoe_router::bench_spec::run(
+                &model,
+                &prompts,
+                &batch,
+                &drafts,
+                max_tokens,
+                urls,
+                &credential,
+            )?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
         }
         Command::BenchPrefill { model, streams, prompt_len, max_batch_tokens, shared_prefix } => {
             let m = source::open(&model, Experts::All).with_context(|| format!("loading model {model}"))?;

@@ -377,6 +377,104 @@ fn sixteen_concurrent_streams(router_args: &[&str]) {
     }
 }
 
+/// kubemoe-tiny-chat, the trained model `up` serves by default (it has an MTP module).
+fn tiny_chat() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/kubemoe-tiny-chat").to_str().unwrap().to_string()
+}
+
+#[test]
+fn speculative_decoding_on_workers_gives_the_greedy_tokens_of_plain_decoding() {
+    let model = tiny_chat();
+    let local = source::open(&model, Experts::All).unwrap();
+    let chat = |content: &str| {
+        let mut ids = vec![0, 2];
+        ids.extend(local_encode(&model, content));
+        ids.push(3);
+        ids
+    };
+    let prompts: Vec<Vec<u32>> =
+        ["Tell me a story about the owl.", "Who is Ada?", "What is 6 + 9?", "Tell me about the frog."]
+            .iter()
+            .map(|c| chat(c))
+            .chain((0..8u32).map(|i| (0..1 + i * 4).map(|j| (j * 37 + i * 11) % 800 + 4).collect()))
+            .collect();
+    for (k, prefix_cache) in [("mtp:1", "0"), ("mtp:3", "256")] {
+        let cluster = Cluster::start(
+            &model,
+            2,
+            &["--speculative", k, "--http-port", "0", "--prefix-cache-mib", prefix_cache],
+        );
+        // All at once (batched; the first twice).
+        let got = rt().block_on(async {
+            let mut tasks = Vec::new();
+            for prompt in prompts.iter().chain(&prompts[..1]) {
+                let mut client = cluster.client().await;
+                let request = ids_request(prompt, 40);
+                tasks.push(tokio::spawn(async move {
+                    let mut stream = client.generate_stream(request).await.unwrap().into_inner();
+                    let mut ids = Vec::new();
+                    while let Some(m) = stream.message().await.unwrap() {
+                        ids.extend(m.token_ids);
+                    }
+                    ids
+                }));
+            }
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.unwrap());
+            }
+            out
+        });
+        for (prompt, ids) in prompts.iter().chain(&prompts[..1]).zip(got) {
+            let sampling = SamplingParams::default();
+            let alone = generate(&local, &[Request { prompt: prompt.clone(), max_new_tokens: 40, sampling }])
+                .unwrap();
+            assert_eq!(ids, alone[0], "{k}");
+        }
+        // The drafts were verified and most of the first position's accepted.
+        let text = http(cluster.router.http.as_ref().unwrap(), "GET", "/metrics", None).1;
+        let name = format!("model_name=\"{model}\"");
+        let drafts = series(&text, &format!("vllm:spec_decode_num_drafts_total{{{name}}}"));
+        let first = series(
+            &text,
+            &format!("vllm:spec_decode_num_accepted_tokens_per_pos_total{{{name},position=\"0\"}}"),
+        );
+        assert!(drafts > 0.0 && first / drafts > 0.3, "{k}: {first} of {drafts}");
+    }
+}
+
+/// `text`'s token ids under the tokenizer of the model directory `model`.
+fn local_encode(model: &str, text: &str) -> Vec<u32> {
+    let codec = kubemoe_router::text::TextCodec::load(model, usize::MAX).unwrap().unwrap();
+    codec.encode(text).unwrap()
+}
+
+#[test]
+fn a_router_refuses_to_speculate_without_an_mtp_module() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kubemoe"))
+        .args([
+            "router",
+            "--model",
+            "builtin:tiny",
+            "--workers",
+            "http://127.0.0.1:1",
+            "--port",
+            "0",
+            "--speculative",
+            "mtp:1",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--speculative mtp:1: builtin:tiny has no MTP module"), "{stderr}");
+    let out = Command::new(env!("CARGO_BIN_EXE_kubemoe"))
+        .args(["router", "--speculative", "mtp:7"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not mtp:K with K from 1 to 4"));
+}
+
 #[test]
 fn prompts_sharing_a_prefix_reuse_its_cached_rows_and_answer_what_they_would_without() {
     let model = "builtin:tiny";
@@ -700,8 +798,10 @@ fn a_client_that_goes_away_frees_its_slot() {
 
 #[test]
 fn up_serves_the_builtin_manifest_and_stops_its_children_on_sigterm() {
+    let cache = std::env::temp_dir().join(format!("kubemoe-up-cache-{}", std::process::id()));
     let mut up = Command::new(env!("CARGO_BIN_EXE_kubemoe"))
         .args(["up", "--grpc-port", "0", "--http-port", "0"])
+        .env("XDG_CACHE_HOME", &cache)
         // Workers log each dispatch at debug level.
         .env("RUST_LOG", "info,kubemoe_worker=debug")
         .stdout(Stdio::piped())
@@ -731,8 +831,22 @@ fn up_serves_the_builtin_manifest_and_stops_its_children_on_sigterm() {
     rt().block_on(async {
         let mut client = InferenceClient::connect(format!("http://{addr}")).await.unwrap();
         let info = client.model_info(ModelInfoRequest {}).await.unwrap().into_inner();
-        // examples/tiny.yaml: builtin:tiny on 2 workers.
-        assert_eq!((info.model.as_str(), info.workers), ("builtin:tiny", 2));
+        // examples/tiny.yaml's 2 workers, serving the built-in trained model, unpacked.
+        assert!(
+            info.model.starts_with(cache.join("kubemoe/kubemoe-tiny-chat-").to_str().unwrap()),
+            "{}",
+            info.model
+        );
+        assert_eq!(info.workers, 2);
+        // It writes text: a question about its small world gets an answer in the world's words
+        // (about an animal of it; which one, an hour of training on 2 cores does not always
+        // get right).
+        let reply = client.generate(chat_request("Tell me about the fox.", 32)).await.unwrap().into_inner();
+        let text = &reply.text;
+        assert!(
+            text.starts_with("The ") && text.contains(" animal. It lives ") && text.ends_with('.'),
+            "{text:?}"
+        );
         let r =
             GenerateRequest { input: Some(Input::Prompt("Hi".into())), max_tokens: 3, ..Default::default() };
         let mut r = tonic::Request::new(r);
@@ -756,6 +870,7 @@ fn up_serves_the_builtin_manifest_and_stops_its_children_on_sigterm() {
     let with_id = |process: &str| logs.iter().any(|l| l.starts_with(process) && l.contains("trace-me-42"));
     assert!(with_id("[router]"), "{logs:#?}");
     assert!(with_id("[worker 0]") || with_id("[worker 1]"), "{logs:#?}");
+    std::fs::remove_dir_all(&cache).unwrap();
 }
 
 /// Three clients sending `prompts` round-robin until `stop`, each output checked against

@@ -1,4 +1,5 @@
-"""Python's own clients against `kubemoe up` (the built-in manifest): the official `openai`
+"""Python's own clients against `kubemoe up` (the built-in manifest, serving `builtin:tiny`,
+whose random tokens never end a completion early, so every count below is exact): the official `openai`
 client, Prometheus' text parser, and grpcio-reflection's (reflection v1alpha) client.
 
 Run by `.ci/run` with the binary the tests built: `python tests/python_clients.py <kubemoe>`.
@@ -25,7 +26,7 @@ def start_up(kubemoe: str, *args: str):
     """`kubemoe up` on free ports, once it serves (its `try:` line): the process and its gRPC and
     HTTP addresses."""
     up = subprocess.Popen(
-        [kubemoe, "up", "--grpc-port", "0", "--http-port", "0", *args],
+        [kubemoe, "up", "--model", "builtin:tiny", "--grpc-port", "0", "--http-port", "0", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -16,6 +16,7 @@ pub mod http;
 pub mod loading;
 pub mod metrics;
 pub mod route;
+pub mod speculative;
 pub mod tls;
 pub mod trace;
 

@@ -17,7 +17,7 @@ pub enum Experts<'a> {
 }
 
 impl Experts<'_> {
-    fn wants(&self, layer: usize, expert: usize) -> bool {
+    pub(crate) fn wants(&self, layer: usize, expert: usize) -> bool {
         match self {
             Experts::All => true,
             Experts::None => false,

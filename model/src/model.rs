@@ -67,6 +67,11 @@ impl KvCache {
         Self { layers: vec![Vec::new(); config.num_hidden_layers], len: 0 }
     }
 
+    /// The cache of the (first) MTP module's decoder layer ([`Model::mtp_step`]).
+    pub fn for_mtp() -> Self {
+        Self { layers: vec![Vec::new()], len: 0 }
+    }
+
     /// Tokens cached.
     pub fn len(&self) -> usize {
         self.len
@@ -84,6 +89,15 @@ impl KvCache {
     fn truncate(&mut self, width: usize) {
         for l in &mut self.layers {
             l.truncate(self.len * width);
+        }
+    }
+
+    /// Forgets every token after the first `len` (speculative tokens that were rejected).
+    pub fn rollback(&mut self, len: usize) {
+        if len < self.len {
+            let width = self.layers.first().map_or(0, |l| l.len() / self.len);
+            self.len = len;
+            self.truncate(width);
         }
     }
 
@@ -404,25 +418,37 @@ impl Model {
         batch: &mut [(&mut KvCache, &[u32])],
         experts: &dyn RoutedExperts,
     ) -> Result<Vec<f32>> {
-        let w = self.config.kv_lora_rank + self.config.qk_rope_head_dim;
-        let result = self.step_inner(batch, experts);
-        for (cache, tokens) in batch.iter_mut() {
-            match result {
-                Ok(_) => cache.len += tokens.len(),
-                Err(_) => cache.truncate(w),
-            }
+        let hid = self.config.hidden_size;
+        let h = self.step(batch, experts)?;
+        let mut last = Vec::with_capacity(batch.len() * hid);
+        let mut end = 0;
+        for (_, tokens) in batch.iter() {
+            end += tokens.len();
+            last.extend_from_slice(&h[(end - 1) * hid..end * hid]);
         }
-        result
+        self.lm_head.forward(&self.norm.forward(&last)?)
     }
 
-    fn step_inner(
+    /// [`Model::forward_step_with`] returning the final hidden state of every new token
+    /// [tokens, hidden], after the final norm: what the LM head ([`Model::logits`]) and the MTP
+    /// module ([`Model::mtp_step`]) read. A speculative step needs every position's.
+    pub fn forward_step_hidden(
         &self,
         batch: &mut [(&mut KvCache, &[u32])],
         experts: &dyn RoutedExperts,
     ) -> Result<Vec<f32>> {
+        self.norm.forward(&self.step(batch, experts)?)
+    }
+
+    /// Logits [rows, vocab] of normed hidden states [rows, hidden].
+    pub fn logits(&self, normed: &[f32]) -> Result<Vec<f32>> {
+        self.lm_head.forward(normed)
+    }
+
+    /// The residual stream after the last layer for every new token; caches extended on
+    /// success and left as they were on error.
+    fn step(&self, batch: &mut [(&mut KvCache, &[u32])], experts: &dyn RoutedExperts) -> Result<Vec<f32>> {
         let c = &self.config;
-        let (heads, dv, hid) = (c.num_attention_heads, c.v_head_dim, c.hidden_size);
-        let dq = c.q_head_dim();
         let mut ids = Vec::new();
         let mut positions = Vec::new();
         for (cache, tokens) in batch.iter() {
@@ -436,33 +462,95 @@ impl Model {
             ids.extend_from_slice(tokens);
             positions.extend(cache.len..cache.len + tokens.len());
         }
-        let mut h = self.embed(&ids)?;
-        for (li, layer) in self.layers.iter().enumerate() {
-            let x = layer.input_layernorm.forward(&h)?;
-            let q = self.queries(&layer.self_attn, &x, &positions)?;
-            let kv = self.latent_kv(&layer.self_attn, &x, &positions)?;
-            let w = kv.len() / ids.len();
-            let mut out = vec![0f32; ids.len() * heads * dv];
-            let mut start = 0;
-            for (cache, tokens) in batch.iter_mut() {
-                let n = tokens.len();
-                let cache = &mut cache.layers[li];
-                cache.extend_from_slice(&kv[start * w..(start + n) * w]);
-                let q = &q[start * heads * dq..(start + n) * heads * dq];
-                self.attention_latent(&layer.self_attn, q, cache, n, &mut out[start * heads * dv..])?;
-                start += n;
+        let counts: Vec<usize> = batch.iter().map(|(_, t)| t.len()).collect();
+        let mut caches: Vec<&mut KvCache> = batch.iter_mut().map(|(c, _)| &mut **c).collect();
+        let result = self.embed(&ids).and_then(|mut h| {
+            for (li, layer) in self.layers.iter().enumerate() {
+                self.layer_step(layer, li, li, &mut h, &positions, &mut caches, &counts, experts)?;
             }
-            add(&mut h, &layer.self_attn.o_proj.forward(&out)?);
-            let x = layer.post_attention_layernorm.forward(&h)?;
-            add(&mut h, &self.feed_forward(layer, li, &x, experts, None)?);
+            Ok(h)
+        });
+        settle(&mut caches, &counts, self.config.kv_lora_rank + self.config.qk_rope_head_dim, &result);
+        result
+    }
+
+    /// Decoder layer `li` over the new rows `h` [tokens, hidden] of a batch at `positions`:
+    /// sequence `j`'s `counts[j]` rows attend to its cache layer `slot`, which they extend.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_step(
+        &self,
+        layer: &DecoderLayer,
+        li: usize,
+        slot: usize,
+        h: &mut [f32],
+        positions: &[usize],
+        caches: &mut [&mut KvCache],
+        counts: &[usize],
+        experts: &dyn RoutedExperts,
+    ) -> Result<()> {
+        let c = &self.config;
+        let (heads, dv, dq) = (c.num_attention_heads, c.v_head_dim, c.q_head_dim());
+        let x = layer.input_layernorm.forward(h)?;
+        let q = self.queries(&layer.self_attn, &x, positions)?;
+        let kv = self.latent_kv(&layer.self_attn, &x, positions)?;
+        let w = kv.len() / positions.len();
+        let mut out = vec![0f32; positions.len() * heads * dv];
+        let mut start = 0;
+        for (cache, &n) in caches.iter_mut().zip(counts) {
+            let cache = &mut cache.layers[slot];
+            cache.extend_from_slice(&kv[start * w..(start + n) * w]);
+            let q = &q[start * heads * dq..(start + n) * heads * dq];
+            self.attention_latent(&layer.self_attn, q, cache, n, &mut out[start * heads * dv..])?;
+            start += n;
         }
-        let mut last = Vec::with_capacity(batch.len() * hid);
-        let mut end = 0;
-        for (_, tokens) in batch.iter() {
-            end += tokens.len();
-            last.extend_from_slice(&h[(end - 1) * hid..end * hid]);
+        add(h, &layer.self_attn.o_proj.forward(&out)?);
+        let x = layer.post_attention_layernorm.forward(h)?;
+        add(h, &self.feed_forward(layer, li, &x, experts, None)?);
+        Ok(())
+    }
+
+    /// One step of the MTP module (DeepSeek-V3 report §2.2) for a batch of sequences, each
+    /// against its own MTP cache ([`KvCache::for_mtp`]): row `i` of a sequence combines a
+    /// normed final hidden state at position `position + i` with the token after that
+    /// position, and gives the MTP module's normed output [tokens, hidden], whose logits
+    /// ([`Model::logits`]) predict the token after that. The output can stand in for the
+    /// hidden state of the next row when drafting several tokens (vLLM's chained MTP).
+    /// The routed experts of the module are this process's. On error every cache is left as
+    /// it was.
+    pub fn mtp_step(&self, batch: &mut [MtpRows<'_>]) -> Result<Vec<f32>> {
+        let Some(mtp) = self.mtp.first() else {
+            return Err(Error::Invalid("the model has no MTP module".into()));
+        };
+        let hid = self.config.hidden_size;
+        let mut ids = Vec::new();
+        let mut hidden = Vec::new();
+        let mut positions = Vec::new();
+        for rows in batch.iter() {
+            let n = rows.tokens.len();
+            if n == 0 || rows.hidden.len() != n * hid || rows.cache.layers.len() != 1 {
+                return Err(Error::Invalid(format!(
+                    "MTP rows: {n} tokens, {} hidden values, a cache of {} layers",
+                    rows.hidden.len(),
+                    rows.cache.layers.len()
+                )));
+            }
+            self.check_context(rows.position + n)?;
+            ids.extend_from_slice(rows.tokens);
+            hidden.extend_from_slice(rows.hidden);
+            positions.extend(rows.position..rows.position + n);
         }
-        self.lm_head.forward(&self.norm.forward(&last)?)
+        let counts: Vec<usize> = batch.iter().map(|r| r.tokens.len()).collect();
+        let mut caches: Vec<&mut KvCache> = batch.iter_mut().map(|r| &mut *r.cache).collect();
+        let layer = self.config.num_hidden_layers;
+        let result = (|| {
+            let e = mtp.enorm.forward(&self.embed(&ids)?)?;
+            let hn = mtp.hnorm.forward(&hidden)?;
+            let mut h = mtp.eh_proj.forward(&concat_rows(&e, &hn, hid))?;
+            self.layer_step(&mtp.block, layer, 0, &mut h, &positions, &mut caches, &counts, self)?;
+            mtp.shared_head_norm.forward(&h)
+        })();
+        settle(&mut caches, &counts, self.config.kv_lora_rank + self.config.qk_rope_head_dim, &result);
+        result
     }
 
     /// MTP draft logits [tokens - 1, vocab] for a sequence: row `i` predicts token `i + 2`
@@ -478,9 +566,7 @@ impl Model {
         let t = ids.len().saturating_sub(1);
         let e = mtp.enorm.forward(&self.embed(&ids[1..])?)?;
         let hn = mtp.hnorm.forward(&self.norm.forward(&hidden[..t * hid])?)?;
-        let cat: Vec<f32> =
-            e.chunks(hid).zip(hn.chunks(hid)).flat_map(|(a, b)| a.iter().chain(b)).copied().collect();
-        let mut h = mtp.eh_proj.forward(&cat)?;
+        let mut h = mtp.eh_proj.forward(&concat_rows(&e, &hn, hid))?;
         self.layer_full(&mtp.block, self.config.num_hidden_layers, &mut h, None)?;
         Ok(Some(self.lm_head.forward(&mtp.shared_head_norm.forward(&h)?)?))
     }
@@ -496,6 +582,33 @@ impl RoutedExperts for Model {
             _ => Err(Error::Invalid(format!("layer {layer} has no routed experts"))),
         }
     }
+}
+
+/// The rows of one MTP step of a sequence ([`Model::mtp_step`]).
+pub struct MtpRows<'a> {
+    pub cache: &'a mut KvCache,
+    /// Position of the first row.
+    pub position: usize,
+    /// Normed final hidden states [tokens, hidden], of positions `position..`.
+    pub hidden: &'a [f32],
+    /// The token after each of those positions.
+    pub tokens: &'a [u32],
+}
+
+/// Counts the rows a step appended to each cache (`width` values per row and layer), or drops
+/// them if the step failed.
+fn settle<T>(caches: &mut [&mut KvCache], counts: &[usize], width: usize, result: &Result<T>) {
+    for (cache, n) in caches.iter_mut().zip(counts) {
+        match result {
+            Ok(_) => cache.len += n,
+            Err(_) => cache.truncate(width),
+        }
+    }
+}
+
+/// `[a_i, b_i]` for each row of `a`, `b` ([tokens, width] each).
+fn concat_rows(a: &[f32], b: &[f32], width: usize) -> Vec<f32> {
+    a.chunks(width).zip(b.chunks(width)).flat_map(|(x, y)| x.iter().chain(y)).copied().collect()
 }
 
 fn add(h: &mut [f32], x: &[f32]) {

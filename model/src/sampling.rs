@@ -103,11 +103,45 @@ impl Sampler {
         Ok(self.draw(logits))
     }
 
+    /// Speculative sampling's verification of a `draft` token the drafter proposed with
+    /// certainty (a greedy draft; Leviathan et al. ICML 2023, Chen et al. 2023): the token to
+    /// emit at this position, `draft` itself when it is accepted. Greedy: the argmax (the draft
+    /// is accepted iff it is the argmax). Sampling: the draft is accepted with probability
+    /// p(draft) under this sampler's distribution p, otherwise a token is drawn from p without
+    /// the draft; so every token comes out with probability p, as without speculation.
+    pub fn verify(&mut self, logits: &[f32], draft: u32) -> Result<u32> {
+        if !logits.iter().all(|l| l.is_finite()) {
+            return Err(Error::NonFiniteLogits);
+        }
+        if self.is_greedy() {
+            return Ok(argmax(logits));
+        }
+        let (mut cand, mut sum) = self.distribution(logits);
+        let p_draft = cand.iter().find(|c| c.0 == draft).map_or(0.0, |c| c.1 as f64 / sum);
+        if self.rng.uniform() < p_draft {
+            return Ok(draft);
+        }
+        cand.retain(|c| c.0 != draft);
+        sum = cand.iter().map(|c| c.1 as f64).sum();
+        Ok(self.pick(&cand, sum))
+    }
+
+    fn is_greedy(&self) -> bool {
+        self.params.temperature == 0.0 || self.params.top_k == 1
+    }
+
     fn draw(&mut self, logits: &[f32]) -> u32 {
-        let p = &self.params;
-        if p.temperature == 0.0 || p.top_k == 1 {
+        if self.is_greedy() {
             return argmax(logits);
         }
+        let (cand, sum) = self.distribution(logits);
+        self.pick(&cand, sum)
+    }
+
+    /// The tokens the filters keep, most likely first, with unnormalised probabilities, and
+    /// their sum.
+    fn distribution(&self, logits: &[f32]) -> (Vec<(u32, f32)>, f64) {
+        let p = &self.params;
         let mut cand: Vec<(u32, f32)> =
             logits.iter().enumerate().map(|(i, l)| (i as u32, l / p.temperature)).collect();
         cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -132,8 +166,13 @@ impl Sampler {
             cand.truncate(keep);
             sum = cand.iter().map(|c| c.1 as f64).sum();
         }
+        (cand, sum)
+    }
+
+    /// A draw from `cand` weighted by its values (summing to `sum`).
+    fn pick(&mut self, cand: &[(u32, f32)], sum: f64) -> u32 {
         let mut u = self.rng.uniform() * sum;
-        for c in &cand {
+        for c in cand {
             u -= c.1 as f64;
             if u < 0.0 {
                 return c.0;
@@ -175,6 +214,36 @@ mod tests {
         assert_eq!(run(9), run(9));
         let ones = run(9).iter().filter(|t| **t == 1).count() as f64 / 3000.0;
         assert!((ones - 2.0 / 3.0).abs() < 0.03, "{ones}");
+    }
+
+    #[test]
+    fn speculative_verification_keeps_the_distribution() {
+        let logits = [1.0f32, 0.2, 2.0, -0.5, 1.5];
+        for (temperature, top_k, top_p) in [(1.0, 0, 1.0), (0.7, 3, 1.0), (1.3, 0, 0.8)] {
+            let want = {
+                let mut s = Sampler::new(params(temperature, top_k, top_p, 11)).unwrap();
+                let mut counts = [0f64; 5];
+                (0..20000).for_each(|_| counts[s.sample(&logits).unwrap() as usize] += 1.0);
+                counts
+            };
+            // Whatever the draft (likely, unlikely, filtered out), the emitted tokens follow p.
+            for draft in [2u32, 1, 3] {
+                let mut s = Sampler::new(params(temperature, top_k, top_p, 5)).unwrap();
+                let mut counts = [0f64; 5];
+                (0..20000).for_each(|_| counts[s.verify(&logits, draft).unwrap() as usize] += 1.0);
+                for (got, want) in counts.iter().zip(&want) {
+                    assert!(
+                        (got - want).abs() / 20000.0 < 0.015,
+                        "{temperature} {top_k} {top_p} draft {draft}: {counts:?} vs {want:?}"
+                    );
+                }
+            }
+        }
+        // Greedy: the argmax, accepted iff it is the draft.
+        let mut s = Sampler::new(params(0.0, 0, 1.0, 0)).unwrap();
+        assert_eq!(s.verify(&logits, 2).unwrap(), 2);
+        assert_eq!(s.verify(&logits, 4).unwrap(), 2);
+        assert!(matches!(s.verify(&[f32::NAN, 1.0], 1), Err(Error::NonFiniteLogits)));
     }
 
     #[test]

@@ -41,6 +41,13 @@ pub fn is_routed_expert(name: &str) -> bool {
     name.contains(".mlp.experts.")
 }
 
+/// The layer and expert of a routed expert's tensor (`model.layers.{l}.mlp.experts.{e}.…`).
+fn expert_of(name: &str) -> Option<(usize, usize)> {
+    let (layer, rest) = name.strip_prefix("model.layers.")?.split_once(".mlp.experts.")?;
+    let expert = rest.split('.').next()?;
+    Some((layer.parse().ok()?, expert.parse().ok()?))
+}
+
 /// Loads the model `spec` names with the routed experts `experts` selects, in the
 /// checkpoint's precision.
 pub fn open(spec: &str, experts: Experts) -> Result<Model> {
@@ -49,8 +56,11 @@ pub fn open(spec: &str, experts: Experts) -> Result<Model> {
 
 /// [`open`] with the weight matrices held in `precision`.
 pub fn open_as(spec: &str, experts: Experts, precision: Precision) -> Result<Model> {
-    let wants =
-        |name: &str| (!is_routed_expert(name) || !matches!(experts, Experts::None)) && !is_unused_copy(name);
+    let wants = |name: &str| {
+        let routed =
+            || expert_of(name).map_or(!matches!(experts, Experts::None), |(l, e)| experts.wants(l, e));
+        (!is_routed_expert(name) || routed()) && !is_unused_copy(name)
+    };
     let (config, src) = open_tensors(spec, &wants)?;
     Model::load_as(config, src.as_ref(), experts, precision)
 }

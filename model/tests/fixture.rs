@@ -294,9 +294,30 @@ fn bf16_and_fp8_residency_compute_the_f32_function_of_the_rounded_weights() {
 #[test]
 fn mtp_draft_logits_match_transformers() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mtp-tiny");
-    let model = kubemoe_model::source::open(dir.to_str().unwrap(), Experts::All).unwrap();
+    check_against_transformers(&dir, &dir);
+}
+
+/// kubemoe-tiny-chat, the trained model `up` serves (bf16, held in bf16), against
+/// transformers' `DeepseekV3ForCausalLM` and `MtpModel` loading it (reference made by
+/// `fixture.py models/kubemoe-tiny-chat --out model/tests/fixtures/kubemoe-tiny-chat`).
+#[test]
+fn the_trained_model_matches_transformers() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    check_against_transformers(
+        &root.join("../models/kubemoe-tiny-chat"),
+        &root.join("tests/fixtures/kubemoe-tiny-chat"),
+    );
+}
+
+/// The model in `model_dir` gives transformers' logits and MTP draft logits of the reference
+/// in `reference_dir`, and its next greedy token.
+fn check_against_transformers(model_dir: &std::path::Path, reference_dir: &std::path::Path) {
+    let model = kubemoe_model::source::open(model_dir.to_str().unwrap(), Experts::All).unwrap();
     assert_eq!(model.mtp.len(), 1);
-    let r = Reference { bytes: std::fs::read(dir.join("reference.safetensors")).unwrap() };
+    let r = Reference { bytes: std::fs::read(reference_dir.join("reference.safetensors")).unwrap() };
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(reference_dir.join("reference.json")).unwrap())
+            .unwrap();
     for s in SEQS {
         let ids = r.ids(&format!("{s}.input_ids"));
         let hidden = model.hidden_full(&ids, None).unwrap();
@@ -306,5 +327,48 @@ fn mtp_draft_logits_match_transformers() {
         let draft = model.mtp_logits(&ids, &hidden).unwrap().unwrap();
         let err = rel_err(&draft, &r.f32(&format!("{s}.mtp_logits")));
         assert!(err < 1e-4, "{s}: MTP logits relative error {err}");
+        let vocab = model.config.vocab_size;
+        let last = kubemoe_model::sampling::argmax(&logits[logits.len() - vocab..]);
+        assert_eq!(Some(u64::from(last)), json["next_token"][s].as_u64(), "{s}: next greedy token");
     }
+}
+
+/// The cached MTP step ([`Model::mtp_step`]) computes what the full-sequence MTP pass does,
+/// whatever the chunking, and rolled-back tokens leave no trace: what a speculating router
+/// relies on.
+#[test]
+fn mtp_steps_with_their_cache_match_the_full_pass_after_rollbacks() {
+    use kubemoe_model::MtpRows;
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mtp-tiny");
+    let model = kubemoe_model::source::open(dir.to_str().unwrap(), Experts::All).unwrap();
+    let r = Reference { bytes: std::fs::read(dir.join("reference.safetensors")).unwrap() };
+    let ids = r.ids(&format!("{}.input_ids", SEQS[0]));
+    let want = model.mtp_logits(&ids, &model.hidden_full(&ids, None).unwrap()).unwrap().unwrap();
+    let (mut cache, mut mtp) = (KvCache::new(&model.config), KvCache::for_mtp());
+    let mut got = Vec::new();
+    let hid = model.config.hidden_size;
+    let mut start = 0;
+    for end in [3, 4, ids.len()] {
+        // Two wrong tokens ride along and are rolled back, from both caches.
+        let fed = [&ids[start..end], &[5, 6][..]].concat();
+        let hidden = model.forward_step_hidden(&mut [(&mut cache, &fed)], &model).unwrap();
+        // The MTP rows whose next token is known: all but the sequence's last.
+        let rows = (end - start).min(ids.len() - 1 - start);
+        let next = [&ids[start + 1..start + 1 + rows], &[7][..]].concat();
+        let out = model
+            .mtp_step(&mut [MtpRows {
+                cache: &mut mtp,
+                position: start,
+                hidden: &hidden[..(rows + 1) * hid],
+                tokens: &next,
+            }])
+            .unwrap();
+        got.extend(model.logits(&out[..rows * hid]).unwrap());
+        cache.rollback(end);
+        mtp.rollback(start + rows);
+        start = end;
+    }
+    assert_eq!((cache.len(), mtp.len()), (ids.len(), ids.len() - 1));
+    let err = rel_err(&got, &want);
+    assert!(err < 1e-4, "MTP logits relative error {err}");
 }

@@ -217,6 +217,15 @@ pub struct RouterSpec {
     #[serde(default = "default_prefix_cache_mib", rename = "prefixCacheMiB")]
     #[schemars(range(min = 0, max = 16777216))]
     pub prefix_cache_mib: i32,
+    /// Speculative decoding: `mtp:K` drafts K tokens (1 to 4) per decode step with the model's
+    /// multi-token-prediction module (DeepSeek-V3's MTP) and verifies them in the same step:
+    /// greedy outputs are unchanged, sampled ones keep their distribution, and the acceptance
+    /// rate is in `/metrics` (`vllm:spec_decode_*`). The model's config must have
+    /// `num_nextn_predict_layers` and its checkpoint the module's weights (a router without
+    /// them refuses to start). Each request then reserves K more tokens of KV cache and the
+    /// module's one-layer cache. Absent: no speculation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speculative: Option<String>,
     /// Port of the gRPC API (Generate) and of the gRPC health service the probes call.
     #[serde(default = "default_grpc_port")]
     #[schemars(range(min = 1, max = 65535))]
@@ -250,6 +259,7 @@ impl Default for RouterSpec {
             max_concurrent_requests: default_max_concurrent_requests(),
             kv_cache_mib: default_kv_cache_mib(),
             prefix_cache_mib: default_prefix_cache_mib(),
+            speculative: None,
             grpc_port: default_grpc_port(),
             http_port: default_http_port(),
             internal_port: default_router_internal_port(),

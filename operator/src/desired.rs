@@ -620,6 +620,9 @@ impl<'a> Ctx<'a> {
         if let Some(max) = spec.model.max_context_length {
             args.extend(["--max-context".into(), max.to_string()]);
         }
+        if let Some(speculative) = &router.speculative {
+            args.extend(["--speculative".into(), speculative.clone()]);
+        }
         if spec.tls.is_some() {
             // Workers present the deployment's certificate, issued for the router Service.
             args.extend(["--tls-server-name".into(), tls_server_name(self.md)]);
@@ -996,6 +999,19 @@ mod tests {
         for dtype in ["bf16", "fp8", "f32"] {
             assert_eq!(args(dtype), [Some(dtype.to_string()), Some(dtype.to_string())]);
         }
+    }
+
+    #[test]
+    fn routers_get_the_speculative_flag_when_it_is_set() {
+        let router_args = |router: serde_json::Value| {
+            let spec = serde_json::json!({"model": {"source": "builtin:tiny"}, "workers": {"replicas": 2}, "router": router});
+            let d = build_for(spec, None);
+            let args =
+                d.router.spec.clone().unwrap().template.spec.unwrap().containers[0].args.clone().unwrap();
+            args.iter().skip_while(|a| *a != "--speculative").nth(1).cloned()
+        };
+        assert_eq!(router_args(serde_json::json!({"speculative": "mtp:2"})).as_deref(), Some("mtp:2"));
+        assert_eq!(router_args(serde_json::json!({})), None);
     }
 
     #[test]

@@ -77,7 +77,8 @@ impl ModelSource {
 /// change.
 pub fn layout(spec: &ModelDeploymentSpec, model: &ModelConfig) -> Result<Layout, Invalid> {
     not_built(spec)?;
-    kv_cache(spec, model)?;
+    let drafts = speculative(spec, model)?;
+    kv_cache(spec, model, drafts)?;
     dtype(spec, model)?;
     let experts = LayoutSpec {
         workers: spec.workers.replicas,
@@ -101,24 +102,52 @@ fn dtype(spec: &ModelDeploymentSpec, model: &ModelConfig) -> Result<(), Invalid>
     ))
 }
 
-/// The routers' KV cache must hold one request of the whole context, as a router checks at
-/// start (vLLM refuses a `max_model_len` its cache cannot hold the same way): a smaller one
-/// would refuse every long request, or never start.
-fn kv_cache(spec: &ModelDeploymentSpec, model: &ModelConfig) -> Result<(), Invalid> {
+/// `router.speculative`: the draft tokens per step (0: none), parsed as a router parses its
+/// flag; the model must have an MTP module.
+fn speculative(spec: &ModelDeploymentSpec, model: &ModelConfig) -> Result<usize, Invalid> {
+    let Some(value) = &spec.router.speculative else { return Ok(0) };
+    let drafts = kubemoe_api::speculative::parse(value)
+        .map_err(|e| Invalid::new("InvalidSpeculative", format!("router.speculative {e}")))?;
+    if model.num_nextn_predict_layers == 0 {
+        return Err(Invalid::new(
+            "InvalidSpeculative",
+            format!(
+                "router.speculative {value}: the model has no MTP module (its config's \
+                 num_nextn_predict_layers is 0); remove router.speculative"
+            ),
+        ));
+    }
+    Ok(drafts)
+}
+
+/// The routers' KV cache must hold one request of the whole context (with its `drafts` and
+/// MTP cache when speculating), as a router checks at start (vLLM refuses a `max_model_len`
+/// its cache cannot hold the same way): a smaller one would refuse every long request, or
+/// never start.
+fn kv_cache(spec: &ModelDeploymentSpec, model: &ModelConfig, drafts: usize) -> Result<(), Invalid> {
     let context = model.context_length(spec.model.max_context_length.map(|c| c.max(1) as u32));
+    let reserved =
+        kubemoe_api::speculative::reservation(context as usize, drafts, model.num_hidden_layers as usize)
+            as u64;
     let per_token = model.kv_bytes_per_token().max(1);
     let mib = spec.router.kv_cache_mib.max(1) as u64;
     let holds = (mib << 20) / per_token;
-    if holds >= u64::from(context) {
+    if holds >= reserved {
         return Ok(());
     }
-    let need = (u64::from(context) * per_token).div_ceil(1 << 20);
+    let need = (reserved * per_token).div_ceil(1 << 20);
+    let with_drafts = if drafts > 0 {
+        format!(" ({reserved} with router.speculative's drafts and MTP cache)")
+    } else {
+        String::new()
+    };
     Err(Invalid::new(
         "KvCacheTooSmall",
         format!(
             "router.kvCacheMiB {mib} holds {holds} tokens of this model's KV cache ({per_token} bytes \
-             each), fewer than one request of the context length {context} (model.maxContextLength, \
-             default {}): set router.kvCacheMiB to at least {need}, or lower model.maxContextLength",
+             each), fewer than one request of the context length {context}{with_drafts} \
+             (model.maxContextLength, default {}): set router.kvCacheMiB to at least {need}, or \
+             lower model.maxContextLength",
             kubemoe_placement::DEFAULT_MAX_CONTEXT
         ),
     ))
@@ -222,7 +251,7 @@ mod tests {
         )
         .unwrap();
         // 61 layers x 576 x 4 bytes = 140,544 bytes a token: 1 GiB holds 7,639 tokens.
-        let refused = kv_cache(&spec(serde_json::json!({})), &v3).unwrap_err();
+        let refused = kv_cache(&spec(serde_json::json!({})), &v3, 0).unwrap_err();
         assert_eq!(refused.reason, "KvCacheTooSmall");
         assert!(refused.message.contains("holds 7639 tokens"), "{}", refused.message);
         assert!(refused.message.contains("at least 1098"), "{}", refused.message);
@@ -230,11 +259,31 @@ mod tests {
             "model": {"source": "builtin:tiny", "maxContextLength": 131072},
             "router": {"kvCacheMiB": 17568}
         }));
-        assert!(kv_cache(&long, &v3).is_ok());
+        assert!(kv_cache(&long, &v3, 0).is_ok());
+        // Speculation reserves more: 131072 + 2 drafts, and 1/61 of that for the MTP cache.
+        let refused = kv_cache(&long, &v3, 2).unwrap_err();
+        assert!(refused.message.contains("(133223 with router.speculative's"), "{}", refused.message);
+        assert!(refused.message.contains("at least 17857"), "{}", refused.message);
         let short = spec(serde_json::json!({"model": {"source": "builtin:tiny", "maxContextLength": 4096}}));
-        assert!(kv_cache(&short, &v3).is_ok());
+        assert!(kv_cache(&short, &v3, 0).is_ok());
         // The model's own limit caps the context asked for.
-        assert!(kv_cache(&spec(serde_json::json!({})), &tiny()).is_ok());
+        assert!(kv_cache(&spec(serde_json::json!({})), &tiny(), 0).is_ok());
+    }
+
+    #[test]
+    fn speculation_needs_mtp_and_says_what_it_takes() {
+        let with_mtp: ModelConfig = serde_json::from_str(
+            r#"{"n_routed_experts": 16, "num_hidden_layers": 4, "num_nextn_predict_layers": 1}"#,
+        )
+        .unwrap();
+        let speculating = |value: &str| spec(serde_json::json!({"router": {"speculative": value}}));
+        assert_eq!(speculative(&speculating("mtp:2"), &with_mtp).unwrap(), 2);
+        assert_eq!(speculative(&spec(serde_json::json!({})), &with_mtp).unwrap(), 0);
+        let bad = speculative(&speculating("mtp:9"), &with_mtp).unwrap_err();
+        assert_eq!(bad.reason, "InvalidSpeculative");
+        assert!(bad.message.contains("router.speculative \"mtp:9\" is not mtp:K"), "{}", bad.message);
+        let none = speculative(&speculating("mtp:1"), &tiny()).unwrap_err();
+        assert!(none.message.contains("has no MTP module"), "{}", none.message);
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub struct ModelConfig {
     /// The longest context the model was made for (0: not given).
     #[serde(default, deserialize_with = "zero_if_null")]
     pub max_position_embeddings: u32,
+    /// DeepSeek-V3's multi-token-prediction modules (0: none; speculative decoding needs one).
+    #[serde(default, deserialize_with = "zero_if_null")]
+    pub num_nextn_predict_layers: u32,
     /// How the checkpoint's weights are quantised (DeepSeek-V3's: `fp8`); absent: not at all.
     #[serde(default, rename = "quantization_config")]
     pub quantization: Option<Quantization>,

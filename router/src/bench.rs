@@ -116,7 +116,7 @@ fn decode_rate(
         }
         let mut b: Vec<(&mut KvCache, &[u32])> =
             caches.iter_mut().zip(&feed).map(|(c, f)| (c, f.as_slice())).collect();
-        let logits = crate::engine::forward(model, &mut b, experts, micro_batches)?;
+        let logits = crate::engine::forward(model, &mut b, experts, micro_batches, Model::forward_step_with)?;
         experts.end_step();
         for ((f, row), s) in feed.iter_mut().zip(logits.chunks(vocab)).zip(&mut samplers) {
             *f = vec![s.sample(row)?];
@@ -209,6 +209,37 @@ async fn grpc_gbps(
     Ok((2 * activations.len() * rounds) as f64 / t.elapsed().as_secs_f64() / 1e9)
 }
 
+/// The routed experts on the workers at `urls`, once each answers as it should for `model`.
+pub(crate) fn connect(
+    runtime: &tokio::runtime::Runtime,
+    model: &str,
+    config: &kubemoe_model::Config,
+    urls: &[String],
+    credential: &Bearer,
+) -> Result<RemoteExperts> {
+    let minute = Duration::from_secs(60);
+    let remote = RemoteExperts::new(
+        config,
+        urls,
+        None,
+        credential.clone(),
+        None,
+        minute,
+        minute,
+        runtime.handle().clone(),
+    )?;
+    runtime.block_on(async {
+        let started = Instant::now();
+        while let Err(e) = remote.check_workers(model).await {
+            if started.elapsed() > Duration::from_secs(120) {
+                return Err(crate::Error::Workers(e));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(remote)
+    })
+}
+
 /// Runs every measurement against the workers at `urls` (rank order, each on 127.0.0.1)
 /// serving `model`, calling them with `credential` (their internal token); decode again
 /// behind proxies delaying each way by each of `delays_us`.
@@ -224,29 +255,7 @@ pub fn run(
     let _entered = runtime.enter();
     let dense = source::open(model, Experts::None)?;
     let c = dense.config.clone();
-    let minute = Duration::from_secs(60);
-    let remote_experts = |urls: &[String]| {
-        let remote = RemoteExperts::new(
-            &c,
-            urls,
-            None,
-            credential.clone(),
-            None,
-            minute,
-            minute,
-            runtime.handle().clone(),
-        )?;
-        runtime.block_on(async {
-            let started = Instant::now();
-            while let Err(e) = remote.check_workers(model).await {
-                if started.elapsed() > Duration::from_secs(120) {
-                    return Err(crate::Error::Workers(e));
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Ok(remote)
-        })
-    };
+    let remote_experts = |urls: &[String]| connect(&runtime, model, &c, urls, credential);
     let remote = remote_experts(urls)?;
     let distributed_decode_tps = decode_rate(&dense, &remote, batch, steps, 1)?;
     let steps_run = (steps + 1) as f64;

@@ -108,6 +108,7 @@ pub fn shared_prefix(model: Arc<Model>, prefix_len: usize) -> Result<PrefixRun> 
                 max_running: 2,
                 kv_budget_tokens: 2 * context,
                 micro_batches: 1,
+                speculative_tokens: 0,
             };
             let experts: Arc<dyn kubemoe_model::layers::RoutedExperts + Send> = model.clone();
             let stats = Arc::new(Stats::default());
@@ -162,6 +163,7 @@ async fn one(model: Arc<Model>, streams: usize, prompt_len: usize, budget: usize
         kv_budget_tokens: (streams + 1) * context,
         // Experts in this process: nothing to overlap.
         micro_batches: 1,
+        speculative_tokens: 0,
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let experts: Arc<dyn kubemoe_model::layers::RoutedExperts + Send> = model.clone();

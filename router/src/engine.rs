@@ -12,6 +12,21 @@
 //! ([`crate::prefix`]) and prefills the rest; its whole blocks are stored there once its
 //! prefill completes.
 //!
+//! With `--speculative mtp:K` ([`Limits::speculative_tokens`]) a decoding sequence feeds its
+//! last token and up to K draft tokens that DeepSeek-V3's MTP module proposed (report §2.2;
+//! verification as in Leviathan et al., ICML 2023): the step computes every fed position's
+//! logits, the sampler accepts the drafts in order until one is rejected
+//! ([`Sampler::verify`]: greedy, iff it is the argmax; sampling, with the acceptance rule that
+//! keeps the output distribution), and emits one more token from the first position not
+//! accepted, so a step emits 1 to K + 1 tokens and each is what decoding without speculation
+//! would emit (greedy) or is distributed as it (sampling). The rejected drafts' rows are rolled
+//! back from the cache. The MTP module keeps its own one-layer cache per sequence, fed after
+//! every step with the final hidden state of each accepted position and the token after it
+//! (prompt chunks too), and drafts greedily, chaining its own output for drafts past the first
+//! (as vLLM does). Its routed experts are the router's own. A prefix-cache hit gives the MTP
+//! module no rows for the cached positions: its drafts then see less context, the outputs are
+//! unchanged.
+//!
 //! Requests arrive over a bounded channel; each sequence's events leave over its own bounded
 //! channel sized so that a step never blocks on a slow client. A closed event channel means
 //! the client went away: the sequence leaves the batch and its cache is freed. A failed step
@@ -21,7 +36,7 @@ use crate::prefix::{PrefixCache, BLOCK};
 use crate::scheduler::{admit, chunks, Limits, Usage};
 use crate::stats::Stats;
 use kubemoe_model::layers::RoutedExperts;
-use kubemoe_model::{KvCache, Logprobs, Model, Sampler, SamplingParams};
+use kubemoe_model::{KvCache, Logprobs, Model, MtpRows, Sampler, SamplingParams};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
@@ -68,11 +83,22 @@ struct Sequence {
     prompt: Option<Vec<u32>>,
     sampler: Sampler,
     logprobs: Option<usize>,
+    /// Tokens to feed: what is left of the prompt, or the last token sampled.
     feed: Vec<u32>,
+    /// With speculation: the MTP module's state.
+    draft: Option<Draft>,
     generated: usize,
     max_tokens: usize,
     reserve: usize,
     events: mpsc::Sender<Event>,
+}
+
+/// A sequence's MTP drafting state.
+struct Draft {
+    /// The MTP module's cache: a row for each position since the first this router computed.
+    cache: KvCache,
+    /// Draft tokens for the positions after `feed`, fed with it and verified.
+    tokens: Vec<u32>,
 }
 
 /// Submits requests to a running batch loop.
@@ -142,8 +168,11 @@ fn run(
         waiting.retain(|s| !s.events.is_closed());
         let usage =
             Usage { running: running.len(), reserved_tokens: running.iter().map(|s| s.reserve).sum() };
-        let joining = admit(&limits, usage, waiting.iter().map(|s| s.prompt.len() + s.max_tokens));
+        let layers = model.config.num_hidden_layers;
+        let reserve = |s: &Submission| limits.reservation(s.prompt.len() + s.max_tokens, layers);
+        let joining = admit(&limits, usage, waiting.iter().map(reserve));
         for s in waiting.drain(..joining) {
+            let reserve = reserve(&s);
             let sampler = match Sampler::new(s.sampling) {
                 Ok(sampler) => sampler,
                 Err(e) => {
@@ -164,12 +193,14 @@ fn run(
                 stats.prefix_hit_tokens.fetch_add(skip as u64, Ordering::Relaxed);
             }
             running.push(Sequence {
+                draft: (limits.speculative_tokens > 0)
+                    .then(|| Draft { cache: KvCache::for_mtp(), tokens: Vec::new() }),
                 id: s.id,
                 cache,
                 prompt: caching.then(|| s.prompt.clone()),
                 sampler,
                 logprobs: s.logprobs,
-                reserve: s.prompt.len() + s.max_tokens,
+                reserve,
                 feed: s.prompt[skip..].to_vec(),
                 generated: 0,
                 max_tokens: s.max_tokens,
@@ -180,7 +211,7 @@ fn run(
         if running.is_empty() {
             continue;
         }
-        step(model, experts, (limits.max_batch_tokens, limits.micro_batches), &mut running, &mut prefixes);
+        step(model, experts, &limits, &mut running, &mut prefixes, stats);
         stats.prefix_cache_bytes.store(prefixes.bytes(), Ordering::Relaxed);
     }
     for s in running.iter().map(|s| &s.events).chain(waiting.iter().map(|s| &s.events)) {
@@ -201,26 +232,62 @@ fn publish(stats: &Stats, running: &[Sequence], waiting: &VecDeque<Submission>) 
 fn step(
     model: &Model,
     experts: &dyn RoutedExperts,
-    (max_batch_tokens, micro_batches): (usize, usize),
+    limits: &Limits,
     running: &mut Vec<Sequence>,
     prefixes: &mut PrefixCache,
+    stats: &Stats,
 ) {
-    let fed = chunks(max_batch_tokens, &running.iter().map(|s| s.feed.len()).collect::<Vec<_>>());
+    let drafts: usize = running.iter().filter_map(|s| s.draft.as_ref()).map(|d| d.tokens.len()).sum();
+    let fed = chunks(
+        limits.max_batch_tokens.saturating_sub(drafts),
+        &running.iter().map(|s| s.feed.len()).collect::<Vec<_>>(),
+    );
+    // What each sequence feeds: a prompt chunk, or its last token and its drafts.
+    let inputs: Vec<Vec<u32>> = running
+        .iter()
+        .zip(&fed)
+        .map(|(s, &n)| match &s.draft {
+            Some(d) if n == s.feed.len() => [&s.feed[..], &d.tokens].concat(),
+            _ => s.feed[..n].to_vec(),
+        })
+        .collect();
+    let starts: Vec<usize> = running.iter().map(|s| s.cache.len()).collect();
     let requests =
         running.iter().zip(&fed).filter(|(_, n)| **n > 0).map(|(s, _)| &*s.id).collect::<Vec<_>>().join(",");
-    let tokens: usize = fed.iter().sum();
+    let tokens: usize = inputs.iter().map(Vec::len).sum();
     let _span = tracing::debug_span!("step", requests = %requests, tokens).entered();
     experts.begin_step(&requests);
     let mut batch: Vec<(&mut KvCache, &[u32])> = running
         .iter_mut()
-        .zip(&fed)
-        .filter(|(_, n)| **n > 0)
-        .map(|(s, &n)| (&mut s.cache, &s.feed[..n]))
+        .zip(&inputs)
+        .filter(|(_, t)| !t.is_empty())
+        .map(|(s, t)| (&mut s.cache, &t[..]))
         .collect();
-    let result = forward(model, &mut batch, experts, micro_batches);
+    let speculating = limits.speculative_tokens > 0;
+    let pass: Pass = if speculating { Model::forward_step_hidden } else { Model::forward_step_with };
+    let result = forward(model, &mut batch, experts, limits.micro_batches, pass);
     experts.end_step();
-    let logits = match result {
-        Ok(l) => l,
+    drop(batch);
+    // Logits of every position that samples or verifies: each fed sequence's last one, and
+    // with speculation its drafts' too (the normed hidden states of all are kept for MTP).
+    let hid = model.config.hidden_size;
+    let result = result.and_then(|out| {
+        if !speculating {
+            return Ok((out, Vec::new()));
+        }
+        let mut rows = Vec::new();
+        let mut end = 0;
+        for ((s, t), &n) in running.iter().zip(&inputs).zip(&fed) {
+            end += t.len();
+            if n > 0 && n == s.feed.len() {
+                let first = end - (t.len() - n) - 1;
+                rows.extend_from_slice(&out[first * hid..end * hid]);
+            }
+        }
+        Ok((model.logits(&rows)?, out))
+    });
+    let (logits, hidden) = match result {
+        Ok(out) => out,
         Err(e) => {
             let status = status_of(&e);
             tracing::warn!(error = %status.message(), "step failed; its requests fail");
@@ -235,14 +302,29 @@ fn step(
     let vocab = model.config.vocab_size;
     let mut keep = Vec::with_capacity(running.len());
     let mut rows = logits.chunks(vocab);
-    for (mut s, &n) in running.drain(..).zip(&fed) {
+    // The MTP module's rows of each sequence kept, for `draft`.
+    let mut feeds: Vec<MtpFeed> = Vec::new();
+    let mut offset = 0;
+    for (((mut s, &n), input), start) in running.drain(..).zip(&fed).zip(&inputs).zip(starts) {
+        let first_row = offset;
+        offset += input.len();
         if n == 0 {
             keep.push(s);
             continue;
         }
-        let Some(row) = rows.next() else { break };
+        let hidden_of = |rows: usize| &hidden[first_row * hid..(first_row + rows) * hid];
         if n < s.feed.len() {
             // Part of its prompt is still to come: nothing to sample yet.
+            if speculating {
+                let tokens = s.feed[1..=n].to_vec();
+                feeds.push(MtpFeed {
+                    index: keep.len(),
+                    position: start,
+                    hidden: hidden_of(n),
+                    tokens,
+                    drafts: 0,
+                });
+            }
             s.feed.drain(..n);
             keep.push(s);
             continue;
@@ -252,35 +334,200 @@ fn step(
                 tracing::warn!(request = %s.id, error = %e, "the prompt's blocks were not cached");
             }
         }
-        let token = match s.sampler.sample(row) {
-            Ok(token) => token,
+        let drafts = s.draft.as_mut().map(|d| std::mem::take(&mut d.tokens)).unwrap_or_default();
+        // The drafts in order until one is rejected; then the token in its place (or, all
+        // accepted, the token after them).
+        let scored: Vec<&[f32]> = rows.by_ref().take(1 + drafts.len()).collect();
+        let mut emitted: Vec<(u32, &[f32])> = Vec::with_capacity(scored.len());
+        let mut failed = None;
+        for (i, row) in scored.into_iter().enumerate() {
+            let token = match drafts.get(i) {
+                Some(&d) => s.sampler.verify(row, d),
+                None => s.sampler.sample(row),
+            };
+            match token {
+                Ok(token) => emitted.push((token, row)),
+                Err(e) => failed = Some(e),
+            }
+            if failed.is_some() || emitted.last().map(|e| e.0) != drafts.get(i).copied() {
+                break;
+            }
+        }
+        if let Some(e) = failed {
+            tracing::warn!(request = %s.id, error = %e, "the step's logits are not finite; the request fails");
+            drop(s.events.try_send(Event::Failed(status_of(&e))));
+            continue;
+        }
+        let accepted = emitted.len() - 1;
+        if !drafts.is_empty() {
+            stats.speculated(drafts.len(), accepted);
+        }
+        let mut finish = None;
+        let mut gone = false;
+        for &(token, row) in &emitted {
+            s.generated += 1;
+            let logprobs = s.logprobs.map(|top| Logprobs::of(row, token, top));
+            if s.events.try_send(Event::Token(token, logprobs)).is_err() {
+                gone = true; // the client went away: drop the sequence and its cache
+                break;
+            }
+            finish = if model.config.eos_token_ids.contains(&token) {
+                Some(Finish::Stop)
+            } else if s.generated >= s.max_tokens {
+                Some(Finish::Length)
+            } else {
+                None
+            };
+            if finish.is_some() {
+                break;
+            }
+        }
+        if gone {
+            continue;
+        }
+        if let Some(f) = finish {
+            drop(s.events.try_send(Event::Done(f)));
+            continue;
+        }
+        let Some(&(last, _)) = emitted.last() else { continue };
+        // The cache keeps the fed tokens up to the last accepted draft.
+        let kept = n + accepted;
+        s.cache.rollback(start + kept);
+        if speculating {
+            let tokens = [&input[1..kept], &[last]].concat();
+            let drafts = limits.speculative_tokens.min(s.max_tokens - s.generated - 1);
+            feeds.push(MtpFeed {
+                index: keep.len(),
+                position: start,
+                hidden: hidden_of(kept),
+                tokens,
+                drafts,
+            });
+        }
+        s.feed = vec![last];
+        keep.push(s);
+    }
+    *running = keep;
+    if !feeds.is_empty() {
+        draft(model, running, &feeds);
+    }
+}
+
+fn mtp_cache(s: &mut Sequence) -> Option<&mut KvCache> {
+    s.draft.as_mut().map(|d| &mut d.cache)
+}
+
+/// What a step gives a sequence's MTP module: the final hidden states of the positions it
+/// accepted from `position` on and the token after each, and how many tokens to draft.
+struct MtpFeed<'a> {
+    /// The sequence's index in the running batch.
+    index: usize,
+    position: usize,
+    hidden: &'a [f32],
+    tokens: Vec<u32>,
+    drafts: usize,
+}
+
+/// Feeds the MTP module of each sequence in `feeds` and drafts its next tokens: the first
+/// from the last row's output, each further one by running the module again on its own
+/// output and the previous draft; those chained rows leave its cache afterwards. A failed MTP
+/// step costs only drafts (the sequences decode without them).
+fn draft(model: &Model, running: &mut [Sequence], feeds: &[MtpFeed]) {
+    let hid = model.config.hidden_size;
+    let mut seqs: Vec<(&mut Sequence, &MtpFeed)> = Vec::with_capacity(feeds.len());
+    let mut feeds_left = feeds.iter().peekable();
+    for (i, s) in running.iter_mut().enumerate() {
+        if let Some(f) = feeds_left.next_if(|f| f.index == i) {
+            seqs.push((s, f));
+        }
+    }
+    // Each cache's length with the accepted rows alone.
+    let exact: Vec<Option<usize>> =
+        seqs.iter_mut().map(|(s, f)| mtp_cache(s).map(|c| c.len() + f.tokens.len())).collect();
+    let mut batch: Vec<MtpRows> = Vec::new();
+    for (s, f) in seqs.iter_mut() {
+        if let Some(cache) = mtp_cache(s) {
+            batch.push(MtpRows { cache, position: f.position, hidden: f.hidden, tokens: &f.tokens });
+        }
+    }
+    let out = match model.mtp_step(&mut batch) {
+        Ok(out) => out,
+        Err(e) => {
+            tracing::warn!(error = %e, "the MTP step failed; decoding without drafts this step");
+            return;
+        }
+    };
+    drop(batch);
+    // Each drafting sequence's latest MTP output row, its next position and its drafts.
+    let mut end = 0;
+    let mut chains: Vec<(usize, Vec<f32>, usize)> = Vec::new();
+    for (j, (_, f)) in seqs.iter().enumerate() {
+        end += f.tokens.len();
+        if f.drafts > 0 {
+            chains.push((j, out[(end - 1) * hid..end * hid].to_vec(), f.position + f.tokens.len()));
+        }
+    }
+    for round in 0.. {
+        if chains.is_empty() {
+            break;
+        }
+        let rows: Vec<f32> = chains.iter().flat_map(|c| c.1.iter().copied()).collect();
+        let logits = match model.logits(&rows) {
+            Ok(l) => l,
             Err(e) => {
-                tracing::warn!(request = %s.id, error = %e, "the step's logits are not finite; the request fails");
-                drop(s.events.try_send(Event::Failed(status_of(&e))));
-                continue;
+                tracing::warn!(error = %e, "the MTP step failed; decoding without drafts this step");
+                break;
             }
         };
-        s.generated += 1;
-        let logprobs = s.logprobs.map(|top| Logprobs::of(row, token, top));
-        if s.events.try_send(Event::Token(token, logprobs)).is_err() {
-            continue; // the client went away: drop the sequence and its cache
+        let vocab = model.config.vocab_size;
+        for (c, row) in chains.iter().zip(logits.chunks(vocab)) {
+            if let Some(d) = seqs[c.0].0.draft.as_mut() {
+                d.tokens.push(kubemoe_model::sampling::argmax(row));
+            }
         }
-        let finish = if model.config.eos_token_ids.contains(&token) {
-            Some(Finish::Stop)
-        } else if s.generated >= s.max_tokens {
-            Some(Finish::Length)
-        } else {
-            None
-        };
-        match finish {
-            Some(f) => drop(s.events.try_send(Event::Done(f))),
-            None => {
-                s.feed = vec![token];
-                keep.push(s);
+        chains.retain(|c| seqs[c.0].1.drafts > round + 1);
+        if chains.is_empty() {
+            break;
+        }
+        let tokens: Vec<[u32; 1]> = chains
+            .iter()
+            .map(|c| [seqs[c.0].0.draft.as_ref().and_then(|d| d.tokens.last().copied()).unwrap_or(0)])
+            .collect();
+        let mut batch: Vec<MtpRows> = Vec::new();
+        let mut order = Vec::new();
+        for (j, (s, _)) in seqs.iter_mut().enumerate() {
+            if let Some(k) = chains.iter().position(|c| c.0 == j) {
+                let Some(cache) = mtp_cache(s) else { continue };
+                order.push(k);
+                batch.push(MtpRows {
+                    cache,
+                    position: chains[k].2,
+                    hidden: &chains[k].1,
+                    tokens: &tokens[k],
+                });
+            }
+        }
+        let out = model.mtp_step(&mut batch);
+        drop(batch);
+        match out {
+            Ok(out) => {
+                for (k, row) in order.iter().zip(out.chunks(hid)) {
+                    chains[*k].1 = row.to_vec();
+                    chains[*k].2 += 1;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "a chained MTP step failed; fewer drafts this step");
+                break;
             }
         }
     }
-    *running = keep;
+    // The chained rows were guesses: only the rows of accepted positions stay.
+    for ((s, _), len) in seqs.iter_mut().zip(exact) {
+        if let (Some(cache), Some(len)) = (mtp_cache(s), len) {
+            cache.rollback(len);
+        }
+    }
 }
 
 /// Whose turn it is to compute on the router: the two micro-batches of a step take turns, one
@@ -342,6 +589,7 @@ fn in_turn(
     batch: &mut [(&mut KvCache, &[u32])],
     experts: &dyn RoutedExperts,
     baton: &Baton,
+    pass: Pass,
 ) -> kubemoe_model::Result<Vec<f32>> {
     /// Gives the baton back however the step ends.
     struct Holding<'a>(&'a Baton);
@@ -352,8 +600,13 @@ fn in_turn(
     }
     baton.take();
     let _holding = Holding(baton);
-    model.forward_step_with(batch, &TakingTurns { experts, baton })
+    pass(model, batch, &TakingTurns { experts, baton })
 }
+
+/// A forward step of the model: [`Model::forward_step_with`] (last-token logits) or
+/// [`Model::forward_step_hidden`] (every new token's normed hidden state).
+pub type Pass =
+    fn(&Model, &mut [(&mut KvCache, &[u32])], &dyn RoutedExperts) -> kubemoe_model::Result<Vec<f32>>;
 
 /// One forward step of `batch`, in `micro_batches` (1 or 2): with 2 and at least two
 /// sequences, the batch is cut into two halves of about equal tokens, each a forward step of
@@ -361,15 +614,16 @@ fn in_turn(
 /// half's tokens are on the workers the other's attention and dense layers run (DeepSeek-V3's
 /// two-micro-batch overlap, arXiv:2412.19437 §3.4; SGLang's two-batch overlap). Each sequence
 /// computes what it would in one batch (to float rounding: the matrices see fewer rows).
-/// Logits in batch order.
+/// `pass`'s rows in batch order.
 pub fn forward(
     model: &Model,
     batch: &mut [(&mut KvCache, &[u32])],
     experts: &dyn RoutedExperts,
     micro_batches: usize,
+    pass: Pass,
 ) -> kubemoe_model::Result<Vec<f32>> {
     if micro_batches < 2 || batch.len() < 2 {
-        return model.forward_step_with(batch, experts);
+        return pass(model, batch, experts);
     }
     let total: usize = batch.iter().map(|(_, t)| t.len()).sum();
     let mut seen = 0;
@@ -391,11 +645,11 @@ pub fn forward(
     let (a, b) = std::thread::scope(|s| {
         let other = s.spawn(|| {
             let _ending = Ending(experts);
-            in_turn(model, first, experts, &baton)
+            in_turn(model, first, experts, &baton, pass)
         });
         let b = {
             let _ending = Ending(experts);
-            in_turn(model, second, experts, &baton)
+            in_turn(model, second, experts, &baton, pass)
         };
         (other.join(), b)
     });
@@ -429,17 +683,105 @@ mod tests {
         let logits = |micro_batches: usize| {
             let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(&model.config)).collect();
             let mut batch: Vec<(&mut KvCache, &[u32])> = caches.iter_mut().zip(prompts).collect();
-            let first = forward(&model, &mut batch, &model, micro_batches).unwrap();
+            let first = forward(&model, &mut batch, &model, micro_batches, Model::forward_step_with).unwrap();
             // The caches advanced as one batch's would: a decode step after agrees too.
             let mut batch: Vec<(&mut KvCache, &[u32])> =
                 caches.iter_mut().map(|c| (c, &[7u32][..])).collect();
-            (first, forward(&model, &mut batch, &model, micro_batches).unwrap())
+            (first, forward(&model, &mut batch, &model, micro_batches, Model::forward_step_with).unwrap())
         };
         let (one, two) = (logits(1), logits(2));
         for (a, b) in [(&one.0, &two.0), (&one.1, &two.1)] {
             assert_eq!(a.len(), 4 * model.config.vocab_size);
             let err = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
             assert!(err < 1e-4, "{err}");
+        }
+    }
+
+    /// Every request's tokens from a batch loop with `limits`, experts in this process.
+    fn serve(
+        model: &Arc<Model>,
+        limits: Limits,
+        requests: &[(Vec<u32>, usize)],
+    ) -> (Vec<Vec<u32>>, Arc<Stats>) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let stats = Arc::new(Stats::default());
+        let shutdown = CancellationToken::new();
+        let experts: Arc<dyn RoutedExperts + Send> = model.clone();
+        let (engine, thread) =
+            spawn(model.clone(), experts, limits, 0, requests.len(), stats.clone(), shutdown.clone())
+                .unwrap();
+        let mut streams = Vec::new();
+        for (i, (prompt, max_tokens)) in requests.iter().enumerate() {
+            let (events, rx) = mpsc::channel(max_tokens + 1);
+            let sampling = SamplingParams::default();
+            let id = Arc::from(format!("r{i}"));
+            engine
+                .submit(Submission {
+                    id,
+                    prompt: prompt.clone(),
+                    max_tokens: *max_tokens,
+                    sampling,
+                    logprobs: None,
+                    events,
+                })
+                .unwrap();
+            streams.push(rx);
+        }
+        let tokens = runtime.block_on(async {
+            let mut all = Vec::new();
+            for mut rx in streams {
+                let mut tokens = Vec::new();
+                loop {
+                    match rx.recv().await.unwrap() {
+                        Event::Token(t, _) => tokens.push(t),
+                        Event::Done(_) => break,
+                        Event::Failed(s) => panic!("{s:?}"),
+                    }
+                }
+                all.push(tokens);
+            }
+            all
+        });
+        shutdown.cancel();
+        thread.join().unwrap();
+        (tokens, stats)
+    }
+
+    #[test]
+    fn greedy_speculation_emits_the_tokens_of_plain_decoding_batched_chunked_and_alone() {
+        let dir =
+            |d: &str| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(d).display().to_string();
+        // A random model (drafts mostly rejected) and the trained one (mostly accepted).
+        for path in [dir("../model/tests/fixtures/mtp-tiny"), dir("../models/kubemoe-tiny-chat")] {
+            let model = Arc::new(source::open(&path, Experts::All).unwrap());
+            let vocab = model.config.vocab_size as u32;
+            let requests: Vec<(Vec<u32>, usize)> = (0..6u32)
+                .map(|i| {
+                    (
+                        (0..1 + i * 5).map(|j| (j * 37 + i * 11) % (vocab - 4) + 4).collect(),
+                        6 + 5 * i as usize,
+                    )
+                })
+                .collect();
+            let limits = |max_batch_tokens, speculative_tokens| Limits {
+                max_batch_tokens,
+                max_running: 8,
+                kv_budget_tokens: 1 << 20,
+                micro_batches: 1,
+                speculative_tokens,
+            };
+            let (plain, _) = serve(&model, limits(4096, 0), &requests);
+            for k in [1, 2, 3] {
+                // Together; in steps of 9 tokens (prompts in chunks beside drafts); one by one.
+                for budget in [4096, 9] {
+                    let (got, stats) = serve(&model, limits(budget, k), &requests);
+                    assert_eq!(got, plain, "{path} mtp:{k}, steps of {budget}");
+                    assert!(stats.spec_drafts.load(Ordering::Relaxed) > 0);
+                }
+                for (r, want) in requests.iter().zip(&plain) {
+                    assert_eq!(&serve(&model, limits(4096, k), std::slice::from_ref(r)).0[0], want);
+                }
+            }
         }
     }
 }

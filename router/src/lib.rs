@@ -11,6 +11,7 @@
 pub mod bench;
 pub mod bench_api;
 pub mod bench_prefill;
+pub mod bench_spec;
 pub mod client;
 pub mod delay;
 pub mod dispatch;
@@ -103,6 +104,9 @@ pub struct Options {
     pub prefix_cache_bytes: usize,
     /// Micro-batches per step (1 or 2: [`engine::forward`]).
     pub micro_batches: usize,
+    /// Draft tokens per decode step from DeepSeek-V3's MTP module (`--speculative mtp:K`,
+    /// [`engine`]; 0: no speculation, at most [`kubemoe_api::speculative::MAX_DRAFT_TOKENS`]).
+    pub speculative_tokens: usize,
     pub max_concurrent: usize,
     /// Prompt plus new tokens per request; at most the model's `max_position_embeddings`.
     pub max_context: usize,
@@ -202,11 +206,26 @@ pub async fn run(
     // Loading and what can fail after it.
     let starting = async {
         let model_spec = opts.model.clone();
-        let precision = opts.precision;
-        let load = move || source::open_as(&model_spec, Experts::None, precision);
+        let (precision, speculative) = (opts.precision, opts.speculative_tokens);
+        let load = move || {
+            if speculative == 0 {
+                return source::open_as(&model_spec, Experts::None, precision);
+            }
+            // Speculation runs the MTP module here, its routed experts too (they are in no
+            // worker's placement): the layers from `num_hidden_layers` on.
+            let first_mtp = source::open_tensors(&model_spec, &|_| false)?.0.num_hidden_layers;
+            source::open_as(&model_spec, Experts::Only(&|layer, _| layer >= first_mtp), precision)
+        };
         let model = tokio::task::spawn_blocking(move || kubemoe_model::progress::reported("router", load))
             .await
             .map_err(|e| Error::Workers(format!("model loading task: {e}")))??;
+        if opts.speculative_tokens > 0 && model.mtp.is_empty() {
+            return Err(Error::Config(format!(
+                "--speculative mtp:{}: {} has no MTP module (its config's num_nextn_predict_layers is 0 \
+                 or the checkpoint lacks the module's weights): serve it without --speculative",
+                opts.speculative_tokens, opts.model
+            )));
+        }
         let held = kubemoe_model::memory::Held::of(model.matrices());
         kubemoe_model::memory::log_loaded("router", &held);
         let config = model.config.clone();
@@ -216,14 +235,17 @@ pub async fn run(
             max_running: opts.max_running,
             kv_budget_tokens: opts.kv_budget_bytes / config.kv_bytes_per_token().max(1),
             micro_batches: opts.micro_batches,
+            speculative_tokens: opts.speculative_tokens,
         };
         // One request of the whole context must fit an empty cache: admission then never waits
         // for room that cannot come, and the context check refuses every request that would.
-        if limits.kv_budget_tokens < max_context {
-            let need = (max_context * config.kv_bytes_per_token()).div_ceil(1 << 20);
+        let largest = limits.reservation(max_context, config.num_hidden_layers);
+        if limits.kv_budget_tokens < largest {
+            let need = (largest * config.kv_bytes_per_token()).div_ceil(1 << 20);
             return Err(Error::Config(format!(
                 "--kv-budget-mib {} holds {} tokens of this model's KV cache ({} bytes each), fewer \
-                 than one request of --max-context {max_context}: raise --kv-budget-mib to at least \
+                 than the {largest} one request of --max-context {max_context} reserves (with its \
+                 drafts and MTP cache when speculating): raise --kv-budget-mib to at least \
                  {need} or lower --max-context",
                 opts.kv_budget_bytes >> 20,
                 limits.kv_budget_tokens,

@@ -26,6 +26,17 @@ pub struct Limits {
     /// Micro-batches a step runs in, overlapping one's dispatch with the other's compute
     /// ([`crate::engine::forward`]): 1 or 2.
     pub micro_batches: usize,
+    /// Draft tokens per decode step (`--speculative mtp:K`; 0: no speculation). They count in
+    /// `max_batch_tokens`.
+    pub speculative_tokens: usize,
+}
+
+impl Limits {
+    /// The KV cache a sequence of `tokens` (prompt + `max_tokens`) reserves in a model of
+    /// `layers` layers ([`kubemoe_api::speculative::reservation`]).
+    pub fn reservation(&self, tokens: usize, layers: usize) -> usize {
+        kubemoe_api::speculative::reservation(tokens, self.speculative_tokens, layers)
+    }
 }
 
 /// What the running batch already uses.
@@ -73,8 +84,13 @@ pub fn chunks(max_batch_tokens: usize, pending: &[usize]) -> Vec<usize> {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits =
-        Limits { max_batch_tokens: 100, max_running: 3, kv_budget_tokens: 1000, micro_batches: 1 };
+    const LIMITS: Limits = Limits {
+        max_batch_tokens: 100,
+        max_running: 3,
+        kv_budget_tokens: 1000,
+        micro_batches: 1,
+        speculative_tokens: 0,
+    };
 
     #[test]
     fn joins_in_order_until_a_limit_is_reached() {

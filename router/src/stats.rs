@@ -5,6 +5,7 @@
 //! (gRPC and HTTP alike) records its latencies and tokens. Rendered by [`crate::metrics`].
 
 use kubemoe_api::metrics::{label_value, Histogram};
+use kubemoe_api::speculative::MAX_DRAFT_TOKENS;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -41,6 +42,12 @@ pub struct Stats {
     pub prefix_hit_tokens: AtomicU64,
     /// Bytes of latent rows the prefix cache holds.
     pub prefix_cache_bytes: AtomicUsize,
+    /// Speculative decoding: verification steps with drafts, draft tokens, those accepted, and
+    /// those accepted at each draft position (the first `MAX_DRAFT_TOKENS`).
+    pub spec_drafts: AtomicU64,
+    pub spec_draft_tokens: AtomicU64,
+    pub spec_accepted_tokens: AtomicU64,
+    pub spec_accepted_per_position: [AtomicU64; MAX_DRAFT_TOKENS],
 }
 
 impl Default for Stats {
@@ -60,11 +67,25 @@ impl Default for Stats {
             prefix_queried_tokens: AtomicU64::new(0),
             prefix_hit_tokens: AtomicU64::new(0),
             prefix_cache_bytes: AtomicUsize::new(0),
+            spec_drafts: AtomicU64::new(0),
+            spec_draft_tokens: AtomicU64::new(0),
+            spec_accepted_tokens: AtomicU64::new(0),
+            spec_accepted_per_position: Default::default(),
         }
     }
 }
 
 impl Stats {
+    /// Counts a verification of `drafts` draft tokens of which the first `accepted` passed.
+    pub fn speculated(&self, drafts: usize, accepted: usize) {
+        self.spec_drafts.fetch_add(1, Ordering::Relaxed);
+        self.spec_draft_tokens.fetch_add(drafts as u64, Ordering::Relaxed);
+        self.spec_accepted_tokens.fetch_add(accepted as u64, Ordering::Relaxed);
+        for position in &self.spec_accepted_per_position[..accepted.min(MAX_DRAFT_TOKENS)] {
+            position.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// The exposition text, every series labelled `model_name`.
     pub fn render(&self, out: &mut String, model_name: &str) {
         let labels = format!("model_name=\"{}\"", label_value(model_name));
@@ -106,6 +127,33 @@ impl Stats {
             "prefix_cache_hits_total",
             "Prompt tokens found in the prefix cache (not prefilled again).",
             &[("", load(&self.prefix_hit_tokens))],
+        );
+        counter(
+            "spec_decode_num_drafts_total",
+            "Decode steps of a sequence that verified draft tokens (MTP speculative decoding).",
+            &[("", load(&self.spec_drafts))],
+        );
+        counter(
+            "spec_decode_num_draft_tokens_total",
+            "Draft tokens proposed and verified.",
+            &[("", load(&self.spec_draft_tokens))],
+        );
+        counter(
+            "spec_decode_num_accepted_tokens_total",
+            "Draft tokens accepted.",
+            &[("", load(&self.spec_accepted_tokens))],
+        );
+        let per_position: Vec<(String, u64)> = self
+            .spec_accepted_per_position
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (format!(",position=\"{i}\""), load(a)))
+            .collect();
+        counter(
+            "spec_decode_num_accepted_tokens_per_pos_total",
+            "Draft tokens accepted, by position among a step's drafts (0: the first); over \
+             vllm:spec_decode_num_drafts_total, the acceptance rate of each position.",
+            &per_position.iter().map(|(l, v)| (l.as_str(), *v)).collect::<Vec<_>>(),
         );
         counter(
             "request_success_total",
@@ -165,5 +213,25 @@ mod tests {
         assert!((sum - 5.063).abs() < 1e-9, "{sum}");
         assert!(line("vllm:request_success_total{model_name=\"m\\\"x\",finished_reason=\"length\"}")
             .ends_with(" 2"));
+        // Two verifications of 3 drafts: 2 then 0 accepted.
+        stats.speculated(3, 2);
+        stats.speculated(3, 0);
+        let mut text = String::new();
+        stats.render(&mut text, "m");
+        let value = |prefix: &str| {
+            text.lines().find(|l| l.starts_with(prefix)).map(|l| l.rsplit(' ').next().unwrap().to_string())
+        };
+        assert_eq!(value("vllm:spec_decode_num_drafts_total").as_deref(), Some("2"));
+        assert_eq!(value("vllm:spec_decode_num_draft_tokens_total").as_deref(), Some("6"));
+        assert_eq!(value("vllm:spec_decode_num_accepted_tokens_total").as_deref(), Some("2"));
+        let pos = |i: usize| {
+            value(&format!(
+                "vllm:spec_decode_num_accepted_tokens_per_pos_total{{model_name=\"m\",position=\"{i}\"}}"
+            ))
+        };
+        assert_eq!(
+            (pos(0).as_deref(), pos(1).as_deref(), pos(2).as_deref()),
+            (Some("1"), Some("1"), Some("0"))
+        );
     }
 }
