@@ -406,7 +406,7 @@ impl Model {
 
     /// Runs the new `tokens` of each sequence against its cache (a prompt, a chunk of one, or
     /// one decode token), appends them to the cache, and returns each sequence's last-token
-    /// logits [sequences, vocab]. On error every cache is left as it was.
+    /// logits [sequences, vocab]. If a layer fails, every cache is left as it was.
     pub fn forward_step(&self, batch: &mut [(&mut KvCache, &[u32])]) -> Result<Vec<f32>> {
         self.forward_step_with(batch, self)
     }

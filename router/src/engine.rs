@@ -314,8 +314,11 @@ fn step(
         }
         let hidden_of = |rows: usize| &hidden[first_row * hid..(first_row + rows) * hid];
         if n < s.feed.len() {
-            // Part of its prompt is still to come: nothing to sample yet.
-            if speculating {
+            // Part of its prompt is still to come: nothing to sample yet (without speculation
+            // the pass gave its last row's logits all the same).
+            if !speculating {
+                rows.next();
+            } else {
                 let tokens = s.feed[1..=n].to_vec();
                 feeds.push(MtpFeed {
                     index: keep.len(),
@@ -771,12 +774,12 @@ mod tests {
                 speculative_tokens,
             };
             let (plain, _) = serve(&model, limits(4096, 0), &requests);
-            for k in [1, 2, 3] {
+            for k in [0, 1, 2, 3] {
                 // Together; in steps of 9 tokens (prompts in chunks beside drafts); one by one.
                 for budget in [4096, 9] {
                     let (got, stats) = serve(&model, limits(budget, k), &requests);
                     assert_eq!(got, plain, "{path} mtp:{k}, steps of {budget}");
-                    assert!(stats.spec_drafts.load(Ordering::Relaxed) > 0);
+                    assert_eq!(stats.spec_drafts.load(Ordering::Relaxed) > 0, k > 0);
                 }
                 for (r, want) in requests.iter().zip(&plain) {
                     assert_eq!(&serve(&model, limits(4096, k), std::slice::from_ref(r)).0[0], want);
