@@ -356,15 +356,10 @@ fn step(
                 break;
             }
         }
-        if let Some(e) = failed {
-            tracing::warn!(request = %s.id, error = %e, "the step's logits are not finite; the request fails");
-            drop(s.events.try_send(Event::Failed(status_of(&e))));
-            continue;
+        if failed.is_none() && !drafts.is_empty() {
+            stats.speculated(drafts.len(), emitted.len() - 1);
         }
-        let accepted = emitted.len() - 1;
-        if !drafts.is_empty() {
-            stats.speculated(drafts.len(), accepted);
-        }
+        // The tokens in order, until one ends the request (those after it are dropped).
         let mut finish = None;
         let mut gone = false;
         for &(token, row) in &emitted {
@@ -392,7 +387,14 @@ fn step(
             drop(s.events.try_send(Event::Done(f)));
             continue;
         }
+        if let Some(e) = failed {
+            // After the drafts accepted before it, as decoding without them would have sent.
+            tracing::warn!(request = %s.id, error = %e, "the step's logits are not finite; the request fails");
+            drop(s.events.try_send(Event::Failed(status_of(&e))));
+            continue;
+        }
         let Some(&(last, _)) = emitted.last() else { continue };
+        let accepted = emitted.len() - 1;
         // The cache keeps the fed tokens up to the last accepted draft.
         let kept = n + accepted;
         s.cache.rollback(start + kept);
