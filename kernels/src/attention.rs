@@ -65,6 +65,59 @@ pub fn causal_attention(
     Ok(())
 }
 
+/// The shape of MLA attention on a latent cache (DeepSeek-V2 report §2.1.2, the absorbed
+/// form): `heads` query heads against rows of `rank` latent values (`c_kv`) followed by `rope`
+/// values of the shared rotary key (`k_pe`), scores scaled by `scale`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Latent {
+    pub heads: usize,
+    pub rank: usize,
+    pub rope: usize,
+    pub scale: f32,
+}
+
+impl Latent {
+    /// Values per cache row and per absorbed query: `rank + rope`.
+    pub fn width(&self) -> usize {
+        self.rank + self.rope
+    }
+
+    /// Cache rows in `cache`, after checking that `qa`, `cache` and `out` fit `n` queries.
+    pub fn check(&self, qa: usize, cache: usize, n: usize, out: usize) -> Result<usize> {
+        let w = self.width();
+        if w == 0 || self.heads == 0 || !cache.is_multiple_of(w) || cache / w < n {
+            return Err(crate::Error::Shape {
+                op: "latent_attention",
+                detail: format!("{cache} cache values are not rows of {w} for {n} queries"),
+            });
+        }
+        check_len("latent_attention", "queries", qa, n * self.heads * w)?;
+        check_len("latent_attention", "output", out, n * self.heads * self.rank)?;
+        Ok(cache / w)
+    }
+}
+
+/// `out` [n, heads, rank] = causal softmax(scale · `qa` · `cache`ᵀ) · `c_kv`: the absorbed
+/// queries `qa` [n, heads, rank + rope] (`q_nopeᵀ W_k` then the roped `q_pe`) of the last `n`
+/// of the `s` positions in `cache` [s, rank + rope]; query `i` sees positions `..= s - n + i`.
+/// The caller applies `W_v` per head.
+pub fn latent_attention(shape: Latent, qa: &[f32], cache: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
+    let s = shape.check(qa.len(), cache.len(), n, out.len())?;
+    let (heads, r, w) = (shape.heads, shape.rank, shape.width());
+    // Scores [n, heads, s] against every cached row, shared by all heads.
+    let mut scores = vec![0f32; n * heads * s];
+    matmul(
+        View::new(&qa[..n * heads * w], n * heads, w)?,
+        View::new(cache, s, w)?,
+        true,
+        &mut scores,
+        s,
+        false,
+    )?;
+    causal_softmax(&mut scores, n, heads, s, s - n, shape.scale)?;
+    matmul(View::new(&scores, n * heads, s)?, View::strided(cache, s, r, w)?, false, out, r, false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

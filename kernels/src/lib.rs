@@ -1,4 +1,5 @@
-//! Compute primitives for DeepSeek-family MoE inference, on the CPU.
+//! Compute primitives for DeepSeek-family MoE inference, on the CPU and, with the `cuda`
+//! feature, on NVIDIA GPUs ([`device`] is what both provide; `cuda` states the GPU's rules).
 //!
 //! Every kernel takes flat row-major `f32` slices plus their dimensions, checks that the
 //! slices cover those dimensions (a [`Error::Shape`] otherwise), and reduces in `f32`.
@@ -9,6 +10,9 @@
 
 pub mod activation;
 pub mod attention;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod device;
 pub mod dtype;
 pub mod gate;
 pub mod matmul;
@@ -33,6 +37,10 @@ pub enum Error {
     /// A stored value that is NaN or infinite, or widens to one.
     #[error("{what} value at index {index} is {value}: the checkpoint is corrupt or was saved after a diverged step")]
     NonFinite { what: &'static str, index: usize, value: f32 },
+    /// A CUDA library is missing, or the driver, NVRTC or a launch failed.
+    #[cfg(feature = "cuda")]
+    #[error("CUDA {what}: {detail}")]
+    Cuda { what: &'static str, detail: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -41,47 +41,8 @@ pub fn grouped_expert_ffn(
 ) -> Result<()> {
     let tokens = x.len() / hidden.max(1);
     check_len("expert_ffn", "output", out.len(), tokens * hidden)?;
-    for (i, e) in experts.iter().enumerate() {
-        let shapes = [&e.gate_proj, &e.up_proj, &e.down_proj].map(|w| [w.rows(), w.cols()]);
-        if shapes != [[inter, hidden], [inter, hidden], [hidden, inter]] {
-            return Err(Error::Shape {
-                op: "expert_ffn",
-                detail: format!(
-                    "expert {i} weights are {shapes:?}, an expert of hidden size {hidden} and \
-                     intermediate size {inter} needs [[{inter}, {hidden}], [{inter}, {hidden}], [{hidden}, {inter}]]"
-                ),
-            });
-        }
-    }
-    // Counting sort of the assignments by expert.
-    let mut counts = vec![0usize; experts.len()];
-    for a in assignments {
-        if a.expert as usize >= experts.len() || a.token as usize >= tokens {
-            return Err(Error::Param {
-                op: "expert_ffn",
-                detail: format!(
-                    "assignment of token {} to expert {} outside {tokens} tokens and {} experts",
-                    a.token,
-                    a.expert,
-                    experts.len()
-                ),
-            });
-        }
-        counts[a.expert as usize] += 1;
-    }
-    let mut next: Vec<usize> = counts
-        .iter()
-        .scan(0, |acc, c| {
-            let start = *acc;
-            *acc += c;
-            Some(start)
-        })
-        .collect();
-    let mut order = vec![0usize; assignments.len()];
-    for (i, a) in assignments.iter().enumerate() {
-        order[next[a.expert as usize]] = i;
-        next[a.expert as usize] += 1;
-    }
+    check_experts(hidden, inter, experts)?;
+    let (counts, order) = sort_by_expert(assignments, experts.len(), tokens)?;
     // Each expert writes its rows of `y` [assignments, hidden] in sorted order.
     let mut y = vec![0f32; assignments.len() * hidden];
     let mut work = Vec::new();
@@ -117,6 +78,60 @@ pub fn grouped_expert_ffn(
         }
     }
     Ok(())
+}
+
+/// Fails unless every expert is `hidden → inter → hidden`.
+pub(crate) fn check_experts(hidden: usize, inter: usize, experts: &[ExpertRef<'_>]) -> Result<()> {
+    for (i, e) in experts.iter().enumerate() {
+        let shapes = [&e.gate_proj, &e.up_proj, &e.down_proj].map(|w| [w.rows(), w.cols()]);
+        if shapes != [[inter, hidden], [inter, hidden], [hidden, inter]] {
+            return Err(Error::Shape {
+                op: "expert_ffn",
+                detail: format!(
+                    "expert {i} weights are {shapes:?}, an expert of hidden size {hidden} and \
+                     intermediate size {inter} needs [[{inter}, {hidden}], [{inter}, {hidden}], [{hidden}, {inter}]]"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The assignments sorted by expert (a counting sort, stable): `counts[e]` of them go to expert
+/// `e`, and `order` lists their indices, expert 0's first. Refuses an assignment outside
+/// `tokens` or `experts`.
+pub(crate) fn sort_by_expert(
+    assignments: &[Assignment],
+    experts: usize,
+    tokens: usize,
+) -> Result<(Vec<usize>, Vec<usize>)> {
+    let mut counts = vec![0usize; experts];
+    for a in assignments {
+        if a.expert as usize >= experts || a.token as usize >= tokens {
+            return Err(Error::Param {
+                op: "expert_ffn",
+                detail: format!(
+                    "assignment of token {} to expert {} outside {tokens} tokens and {experts} experts",
+                    a.token, a.expert
+                ),
+            });
+        }
+        counts[a.expert as usize] += 1;
+    }
+    let mut next: Vec<usize> = counts
+        .iter()
+        .scan(0, |acc, c| {
+            let start = *acc;
+            *acc += c;
+            Some(start)
+        })
+        .collect();
+    let mut order = vec![0usize; assignments.len()];
+    for (i, a) in assignments.iter().enumerate() {
+        order[next[a.expert as usize]] = i;
+        next[a.expert as usize] += 1;
+    }
+    Ok((counts, order))
 }
 
 #[cfg(test)]

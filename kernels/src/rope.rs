@@ -40,10 +40,10 @@ impl Yarn {
 /// Precomputed inverse frequencies for one rotary dimension.
 #[derive(Clone, Debug)]
 pub struct Rope {
-    inv_freq: Vec<f64>,
+    pub(crate) inv_freq: Vec<f64>,
     /// Multiplies cos and sin (YaRN's `mscale / mscale_all_dim` ratio; 1 without YaRN).
-    attention_factor: f64,
-    interleaved: bool,
+    pub(crate) attention_factor: f64,
+    pub(crate) interleaved: bool,
 }
 
 impl Rope {

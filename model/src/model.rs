@@ -16,9 +16,9 @@ use crate::layers::{
     Attention, DecoderLayer, Experts, FeedForward, Linear, Loader, RmsNorm, RoutedExperts, Routing,
 };
 use crate::{Error, Result};
-use kubemoe_kernels::attention::{causal_attention, causal_softmax};
+use kubemoe_kernels::attention::{causal_attention, latent_attention, Latent};
 use kubemoe_kernels::rope::Rope;
-use kubemoe_kernels::{matmul, View, Weight};
+use kubemoe_kernels::{View, Weight};
 use std::collections::BTreeMap;
 
 /// The multi-token-prediction module of DeepSeek-V3 (report §2.2), stored as decoder layer
@@ -378,7 +378,6 @@ impl Model {
         let (heads, dn, dr, dv, r) =
             (c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank);
         let (dq, w) = (dn + dr, r + dr);
-        let s = cache.len() / w;
         let kv_b = &attn.kv_b_proj.weight; // [heads, dn + dv, r]
                                            // Absorbed queries [n, heads, r + dr]: q_nope · W_k[h] (W_k[h] is [dn, r]), then q_pe.
         let mut qa = vec![0f32; n * heads * w];
@@ -390,13 +389,10 @@ impl Model {
                 qa[row + r..row + w].copy_from_slice(&q[(i * heads + h) * dq + dn..][..dr]);
             }
         }
-        // Scores [n, heads, s] against every cached row, shared by all heads.
-        let mut scores = vec![0f32; n * heads * s];
-        matmul(View::new(&qa, n * heads, w)?, View::new(cache, s, w)?, true, &mut scores, s, false)?;
-        causal_softmax(&mut scores, n, heads, s, s - n, c.softmax_scale())?;
         // Latent outputs [n, heads, r] = P · c_kv, then W_v[h] ([dv, r]) per head.
         let mut lat = vec![0f32; n * heads * r];
-        matmul(View::new(&scores, n * heads, s)?, View::strided(cache, s, r, w)?, false, &mut lat, r, false)?;
+        let shape = Latent { heads, rank: r, rope: dr, scale: c.softmax_scale() };
+        latent_attention(shape, &qa, cache, n, &mut lat)?;
         for h in 0..heads {
             let l = View::strided(&lat[h * r..], n, r, heads * r)?;
             kv_b.rows_view(h * (dn + dv) + dn, dv)?.linear(l, &mut out[h * dv..], heads * dv)?;
