@@ -35,21 +35,22 @@ struct Fp8 { static __device__ float at(const void* w, size_t i) { return fp8_e4
 #define TILE 16
 
 // y[r, :] = x[r, :] · W_eᵀ for the rows r of expert e = blockIdx.z, offsets[e] ≤ r < offsets[e + 1]:
-// x [R, k] f32, y [R, n] f32; the experts' weights W_e [n, k] lie `w_stride` bytes apart from
-// `w`; FP8's scales [⌈n/b0⌉, ⌈k/b1⌉] `s_stride` floats apart from `scales` (unused otherwise).
-// Blocks of TILE × TILE threads, one output each; weight values widened to f32 in shared memory.
+// x [R, k] f32, y [R, n] f32; expert e's weight W_e [n, k] is at address w_ptrs[e], and for FP8
+// its scales [⌈n/b0⌉, ⌈k/b1⌉] at s_ptrs[e] (s_ptrs is null otherwise). Blocks of TILE × TILE
+// threads, one output each; weight values widened to f32 in shared memory.
 template <typename W>
-__device__ void expert_linear(const float* __restrict__ x, const int* __restrict__ offsets, const u8* __restrict__ w,
-                              long long w_stride, const float* __restrict__ scales, long long s_stride, int b0, int b1,
-                              int n, int k, float* __restrict__ y) {
+__device__ void expert_linear(const float* __restrict__ x, const int* __restrict__ offsets,
+                              const unsigned long long* __restrict__ w_ptrs,
+                              const unsigned long long* __restrict__ s_ptrs, int b0, int b1, int n, int k,
+                              float* __restrict__ y) {
     __shared__ float xs[TILE][TILE + 1], ws[TILE][TILE + 1];
     const int e = blockIdx.z;
     const int r0 = offsets[e] + blockIdx.y * TILE, r1 = offsets[e + 1];
     if (r0 >= r1) return;  // the whole block: this expert has fewer rows
     const int row = r0 + threadIdx.y, col = blockIdx.x * TILE + threadIdx.x;
     const int w_row = blockIdx.x * TILE + threadIdx.y;
-    const void* we = w + e * w_stride;
-    const float* se = scales ? scales + e * s_stride : scales;
+    const void* we = (const void*)w_ptrs[e];
+    const float* se = s_ptrs ? (const float*)s_ptrs[e] : (const float*)0;
     const int grid_cols = (k + b1 - 1) / b1;
     float acc = 0.0f;
     for (int k0 = 0; k0 < k; k0 += TILE) {
@@ -58,7 +59,7 @@ __device__ void expert_linear(const float* __restrict__ x, const int* __restrict
         float v = 0.0f;
         if (w_row < n && kk < k) {
             v = W::at(we, (size_t)w_row * k + kk);
-            if (scales) v *= se[(w_row / b0) * grid_cols + kk / b1];
+            if (se) v *= se[(w_row / b0) * grid_cols + kk / b1];
         }
         ws[threadIdx.y][threadIdx.x] = v;
         __syncthreads();
@@ -68,10 +69,10 @@ __device__ void expert_linear(const float* __restrict__ x, const int* __restrict
     if (row < r1 && col < n) y[(size_t)row * n + col] = acc;
 }
 
-#define EXPERT_LINEAR(name, W)                                                                                    \
-    extern "C" __global__ void name(const float* x, const int* offsets, const u8* w, long long w_stride,          \
-                                    const float* scales, long long s_stride, int b0, int b1, int n, int k, float* y) { \
-        expert_linear<W>(x, offsets, w, w_stride, scales, s_stride, b0, b1, n, k, y);                             \
+#define EXPERT_LINEAR(name, W)                                                                                \
+    extern "C" __global__ void name(const float* x, const int* offsets, const unsigned long long* w_ptrs,     \
+                                    const unsigned long long* s_ptrs, int b0, int b1, int n, int k, float* y) { \
+        expert_linear<W>(x, offsets, w_ptrs, s_ptrs, b0, b1, n, k, y);                                        \
     }
 EXPERT_LINEAR(expert_linear_f32, F32)
 EXPERT_LINEAR(expert_linear_bf16, Bf16)

@@ -13,7 +13,7 @@
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::CudaSlice;
 use kubemoe_kernels::attention::Latent;
-use kubemoe_kernels::cuda::Gpu;
+use kubemoe_kernels::cuda::{Gpu, GpuExpert};
 use kubemoe_kernels::moe::{Assignment, ExpertRef};
 use kubemoe_kernels::rng::Rng;
 use kubemoe_kernels::weight::Dtype;
@@ -80,8 +80,8 @@ fn main() -> Result<()> {
     let f32w = Weight::from_f32(rng.vec(wr * wc), wr, wc)?;
     let mut wide = zeros(&gpu, wr * wc)?;
     for dtype in [Dtype::Bf16, Dtype::Fp8] {
-        let stack = gpu.stack(&[&f32w.to(dtype, [128, 128])?])?;
-        let t = median_secs(&gpu, || gpu.widen(&stack, 0, &mut wide))?;
+        let w = gpu.weight(&f32w.to(dtype, [128, 128])?)?;
+        let t = median_secs(&gpu, || gpu.widen(&w, &mut wide))?;
         report(&format!("widen {} [7168, 2048]", dtype.as_str()), (wr * wc * (dtype.size() + 4)) as f64, t);
     }
 
@@ -158,7 +158,9 @@ fn main() -> Result<()> {
             .iter()
             .map(|ws| ExpertRef { gate_proj: &ws[0], up_proj: &ws[1], down_proj: &ws[2] })
             .collect();
-        let experts = gpu.experts(hidden, inter, &refs)?;
+        let experts: Vec<GpuExpert> =
+            refs.iter().map(|e| gpu.expert(hidden, inter, e)).collect::<Result<_>>()?;
+        let experts: Vec<&GpuExpert> = experts.iter().collect();
         let t = median_secs(&gpu, || gpu.grouped_expert_ffn(&x, &experts, &assignments, &mut out))?;
         println!(
             "grouped expert FFN {} (16 experts × 256 rows): {:.3} ms, {:.1} TFLOP/s{}",

@@ -26,7 +26,7 @@ use crate::rope::Rope;
 use crate::weight::Dtype;
 use crate::{check_len, Error, Result, Weight};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::{result as nvrtc, Ptx};
 use std::collections::HashMap;
@@ -190,32 +190,39 @@ fn grid_1d(n: usize) -> LaunchConfig {
     }
 }
 
-/// Weights of one shape and precision stacked on the GPU: `count` matrices [rows, cols], the
-/// experts of a layer for one projection (or a single weight, `count` 1).
-pub struct Stack {
+/// A weight matrix resident on the GPU in its stored precision (FP8 with its block scales).
+pub struct GpuWeight {
     dtype: Dtype,
     rows: usize,
     cols: usize,
-    count: usize,
     data: CudaSlice<u8>,
-    /// FP8 only: each matrix's `[⌈rows/b0⌉, ⌈cols/b1⌉]` scales, one matrix after another.
+    /// FP8 only: `[⌈rows/b0⌉, ⌈cols/b1⌉]` scales.
     scales: Option<CudaSlice<f32>>,
     block: [usize; 2],
 }
 
-impl Stack {
-    fn grid(&self) -> usize {
-        self.rows.div_ceil(self.block[0]) * self.cols.div_ceil(self.block[1])
+impl GpuWeight {
+    /// Bytes held on the GPU: the values, and FP8's scales.
+    pub fn bytes(&self) -> usize {
+        self.data.len() + self.scales.as_ref().map_or(0, |s| s.len() * 4)
+    }
+
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
     }
 }
 
-/// A layer's routed experts on the GPU, `hidden → inter → hidden`.
-pub struct Experts {
-    hidden: usize,
-    inter: usize,
-    gate_proj: Stack,
-    up_proj: Stack,
-    down_proj: Stack,
+/// One routed expert on the GPU, `hidden → inter → hidden` (its three matrices' PyTorch layout).
+pub struct GpuExpert {
+    pub gate_proj: GpuWeight,
+    pub up_proj: GpuWeight,
+    pub down_proj: GpuWeight,
+}
+
+impl GpuExpert {
+    pub fn matrices(&self) -> [&GpuWeight; 3] {
+        [&self.gate_proj, &self.up_proj, &self.down_proj]
+    }
 }
 
 /// A [`Rope`]'s frequencies on the GPU.
@@ -290,48 +297,27 @@ impl Gpu {
         self.upload(&vec![f32::NAN; n.max(1)])
     }
 
-    /// Weights of one shape, dtype and block size, stacked.
-    pub fn stack(&self, weights: &[&Weight]) -> Result<Stack> {
-        let Some(first) = weights.first() else {
-            return Err(Error::Param { op: "cuda", detail: "no weights to stack".into() });
-        };
-        let (_, _, block) = first.raw();
-        let (mut data, mut scales) = (Vec::new(), Vec::new());
-        for (i, w) in weights.iter().enumerate() {
-            let (bytes, s, b) = w.raw();
-            if (w.rows(), w.cols(), w.dtype(), b) != (first.rows(), first.cols(), first.dtype(), block) {
-                return Err(Error::Shape {
-                    op: "cuda",
-                    detail: format!("weight {i} is {w:?} in blocks {b:?}, weight 0 {first:?} in {block:?}"),
-                });
-            }
-            data.extend_from_slice(bytes);
-            scales.extend_from_slice(s);
-        }
-        let scales = if first.dtype() == Dtype::Fp8 { Some(self.upload(&scales)?) } else { None };
-        Ok(Stack {
-            dtype: first.dtype(),
-            rows: first.rows(),
-            cols: first.cols(),
-            count: weights.len(),
-            data: self.upload(&data)?,
+    /// `w` resident on the GPU, in its own precision.
+    pub fn weight(&self, w: &Weight) -> Result<GpuWeight> {
+        let (bytes, scales, block) = w.raw();
+        let scales = if w.dtype() == Dtype::Fp8 { Some(self.upload(scales)?) } else { None };
+        Ok(GpuWeight {
+            dtype: w.dtype(),
+            rows: w.rows(),
+            cols: w.cols(),
+            data: self.upload(bytes)?,
             scales,
             block,
         })
     }
 
-    /// A layer's experts, each `hidden → inter → hidden`.
-    pub fn experts(&self, hidden: usize, inter: usize, experts: &[ExpertRef<'_>]) -> Result<Experts> {
-        check_experts(hidden, inter, experts)?;
-        let gate: Vec<&Weight> = experts.iter().map(|e| e.gate_proj).collect();
-        let up: Vec<&Weight> = experts.iter().map(|e| e.up_proj).collect();
-        let down: Vec<&Weight> = experts.iter().map(|e| e.down_proj).collect();
-        Ok(Experts {
-            hidden,
-            inter,
-            gate_proj: self.stack(&gate)?,
-            up_proj: self.stack(&up)?,
-            down_proj: self.stack(&down)?,
+    /// An expert resident on the GPU, after checking it is `hidden → inter → hidden`.
+    pub fn expert(&self, hidden: usize, inter: usize, e: &ExpertRef<'_>) -> Result<GpuExpert> {
+        check_experts(hidden, inter, std::slice::from_ref(e))?;
+        Ok(GpuExpert {
+            gate_proj: self.weight(e.gate_proj)?,
+            up_proj: self.weight(e.up_proj)?,
+            down_proj: self.weight(e.down_proj)?,
         })
     }
 
@@ -463,19 +449,16 @@ impl Gpu {
         launched.map(drop).map_err(|e| err("rope", e))
     }
 
-    /// Matrix `index` of `w` widened to f32 into `out` [rows, cols].
-    pub fn widen(&self, w: &Stack, index: usize, out: &mut CudaSlice<f32>) -> Result<()> {
-        if index >= w.count {
-            return Err(Error::Param { op: "widen", detail: format!("matrix {index} of {}", w.count) });
-        }
+    /// `w` widened to f32 into `out` [rows, cols].
+    pub fn widen(&self, w: &GpuWeight, out: &mut CudaSlice<f32>) -> Result<()> {
         let n = w.rows * w.cols;
         check_len("widen", "output", out.len(), n)?;
-        let bytes = n * w.dtype.size();
-        let data = w.data.slice(index * bytes..(index + 1) * bytes);
+        if n == 0 {
+            return Ok(());
+        }
+        let data = &w.data;
         let launched = match (w.dtype, &w.scales) {
             (Dtype::Fp8, Some(scales)) => {
-                let g = w.grid();
-                let scales = scales.slice(index * g..(index + 1) * g);
                 let (rows, cols) = (int(w.rows, "rows")?, int(w.cols, "cols")?);
                 let (b0, b1) = (int(w.block[0], "block")?, int(w.block[1], "block")?);
                 // SAFETY: weights.cu `widen_fp8(const u8* w, const float* scales, int rows,
@@ -484,8 +467,8 @@ impl Gpu {
                 unsafe {
                     self.stream
                         .launch_builder(self.kernel("widen_fp8")?)
-                        .arg(&data)
-                        .arg(&scales)
+                        .arg(data)
+                        .arg(scales)
                         .arg(&rows)
                         .arg(&cols)
                         .arg(&b0)
@@ -494,7 +477,7 @@ impl Gpu {
                         .launch(grid_1d(n))
                 }
             }
-            (Dtype::Fp8, None) => return Err(err("widen", "an FP8 stack without scales")),
+            (Dtype::Fp8, None) => return Err(err("widen", "an FP8 weight without scales")),
             (dtype, _) => {
                 let kernel = match dtype {
                     Dtype::F32 => "widen_f32",
@@ -506,7 +489,7 @@ impl Gpu {
                 unsafe {
                     self.stream
                         .launch_builder(self.kernel(kernel)?)
-                        .arg(&data)
+                        .arg(data)
                         .arg(&(n as i64))
                         .arg(out)
                         .launch(grid_1d(n))
@@ -651,19 +634,33 @@ impl Gpu {
         unsafe { launch.launch(cfg) }.map(drop).map_err(|e| err("route", e))
     }
 
-    /// `out[t] += Σ weight · Expert(x[t])` over the assignments of token `t`; `x` and `out`
-    /// [tokens, hidden].
+    /// `out[t] += Σ weight · Expert(x[t])` over the assignments of token `t` (their `expert`
+    /// indexes `experts`); `x` and `out` [tokens, hidden], every expert `hidden → inter → hidden`.
     pub fn grouped_expert_ffn(
         &self,
         x: &CudaSlice<f32>,
-        experts: &Experts,
+        experts: &[&GpuExpert],
         assignments: &[Assignment],
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let (hidden, inter) = (experts.hidden, experts.inter);
-        let tokens = x.len() / hidden;
+        let Some(first) = experts.first() else {
+            return Err(Error::Param { op: "expert_ffn", detail: "no experts".into() });
+        };
+        let (hidden, inter) = (first.gate_proj.cols, first.gate_proj.rows);
+        for (i, e) in experts.iter().enumerate() {
+            let shapes = e.matrices().map(|w| [w.rows, w.cols]);
+            if shapes != [[inter, hidden], [inter, hidden], [hidden, inter]] {
+                return Err(Error::Shape {
+                    op: "expert_ffn",
+                    detail: format!(
+                        "expert {i} weights are {shapes:?}, expert 0's gate_proj [{inter}, {hidden}]"
+                    ),
+                });
+            }
+        }
+        let tokens = x.len() / hidden.max(1);
         check_len("expert_ffn", "output", out.len(), tokens * hidden)?;
-        let (counts, order) = sort_by_expert(assignments, experts.gate_proj.count, tokens)?;
+        let (counts, order) = sort_by_expert(assignments, experts.len(), tokens)?;
         let n = assignments.len();
         if n == 0 {
             return Ok(());
@@ -713,10 +710,13 @@ impl Gpu {
         let mut u = self.zeros(n * inter)?;
         let mut y = self.zeros(n * hidden)?;
         let split = (&offsets, n, max_rows);
-        self.expert_linear(&experts.gate_proj, &xs, split, &mut g)?;
-        self.expert_linear(&experts.up_proj, &xs, split, &mut u)?;
+        let gate: Vec<&GpuWeight> = experts.iter().map(|e| &e.gate_proj).collect();
+        let up: Vec<&GpuWeight> = experts.iter().map(|e| &e.up_proj).collect();
+        let down: Vec<&GpuWeight> = experts.iter().map(|e| &e.down_proj).collect();
+        self.expert_linear(&gate, &xs, split, &mut g)?;
+        self.expert_linear(&up, &xs, split, &mut u)?;
         self.swiglu(&mut g, &u)?;
-        self.expert_linear(&experts.down_proj, &g, split, &mut y)?;
+        self.expert_linear(&down, &g, split, &mut y)?;
         let cfg = LaunchConfig {
             grid_dim: (int(tokens, "tokens")? as u32, 1, 1),
             block_dim: (256, 1, 1),
@@ -741,19 +741,10 @@ impl Gpu {
         .map_err(|e| err("scatter_add_rows", e))
     }
 
-    /// `y` [m, rows] = `x` [m, cols] · Wᵀ for matrix 0 of `w` (a dense layer: one "expert"
-    /// that owns every row).
-    pub fn linear(&self, w: &Stack, x: &CudaSlice<f32>, m: usize, y: &mut CudaSlice<f32>) -> Result<()> {
-        check_len("linear", "input", x.len(), m * w.cols)?;
-        check_len("linear", "output", y.len(), m * w.rows)?;
-        if w.count != 1 {
-            return Err(Error::Param {
-                op: "linear",
-                detail: format!("a stack of {} matrices, not one", w.count),
-            });
-        }
+    /// `y` [m, rows] = `x` [m, cols] · Wᵀ (a dense layer: one "expert" that owns every row).
+    pub fn linear(&self, w: &GpuWeight, x: &CudaSlice<f32>, m: usize, y: &mut CudaSlice<f32>) -> Result<()> {
         let offsets = self.upload(&[0, int(m, "rows")?])?;
-        self.expert_linear(w, x, (&offsets, m, m), y)
+        self.expert_linear(&[w], x, (&offsets, m, m), y)
     }
 
     /// Waits for everything queued on the GPU's stream (for timing).
@@ -766,68 +757,100 @@ impl Gpu {
         &self.stream
     }
 
-    /// `y[r] = x[r] · W_eᵀ` for the rows r of each expert e: `offsets` [count + 1] (on the GPU)
-    /// split `rows` rows among the experts, at most `max_rows` each.
+    /// `y[r] = x[r] · W_eᵀ` for the rows r of each expert e, `ws[e]` its weight (all of one
+    /// shape, dtype and block size): `offsets` [ws.len() + 1] (on the GPU) split `rows` rows
+    /// among them, at most `max_rows` each.
     fn expert_linear(
         &self,
-        w: &Stack,
+        ws: &[&GpuWeight],
         x: &CudaSlice<f32>,
         (offsets, rows, max_rows): (&CudaSlice<i32>, usize, usize),
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let (n, k) = (w.rows, w.cols);
+        let Some(first) = ws.first() else {
+            return Err(Error::Param { op: "expert_linear", detail: "no weights".into() });
+        };
+        for (i, w) in ws.iter().enumerate() {
+            if (w.rows, w.cols, w.dtype, w.block) != (first.rows, first.cols, first.dtype, first.block) {
+                return Err(Error::Shape {
+                    op: "expert_linear",
+                    detail: format!(
+                        "weight {i} is {} [{}, {}], weight 0 {} [{}, {}]",
+                        w.dtype.as_str(),
+                        w.rows,
+                        w.cols,
+                        first.dtype.as_str(),
+                        first.rows,
+                        first.cols
+                    ),
+                });
+            }
+        }
+        let (n, k) = (first.rows, first.cols);
         check_len("expert_linear", "input", x.len(), rows * k)?;
         check_len("expert_linear", "output", y.len(), rows * n)?;
+        if offsets.len() != ws.len() + 1 {
+            return Err(err("expert_linear", format!("{} offsets for {} weights", offsets.len(), ws.len())));
+        }
         if rows * n == 0 {
             return Ok(());
         }
-        if max_rows.div_ceil(16) > 65_535 {
+        if max_rows.div_ceil(16) > 65_535 || ws.len() > 65_535 {
             return Err(Error::Param {
                 op: "expert_linear",
-                detail: format!("{max_rows} rows for one matrix: the GPU kernel takes up to {}", 65_535 * 16),
+                detail: format!(
+                    "{max_rows} rows of one weight over {} weights: the GPU kernel takes up to {} and 65535",
+                    ws.len(),
+                    65_535 * 16
+                ),
             });
         }
-        let total = offsets.len().saturating_sub(1);
-        if total != w.count {
-            return Err(err(
-                "expert_linear",
-                format!("{total} experts' rows for {} experts' weights", w.count),
-            ));
-        }
-        let kernel = match w.dtype {
+        let kernel = match first.dtype {
             Dtype::F32 => "expert_linear_f32",
             Dtype::Bf16 => "expert_linear_bf16",
             Dtype::F16 => "expert_linear_f16",
             Dtype::Fp8 => "expert_linear_fp8",
         };
-        let w_stride = (n * k * w.dtype.size()) as i64;
-        let s_stride = w.grid() as i64;
-        let (b0, b1) = (int(w.block[0], "block")?, int(w.block[1], "block")?);
+        // Each weight's device address (and FP8 scales'), read by the kernel per expert; the
+        // guards order this stream after any pending writes of the weights.
+        let mut guards = Vec::new();
+        let (mut w_ptrs, mut s_ptrs) = (Vec::new(), Vec::new());
+        for w in ws {
+            let (p, g) = w.data.device_ptr(&self.stream);
+            w_ptrs.push(p);
+            guards.push(g);
+            if let Some(sc) = &w.scales {
+                let (p, g) = sc.device_ptr(&self.stream);
+                s_ptrs.push(p);
+                guards.push(g);
+            }
+        }
+        let w_ptrs = self.upload(&w_ptrs)?;
+        let s_ptrs = if first.dtype == Dtype::Fp8 { Some(self.upload(&s_ptrs)?) } else { None };
+        let (b0, b1) = (int(first.block[0], "block")?, int(first.block[1], "block")?);
         let (n_i, k_i) = (int(n, "weight rows")?, int(k, "weight columns")?);
         let null = 0u64;
         let cfg = LaunchConfig {
-            grid_dim: (
-                n.div_ceil(16) as u32,
-                max_rows.div_ceil(16).max(1) as u32,
-                int(w.count, "experts")? as u32,
-            ),
+            grid_dim: (n.div_ceil(16) as u32, max_rows.div_ceil(16).max(1) as u32, ws.len() as u32),
             block_dim: (16, 16, 1),
             shared_mem_bytes: 0,
         };
         let mut launch = self.stream.launch_builder(self.kernel(kernel)?);
-        launch.arg(x).arg(offsets).arg(&w.data).arg(&w_stride);
-        match &w.scales {
+        launch.arg(x).arg(offsets).arg(&w_ptrs);
+        match &s_ptrs {
             Some(s) => launch.arg(s),
             None => launch.arg(&null),
         };
-        launch.arg(&s_stride).arg(&b0).arg(&b1).arg(&n_i).arg(&k_i).arg(y);
-        // SAFETY: moe.cu `expert_linear_*(const float* x, const int* offsets, const u8* w,
-        // long long w_stride, const float* scales (or null), long long s_stride, int b0, int b1,
-        // int n, int k, float* y)`: expert e = blockIdx.z < count reads rows offsets[e] ..
-        // offsets[e + 1] ≤ rows of x [rows, k] (the callers' offsets end at `rows`, checked above),
-        // its weights at e·w_stride (count of them stacked), its scales at e·s_stride, and
-        // writes those rows of y [R, n].
-        unsafe { launch.launch(cfg) }.map(drop).map_err(|e| err("expert_linear", e))
+        launch.arg(&b0).arg(&b1).arg(&n_i).arg(&k_i).arg(y);
+        // SAFETY: moe.cu `expert_linear_*(const float* x, const int* offsets, const u64* w_ptrs,
+        // const u64* s_ptrs (or null), int b0, int b1, int n, int k, float* y)`: expert
+        // e = blockIdx.z < ws.len() reads rows offsets[e] .. offsets[e + 1] ≤ rows of x [rows, k]
+        // (the callers' offsets end at `rows`, sized above), its weight [n, k] at w_ptrs[e] and
+        // FP8 scales at s_ptrs[e] (each checked to be of this shape), and writes those rows of
+        // y [rows, n]. The weights outlive the launch (borrowed for this call; `guards`).
+        let launched = unsafe { launch.launch(cfg) }.map(drop).map_err(|e| err("expert_linear", e));
+        drop(guards);
+        launched
     }
 }
 
@@ -893,7 +916,7 @@ impl Device for Gpu {
             return Ok(vec![0f32; m * w.rows()]);
         }
         let mut y = self.unwritten(m * w.rows())?;
-        self.linear(&self.stack(&[w])?, &self.upload(x)?, m, &mut y)?;
+        self.linear(&self.weight(w)?, &self.upload(x)?, m, &mut y)?;
         self.download(&y)
     }
 
@@ -902,7 +925,7 @@ impl Device for Gpu {
             return Ok(Vec::new());
         }
         let mut out = self.unwritten(w.len())?;
-        self.widen(&self.stack(&[w])?, 0, &mut out)?;
+        self.widen(&self.weight(w)?, &mut out)?;
         self.download(&out)
     }
 
@@ -947,9 +970,11 @@ impl Device for Gpu {
         if assignments.is_empty() {
             return Ok(());
         }
-        let gpu_experts = self.experts(hidden, inter, experts)?;
+        let held: Vec<GpuExpert> =
+            experts.iter().map(|e| self.expert(hidden, inter, e)).collect::<Result<_>>()?;
+        let refs: Vec<&GpuExpert> = held.iter().collect();
         let mut o = self.upload(&out[..tokens * hidden])?;
-        self.grouped_expert_ffn(&self.upload(&x[..tokens * hidden])?, &gpu_experts, assignments, &mut o)?;
+        self.grouped_expert_ffn(&self.upload(&x[..tokens * hidden])?, &refs, assignments, &mut o)?;
         out[..tokens * hidden].copy_from_slice(&self.download(&o)?);
         Ok(())
     }
