@@ -47,6 +47,10 @@ pub struct Overrides {
     /// Overrides the manifest's model.dtype (auto, bf16, fp8, f32).
     #[arg(long)]
     pub dtype: Option<kubemoe_model::Precision>,
+    /// Where the workers' experts live and run: cpu (default) or cuda:N, every worker on GPU
+    /// N (needs a build with `--features cuda`); the router stays on the CPU.
+    #[arg(long)]
+    pub device: Option<kubemoe_kernels::device::DeviceSpec>,
     /// Overrides the manifest's router.grpcPort.
     #[arg(long)]
     pub grpc_port: Option<u16>,
@@ -117,7 +121,20 @@ pub fn up(file: Option<&Path>, overrides: Overrides, mut router_args: Vec<String
     let dtype = overrides.dtype.map_or(md.spec.model.dtype.as_str(), |d| d.as_str());
     // `auto` is the processes' default.
     let dtype_args: Vec<String> = if dtype == "auto" { vec![] } else { vec!["--dtype".into(), dtype.into()] };
-    let worker_args = [&placement_args[..], &token_args, &dtype_args].concat();
+    if overrides.device.is_some_and(|d| d != kubemoe_kernels::device::DeviceSpec::Cpu)
+        && !cfg!(feature = "cuda")
+    {
+        anyhow::bail!(
+            "--device {}: this kubemoe was built without CUDA; build it with `cargo build --release \
+             --features cuda`, or leave --device out",
+            overrides.device.unwrap_or_default()
+        );
+    }
+    let device_args: Vec<String> = match overrides.device {
+        Some(d) if d != kubemoe_kernels::device::DeviceSpec::Cpu => vec!["--device".into(), d.to_string()],
+        _ => vec![],
+    };
+    let worker_args = [&placement_args[..], &token_args, &dtype_args, &device_args].concat();
     let (mut children, urls) = start_workers(&model, layout.workers as usize, &worker_args)?;
     let mut args: Vec<String> =
         ["router", "--model", &model, "--host", "127.0.0.1"].iter().map(|s| s.to_string()).collect();

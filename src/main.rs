@@ -4,6 +4,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use kubemoe_kernels::device::DeviceSpec;
 use kubemoe_model::generate::{generate, Request};
 use kubemoe_model::synth::{self, StorageDtype};
 use kubemoe_model::{source, Experts, Precision, SamplingParams};
@@ -93,6 +94,10 @@ enum Command {
         /// (DeepSeek-V3's layout: `*_proj` weights e4m3 with 128×128 block scales) or f32.
         #[arg(long, env = "KUBEMOE_DTYPE", default_value = "auto")]
         dtype: Precision,
+        /// Where the experts live and run: cpu, or cuda:N (GPU N; needs a build with
+        /// `--features cuda`). The weights stay in --dtype's precision on the GPU.
+        #[arg(long, env = "KUBEMOE_DEVICE", default_value = "cpu")]
+        device: DeviceSpec,
         #[arg(long, env = "KUBEMOE_RANK")]
         rank: usize,
         /// Workers sharing the experts, without --placement (a placement names its workers,
@@ -634,6 +639,7 @@ fn run(command: Command) -> Result<()> {
         Command::Worker {
             model,
             dtype,
+            device,
             rank,
             world_size,
             placement,
@@ -649,6 +655,7 @@ fn run(command: Command) -> Result<()> {
             let options = kubemoe_worker::Options {
                 model,
                 precision: dtype,
+                device,
                 rank,
                 world_size,
                 plan,

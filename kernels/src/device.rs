@@ -15,6 +15,40 @@ use crate::norm::rms_norm_inplace;
 use crate::rope::Rope;
 use crate::{Error, Result, Weight};
 
+/// Where a process computes: `cpu`, or GPU `N` (`cuda:N`; `cuda` is `cuda:0`), the syntax of
+/// `--device`. Parsing accepts `cuda:N` in every build; opening a GPU needs the `cuda` feature.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeviceSpec {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || Error::Param {
+            op: "device",
+            detail: format!("`{s}`: use cpu, cuda or cuda:N (N a GPU's index)"),
+        };
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => s.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(Self::Cuda).ok_or_else(bad),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => write!(f, "cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
 pub trait Device {
     /// What the device is, for reports (`cpu`, or the GPU's name and ordinal).
     fn name(&self) -> String;
@@ -159,4 +193,23 @@ pub(crate) fn check_rope(x: &[f32], stride: usize, heads: usize, positions: &[us
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DeviceSpec;
+
+    #[test]
+    fn device_specs_parse_and_print() {
+        for (text, spec) in
+            [("cpu", DeviceSpec::Cpu), ("cuda", DeviceSpec::Cuda(0)), ("cuda:3", DeviceSpec::Cuda(3))]
+        {
+            assert_eq!(text.parse::<DeviceSpec>().unwrap(), spec);
+        }
+        assert_eq!(DeviceSpec::Cuda(3).to_string(), "cuda:3");
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", "CPU"] {
+            let e = bad.parse::<DeviceSpec>().unwrap_err().to_string();
+            assert!(e.contains("cuda:N"), "{bad}: {e}");
+        }
+    }
 }

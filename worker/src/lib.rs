@@ -21,6 +21,9 @@ pub enum Error {
     /// A plan rejected as inconsistent with the model or the workers.
     #[error("placement")]
     Placement(#[from] kubemoe_placement::Error),
+    /// A setting this build cannot serve.
+    #[error("{0}")]
+    Unsupported(String),
     /// A migration step out of order.
     #[error("migration out of order: {0}")]
     Epoch(String),
@@ -48,6 +51,7 @@ impl From<Error> for tonic::Status {
         let message = kubemoe_placement::error_chain(&e);
         match e {
             Error::Invalid(_)
+            | Error::Unsupported(_)
             | Error::Placement(_)
             | Error::Model(kubemoe_model::Error::ExpertNotLoaded { .. }) => {
                 tonic::Status::invalid_argument(message)
@@ -65,6 +69,8 @@ pub struct Options {
     pub rank: usize,
     /// What the experts' matrices are held in (`--dtype`).
     pub precision: kubemoe_model::Precision,
+    /// Where the experts live and run (`--device`): host memory, or a GPU (the `cuda` feature).
+    pub device: kubemoe_kernels::device::DeviceSpec,
     /// Workers sharing the experts when there is no `plan` (a plan says it itself).
     pub world_size: Option<usize>,
     /// The placement to start from (default: the initial placement).
@@ -105,7 +111,7 @@ pub async fn run(
         }
     };
     let tls = opts.tls_dir.as_deref().map(kubemoe_api::tls::Tls::load).transpose()?;
-    let Options { model, precision, rank, world_size, plan, .. } = opts;
+    let Options { model, precision, device, rank, world_size, plan, .. } = opts;
     // Both ports answer while the experts load (liveness, how far loading got).
     let stats = std::sync::Arc::new(metrics::Stats::default());
     let stop = shutdown.child_token();
@@ -138,7 +144,7 @@ pub async fn run(
     let mut server = tokio::spawn(service::serve(service.clone(), served, ready, stop.clone()));
     // Every return from here stops the servers: a failed load, a failed start.
     let _stop = stop.clone().drop_guard();
-    let load = move || ExpertStore::load(&model, precision, rank, world_size, plan);
+    let load = move || ExpertStore::load_on(device, &model, precision, rank, world_size, plan);
     let loading = tokio::task::spawn_blocking(move || kubemoe_model::progress::reported("worker", load));
     let store = tokio::select! {
         loaded = loading => match loaded {

@@ -3,9 +3,13 @@
 //! Invariants: the experts held are those the plan in force places on this rank, plus, between
 //! a `prepare` and its `release`, those the prepared plan places here (so that routers on
 //! either epoch are served during a live migration, `kubemoe_placement::rebalance`); `counts[layer][expert]` only
-//! grows.
+//! grows. With `--device cuda:N` (the `cuda` feature) every expert held is resident on that
+//! GPU in the precision it was loaded in, and its host copy is dropped once uploaded; the
+//! grouped expert FFN then runs on the GPU (`kubemoe_kernels::cuda`), the same function as on
+//! the CPU to summation order.
 
 use crate::{Error, Result};
+use kubemoe_kernels::device::DeviceSpec;
 use kubemoe_kernels::dtype::f32s_from_le;
 use kubemoe_model::layers::{load_expert, run_experts, Mlp};
 use kubemoe_model::{source, Config, Precision};
@@ -24,12 +28,33 @@ pub struct ExpertStore {
     counts: BTreeMap<usize, Vec<AtomicU64>>,
     /// One `prepare` at a time: a second waits rather than loading the same experts twice.
     preparing: Mutex<()>,
+    /// The GPU the experts live on (`--device cuda:N`); none: host memory.
+    #[cfg(feature = "cuda")]
+    gpu: Option<kubemoe_kernels::cuda::Gpu>,
 }
 
 struct State {
     plan: PlacementPlan,
     prepared: Option<PlacementPlan>,
-    experts: BTreeMap<(usize, usize), Arc<Mlp>>,
+    experts: BTreeMap<(usize, usize), Arc<Held>>,
+}
+
+/// An expert's weights, where dispatches read them.
+enum Held {
+    Host(Mlp),
+    #[cfg(feature = "cuda")]
+    Gpu(kubemoe_kernels::cuda::GpuExpert),
+}
+
+impl Held {
+    /// (precision, bytes) of each matrix.
+    fn matrices(&self) -> Vec<(&'static str, usize)> {
+        match self {
+            Held::Host(m) => m.matrices().iter().map(|w| (w.dtype().as_str(), w.bytes())).collect(),
+            #[cfg(feature = "cuda")]
+            Held::Gpu(g) => g.matrices().iter().map(|w| (w.dtype().as_str(), w.bytes())).collect(),
+        }
+    }
 }
 
 impl ExpertStore {
@@ -44,6 +69,32 @@ impl ExpertStore {
         world_size: Option<usize>,
         plan: Option<PlacementPlan>,
     ) -> Result<Self> {
+        Self::load_on(DeviceSpec::Cpu, model, precision, rank, world_size, plan)
+    }
+
+    /// [`ExpertStore::load`] with the experts on `device`.
+    pub fn load_on(
+        device: DeviceSpec,
+        model: &str,
+        precision: Precision,
+        rank: usize,
+        world_size: Option<usize>,
+        plan: Option<PlacementPlan>,
+    ) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        let gpu = match device {
+            DeviceSpec::Cpu => None,
+            DeviceSpec::Cuda(n) => {
+                Some(kubemoe_kernels::cuda::Gpu::new(n).map_err(kubemoe_model::Error::from)?)
+            }
+        };
+        #[cfg(not(feature = "cuda"))]
+        if device != DeviceSpec::Cpu {
+            return Err(Error::Unsupported(format!(
+                "--device {device}: this kubemoe was built without CUDA; build it with \
+                 `cargo build --release --features cuda`, or use --device cpu"
+            )));
+        }
         let (config, _) = source::open_tensors(model, &|_| false)?;
         let (n, layers) = shape(&config);
         let plan = match (plan, world_size) {
@@ -82,6 +133,8 @@ impl ExpertStore {
             state: RwLock::new(State { plan: plan.clone(), prepared: None, experts: BTreeMap::new() }),
             counts,
             preparing: Mutex::new(()),
+            #[cfg(feature = "cuda")]
+            gpu,
         };
         let experts = store.load_experts(&store.wanted(&plan))?;
         store.state.get_mut().map_err(|_| Error::Poisoned)?.experts = experts;
@@ -151,10 +204,14 @@ impl ExpertStore {
         Ok(self.state.read().map_err(|_| Error::Poisoned)?.plan.workers as usize)
     }
 
-    /// The bytes of the experts held, per precision.
+    /// The bytes of the experts held, per precision (on the GPU with `--device cuda:N`).
     pub fn held_weights(&self) -> Result<kubemoe_model::memory::Held> {
         let state = self.state.read().map_err(|_| Error::Poisoned)?;
-        Ok(kubemoe_model::memory::Held::of(state.experts.values().flat_map(|m| m.matrices())))
+        let mut held = BTreeMap::<&'static str, usize>::new();
+        for (dtype, bytes) in state.experts.values().flat_map(|h| h.matrices()) {
+            *held.entry(dtype).or_default() += bytes;
+        }
+        Ok(kubemoe_model::memory::Held(held.into_iter().collect()))
     }
 
     /// (layer, expert) pairs `plan` places on this rank.
@@ -165,7 +222,7 @@ impl ExpertStore {
             .collect()
     }
 
-    fn load_experts(&self, wanted: &BTreeSet<(usize, usize)>) -> Result<BTreeMap<(usize, usize), Arc<Mlp>>> {
+    fn load_experts(&self, wanted: &BTreeSet<(usize, usize)>) -> Result<BTreeMap<(usize, usize), Arc<Held>>> {
         if wanted.is_empty() {
             return Ok(BTreeMap::new());
         }
@@ -181,8 +238,21 @@ impl ExpertStore {
         let (config, src) = source::open_tensors(&self.model, &wants)?;
         wanted
             .iter()
-            .map(|&(l, e)| Ok(((l, e), Arc::new(load_expert(src.as_ref(), &config, l, e, self.precision)?))))
+            .map(|&(l, e)| {
+                Ok(((l, e), Arc::new(self.hold(load_expert(src.as_ref(), &config, l, e, self.precision)?)?)))
+            })
             .collect()
+    }
+
+    /// `mlp` where dispatches will read it: on the GPU (its host copy dropped) or as it is.
+    fn hold(&self, mlp: Mlp) -> Result<Held> {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            let (hidden, inter) = (self.config.hidden_size, self.config.moe_intermediate_size);
+            let on_gpu = gpu.expert(hidden, inter, &mlp.as_expert()).map_err(kubemoe_model::Error::from)?;
+            return Ok(Held::Gpu(on_gpu));
+        }
+        Ok(Held::Host(mlp))
     }
 
     /// Refuses a dispatch by its sizes alone (what the data path checks before it reads the
@@ -235,8 +305,20 @@ impl ExpertStore {
         }
         let x = f32s_from_le(activations);
         let state = self.state.read().map_err(|_| Error::Poisoned)?;
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            let out = gpu_experts(gpu, &state.experts, layer, &x, &decoded)?;
+            drop(state);
+            for (_, e, _) in &decoded {
+                counts[*e].fetch_add(1, Ordering::Relaxed);
+            }
+            return Ok(out);
+        }
         let out = run_experts(
-            |e| state.experts.get(&(layer, e)).map(Arc::as_ref),
+            |e| match state.experts.get(&(layer, e)).map(Arc::as_ref) {
+                Some(Held::Host(mlp)) => Some(mlp),
+                _ => None,
+            },
             layer,
             &self.config,
             &x,
@@ -267,6 +349,47 @@ impl ExpertStore {
 /// The model's routed expert count and MoE layers, as a placement names them.
 fn shape(config: &Config) -> (u32, Vec<u32>) {
     (config.n_routed_experts as u32, config.moe_layers().map(|l| l as u32).collect())
+}
+
+/// `run_experts` on the GPU: each distinct expert of `routes` once, `x` [tokens, hidden]
+/// uploaded, the partial sums [tokens, hidden] read back.
+#[cfg(feature = "cuda")]
+fn gpu_experts(
+    gpu: &kubemoe_kernels::cuda::Gpu,
+    held: &BTreeMap<(usize, usize), Arc<Held>>,
+    layer: usize,
+    x: &[f32],
+    routes: &[(usize, usize, f32)],
+) -> Result<Vec<f32>> {
+    use kubemoe_kernels::cuda::GpuExpert;
+    use kubemoe_kernels::moe::Assignment;
+    let mut slots: std::collections::HashMap<usize, u32> = Default::default();
+    let mut experts: Vec<&GpuExpert> = Vec::new();
+    let mut assignments = Vec::with_capacity(routes.len());
+    for &(row, e, weight) in routes {
+        let slot = match slots.get(&e) {
+            Some(s) => *s,
+            None => {
+                let Some(Held::Gpu(g)) = held.get(&(layer, e)).map(Arc::as_ref) else {
+                    return Err(kubemoe_model::Error::ExpertNotLoaded { layer, expert: e }.into());
+                };
+                experts.push(g);
+                slots.insert(e, experts.len() as u32 - 1);
+                experts.len() as u32 - 1
+            }
+        };
+        assignments.push(Assignment { token: row as u32, expert: slot, weight });
+    }
+    let kernel = |e: kubemoe_kernels::Error| Error::Model(e.into());
+    let mut out = vec![0f32; x.len()];
+    if assignments.is_empty() || x.is_empty() {
+        return Ok(out);
+    }
+    let mut sums = gpu.upload(&out).map_err(kernel)?;
+    gpu.grouped_expert_ffn(&gpu.upload(x).map_err(kernel)?, &experts, &assignments, &mut sums)
+        .map_err(kernel)?;
+    out.copy_from_slice(&gpu.download(&sums).map_err(kernel)?);
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -302,6 +425,56 @@ mod tests {
         let stats = store.stats();
         assert_eq!(stats[0].1[9], 2);
         assert_eq!(stats[0].1[12], 1);
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn a_gpu_is_refused_without_the_cuda_feature() {
+        let err =
+            ExpertStore::load_on(DeviceSpec::Cuda(0), "builtin:tiny", Precision::Auto, 0, Some(2), None)
+                .err()
+                .unwrap();
+        assert!(tonic::Status::from(err).message().contains("--features cuda"));
+    }
+
+    /// The same dispatch on experts held on the GPU and in host memory, in each precision
+    /// (skipped without a GPU, which it says; `KUBEMOE_REQUIRE_GPU=1` makes that a failure).
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn experts_on_the_gpu_compute_what_the_cpu_does() {
+        let h = source::open("builtin:tiny", Experts::All).unwrap().config.hidden_size;
+        let x: Vec<f32> = (0..5 * h).map(|i| (i as f32 * 0.37).sin()).collect();
+        let r =
+            [(0, 9, 0.5), (0, 12, 0.25), (1, 9, 1.5), (2, 15, 0.7), (3, 8, 1.0), (3, 9, 0.1), (4, 12, 2.0)];
+        for precision in [Precision::Auto, Precision::Bf16, Precision::Fp8] {
+            let gpu = match ExpertStore::load_on(
+                DeviceSpec::Cuda(0),
+                "builtin:tiny",
+                precision,
+                1,
+                Some(2),
+                None,
+            ) {
+                Ok(store) => store,
+                Err(e) => {
+                    let why = tonic::Status::from(e).message().to_string();
+                    assert!(
+                        std::env::var("KUBEMOE_REQUIRE_GPU").as_deref() != Ok("1"),
+                        "a GPU is required: {why}"
+                    );
+                    eprintln!("SKIPPED on the GPU: {why}");
+                    return;
+                }
+            };
+            let cpu = ExpertStore::load("builtin:tiny", precision, 1, Some(2), None).unwrap();
+            assert_eq!(gpu.held_weights().unwrap(), cpu.held_weights().unwrap());
+            let got = gpu.dispatch(1, 5, &f32_to_le(&x), &routes(&r)).unwrap();
+            let want = cpu.dispatch(1, 5, &f32_to_le(&x), &routes(&r)).unwrap();
+            let e = kubemoe_kernels::rel_err(&got, &want);
+            assert!(e < 1e-5, "{}: rel err {e:e}", precision.as_str());
+            let err = gpu.dispatch(1, 1, &f32_to_le(&x[..h]), &routes(&[(0, 3, 1.0)])).unwrap_err();
+            assert!(tonic::Status::from(err).message().contains("expert 3"));
+        }
     }
 
     #[test]
