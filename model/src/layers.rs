@@ -198,6 +198,31 @@ impl Moe {
     }
 }
 
+/// The distinct experts of `routes` (row, logical expert, weight) of layer `layer`, each as
+/// `held` gives it, and the assignments that index them: what a grouped expert FFN takes, on
+/// the CPU or a GPU. An expert `held` lacks is [`Error::ExpertNotLoaded`].
+pub fn assign<T>(
+    held: impl Fn(usize) -> Option<T>,
+    layer: usize,
+    routes: impl Iterator<Item = (usize, usize, f32)>,
+) -> Result<(Vec<T>, Vec<Assignment>)> {
+    let mut slots: std::collections::HashMap<usize, u32> = Default::default();
+    let mut experts = Vec::new();
+    let mut assignments = Vec::new();
+    for (row, e, weight) in routes {
+        let slot = match slots.get(&e) {
+            Some(s) => *s,
+            None => {
+                experts.push(held(e).ok_or(Error::ExpertNotLoaded { layer, expert: e })?);
+                slots.insert(e, experts.len() as u32 - 1);
+                experts.len() as u32 - 1
+            }
+        };
+        assignments.push(Assignment { token: row as u32, expert: slot, weight });
+    }
+    Ok((experts, assignments))
+}
+
 /// `out[row] = Σ weight · Expert_e(x[row])` over `routes` (row, logical expert, weight), with
 /// the experts `held` returns; the grouped FFN runs each distinct expert once.
 pub fn run_experts<'a>(
@@ -207,21 +232,8 @@ pub fn run_experts<'a>(
     x: &[f32],
     routes: impl Iterator<Item = (usize, usize, f32)>,
 ) -> Result<Vec<f32>> {
-    let mut slots: std::collections::HashMap<usize, u32> = Default::default();
-    let mut refs = Vec::new();
-    let mut assignments = Vec::new();
-    for (row, e, weight) in routes {
-        let slot = match slots.get(&e) {
-            Some(s) => *s,
-            None => {
-                let mlp = held(e).ok_or(Error::ExpertNotLoaded { layer, expert: e })?;
-                refs.push(mlp.as_expert());
-                slots.insert(e, refs.len() as u32 - 1);
-                refs.len() as u32 - 1
-            }
-        };
-        assignments.push(Assignment { token: row as u32, expert: slot, weight });
-    }
+    let (mlps, assignments) = assign(held, layer, routes)?;
+    let refs: Vec<ExpertRef> = mlps.iter().map(|m| m.as_expert()).collect();
     let mut out = vec![0f32; x.len()];
     grouped_expert_ffn(x, c.hidden_size, c.moe_intermediate_size, &refs, &assignments, &mut out)?;
     Ok(out)

@@ -361,25 +361,11 @@ fn gpu_experts(
     x: &[f32],
     routes: &[(usize, usize, f32)],
 ) -> Result<Vec<f32>> {
-    use kubemoe_kernels::cuda::GpuExpert;
-    use kubemoe_kernels::moe::Assignment;
-    let mut slots: std::collections::HashMap<usize, u32> = Default::default();
-    let mut experts: Vec<&GpuExpert> = Vec::new();
-    let mut assignments = Vec::with_capacity(routes.len());
-    for &(row, e, weight) in routes {
-        let slot = match slots.get(&e) {
-            Some(s) => *s,
-            None => {
-                let Some(Held::Gpu(g)) = held.get(&(layer, e)).map(Arc::as_ref) else {
-                    return Err(kubemoe_model::Error::ExpertNotLoaded { layer, expert: e }.into());
-                };
-                experts.push(g);
-                slots.insert(e, experts.len() as u32 - 1);
-                experts.len() as u32 - 1
-            }
-        };
-        assignments.push(Assignment { token: row as u32, expert: slot, weight });
-    }
+    let on_gpu = |e| match held.get(&(layer, e)).map(Arc::as_ref) {
+        Some(Held::Gpu(g)) => Some(g),
+        _ => None,
+    };
+    let (experts, assignments) = kubemoe_model::layers::assign(on_gpu, layer, routes.iter().copied())?;
     let kernel = |e: kubemoe_kernels::Error| Error::Model(e.into());
     let mut out = vec![0f32; x.len()];
     if assignments.is_empty() || x.is_empty() {
