@@ -475,6 +475,40 @@ fn a_router_refuses_to_speculate_without_an_mtp_module() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not mtp:K with K from 1 to 4"));
 }
 
+/// A build without the `cuda` feature refuses a GPU for the experts before it starts or loads
+/// anything, saying how to build one that has it (CI's build has no `cuda`).
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn a_gpu_device_is_refused_by_a_build_without_cuda() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_kubemoe")).args(args).output().unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stderr = run(&["up", "--model", "builtin:tiny", "--device", "cuda:0", "--grpc-port", "0"]);
+    assert!(
+        stderr.contains("--device cuda:0: this kubemoe was built without CUDA")
+            && stderr.contains("--features cuda"),
+        "{stderr}"
+    );
+    let stderr = run(&[
+        "worker",
+        "--model",
+        "builtin:tiny",
+        "--rank",
+        "0",
+        "--world-size",
+        "1",
+        "--port",
+        "0",
+        "--device",
+        "cuda:1",
+    ]);
+    assert!(stderr.contains("--device cuda:1: this kubemoe was built without CUDA"), "{stderr}");
+    let stderr = run(&["worker", "--model", "builtin:tiny", "--rank", "0", "--device", "gpu"]);
+    assert!(stderr.contains("use cpu, cuda or cuda:N"), "{stderr}");
+}
+
 #[test]
 fn prompts_sharing_a_prefix_reuse_its_cached_rows_and_answer_what_they_would_without() {
     let model = "builtin:tiny";
