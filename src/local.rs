@@ -121,19 +121,15 @@ pub fn up(file: Option<&Path>, overrides: Overrides, mut router_args: Vec<String
     let dtype = overrides.dtype.map_or(md.spec.model.dtype.as_str(), |d| d.as_str());
     // `auto` is the processes' default.
     let dtype_args: Vec<String> = if dtype == "auto" { vec![] } else { vec!["--dtype".into(), dtype.into()] };
-    if overrides.device.is_some_and(|d| d != kubemoe_kernels::device::DeviceSpec::Cpu)
-        && !cfg!(feature = "cuda")
-    {
+    // The workers' default is the CPU.
+    let gpu = overrides.device.filter(|d| *d != kubemoe_kernels::device::DeviceSpec::Cpu);
+    if let Some(d) = gpu.filter(|_| !cfg!(feature = "cuda")) {
         anyhow::bail!(
-            "--device {}: this kubemoe was built without CUDA; build it with `cargo build --release \
-             --features cuda`, or leave --device out",
-            overrides.device.unwrap_or_default()
+            "--device {d}: this kubemoe was built without CUDA; build it with `cargo build --release \
+             --features cuda`, or leave --device out"
         );
     }
-    let device_args: Vec<String> = match overrides.device {
-        Some(d) if d != kubemoe_kernels::device::DeviceSpec::Cpu => vec!["--device".into(), d.to_string()],
-        _ => vec![],
-    };
+    let device_args: Vec<String> = gpu.map(|d| vec!["--device".into(), d.to_string()]).unwrap_or_default();
     let worker_args = [&placement_args[..], &token_args, &dtype_args, &device_args].concat();
     let (mut children, urls) = start_workers(&model, layout.workers as usize, &worker_args)?;
     let mut args: Vec<String> =

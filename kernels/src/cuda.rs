@@ -313,7 +313,7 @@ impl Gpu {
 
     /// An expert resident on the GPU, after checking it is `hidden → inter → hidden`.
     pub fn expert(&self, hidden: usize, inter: usize, e: &ExpertRef<'_>) -> Result<GpuExpert> {
-        check_experts(hidden, inter, std::slice::from_ref(e))?;
+        check_experts(hidden, inter, [e.shapes()])?;
         Ok(GpuExpert {
             gate_proj: self.weight(e.gate_proj)?,
             up_proj: self.weight(e.up_proj)?,
@@ -606,8 +606,14 @@ impl Gpu {
         if tokens == 0 {
             return Ok(());
         }
-        let ints = [tokens, p.n_experts, p.top_k, p.n_group, p.topk_group];
-        let ints = [int(ints[0], "tokens")?, ints[1] as i32, ints[2] as i32, ints[3] as i32, ints[4] as i32];
+        // The others are within the limits checked above.
+        let ints = [
+            int(tokens, "tokens")?,
+            p.n_experts as i32,
+            p.top_k as i32,
+            p.n_group as i32,
+            p.topk_group as i32,
+        ];
         let (sigmoid, norm) = (i32::from(p.scoring == Scoring::Sigmoid), i32::from(p.norm_topk_prob));
         let null = 0u64;
         let cfg = LaunchConfig {
@@ -647,17 +653,7 @@ impl Gpu {
             return Err(Error::Param { op: "expert_ffn", detail: "no experts".into() });
         };
         let (hidden, inter) = (first.gate_proj.cols, first.gate_proj.rows);
-        for (i, e) in experts.iter().enumerate() {
-            let shapes = e.matrices().map(|w| [w.rows, w.cols]);
-            if shapes != [[inter, hidden], [inter, hidden], [hidden, inter]] {
-                return Err(Error::Shape {
-                    op: "expert_ffn",
-                    detail: format!(
-                        "expert {i} weights are {shapes:?}, expert 0's gate_proj [{inter}, {hidden}]"
-                    ),
-                });
-            }
-        }
+        check_experts(hidden, inter, experts.iter().map(|e| e.matrices().map(|w| [w.rows, w.cols])))?;
         let tokens = x.len() / hidden.max(1);
         check_len("expert_ffn", "output", out.len(), tokens * hidden)?;
         let (counts, order) = sort_by_expert(assignments, experts.len(), tokens)?;
@@ -965,7 +961,8 @@ impl Device for Gpu {
     ) -> Result<()> {
         let tokens = x.len() / hidden.max(1);
         check_len("expert_ffn", "output", out.len(), tokens * hidden)?;
-        check_experts(hidden, inter, experts)?;
+        // Refused before any weight is uploaded.
+        check_experts(hidden, inter, experts.iter().map(ExpertRef::shapes))?;
         sort_by_expert(assignments, experts.len(), tokens)?;
         if assignments.is_empty() {
             return Ok(());

@@ -19,6 +19,13 @@ pub struct ExpertRef<'a> {
     pub down_proj: &'a Weight,
 }
 
+impl ExpertRef<'_> {
+    /// `[rows, cols]` of `gate_proj`, `up_proj`, `down_proj`.
+    pub fn shapes(&self) -> [[usize; 2]; 3] {
+        [self.gate_proj, self.up_proj, self.down_proj].map(|w| [w.rows(), w.cols()])
+    }
+}
+
 /// Token `token` (a row of the input) goes to `expert` (an index into the expert list) with
 /// weight `weight`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -41,7 +48,7 @@ pub fn grouped_expert_ffn(
 ) -> Result<()> {
     let tokens = x.len() / hidden.max(1);
     check_len("expert_ffn", "output", out.len(), tokens * hidden)?;
-    check_experts(hidden, inter, experts)?;
+    check_experts(hidden, inter, experts.iter().map(ExpertRef::shapes))?;
     let (counts, order) = sort_by_expert(assignments, experts.len(), tokens)?;
     // Each expert writes its rows of `y` [assignments, hidden] in sorted order.
     let mut y = vec![0f32; assignments.len() * hidden];
@@ -80,10 +87,14 @@ pub fn grouped_expert_ffn(
     Ok(())
 }
 
-/// Fails unless every expert is `hidden → inter → hidden`.
-pub(crate) fn check_experts(hidden: usize, inter: usize, experts: &[ExpertRef<'_>]) -> Result<()> {
-    for (i, e) in experts.iter().enumerate() {
-        let shapes = [&e.gate_proj, &e.up_proj, &e.down_proj].map(|w| [w.rows(), w.cols()]);
+/// Fails unless every expert is `hidden → inter → hidden`: `experts` gives each one's
+/// `[rows, cols]` of `gate_proj`, `up_proj`, `down_proj`, wherever its weights are held.
+pub(crate) fn check_experts(
+    hidden: usize,
+    inter: usize,
+    experts: impl IntoIterator<Item = [[usize; 2]; 3]>,
+) -> Result<()> {
+    for (i, shapes) in experts.into_iter().enumerate() {
         if shapes != [[inter, hidden], [inter, hidden], [hidden, inter]] {
             return Err(Error::Shape {
                 op: "expert_ffn",

@@ -306,24 +306,17 @@ impl ExpertStore {
         let x = f32s_from_le(activations);
         let state = self.state.read().map_err(|_| Error::Poisoned)?;
         #[cfg(feature = "cuda")]
-        if let Some(gpu) = &self.gpu {
-            let out = gpu_experts(gpu, &state.experts, layer, &x, &decoded)?;
-            drop(state);
-            for (_, e, _) in &decoded {
-                counts[*e].fetch_add(1, Ordering::Relaxed);
-            }
-            return Ok(out);
-        }
-        let out = run_experts(
-            |e| match state.experts.get(&(layer, e)).map(Arc::as_ref) {
-                Some(Held::Host(mlp)) => Some(mlp),
-                _ => None,
-            },
-            layer,
-            &self.config,
-            &x,
-            decoded.iter().copied(),
-        )?;
+        let on_gpu = self.gpu.as_ref().map(|gpu| gpu_experts(gpu, &state.experts, layer, &x, &decoded));
+        #[cfg(not(feature = "cuda"))]
+        let on_gpu: Option<Result<Vec<f32>>> = None;
+        let host = |e| match state.experts.get(&(layer, e)).map(Arc::as_ref) {
+            Some(Held::Host(mlp)) => Some(mlp),
+            _ => None,
+        };
+        let out = match on_gpu {
+            Some(out) => out?,
+            None => run_experts(host, layer, &self.config, &x, decoded.iter().copied())?,
+        };
         drop(state);
         for (_, e, _) in &decoded {
             counts[*e].fetch_add(1, Ordering::Relaxed);
