@@ -97,25 +97,49 @@ impl Latent {
     }
 }
 
-/// `out` [n, heads, rank] = causal softmax(scale · `qa` · `cache`ᵀ) · `c_kv`: the absorbed
+/// `out` [n, heads, rank] = causal softmax(scale · `qa` · cacheᵀ) · `c_kv`: the absorbed
 /// queries `qa` [n, heads, rank + rope] (`q_nopeᵀ W_k` then the roped `q_pe`) of the last `n`
-/// of the `s` positions in `cache` [s, rank + rope]; query `i` sees positions `..= s - n + i`.
-/// The caller applies `W_v` per head.
-pub fn latent_attention(shape: Latent, qa: &[f32], cache: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
-    let s = shape.check(qa.len(), cache.len(), n, out.len())?;
-    let (heads, r, w) = (shape.heads, shape.rank, shape.width());
-    // Scores [n, heads, s] against every cached row, shared by all heads.
+/// of the `s` positions of a cache [s, rank + rope] held in `pages`, its rows in order, each
+/// page whole rows (a paged cache's pages need not be adjacent in memory, as in vLLM's
+/// PagedAttention, Kwon et al. 2023); query `i` sees positions `..= s - n + i`. The caller
+/// applies `W_v` per head.
+pub fn latent_attention(
+    shape: Latent,
+    qa: &[f32],
+    pages: &[&[f32]],
+    n: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    let w = shape.width();
+    let values: usize = pages.iter().map(|p| p.len()).sum();
+    let s = shape.check(qa.len(), values, n, out.len())?;
+    if let Some(p) = pages.iter().find(|p| !p.len().is_multiple_of(w)) {
+        return Err(crate::Error::Shape {
+            op: "latent_attention",
+            detail: format!("a page of {} values is not rows of {w}", p.len()),
+        });
+    }
+    let (heads, r) = (shape.heads, shape.rank);
+    let qa = View::new(&qa[..n * heads * w], n * heads, w)?;
+    // Scores [n, heads, s] against every cached row, shared by all heads: one column block
+    // per page.
     let mut scores = vec![0f32; n * heads * s];
-    matmul(
-        View::new(&qa[..n * heads * w], n * heads, w)?,
-        View::new(cache, s, w)?,
-        true,
-        &mut scores,
-        s,
-        false,
-    )?;
+    let mut first = 0;
+    for page in pages.iter().filter(|p| !p.is_empty()) {
+        let rows = page.len() / w;
+        matmul(qa, View::new(page, rows, w)?, true, &mut scores[first..], s, false)?;
+        first += rows;
+    }
     causal_softmax(&mut scores, n, heads, s, s - n, shape.scale)?;
-    matmul(View::new(&scores, n * heads, s)?, View::strided(cache, s, r, w)?, false, out, r, false)
+    // out = Σ over pages of their probabilities · their c_kv rows.
+    let mut first = 0;
+    for page in pages.iter().filter(|p| !p.is_empty()) {
+        let rows = page.len() / w;
+        let p = View::strided(&scores[first..], n * heads, rows, s)?;
+        matmul(p, View::strided(page, rows, r, w)?, false, out, r, first > 0)?;
+        first += rows;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -925,14 +925,16 @@ impl Device for Gpu {
         self.download(&out)
     }
 
-    fn latent_attention(&self, shape: Latent, qa: &[f32], cache: &[f32], n: usize) -> Result<Vec<f32>> {
+    fn latent_attention(&self, shape: Latent, qa: &[f32], pages: &[&[f32]], n: usize) -> Result<Vec<f32>> {
+        // The kernel reads one contiguous cache: the pages are joined on the host.
+        let cache = pages.concat();
         let len = n * shape.heads * shape.rank;
         shape.check(qa.len(), cache.len(), n, len)?;
         if len == 0 {
             return Ok(Vec::new());
         }
         let mut out = self.unwritten(len)?;
-        self.latent_attention(shape, &self.upload(qa)?, &self.upload(cache)?, n, &mut out)?;
+        self.latent_attention(shape, &self.upload(qa)?, &self.upload(&cache)?, n, &mut out)?;
         self.download(&out)
     }
 

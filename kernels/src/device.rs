@@ -78,9 +78,9 @@ pub trait Device {
     fn widen(&self, w: &Weight) -> Result<Vec<f32>>;
 
     /// MLA attention on a latent cache, absorbed form: `out` [n, heads, rank] for absorbed
-    /// queries `qa` [n, heads, rank + rope] of the last `n` positions of `cache` (see
-    /// [`latent_attention`]).
-    fn latent_attention(&self, shape: Latent, qa: &[f32], cache: &[f32], n: usize) -> Result<Vec<f32>>;
+    /// queries `qa` [n, heads, rank + rope] of the last `n` positions of the cache whose rows
+    /// `pages` hold in order (see [`latent_attention`]).
+    fn latent_attention(&self, shape: Latent, qa: &[f32], pages: &[&[f32]], n: usize) -> Result<Vec<f32>>;
 
     /// The gate's expert ids and weights [tokens, top_k] for `logits` [tokens, n_experts].
     fn route(&self, p: &GateParams, logits: &[f32], bias: Option<&[f32]>) -> Result<(Vec<u32>, Vec<f32>)>;
@@ -144,9 +144,9 @@ impl Device for Cpu {
         Ok(w.widen_all())
     }
 
-    fn latent_attention(&self, shape: Latent, qa: &[f32], cache: &[f32], n: usize) -> Result<Vec<f32>> {
+    fn latent_attention(&self, shape: Latent, qa: &[f32], pages: &[&[f32]], n: usize) -> Result<Vec<f32>> {
         let mut out = vec![0f32; n * shape.heads * shape.rank];
-        latent_attention(shape, qa, cache, n, &mut out)?;
+        latent_attention(shape, qa, pages, n, &mut out)?;
         Ok(out)
     }
 

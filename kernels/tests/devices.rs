@@ -270,11 +270,27 @@ fn latent_attention_matches_f64() {
                 want[q * shape.rank + c] = (0..visible).map(|j| e[j] / z * f64::from(cache[j * w + c])).sum();
             }
         }
+        // One contiguous cache, and pages of 16 rows (the last partial, one empty) as a paged
+        // cache holds them.
+        let mut paged: Vec<&[f32]> = cache.chunks(16 * w).collect();
+        paged.insert(1, &[]);
         for d in &devices {
-            let got = d.latent_attention(shape, &qa, &cache, n).unwrap();
-            let e = rel_err(&got, &want);
-            assert!(e < 1e-6, "{}: latent attention n {n} s {s} rel err {e:e}", d.name());
+            for pages in [&[&cache[..]][..], &paged] {
+                let got = d.latent_attention(shape, &qa, pages, n).unwrap();
+                let e = rel_err(&got, &want);
+                assert!(
+                    e < 1e-6,
+                    "{}: latent attention n {n} s {s} {} pages rel err {e:e}",
+                    d.name(),
+                    pages.len()
+                );
+            }
         }
+        // A page of part of a row is refused.
+        let torn = [&cache[..w + 1], &cache[w + 1..]];
+        assert!(Cpu
+            .latent_attention(Latent { heads: 4, rank: 32, rope: 8, scale: 0.21 }, &rng.vec(4 * 40), &torn, 1)
+            .is_err());
     }
 }
 

@@ -20,5 +20,5 @@ pub use checkpoint::Precision;
 pub use config::Config;
 pub use error::{Error, Result};
 pub use layers::Experts;
-pub use model::{KvCache, Model, MtpRows, Trace};
+pub use model::{KvCache, Model, MtpRows, Pages, Trace, PAGE_TOKENS};
 pub use sampling::{Logprobs, Sampler, SamplingParams};

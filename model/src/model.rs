@@ -20,6 +20,7 @@ use kubemoe_kernels::attention::{causal_attention, latent_attention, Latent};
 use kubemoe_kernels::rope::Rope;
 use kubemoe_kernels::{View, Weight};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// The multi-token-prediction module of DeepSeek-V3 (report §2.2), stored as decoder layer
 /// `num_hidden_layers + j`. Its embedding and output head are the main model's (the
@@ -55,21 +56,57 @@ pub struct Trace {
     pub routing: BTreeMap<usize, Routing>,
 }
 
-/// One sequence's latent KV cache: per layer, `[c_kv, k_pe]` rows for each cached token.
-#[derive(Clone, Debug, Default)]
+/// Tokens per page of a [`KvCache`]'s shared rows (vLLM's default block size): the unit in
+/// which caches share a prefix.
+pub const PAGE_TOKENS: usize = 16;
+
+/// Whole pages of consecutive tokens' `[c_kv, k_pe]` rows, per layer ([pages · PAGE_TOKENS,
+/// width] each): read-only, held by every cache that starts with those tokens.
+pub type Pages = Arc<Vec<Vec<f32>>>;
+
+/// A run of pages of one [`Pages`] that a cache holds.
+#[derive(Clone, Debug)]
+struct Shared {
+    pages: Pages,
+    range: std::ops::Range<usize>,
+}
+
+/// One sequence's latent KV cache: per layer, the `[c_kv, k_pe]` rows of each cached token.
+///
+/// Its first tokens may be whole pages of [`PAGE_TOKENS`] tokens shared with other caches
+/// ([`KvCache::share`], a prefix's pages as vLLM's prefix caching shares KV blocks, Kwon et
+/// al. 2023), read in place; the rows after them are the sequence's own, one buffer per layer.
+/// Shared pages are never written: cutting the cache inside one (a rollback, a failed step)
+/// copies that page's kept rows into the sequence's own buffer (copy-on-write). Attention
+/// reads the runs of consecutive shared pages and the own buffer as slices of one cache
+/// (`kubemoe_kernels::attention::latent_attention`): the sequence's own rows stay one buffer
+/// because a GEMM per 16-token page costs 1.2–2.5× the single GEMM on these CPUs.
+///
+/// Invariant: `shared` covers tokens `..shared_tokens` in order, every layer of `own` holds
+/// the rows of the tokens after them, and between steps `len` tokens in all.
+#[derive(Clone, Debug)]
 pub struct KvCache {
-    layers: Vec<Vec<f32>>,
+    shared: Vec<Shared>,
+    shared_tokens: usize,
+    own: Vec<Vec<f32>>,
+    /// Values per row: `kv_lora_rank + qk_rope_head_dim`.
+    width: usize,
     len: usize,
 }
 
 impl KvCache {
     pub fn new(config: &Config) -> Self {
-        Self { layers: vec![Vec::new(); config.num_hidden_layers], len: 0 }
+        Self::with_layers(config, config.num_hidden_layers)
     }
 
     /// The cache of the (first) MTP module's decoder layer ([`Model::mtp_step`]).
-    pub fn for_mtp() -> Self {
-        Self { layers: vec![Vec::new()], len: 0 }
+    pub fn for_mtp(config: &Config) -> Self {
+        Self::with_layers(config, 1)
+    }
+
+    fn with_layers(config: &Config, layers: usize) -> Self {
+        let width = config.kv_lora_rank + config.qk_rope_head_dim;
+        Self { shared: Vec::new(), shared_tokens: 0, own: vec![Vec::new(); layers], width, len: 0 }
     }
 
     /// Tokens cached.
@@ -81,27 +118,54 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Bytes held (f32 values).
+    /// Bytes of rows held (f32 values), shared pages included.
     pub fn bytes(&self) -> usize {
-        self.layers.iter().map(|l| l.len() * 4).sum()
+        (self.shared_tokens * self.width * self.own.len() + self.own.iter().map(Vec::len).sum::<usize>()) * 4
     }
 
-    fn truncate(&mut self, width: usize) {
-        for l in &mut self.layers {
-            l.truncate(self.len * width);
+    /// Values in a page of one layer.
+    fn page_values(&self) -> usize {
+        PAGE_TOKENS * self.width
+    }
+
+    /// Layer `layer`'s rows, in order, as slices: each run of shared pages, then its own.
+    fn slices(&self, layer: usize) -> Vec<&[f32]> {
+        let pv = self.page_values();
+        let shared = self.shared.iter().map(|s| &s.pages[layer][s.range.start * pv..s.range.end * pv]);
+        shared.chain(std::iter::once(&self.own[layer][..])).collect()
+    }
+
+    /// Keeps the first `len` rows of every layer; a shared page cut short is copied.
+    fn truncate(&mut self, len: usize) {
+        if len >= self.shared_tokens {
+            let keep = (len - self.shared_tokens) * self.width;
+            self.own.iter_mut().for_each(|rows| rows.truncate(keep));
+            return;
         }
+        let (pages, partial) = (len / PAGE_TOKENS, len % PAGE_TOKENS * self.width);
+        let pv = self.page_values();
+        for layer in 0..self.own.len() {
+            self.own[layer] = copy_range(&self.slices(layer), pages * pv..pages * pv + partial);
+        }
+        let mut left = pages;
+        self.shared.retain_mut(|s| {
+            s.range.end = s.range.end.min(s.range.start + left);
+            left -= s.range.len();
+            !s.range.is_empty()
+        });
+        self.shared_tokens = pages * PAGE_TOKENS;
     }
 
     /// Forgets every token after the first `len` (speculative tokens that were rejected).
     pub fn rollback(&mut self, len: usize) {
         if len < self.len {
-            let width = self.layers.first().map_or(0, |l| l.len() / self.len);
             self.len = len;
-            self.truncate(width);
+            self.truncate(len);
         }
     }
 
-    /// Every layer's rows of cached tokens `start..start + n` ([n, width] each, layer order).
+    /// Every layer's rows of cached tokens `start..start + n` ([n, width] each, layer order),
+    /// copied.
     pub fn rows(&self, start: usize, n: usize) -> Result<Vec<Vec<f32>>> {
         if start + n > self.len {
             return Err(Error::Invalid(format!(
@@ -110,29 +174,31 @@ impl KvCache {
                 self.len
             )));
         }
-        let width = |l: &Vec<f32>| l.len() / self.len.max(1);
-        Ok(self.layers.iter().map(|l| l[start * width(l)..(start + n) * width(l)].to_vec()).collect())
+        let w = self.width;
+        Ok((0..self.own.len()).map(|l| copy_range(&self.slices(l), start * w..(start + n) * w)).collect())
     }
 
-    /// Appends `n` tokens' rows as [`KvCache::rows`] gave them: the cache then holds what
-    /// prefilling those tokens at the next positions leaves in it.
-    pub fn extend_rows(&mut self, rows: &[Vec<f32>], n: usize, config: &Config) -> Result<()> {
-        let width = config.kv_lora_rank + config.qk_rope_head_dim;
-        if rows.len() != self.layers.len() || rows.iter().any(|r| r.len() != n * width) {
+    /// Appends page `page` of `pages` to a cache that holds only shared pages, without a copy:
+    /// the cache then holds what prefilling those tokens at the next positions leaves in it.
+    pub fn share(&mut self, pages: &Pages, page: usize) -> Result<()> {
+        let pv = self.page_values();
+        if self.len != self.shared_tokens
+            || pages.len() != self.own.len()
+            || pages.iter().any(|rows| rows.len() < (page + 1) * pv || !rows.len().is_multiple_of(pv))
+        {
             return Err(Error::Invalid(format!(
-                "rows for {n} tokens need {} layers of {} values",
-                self.layers.len(),
-                n * width
+                "page {page} shared into a cache of {} tokens ({} shared) needs {} layers of whole pages of {pv} values",
+                self.len,
+                self.shared_tokens,
+                self.own.len()
             )));
         }
-        let (len, max) = (self.len + n, config.max_position_embeddings);
-        if len > max {
-            return Err(Error::ContextOverflow { len, max });
+        match self.shared.last_mut() {
+            Some(last) if Arc::ptr_eq(&last.pages, pages) && last.range.end == page => last.range.end += 1,
+            _ => self.shared.push(Shared { pages: pages.clone(), range: page..page + 1 }),
         }
-        for (layer, r) in self.layers.iter_mut().zip(rows) {
-            layer.extend_from_slice(r);
-        }
-        self.len += n;
+        self.shared_tokens += PAGE_TOKENS;
+        self.len += PAGE_TOKENS;
         Ok(())
     }
 }
@@ -365,12 +431,13 @@ impl Model {
     }
 
     /// Attention of `n` new tokens (queries `q` [n, heads, dq], roped) against a latent
-    /// `cache` [p0 + n, r + d_rope] that already holds them; writes `out` [n, heads, dv].
+    /// cache [p0 + n, r + d_rope] that already holds them, its rows in `pages`; writes `out`
+    /// [n, heads, dv].
     fn attention_latent(
         &self,
         attn: &Attention,
         q: &[f32],
-        cache: &[f32],
+        pages: &[&[f32]],
         n: usize,
         out: &mut [f32],
     ) -> Result<()> {
@@ -392,7 +459,7 @@ impl Model {
         // Latent outputs [n, heads, r] = P · c_kv, then W_v[h] ([dv, r]) per head.
         let mut lat = vec![0f32; n * heads * r];
         let shape = Latent { heads, rank: r, rope: dr, scale: c.softmax_scale() };
-        latent_attention(shape, &qa, cache, n, &mut lat)?;
+        latent_attention(shape, &qa, pages, n, &mut lat)?;
         for h in 0..heads {
             let l = View::strided(&lat[h * r..], n, r, heads * r)?;
             kv_b.rows_view(h * (dn + dv) + dn, dv)?.linear(l, &mut out[h * dv..], heads * dv)?;
@@ -451,7 +518,7 @@ impl Model {
             if tokens.is_empty() {
                 return Err(Error::Invalid("a sequence in the batch has no new tokens".into()));
             }
-            if cache.layers.len() != c.num_hidden_layers {
+            if cache.own.len() != c.num_hidden_layers || cache.width != c.kv_lora_rank + c.qk_rope_head_dim {
                 return Err(Error::Invalid("KV cache was made for another model".into()));
             }
             self.check_context(cache.len + tokens.len())?;
@@ -466,7 +533,7 @@ impl Model {
             }
             Ok(h)
         });
-        settle(&mut caches, &counts, self.config.kv_lora_rank + self.config.qk_rope_head_dim, &result);
+        settle(&mut caches, &counts, &result);
         result
     }
 
@@ -493,10 +560,15 @@ impl Model {
         let mut out = vec![0f32; positions.len() * heads * dv];
         let mut start = 0;
         for (cache, &n) in caches.iter_mut().zip(counts) {
-            let cache = &mut cache.layers[slot];
-            cache.extend_from_slice(&kv[start * w..(start + n) * w]);
+            cache.own[slot].extend_from_slice(&kv[start * w..(start + n) * w]);
             let q = &q[start * heads * dq..(start + n) * heads * dq];
-            self.attention_latent(&layer.self_attn, q, cache, n, &mut out[start * heads * dv..])?;
+            self.attention_latent(
+                &layer.self_attn,
+                q,
+                &cache.slices(slot),
+                n,
+                &mut out[start * heads * dv..],
+            )?;
             start += n;
         }
         add(h, &layer.self_attn.o_proj.forward(&out)?);
@@ -523,11 +595,16 @@ impl Model {
         let mut positions = Vec::new();
         for rows in batch.iter() {
             let n = rows.tokens.len();
-            if n == 0 || rows.hidden.len() != n * hid || rows.cache.layers.len() != 1 {
+            let width = self.config.kv_lora_rank + self.config.qk_rope_head_dim;
+            if n == 0
+                || rows.hidden.len() != n * hid
+                || rows.cache.own.len() != 1
+                || rows.cache.width != width
+            {
                 return Err(Error::Invalid(format!(
                     "MTP rows: {n} tokens, {} hidden values, a cache of {} layers",
                     rows.hidden.len(),
-                    rows.cache.layers.len()
+                    rows.cache.own.len()
                 )));
             }
             self.check_context(rows.position + n)?;
@@ -545,7 +622,7 @@ impl Model {
             self.layer_step(&mtp.block, layer, 0, &mut h, &positions, &mut caches, &counts, self)?;
             mtp.shared_head_norm.forward(&h)
         })();
-        settle(&mut caches, &counts, self.config.kv_lora_rank + self.config.qk_rope_head_dim, &result);
+        settle(&mut caches, &counts, &result);
         result
     }
 
@@ -591,15 +668,28 @@ pub struct MtpRows<'a> {
     pub tokens: &'a [u32],
 }
 
-/// Counts the rows a step appended to each cache (`width` values per row and layer), or drops
-/// them if the step failed.
-fn settle<T>(caches: &mut [&mut KvCache], counts: &[usize], width: usize, result: &Result<T>) {
+/// Counts the rows a step appended to each cache, or drops them if the step failed.
+fn settle<T>(caches: &mut [&mut KvCache], counts: &[usize], result: &Result<T>) {
     for (cache, n) in caches.iter_mut().zip(counts) {
         match result {
             Ok(_) => cache.len += n,
-            Err(_) => cache.truncate(width),
+            Err(_) => cache.truncate(cache.len),
         }
     }
+}
+
+/// Values `range` of the concatenation of `slices`, copied.
+fn copy_range(slices: &[&[f32]], range: std::ops::Range<usize>) -> Vec<f32> {
+    let mut out = Vec::with_capacity(range.len());
+    let mut at = 0;
+    for s in slices {
+        let (lo, hi) = (range.start.max(at), range.end.min(at + s.len()));
+        if lo < hi {
+            out.extend_from_slice(&s[lo - at..hi - at]);
+        }
+        at += s.len();
+    }
+    out
 }
 
 /// `[a_i, b_i]` for each row of `a`, `b` ([tokens, width] each).

@@ -344,7 +344,7 @@ fn mtp_steps_with_their_cache_match_the_full_pass_after_rollbacks() {
     let r = Reference { bytes: std::fs::read(dir.join("reference.safetensors")).unwrap() };
     let ids = r.ids(&format!("{}.input_ids", SEQS[0]));
     let want = model.mtp_logits(&ids, &model.hidden_full(&ids, None).unwrap()).unwrap().unwrap();
-    let (mut cache, mut mtp) = (KvCache::new(&model.config), KvCache::for_mtp());
+    let (mut cache, mut mtp) = (KvCache::new(&model.config), KvCache::for_mtp(&model.config));
     let mut got = Vec::new();
     let hid = model.config.hidden_size;
     let mut start = 0;

@@ -6,8 +6,9 @@ use kubemoe_kernels::rel_err;
 use kubemoe_model::checkpoint::{Checkpoint, OwnedTensor, TensorMap};
 use kubemoe_model::generate::{generate, Request};
 use kubemoe_model::synth::{self, StorageDtype};
-use kubemoe_model::{source, Config, Error, Experts, KvCache, Model, SamplingParams};
+use kubemoe_model::{source, Config, Error, Experts, KvCache, Model, Pages, SamplingParams, PAGE_TOKENS};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("kubemoe-{}-{name}", std::process::id()));
@@ -106,21 +107,26 @@ fn v2_lite_shape_with_yarn_runs_end_to_end_and_decode_matches_full_forward() {
         let step = model.forward_step(&mut [(&mut cache, &PROMPT[t..=t])]).unwrap();
         assert!(rel_err(&step, &full[t * vocab..(t + 1) * vocab]) < 1e-5, "position {t}");
     }
-    // Rows copied out of a cache and into a new one continue as the original does (what a
-    // router's prefix cache relies on); rows that do not fit are refused.
+    // Pages shared from a cache continue as the original does (what a router's prefix cache
+    // relies on), also when cut inside a shared page (whose kept rows are then copied).
+    let long: Vec<u32> = (0..40).map(|i| PROMPT[i % PROMPT.len()]).collect();
+    let mut cache = KvCache::new(c);
+    model.forward_step(&mut [(&mut cache, &long[..20])]).unwrap();
+    let pages: Pages = Arc::new(cache.rows(0, PAGE_TOKENS).unwrap());
     let mut copy = KvCache::new(c);
-    copy.extend_rows(&cache.rows(0, 3).unwrap(), 3, c).unwrap();
-    copy.extend_rows(&cache.rows(3, 2).unwrap(), 2, c).unwrap();
-    let mut again = KvCache::new(c);
-    model.forward_step(&mut [(&mut again, &PROMPT[..4])]).unwrap();
-    model.forward_step(&mut [(&mut again, &PROMPT[4..5])]).unwrap();
-    let (a, b) = (
-        model.forward_step(&mut [(&mut again, &PROMPT[5..7])]).unwrap(),
-        model.forward_step(&mut [(&mut copy, &PROMPT[5..7])]).unwrap(),
-    );
-    assert_eq!(a, b);
-    assert!(cache.rows(PROMPT.len() - 1, 2).is_err());
-    assert!(copy.extend_rows(&cache.rows(0, 2).unwrap(), 3, c).is_err());
+    assert!(copy.share(&pages, 1).is_err(), "one page only");
+    copy.share(&pages, 0).unwrap();
+    assert!(copy.share(&Arc::new(cache.rows(0, 15).unwrap()), 0).is_err(), "a page short");
+    cache.rollback(16);
+    let step = |cache: &mut KvCache, t: &[u32]| model.forward_step(&mut [(cache, t)]).unwrap();
+    // The same rows read in two slices: equal to float rounding.
+    let same = |a: Vec<f32>, b: Vec<f32>| rel_err(&a, &b) < 1e-6;
+    assert!(same(step(&mut cache, &long[16..30]), step(&mut copy, &long[16..30])));
+    cache.rollback(10);
+    copy.rollback(10);
+    assert_eq!(step(&mut cache, &long[10..12]), step(&mut copy, &long[10..12]), "one slice each");
+    assert_eq!((copy.len(), copy.bytes()), (12, cache.bytes()));
+    assert!(cache.rows(10, 3).is_err());
     let request = Request { prompt: PROMPT.to_vec(), max_new_tokens: 6, sampling: SamplingParams::default() };
     let out = generate(&model, &[request]).unwrap();
     assert_eq!(out[0].len(), 6);

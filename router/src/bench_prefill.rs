@@ -10,7 +10,10 @@
 //!
 //! With a shared prefix ([`shared_prefix`]): two prompts that begin with the same long prefix
 //! arrive one after the other; the second's time to first token against the first's is the
-//! prefix cache's gain (goal ≥ 5×), the first being the limit measured in the same run.
+//! prefix cache's gain (goal ≥ 5×), the first being the limit measured in the same run. Both
+//! then decode [`DECODED`] tokens: the second's decode reads the prefix's shared pages in place
+//! beside its own rows, and its time per token is compared with the same prompt's without a
+//! prefix cache (all its rows its own).
 
 use crate::bench_api::percentile;
 use crate::engine::{self, Event, Submission};
@@ -53,9 +56,17 @@ pub struct PrefixRun {
     pub speedup: f64,
     /// Prompt tokens the second found in the prefix cache.
     pub reused_tokens: u64,
-    /// Whether both prompts' first tokens equal those of an engine without the cache.
+    /// Whether both prompts' tokens equal those of an engine without the cache.
     pub same_tokens: bool,
+    /// The second prompt's decode time per token, with the prefix cache and without.
+    pub second_decode_ms_per_token: f64,
+    pub second_decode_ms_per_token_uncached: f64,
+    /// with / without.
+    pub decode_time_ratio: f64,
 }
+
+/// Tokens each prompt of [`shared_prefix`] decodes after its first.
+const DECODED: usize = 32;
 
 /// A request of `prompt` for `max_tokens` to `engine`; its events.
 fn submit(
@@ -89,10 +100,10 @@ async fn first_token(rx: &mut mpsc::Receiver<Event>, since: Instant) -> Result<(
 /// `model` with a prefix cache and without one.
 pub fn shared_prefix(model: Arc<Model>, prefix_len: usize) -> Result<PrefixRun> {
     let context = model.config.max_position_embeddings;
-    if prefix_len == 0 || prefix_len + 2 > context {
+    if prefix_len == 0 || prefix_len + 2 + DECODED > context {
         return Err(Error::Config(format!(
             "--shared-prefix {prefix_len}: give 1 to {} tokens, the model's context is {context}",
-            context - 2
+            context.saturating_sub(2 + DECODED)
         )));
     }
     let vocab = model.config.vocab_size as u32;
@@ -100,7 +111,8 @@ pub fn shared_prefix(model: Arc<Model>, prefix_len: usize) -> Result<PrefixRun> 
         (0..prefix_len as u32).map(|j| (j * 13 + 5) % vocab).chain([last % vocab]).collect()
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    // (first tokens, the two times to first token, tokens reused) with a cache of `bytes`.
+    // ((tokens, time to first token, decode ms per token) of each prompt, tokens reused) with
+    // a cache of `bytes`.
     let serve = |bytes: usize| {
         runtime.block_on(async {
             let limits = Limits {
@@ -118,8 +130,14 @@ pub fn shared_prefix(model: Arc<Model>, prefix_len: usize) -> Result<PrefixRun> 
             let mut out = Vec::new();
             for (id, last) in [(0, 1), (1, 2)] {
                 let since = Instant::now();
-                let mut rx = submit(&engine, id, prompt(last), 1)?;
-                out.push(first_token(&mut rx, since).await?);
+                let mut rx = submit(&engine, id, prompt(last), 1 + DECODED)?;
+                let (first, ttft) = first_token(&mut rx, since).await?;
+                let mut tokens = vec![first];
+                let decoding = Instant::now();
+                for _ in 0..DECODED {
+                    tokens.push(first_token(&mut rx, decoding).await?.0);
+                }
+                out.push((tokens, ttft, decoding.elapsed().as_secs_f64() * 1e3 / DECODED as f64));
             }
             shutdown.cancel();
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
@@ -129,13 +147,17 @@ pub fn shared_prefix(model: Arc<Model>, prefix_len: usize) -> Result<PrefixRun> 
     let (cached, reused_tokens) = serve(1 << 30)?;
     let (plain, _) = serve(0)?;
     let (first_ttft_ms, second_ttft_ms) = (cached[0].1, cached[1].1);
+    let (with, without) = (cached[1].2, plain[1].2);
     Ok(PrefixRun {
         prefix_len,
         first_ttft_ms,
         second_ttft_ms,
         speedup: first_ttft_ms / second_ttft_ms.max(f64::MIN_POSITIVE),
         reused_tokens,
-        same_tokens: cached.iter().map(|c| c.0).eq(plain.iter().map(|p| p.0)),
+        same_tokens: cached.iter().map(|c| &c.0).eq(plain.iter().map(|p| &p.0)),
+        second_decode_ms_per_token: with,
+        second_decode_ms_per_token_uncached: without,
+        decode_time_ratio: with / without.max(f64::MIN_POSITIVE),
     })
 }
 

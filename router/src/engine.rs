@@ -32,7 +32,7 @@
 //! the client went away: the sequence leaves the batch and its cache is freed. A failed step
 //! fails every sequence in it (with the transport's status) and the loop goes on.
 
-use crate::prefix::{PrefixCache, BLOCK};
+use crate::prefix::PrefixCache;
 use crate::scheduler::{admit, chunks, Limits, Usage};
 use crate::stats::Stats;
 use kubemoe_model::layers::RoutedExperts;
@@ -180,10 +180,10 @@ fn run(
                     continue;
                 }
             };
-            // The cached blocks its prompt begins with, copied into its own cache.
+            // The cached blocks its prompt begins with, shared into its own cache.
             let mut cache = KvCache::new(&model.config);
             let reused = prefixes.lookup(&s.prompt);
-            if let Err(e) = reused.iter().try_for_each(|rows| cache.extend_rows(rows, BLOCK, &model.config)) {
+            if let Err(e) = reused.iter().try_for_each(|(pages, page)| cache.share(pages, *page)) {
                 drop(s.events.try_send(Event::Failed(status_of(&e))));
                 continue;
             }
@@ -194,7 +194,7 @@ fn run(
             }
             running.push(Sequence {
                 draft: (limits.speculative_tokens > 0)
-                    .then(|| Draft { cache: KvCache::for_mtp(), tokens: Vec::new() }),
+                    .then(|| Draft { cache: KvCache::for_mtp(&model.config), tokens: Vec::new() }),
                 id: s.id,
                 cache,
                 prompt: caching.then(|| s.prompt.clone()),

@@ -1,47 +1,44 @@
-//! Prefix caching: the latent KV rows of prompt prefixes already prefilled, kept in blocks of
-//! [`BLOCK`] tokens and found by content, as vLLM's automatic prefix caching finds its KV
-//! blocks: a block's key hashes its tokens and the key of the block before it, so one key
-//! names the whole prefix up to the block's end. A request starts from the longest run of
-//! cached blocks its prompt begins with, copied into its own cache, and prefills only the rest;
-//! when a prompt's prefill completes, its whole blocks are stored. Past the byte budget the
-//! least recently used blocks go first.
+//! Prefix caching: the latent KV rows of prompt prefixes already prefilled, kept in pages of
+//! [`PAGE_TOKENS`] tokens (a block: a page per layer) and found by content, as vLLM's
+//! automatic prefix caching finds its KV blocks: a block's key hashes its tokens and the key of
+//! the block before it, so one key names the whole prefix up to the block's end. A request
+//! starts from the longest run of cached blocks its prompt begins with, sharing their pages
+//! (read in place, never copied or written: [`KvCache::share`]), and prefills only the rest;
+//! when a prompt's prefill completes, the whole blocks not cached yet are copied once into one
+//! run of pages (so that a later prompt's hit is one contiguous slice per layer for attention).
 //!
 //! Invariants: a hit is checked block by block from the prompt's first, against each block's
 //! own tokens and the key of the block before it, and keys are hashed with keys drawn at
 //! random per process, so that another prompt's rows are served only on a 64-bit collision
 //! nobody can search for offline (vLLM's CVE-2025-25183 was predictable hashes); at least the
-//! prompt's last token is prefilled (its logits give the first output token); the blocks held
+//! prompt's last token is prefilled (its logits give the first output token); the runs held
 //! never exceed the budget (0 turns the cache off). A block's rows are what prefilling its
 //! prefix computed, to float rounding: a prompt that itself started from cached blocks stores
 //! its later blocks too, computed in another batch shape than a whole prefill.
 //!
-//! Eviction goes deepest block first: a prefix's blocks are marked used from its last to its
-//! first, so its first block is evicted last (a block whose parent is gone could never be
-//! found again), and a prompt larger than the budget stores what fits of its beginning rather
-//! than evicting it.
-//!
-//! Rows are copied, not shared: each running sequence owns one contiguous buffer per layer
-//! (what the attention kernels read); pages shared copy-on-write would save the copy and the
-//! memory of running sequences and are not built. Plain data and functions: the batch loop
-//! owns one and calls it between steps.
+//! Eviction goes least recently used and deepest block first: a prefix's blocks are marked
+//! used from its last to its first, so its first block is evicted last (a block whose parent
+//! is gone could never be found again). A run's memory is freed with its last block, so the
+//! budget counts whole runs and eviction goes on until what is left fits; a prompt larger than
+//! the budget stores what fits of its beginning rather than evicting it. Pages that running
+//! sequences still read live until they finish: evicting never touches a running sequence.
+//! Plain data and functions: the batch loop owns one and calls it between steps.
 
-use kubemoe_model::KvCache;
+use kubemoe_model::{KvCache, Pages, PAGE_TOKENS};
 use std::collections::{BTreeSet, HashMap};
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
-/// Tokens per block (vLLM's default block size).
-pub const BLOCK: usize = 16;
-
-/// Every layer's rows of one block ([`BLOCK`] tokens × the latent width each).
-pub type Rows = Arc<Vec<Vec<f32>>>;
+/// A cached block: a run of pages and the block's page in it, as [`KvCache::share`] takes it.
+pub type Block = (Pages, usize);
 
 struct Entry {
-    tokens: [u32; BLOCK],
+    tokens: [u32; PAGE_TOKENS],
     /// The key of the block before it (0 for a prompt's first).
     parent: u64,
-    rows: Rows,
-    bytes: usize,
+    block: Block,
+    /// The run it was stored in.
+    run: u64,
     /// When it was last looked up or stored (the LRU order's key).
     used: u64,
 }
@@ -53,6 +50,8 @@ pub struct PrefixCache {
     entries: HashMap<u64, Entry>,
     /// (last use, key), oldest first.
     order: BTreeSet<(u64, u64)>,
+    /// Blocks held and bytes of each run.
+    runs: HashMap<u64, (usize, usize)>,
     clock: u64,
     /// SipHash with keys drawn at random for this process.
     hasher: std::collections::hash_map::RandomState,
@@ -66,6 +65,7 @@ impl PrefixCache {
             bytes: 0,
             entries: HashMap::new(),
             order: BTreeSet::new(),
+            runs: HashMap::new(),
             clock: 0,
             hasher: std::collections::hash_map::RandomState::new(),
         }
@@ -85,7 +85,7 @@ impl PrefixCache {
     fn blocks<'t>(&self, tokens: &'t [u32]) -> Vec<(u64, u64, &'t [u32])> {
         let mut parent = 0u64;
         tokens
-            .chunks_exact(BLOCK)
+            .chunks_exact(PAGE_TOKENS)
             .map(|block| {
                 let key = self.hasher.hash_one((parent, block));
                 let out = (key, parent, block);
@@ -112,8 +112,27 @@ impl PrefixCache {
         }
     }
 
+    /// Evicts the least recently used block unless it is one of `keep` (then false), freeing
+    /// its run's bytes with the run's last block.
+    fn evict(&mut self, keep: &[u64]) -> bool {
+        let Some(&(_, oldest)) = self.order.first().filter(|(_, key)| !keep.contains(key)) else {
+            return false;
+        };
+        self.order.pop_first();
+        if let Some(e) = self.entries.remove(&oldest) {
+            if let Some((blocks, bytes)) = self.runs.get_mut(&e.run) {
+                *blocks -= 1;
+                if *blocks == 0 {
+                    self.bytes -= *bytes;
+                    self.runs.remove(&e.run);
+                }
+            }
+        }
+        true
+    }
+
     /// The cached blocks `prompt` begins with, at most all but its last token, in order.
-    pub fn lookup(&mut self, prompt: &[u32]) -> Vec<Rows> {
+    pub fn lookup(&mut self, prompt: &[u32]) -> Vec<Block> {
         let usable = &prompt[..prompt.len().saturating_sub(1)];
         let found: Vec<u64> = self
             .blocks(usable)
@@ -122,55 +141,55 @@ impl PrefixCache {
             .map(|(key, _, _)| key)
             .collect();
         self.touch(&found);
-        found.iter().filter_map(|k| self.entries.get(k).map(|e| e.rows.clone())).collect()
+        found.iter().filter_map(|k| self.entries.get(k).map(|e| e.block.clone())).collect()
     }
 
     /// Stores the whole blocks of `prompt` not cached yet, from `cache`, which holds all of
-    /// `prompt`; evicts the least recently used past the budget, never a block of `prompt`
-    /// (what does not fit then is not stored).
+    /// `prompt`, as one run; evicts the least recently used past the budget, never a block of
+    /// `prompt` (what does not fit then is not stored).
     pub fn insert(&mut self, prompt: &[u32], cache: &KvCache) -> kubemoe_model::Result<()> {
         if self.budget == 0 {
             return Ok(());
         }
+        let block_bytes = cache.bytes() / cache.len().max(1) * PAGE_TOKENS;
         let blocks = self.blocks(prompt);
         let mut stored = Vec::with_capacity(blocks.len());
-        for (i, &(key, parent, block)) in blocks.iter().enumerate() {
-            if self.holds(key, parent, block) {
+        // The blocks to store: from the first not cached, while they fit.
+        let mut new = Vec::new();
+        for &(key, parent, block) in &blocks {
+            if new.is_empty() && self.holds(key, parent, block) {
                 stored.push(key);
                 continue;
             }
             if self.entries.contains_key(&key) {
                 break; // another prefix under the same key: keep the one cached
             }
-            let bytes = cache.bytes() / cache.len().max(1) * BLOCK;
-            if bytes > self.budget {
+            let needed = (new.len() + 1) * block_bytes;
+            if needed > self.budget {
                 break;
             }
-            let fits = loop {
-                if self.bytes + bytes <= self.budget {
-                    break true;
-                }
-                match self.order.first().copied() {
-                    Some((_, oldest)) if !stored.contains(&oldest) => {
-                        self.order.pop_first();
-                        if let Some(e) = self.entries.remove(&oldest) {
-                            self.bytes -= e.bytes;
-                        }
-                    }
-                    _ => break false,
-                }
-            };
-            if !fits {
+            while self.bytes + needed > self.budget && self.evict(&stored) {}
+            if self.bytes + needed > self.budget {
                 break;
             }
-            let rows = cache.rows(i * BLOCK, BLOCK)?;
-            let mut tokens = [0u32; BLOCK];
-            tokens.copy_from_slice(block);
+            new.push((key, parent, block));
+        }
+        if !new.is_empty() {
+            let first = stored.len();
+            let pages: Pages = Arc::new(cache.rows(first * PAGE_TOKENS, new.len() * PAGE_TOKENS)?);
             self.clock += 1;
-            self.entries.insert(key, Entry { tokens, parent, rows: Arc::new(rows), bytes, used: self.clock });
-            self.order.insert((self.clock, key));
-            self.bytes += bytes;
-            stored.push(key);
+            let run = self.clock;
+            self.runs.insert(run, (new.len(), new.len() * block_bytes));
+            self.bytes += new.len() * block_bytes;
+            for (page, (key, parent, block)) in new.into_iter().enumerate() {
+                let mut tokens = [0u32; PAGE_TOKENS];
+                tokens.copy_from_slice(block);
+                self.clock += 1;
+                let entry = Entry { tokens, parent, block: (pages.clone(), page), run, used: self.clock };
+                self.entries.insert(key, entry);
+                self.order.insert((self.clock, key));
+                stored.push(key);
+            }
         }
         self.touch(&stored);
         Ok(())
@@ -182,6 +201,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use kubemoe_model::{source, Experts};
+    use std::sync::Arc;
 
     /// `builtin:tiny` and a cache that prefilled `prompt`.
     fn prefilled(prompt: &[u32]) -> (kubemoe_model::Model, KvCache) {
@@ -198,12 +218,16 @@ mod tests {
         let mut prefixes = PrefixCache::new(1 << 30);
         assert!(prefixes.lookup(&prompt).is_empty());
         prefixes.insert(&prompt, &cache).unwrap();
-        let block_bytes = BLOCK * model.config.kv_bytes_per_token();
+        let block_bytes = PAGE_TOKENS * model.config.kv_bytes_per_token();
         assert_eq!(prefixes.bytes(), 2 * block_bytes, "two whole blocks of 40 tokens");
         // The same prompt: both blocks (its last token is past them).
         let hit = prefixes.lookup(&prompt);
         assert_eq!(hit.len(), 2);
-        assert_eq!(hit[1].as_slice(), cache.rows(BLOCK, BLOCK).unwrap());
+        // One run of pages for the prompt's blocks, found in place.
+        assert!(Arc::ptr_eq(&hit[0].0, &hit[1].0) && (hit[0].1, hit[1].1) == (0, 1));
+        let w = cache.rows(0, 1).unwrap()[0].len();
+        let second: Vec<Vec<f32>> = hit[1].0.iter().map(|l| l[PAGE_TOKENS * w..].to_vec()).collect();
+        assert_eq!(second, cache.rows(PAGE_TOKENS, PAGE_TOKENS).unwrap());
         // A prompt of exactly 32 tokens: one block, its last token is prefilled.
         assert_eq!(prefixes.lookup(&prompt[..32]).len(), 1);
         // Another second block: only the first is shared; another first block: nothing.
@@ -212,11 +236,12 @@ mod tests {
         assert_eq!(prefixes.lookup(&other).len(), 1);
         other[0] = 999;
         assert!(prefixes.lookup(&other).is_empty());
-        // The rows continue the sequence as its own prefill would.
+        // The pages continue the sequence as its own prefill would, and are read in place.
         let mut copy = KvCache::new(&model.config);
-        for rows in prefixes.lookup(&prompt) {
-            copy.extend_rows(&rows, BLOCK, &model.config).unwrap();
+        for (pages, page) in prefixes.lookup(&prompt) {
+            copy.share(&pages, page).unwrap();
         }
+        assert_eq!(Arc::strong_count(&hit[0].0), 5, "two entries, two in `hit`, one run in `copy`");
         let mut own = KvCache::new(&model.config);
         model.forward_step(&mut [(&mut own, &prompt[..32])]).unwrap();
         let (a, b) = (
@@ -253,15 +278,27 @@ mod tests {
         let mut small = PrefixCache::new(block - 1);
         small.insert(&a, &cache_a).unwrap();
         assert_eq!(small.bytes(), 0);
-        // A prefix goes deepest block first (its first stays findable), and a prompt larger
-        // than the budget keeps what fits of its beginning rather than evicting it.
+        // A run's memory goes with its last block, deepest first: a prompt's two blocks make
+        // room for one only when both are gone.
         let long: Vec<u32> = (300..349).collect();
         let (_, cache_long) = prefilled(&long);
         let mut three = PrefixCache::new(3 * block);
         three.insert(&long[..33], &cache_long).unwrap();
         three.insert(&a, &cache_a).unwrap();
+        assert_eq!(three.bytes(), 3 * block);
+        three.insert(&b, &cache_b).unwrap();
+        assert_eq!((three.lookup(&long).len(), three.lookup(&a).len(), three.lookup(&b).len()), (0, 1, 1));
+        assert_eq!(three.bytes(), 2 * block);
+        // Its first block is evicted last: a prompt that extends a cached one adds a run
+        // after it, and eviction takes the extension first.
+        let mut three = PrefixCache::new(3 * block);
+        three.insert(&long[..17], &cache_long).unwrap();
+        three.insert(&long[..33], &cache_long).unwrap();
+        three.insert(&a, &cache_a).unwrap();
         three.insert(&b, &cache_b).unwrap();
         assert_eq!((three.lookup(&long).len(), three.lookup(&a).len(), three.lookup(&b).len()), (1, 1, 1));
+        // A prompt larger than the budget keeps what fits of its beginning rather than
+        // evicting it.
         let mut two = PrefixCache::new(2 * block);
         two.insert(&long, &cache_long).unwrap();
         assert_eq!((two.bytes(), two.lookup(&long).len()), (2 * block, 2));
