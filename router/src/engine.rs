@@ -169,10 +169,10 @@ fn run(
         let usage =
             Usage { running: running.len(), reserved_tokens: running.iter().map(|s| s.reserve).sum() };
         let layers = model.config.num_hidden_layers;
-        let reserve = |s: &Submission| limits.reservation(s.prompt.len() + s.max_tokens, layers);
-        let joining = admit(&limits, usage, waiting.iter().map(reserve));
+        let joining =
+            admit(&limits, usage, waiting.iter().map(|s| reservation(&limits, layers, &prefixes, s)));
         for s in waiting.drain(..joining) {
-            let reserve = reserve(&s);
+            let reserve = reservation(&limits, layers, &prefixes, &s);
             let sampler = match Sampler::new(s.sampling) {
                 Ok(sampler) => sampler,
                 Err(e) => {
@@ -217,6 +217,14 @@ fn run(
     for s in running.iter().map(|s| &s.events).chain(waiting.iter().map(|s| &s.events)) {
         let _ = s.try_send(Event::Failed(tonic::Status::unavailable("the router is shutting down")));
     }
+}
+
+/// The KV cache `s` reserves in a model of `layers` layers: its prompt and `max_tokens`, less
+/// the prompt's tokens whose pages it will share from the prefix cache (counted there, once,
+/// and not evicted while it reads them).
+fn reservation(limits: &Limits, layers: usize, prefixes: &PrefixCache, s: &Submission) -> usize {
+    let own = s.prompt.len() + s.max_tokens - prefixes.cached_tokens(&s.prompt);
+    limits.reservation(own, layers)
 }
 
 /// The scheduler gauges of `stats`.
@@ -700,6 +708,43 @@ mod tests {
             let err = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
             assert!(err < 1e-4, "{err}");
         }
+    }
+
+    #[test]
+    fn prompts_that_share_cached_pages_reserve_only_their_own_rows() {
+        let model = source::open("builtin:tiny", Experts::All).unwrap();
+        let prefix: Vec<u32> = (0..64).map(|i| i % 50 + 3).collect();
+        let prompt = |last: u32| [&prefix[..], &[last]].concat();
+        let limits = Limits {
+            max_batch_tokens: 4096,
+            max_running: 8,
+            kv_budget_tokens: 100,
+            micro_batches: 1,
+            speculative_tokens: 0,
+        };
+        let waiting: Vec<Submission> = (0..4)
+            .map(|last| Submission {
+                id: Arc::from("r"),
+                prompt: prompt(last),
+                max_tokens: 10,
+                sampling: SamplingParams::default(),
+                logprobs: None,
+                events: mpsc::channel(1).0,
+            })
+            .collect();
+        let layers = model.config.num_hidden_layers;
+        let reserves =
+            |p: &PrefixCache| waiting.iter().map(|s| reservation(&limits, layers, p, s)).collect::<Vec<_>>();
+        // Nothing cached: 75 tokens each, one at a time in a budget of 100.
+        let mut prefixes = PrefixCache::new(1 << 30);
+        assert_eq!(reserves(&prefixes), [75; 4]);
+        assert_eq!(admit(&limits, Usage::default(), reserves(&prefixes)), 1);
+        // The prefix's 4 pages cached: 11 each (the last prompt token and 10 new), all at once.
+        let mut cache = KvCache::new(&model.config);
+        model.forward_step(&mut [(&mut cache, &prompt(9))]).unwrap();
+        prefixes.insert(&prompt(9), &cache).unwrap();
+        assert_eq!(reserves(&prefixes), [11; 4]);
+        assert_eq!(admit(&limits, Usage::default(), reserves(&prefixes)), 4);
     }
 
     /// Every request's tokens from a batch loop with `limits`, experts in this process.

@@ -20,8 +20,10 @@
 //! used from its last to its first, so its first block is evicted last (a block whose parent
 //! is gone could never be found again). A run's memory is freed with its last block, so the
 //! budget counts whole runs and eviction goes on until what is left fits; a prompt larger than
-//! the budget stores what fits of its beginning rather than evicting it. Pages that running
-//! sequences still read live until they finish: evicting never touches a running sequence.
+//! the budget stores what fits of its beginning rather than evicting it. A run that a running
+//! sequence reads is not evicted: its memory is counted here, once however many sequences
+//! share it, and those sequences reserve KV budget only for their own rows
+//! ([`PrefixCache::cached_tokens`]), as vLLM's block manager counts a shared block once.
 //! Plain data and functions: the batch loop owns one and calls it between steps.
 
 use kubemoe_model::{KvCache, Pages, PAGE_TOKENS};
@@ -43,6 +45,20 @@ struct Entry {
     used: u64,
 }
 
+/// Pages stored together, and how many of its blocks the cache holds.
+struct Run {
+    pages: Pages,
+    blocks: usize,
+    bytes: usize,
+}
+
+impl Run {
+    /// Whether a cache reads it: held elsewhere than by its blocks and this.
+    fn in_use(&self) -> bool {
+        Arc::strong_count(&self.pages) > self.blocks + 1
+    }
+}
+
 /// The cached blocks, by key, and their use order.
 pub struct PrefixCache {
     budget: usize,
@@ -50,8 +66,7 @@ pub struct PrefixCache {
     entries: HashMap<u64, Entry>,
     /// (last use, key), oldest first.
     order: BTreeSet<(u64, u64)>,
-    /// Blocks held and bytes of each run.
-    runs: HashMap<u64, (usize, usize)>,
+    runs: HashMap<u64, Run>,
     clock: u64,
     /// SipHash with keys drawn at random for this process.
     hasher: std::collections::hash_map::RandomState,
@@ -112,18 +127,23 @@ impl PrefixCache {
         }
     }
 
-    /// Evicts the least recently used block unless it is one of `keep` (then false), freeing
-    /// its run's bytes with the run's last block.
+    /// Evicts the least recently used block that is neither one of `keep` nor in a run a
+    /// cache reads (false when there is none), freeing its run's bytes with the run's last
+    /// block.
     fn evict(&mut self, keep: &[u64]) -> bool {
-        let Some(&(_, oldest)) = self.order.first().filter(|(_, key)| !keep.contains(key)) else {
+        let evictable = |key: &u64| {
+            !keep.contains(key)
+                && self.entries.get(key).is_some_and(|e| self.runs.get(&e.run).is_none_or(|r| !r.in_use()))
+        };
+        let Some(&(used, key)) = self.order.iter().find(|(_, key)| evictable(key)) else {
             return false;
         };
-        self.order.pop_first();
-        if let Some(e) = self.entries.remove(&oldest) {
-            if let Some((blocks, bytes)) = self.runs.get_mut(&e.run) {
-                *blocks -= 1;
-                if *blocks == 0 {
-                    self.bytes -= *bytes;
+        self.order.remove(&(used, key));
+        if let Some(e) = self.entries.remove(&key) {
+            if let Some(run) = self.runs.get_mut(&e.run) {
+                run.blocks -= 1;
+                if run.blocks == 0 {
+                    self.bytes -= run.bytes;
                     self.runs.remove(&e.run);
                 }
             }
@@ -131,15 +151,24 @@ impl PrefixCache {
         true
     }
 
-    /// The cached blocks `prompt` begins with, at most all but its last token, in order.
-    pub fn lookup(&mut self, prompt: &[u32]) -> Vec<Block> {
+    /// Keys of the cached blocks `prompt` begins with, at most all but its last token.
+    fn found(&self, prompt: &[u32]) -> Vec<u64> {
         let usable = &prompt[..prompt.len().saturating_sub(1)];
-        let found: Vec<u64> = self
-            .blocks(usable)
+        self.blocks(usable)
             .into_iter()
             .take_while(|(key, parent, block)| self.holds(*key, *parent, block))
             .map(|(key, _, _)| key)
-            .collect();
+            .collect()
+    }
+
+    /// Tokens of `prompt` that [`PrefixCache::lookup`] would find now.
+    pub fn cached_tokens(&self, prompt: &[u32]) -> usize {
+        self.found(prompt).len() * PAGE_TOKENS
+    }
+
+    /// The cached blocks `prompt` begins with, at most all but its last token, in order.
+    pub fn lookup(&mut self, prompt: &[u32]) -> Vec<Block> {
+        let found = self.found(prompt);
         self.touch(&found);
         found.iter().filter_map(|k| self.entries.get(k).map(|e| e.block.clone())).collect()
     }
@@ -179,7 +208,8 @@ impl PrefixCache {
             let pages: Pages = Arc::new(cache.rows(first * PAGE_TOKENS, new.len() * PAGE_TOKENS)?);
             self.clock += 1;
             let run = self.clock;
-            self.runs.insert(run, (new.len(), new.len() * block_bytes));
+            self.runs
+                .insert(run, Run { pages: pages.clone(), blocks: new.len(), bytes: new.len() * block_bytes });
             self.bytes += new.len() * block_bytes;
             for (page, (key, parent, block)) in new.into_iter().enumerate() {
                 let mut tokens = [0u32; PAGE_TOKENS];
@@ -241,7 +271,7 @@ mod tests {
         for (pages, page) in prefixes.lookup(&prompt) {
             copy.share(&pages, page).unwrap();
         }
-        assert_eq!(Arc::strong_count(&hit[0].0), 5, "two entries, two in `hit`, one run in `copy`");
+        assert_eq!(Arc::strong_count(&hit[0].0), 6, "two entries, the run, two in `hit`, one in `copy`");
         let mut own = KvCache::new(&model.config);
         model.forward_step(&mut [(&mut own, &prompt[..32])]).unwrap();
         let (a, b) = (
@@ -302,6 +332,38 @@ mod tests {
         let mut two = PrefixCache::new(2 * block);
         two.insert(&long, &cache_long).unwrap();
         assert_eq!((two.bytes(), two.lookup(&long).len()), (2 * block, 2));
+    }
+
+    #[test]
+    fn a_run_a_cache_reads_is_not_evicted_and_counts_once() {
+        let a: Vec<u32> = (0..17).collect();
+        let b: Vec<u32> = (100..117).collect();
+        let (model, cache_a) = prefilled(&a);
+        let (_, cache_b) = prefilled(&b);
+        let mut prefixes = PrefixCache::new(1 << 30);
+        prefixes.insert(&a, &cache_a).unwrap();
+        let block = prefixes.bytes();
+        // Room for one block, read by two sequences: b is not stored in its place.
+        let mut prefixes = PrefixCache::new(block);
+        prefixes.insert(&a, &cache_a).unwrap();
+        let mut readers = [KvCache::new(&model.config), KvCache::new(&model.config)];
+        for reader in &mut readers {
+            for (pages, page) in prefixes.lookup(&a) {
+                reader.share(&pages, page).unwrap();
+            }
+        }
+        prefixes.insert(&b, &cache_b).unwrap();
+        assert_eq!(
+            (prefixes.cached_tokens(&a), prefixes.cached_tokens(&b), prefixes.bytes()),
+            (PAGE_TOKENS, 0, block)
+        );
+        // Once they are done, it goes.
+        drop(readers);
+        prefixes.insert(&b, &cache_b).unwrap();
+        assert_eq!(
+            (prefixes.cached_tokens(&a), prefixes.cached_tokens(&b), prefixes.bytes()),
+            (0, PAGE_TOKENS, block)
+        );
     }
 
     #[test]
