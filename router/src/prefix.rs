@@ -153,6 +153,9 @@ impl PrefixCache {
 
     /// Keys of the cached blocks `prompt` begins with, at most all but its last token.
     fn found(&self, prompt: &[u32]) -> Vec<u64> {
+        if self.entries.is_empty() {
+            return Vec::new(); // nothing to hash for (a cache that is off holds nothing)
+        }
         let usable = &prompt[..prompt.len().saturating_sub(1)];
         self.blocks(usable)
             .into_iter()
