@@ -2,7 +2,8 @@
 //! projection, so that each expert's weights stream through the cache once per step
 //! (the grouped-GEMM formulation of MegaBlocks, Gale et al. 2022, on the CPU).
 //!
-//! Experts run in parallel on the rayon pool; each expert's products run single-threaded.
+//! Experts run in parallel on the rayon pool once their work is large enough to pay for it;
+//! each expert's products run single-threaded.
 //! Results are summed per token in expert order, so the output does not depend on threads.
 
 use crate::activation::swiglu_inplace;
@@ -62,7 +63,7 @@ pub fn grouped_expert_ffn(
             work.push((e, ye, oe));
         }
     }
-    work.into_par_iter().try_for_each(|(e, ye, oe)| -> Result<()> {
+    let run = |(e, ye, oe): (usize, &mut [f32], &[usize])| -> Result<()> {
         let c = oe.len();
         let mut xs = vec![0f32; c * hidden];
         for (row, &ai) in xs.chunks_mut(hidden).zip(oe) {
@@ -76,7 +77,14 @@ pub fn grouped_expert_ffn(
         w.up_proj.view().linear(View::new(&xs, c, hidden)?, &mut u, inter)?; // [c, inter]
         swiglu_inplace(&mut g, &u);
         w.down_proj.view().linear(View::new(&g, c, inter)?, ye, hidden) // [c, hidden]
-    })?;
+    };
+    // Threads pay off only once the experts' work is large: waking the pool costs tens of
+    // microseconds, as much as a decode token's experts in a small model.
+    if assignments.len() * 3 * hidden * inter >= 1 << 20 && rayon::current_thread_index().is_none() {
+        work.into_par_iter().try_for_each(run)?;
+    } else {
+        work.into_iter().try_for_each(run)?;
+    }
     for (row, &ai) in y.chunks(hidden).zip(&order) {
         let a = assignments[ai];
         let t = a.token as usize;
