@@ -95,6 +95,18 @@ impl Latent {
         check_len("latent_attention", "output", out, n * self.heads * self.rank)?;
         Ok(cache / w)
     }
+
+    /// Values in `pages`, after checking that each holds whole rows.
+    pub fn page_values(&self, pages: &[&[f32]]) -> Result<usize> {
+        let w = self.width();
+        if let Some(p) = pages.iter().find(|p| w == 0 || !p.len().is_multiple_of(w)) {
+            return Err(crate::Error::Shape {
+                op: "latent_attention",
+                detail: format!("a page of {} values is not rows of {w}", p.len()),
+            });
+        }
+        Ok(pages.iter().map(|p| p.len()).sum())
+    }
 }
 
 /// `out` [n, heads, rank] = causal softmax(scale · `qa` · cacheᵀ) · `c_kv`: the absorbed
@@ -111,14 +123,7 @@ pub fn latent_attention(
     out: &mut [f32],
 ) -> Result<()> {
     let w = shape.width();
-    let values: usize = pages.iter().map(|p| p.len()).sum();
-    let s = shape.check(qa.len(), values, n, out.len())?;
-    if let Some(p) = pages.iter().find(|p| !p.len().is_multiple_of(w)) {
-        return Err(crate::Error::Shape {
-            op: "latent_attention",
-            detail: format!("a page of {} values is not rows of {w}", p.len()),
-        });
-    }
+    let s = shape.check(qa.len(), shape.page_values(pages)?, n, out.len())?;
     let (heads, r) = (shape.heads, shape.rank);
     let qa = View::new(&qa[..n * heads * w], n * heads, w)?;
     // Scores [n, heads, s] against every cached row, shared by all heads: one column block

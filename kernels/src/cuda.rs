@@ -927,6 +927,7 @@ impl Device for Gpu {
 
     fn latent_attention(&self, shape: Latent, qa: &[f32], pages: &[&[f32]], n: usize) -> Result<Vec<f32>> {
         // The kernel reads one contiguous cache: the pages are joined on the host.
+        shape.page_values(pages)?;
         let cache = pages.concat();
         let len = n * shape.heads * shape.rank;
         shape.check(qa.len(), cache.len(), n, len)?;

@@ -76,7 +76,7 @@ struct Shared {
 /// Its first tokens may be whole pages of [`PAGE_TOKENS`] tokens shared with other caches
 /// ([`KvCache::share`], a prefix's pages as vLLM's prefix caching shares KV blocks, Kwon et
 /// al. 2023), read in place; the rows after them are the sequence's own, one buffer per layer.
-/// Shared pages are never written: cutting the cache inside one (a rollback, a failed step)
+/// Shared pages are never written: cutting the cache inside one (a rollback below them)
 /// copies that page's kept rows into the sequence's own buffer (copy-on-write). Attention
 /// reads the runs of consecutive shared pages and the own buffer as slices of one cache
 /// (`kubemoe_kernels::attention::latent_attention`): the sequence's own rows stay one buffer
