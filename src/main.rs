@@ -627,7 +627,11 @@ fn run(command: Command) -> Result<()> {
         } => {
             let m = kubemoe_model::progress::reported("run", || source::open_as(&model, Experts::All, dtype))
                 .with_context(|| format!("loading model {model}"))?;
-            kubemoe_model::memory::log_loaded("run", &kubemoe_model::memory::Held::of(m.matrices()));
+            kubemoe_model::memory::log_loaded(
+                "run",
+                &kubemoe_model::memory::Held::of(m.matrices()),
+                DeviceSpec::Cpu,
+            );
             if let Some(path) = logits_out {
                 m.write_logits(&input_ids, &path)?;
             }

@@ -31,16 +31,27 @@ impl Held {
     }
 }
 
-/// Logs the bytes of weights `role` holds beside the process's resident set.
-pub fn log_loaded(role: &str, held: &Held) {
+/// Logs the bytes of weights `role` holds on `device` beside the process's resident set; their
+/// ratio only for weights in host memory (a GPU's are not in the resident set).
+pub fn log_loaded(role: &str, held: &Held, device: kubemoe_kernels::device::DeviceSpec) {
     let resident = resident_bytes().unwrap_or(0);
     let weight_bytes = held.bytes();
-    tracing::info!(
-        role,
-        held = held.names().join(","),
-        weight_mib = format!("{:.1}", weight_bytes as f64 / 1048576.0),
-        resident_mib = format!("{:.1}", resident as f64 / 1048576.0),
-        resident_per_weight_byte = format!("{:.3}", resident as f64 / weight_bytes.max(1) as f64),
-        "weights loaded"
+    let (held, weight_mib, resident_mib) = (
+        held.names().join(","),
+        format!("{:.1}", weight_bytes as f64 / 1048576.0),
+        format!("{:.1}", resident as f64 / 1048576.0),
     );
+    if device == kubemoe_kernels::device::DeviceSpec::Cpu {
+        let per_byte = format!("{:.3}", resident as f64 / weight_bytes.max(1) as f64);
+        tracing::info!(
+            role,
+            held,
+            weight_mib,
+            resident_mib,
+            resident_per_weight_byte = per_byte,
+            "weights loaded"
+        );
+    } else {
+        tracing::info!(role, held, %device, weight_mib, host_resident_mib = resident_mib, "weights loaded");
+    }
 }

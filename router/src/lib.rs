@@ -227,7 +227,7 @@ pub async fn run(
             )));
         }
         let held = kubemoe_model::memory::Held::of(model.matrices());
-        kubemoe_model::memory::log_loaded("router", &held);
+        kubemoe_model::memory::log_loaded("router", &held, kubemoe_kernels::device::DeviceSpec::Cpu);
         let config = model.config.clone();
         let max_context = opts.max_context.min(config.max_position_embeddings);
         let limits = scheduler::Limits {

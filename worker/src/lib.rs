@@ -154,7 +154,7 @@ pub async fn run(
         // Stopped while loading (the server drains and ends) or failed: the load is abandoned.
         served = &mut server => return served.map_err(|e| Error::Task("gRPC server", e.to_string()))?,
     };
-    kubemoe_model::memory::log_loaded("worker", &store.held_weights()?);
+    kubemoe_model::memory::log_loaded("worker", &store.held_weights()?, device);
     http_app.set(metrics::routes(store.clone(), stats));
     service.set(store);
     let _ = loaded.send(true);
