@@ -216,6 +216,7 @@ pub fn up(file: Option<&Path>, overrides: Overrides, mut router_args: Vec<String
         }
         Ok::<_, anyhow::Error>(())
     })?;
+    children.stop_restarts();
     eprintln!("kubemoe up: stopping");
     drop(children);
     std::fs::remove_dir_all(&dir).ok();
@@ -682,6 +683,12 @@ impl Supervised {
         Supervised { stop, thread: Some(thread), children }
     }
 
+    /// Starts no child again from now on: `up` is stopping, and its children with it (a
+    /// Ctrl-C reaches them too).
+    fn stop_restarts(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
     /// Supervises one more child.
     fn add(&self, child: Managed) {
         lock(&self.children).push(child);
@@ -735,6 +742,9 @@ fn supervise(stop: &AtomicBool, children: &Mutex<Vec<Managed>>) {
             let mut list = lock(children);
             for c in list.iter_mut().filter(|c| c.restarts.due.is_none()) {
                 if let Ok(Some(status)) = c.child.try_wait() {
+                    if stop.load(Ordering::Relaxed) {
+                        break; // stopping: an exit is expected
+                    }
                     let r = &mut c.restarts;
                     let delay;
                     (delay, r.backoff) = restart_delay(r.started.elapsed(), r.backoff);
