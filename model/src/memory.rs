@@ -15,9 +15,14 @@ pub struct Held(pub Vec<(&'static str, usize)>);
 
 impl Held {
     pub fn of<'a>(weights: impl IntoIterator<Item = &'a kubemoe_kernels::Weight>) -> Held {
+        Held::sum(weights.into_iter().map(|w| (w.dtype().as_str(), w.bytes())))
+    }
+
+    /// The sums per precision of (precision, bytes) pairs, wherever the matrices are held.
+    pub fn sum(matrices: impl IntoIterator<Item = (&'static str, usize)>) -> Held {
         let mut held = std::collections::BTreeMap::<&'static str, usize>::new();
-        for w in weights {
-            *held.entry(w.dtype().as_str()).or_default() += w.bytes();
+        for (dtype, bytes) in matrices {
+            *held.entry(dtype).or_default() += bytes;
         }
         Held(held.into_iter().collect())
     }

@@ -123,6 +123,11 @@ impl KvCache {
         (self.shared_tokens * self.width * self.own.len() + self.own.iter().map(Vec::len).sum::<usize>()) * 4
     }
 
+    /// Whether it was made for `layers` layers of the model `c`.
+    fn fits(&self, c: &Config, layers: usize) -> bool {
+        self.own.len() == layers && self.width == c.kv_lora_rank + c.qk_rope_head_dim
+    }
+
     /// Values in a page of one layer.
     fn page_values(&self) -> usize {
         PAGE_TOKENS * self.width
@@ -518,7 +523,7 @@ impl Model {
             if tokens.is_empty() {
                 return Err(Error::Invalid("a sequence in the batch has no new tokens".into()));
             }
-            if cache.own.len() != c.num_hidden_layers || cache.width != c.kv_lora_rank + c.qk_rope_head_dim {
+            if !cache.fits(c, c.num_hidden_layers) {
                 return Err(Error::Invalid("KV cache was made for another model".into()));
             }
             self.check_context(cache.len + tokens.len())?;
@@ -595,12 +600,7 @@ impl Model {
         let mut positions = Vec::new();
         for rows in batch.iter() {
             let n = rows.tokens.len();
-            let width = self.config.kv_lora_rank + self.config.qk_rope_head_dim;
-            if n == 0
-                || rows.hidden.len() != n * hid
-                || rows.cache.own.len() != 1
-                || rows.cache.width != width
-            {
+            if n == 0 || rows.hidden.len() != n * hid || !rows.cache.fits(&self.config, 1) {
                 return Err(Error::Invalid(format!(
                     "MTP rows: {n} tokens, {} hidden values, a cache of {} layers",
                     rows.hidden.len(),

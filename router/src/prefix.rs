@@ -12,9 +12,10 @@
 //! random per process, so that another prompt's rows are served only on a 64-bit collision
 //! nobody can search for offline (vLLM's CVE-2025-25183 was predictable hashes); at least the
 //! prompt's last token is prefilled (its logits give the first output token); the runs held
-//! never exceed the budget but by a split's copy (0 turns the cache off). A block's rows are what prefilling its
-//! prefix computed, to float rounding: a prompt that itself started from cached blocks stores
-//! its later blocks too, computed in another batch shape than a whole prefill.
+//! never exceed the budget but by a split's copy (0 turns the cache off). A block's rows are
+//! what prefilling its prefix computed, to float rounding: a prompt that itself started from
+//! cached blocks stores its later blocks too, computed in another batch shape than a whole
+//! prefill.
 //!
 //! Eviction goes by run, least recently used first: a prefix's runs are marked used from its
 //! last to its first, so its first run goes last (a block whose parent is gone could never be
@@ -153,6 +154,9 @@ impl PrefixCache {
     /// Keys of the cached blocks `prompt` begins with, at most all but its last token.
     fn found(&self, prompt: &[u32]) -> Vec<u64> {
         let mut keys = Vec::new();
+        if self.entries.is_empty() {
+            return keys; // nothing to hash for (a cache that is off holds nothing)
+        }
         let mut parent = 0;
         for block in prompt[..prompt.len().saturating_sub(1)].chunks_exact(PAGE_TOKENS) {
             let key = self.key(parent, block);
@@ -167,9 +171,6 @@ impl PrefixCache {
 
     /// Tokens of `prompt` that [`PrefixCache::lookup`] would find now.
     pub fn cached_tokens(&self, prompt: &[u32]) -> usize {
-        if self.entries.is_empty() {
-            return 0; // nothing to hash for (a cache that is off holds nothing)
-        }
         self.found(prompt).len() * PAGE_TOKENS
     }
 
@@ -213,9 +214,6 @@ impl PrefixCache {
     /// it shares only the beginning of is split first (the budget may be exceeded by the
     /// copy until the rest of the run is no longer read and can go).
     pub fn lookup(&mut self, prompt: &[u32]) -> Vec<Block> {
-        if self.entries.is_empty() {
-            return Vec::new();
-        }
         let found = self.found(prompt);
         if let Some(&last) = found.last() {
             self.split_after(last);

@@ -207,11 +207,7 @@ impl ExpertStore {
     /// The bytes of the experts held, per precision (on the GPU with `--device cuda:N`).
     pub fn held_weights(&self) -> Result<kubemoe_model::memory::Held> {
         let state = self.state.read().map_err(|_| Error::Poisoned)?;
-        let mut held = BTreeMap::<&'static str, usize>::new();
-        for (dtype, bytes) in state.experts.values().flat_map(|h| h.matrices()) {
-            *held.entry(dtype).or_default() += bytes;
-        }
-        Ok(kubemoe_model::memory::Held(held.into_iter().collect()))
+        Ok(kubemoe_model::memory::Held::sum(state.experts.values().flat_map(|h| h.matrices())))
     }
 
     /// (layer, expert) pairs `plan` places on this rank.
