@@ -13,10 +13,10 @@
 //!   few rows ([`SMALL`]) each weight row is widened 16 values at a time in registers and
 //!   multiplied into every row of `x` at once; for more rows a panel of weight rows is widened
 //!   to f32 in cache and handed to the f32 GEMM, whose cost then dwarfs the widening.
-//! - The decode kernels sum each output in 16 lanes (two accumulators, alternating by block)
-//!   in an order fixed by the column index only: a row's result does not depend on how many
-//!   rows (up to [`SMALL`]) are batched with it; from `SMALL + 1` rows the GEMM sums in its
-//!   own order. AVX-512F and AVX2+FMA (chosen at run time, explicit vectors:
+//! - The decode kernels sum each output in 16 lanes (four accumulators, one per vector of a
+//!   64-column step) in an order fixed by the column index only: a row's result does not
+//!   depend on how many rows (up to [`SMALL`]) are batched with it; from `SMALL + 1` rows the
+//!   GEMM sums in its own order. AVX-512F and AVX2+FMA (chosen at run time, explicit vectors:
 //!   LLVM's auto-vectoriser kept several rows' accumulators in memory) fuse multiply and add
 //!   and agree exactly; the portable code rounds twice.
 //! - Stored values are checked once, at construction: no NaN or infinity can come out.
@@ -838,44 +838,56 @@ fn dot_impl<D: Widen, S: Lanes, const M: usize>(w: &Rows<'_>, j0: usize, x: View
     for (jj, o) in out.chunks_exact_mut(M).enumerate().take(w.rows.saturating_sub(j0)) {
         let row = w.row0 + j0 + jj;
         let bytes = &w.w.data[row * k * D::SIZE..][..k * D::SIZE];
-        // Two accumulators a row, alternating by block of 16: one would make every block wait
-        // for the previous block's addition.
-        let mut acc = [[S::zero(); 2]; M];
+        // Four accumulators a row, one per vector of a 64-column step: one would make every
+        // vector wait for the previous one's addition (the FMA's latency is 4 cycles).
+        let mut acc = [[S::zero(); 4]; M];
         let mut tail = [[0f32; LANES]; M];
         let segments = Segments::of(w.w, row);
         for seg in 0..segments.count() {
             let (c0, c1, scale) = segments.get(seg);
-            let full = c0 + (c1 - c0) / LANES * LANES;
-            let mut c = c0;
-            while c + 2 * LANES <= full {
-                let (v0, v1) = (widen::<D, S>(bytes, c, scale), widen::<D, S>(bytes, c + LANES, scale));
+            let step = 4 * LANES;
+            let full = c0 + (c1 - c0) / step * step;
+            // Chunks, not indices: no bounds check inside the loop.
+            let wb = bytes[c0 * D::SIZE..full * D::SIZE].chunks_exact(step * D::SIZE);
+            for (n, wb) in wb.enumerate() {
+                let v = [
+                    widen::<D, S>(wb, 0, scale),
+                    widen::<D, S>(wb, LANES, scale),
+                    widen::<D, S>(wb, 2 * LANES, scale),
+                    widen::<D, S>(wb, 3 * LANES, scale),
+                ];
+                let c = c0 + n * step;
                 for (acc, xr) in acc.iter_mut().zip(&xs) {
-                    acc[0] = acc[0].add_mul(v0, S::load(&xr[c..]));
-                    acc[1] = acc[1].add_mul(v1, S::load(&xr[c + LANES..]));
+                    let xr = &xr[c..c + step];
+                    for u in 0..4 {
+                        acc[u] = acc[u].add_mul(v[u], S::load(&xr[u * LANES..]));
+                    }
                 }
-                c += 2 * LANES;
             }
-            if c < full {
+            let mut c = full;
+            while c + LANES <= c1 {
                 let v0 = widen::<D, S>(bytes, c, scale);
                 for (acc, xr) in acc.iter_mut().zip(&xs) {
                     acc[0] = acc[0].add_mul(v0, S::load(&xr[c..]));
                 }
+                c += LANES;
             }
-            for c in full..c1 {
+            let rest = c;
+            for c in rest..c1 {
                 let v = if D::SCALED {
                     D::one(&bytes[c * D::SIZE..]) * scale
                 } else {
                     D::one(&bytes[c * D::SIZE..])
                 };
                 for (tail, xr) in tail.iter_mut().zip(&xs) {
-                    tail[c - full] += v * xr[c];
+                    tail[c - rest] += v * xr[c];
                 }
             }
         }
-        for ((o, [a0, a1]), t) in o.iter_mut().zip(&acc).zip(&tail) {
-            let (mut a, a1) = (a0.to_array(), a1.to_array());
+        for ((o, [a0, a1, a2, a3]), t) in o.iter_mut().zip(&acc).zip(&tail) {
+            let (mut a, a1, a2, a3) = (a0.to_array(), a1.to_array(), a2.to_array(), a3.to_array());
             for l in 0..LANES {
-                a[l] += a1[l] + t[l];
+                a[l] += a1[l] + (a2[l] + a3[l]) + t[l];
             }
             *o = sum_lanes(&a);
         }
