@@ -5,7 +5,8 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use kubemoe_kernels::device::DeviceSpec;
-use kubemoe_model::generate::{generate, Request};
+use kubemoe_model::generate::{generate_with, Request};
+use kubemoe_model::layers::RoutedExperts;
 use kubemoe_model::synth::{self, StorageDtype};
 use kubemoe_model::{source, Experts, Precision, SamplingParams};
 use std::net::SocketAddr;
@@ -65,6 +66,11 @@ enum Command {
         /// (DeepSeek-V3's layout: `*_proj` weights e4m3 with 128×128 block scales) or f32.
         #[arg(long, env = "KUBEMOE_DTYPE", default_value = "auto")]
         dtype: Precision,
+        /// Where the routed experts live and run: cpu, or cuda:N (GPU N, in --dtype's
+        /// precision; needs a build with `--features cuda`). The rest of the model runs on the
+        /// host, as a router does with GPU workers.
+        #[arg(long, env = "KUBEMOE_DEVICE", default_value = "cpu")]
+        device: DeviceSpec,
         /// Comma-separated prompt token ids.
         #[arg(long, value_delimiter = ',', required = true)]
         input_ids: Vec<u32>,
@@ -582,6 +588,31 @@ async fn bind(host: &str, port: u16, role: &str) -> Result<TcpListener> {
     Ok(listener)
 }
 
+/// `run`'s model: everything in host memory with `--device cpu`; otherwise the routed
+/// experts in a store on that device (all of them, as one worker holds them) and the rest of
+/// the model (the MTP module's experts too, which no placement names) on the host. The store
+/// loads first: a build without CUDA refuses before reading the model.
+fn load_for_run(
+    model: &str,
+    dtype: Precision,
+    device: DeviceSpec,
+) -> Result<(kubemoe_model::Model, Option<kubemoe_worker::store::ExpertStore>)> {
+    let store = (device != DeviceSpec::Cpu)
+        .then(|| kubemoe_worker::store::ExpertStore::load_on(device, model, dtype, 0, Some(1), None))
+        .transpose()
+        .with_context(|| format!("loading the routed experts of {model} on {device}"))?;
+    let first_mtp = source::open_tensors(model, &|_| false)?.0.num_hidden_layers;
+    let mtp_only = |layer: usize, _| layer >= first_mtp;
+    let which = if store.is_some() { Experts::Only(&mtp_only) } else { Experts::All };
+    let m = kubemoe_model::progress::reported("run", || source::open_as(model, which, dtype))
+        .with_context(|| format!("loading model {model}"))?;
+    kubemoe_model::memory::log_loaded("run", &kubemoe_model::memory::Held::of(m.matrices()), DeviceSpec::Cpu);
+    if let Some(store) = &store {
+        kubemoe_model::memory::log_loaded("run experts", &store.held_weights()?, device);
+    }
+    Ok((m, store))
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
@@ -617,6 +648,7 @@ fn run(command: Command) -> Result<()> {
         Command::Run {
             model,
             dtype,
+            device,
             input_ids,
             max_new_tokens,
             temperature,
@@ -625,19 +657,17 @@ fn run(command: Command) -> Result<()> {
             seed,
             logits_out,
         } => {
-            let m = kubemoe_model::progress::reported("run", || source::open_as(&model, Experts::All, dtype))
-                .with_context(|| format!("loading model {model}"))?;
-            kubemoe_model::memory::log_loaded(
-                "run",
-                &kubemoe_model::memory::Held::of(m.matrices()),
-                DeviceSpec::Cpu,
-            );
+            let (m, store) = load_for_run(&model, dtype, device)?;
+            let experts: &dyn RoutedExperts = match &store {
+                Some(store) => store,
+                None => &m,
+            };
             if let Some(path) = logits_out {
-                m.write_logits(&input_ids, &path)?;
+                m.write_logits_with(&input_ids, &path, experts)?;
             }
             let sampling = SamplingParams { temperature, top_k, top_p, seed };
             let request = Request { prompt: input_ids, max_new_tokens, sampling };
-            let output = generate(&m, &[request])?.remove(0);
+            let output = generate_with(&m, experts, &[request])?.remove(0);
             println!("{}", serde_json::json!({ "output_ids": output }));
         }
         Command::Worker {

@@ -507,6 +507,8 @@ fn a_gpu_device_is_refused_by_a_build_without_cuda() {
     assert!(stderr.contains("--device cuda:1: this kubemoe was built without CUDA"), "{stderr}");
     let stderr = run(&["worker", "--model", "builtin:tiny", "--rank", "0", "--device", "gpu"]);
     assert!(stderr.contains("use cpu, cuda or cuda:N"), "{stderr}");
+    let stderr = run(&["run", "--model", "/nonexistent", "--input-ids", "1,2", "--device", "cuda:0"]);
+    assert!(stderr.contains("--device cuda:0: this kubemoe was built without CUDA"), "{stderr}");
 }
 
 #[test]

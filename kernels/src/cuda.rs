@@ -2,10 +2,12 @@
 //! at run time: a build needs no CUDA installed, and [`Gpu::new`] names the library it misses.
 //!
 //! The kernels are kubemoe's own, in `kernels/cuda/*.cu` ([`SOURCES`]), each compiled by NVRTC
-//! with `common.cuh` in front for the GPU's architecture (PTX, which the driver finishes), the
-//! first time a GPU needs it; the PTX is kept on disk by content hash ([`ptx_cache`]), so a
-//! machine without NVRTC runs PTX compiled on another. CI compiles every source for sm_80 and
-//! sm_90 (A100, H100/H200) and fails on any warning.
+//! with `common.cuh` in front to machine code (a cubin) for the GPU's architecture, the first
+//! time a GPU needs it; cubins are kept on disk by content hash ([`kernel_cache`]), so a
+//! machine without NVRTC runs kernels compiled on another. Not PTX: a driver refuses PTX from
+//! an NVRTC newer than itself (`CUDA_ERROR_UNSUPPORTED_PTX_VERSION`), while any CUDA 12 driver
+//! loads a CUDA 12 cubin (NVIDIA's minor version compatibility). CI compiles every source for
+//! sm_80 and sm_90 (A100, H100/H200) and fails on any warning.
 //!
 //! Invariants:
 //! - Every kernel computes its CPU counterpart's function: conversions are exact, sums are
@@ -74,7 +76,7 @@ pub const SOURCES: &[Source] = &[
 ];
 
 /// The architectures CI compiles every source for: A100 (sm_80) and H100/H200 (sm_90).
-pub const CHECKED_ARCHS: [&str; 2] = ["compute_80", "compute_90"];
+pub const CHECKED_ARCHS: [&str; 2] = ["sm_80", "sm_90"];
 
 /// Limits of `gate.cu`'s per-thread arrays.
 const MAX_EXPERTS: usize = 256;
@@ -95,69 +97,86 @@ fn c_text(chars: &[std::ffi::c_char]) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
-/// PTX and what NVRTC said while compiling it (empty for a clean compile).
+/// A cubin and what NVRTC said while compiling it (empty for a clean compile).
 pub struct Compiled {
-    pub ptx: String,
+    pub cubin: Vec<u8>,
     pub diagnostics: String,
 }
 
-/// Compiles `source` to PTX for `arch` (`compute_XY`) with NVRTC. Warnings come back in
+/// Fails unless NVRTC can be loaded, saying how to get it. cudarc panics when a function of a
+/// library it cannot load is called; this check turns that into an error.
+fn nvrtc_present() -> Result<()> {
+    // SAFETY: loading the library runs only its initialisers.
+    if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Ok(());
+    }
+    Err(err(
+        "nvrtc",
+        "libnvrtc.so (NVRTC) was not found: install the CUDA toolkit, or `pip install \
+         nvidia-cuda-nvrtc-cu12`, and put the folder that holds it on LD_LIBRARY_PATH",
+    ))
+}
+
+/// Compiles `source` to a cubin for `arch` (`sm_XY`) with NVRTC. Warnings come back in
 /// [`Compiled::diagnostics`]: CI fails on any (the sources compile clean with CI's NVRTC), a
 /// GPU host with another NVRTC logs them and runs.
 pub fn compile(source: &Source, arch: &str) -> Result<Compiled> {
-    // SAFETY: loading the library runs only its initialisers. cudarc panics when a function of
-    // a library it cannot load is called; this check turns that into an error.
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        return Err(err(
-            "nvrtc",
-            "libnvrtc.so (NVRTC) was not found: install the CUDA toolkit, or `pip install \
-             nvidia-cuda-nvrtc-cu12`, and put the folder that holds it on LD_LIBRARY_PATH",
-        ));
-    }
+    nvrtc_present()?;
     let text = CString::new(program_text(source)).map_err(|e| err("nvrtc", e))?;
     let name = CString::new(source.name).map_err(|e| err("nvrtc", e))?;
     let prog = nvrtc::create_program(&text, Some(&name)).map_err(|e| err("nvrtc", e))?;
     let options = [format!("--gpu-architecture={arch}")];
     // SAFETY: `prog` is the program created above; it is destroyed here and used nowhere else.
-    let (compiled, log, ptx) = unsafe {
+    // The cubin is copied into a buffer of the size NVRTC reports for it.
+    let (compiled, log, cubin) = unsafe {
         let compiled = nvrtc::compile_program(prog, &options);
         let log = nvrtc::get_program_log(prog).map(|l| c_text(&l)).unwrap_or_default();
-        let ptx = compiled.is_ok().then(|| nvrtc::get_ptx(prog));
-        // Freeing a program that compiled cannot change its PTX, already copied.
+        let cubin = compiled.is_ok().then(|| {
+            let mut size = 0usize;
+            cudarc::nvrtc::sys::nvrtcGetCUBINSize(prog, &mut size).result()?;
+            let mut cubin = vec![0u8; size];
+            cudarc::nvrtc::sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast()).result()?;
+            Ok::<_, cudarc::nvrtc::result::NvrtcError>(cubin)
+        });
+        // Freeing a program that compiled cannot change its cubin, already copied.
         let _ = nvrtc::destroy_program(prog);
-        (compiled, log, ptx)
+        (compiled, log, cubin)
     };
     if let Err(e) = compiled {
         return Err(err("nvrtc", format!("{} for {arch}: {e:?}\n{}", source.name, log.trim())));
     }
-    match ptx {
-        Some(Ok(ptx)) => Ok(Compiled { ptx: c_text(&ptx), diagnostics: log.trim().to_string() }),
-        Some(Err(e)) => Err(err("nvrtc", format!("{}: reading the PTX: {e:?}", source.name))),
-        None => Err(err("nvrtc", format!("{}: no PTX", source.name))),
+    match cubin {
+        Some(Ok(cubin)) if !cubin.is_empty() => Ok(Compiled { cubin, diagnostics: log.trim().to_string() }),
+        Some(Err(e)) => Err(err("nvrtc", format!("{}: reading the cubin: {e:?}", source.name))),
+        _ => Err(err(
+            "nvrtc",
+            format!("{} for {arch}: no cubin (is {arch} a real architecture, sm_XY?)", source.name),
+        )),
     }
 }
 
-/// Where compiled PTX is kept: `$KUBEMOE_PTX_CACHE`, else `kubemoe/ptx` under
+/// Where compiled kernels are kept: `$KUBEMOE_KERNEL_CACHE`, else `kubemoe/kernels` under
 /// `$XDG_CACHE_HOME` or `~/.cache`.
-pub fn ptx_cache() -> Option<PathBuf> {
+pub fn kernel_cache() -> Option<PathBuf> {
     let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    env("KUBEMOE_PTX_CACHE")
-        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("kubemoe/ptx")))
-        .or_else(|| env("HOME").map(|d| d.join(".cache/kubemoe/ptx")))
+    env("KUBEMOE_KERNEL_CACHE")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("kubemoe/kernels")))
+        .or_else(|| env("HOME").map(|d| d.join(".cache/kubemoe/kernels")))
 }
 
-/// `source`'s PTX for `arch`: from `cache` when it holds the PTX of this exact program text,
-/// else compiled and stored there. A cache that cannot be written only costs a compile.
-pub fn ptx(source: &Source, arch: &str, cache: Option<&Path>) -> Result<String> {
+/// `source`'s cubin for `arch`: from `cache` when it holds the cubin of this exact program
+/// text (whichever CUDA 12 NVRTC made it), else compiled and stored there. A cache that cannot
+/// be written only costs a compile.
+pub fn cubin(source: &Source, arch: &str, cache: Option<&Path>) -> Result<Vec<u8>> {
     let text = program_text(source);
     let mut h = std::hash::DefaultHasher::new();
     (&text, arch).hash(&mut h);
     let stem = source.name.trim_end_matches(".cu");
-    let file = cache.map(|d| d.join(format!("{stem}-{arch}-{:016x}.ptx", h.finish())));
-    if let Some(ptx) = file.as_ref().and_then(|f| std::fs::read_to_string(f).ok()) {
-        return Ok(ptx);
+    let file = cache.map(|d| d.join(format!("{stem}-{arch}-{:016x}.cubin", h.finish())));
+    if let Some(cubin) = file.as_ref().and_then(|f| std::fs::read(f).ok()) {
+        return Ok(cubin);
     }
-    let Compiled { ptx, diagnostics } = compile(source, arch)?;
+    let Compiled { cubin, diagnostics } = compile(source, arch)?;
     if !diagnostics.is_empty() {
         tracing::warn!(source = source.name, arch, "NVRTC diagnostics: {diagnostics}");
     }
@@ -167,13 +186,13 @@ pub fn ptx(source: &Source, arch: &str, cache: Option<&Path>) -> Result<String> 
         let n = STORES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = file.with_extension(format!("tmp{}-{n}", std::process::id()));
         let stored = file.parent().map(std::fs::create_dir_all).transpose().is_ok()
-            && std::fs::write(&tmp, &ptx).is_ok()
+            && std::fs::write(&tmp, &cubin).is_ok()
             && std::fs::rename(&tmp, &file).is_ok();
         if !stored {
             let _ = std::fs::remove_file(&tmp);
         }
     }
-    Ok(ptx)
+    Ok(cubin)
 }
 
 /// `v` as a kernel's `int` parameter.
@@ -241,7 +260,7 @@ pub struct Gpu {
 }
 
 impl Gpu {
-    /// GPU `ordinal`, its kernels compiled (or read from [`ptx_cache`]) for its architecture.
+    /// GPU `ordinal`, its kernels compiled (or read from [`kernel_cache`]) for its architecture.
     pub fn new(ordinal: usize) -> Result<Self> {
         // SAFETY: as in `compile`.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
@@ -253,13 +272,12 @@ impl Gpu {
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| err("driver", format!("GPU {ordinal}: {e}")))?;
         let (major, minor) = ctx.compute_capability().map_err(|e| err("driver", e))?;
-        let arch = format!("compute_{major}{minor}");
-        let cache = ptx_cache();
+        let arch = format!("sm_{major}{minor}");
+        let cache = kernel_cache();
         let mut functions = HashMap::new();
         for source in SOURCES {
-            let ptx = ptx(source, &arch, cache.as_deref())?;
             let module = ctx
-                .load_module(Ptx::from_src(ptx))
+                .load_module(Ptx::from_binary(cubin(source, &arch, cache.as_deref())?))
                 .map_err(|e| err("driver", format!("{}: {e}", source.name)))?;
             for kernel in source.kernels {
                 let f = module.load_function(kernel).map_err(|e| err("driver", format!("{kernel}: {e}")))?;
@@ -940,6 +958,8 @@ impl Device for Gpu {
     }
 
     fn route(&self, p: &GateParams, logits: &[f32], bias: Option<&[f32]>) -> Result<(Vec<u32>, Vec<f32>)> {
+        // Parameters first, as the CPU checks them: no tokens does not make a bad gate good.
+        p.validate()?;
         let tokens = logits.len() / p.n_experts.max(1);
         check_len("gate", "logits", logits.len(), tokens * p.n_experts)?;
         if tokens == 0 {
@@ -986,14 +1006,14 @@ mod tests {
 
     /// CI's check of the sources: each compiles for sm_80 and sm_90 without a diagnostic and
     /// defines the kernels it lists. Needs NVRTC (`.ci/run` installs it from PyPI), not a GPU.
-    /// With `KUBEMOE_PTX_CACHE` set the PTX is also stored there: how `scripts/gpu-check`
-    /// takes it to a GPU machine without NVRTC.
+    /// With `KUBEMOE_KERNEL_CACHE` set the cubins are also stored there: how
+    /// `scripts/gpu-check` takes them to a GPU machine without NVRTC.
     #[test]
     fn every_source_compiles_for_sm80_and_sm90_without_diagnostics() {
-        let cache = std::env::var_os("KUBEMOE_PTX_CACHE").map(PathBuf::from);
+        let cache = std::env::var_os("KUBEMOE_KERNEL_CACHE").map(PathBuf::from);
         for source in SOURCES {
             for arch in CHECKED_ARCHS {
-                let Compiled { ptx: ptx_text, diagnostics } =
+                let Compiled { cubin: image, diagnostics } =
                     compile(source, arch).unwrap_or_else(|e| panic!("{e}"));
                 assert!(
                     diagnostics.is_empty(),
@@ -1001,14 +1021,16 @@ mod tests {
                     source.name
                 );
                 for kernel in source.kernels {
+                    // The ELF's string table holds each `extern "C"` kernel's name.
+                    let name = format!("\0{kernel}\0").into_bytes();
                     assert!(
-                        ptx_text.contains(&format!(".entry {kernel}(")),
+                        image.windows(name.len()).any(|w| w == name),
                         "{} for {arch}: no kernel {kernel}",
                         source.name
                     );
                 }
                 if let Some(dir) = &cache {
-                    ptx(source, arch, Some(dir)).unwrap_or_else(|e| panic!("{e}"));
+                    cubin(source, arch, Some(dir)).unwrap_or_else(|e| panic!("{e}"));
                 }
             }
         }
@@ -1021,24 +1043,25 @@ mod tests {
             code: "extern \"C\" __global__ void k(float* x) {\n    int unused;\n    x[0] = 1.0f;\n}\n",
             kernels: &["k"],
         };
-        let d = compile(&bad, "compute_80").unwrap().diagnostics;
+        let d = compile(&bad, "sm_80").unwrap().diagnostics;
         assert!(d.contains("bad.cu(2)") && d.contains("unused"), "{d}");
         let broken =
             Source { name: "broken.cu", code: "extern \"C\" __global__ void k() { nope; }\n", kernels: &[] };
-        let e = compile(&broken, "compute_80").err().map(|e| e.to_string()).unwrap_or_default();
+        let e = compile(&broken, "sm_80").err().map(|e| e.to_string()).unwrap_or_default();
         assert!(e.contains("broken.cu(1)") && e.contains("nope"), "{e}");
     }
 
     #[test]
-    fn ptx_is_cached_by_program_text() {
-        let dir = std::env::temp_dir().join(format!("kubemoe-ptx-test-{}", std::process::id()));
-        let first = ptx(&SOURCES[0], "compute_80", Some(&dir)).unwrap();
+    fn cubins_are_cached_by_program_text() {
+        let dir = std::env::temp_dir().join(format!("kubemoe-cubin-test-{}", std::process::id()));
+        let mut first = cubin(&SOURCES[0], "sm_80", Some(&dir)).unwrap();
         let files: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
         assert_eq!(files.len(), 1);
-        // A stored PTX is what a second call returns, without NVRTC: mark it to tell.
+        // A stored cubin is what a second call returns, without NVRTC: mark it to tell.
         let file = files[0].as_ref().unwrap().path();
-        std::fs::write(&file, format!("{first}// cached")).unwrap();
-        assert!(ptx(&SOURCES[0], "compute_80", Some(&dir)).unwrap().ends_with("// cached"));
+        first.extend_from_slice(b"cached");
+        std::fs::write(&file, &first).unwrap();
+        assert!(cubin(&SOURCES[0], "sm_80", Some(&dir)).unwrap().ends_with(b"cached"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

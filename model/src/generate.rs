@@ -1,6 +1,7 @@
 //! Batched generation on one process: every sequence's prompt is prefilled in one step,
 //! then all unfinished sequences decode together, one token each per step.
 
+use crate::layers::RoutedExperts;
 use crate::{KvCache, Model, Result, Sampler, SamplingParams};
 
 /// One sequence to continue.
@@ -14,6 +15,15 @@ pub struct Request {
 /// Generates for every request together; returns each one's new tokens. A sequence stops
 /// after `max_new_tokens` or after emitting one of the model's `eos_token_id`s (kept).
 pub fn generate(model: &Model, requests: &[Request]) -> Result<Vec<Vec<u32>>> {
+    generate_with(model, model, requests)
+}
+
+/// [`generate`] with the routed experts computed by `experts`.
+pub fn generate_with(
+    model: &Model,
+    experts: &dyn RoutedExperts,
+    requests: &[Request],
+) -> Result<Vec<Vec<u32>>> {
     let mut samplers =
         requests.iter().map(|r| Sampler::new(r.sampling.clone())).collect::<Result<Vec<_>>>()?;
     let mut caches: Vec<KvCache> = requests.iter().map(|_| KvCache::new(&model.config)).collect();
@@ -28,7 +38,7 @@ pub fn generate(model: &Model, requests: &[Request]) -> Result<Vec<Vec<u32>>> {
         }
         let mut batch: Vec<(&mut KvCache, &[u32])> =
             caches.iter_mut().zip(&pending).filter_map(|(c, p)| p.as_deref().map(|t| (c, t))).collect();
-        let logits = model.forward_step(&mut batch)?;
+        let logits = model.forward_step_with(&mut batch, experts)?;
         for (&i, row) in running.iter().zip(logits.chunks(model.config.vocab_size)) {
             let token = samplers[i].sample(row)?;
             outputs[i].push(token);

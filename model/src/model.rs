@@ -226,8 +226,18 @@ impl Model {
     /// Writes the full-sequence logits of `ids` to the safetensors file `path`: `logits`
     /// (f32 [T, vocab]) and, with an MTP module, `mtp_logits` (f32 [T-1, vocab]).
     pub fn write_logits(&self, ids: &[u32], path: &std::path::Path) -> Result<()> {
+        self.write_logits_with(ids, path, self)
+    }
+
+    /// [`Model::write_logits`] with the routed experts computed by `experts`.
+    pub fn write_logits_with(
+        &self,
+        ids: &[u32],
+        path: &std::path::Path,
+        experts: &dyn RoutedExperts,
+    ) -> Result<()> {
         use crate::checkpoint::{OwnedTensor, TensorMap};
-        let hidden = self.hidden_full(ids, None)?;
+        let hidden = self.hidden_full_with(ids, experts, None)?;
         let logits = self.lm_head.forward(&self.norm.forward(&hidden)?)?;
         let vocab = self.config.vocab_size;
         let tensor = |values: Vec<f32>| OwnedTensor {
@@ -324,11 +334,21 @@ impl Model {
     }
 
     /// The residual stream after the last decoder layer (before the final norm), [tokens, hidden].
-    pub fn hidden_full(&self, ids: &[u32], mut trace: Option<&mut Trace>) -> Result<Vec<f32>> {
+    pub fn hidden_full(&self, ids: &[u32], trace: Option<&mut Trace>) -> Result<Vec<f32>> {
+        self.hidden_full_with(ids, self, trace)
+    }
+
+    /// [`Model::hidden_full`] with the routed experts computed by `experts`.
+    pub fn hidden_full_with(
+        &self,
+        ids: &[u32],
+        experts: &dyn RoutedExperts,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<Vec<f32>> {
         self.check_context(ids.len())?;
         let mut h = self.embed(ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            self.layer_full(layer, i, &mut h, trace.as_deref_mut())?;
+            self.layer_full(layer, i, &mut h, experts, trace.as_deref_mut())?;
             if let Some(t) = trace.as_deref_mut() {
                 t.layer_out.push(h.clone());
             }
@@ -341,13 +361,14 @@ impl Model {
         layer: &DecoderLayer,
         i: usize,
         h: &mut [f32],
+        experts: &dyn RoutedExperts,
         trace: Option<&mut Trace>,
     ) -> Result<()> {
         let x = layer.input_layernorm.forward(h)?;
         let a = self.attention_full(&layer.self_attn, &x)?;
         add(h, &a);
         let x = layer.post_attention_layernorm.forward(h)?;
-        let f = self.feed_forward(layer, i, &x, self, trace)?;
+        let f = self.feed_forward(layer, i, &x, experts, trace)?;
         add(h, &f);
         Ok(())
     }
@@ -640,7 +661,7 @@ impl Model {
         let e = mtp.enorm.forward(&self.embed(&ids[1..])?)?;
         let hn = mtp.hnorm.forward(&self.norm.forward(&hidden[..t * hid])?)?;
         let mut h = mtp.eh_proj.forward(&concat_rows(&e, &hn, hid))?;
-        self.layer_full(&mtp.block, self.config.num_hidden_layers, &mut h, None)?;
+        self.layer_full(&mtp.block, self.config.num_hidden_layers, &mut h, self, None)?;
         Ok(Some(self.lm_head.forward(&mtp.shared_head_norm.forward(&h)?)?))
     }
 }

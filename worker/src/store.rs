@@ -11,7 +11,7 @@
 use crate::{Error, Result};
 use kubemoe_kernels::device::DeviceSpec;
 use kubemoe_kernels::dtype::f32s_from_le;
-use kubemoe_model::layers::{load_expert, run_experts, Mlp};
+use kubemoe_model::layers::{load_expert, run_experts, Mlp, RoutedExperts, Routing};
 use kubemoe_model::{source, Config, Precision};
 use kubemoe_placement::PlacementPlan;
 use std::collections::{BTreeMap, BTreeSet};
@@ -287,22 +287,26 @@ impl ExpertStore {
         self.admit(layer, tokens, activations.len(), routes.len())?;
         let routes = kubemoe_api::route::decode(routes)
             .ok_or_else(|| Error::Invalid("routes are not whole records".into()))?;
+        let routes: Vec<_> = routes.into_iter().map(|(r, e, w)| (r as usize, e as usize, w)).collect();
+        self.compute(layer, &f32s_from_le(activations), &routes)
+    }
+
+    /// The partial sums [tokens, hidden] of `x` [tokens, hidden] over `routes` (row, logical
+    /// expert, weight), with the experts held, and their counts; sizes already [admitted].
+    ///
+    /// [admitted]: ExpertStore::admit
+    fn compute(&self, layer: usize, x: &[f32], routes: &[(usize, usize, f32)]) -> Result<Vec<f32>> {
         let counts = self
             .counts
             .get(&layer)
             .ok_or_else(|| Error::Invalid(format!("layer {layer} is not an MoE layer of {}", self.model)))?;
-        let mut decoded = Vec::with_capacity(routes.len());
-        for (row, expert, weight) in routes {
-            let (row, expert) = (row as usize, expert as usize);
-            if row >= tokens || expert >= counts.len() {
-                return Err(Error::Invalid(format!("route of row {row} to expert {expert} is out of range")));
-            }
-            decoded.push((row, expert, weight));
+        let tokens = x.len() / self.config.hidden_size.max(1);
+        if let Some((row, expert, _)) = routes.iter().find(|(r, e, _)| *r >= tokens || *e >= counts.len()) {
+            return Err(Error::Invalid(format!("route of row {row} to expert {expert} is out of range")));
         }
-        let x = f32s_from_le(activations);
         let state = self.state.read().map_err(|_| Error::Poisoned)?;
         #[cfg(feature = "cuda")]
-        let on_gpu = self.gpu.as_ref().map(|gpu| gpu_experts(gpu, &state.experts, layer, &x, &decoded));
+        let on_gpu = self.gpu.as_ref().map(|gpu| gpu_experts(gpu, &state.experts, layer, x, routes));
         #[cfg(not(feature = "cuda"))]
         let on_gpu: Option<Result<Vec<f32>>> = None;
         let host = |e| match state.experts.get(&(layer, e)).map(Arc::as_ref) {
@@ -311,10 +315,10 @@ impl ExpertStore {
         };
         let out = match on_gpu {
             Some(out) => out?,
-            None => run_experts(host, layer, &self.config, &x, decoded.iter().copied())?,
+            None => run_experts(host, layer, &self.config, x, routes.iter().copied())?,
         };
         drop(state);
-        for (_, e, _) in &decoded {
+        for (_, e, _) in routes {
             counts[*e].fetch_add(1, Ordering::Relaxed);
         }
         Ok(out)
@@ -332,6 +336,28 @@ impl ExpertStore {
             by_layer.entry(*l).or_default().push(*e);
         }
         Ok(by_layer.into_iter().collect())
+    }
+}
+
+/// A store in the same process computes a model's routed experts directly (`kubemoe run
+/// --device cuda:N`: the experts on the GPU, the rest of the model on the host), with the
+/// same code and checks as a dispatch that arrived over the network.
+impl RoutedExperts for ExpertStore {
+    fn run(&self, layer: usize, x: &[f32], routing: &Routing) -> kubemoe_model::Result<Vec<f32>> {
+        let k = routing.top_k.max(1);
+        let routes: Vec<(usize, usize, f32)> = routing
+            .ids
+            .iter()
+            .zip(&routing.weights)
+            .enumerate()
+            .map(|(i, (&e, &w))| (i / k, e as usize, w))
+            .collect();
+        let tokens = x.len() / self.config.hidden_size.max(1);
+        let checked = self.admit(layer, tokens, x.len() * 4, routes.len() * kubemoe_api::route::ROUTE_BYTES);
+        checked.and_then(|()| self.compute(layer, x, &routes)).map_err(|e| match e {
+            Error::Model(e) => e,
+            other => kubemoe_model::Error::ExpertsUnavailable { layer, source: Box::new(other) },
+        })
     }
 }
 
@@ -378,6 +404,22 @@ mod tests {
         kubemoe_api::route::encode(r)
     }
 
+    /// The store loaded on `device`; none if it is a GPU this machine cannot open, which is
+    /// said (`KUBEMOE_REQUIRE_GPU=1` makes it a failure).
+    fn loaded_on(device: DeviceSpec, loaded: Result<ExpertStore>) -> Option<ExpertStore> {
+        match loaded {
+            Ok(store) => Some(store),
+            Err(e) if device != DeviceSpec::Cpu => {
+                let why = tonic::Status::from(e).message().to_string();
+                let required = std::env::var("KUBEMOE_REQUIRE_GPU").as_deref() == Ok("1");
+                assert!(!required, "a GPU is required: {why}");
+                eprintln!("SKIPPED on the GPU: {why}");
+                None
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
     #[test]
     fn partial_sums_equal_the_single_process_experts_and_counts_grow() {
         let store = ExpertStore::load("builtin:tiny", Precision::Auto, 1, Some(2), None).unwrap();
@@ -422,24 +464,11 @@ mod tests {
         let r =
             [(0, 9, 0.5), (0, 12, 0.25), (1, 9, 1.5), (2, 15, 0.7), (3, 8, 1.0), (3, 9, 0.1), (4, 12, 2.0)];
         for precision in [Precision::Auto, Precision::Bf16, Precision::Fp8] {
-            let gpu = match ExpertStore::load_on(
-                DeviceSpec::Cuda(0),
-                "builtin:tiny",
-                precision,
-                1,
-                Some(2),
-                None,
-            ) {
-                Ok(store) => store,
-                Err(e) => {
-                    let why = tonic::Status::from(e).message().to_string();
-                    assert!(
-                        std::env::var("KUBEMOE_REQUIRE_GPU").as_deref() != Ok("1"),
-                        "a GPU is required: {why}"
-                    );
-                    eprintln!("SKIPPED on the GPU: {why}");
-                    return;
-                }
+            let gpu = DeviceSpec::Cuda(0);
+            let Some(gpu) =
+                loaded_on(gpu, ExpertStore::load_on(gpu, "builtin:tiny", precision, 1, Some(2), None))
+            else {
+                return;
             };
             let cpu = ExpertStore::load("builtin:tiny", precision, 1, Some(2), None).unwrap();
             assert_eq!(gpu.held_weights().unwrap(), cpu.held_weights().unwrap());
@@ -449,6 +478,53 @@ mod tests {
             assert!(e < 1e-5, "{}: rel err {e:e}", precision.as_str());
             let err = gpu.dispatch(1, 1, &f32_to_le(&x[..h]), &routes(&[(0, 3, 1.0)])).unwrap_err();
             assert!(tonic::Status::from(err).message().contains("expert 3"));
+        }
+    }
+
+    /// `kubemoe run --device`'s model: the dense half in host memory and every routed expert
+    /// in a store, on the CPU and (with `cuda`) on the GPU, in the precision each shared
+    /// fixture stores; full-sequence logits against transformers' as the engine's own test
+    /// holds them (`model/tests/fixture.rs`). The GPU part is skipped without a GPU, which it
+    /// says; `KUBEMOE_REQUIRE_GPU=1` makes that a failure.
+    #[test]
+    fn experts_on_the_gpu_and_the_cpu_give_the_fixtures_logits() {
+        let base = std::env::var_os("KUBEMOE_FIXTURES").map(std::path::PathBuf::from).unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures")
+        });
+        let mut devices = vec![DeviceSpec::Cpu];
+        if cfg!(feature = "cuda") {
+            devices.push(DeviceSpec::Cuda(0));
+        }
+        for variant in ["deepseek-v3-tiny", "deepseek-v3-tiny-bf16", "deepseek-v3-tiny-fp8"] {
+            let dir = base.join(variant);
+            let path = dir.to_str().unwrap();
+            let json: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+            let reference = std::fs::read(dir.join("reference.safetensors")).unwrap();
+            let reference = safetensors::SafeTensors::deserialize(&reference).unwrap();
+            let dense = source::open(path, Experts::None).unwrap();
+            for device in &devices {
+                let loaded = ExpertStore::load_on(*device, path, Precision::Auto, 0, Some(1), None);
+                let Some(store) = loaded_on(*device, loaded) else { continue };
+                for (i, sequence) in json["sequences"].as_array().unwrap().iter().enumerate() {
+                    let ids: Vec<u32> = sequence["input_ids"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_u64().unwrap() as u32)
+                        .collect();
+                    let hidden = dense.hidden_full_with(&ids, &store, None).unwrap();
+                    let logits = dense.logits(&dense.norm.forward(&hidden).unwrap()).unwrap();
+                    let want = kubemoe_kernels::dtype::f32s_from_le(
+                        reference.tensor(&format!("s{i}.logits")).unwrap().data(),
+                    );
+                    let err = kubemoe_kernels::rel_err(&logits, &want);
+                    assert!(
+                        err < 1e-4,
+                        "{variant} s{i} with the experts on {device}: relative error {err:e}"
+                    );
+                }
+            }
         }
     }
 
