@@ -597,15 +597,19 @@ fn load_for_run(
     dtype: Precision,
     device: DeviceSpec,
 ) -> Result<(kubemoe_model::Model, Option<kubemoe_worker::store::ExpertStore>)> {
-    let store = (device != DeviceSpec::Cpu)
-        .then(|| kubemoe_worker::store::ExpertStore::load_on(device, model, dtype, 0, Some(1), None))
-        .transpose()
-        .with_context(|| format!("loading the routed experts of {model} on {device}"))?;
-    let first_mtp = source::open_tensors(model, &|_| false)?.0.num_hidden_layers;
-    let mtp_only = |layer: usize, _| layer >= first_mtp;
-    let which = if store.is_some() { Experts::Only(&mtp_only) } else { Experts::All };
-    let m = kubemoe_model::progress::reported("run", || source::open_as(model, which, dtype))
-        .with_context(|| format!("loading model {model}"))?;
+    let (m, store) = kubemoe_model::progress::reported("run", || -> Result<_> {
+        if device == DeviceSpec::Cpu {
+            let m = source::open_as(model, Experts::All, dtype)
+                .with_context(|| format!("loading model {model}"))?;
+            return Ok((m, None));
+        }
+        let store = kubemoe_worker::store::ExpertStore::load_on(device, model, dtype, 0, Some(1), None)
+            .with_context(|| format!("loading the routed experts of {model} on {device}"))?;
+        let first_mtp = store.config.num_hidden_layers;
+        let m = source::open_as(model, Experts::Only(&|layer, _| layer >= first_mtp), dtype)
+            .with_context(|| format!("loading model {model}"))?;
+        Ok((m, Some(store)))
+    })?;
     kubemoe_model::memory::log_loaded("run", &kubemoe_model::memory::Held::of(m.matrices()), DeviceSpec::Cpu);
     if let Some(store) = &store {
         kubemoe_model::memory::log_loaded("run experts", &store.held_weights()?, device);

@@ -135,7 +135,10 @@ pub fn compile(source: &Source, arch: &str) -> Result<Compiled> {
             let mut size = 0usize;
             cudarc::nvrtc::sys::nvrtcGetCUBINSize(prog, &mut size).result()?;
             let mut cubin = vec![0u8; size];
-            cudarc::nvrtc::sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast()).result()?;
+            // A virtual architecture (`compute_XY`) has no cubin: size 0, nothing to read.
+            if size > 0 {
+                cudarc::nvrtc::sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast()).result()?;
+            }
             Ok::<_, cudarc::nvrtc::result::NvrtcError>(cubin)
         });
         // Freeing a program that compiled cannot change its cubin, already copied.
@@ -262,7 +265,7 @@ pub struct Gpu {
 impl Gpu {
     /// GPU `ordinal`, its kernels compiled (or read from [`kernel_cache`]) for its architecture.
     pub fn new(ordinal: usize) -> Result<Self> {
-        // SAFETY: as in `compile`.
+        // SAFETY: as in `nvrtc_present`: loading the library runs only its initialisers.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Err(err(
                 "driver",
@@ -276,9 +279,13 @@ impl Gpu {
         let cache = kernel_cache();
         let mut functions = HashMap::new();
         for source in SOURCES {
-            let module = ctx
-                .load_module(Ptx::from_binary(cubin(source, &arch, cache.as_deref())?))
-                .map_err(|e| err("driver", format!("{}: {e}", source.name)))?;
+            let module =
+                ctx.load_module(Ptx::from_binary(cubin(source, &arch, cache.as_deref())?)).map_err(|e| {
+                    let cached = cache.as_ref().map(|d| {
+                        format!(" (compiled or read in {}: empty it to compile again)", d.display())
+                    });
+                    err("driver", format!("{} for {arch}: {e}{}", source.name, cached.unwrap_or_default()))
+                })?;
             for kernel in source.kernels {
                 let f = module.load_function(kernel).map_err(|e| err("driver", format!("{kernel}: {e}")))?;
                 functions.insert(*kernel, f);
@@ -958,10 +965,14 @@ impl Device for Gpu {
     }
 
     fn route(&self, p: &GateParams, logits: &[f32], bias: Option<&[f32]>) -> Result<(Vec<u32>, Vec<f32>)> {
-        // Parameters first, as the CPU checks them: no tokens does not make a bad gate good.
+        // Everything the CPU checks, before the no-token shortcut: no tokens do not make a bad
+        // gate good.
         p.validate()?;
         let tokens = logits.len() / p.n_experts.max(1);
         check_len("gate", "logits", logits.len(), tokens * p.n_experts)?;
+        if let Some(b) = bias {
+            check_len("gate", "e_score_correction_bias", b.len(), p.n_experts)?;
+        }
         if tokens == 0 {
             return Ok((Vec::new(), Vec::new()));
         }

@@ -457,7 +457,7 @@ impl Rows<'_> {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Isa {
     #[cfg(target_arch = "x86_64")]
     Avx512,
@@ -468,18 +468,25 @@ enum Isa {
 
 fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
-    *ISA.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx512f") {
-                return Isa::Avx512;
-            }
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                return Isa::Avx2;
-            }
+    *ISA.get_or_init(|| available()[0])
+}
+
+/// The instruction sets this CPU runs the kernels with, best first: [`isa`] takes the first,
+/// the tests every one. Every [`Isa`] the kernels are called with comes from here, which is
+/// the safety argument of `dispatch!`.
+fn available() -> Vec<Isa> {
+    let mut sets = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            sets.push(Isa::Avx512);
         }
-        Isa::Portable
-    })
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            sets.push(Isa::Avx2);
+        }
+    }
+    sets.push(Isa::Portable);
+    sets
 }
 
 /// The instruction set the decode kernels run on here: `avx512f`, `avx2` or `portable`.
@@ -630,23 +637,24 @@ impl<'a> Segments<'a> {
     }
 }
 
-/// Runs `$body` with `$d` the [`Widen`] type of `$dtype`, `$m` the const row count of `$rows`
-/// (≤ [`SMALL`]), and the instruction set `isa()` chose.
+/// Calls `$call`'s version for the [`Widen`] type of `$dtype` and the instruction set `$isa`
+/// (one of [`available`]).
 macro_rules! dispatch {
-    ($dtype:expr, $call:ident, ($($arg:expr),*)) => {
+    ($dtype:expr, $isa:expr, $call:ident, ($($arg:expr),*)) => {
         match $dtype {
-            Dtype::F32 => dispatch!(@isa F32Le, $call, ($($arg),*)),
-            Dtype::Bf16 => dispatch!(@isa Bf16Le, $call, ($($arg),*)),
-            Dtype::F16 => dispatch!(@isa F16Le, $call, ($($arg),*)),
-            Dtype::Fp8 => dispatch!(@isa Fp8E4m3, $call, ($($arg),*)),
+            Dtype::F32 => dispatch!(@isa F32Le, $isa, $call, ($($arg),*)),
+            Dtype::Bf16 => dispatch!(@isa Bf16Le, $isa, $call, ($($arg),*)),
+            Dtype::F16 => dispatch!(@isa F16Le, $isa, $call, ($($arg),*)),
+            Dtype::Fp8 => dispatch!(@isa Fp8E4m3, $isa, $call, ($($arg),*)),
         }
     };
-    (@isa $d:ty, $call:ident, ($($arg:expr),*)) => {
-        match isa() {
-            // SAFETY: `isa()` chose AVX-512F only where the CPU reports it.
+    (@isa $d:ty, $isa:expr, $call:ident, ($($arg:expr),*)) => {
+        match $isa {
+            // SAFETY: `available()`, where every `Isa` comes from, names AVX-512F only where
+            // the CPU reports it.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => unsafe { $call::avx512::<$d>($($arg),*) },
-            // SAFETY: `isa()` chose AVX2 only where the CPU reports it.
+            // SAFETY: as above, AVX2 and FMA only where the CPU reports them.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { $call::avx2::<$d>($($arg),*) },
             Isa::Portable => $call::portable::<$d>($($arg),*),
@@ -683,7 +691,12 @@ versions!(axpy_k, axpy_impl, (w: &Rows<'_>, x: View<'_>, out: &mut [f32], out_ld
 /// `out[(j - j0)·m + i] = Σ_c x[i, c] · W[j, c]` for the rows `j` of `w` from `j0` that `out`
 /// has room for (`x` has `m ≤ SMALL` rows).
 fn dot(w: &Rows<'_>, j0: usize, x: View<'_>, out: &mut [f32]) {
-    dispatch!(w.w.dtype, dot_k, (w, j0, x, out))
+    dot_on(isa(), w, j0, x, out)
+}
+
+/// [`dot`] with the instruction set `isa` (one of [`available`]).
+fn dot_on(isa: Isa, w: &Rows<'_>, j0: usize, x: View<'_>, out: &mut [f32]) {
+    dispatch!(w.w.dtype, isa, dot_k, (w, j0, x, out))
 }
 
 #[inline(always)]
@@ -860,7 +873,7 @@ fn dot_impl<D: Widen, S: Lanes, const M: usize>(w: &Rows<'_>, j0: usize, x: View
                 for (acc, xr) in acc.iter_mut().zip(&xs) {
                     let xr = &xr[c..c + step];
                     for u in 0..4 {
-                        acc[u] = acc[u].add_mul(v[u], S::load(&xr[u * LANES..]));
+                        acc[u % 2] = acc[u % 2].add_mul(v[u], S::load(&xr[u * LANES..]));
                     }
                 }
             }
@@ -884,12 +897,12 @@ fn dot_impl<D: Widen, S: Lanes, const M: usize>(w: &Rows<'_>, j0: usize, x: View
                 }
             }
         }
+        // The four accumulators summed as vectors (a multiply by one is exact, so each
+        // fused step rounds once, as an addition), then the tail, then the lanes.
+        let one = S::splat(1.0);
         for ((o, [a0, a1, a2, a3]), t) in o.iter_mut().zip(&acc).zip(&tail) {
-            let (mut a, a1, a2, a3) = (a0.to_array(), a1.to_array(), a2.to_array(), a3.to_array());
-            for l in 0..LANES {
-                a[l] += a1[l] + (a2[l] + a3[l]) + t[l];
-            }
-            *o = sum_lanes(&a);
+            let a = a0.add_mul(*a1, one).add_mul(a2.add_mul(*a3, one), one).add_mul(S::from_array(t), one);
+            *o = sum_lanes(&a.to_array());
         }
     }
 }
@@ -923,7 +936,7 @@ fn sum_lanes(a: &[f32; LANES]) -> f32 {
 
 /// `out[i, :] += Σ_d x[i, d] · W[d, :]` for the (few) rows `i` of `x`.
 fn axpy(w: &Rows<'_>, x: View<'_>, out: &mut [f32], out_ld: usize) {
-    dispatch!(w.w.dtype, axpy_k, (w, x, out, out_ld))
+    dispatch!(w.w.dtype, isa(), axpy_k, (w, x, out, out_ld))
 }
 
 #[inline(always)]
@@ -991,6 +1004,47 @@ mod tests {
 
     /// Every dtype, both products, decode and batch sizes, odd shapes and FP8 blocks that
     /// do not divide them: the f64 product of the widened values.
+    /// Every instruction set this CPU has computes the decode products: AVX-512F and AVX2
+    /// bit for bit the same (both fuse, in the same order), the portable code within its
+    /// second rounding, all against f64, with row tails of every kind, 1 to 4 rows of `x`.
+    #[test]
+    fn every_instruction_set_computes_the_same_decode_products() {
+        let mut rng = Rng::new(31);
+        let (n, sets) = (9, available());
+        for dtype in [Dtype::F32, Dtype::Bf16, Dtype::F16, Dtype::Fp8] {
+            for k in [37, 64, 300, 500] {
+                let wide = rng.vec(n * k);
+                let w = Weight::from_f32(wide, n, k).unwrap().to(dtype, [4, 64]).unwrap();
+                let widened = w.widen_all();
+                for m in 1..=SMALL {
+                    let x = rng.vec(m * k);
+                    let want = reference(&x, &widened, m, k, n);
+                    let results: Vec<(Isa, Vec<f32>)> = sets
+                        .iter()
+                        .map(|&isa| {
+                            let mut out = vec![f32::NAN; n * m];
+                            dot_on(isa, &w.view(), 0, View::new(&x, m, k).unwrap(), &mut out);
+                            // [n, m] to [m, n], as `reference` has it.
+                            (isa, (0..m * n).map(|i| out[(i % n) * m + i / n]).collect())
+                        })
+                        .collect();
+                    for (isa, got) in &results {
+                        let err = rel_err(got, &want);
+                        assert!(err < 1e-6, "{dtype:?} k={k} m={m} {isa:?}: {err}");
+                    }
+                    let fused: Vec<_> = results.iter().filter(|(isa, _)| *isa != Isa::Portable).collect();
+                    for pair in fused.windows(2) {
+                        assert_eq!(
+                            pair[0].1, pair[1].1,
+                            "{dtype:?} k={k} m={m}: {:?} and {:?}",
+                            pair[0].0, pair[1].0
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn products_equal_the_widened_weights_product() {
         let mut rng = Rng::new(11);

@@ -189,6 +189,18 @@ fn route_picks_the_cpus_experts_and_weights() {
     }
 }
 
+/// A bad gate is refused on every device even with no tokens to route.
+#[test]
+fn a_bad_gate_is_refused_without_tokens_too() {
+    for d in devices() {
+        let top_k_past_experts = gate(8, 9, 1, 1, true, TopkMethod::NoauxTc);
+        assert!(d.route(&top_k_past_experts, &[], None).is_err(), "{}: top_k 9 of 8", d.name());
+        let good = gate(8, 2, 1, 1, true, TopkMethod::NoauxTc);
+        assert!(d.route(&good, &[], Some(&[0.0; 7])).is_err(), "{}: 7 biases for 8 experts", d.name());
+        assert_eq!(d.route(&good, &[], Some(&[0.0; 8])).unwrap(), (vec![], vec![]), "{}", d.name());
+    }
+}
+
 #[test]
 fn grouped_expert_ffn_matches_f64_in_every_dtype() {
     let devices = devices();

@@ -229,7 +229,8 @@ impl Model {
         self.write_logits_with(ids, path, self)
     }
 
-    /// [`Model::write_logits`] with the routed experts computed by `experts`.
+    /// [`Model::write_logits`] with the main layers' routed experts computed by `experts` (the
+    /// MTP module's are this model's own, as a router holds them).
     pub fn write_logits_with(
         &self,
         ids: &[u32],

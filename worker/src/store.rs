@@ -292,7 +292,8 @@ impl ExpertStore {
     }
 
     /// The partial sums [tokens, hidden] of `x` [tokens, hidden] over `routes` (row, logical
-    /// expert, weight), with the experts held, and their counts; sizes already [admitted].
+    /// expert, weight), with the experts held; each route adds one to its expert's count.
+    /// Sizes already [admitted].
     ///
     /// [admitted]: ExpertStore::admit
     fn compute(&self, layer: usize, x: &[f32], routes: &[(usize, usize, f32)]) -> Result<Vec<f32>> {
@@ -354,8 +355,10 @@ impl RoutedExperts for ExpertStore {
             .collect();
         let tokens = x.len() / self.config.hidden_size.max(1);
         let checked = self.admit(layer, tokens, x.len() * 4, routes.len() * kubemoe_api::route::ROUTE_BYTES);
+        // In one process a refused computation is the caller's bug, not a worker to retry.
         checked.and_then(|()| self.compute(layer, x, &routes)).map_err(|e| match e {
             Error::Model(e) => e,
+            Error::Invalid(why) => kubemoe_model::Error::Invalid(why),
             other => kubemoe_model::Error::ExpertsUnavailable { layer, source: Box::new(other) },
         })
     }
@@ -488,9 +491,13 @@ mod tests {
     /// says; `KUBEMOE_REQUIRE_GPU=1` makes that a failure.
     #[test]
     fn experts_on_the_gpu_and_the_cpu_give_the_fixtures_logits() {
-        let base = std::env::var_os("KUBEMOE_FIXTURES").map(std::path::PathBuf::from).unwrap_or_else(|| {
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures")
-        });
+        let base = std::env::var_os("KUBEMOE_FIXTURES")
+            .filter(|d| !d.is_empty())
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures")
+            });
+        assert!(base.is_dir(), "fixtures not found at {}; set KUBEMOE_FIXTURES", base.display());
         let mut devices = vec![DeviceSpec::Cpu];
         if cfg!(feature = "cuda") {
             devices.push(DeviceSpec::Cuda(0));
@@ -526,6 +533,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_store_serves_the_model_in_process_with_the_checks_of_a_dispatch() {
+        let store = ExpertStore::load("builtin:tiny", Precision::Auto, 0, Some(1), None).unwrap();
+        let h = store.config.hidden_size;
+        let x: Vec<f32> = (0..2 * h).map(|i| (i as f32 * 0.37).sin()).collect();
+        let routing = Routing { top_k: 2, ids: vec![3, 9, 9, 12], weights: vec![0.5, 0.25, 1.5, 0.7] };
+        let got = RoutedExperts::run(&store, 1, &x, &routing).unwrap();
+        let want = store.dispatch(
+            1,
+            2,
+            &f32_to_le(&x),
+            &routes(&[(0, 3, 0.5), (0, 9, 0.25), (1, 9, 1.5), (1, 12, 0.7)]),
+        );
+        assert_eq!(got, want.unwrap());
+        let counts = &store.stats()[0];
+        assert_eq!((counts.0, counts.1[3], counts.1[9], counts.1[12]), (1, 2, 4, 2));
+        let out_of_range = Routing { top_k: 1, ids: vec![99, 1], weights: vec![1.0, 1.0] };
+        let err = RoutedExperts::run(&store, 1, &x, &out_of_range).unwrap_err();
+        assert!(matches!(&err, kubemoe_model::Error::Invalid(m) if m.contains("expert 99")), "{err}");
+        let dense_layer = RoutedExperts::run(&store, 0, &x, &routing).unwrap_err();
+        assert!(matches!(dense_layer, kubemoe_model::Error::Invalid(_)));
+        let ragged = RoutedExperts::run(&store, 1, &x[..h + 1], &routing).unwrap_err();
+        assert!(matches!(ragged, kubemoe_model::Error::Invalid(_)));
     }
 
     #[test]
