@@ -133,6 +133,14 @@ pub struct Routing {
     pub weights: Vec<f32>,
 }
 
+impl Routing {
+    /// Every decision as (token row, logical expert, weight), token by token.
+    pub fn routes(&self) -> impl Iterator<Item = (usize, usize, f32)> + '_ {
+        let k = self.top_k.max(1);
+        self.ids.iter().zip(&self.weights).enumerate().map(move |(i, (&e, &w))| (i / k, e as usize, w))
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Moe {
     pub gate: Gate,
@@ -191,10 +199,7 @@ impl Moe {
 
     /// The routed experts' part `Σ wᵢ · Expertᵢ(x)` with the experts loaded here.
     pub fn routed(&self, c: &Config, layer: usize, x: &[f32], routing: &Routing) -> Result<Vec<f32>> {
-        let k = routing.top_k;
-        let routes =
-            routing.ids.iter().zip(&routing.weights).enumerate().map(|(i, (&e, &w))| (i / k, e as usize, w));
-        run_experts(|e| self.experts.get(e).and_then(Option::as_ref), layer, c, x, routes)
+        run_experts(|e| self.experts.get(e).and_then(Option::as_ref), layer, c, x, routing.routes())
     }
 }
 

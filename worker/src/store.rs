@@ -345,14 +345,7 @@ impl ExpertStore {
 /// same code and checks as a dispatch that arrived over the network.
 impl RoutedExperts for ExpertStore {
     fn run(&self, layer: usize, x: &[f32], routing: &Routing) -> kubemoe_model::Result<Vec<f32>> {
-        let k = routing.top_k.max(1);
-        let routes: Vec<(usize, usize, f32)> = routing
-            .ids
-            .iter()
-            .zip(&routing.weights)
-            .enumerate()
-            .map(|(i, (&e, &w))| (i / k, e as usize, w))
-            .collect();
+        let routes: Vec<(usize, usize, f32)> = routing.routes().collect();
         let tokens = x.len() / self.config.hidden_size.max(1);
         let checked = self.admit(layer, tokens, x.len() * 4, routes.len() * kubemoe_api::route::ROUTE_BYTES);
         // In one process a refused computation is the caller's bug, not a worker to retry.
