@@ -7,7 +7,7 @@
 //! Results are summed per token in expert order, so the output does not depend on threads.
 
 use crate::activation::swiglu_inplace;
-use crate::weight::Weight;
+use crate::weight::{Lines, Weight};
 use crate::{check_len, Error, Result, View};
 use rayon::prelude::*;
 
@@ -65,13 +65,13 @@ pub fn grouped_expert_ffn(
     }
     let run = |(e, ye, oe): (usize, &mut [f32], &[usize])| -> Result<()> {
         let c = oe.len();
-        let mut xs = vec![0f32; c * hidden];
+        let mut xs = Lines::zeroed(c * hidden);
         for (row, &ai) in xs.chunks_mut(hidden).zip(oe) {
             let t = assignments[ai].token as usize;
             row.copy_from_slice(&x[t * hidden..(t + 1) * hidden]);
         }
         let w = &experts[e];
-        let mut g = vec![0f32; c * inter];
+        let mut g = Lines::zeroed(c * inter);
         let mut u = vec![0f32; c * inter];
         w.gate_proj.view().linear(View::new(&xs, c, hidden)?, &mut g, inter)?; // [c, inter]
         w.up_proj.view().linear(View::new(&xs, c, hidden)?, &mut u, inter)?; // [c, inter]

@@ -9,16 +9,21 @@
 //!   same function as the f32 engine on the widened values, to f32 summation order. This is
 //!   why the decode kernels widen instead of using AVX-512 BF16 (`vdpbf16ps`) or AMX: both
 //!   round the activations to bf16 as well (8 significant bits), which changes the function.
-//! - Decode is bound by reading the weights (a value is used once per row of `x`), so for a
-//!   few rows ([`SMALL`]) each weight row is widened 16 values at a time in registers and
-//!   multiplied into every row of `x` at once; for more rows a panel of weight rows is widened
-//!   to f32 in cache and handed to the f32 GEMM, whose cost then dwarfs the widening.
-//! - The decode kernels sum each output in 16 lanes (four accumulators, one per vector of a
-//!   64-column step) in an order fixed by the column index only: a row's result does not
-//!   depend on how many rows (up to [`SMALL`]) are batched with it; from `SMALL + 1` rows the
-//!   GEMM sums in its own order. AVX-512F and AVX2+FMA (chosen at run time, explicit vectors:
-//!   LLVM's auto-vectoriser kept several rows' accumulators in memory) fuse multiply and add
-//!   and agree exactly; the portable code rounds twice.
+//! - One product kernel serves every batch size ([`Rows::linear`]): a tile of up to 4 rows of
+//!   `x` by 1 or 2 weight rows, 16 columns a step along the shared dimension, each output
+//!   summed in the lanes of two accumulators, the lanes of 8 outputs reduced together at the
+//!   end. It needs no packing: rows of both operands are contiguous in the PyTorch layout.
+//!   Decode (up to 4 rows of `x`) is bound by reading the weights, so it takes one weight row
+//!   at a time (the weights stream through memory in order; two rows at a time read ~25%
+//!   slower here) and widens each value in registers as it is read. Up to `WIDEN_FIRST`
+//!   rows of `x` widen in registers too (once per four rows); past that, bf16 and FP8 rows
+//!   are widened into a cache-resident f32 panel once per call. f32 weights are read in place.
+//! - Every output is summed in an order fixed by the column index alone (see [`tile`]),
+//!   whatever the tile, the batch or where the weight was widened: a row's result does not
+//!   depend on the rows batched with it, so the products of decode, speculative
+//!   verification and prefill agree bit for bit. AVX-512F and AVX2+FMA (chosen at run time,
+//!   explicit vectors: LLVM's auto-vectoriser kept several rows' accumulators in memory) fuse
+//!   multiply and add and agree exactly; the portable code rounds twice.
 //! - Stored values are checked once, at construction: no NaN or infinity can come out.
 #![allow(unsafe_code)]
 
@@ -59,8 +64,13 @@ impl Dtype {
     }
 }
 
-/// Rows of `x` up to which products run the decode kernels.
+/// Rows of `x` up to which a product is decode: bound by reading the weights, it takes one
+/// weight row at a time, runs in parallel only over large matrices, and [`Rows::left`]
+/// multiplies in registers rather than widening the whole weight for the GEMM.
 pub const SMALL: usize = 4;
+/// Rows of `x` past which weights held narrower than f32 are widened into a panel before
+/// the product, rather than in registers once per four rows.
+const WIDEN_FIRST: usize = 16;
 const LANES: usize = 16;
 /// 2^120, the step from FP8's exponent bias (7) to f32's (127).
 const TWO_120: f32 = f32::from_bits(0x7B80_0000);
@@ -323,6 +333,57 @@ fn f16_bits_to_f32(h: u16) -> f32 {
     f32::from_bits(magnitude.to_bits() | ((h & 0x8000) << 16))
 }
 
+/// A zeroed f32 buffer whose start is aligned to a cache line (64 bytes), so that the
+/// tile kernel's 16-value loads of rows whose length is a multiple of 16 never straddle two
+/// lines (a straddling load costs two).
+pub(crate) struct Lines {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; LANES]);
+
+// SAFETY: `Line` is 16 f32 (64 bytes, no padding); all-zero bits are 16 zeros.
+unsafe impl bytemuck::Zeroable for Line {}
+// SAFETY: as above, and every bit pattern is valid for f32.
+unsafe impl bytemuck::Pod for Line {}
+
+impl Lines {
+    pub(crate) fn zeroed(len: usize) -> Self {
+        Self { lines: vec![Line([0.0; LANES]); len.div_ceil(LANES)], len }
+    }
+
+    /// The first `len` values, growing the buffer if it is shorter (a scratch buffer reused
+    /// across calls: its contents are whatever the last user left).
+    fn slice(&mut self, len: usize) -> &mut [f32] {
+        if self.lines.len() < len.div_ceil(LANES) {
+            self.lines.resize(len.div_ceil(LANES), Line([0.0; LANES]));
+        }
+        self.len = len;
+        self
+    }
+}
+
+thread_local! {
+    /// Each thread's panel of widened weight rows (at most 256 rows, or 64 KiB of values).
+    static PANEL: std::cell::RefCell<Lines> = const { std::cell::RefCell::new(Lines { lines: Vec::new(), len: 0 }) };
+}
+
+impl std::ops::Deref for Lines {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &bytemuck::cast_slice(&self.lines)[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for Lines {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut bytemuck::cast_slice_mut(&mut self.lines)[..self.len]
+    }
+}
+
 /// Rows `row0 .. row0 + rows` of a [`Weight`].
 #[derive(Clone, Copy)]
 pub struct Rows<'a> {
@@ -334,30 +395,7 @@ pub struct Rows<'a> {
 impl Rows<'_> {
     /// Every value as f32 into `out` [rows, cols].
     pub fn widen(&self, out: &mut [f32]) {
-        match self.w.dtype {
-            Dtype::F32 => self.widen_as::<F32Le>(out),
-            Dtype::Bf16 => self.widen_as::<Bf16Le>(out),
-            Dtype::F16 => self.widen_as::<F16Le>(out),
-            Dtype::Fp8 => self.widen_as::<Fp8E4m3>(out),
-        }
-    }
-
-    /// [`Rows::widen`] for values read as `D`.
-    fn widen_as<D: Widen>(&self, out: &mut [f32]) {
-        let cols = self.w.cols;
-        for (r, orow) in out.chunks_mut(cols.max(1)).take(self.rows).enumerate() {
-            let row = self.row0 + r;
-            let bytes = &self.w.data[row * cols * D::SIZE..][..cols * D::SIZE];
-            let segments = Segments::of(self.w, row);
-            for i in 0..segments.count() {
-                let (c0, c1, scale) = segments.get(i);
-                let values = bytes[c0 * D::SIZE..c1 * D::SIZE].chunks_exact(D::SIZE);
-                // `scale` is 1 but for FP8, where it carries the block's (see `Segments::get`).
-                for (o, b) in orow[c0..c1].iter_mut().zip(values) {
-                    *o = D::one(b) * scale;
-                }
-            }
-        }
+        widen_rows(self, out)
     }
 
     fn f32_view(&self) -> Result<View<'_>> {
@@ -378,50 +416,45 @@ impl Rows<'_> {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        if m > SMALL {
-            return if self.w.dtype == Dtype::F32 {
-                matmul(x, self.f32_view()?, true, out, out_ld, false)
+        // Panels of weight rows, in parallel unless this is already a task of the pool or
+        // the product is too small to pay for waking it (tens of microseconds). Up to
+        // `WIDEN_FIRST` rows of `x` read each weight once per four of them, widening it in
+        // registers (decode is bound by reading the weights). More rows read f32 weights in
+        // place and widen the others into a cache-resident panel once per call.
+        let widen_first = m > WIDEN_FIRST && self.w.dtype != Dtype::F32;
+        let work = if m > SMALL { m.min(8) * n * k } else { n * k };
+        let parallel = work >= 1 << 18 && rayon::current_thread_index().is_none();
+        let p = if widen_first { ((1 << 16) / k).clamp(16, 256) } else { (1 << 16) / k + 1 };
+        // In parallel, at least four panels a thread, so that none waits long on the last.
+        let p = if parallel { p.min(n.div_ceil(4 * rayon::current_num_threads())).max(4) } else { p };
+        let panel = |j: usize, out: &mut [f32], out_ld: usize| {
+            let rows = Rows { w: self.w, row0: self.row0 + j, rows: p.min(n - j) };
+            if widen_first {
+                PANEL.with_borrow_mut(|buf| {
+                    let buf = buf.slice(rows.rows * k);
+                    rows.widen(buf);
+                    tiles(Dtype::F32, Source::widened(&rows, buf), x, out, out_ld);
+                });
             } else {
-                self.linear_panels(x, out, out_ld)
-            };
-        }
-        // Decode: [n, m] results, in parallel over weight rows when the matrix is large and
-        // this is not already a task of the pool.
-        let mut t = vec![0f32; n * m];
-        let per_task = (1 << 16) / k.max(1) + 1;
-        let run = |j0: usize, part: &mut [f32]| dot(self, j0, x, part);
-        if n * k >= 1 << 18 && rayon::current_thread_index().is_none() {
-            t.par_chunks_mut(per_task * m).enumerate().for_each(|(i, part)| run(i * per_task, part));
-        } else {
-            run(0, &mut t);
-        }
-        for (j, col) in t.chunks(m).enumerate() {
-            for (i, v) in col.iter().enumerate() {
-                out[i * out_ld + j] = *v;
+                tiles(self.w.dtype, Source::stored(&rows), x, out, out_ld);
             }
-        }
-        Ok(())
-    }
-
-    /// Batches: panels of weight rows widened to f32 (a few hundred KiB, cache-resident), each
-    /// multiplied by the GEMM; panels in parallel unless already on the pool.
-    fn linear_panels(&self, x: View<'_>, out: &mut [f32], out_ld: usize) -> Result<()> {
-        let (m, k, n) = (x.rows, self.w.cols, self.rows);
-        let p = ((1 << 16) / k.max(1)).clamp(16, 256);
-        let panel = |j: usize| -> Result<Vec<f32>> {
-            let len = p.min(n - j);
-            let mut buf = vec![0f32; len * k];
-            Rows { w: self.w, row0: self.row0 + j, rows: len }.widen(&mut buf);
-            let mut o = vec![0f32; m * len];
-            matmul(x, View::new(&buf, len, k)?, true, &mut o, len, false)?;
-            Ok(o)
         };
         let starts: Vec<usize> = (0..n).step_by(p).collect();
-        let results: Vec<Vec<f32>> = if rayon::current_thread_index().is_none() && starts.len() > 1 {
-            starts.par_iter().map(|&j| panel(j)).collect::<Result<_>>()?
-        } else {
-            starts.iter().map(|&j| panel(j)).collect::<Result<_>>()?
-        };
+        if !parallel || starts.len() < 2 {
+            for &j in &starts {
+                panel(j, &mut out[j..], out_ld);
+            }
+            return Ok(());
+        }
+        let results: Vec<Vec<f32>> = starts
+            .par_iter()
+            .map(|&j| {
+                let len = p.min(n - j);
+                let mut o = vec![0f32; m * len];
+                panel(j, &mut o, len);
+                o
+            })
+            .collect();
         for (&j, o) in starts.iter().zip(&results) {
             let len = p.min(n - j);
             for (i, row) in o.chunks(len).enumerate() {
@@ -454,6 +487,45 @@ impl Rows<'_> {
         }
         axpy(self, x, out, out_ld);
         Ok(())
+    }
+}
+
+/// Weight rows as the product kernel reads them: rows of `w.cols` values from the start of
+/// `bytes` (the stored ones, or f32 widened from them), the first being row `row0` of `w`.
+#[derive(Clone, Copy)]
+struct Source<'a> {
+    w: &'a Weight,
+    row0: usize,
+    bytes: &'a [u8],
+    /// Bytes per value: the stored dtype's, or 4 once widened.
+    size: usize,
+    /// Whether FP8's block scales are still to be applied (false once widened).
+    scaled: bool,
+}
+
+impl<'a> Source<'a> {
+    fn stored(rows: &Rows<'a>) -> Self {
+        let row_bytes = rows.w.cols * rows.w.dtype.size();
+        let bytes = &rows.w.data[rows.row0 * row_bytes..(rows.row0 + rows.rows) * row_bytes];
+        Self { w: rows.w, row0: rows.row0, bytes, size: rows.w.dtype.size(), scaled: true }
+    }
+
+    /// `rows` as [`Rows::widen`] wrote them into `widened`.
+    fn widened(rows: &Rows<'a>, widened: &'a [f32]) -> Self {
+        Self { w: rows.w, row0: rows.row0, bytes: bytemuck::cast_slice(widened), size: 4, scaled: false }
+    }
+
+    fn rows(&self) -> usize {
+        self.bytes.len() / (self.w.cols * self.size).max(1)
+    }
+
+    /// Row `j`'s values, and its column segments.
+    #[inline(always)]
+    fn row(&self, j: usize) -> (&'a [u8], Segments<'a>) {
+        let (k, size) = (self.w.cols, self.size);
+        let segments = Segments::of(self.w, self.row0 + j);
+        let segments = if self.scaled { segments } else { Segments { scales: &[], ..segments } };
+        (&self.bytes[j * k * size..][..k * size], segments)
     }
 }
 
@@ -685,28 +757,24 @@ macro_rules! versions {
     };
 }
 
-versions!(dot_k, dot_rows, (w: &Rows<'_>, j0: usize, x: View<'_>, out: &mut [f32]));
 versions!(axpy_k, axpy_impl, (w: &Rows<'_>, x: View<'_>, out: &mut [f32], out_ld: usize));
+versions!(widen_k, widen_impl, (w: &Rows<'_>, out: &mut [f32]));
+versions!(tiles_k, tiles_impl, (w: Source<'_>, x: View<'_>, out: &mut [f32], out_ld: usize));
 
-/// `out[(j - j0)·m + i] = Σ_c x[i, c] · W[j, c]` for the rows `j` of `w` from `j0` that `out`
-/// has room for (`x` has `m ≤ SMALL` rows).
-fn dot(w: &Rows<'_>, j0: usize, x: View<'_>, out: &mut [f32]) {
-    dot_on(isa(), w, j0, x, out)
+/// [`Rows::widen`] (a function after the macros it uses).
+fn widen_rows(w: &Rows<'_>, out: &mut [f32]) {
+    dispatch!(w.w.dtype, isa(), widen_k, (w, out))
 }
 
-/// [`dot`] with the instruction set `isa` (one of [`available`]).
-fn dot_on(isa: Isa, w: &Rows<'_>, j0: usize, x: View<'_>, out: &mut [f32]) {
-    dispatch!(w.w.dtype, isa, dot_k, (w, j0, x, out))
+/// `out[i, j] = Σ_c x[i, c] · W[j, c]` for the rows of `w`, held as `dtype`; rows of `out`
+/// `out_ld` apart.
+fn tiles(dtype: Dtype, w: Source<'_>, x: View<'_>, out: &mut [f32], out_ld: usize) {
+    tiles_on(isa(), dtype, w, x, out, out_ld)
 }
 
-#[inline(always)]
-fn dot_rows<D: Widen, S: Lanes>(w: &Rows<'_>, j0: usize, x: View<'_>, out: &mut [f32]) {
-    match x.rows {
-        1 => dot_impl::<D, S, 1>(w, j0, x, out),
-        2 => dot_impl::<D, S, 2>(w, j0, x, out),
-        3 => dot_impl::<D, S, 3>(w, j0, x, out),
-        _ => dot_impl::<D, S, 4>(w, j0, x, out),
-    }
+/// [`tiles`] with the instruction set `isa` (one of [`available`]).
+fn tiles_on(isa: Isa, dtype: Dtype, w: Source<'_>, x: View<'_>, out: &mut [f32], out_ld: usize) {
+    dispatch!(dtype, isa, tiles_k, (w, x, out, out_ld))
 }
 
 /// 16 f32 accumulators in registers. Explicit vectors: LLVM's auto-vectoriser kept the
@@ -716,6 +784,9 @@ fn dot_rows<D: Widen, S: Lanes>(w: &Rows<'_>, j0: usize, x: View<'_>, out: &mut 
 /// by the `versions!` entry points compiled with the matching `target_feature`, which
 /// `dispatch!` calls only where `isa()` found the features (`x86` is private to this module).
 trait Lanes: Copy {
+    /// Whether the registers hold a 4 × 2 tile's 16 accumulators besides its operands
+    /// (AVX-512's 32 registers; AVX2's 16 hold only 8 of its double-register values).
+    const WIDE: bool;
     fn zero() -> Self;
     /// 16 values from the start of `x`.
     fn load(x: &[f32]) -> Self;
@@ -733,12 +804,22 @@ trait Lanes: Copy {
     fn store(self, out: &mut [f32]) {
         out[..LANES].copy_from_slice(&self.to_array());
     }
+    /// [`sum_lanes`] of each of 16 vectors.
+    #[inline(always)]
+    fn sum_each(v: &[Self; LANES]) -> [f32; LANES] {
+        let mut out = [0f32; LANES];
+        for (o, v) in out.iter_mut().zip(v) {
+            *o = sum_lanes(&v.to_array());
+        }
+        out
+    }
 }
 
 #[derive(Clone, Copy)]
 struct Portable([f32; LANES]);
 
 impl Lanes for Portable {
+    const WIDE: bool = false;
     #[inline(always)]
     fn zero() -> Self {
         Self([0.0; LANES])
@@ -778,6 +859,7 @@ mod x86 {
     pub(super) struct Avx512(__m512);
 
     impl Lanes for Avx512 {
+        const WIDE: bool = true;
         #[inline(always)]
         fn zero() -> Self {
             // SAFETY: only reached from `avx512f` kernels (see the module doc).
@@ -805,12 +887,52 @@ mod x86 {
             unsafe { _mm512_storeu_ps(a.as_mut_ptr(), self.0) };
             a
         }
+        /// The same pairs as [`super::sum_lanes`] (lane `l` plus lane `l + width`, width 8,
+        /// 4, 2, 1), added for all 16 vectors in 15 additions instead of 64: each step
+        /// shuffles the halves of two vectors' partial sums side by side, then adds.
+        #[inline(always)]
+        fn sum_each(v: &[Self; LANES]) -> [f32; LANES] {
+            // SAFETY: `avx512f` as above; `sums` holds 16 values.
+            unsafe {
+                // s1[p]: lanes 0..8 vector 2p's `l + (l + 8)`, lanes 8..16 vector 2p+1's.
+                let mut s1 = [_mm512_setzero_ps(); 8];
+                for (p, s) in s1.iter_mut().enumerate() {
+                    let (a, b) = (v[2 * p].0, v[2 * p + 1].0);
+                    *s =
+                        _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a, b), _mm512_shuffle_f32x4::<0xEE>(a, b));
+                }
+                // s2[p]: 128-bit quarter q holds vector 4p+q's four partial sums.
+                let mut s2 = [_mm512_setzero_ps(); 4];
+                for (p, s) in s2.iter_mut().enumerate() {
+                    let (c, d) = (s1[2 * p], s1[2 * p + 1]);
+                    *s =
+                        _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(c, d), _mm512_shuffle_f32x4::<0xDD>(c, d));
+                }
+                // s3[p], quarter q: two partial sums of vector 8p+q, then two of 8p+4+q.
+                let mut s3 = [_mm512_setzero_ps(); 2];
+                for (p, s) in s3.iter_mut().enumerate() {
+                    let (e, f) = (s2[2 * p], s2[2 * p + 1]);
+                    *s = _mm512_add_ps(_mm512_shuffle_ps::<0x44>(e, f), _mm512_shuffle_ps::<0xEE>(e, f));
+                }
+                // Lane 4q + i: the sum of vector 4i + q.
+                let (g, h) = (s3[0], s3[1]);
+                let s4 = _mm512_add_ps(_mm512_shuffle_ps::<0x88>(g, h), _mm512_shuffle_ps::<0xDD>(g, h));
+                let mut sums = [0f32; LANES];
+                _mm512_storeu_ps(sums.as_mut_ptr(), s4);
+                let mut out = [0f32; LANES];
+                for (l, s) in sums.iter().enumerate() {
+                    out[(l % 4) * 4 + l / 4] = *s;
+                }
+                out
+            }
+        }
     }
 
     #[derive(Clone, Copy)]
     pub(super) struct Avx2(__m256, __m256);
 
     impl Lanes for Avx2 {
+        const WIDE: bool = false;
         #[inline(always)]
         fn zero() -> Self {
             // SAFETY: only reached from `avx2` kernels (see the module doc).
@@ -844,65 +966,191 @@ mod x86 {
     }
 }
 
+/// [`tiles`]: up to four rows of `x` (decode) one weight row at a time, so that the weights
+/// stream through memory in order; more rows four at a time with weight rows two at a time
+/// where the registers allow (see [`Lanes::WIDE`]).
 #[inline(always)]
-fn dot_impl<D: Widen, S: Lanes, const M: usize>(w: &Rows<'_>, j0: usize, x: View<'_>, out: &mut [f32]) {
-    let k = w.w.cols;
-    let xs: [&[f32]; M] = std::array::from_fn(|i| &x.data[i * x.ld..][..k]);
-    for (jj, o) in out.chunks_exact_mut(M).enumerate().take(w.rows.saturating_sub(j0)) {
-        let row = w.row0 + j0 + jj;
-        let bytes = &w.w.data[row * k * D::SIZE..][..k * D::SIZE];
-        // Four accumulators a row, one per vector of a 64-column step: one would make every
-        // vector wait for the previous one's addition (the FMA's latency is 4 cycles).
-        let mut acc = [[S::zero(); 4]; M];
-        let mut tail = [[0f32; LANES]; M];
-        let segments = Segments::of(w.w, row);
-        for seg in 0..segments.count() {
-            let (c0, c1, scale) = segments.get(seg);
-            let step = 4 * LANES;
-            let full = c0 + (c1 - c0) / step * step;
-            // Chunks, not indices: no bounds check inside the loop.
-            let wb = bytes[c0 * D::SIZE..full * D::SIZE].chunks_exact(step * D::SIZE);
-            for (n, wb) in wb.enumerate() {
-                let v = [
-                    widen::<D, S>(wb, 0, scale),
-                    widen::<D, S>(wb, LANES, scale),
-                    widen::<D, S>(wb, 2 * LANES, scale),
-                    widen::<D, S>(wb, 3 * LANES, scale),
-                ];
-                let c = c0 + n * step;
-                for (acc, xr) in acc.iter_mut().zip(&xs) {
-                    let xr = &xr[c..c + step];
-                    for u in 0..4 {
-                        acc[u % 2] = acc[u % 2].add_mul(v[u], S::load(&xr[u * LANES..]));
+fn tiles_impl<D: Widen, S: Lanes>(w: Source<'_>, x: View<'_>, out: &mut [f32], out_ld: usize) {
+    let mut i = 0;
+    while i < x.rows {
+        let r = (x.rows - i).min(4);
+        let o = Out { data: &mut out[i * out_ld..], ld: out_ld, n: w.rows() };
+        match (r, x.rows > SMALL && S::WIDE) {
+            (4, false) => tile_row::<D, S, 4, 1>(w, x_rows(x, i), o),
+            (3, false) => tile_row::<D, S, 3, 1>(w, x_rows(x, i), o),
+            (2, false) => tile_row::<D, S, 2, 1>(w, x_rows(x, i), o),
+            (_, false) => tile_row::<D, S, 1, 1>(w, x_rows(x, i), o),
+            (4, true) => tile_row::<D, S, 4, 2>(w, x_rows(x, i), o),
+            (3, true) => tile_row::<D, S, 3, 2>(w, x_rows(x, i), o),
+            (2, true) => tile_row::<D, S, 2, 2>(w, x_rows(x, i), o),
+            (_, true) => tile_row::<D, S, 1, 2>(w, x_rows(x, i), o),
+        }
+        i += r;
+    }
+}
+
+/// `R` rows of `x` from row `i`.
+#[inline(always)]
+fn x_rows<const R: usize>(x: View<'_>, i: usize) -> [&[f32]; R] {
+    let mut xs = [&[][..]; R];
+    for (r, xr) in xs.iter_mut().enumerate() {
+        *xr = &x.data[(i + r) * x.ld..][..x.cols];
+    }
+    xs
+}
+
+/// `R` rows of the output, `n` values `ld` apart.
+struct Out<'a> {
+    data: &'a mut [f32],
+    ld: usize,
+    n: usize,
+}
+
+/// `out` for `R` rows of `x` and every row of `w`, `C` weight rows at a time.
+#[inline(always)]
+fn tile_row<D: Widen, S: Lanes, const R: usize, const C: usize>(
+    w: Source<'_>,
+    xs: [&[f32]; R],
+    out: Out<'_>,
+) {
+    let Out { data: out, ld, n } = out;
+    let mut j = 0;
+    while j < n {
+        if j + C <= n {
+            let mut ws = [w.row(j); C];
+            for (q, wr) in ws.iter_mut().enumerate().skip(1) {
+                *wr = w.row(j + q);
+            }
+            let t = tile::<D, S, R, C>(ws, xs);
+            for (r, t) in t.iter().enumerate() {
+                out[r * ld + j..][..C].copy_from_slice(t);
+            }
+            j += C;
+        } else {
+            let t = tile::<D, S, R, 1>([w.row(j)], xs);
+            for (r, t) in t.iter().enumerate() {
+                out[r * ld + j] = t[0];
+            }
+            j += 1;
+        }
+    }
+}
+
+/// The one product kernel: `out[r][q] = Σ_c xs[r][c] · W_q[c]` for `R` rows of `x` and `C`
+/// weight rows, each given as its bytes (read as `D`) and its column segments (FP8's blocks
+/// and scales). Every output is summed in the same order whatever `R`, `C` and the
+/// instruction set: in the lanes of two accumulators taking alternate vectors of each
+/// 64-column step of a segment (two, so that a single row does not wait out the fused
+/// multiply-add's latency at every step), the segment's remaining 16-column steps in the
+/// first, the columns past those in a tail; then the accumulators and the tail added, then
+/// the lanes pairwise. So a row's result does not depend on the rows batched with it, nor
+/// on whether its weights were widened in registers or in a panel.
+#[inline(always)]
+fn tile<D: Widen, S: Lanes, const R: usize, const C: usize>(
+    w: [(&[u8], Segments<'_>); C],
+    xs: [&[f32]; R],
+) -> [[f32; C]; R] {
+    let step = 4 * LANES;
+    let mut acc = [[[S::zero(); 2]; C]; R];
+    let mut tail = [[[0f32; LANES]; C]; R];
+    let mut has_tail = false;
+    let segments = w[0].1;
+    for seg in 0..segments.count() {
+        let (c0, c1, _) = segments.get(seg);
+        let mut scale = [1f32; C];
+        for (s, (_, sw)) in scale.iter_mut().zip(&w) {
+            *s = sw.get(seg).2;
+        }
+        let mut c = c0;
+        while c + step <= c1 {
+            // Slices of the step, so that the loads below need no bounds check.
+            let mut wb = [&[][..]; C];
+            for (b, (bytes, _)) in wb.iter_mut().zip(&w) {
+                *b = &bytes[c * D::SIZE..(c + step) * D::SIZE];
+            }
+            let mut xr = [&[][..]; R];
+            for (s, x) in xr.iter_mut().zip(&xs) {
+                *s = &x[c..c + step];
+            }
+            for u in 0..4 {
+                let mut xv = [S::zero(); R];
+                for (v, x) in xv.iter_mut().zip(&xr) {
+                    *v = S::load(&x[u * LANES..]);
+                }
+                for q in 0..C {
+                    let v = widen::<D, S>(wb[q], u * LANES, scale[q]);
+                    for (acc, xv) in acc.iter_mut().zip(&xv) {
+                        acc[q][u % 2] = acc[q][u % 2].add_mul(v, *xv);
                     }
                 }
             }
-            let mut c = full;
-            while c + LANES <= c1 {
-                let v0 = widen::<D, S>(bytes, c, scale);
-                for (acc, xr) in acc.iter_mut().zip(&xs) {
-                    acc[0] = acc[0].add_mul(v0, S::load(&xr[c..]));
-                }
-                c += LANES;
+            c += step;
+        }
+        while c + LANES <= c1 {
+            let mut xv = [S::zero(); R];
+            for (v, x) in xv.iter_mut().zip(&xs) {
+                *v = S::load(&x[c..]);
             }
-            let rest = c;
-            for c in rest..c1 {
-                let v = if D::SCALED {
-                    D::one(&bytes[c * D::SIZE..]) * scale
-                } else {
-                    D::one(&bytes[c * D::SIZE..])
-                };
-                for (tail, xr) in tail.iter_mut().zip(&xs) {
-                    tail[c - rest] += v * xr[c];
+            for q in 0..C {
+                let v = widen::<D, S>(w[q].0, c, scale[q]);
+                for (acc, xv) in acc.iter_mut().zip(&xv) {
+                    acc[q][0] = acc[q][0].add_mul(v, *xv);
+                }
+            }
+            c += LANES;
+        }
+        let rest = c;
+        has_tail |= rest < c1;
+        for c in rest..c1 {
+            for q in 0..C {
+                let v = D::one(&w[q].0[c * D::SIZE..]);
+                let v = if D::SCALED { v * scale[q] } else { v };
+                for (tail, x) in tail.iter_mut().zip(&xs) {
+                    tail[q][c - rest] += v * x[c];
                 }
             }
         }
-        // The four accumulators summed as vectors (a multiply by one is exact, so each
-        // fused step rounds once, as an addition), then the tail, then the lanes.
-        let one = S::splat(1.0);
-        for ((o, [a0, a1, a2, a3]), t) in o.iter_mut().zip(&acc).zip(&tail) {
-            let a = a0.add_mul(*a1, one).add_mul(a2.add_mul(*a3, one), one).add_mul(S::from_array(t), one);
-            *o = sum_lanes(&a.to_array());
+    }
+    // The accumulators and the tail summed as vectors (a multiply by one is exact, so each
+    // fused step rounds once, as an addition), then the lanes: of 8 or more outputs at once.
+    let one = S::splat(1.0);
+    let mut sums = [S::zero(); LANES];
+    for (r, (acc, tail)) in acc.iter().zip(&tail).enumerate() {
+        for (q, ([a0, a1], t)) in acc.iter().zip(tail).enumerate() {
+            let a = a0.add_mul(*a1, one);
+            sums[(r * C + q) % LANES] = if has_tail { a.add_mul(S::from_array(t), one) } else { a };
+        }
+    }
+    let mut out = [[0f32; C]; R];
+    let lanes = if R * C >= 8 { S::sum_each(&sums) } else { [0f32; LANES] };
+    for (r, o) in out.iter_mut().enumerate() {
+        for (q, o) in o.iter_mut().enumerate() {
+            let i = (r * C + q) % LANES;
+            *o = if R * C >= 8 { lanes[i] } else { sum_lanes(&sums[i].to_array()) };
+        }
+    }
+    out
+}
+
+/// [`Rows::widen`]: each value widened and scaled as the product kernels do.
+#[inline(always)]
+fn widen_impl<D: Widen, S: Lanes>(w: &Rows<'_>, out: &mut [f32]) {
+    let cols = w.w.cols;
+    for (r, orow) in out.chunks_mut(cols.max(1)).take(w.rows).enumerate() {
+        let row = w.row0 + r;
+        let bytes = &w.w.data[row * cols * D::SIZE..][..cols * D::SIZE];
+        let segments = Segments::of(w.w, row);
+        for i in 0..segments.count() {
+            let (c0, c1, scale) = segments.get(i);
+            let mut c = c0;
+            while c + LANES <= c1 {
+                widen::<D, S>(bytes, c, scale).store(&mut orow[c..]);
+                c += LANES;
+            }
+            for c in c..c1 {
+                let v = D::one(&bytes[c * D::SIZE..]);
+                orow[c] = if D::SCALED { v * scale } else { v };
+            }
         }
     }
 }
@@ -1008,38 +1256,67 @@ mod tests {
     /// bit for bit the same (both fuse, in the same order), the portable code within its
     /// second rounding, all against f64, with row tails of every kind, 1 to 4 rows of `x`.
     #[test]
-    fn every_instruction_set_computes_the_same_decode_products() {
+    fn every_instruction_set_computes_the_same_products() {
         let mut rng = Rng::new(31);
-        let (n, sets) = (9, available());
+        // 6 rows of x: a tile of four and one of two; 9 weight rows: tiles and an edge.
+        let (m, n, sets) = (6, 9, available());
         for dtype in [Dtype::F32, Dtype::Bf16, Dtype::F16, Dtype::Fp8] {
             for k in [37, 64, 300, 500] {
-                let wide = rng.vec(n * k);
-                let w = Weight::from_f32(wide, n, k).unwrap().to(dtype, [4, 64]).unwrap();
-                let widened = w.widen_all();
-                for m in 1..=SMALL {
-                    let x = rng.vec(m * k);
-                    let want = reference(&x, &widened, m, k, n);
-                    let results: Vec<(Isa, Vec<f32>)> = sets
-                        .iter()
-                        .map(|&isa| {
-                            let mut out = vec![f32::NAN; n * m];
-                            dot_on(isa, &w.view(), 0, View::new(&x, m, k).unwrap(), &mut out);
-                            // [n, m] to [m, n], as `reference` has it.
-                            (isa, (0..m * n).map(|i| out[(i % n) * m + i / n]).collect())
-                        })
-                        .collect();
-                    for (isa, got) in &results {
-                        let err = rel_err(got, &want);
-                        assert!(err < 1e-6, "{dtype:?} k={k} m={m} {isa:?}: {err}");
-                    }
-                    let fused: Vec<_> = results.iter().filter(|(isa, _)| *isa != Isa::Portable).collect();
-                    for pair in fused.windows(2) {
+                let w = Weight::from_f32(rng.vec(n * k), n, k).unwrap().to(dtype, [4, 64]).unwrap();
+                let (rows, widened) = (w.view(), w.widen_all());
+                let x = rng.vec(m * k);
+                let want = reference(&x, &widened, m, k, n);
+                let run = |isa: Isa, panel: bool, x: &[f32]| {
+                    let (src, held) = if panel {
+                        (Source::widened(&rows, &widened), Dtype::F32)
+                    } else {
+                        (Source::stored(&rows), dtype)
+                    };
+                    let rows_x = x.len() / k;
+                    let mut out = vec![f32::NAN; rows_x * n];
+                    tiles_on(isa, held, src, View::new(x, rows_x, k).unwrap(), &mut out, n);
+                    out
+                };
+                let mut fused = Vec::new();
+                for &isa in &sets {
+                    let got = run(isa, false, &x);
+                    let err = rel_err(&got, &want);
+                    assert!(err < 1e-6, "{dtype:?} k={k} {isa:?}: {err}");
+                    // The same sums whether the weights are widened in registers or in a
+                    // panel, and whatever rows are batched with a row.
+                    assert_eq!(run(isa, true, &x), got, "{dtype:?} k={k} {isa:?}: panel");
+                    for (r, xr) in x.chunks(k).enumerate() {
                         assert_eq!(
-                            pair[0].1, pair[1].1,
-                            "{dtype:?} k={k} m={m}: {:?} and {:?}",
-                            pair[0].0, pair[1].0
+                            run(isa, false, xr),
+                            got[r * n..][..n],
+                            "{dtype:?} k={k} {isa:?}: row {r} alone"
                         );
                     }
+                    if isa != Isa::Portable {
+                        fused.push((isa, got));
+                    }
+                }
+                for pair in fused.windows(2) {
+                    assert_eq!(pair[0].1, pair[1].1, "{dtype:?} k={k}: {:?} and {:?}", pair[0].0, pair[1].0);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_s_product_does_not_depend_on_the_batch() {
+        let mut rng = Rng::new(5);
+        // Two panels of weight rows, in parallel; the decode, in-register and panel paths.
+        let (k, n) = (300, 400);
+        let base = Weight::from_f32(rng.vec(n * k), n, k).unwrap();
+        for dtype in [Dtype::F32, Dtype::Bf16, Dtype::Fp8] {
+            let w = base.to(dtype, [128, 128]).unwrap();
+            let x = rng.vec(40 * k);
+            let alone: Vec<Vec<f32>> = x.chunks(k).map(|xr| w.linear(xr).unwrap()).collect();
+            for m in [2, 4, 5, 16, 17, 40] {
+                let y = w.linear(&x[..m * k]).unwrap();
+                for (r, yr) in y.chunks(n).enumerate() {
+                    assert_eq!(yr, alone[r], "{dtype:?}: row {r} of {m}");
                 }
             }
         }
