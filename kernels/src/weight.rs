@@ -433,10 +433,10 @@ impl Rows<'_> {
                 PANEL.with_borrow_mut(|buf| {
                     let buf = buf.slice(rows.rows * k);
                     rows.widen(buf);
-                    tiles(Dtype::F32, Source::widened(&rows, buf), x, out, out_ld);
+                    tiles(Source::widened(&rows, buf), x, out, out_ld);
                 });
             } else {
-                tiles(self.w.dtype, Source::stored(&rows), x, out, out_ld);
+                tiles(Source::stored(&rows), x, out, out_ld);
             }
         };
         let starts: Vec<usize> = (0..n).step_by(p).collect();
@@ -490,41 +490,39 @@ impl Rows<'_> {
     }
 }
 
-/// Weight rows as the product kernel reads them: rows of `w.cols` values from the start of
-/// `bytes` (the stored ones, or f32 widened from them), the first being row `row0` of `w`.
+/// Weight rows as the product kernel reads them: rows of `w.cols` values held as `dtype`
+/// from the start of `bytes` (the stored ones, or f32 widened from them), the first being
+/// row `row0` of `w`.
 #[derive(Clone, Copy)]
 struct Source<'a> {
     w: &'a Weight,
     row0: usize,
     bytes: &'a [u8],
-    /// Bytes per value: the stored dtype's, or 4 once widened.
-    size: usize,
-    /// Whether FP8's block scales are still to be applied (false once widened).
-    scaled: bool,
+    dtype: Dtype,
 }
 
 impl<'a> Source<'a> {
     fn stored(rows: &Rows<'a>) -> Self {
         let row_bytes = rows.w.cols * rows.w.dtype.size();
         let bytes = &rows.w.data[rows.row0 * row_bytes..(rows.row0 + rows.rows) * row_bytes];
-        Self { w: rows.w, row0: rows.row0, bytes, size: rows.w.dtype.size(), scaled: true }
+        Self { w: rows.w, row0: rows.row0, bytes, dtype: rows.w.dtype }
     }
 
-    /// `rows` as [`Rows::widen`] wrote them into `widened`.
+    /// `rows` as [`Rows::widen`] wrote them into `widened` (FP8's scales applied).
     fn widened(rows: &Rows<'a>, widened: &'a [f32]) -> Self {
-        Self { w: rows.w, row0: rows.row0, bytes: bytemuck::cast_slice(widened), size: 4, scaled: false }
+        Self { w: rows.w, row0: rows.row0, bytes: bytemuck::cast_slice(widened), dtype: Dtype::F32 }
     }
 
     fn rows(&self) -> usize {
-        self.bytes.len() / (self.w.cols * self.size).max(1)
+        self.bytes.len() / (self.w.cols * self.dtype.size()).max(1)
     }
 
-    /// Row `j`'s values, and its column segments.
+    /// Row `j`'s values, and its column segments (with scales only while still FP8).
     #[inline(always)]
     fn row(&self, j: usize) -> (&'a [u8], Segments<'a>) {
-        let (k, size) = (self.w.cols, self.size);
+        let (k, size) = (self.w.cols, self.dtype.size());
         let segments = Segments::of(self.w, self.row0 + j);
-        let segments = if self.scaled { segments } else { Segments { scales: &[], ..segments } };
+        let segments = if self.dtype == Dtype::Fp8 { segments } else { Segments { scales: &[], ..segments } };
         (&self.bytes[j * k * size..][..k * size], segments)
     }
 }
@@ -766,15 +764,14 @@ fn widen_rows(w: &Rows<'_>, out: &mut [f32]) {
     dispatch!(w.w.dtype, isa(), widen_k, (w, out))
 }
 
-/// `out[i, j] = Σ_c x[i, c] · W[j, c]` for the rows of `w`, held as `dtype`; rows of `out`
-/// `out_ld` apart.
-fn tiles(dtype: Dtype, w: Source<'_>, x: View<'_>, out: &mut [f32], out_ld: usize) {
-    tiles_on(isa(), dtype, w, x, out, out_ld)
+/// `out[i, j] = Σ_c x[i, c] · W[j, c]` for the rows of `w`; rows of `out` `out_ld` apart.
+fn tiles(w: Source<'_>, x: View<'_>, out: &mut [f32], out_ld: usize) {
+    tiles_on(isa(), w, x, out, out_ld)
 }
 
 /// [`tiles`] with the instruction set `isa` (one of [`available`]).
-fn tiles_on(isa: Isa, dtype: Dtype, w: Source<'_>, x: View<'_>, out: &mut [f32], out_ld: usize) {
-    dispatch!(dtype, isa, tiles_k, (w, x, out, out_ld))
+fn tiles_on(isa: Isa, w: Source<'_>, x: View<'_>, out: &mut [f32], out_ld: usize) {
+    dispatch!(w.dtype, isa, tiles_k, (w, x, out, out_ld))
 }
 
 /// 16 f32 accumulators in registers. Explicit vectors: LLVM's auto-vectoriser kept the
@@ -888,8 +885,8 @@ mod x86 {
             a
         }
         /// The same pairs as [`super::sum_lanes`] (lane `l` plus lane `l + width`, width 8,
-        /// 4, 2, 1), added for all 16 vectors in 15 additions instead of 64: each step
-        /// shuffles the halves of two vectors' partial sums side by side, then adds.
+        /// 4, 2, 1), added for all 16 vectors in 15 vector additions instead of 4 each:
+        /// each step shuffles the halves of two vectors' partial sums side by side, then adds.
         #[inline(always)]
         fn sum_each(v: &[Self; LANES]) -> [f32; LANES] {
             // SAFETY: `avx512f` as above; `sums` holds 16 values.
@@ -1118,15 +1115,16 @@ fn tile<D: Widen, S: Lanes, const R: usize, const C: usize>(
     for (r, (acc, tail)) in acc.iter().zip(&tail).enumerate() {
         for (q, ([a0, a1], t)) in acc.iter().zip(tail).enumerate() {
             let a = a0.add_mul(*a1, one);
-            sums[(r * C + q) % LANES] = if has_tail { a.add_mul(S::from_array(t), one) } else { a };
+            sums[r * C + q] = if has_tail { a.add_mul(S::from_array(t), one) } else { a };
         }
     }
+    let together = R * C >= 8;
+    let lanes = if together { S::sum_each(&sums) } else { [0f32; LANES] };
     let mut out = [[0f32; C]; R];
-    let lanes = if R * C >= 8 { S::sum_each(&sums) } else { [0f32; LANES] };
     for (r, o) in out.iter_mut().enumerate() {
         for (q, o) in o.iter_mut().enumerate() {
-            let i = (r * C + q) % LANES;
-            *o = if R * C >= 8 { lanes[i] } else { sum_lanes(&sums[i].to_array()) };
+            let i = r * C + q;
+            *o = if together { lanes[i] } else { sum_lanes(&sums[i].to_array()) };
         }
     }
     out
@@ -1250,11 +1248,10 @@ mod tests {
         }
     }
 
-    /// Every dtype, both products, decode and batch sizes, odd shapes and FP8 blocks that
-    /// do not divide them: the f64 product of the widened values.
-    /// Every instruction set this CPU has computes the decode products: AVX-512F and AVX2
-    /// bit for bit the same (both fuse, in the same order), the portable code within its
-    /// second rounding, all against f64, with row tails of every kind, 1 to 4 rows of `x`.
+    /// Every instruction set this CPU has computes the same products: AVX-512F and AVX2 bit
+    /// for bit (both fuse, in the same order), the portable code within its second rounding,
+    /// all against f64, with row tails of every kind; the same sums with the weights widened
+    /// in registers or in a panel, and for a row batched or alone.
     #[test]
     fn every_instruction_set_computes_the_same_products() {
         let mut rng = Rng::new(31);
@@ -1267,14 +1264,10 @@ mod tests {
                 let x = rng.vec(m * k);
                 let want = reference(&x, &widened, m, k, n);
                 let run = |isa: Isa, panel: bool, x: &[f32]| {
-                    let (src, held) = if panel {
-                        (Source::widened(&rows, &widened), Dtype::F32)
-                    } else {
-                        (Source::stored(&rows), dtype)
-                    };
+                    let src = if panel { Source::widened(&rows, &widened) } else { Source::stored(&rows) };
                     let rows_x = x.len() / k;
                     let mut out = vec![f32::NAN; rows_x * n];
-                    tiles_on(isa, held, src, View::new(x, rows_x, k).unwrap(), &mut out, n);
+                    tiles_on(isa, src, View::new(x, rows_x, k).unwrap(), &mut out, n);
                     out
                 };
                 let mut fused = Vec::new();
@@ -1322,6 +1315,8 @@ mod tests {
         }
     }
 
+    /// Every dtype, both products, decode and batch sizes, odd shapes and FP8 blocks that
+    /// do not divide them: the f64 product of the widened values.
     #[test]
     fn products_equal_the_widened_weights_product() {
         let mut rng = Rng::new(11);

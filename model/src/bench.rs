@@ -190,8 +190,12 @@ pub fn run(model: &Model, precision: Precision, params: &Params) -> Result<Repor
     // speed swings by up to 2x within minutes, which two separate medians would carry.
     let mut ratios = Vec::new();
     for _ in 0..7 {
-        let (g, f) = (median_secs(1, &mut gemm)?, median_secs(1, &mut ffn)?);
-        ratios.push(ffn_flops / f / (2.0 * (n * n * n) as f64 / g));
+        let t = Instant::now();
+        gemm()?;
+        let g = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        ffn()?;
+        ratios.push(ffn_flops / t.elapsed().as_secs_f64() / (2.0 * (n * n * n) as f64 / g));
     }
     ratios.sort_by(f64::total_cmp);
     let ffn_ratio = ratios[ratios.len() / 2];
