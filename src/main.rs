@@ -273,6 +273,10 @@ enum Command {
         /// default: stories and questions in kubemoe-tiny-chat's language.
         #[arg(long)]
         prompts: Option<PathBuf>,
+        /// One-way delays (µs) to add between the router and the workers, each a further
+        /// distributed run behind delaying proxies (a cross-node link simulated here).
+        #[arg(long, value_delimiter = ',')]
+        delay_us: Vec<u64>,
     },
     /// Inter-token gaps of decoding streams while a long prompt is prefilled, whole and in
     /// chunks (one run per --max-batch-tokens), against their median; prints JSON.
@@ -792,7 +796,7 @@ fn run(command: Command) -> Result<()> {
             );
             println!("{}", serde_json::to_string_pretty(&report?)?);
         }
-        Command::BenchSpeculative { model, batch, drafts, max_tokens, workers, prompts } => {
+        Command::BenchSpeculative { model, batch, drafts, max_tokens, workers, prompts, delay_us } => {
             let model = match model {
                 Some(model) => model,
                 None => embedded::unpack()?.display().to_string(),
@@ -823,6 +827,7 @@ fn run(command: Command) -> Result<()> {
                 max_tokens,
                 urls,
                 &credential,
+                &delay_us,
             )?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }

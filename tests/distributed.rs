@@ -475,6 +475,33 @@ fn a_router_refuses_to_speculate_without_an_mtp_module() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not mtp:K with K from 1 to 4"));
 }
 
+/// `bench-speculative --delay-us`: the distributed runs again behind delaying proxies, each
+/// with the tokens of decoding without speculation; a delay without workers is refused.
+#[test]
+fn bench_speculative_across_a_delayed_link_keeps_the_tokens_of_plain_decoding() {
+    let bench = |workers: &str| {
+        Command::new(env!("CARGO_BIN_EXE_kubemoe"))
+            .args(["bench-speculative", "--batch", "1,2", "--drafts", "2", "--max-tokens", "24"])
+            .args(["--workers", workers, "--delay-us", "200"])
+            .output()
+            .unwrap()
+    };
+    let out = bench("2");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let runs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let labels: Vec<(u64, u64)> =
+        runs.iter().map(|r| (r["workers"].as_u64().unwrap(), r["delay_us"].as_u64().unwrap())).collect();
+    // (experts, delay) × batch 1, 2 × drafts 0, 2.
+    assert_eq!(labels, [(0, 0), (2, 0), (2, 200)].iter().flat_map(|l| [*l; 4]).collect::<Vec<_>>());
+    for r in &runs {
+        assert_eq!(r["same_tokens"], true, "{r}");
+        assert!(r["generated_tokens"].as_u64().unwrap() > 0, "{r}");
+    }
+    let out = bench("0");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("give workers (--workers) too"), "{stderr}");
+}
+
 /// A build without the `cuda` feature refuses a GPU for the experts before it starts or loads
 /// anything, saying how to build one that has it (CI's build has no `cuda`).
 #[cfg(not(feature = "cuda"))]

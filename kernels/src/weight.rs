@@ -18,10 +18,11 @@
 //!   slower here) and widens each value in registers as it is read. Up to `WIDEN_FIRST`
 //!   rows of `x` widen in registers too (once per four rows); past that, bf16 and FP8 rows
 //!   are widened into a cache-resident f32 panel once per call. f32 weights are read in place.
-//!   With more rows than decode, each panel's tiles prefetch the next panel's stored bytes,
-//!   spread over the panel's passes: the first pass over a panel otherwise waits on memory
-//!   with nothing to overlap (this took the grouped expert FFN from ~0.7 to ~0.8 of the GEMM
-//!   rate here; decode streams each weight once and gained nothing from it).
+//!   With more rows than decode (up to `PREFETCH_ROWS`), each panel's tiles prefetch the next
+//!   panel's stored bytes, spread over the panel's passes: the first pass over a panel
+//!   otherwise waits on memory with nothing to overlap (this took the grouped expert FFN from
+//!   ~0.7 to ~0.8 of the GEMM rate here). Decode streams each weight once, in order, and is
+//!   left to the hardware's prefetcher.
 //! - Every output is summed in an order fixed by the column index alone (see [`tile`]),
 //!   whatever the tile, the batch or where the weight was widened: a row's result does not
 //!   depend on the rows batched with it, so the products of decode, speculative
@@ -75,6 +76,10 @@ pub const SMALL: usize = 4;
 /// Rows of `x` past which weights held narrower than f32 are widened into a panel before
 /// the product, rather than in registers once per four rows.
 const WIDEN_FIRST: usize = 16;
+/// Rows of `x` up to which a panel prefetches the next: past that, the first of a panel's
+/// many passes waits on memory for a small share of the time, and the prefetched lines would
+/// compete with those of `x`, which no longer fits the cache.
+const PREFETCH_ROWS: usize = 256;
 const LANES: usize = 16;
 /// 2^120, the step from FP8's exponent bias (7) to f32's (127).
 const TWO_120: f32 = f32::from_bits(0x7B80_0000);
@@ -434,10 +439,10 @@ impl Rows<'_> {
         let panel = |j: usize, out: &mut [f32], out_ld: usize| {
             let rows = Rows { w: self.w, row0: self.row0 + j, rows: p.min(n - j) };
             // The next panel's stored bytes, fetched into the cache while this one
-            // multiplies: with many rows of `x`, a panel's first pass would otherwise wait on
-            // memory with no arithmetic to overlap. Decode reads each weight once, in order,
-            // and is left to the hardware's prefetcher.
-            let next = if m > SMALL && j + p < n {
+            // multiplies: with more rows of `x` than decode, a panel's first pass would
+            // otherwise wait on memory with no arithmetic to overlap. Decode reads each weight
+            // once, in order, and is left to the hardware's prefetcher.
+            let next = if (SMALL + 1..=PREFETCH_ROWS).contains(&m) && j + p < n {
                 Source::stored(&Rows { w: self.w, row0: self.row0 + j + p, rows: p.min(n - j - p) }).bytes
             } else {
                 &[]

@@ -64,7 +64,7 @@ pub struct Delayed {
 /// the same ports, gRPC and data path both: the proxies (kept while they serve) and the URLs
 /// reaching the workers through them. The data port the router learns from a worker's `Info`
 /// is then reached on the proxy's host too.
-fn behind_proxies(
+pub(crate) fn behind_proxies(
     runtime: &tokio::runtime::Runtime,
     urls: &[String],
     credential: &Bearer,

@@ -4,7 +4,9 @@
 //! limit it is judged against; goal ≥ 1.4× at batch 1), the acceptance rate of each draft
 //! position (goal ≥ 0.6 for the first; DeepSeek reports 0.85–0.9 for V3), and whether the
 //! outputs are the same tokens as without speculation (they must be). Once with the experts in
-//! this process, and once on workers when their URLs are given.
+//! this process, and once on workers when their URLs are given, then again behind proxies
+//! delaying every segment each way (cross-node links simulated on one machine: speculation
+//! pays once per step for the MoE layers' round trips, whatever the tokens a step carries).
 
 use crate::engine::{self, Event, Submission};
 use crate::scheduler::Limits;
@@ -15,7 +17,7 @@ use kubemoe_model::layers::RoutedExperts;
 use kubemoe_model::{source, Experts, Model, SamplingParams};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The default prompts: stories and questions in kubemoe-tiny-chat's language.
 pub const PROMPTS: [&str; 8] = [
@@ -33,6 +35,8 @@ pub const PROMPTS: [&str; 8] = [
 pub struct Run {
     /// 0: the experts in this process.
     pub workers: usize,
+    /// One-way delay added between the router and its workers (0: none).
+    pub delay_us: u64,
     pub batch: usize,
     /// Draft tokens per step (0: no speculation, the limit).
     pub speculative_tokens: usize,
@@ -53,7 +57,9 @@ pub struct Run {
 
 /// Every (batch, draft count) of `batches` × (0 and `drafts`) on the model at `model`, greedy
 /// `max_tokens` from `prompts` (cycled), with the experts in this process, then on the
-/// workers at `urls` (none: not).
+/// workers at `urls` (none: not), directly and behind proxies delaying each way by each of
+/// `delays_us`.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     model: &str,
     prompts: &[Vec<u32>],
@@ -62,7 +68,14 @@ pub fn run(
     max_tokens: usize,
     urls: &[String],
     credential: &Bearer,
+    delays_us: &[u64],
 ) -> Result<Vec<Run>> {
+    if !delays_us.is_empty() && urls.is_empty() {
+        return Err(Error::Config(
+            "a delay (--delay-us) is added between the router and its workers: give workers (--workers) too"
+                .into(),
+        ));
+    }
     if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
         return Err(Error::Config("no prompts, or an empty one: give prompts of at least one token".into()));
     }
@@ -75,29 +88,42 @@ pub fn run(
     }
     let mut runs = Vec::new();
     let experts: Arc<dyn RoutedExperts + Send> = local.clone();
-    runs.extend(compare(&runtime, &local, experts, 0, prompts, batches, drafts, max_tokens)?);
+    let ask = Ask { prompts, batches, drafts, max_tokens };
+    runs.extend(compare(&runtime, &local, experts, (0, 0), &ask)?);
     if !urls.is_empty() {
         let first_mtp = local.config.num_hidden_layers;
         drop(local);
         let dense = Arc::new(source::open(model, Experts::Only(&|layer, _| layer >= first_mtp))?);
-        let remote = crate::bench::connect(&runtime, model, &dense.config, urls, credential)?;
-        let experts: Arc<dyn RoutedExperts + Send> = Arc::new(remote);
-        runs.extend(compare(&runtime, &dense, experts, urls.len(), prompts, batches, drafts, max_tokens)?);
+        for us in std::iter::once(0).chain(delays_us.iter().copied()) {
+            let (_proxies, urls) = match us {
+                0 => (Vec::new(), urls.to_vec()),
+                us => crate::bench::behind_proxies(&runtime, urls, credential, Duration::from_micros(us))?,
+            };
+            let remote = crate::bench::connect(&runtime, model, &dense.config, &urls, credential)?;
+            let experts: Arc<dyn RoutedExperts + Send> = Arc::new(remote);
+            runs.extend(compare(&runtime, &dense, experts, (urls.len(), us), &ask)?);
+        }
     }
     Ok(runs)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What each configuration runs: every batch size × (0 and every draft count).
+struct Ask<'a> {
+    prompts: &'a [Vec<u32>],
+    batches: &'a [usize],
+    drafts: &'a [usize],
+    max_tokens: usize,
+}
+
+/// [`Ask`]'s runs with `experts`, labelled (workers, one-way delay).
 fn compare(
     runtime: &tokio::runtime::Runtime,
     model: &Arc<Model>,
     experts: Arc<dyn RoutedExperts + Send>,
-    workers: usize,
-    prompts: &[Vec<u32>],
-    batches: &[usize],
-    drafts: &[usize],
-    max_tokens: usize,
+    (workers, delay_us): (usize, u64),
+    ask: &Ask<'_>,
 ) -> Result<Vec<Run>> {
+    let Ask { prompts, batches, drafts, max_tokens } = *ask;
     let mut runs = Vec::new();
     for &batch in batches {
         let requests: Vec<Vec<u32>> = prompts.iter().cycle().take(batch).cloned().collect();
@@ -111,6 +137,7 @@ fn compare(
             let accepted = stats.spec_accepted_tokens.load(Ordering::Relaxed) as f64;
             runs.push(Run {
                 workers,
+                delay_us,
                 batch,
                 speculative_tokens: k,
                 decode_tps,
