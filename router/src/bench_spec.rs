@@ -48,8 +48,11 @@ pub struct Run {
     /// Accepted / verified at each draft position (the first: the acceptance rate of the
     /// first draft token).
     pub acceptance_per_position: Vec<f64>,
-    /// Tokens a sequence's step emits on average (1 + accepted drafts).
+    /// Tokens a sequence's step with drafts emits on average (1 + accepted drafts).
     pub tokens_per_step: f64,
+    /// Of a sequence's decode steps, the share that verified drafts: the rest were steps
+    /// [`crate::drafting`] chose not to draft for (it drafts where that measured faster).
+    pub drafting_share: f64,
     pub generated_tokens: usize,
     /// Whether every request's tokens equal those without speculation.
     pub same_tokens: bool,
@@ -135,6 +138,11 @@ fn compare(
             let (base_tokens, base_tps) = plain.get_or_insert_with(|| (tokens.clone(), decode_tps)).clone();
             let verified = stats.spec_drafts.load(Ordering::Relaxed).max(1) as f64;
             let accepted = stats.spec_accepted_tokens.load(Ordering::Relaxed) as f64;
+            let drafted = stats.spec_drafts.load(Ordering::Relaxed) as f64;
+            // Each step emits one token and its accepted drafts; the first token came from
+            // the prompt's step.
+            let decoded = tokens.iter().map(|t| t.len().saturating_sub(1)).sum::<usize>() as f64;
+            let plain = (decoded - drafted - accepted).max(0.0);
             runs.push(Run {
                 workers,
                 delay_us,
@@ -147,6 +155,7 @@ fn compare(
                     .map(|a| a.load(Ordering::Relaxed) as f64 / verified)
                     .collect(),
                 tokens_per_step: 1.0 + accepted / verified,
+                drafting_share: drafted / (drafted + plain).max(1.0),
                 generated_tokens: tokens.iter().map(Vec::len).sum(),
                 same_tokens: tokens == base_tokens,
             });

@@ -25,13 +25,17 @@
 //! (prompt chunks too), and drafts greedily, chaining its own output for drafts past the first
 //! (as vLLM does). Its routed experts are the router's own. A prefix-cache hit gives the MTP
 //! module no rows for the cached positions: its drafts then see less context, the outputs are
-//! unchanged.
+//! unchanged. Whether a decode step drafts at all is [`Drafting`]'s choice, from the tokens per
+//! second the loop measured with and without drafts: a step that does not draft feeds the
+//! MTP module nothing (its cache skips that position, as after a prefix-cache hit), so it costs
+//! what a step without speculation does.
 //!
 //! Requests arrive over a bounded channel; each sequence's events leave over its own bounded
 //! channel sized so that a step never blocks on a slow client. A closed event channel means
 //! the client went away: the sequence leaves the batch and its cache is freed. A failed step
 //! fails every sequence in it (with the transport's status) and the loop goes on.
 
+use crate::drafting::Drafting;
 use crate::prefix::PrefixCache;
 use crate::scheduler::{admit, chunks, Limits, Usage};
 use crate::stats::Stats;
@@ -41,7 +45,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -153,6 +157,7 @@ fn run(
     shutdown: CancellationToken,
 ) {
     let caching = prefixes.budget() > 0;
+    let mut drafting = Drafting::default();
     let mut waiting: VecDeque<Submission> = VecDeque::new();
     let mut running: Vec<Sequence> = Vec::new();
     while !shutdown.is_cancelled() {
@@ -211,7 +216,7 @@ fn run(
         if running.is_empty() {
             continue;
         }
-        step(model, experts, &limits, &mut running, &mut prefixes, stats);
+        step(model, experts, &limits, &mut running, &mut prefixes, &mut drafting, stats);
         stats.prefix_cache_bytes.store(prefixes.bytes(), Ordering::Relaxed);
     }
     for s in running.iter().map(|s| &s.events).chain(waiting.iter().map(|s| &s.events)) {
@@ -236,15 +241,20 @@ fn publish(stats: &Stats, running: &[Sequence], waiting: &VecDeque<Submission>) 
 
 /// One step of the running batch (at most `max_batch_tokens` new tokens, but at least one
 /// per decoding sequence and one of the first prompt being prefilled); caches the blocks of
-/// the prompts it completes; removes the sequences that finished or failed.
+/// the prompts it completes; removes the sequences that finished or failed. With speculation,
+/// a step of decoding sequences alone is timed for `drafting`, which chooses whether the next
+/// one drafts.
 fn step(
     model: &Model,
     experts: &dyn RoutedExperts,
     limits: &Limits,
     running: &mut Vec<Sequence>,
     prefixes: &mut PrefixCache,
+    drafting: &mut Drafting,
     stats: &Stats,
 ) {
+    let started = Instant::now();
+    let batch_size = running.len();
     let drafts: usize = running.iter().filter_map(|s| s.draft.as_ref()).map(|d| d.tokens.len()).sum();
     let fed = chunks(
         limits.max_batch_tokens.saturating_sub(drafts),
@@ -260,6 +270,8 @@ fn step(
         })
         .collect();
     let starts: Vec<usize> = running.iter().map(|s| s.cache.len()).collect();
+    // Every sequence decoding (none prefilling): a step `drafting` learns from.
+    let decoding = running.iter().zip(&fed).all(|(s, &n)| n > 0 && s.generated > 0);
     let requests =
         running.iter().zip(&fed).filter(|(_, n)| **n > 0).map(|(s, _)| &*s.id).collect::<Vec<_>>().join(",");
     let tokens: usize = inputs.iter().map(Vec::len).sum();
@@ -312,6 +324,8 @@ fn step(
     let mut rows = logits.chunks(vocab);
     // The MTP module's rows of each sequence kept, for `draft`.
     let mut feeds: Vec<MtpFeed> = Vec::new();
+    let draft_next = speculating && drafting.choose(batch_size);
+    let mut emitted_tokens = 0;
     let mut offset = 0;
     for (((mut s, &n), input), start) in running.drain(..).zip(&fed).zip(&inputs).zip(starts) {
         let first_row = offset;
@@ -367,6 +381,7 @@ fn step(
         if failed.is_none() && !drafts.is_empty() {
             stats.speculated(drafts.len(), emitted.len() - 1);
         }
+        emitted_tokens += emitted.len();
         // The tokens in order, until one ends the request (those after it are dropped).
         let mut finish = None;
         let mut gone = false;
@@ -406,9 +421,12 @@ fn step(
         // The cache keeps the fed tokens up to the last accepted draft.
         let kept = n + accepted;
         s.cache.rollback(start + kept);
-        if speculating {
+        // Not drafting next, a lone decode position is left out of the MTP module's cache;
+        // the rows of a prompt's end or of accepted drafts still go in, for later drafts.
+        if speculating && (draft_next || kept > 1) {
             let tokens = [&input[1..kept], &[last]].concat();
-            let drafts = limits.speculative_tokens.min(s.max_tokens - s.generated - 1);
+            let drafts =
+                if draft_next { limits.speculative_tokens.min(s.max_tokens - s.generated - 1) } else { 0 };
             feeds.push(MtpFeed {
                 index: keep.len(),
                 position: start,
@@ -423,6 +441,9 @@ fn step(
     *running = keep;
     if !feeds.is_empty() {
         draft(model, running, &feeds);
+    }
+    if speculating && decoding {
+        drafting.record(batch_size, drafts > 0, emitted_tokens, started.elapsed());
     }
 }
 

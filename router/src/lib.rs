@@ -15,6 +15,7 @@ pub mod bench_spec;
 pub mod client;
 pub mod delay;
 pub mod dispatch;
+pub mod drafting;
 pub mod engine;
 pub mod load;
 pub mod metrics;
