@@ -136,13 +136,14 @@ fn compare(
             let (tokens, decode_tps) =
                 runtime.block_on(decode(model, experts.clone(), &requests, max_tokens, k, stats.clone()))?;
             let (base_tokens, base_tps) = plain.get_or_insert_with(|| (tokens.clone(), decode_tps)).clone();
-            let verified = stats.spec_drafts.load(Ordering::Relaxed).max(1) as f64;
-            let accepted = stats.spec_accepted_tokens.load(Ordering::Relaxed) as f64;
             let drafted = stats.spec_drafts.load(Ordering::Relaxed) as f64;
+            let verified = drafted.max(1.0);
+            let accepted = stats.spec_accepted_tokens.load(Ordering::Relaxed) as f64;
             // Each step emits one token and its accepted drafts; the first token came from
-            // the prompt's step.
+            // the prompt's step (drafts accepted past an end of sequence count here too, so
+            // this can undercount steps without drafts by one a request).
             let decoded = tokens.iter().map(|t| t.len().saturating_sub(1)).sum::<usize>() as f64;
-            let plain = (decoded - drafted - accepted).max(0.0);
+            let plain_steps = (decoded - drafted - accepted).max(0.0);
             runs.push(Run {
                 workers,
                 delay_us,
@@ -155,7 +156,7 @@ fn compare(
                     .map(|a| a.load(Ordering::Relaxed) as f64 / verified)
                     .collect(),
                 tokens_per_step: 1.0 + accepted / verified,
-                drafting_share: drafted / (drafted + plain).max(1.0),
+                drafting_share: drafted / (drafted + plain_steps).max(1.0),
                 generated_tokens: tokens.iter().map(Vec::len).sum(),
                 same_tokens: tokens == base_tokens,
             });

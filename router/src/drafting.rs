@@ -45,6 +45,8 @@ impl Rate {
 pub struct Drafting {
     rates: [[Rate; 2]; BUCKETS],
     steps: u64,
+    /// The time the last step spent drafting for the next: part of the next step's cost.
+    prepared: Duration,
 }
 
 fn bucket(batch: usize) -> usize {
@@ -71,12 +73,19 @@ impl Drafting {
     }
 
     /// A decode step of `batch` sequences, with drafts or without, emitted `tokens` in
-    /// `elapsed`.
+    /// `elapsed`, not counting the drafting it did for the next step (see [`Self::prepared`]).
     pub fn record(&mut self, batch: usize, drafted: bool, tokens: usize, elapsed: Duration) {
-        let seconds = elapsed.as_secs_f64();
+        let seconds = (elapsed + self.prepared).as_secs_f64();
         if seconds > 0.0 {
             self.rates[bucket(batch)][usize::from(drafted)].add(tokens as f64 / seconds);
         }
+    }
+
+    /// The step just recorded (or not: a step with prompts) spent `elapsed` drafting for the
+    /// next: counted in that one, whose drafts they are, so a step's rate is its own cost
+    /// whichever way the steps around it went.
+    pub fn prepared(&mut self, elapsed: Duration) {
+        self.prepared = elapsed;
     }
 }
 
@@ -123,6 +132,18 @@ mod tests {
         // The link gets slower (a step's fixed cost grows): drafting starts to pay and is taken.
         let s = share(&mut d, 4, 400, [5.0, 5.5], [1, 2]);
         assert!(s > 0.8, "{s}");
+    }
+
+    #[test]
+    fn drafting_for_the_next_step_is_counted_in_it() {
+        let mut d = Drafting::default();
+        d.prepared(Duration::from_millis(3));
+        d.record(1, true, 2, Duration::from_millis(1));
+        assert_eq!(d.rates[0][1].tokens_per_s, 500.0);
+        // Each step's own: a step that prepared nothing costs only its time.
+        d.prepared(Duration::ZERO);
+        d.record(1, false, 1, Duration::from_millis(1));
+        assert_eq!(d.rates[0][0].tokens_per_s, 1000.0);
     }
 
     #[test]

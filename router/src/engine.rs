@@ -26,9 +26,11 @@
 //! (as vLLM does). Its routed experts are the router's own. A prefix-cache hit gives the MTP
 //! module no rows for the cached positions: its drafts then see less context, the outputs are
 //! unchanged. Whether a decode step drafts at all is [`Drafting`]'s choice, from the tokens per
-//! second the loop measured with and without drafts: a step that does not draft feeds the
-//! MTP module nothing (its cache skips that position, as after a prefix-cache hit), so it costs
-//! what a step without speculation does.
+//! second the loop measured with and without drafts: a decode step that does not draft feeds
+//! the MTP module nothing (its cache skips that position, as after a prefix-cache hit), so it
+//! costs what a decode step without speculation does (prompts still feed it, for later drafts).
+//! Drafts made after a run of such steps see less context, until the module's cache fills
+//! again.
 //!
 //! Requests arrive over a bounded channel; each sequence's events leave over its own bounded
 //! channel sized so that a step never blocks on a slow client. A closed event channel means
@@ -381,7 +383,7 @@ fn step(
         if failed.is_none() && !drafts.is_empty() {
             stats.speculated(drafts.len(), emitted.len() - 1);
         }
-        emitted_tokens += emitted.len();
+        let generated = s.generated;
         // The tokens in order, until one ends the request (those after it are dropped).
         let mut finish = None;
         let mut gone = false;
@@ -403,6 +405,8 @@ fn step(
                 break;
             }
         }
+        // The tokens sent (not those after a stop).
+        emitted_tokens += s.generated - generated;
         if gone {
             continue;
         }
@@ -421,8 +425,9 @@ fn step(
         // The cache keeps the fed tokens up to the last accepted draft.
         let kept = n + accepted;
         s.cache.rollback(start + kept);
-        // Not drafting next, a lone decode position is left out of the MTP module's cache;
-        // the rows of a prompt's end or of accepted drafts still go in, for later drafts.
+        // Not drafting next, a lone position (a decode token, or a prompt's last chunk of one
+        // token) is left out of the MTP module's cache; several rows (a prompt's last chunk,
+        // accepted drafts) still go in, for later drafts.
         if speculating && (draft_next || kept > 1) {
             let tokens = [&input[1..kept], &[last]].concat();
             let drafts =
@@ -439,11 +444,15 @@ fn step(
         keep.push(s);
     }
     *running = keep;
+    let drafting_started = Instant::now();
+    if speculating && decoding {
+        drafting.record(batch_size, drafts > 0, emitted_tokens, drafting_started - started);
+    }
     if !feeds.is_empty() {
         draft(model, running, &feeds);
     }
-    if speculating && decoding {
-        drafting.record(batch_size, drafts > 0, emitted_tokens, started.elapsed());
+    if speculating {
+        drafting.prepared(drafting_started.elapsed());
     }
 }
 
