@@ -476,30 +476,46 @@ fn a_router_refuses_to_speculate_without_an_mtp_module() {
 }
 
 /// `bench-speculative --delay-us`: the distributed runs again behind delaying proxies, each
-/// with the tokens of decoding without speculation; a delay without workers is refused.
+/// with the tokens of decoding without speculation and no faster than the delay allows; a
+/// delay without workers, or of 0, is refused.
 #[test]
 fn bench_speculative_across_a_delayed_link_keeps_the_tokens_of_plain_decoding() {
-    let bench = |workers: &str| {
+    let bench = |workers: &str, delay: &str| {
         Command::new(env!("CARGO_BIN_EXE_kubemoe"))
             .args(["bench-speculative", "--batch", "1,2", "--drafts", "2", "--max-tokens", "24"])
-            .args(["--workers", workers, "--delay-us", "200"])
+            .args(["--workers", workers, "--delay-us", delay])
             .output()
             .unwrap()
     };
-    let out = bench("2");
+    let out = bench("2", "2000");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let runs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     let labels: Vec<(u64, u64)> =
         runs.iter().map(|r| (r["workers"].as_u64().unwrap(), r["delay_us"].as_u64().unwrap())).collect();
     // (experts, delay) × batch 1, 2 × drafts 0, 2.
-    assert_eq!(labels, [(0, 0), (2, 0), (2, 200)].iter().flat_map(|l| [*l; 4]).collect::<Vec<_>>());
+    assert_eq!(labels, [(0, 0), (2, 0), (2, 2000)].iter().flat_map(|l| [*l; 4]).collect::<Vec<_>>());
     for r in &runs {
         assert_eq!(r["same_tokens"], true, "{r}");
         assert!(r["generated_tokens"].as_u64().unwrap() > 0, "{r}");
     }
-    let out = bench("0");
+    // Through the proxies: a decode step without drafts waits out a round trip (2 × 2 ms) for
+    // each MoE layer, so batch 1 decodes no faster than that allows (the direct runs are ~10×).
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(PathBuf::from(tiny_chat()).join("config.json")).unwrap(),
+    )
+    .unwrap();
+    let moe_layers =
+        config["num_hidden_layers"].as_u64().unwrap() - config["first_k_dense_replace"].as_u64().unwrap();
+    let delayed = &runs[8];
+    assert_eq!((delayed["batch"].as_u64(), delayed["speculative_tokens"].as_u64()), (Some(1), Some(0)));
+    let bound = 1.0 / (moe_layers as f64 * 2.0 * 2e-3);
+    assert!(delayed["decode_tps"].as_f64().unwrap() < bound, "{delayed} (at most {bound} tok/s)");
+    let out = bench("0", "2000");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("give workers (--workers) too"), "{stderr}");
+    let out = bench("2", "0");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--delay-us 0"), "{stderr}");
 }
 
 /// A build without the `cuda` feature refuses a GPU for the experts before it starts or loads

@@ -79,6 +79,11 @@ pub fn run(
                 .into(),
         ));
     }
+    if delays_us.contains(&0) {
+        return Err(Error::Config(
+            "--delay-us 0: the run without a delay is always made; give delays of 1 µs or more".into(),
+        ));
+    }
     if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
         return Err(Error::Config("no prompts, or an empty one: give prompts of at least one token".into()));
     }
@@ -97,6 +102,7 @@ pub fn run(
         let first_mtp = local.config.num_hidden_layers;
         drop(local);
         let dense = Arc::new(source::open(model, Experts::Only(&|layer, _| layer >= first_mtp))?);
+        // 0: the workers directly (delays of 0 are refused above).
         for us in std::iter::once(0).chain(delays_us.iter().copied()) {
             let (_proxies, urls) = match us {
                 0 => (Vec::new(), urls.to_vec()),

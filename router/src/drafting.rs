@@ -93,8 +93,8 @@ impl Drafting {
 mod tests {
     use super::*;
 
-    /// Runs `steps` decode steps of `batch`, each taking `cost(drafted)` and emitting
-    /// `tokens(drafted)`: the share of steps that drafted.
+    /// Runs `steps` decode steps of `batch`, each taking `ms[drafted]` milliseconds and
+    /// emitting `tokens[drafted]` tokens a sequence: the share of steps that drafted.
     fn share(d: &mut Drafting, batch: usize, steps: usize, ms: [f64; 2], tokens: [usize; 2]) -> f64 {
         let mut drafted = 0;
         for _ in 0..steps {
