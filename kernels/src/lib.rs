@@ -18,6 +18,7 @@ pub mod gate;
 pub mod matmul;
 pub mod moe;
 pub mod norm;
+pub mod pool;
 pub mod rng;
 pub mod rope;
 pub mod weight;

@@ -83,7 +83,7 @@ pub fn matmul(
     let (b_cs, b_rs) = if transpose_b { (b.ld, 1) } else { (1, b.ld) };
     // Threads pay off only once the product is large, and only when the caller is not
     // already one of the pool's tasks (the grouped expert FFN parallelises over experts).
-    let parallelism = if m * n * k >= 1 << 21 && rayon::current_thread_index().is_none() {
+    let parallelism = if m * n * k >= 1 << 21 && crate::pool::may_split() {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None

@@ -80,8 +80,8 @@ pub fn grouped_expert_ffn(
     };
     // Threads pay off only once the experts' work is large: waking the pool costs tens of
     // microseconds, as much as a decode token's experts in a small model.
-    if assignments.len() * 3 * hidden * inter >= 1 << 20 && rayon::current_thread_index().is_none() {
-        work.into_par_iter().try_for_each(run)?;
+    if assignments.len() * 3 * hidden * inter >= 1 << 20 && crate::pool::may_split() {
+        work.into_par_iter().try_for_each(|w| crate::pool::task(|| run(w)))?;
     } else {
         work.into_iter().try_for_each(run)?;
     }

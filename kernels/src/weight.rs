@@ -431,8 +431,7 @@ impl Rows<'_> {
         // registers (decode is bound by reading the weights). More rows read f32 weights in
         // place and widen the others into a cache-resident panel once per call.
         let widen_first = m > WIDEN_FIRST && self.w.dtype != Dtype::F32;
-        let work = if m > SMALL { m.min(8) * n * k } else { n * k };
-        let parallel = work >= 1 << 18 && rayon::current_thread_index().is_none();
+        let parallel = crate::pool::worth_splitting(m, n * k) && crate::pool::may_split();
         let p = if widen_first { ((1 << 16) / k).clamp(16, 256) } else { (1 << 16) / k + 1 };
         // In parallel, at least four panels a thread, so that none waits long on the last.
         let p = if parallel { p.min(n.div_ceil(4 * rayon::current_num_threads())).max(4) } else { p };
@@ -467,10 +466,12 @@ impl Rows<'_> {
         let results: Vec<Vec<f32>> = starts
             .par_iter()
             .map(|&j| {
-                let len = p.min(n - j);
-                let mut o = vec![0f32; m * len];
-                panel(j, &mut o, len);
-                o
+                crate::pool::task(|| {
+                    let len = p.min(n - j);
+                    let mut o = vec![0f32; m * len];
+                    panel(j, &mut o, len);
+                    o
+                })
             })
             .collect();
         for (&j, o) in starts.iter().zip(&results) {

@@ -38,7 +38,8 @@ pub fn generate_with(
         }
         let mut batch: Vec<(&mut KvCache, &[u32])> =
             caches.iter_mut().zip(&pending).filter_map(|(c, p)| p.as_deref().map(|t| (c, t))).collect();
-        let logits = model.forward_step_with(&mut batch, experts)?;
+        let tokens = batch.iter().map(|(_, t)| t.len()).sum();
+        let logits = model.on_pool(tokens, || model.forward_step_with(&mut batch, experts))?;
         for (&i, row) in running.iter().zip(logits.chunks(model.config.vocab_size)) {
             let token = samplers[i].sample(row)?;
             outputs[i].push(token);

@@ -45,6 +45,9 @@ pub struct Model {
     pub lm_head: Linear,
     pub mtp: Vec<MtpLayer>,
     rope: Rope,
+    /// The most values of any matrix a step multiplies by: whether a step's products split
+    /// across the pool ([`Model::on_pool`]).
+    widest: usize,
 }
 
 /// Intermediate values of [`Model::forward_full`], for checking against a reference.
@@ -296,7 +299,7 @@ impl Model {
             });
         }
         let rope = Rope::new(c.qk_rope_head_dim, c.rope_theta, c.yarn.as_ref(), c.rope_interleave)?;
-        Ok(Self {
+        let mut model = Self {
             norm: l.norm("model.norm", h, c.rms_norm_eps)?,
             embed_tokens,
             layers,
@@ -304,7 +307,24 @@ impl Model {
             mtp,
             rope,
             config,
-        })
+            widest: 0,
+        };
+        // The embedding is looked up, never multiplied.
+        model.widest = model.matrices().into_iter().skip(1).map(|w| w.rows() * w.cols()).max().unwrap_or(0);
+        Ok(model)
+    }
+
+    /// Runs `f`, a step of `tokens` new tokens, on a thread of the pool when its products split
+    /// there, and here otherwise (`kubemoe_kernels::pool`): a step on the pool forks and joins
+    /// its products without waking threads, but getting there and back costs as much as a
+    /// small model's decode step gains. Not for a step that shares the pool's threads with
+    /// another waiting on it (two micro-batches taking turns).
+    pub fn on_pool<R: Send>(&self, tokens: usize, f: impl FnOnce() -> R + Send) -> R {
+        if kubemoe_kernels::pool::worth_splitting(tokens, self.widest) {
+            kubemoe_kernels::pool::step(f)
+        } else {
+            f()
+        }
     }
 
     fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {

@@ -493,7 +493,7 @@ fn draft(model: &Model, running: &mut [Sequence], feeds: &[MtpFeed]) {
             batch.push(MtpRows { cache, position: f.position, hidden: f.hidden, tokens: &f.tokens });
         }
     }
-    let out = match model.mtp_step(&mut batch) {
+    let out = match model.on_pool(batch.iter().map(|r| r.tokens.len()).sum(), || model.mtp_step(&mut batch)) {
         Ok(out) => out,
         Err(e) => {
             tracing::warn!(error = %e, "the MTP step failed; decoding without drafts this step");
@@ -550,7 +550,7 @@ fn draft(model: &Model, running: &mut [Sequence], feeds: &[MtpFeed]) {
                 });
             }
         }
-        let out = model.mtp_step(&mut batch);
+        let out = model.on_pool(batch.iter().map(|r| r.tokens.len()).sum(), || model.mtp_step(&mut batch));
         drop(batch);
         match out {
             Ok(out) => {
@@ -665,16 +665,6 @@ pub fn forward(
     micro_batches: usize,
     pass: Pass,
 ) -> kubemoe_model::Result<Vec<f32>> {
-    if micro_batches < 2 || batch.len() < 2 {
-        return pass(model, batch, experts);
-    }
-    let total: usize = batch.iter().map(|(_, t)| t.len()).sum();
-    let mut seen = 0;
-    let cut = batch.iter().position(|(_, t)| {
-        seen += t.len();
-        2 * seen >= total
-    });
-    let cut = cut.map_or(1, |i| i + 1).clamp(1, batch.len() - 1);
     /// Ends a thread's part of the step however its forward pass ends (a panic too: a part
     /// left open would hold every placement commit back).
     struct Ending<'a>(&'a dyn RoutedExperts);
@@ -683,6 +673,23 @@ pub fn forward(
             self.0.end_step();
         }
     }
+    if micro_batches < 2 || batch.len() < 2 {
+        // The step's part ends on the thread that ran it. Two micro-batches stay on threads
+        // of their own: on the pool, one could wait for the baton inside the other's product,
+        // on the same thread.
+        let tokens = batch.iter().map(|(_, t)| t.len()).sum();
+        return model.on_pool(tokens, || {
+            let _ending = Ending(experts);
+            pass(model, batch, experts)
+        });
+    }
+    let total: usize = batch.iter().map(|(_, t)| t.len()).sum();
+    let mut seen = 0;
+    let cut = batch.iter().position(|(_, t)| {
+        seen += t.len();
+        2 * seen >= total
+    });
+    let cut = cut.map_or(1, |i| i + 1).clamp(1, batch.len() - 1);
     let (first, second) = batch.split_at_mut(cut);
     let baton = Baton::default();
     let (a, b) = std::thread::scope(|s| {
@@ -737,6 +744,49 @@ mod tests {
             assert_eq!(a.len(), 4 * model.config.vocab_size);
             let err = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
             assert!(err < 1e-4, "{err}");
+        }
+    }
+
+    /// Routed experts in the process that note which thread each MoE layer and each step's
+    /// end ran on.
+    struct Noting<'a> {
+        model: &'a Model,
+        threads: std::sync::Mutex<Vec<(&'static str, std::thread::ThreadId)>>,
+    }
+
+    impl RoutedExperts for Noting<'_> {
+        fn run(
+            &self,
+            layer: usize,
+            x: &[f32],
+            routing: &kubemoe_model::layers::Routing,
+        ) -> kubemoe_model::Result<Vec<f32>> {
+            self.threads.lock().unwrap().push(("run", std::thread::current().id()));
+            self.model.run(layer, x, routing)
+        }
+
+        fn end_step(&self) {
+            self.threads.lock().unwrap().push(("end", std::thread::current().id()));
+        }
+    }
+
+    #[test]
+    fn one_micro_batch_ends_its_step_on_the_thread_that_ran_it_on_the_pool_or_not() {
+        // A transport that tracks steps by thread (`RemoteExperts`) would otherwise keep a
+        // step open for ever, holding every placement switch back.
+        let model = source::open("builtin:tiny", Experts::All).unwrap();
+        let mut cache = KvCache::new(&model.config);
+        let prompt: Vec<u32> = (1..17).collect();
+        // A 16-token prompt splits builtin:tiny's LM head (8 rows x 512 x 64 values): on the
+        // pool; a decode step does not: here.
+        for (tokens, on_pool) in [(&prompt[..], true), (&[7][..], false)] {
+            let noting = Noting { model: &model, threads: Default::default() };
+            forward(&model, &mut [(&mut cache, tokens)], &noting, 1, Model::forward_step_with).unwrap();
+            let threads = noting.threads.into_inner().unwrap();
+            assert!(threads.iter().filter(|(what, _)| *what == "run").count() > 0);
+            assert_eq!(threads.last().unwrap().0, "end", "{threads:?}");
+            assert!(threads.iter().all(|(_, t)| *t == threads[0].1), "{threads:?}");
+            assert_eq!(threads[0].1 != std::thread::current().id(), on_pool, "{} tokens", tokens.len());
         }
     }
 
